@@ -1,0 +1,96 @@
+//! The embedded eBPF object and loading it into the kernel.
+
+mod counter;
+
+pub use counter::{PacketCounter, PacketCounts};
+
+use aya::{
+    Ebpf,
+    maps::MapError,
+    programs::{ProgramError, Xdp},
+};
+
+/// The eBPF object built from `miren-ebpf` by this crate's build script.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/miren-ebpf"));
+
+/// Errors from loading, attaching or reading the eBPF programs and maps.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// The agent was built with `AYA_BUILD_SKIP=1` and carries no eBPF object.
+    #[error(
+        "this miren-agent was built with AYA_BUILD_SKIP=1 and has no eBPF programs; rebuild it after `cargo xtask setup`"
+    )]
+    NotBuilt,
+    /// The kernel refused the object (verifier, permissions, missing features).
+    #[error("loading the eBPF object failed (are you root, with BPF enabled?)")]
+    Load(#[source] aya::EbpfError),
+    /// The object lacks a program or map this code expects: build and code are out of step.
+    #[error("the eBPF object has no {kind} named {name:?}; rebuild the agent")]
+    Missing {
+        /// "program" or "map".
+        kind: &'static str,
+        /// The expected name.
+        name: &'static str,
+    },
+    /// A program operation failed.
+    #[error("{op} failed")]
+    Program {
+        /// What was being done, e.g. "attaching miren_count to veth0".
+        op: String,
+        /// The underlying error.
+        #[source]
+        source: ProgramError,
+    },
+    /// A map operation failed.
+    #[error("{op} failed")]
+    Map {
+        /// What was being done.
+        op: String,
+        /// The underlying error.
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Loads the embedded object: creates its maps; programs are loaded by their users.
+fn load_object() -> Result<Ebpf, BpfError> {
+    if cfg!(miren_ebpf_skipped) || OBJECT.is_empty() {
+        return Err(BpfError::NotBuilt);
+    }
+    Ebpf::load(OBJECT).map_err(BpfError::Load)
+}
+
+/// Finds the XDP program `name` in `ebpf` and loads it into the kernel.
+fn load_xdp(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
+    xdp_mut(ebpf, name)?
+        .load()
+        .map_err(|source| BpfError::Program {
+            op: format!("loading {name}"),
+            source,
+        })
+}
+
+/// The XDP program `name` in `ebpf`.
+fn xdp<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Xdp, BpfError> {
+    let program = ebpf.program(name).ok_or(BpfError::Missing {
+        kind: "program",
+        name,
+    })?;
+    program.try_into().map_err(|source| not_xdp(name, source))
+}
+
+/// The XDP program `name` in `ebpf`, mutably (to load or attach it).
+fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, BpfError> {
+    let program = ebpf.program_mut(name).ok_or(BpfError::Missing {
+        kind: "program",
+        name,
+    })?;
+    program.try_into().map_err(|source| not_xdp(name, source))
+}
+
+fn not_xdp(name: &str, source: ProgramError) -> BpfError {
+    BpfError::Program {
+        op: format!("treating {name} as XDP"),
+        source,
+    }
+}

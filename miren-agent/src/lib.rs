@@ -1,0 +1,6 @@
+//! miren-agent: the traffic agent that runs on every node of a Miren-style PaaS.
+//!
+//! Node ports at kernel speed (eBPF/XDP with an nftables fallback), an HTTP ingress, and the
+//! sandboxes that serve both. See `ARCHITECTURE.md` for how the modules fit together.
+
+pub mod bpf;

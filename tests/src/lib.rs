@@ -1,0 +1,6 @@
+//! Test support for miren-agent: network-namespace topologies for tests that need the kernel,
+//! and hand-built packets. Everything a test creates lives inside namespaces it created itself
+//! and is removed on drop, also when the test panics.
+
+pub mod packet;
+pub mod topology;

@@ -1,0 +1,79 @@
+//! `cargo xtask setup|build|test|demo`: one-command setup, build, tests and demo.
+//!
+//! Every command except `setup` runs `setup` first, so each works on a fresh machine.
+
+mod cmd;
+mod setup;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Project tasks for miren-agent")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what the build and tests need (idempotent).
+    Setup,
+    /// Set up, then build the agent (with its embedded eBPF object) and the CLI.
+    Build,
+    /// Set up, then build and run every unit and integration test.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, then run the demo in network namespaces it creates.
+    Demo {
+        /// Exit after the showcase instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    setup::run(&root)?;
+    match cli.task {
+        Task::Setup => Ok(()),
+        Task::Build => cmd::cargo(&root, &["build", "--bins"]),
+        Task::Test { args } => {
+            // Default members: everything but miren-ebpf, which the agent's build script builds
+            // for the BPF target.
+            cmd::cargo(&root, &["build", "--all-targets"])?;
+            let mut test = vec!["test"];
+            if !args.is_empty() {
+                test.push("--");
+                test.extend(args.iter().map(String::as_str));
+            }
+            cmd::cargo(&root, &test)
+        }
+        Task::Demo { once } => {
+            let mut demo = vec![
+                "run",
+                "--package",
+                "miren-tests",
+                "--bin",
+                "miren-demo",
+                "--",
+            ];
+            if once {
+                demo.push("--once");
+            }
+            cmd::cargo(&root, &demo)
+        }
+    }
+}
+
+/// The workspace root (the parent of this crate's directory).
+fn workspace_root() -> PathBuf {
+    let xtask_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    xtask_dir.parent().map(PathBuf::from).unwrap_or(xtask_dir)
+}

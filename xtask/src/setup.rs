@@ -1,0 +1,174 @@
+//! `cargo xtask setup`: installs what the build and the tests need, checking each step first
+//! and doing only what is missing. A failed step says what failed and how to fix it by hand.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd;
+
+/// Debian packages the build, the tests, the demo and the benchmarks use, and why.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("cmake", "builds C dependencies of pingora"),
+    ("nftables", "the nft data plane and its tests"),
+    ("iproute2", "network namespaces, veth, bridges in tests"),
+    ("conntrack", "flushing stale UDP conntrack entries"),
+    (
+        "ethtool",
+        "turning off TX checksum offload in test topologies",
+    ),
+    (
+        "util-linux",
+        "nsenter for running commands in test namespaces",
+    ),
+    ("bpftool", "inspecting loaded eBPF programs and maps"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+/// Project-local tool directory (the agent's build script looks here too).
+const TOOLS_DIR: &str = "target/tools";
+
+/// Runs every setup step in order.
+pub fn run(root: &Path) -> Result<()> {
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker(root)?;
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !dpkg_installed(name))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (name, why) in APT_PACKAGES.iter().filter(|(n, _)| missing.contains(n)) {
+        eprintln!("setup: installing {name} ({why})");
+    }
+    let hint = format!("apt-get update && apt-get install -y {}", missing.join(" "));
+    if !nix_is_root() {
+        bail!("setup: packages missing and not running as root; install them with:\n  sudo {hint}");
+    }
+    let apt = |args: &[&str]| {
+        let mut command = Command::new("apt-get");
+        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd::run(&mut command)
+    };
+    apt(&["update", "-q"])
+        .with_context(|| format!("setup: apt-get update failed; fix by hand:\n  {hint}"))?;
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    apt(&install)
+        .with_context(|| format!("setup: installing packages failed; fix by hand:\n  {hint}"))
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    cmd::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|status| status.ends_with("install ok installed"))
+}
+
+fn nix_is_root() -> bool {
+    cmd::output(Command::new("id").arg("-u")).as_deref() == Some("0")
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let installed =
+        cmd::output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+            .context("setup: the nightly toolchain is missing; install it with:\n  rustup toolchain install nightly --profile minimal")?;
+    if installed.lines().any(|line| line.starts_with("rust-src")) {
+        return Ok(());
+    }
+    cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("setup: adding rust-src failed; fix by hand:\n  rustup component add rust-src --toolchain nightly")
+}
+
+/// Builds bpf-linker against the nightly toolchain's own libLLVM and installs it under
+/// `target/tools`, unless the right version is already there.
+fn bpf_linker(root: &Path) -> Result<()> {
+    let tools = root.join(TOOLS_DIR);
+    let linker = tools.join("bin/bpf-linker");
+    let version = cmd::output(Command::new(&linker).arg("--version"));
+    if version
+        .as_deref()
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
+        return Ok(());
+    }
+    let llvm_prefix = link_nightly_llvm(&tools)?;
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {}",
+        llvm_prefix.display()
+    );
+    let mut install = Command::new("cargo");
+    install
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--no-default-features",
+        ])
+        .args(["--version", &format!("={BPF_LINKER_VERSION}")])
+        .args(["--features", BPF_LINKER_LLVM_FEATURE])
+        .arg("--root")
+        .arg(&tools)
+        .env("LLVM_PREFIX", &llvm_prefix);
+    let hint = format!(
+        "LLVM_PREFIX={} {}",
+        llvm_prefix.display(),
+        cmd::display(&install)
+    );
+    cmd::run(&mut install)
+        .with_context(|| format!("setup: building bpf-linker failed; fix by hand:\n  {hint}"))?;
+    cmd::output(Command::new(&linker).arg("--version"))
+        .with_context(|| format!("setup: the installed {} does not run", linker.display()))?;
+    Ok(())
+}
+
+/// Creates `TOOLS/llvm/lib/{libLLVM.so,<exact name>}` pointing at nightly's libLLVM and returns
+/// `TOOLS/llvm` (the `LLVM_PREFIX` for bpf-linker; its rpath keeps pointing there).
+fn link_nightly_llvm(tools: &Path) -> Result<PathBuf> {
+    let sysroot = cmd::output(
+        Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]),
+    )
+    .context(
+        "setup: cannot find the nightly sysroot; check `rustup run nightly rustc --print sysroot`",
+    )?;
+    let sysroot_lib = Path::new(&sysroot).join("lib");
+    let libllvm = fs::read_dir(&sysroot_lib)
+        .with_context(|| format!("setup: reading {}", sysroot_lib.display()))?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| {
+            format!(
+                "setup: no libLLVM.so.* in {}; is the nightly toolchain complete?",
+                sysroot_lib.display()
+            )
+        })?;
+    let prefix = tools.join("llvm");
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib).with_context(|| format!("setup: creating {}", lib.display()))?;
+    let exact_name = libllvm
+        .file_name()
+        .context("libLLVM path has no file name")?;
+    for name in [Path::new("libLLVM.so"), Path::new(exact_name)] {
+        let link = lib.join(name);
+        let _ = fs::remove_file(&link);
+        symlink(&libllvm, &link).with_context(|| format!("setup: linking {}", link.display()))?;
+    }
+    Ok(prefix)
+}
