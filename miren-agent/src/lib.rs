@@ -3,4 +3,12 @@
 //! Node ports at kernel speed (eBPF/XDP with an nftables fallback), an HTTP ingress, and the
 //! sandboxes that serve both. See `ARCHITECTURE.md` for how the modules fit together.
 
+pub mod agent;
+pub mod api;
 pub mod bpf;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod routes;
+pub mod settings;
+pub mod store;

@@ -3,4 +3,5 @@
 //! and is removed on drop, also when the test panics.
 
 pub mod packet;
+pub mod process;
 pub mod topology;

@@ -1,14 +1,16 @@
-//! `miren`: the command-line client of the agent. Its commands arrive with the control API
-//! (issue [M]); for now it only reports its version and help.
+//! `miren`: the command-line client of the miren agent (see [`miren_agent::cli`]).
+
+use std::process::ExitCode;
 
 use clap::Parser;
+use miren_agent::cli::{self, Cli};
 
-#[derive(Debug, Parser)]
-#[command(version, about = "miren command-line client")]
-struct Cli {}
-
-fn main() {
-    let _cli = Cli::parse();
-    eprintln!("miren: no commands yet; see `miren --help`");
-    std::process::exit(2);
+fn main() -> ExitCode {
+    match cli::run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{}", err.report());
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,206 @@
+//! The `miren` command-line client: argument parsing ([`Cli`]), a synchronous HTTP/1.1
+//! client of the agent's API socket ([`Client`]), and text or JSON output.
+//!
+//! Agent-reported errors (e.g. config diagnostics with file:line:column) are printed
+//! verbatim; see [`CliError::report`].
+
+mod args;
+mod client;
+mod error;
+mod http;
+mod render;
+
+use std::{
+    io::{self, Write},
+    path::{Path, PathBuf},
+    thread,
+    time::Duration,
+};
+
+use serde::Serialize;
+
+pub use args::{
+    AppCommand, AppDirArgs, Cli, Command, DEFAULT_SOCKET, OutputFormat, PortsArgs, PortsCommand,
+    PortsEditArgs, RouteCommand, SOCKET_ENV,
+};
+pub use client::{Client, DEFAULT_TIMEOUT};
+pub use error::{CliError, HttpError};
+
+use crate::api::types::{DeployRequest, PortsEditRequest, RouteRequest};
+use crate::config::{Source, ValidationContext, parse_deployable};
+
+/// How often `miren ports --watch` redraws.
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// ANSI: cursor home, clear screen.
+const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
+
+/// Runs one `miren` command, printing its result on stdout.
+///
+/// # Errors
+/// Whatever the command hit; print it with [`CliError::report`] and exit with status 1.
+/// A closed stdout (e.g. `miren ports | head`) is not an error.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match dispatch(&cli) {
+        Err(CliError::Stdout(err)) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        result => result,
+    }
+}
+
+fn dispatch(cli: &Cli) -> Result<(), CliError> {
+    let client = Client::new(cli.socket_path());
+    let out = Output(cli.output);
+    match &cli.command {
+        Command::Deploy(AppDirArgs { dir }) => {
+            let (source_name, toml) = read_app_config(dir)?;
+            out.print(
+                &client.deploy(&DeployRequest { source_name, toml })?,
+                render::deployed,
+            )
+        }
+        Command::Validate(AppDirArgs { dir }) => validate(dir, out),
+        Command::Apps => out.print(&client.apps()?, |apps| render::apps(apps)),
+        Command::App(AppCommand::Show { name }) => {
+            out.print(&client.app(name)?, render::app_detail)
+        }
+        Command::App(AppCommand::Rm { name }) => {
+            out.print(&client.remove_app(name)?, render::removed_app)
+        }
+        Command::Route(RouteCommand::Set { host, app, service })
+        | Command::Route(RouteCommand::Add { host, app, service }) => {
+            let request = RouteRequest {
+                app: app.clone(),
+                service: service.clone(),
+            };
+            out.print(&client.set_route(host, &request)?, render::route_set)
+        }
+        Command::Route(RouteCommand::Rm { host }) => {
+            out.print(&client.remove_route(host)?, render::route_removed)
+        }
+        Command::Route(RouteCommand::List) => {
+            out.print(&client.routes()?, |routes| render::routes(routes))
+        }
+        Command::Ports(PortsArgs {
+            command: Some(PortsCommand::Edit(edit)),
+            ..
+        }) => {
+            let request = PortsEditRequest {
+                service: edit.service.clone(),
+                add: edit.add.clone(),
+                remove: edit.remove.clone(),
+            };
+            let ports = client.edit_ports(&edit.app, &request)?;
+            out.print(&ports, |ports| render::node_ports(ports))
+        }
+        Command::Ports(PortsArgs {
+            app, watch: true, ..
+        }) => watch_ports(&client, app.as_deref(), out),
+        Command::Ports(PortsArgs { app, .. }) => out
+            .print(&client.ports(app.as_deref())?, |ports| {
+                render::node_ports(ports)
+            }),
+        Command::Endpoints {
+            app,
+            service: Some(service),
+        } => {
+            let endpoints = client.service_endpoints(app, service)?;
+            out.print(&endpoints, |e| render::endpoints(std::slice::from_ref(e)))
+        }
+        Command::Endpoints { app, service: None } => {
+            out.print(&client.endpoints(app)?, |e| render::endpoints(e))
+        }
+        Command::Status => out.print(&client.status()?, render::status),
+    }
+}
+
+/// The output format of this run.
+#[derive(Debug, Clone, Copy)]
+struct Output(OutputFormat);
+
+impl Output {
+    /// Prints `value` as pretty JSON or as the text `text` renders.
+    fn print<T: Serialize>(
+        self,
+        value: &T,
+        text: impl FnOnce(&T) -> String,
+    ) -> Result<(), CliError> {
+        write_stdout(&self.format(value, text)?)
+    }
+
+    /// `value` as pretty JSON or as the text `text` renders.
+    fn format<T: Serialize>(
+        self,
+        value: &T,
+        text: impl FnOnce(&T) -> String,
+    ) -> Result<String, CliError> {
+        match self.0 {
+            OutputFormat::Text => Ok(text(value)),
+            OutputFormat::Json => serde_json::to_string_pretty(value)
+                .map(|json| json + "\n")
+                .map_err(CliError::Encode),
+        }
+    }
+}
+
+fn write_stdout(text: &str) -> Result<(), CliError> {
+    let mut stdout = io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(CliError::Stdout)
+}
+
+/// `DIR/.miren/app.toml` → (name to show in diagnostics, text).
+fn read_app_config(dir: &Path) -> Result<(String, String), CliError> {
+    let path: PathBuf = dir.join(".miren").join("app.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok((path.display().to_string(), text)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            Err(CliError::MissingAppConfig { path })
+        }
+        Err(source) => Err(CliError::ReadAppConfig { path, source }),
+    }
+}
+
+/// `miren validate`: the same checks as a deploy, without the agent (node-port conflicts
+/// with other apps and the agent's own listener ports are checked only at deploy).
+fn validate(dir: &Path, out: Output) -> Result<(), CliError> {
+    let (name, text) = read_app_config(dir)?;
+    let app = parse_deployable(Source::new(name, text), &ValidationContext::default())?;
+    let text = match out.0 {
+        OutputFormat::Text => render::validated(&app),
+        OutputFormat::Json => out.format(&render::validated_json(&app), |_| String::new())?,
+    };
+    write_stdout(&text)
+}
+
+/// `miren ports --watch`: redraws every [`WATCH_INTERVAL`] until interrupted. A failure of
+/// the first fetch ends the command; later ones are shown and retried (e.g. while the agent
+/// restarts).
+fn watch_ports(client: &Client, app: Option<&str>, out: Output) -> Result<(), CliError> {
+    let mut first = true;
+    loop {
+        let frame = match client.ports(app) {
+            Ok(ports) => out.format(&ports, |ports| render::node_ports(ports))?,
+            Err(err) if first => return Err(err),
+            Err(err) => match out.0 {
+                OutputFormat::Text => err.report() + "\n",
+                OutputFormat::Json => {
+                    eprintln!("{}", err.report());
+                    String::new()
+                }
+            },
+        };
+        first = false;
+        let frame = match out.0 {
+            OutputFormat::Text => format!(
+                "{CLEAR_SCREEN}every {}s: miren ports{}  (Ctrl-C to stop)\n\n{frame}",
+                WATCH_INTERVAL.as_secs(),
+                app.map(|a| format!(" --app {a}")).unwrap_or_default()
+            ),
+            OutputFormat::Json => frame,
+        };
+        write_stdout(&frame)?;
+        thread::sleep(WATCH_INTERVAL);
+    }
+}

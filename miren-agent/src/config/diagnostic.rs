@@ -1,0 +1,185 @@
+//! Positions in `app.toml` and rustc-style error reports.
+
+use std::fmt;
+use std::ops::Range;
+
+/// Byte range into a [`Source`]'s text.
+pub type Span = Range<usize>;
+
+/// The name and text of a config file, used to turn byte spans into positions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    name: String,
+    text: String,
+}
+
+impl Source {
+    /// Wraps a file's display name (e.g. `app/.miren/app.toml`) and its text.
+    pub fn new(name: impl Into<String>, text: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            text: text.into(),
+        }
+    }
+
+    /// The file name shown in diagnostics.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The full file text.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The 1-based line number of byte `offset`.
+    pub fn line(&self, offset: usize) -> usize {
+        let offset = floor_char_boundary(&self.text, offset);
+        self.text[..offset].matches('\n').count() + 1
+    }
+
+    /// Builds a diagnostic pointing at `span`, with a hint saying what to do.
+    pub fn diagnostic(
+        &self,
+        span: Span,
+        message: impl Into<String>,
+        help: impl Into<String>,
+    ) -> Diagnostic {
+        let text = self.text.as_str();
+        let start = floor_char_boundary(text, span.start);
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        let end = floor_char_boundary(text, span.end.clamp(start, line_end));
+        Diagnostic {
+            message: message.into(),
+            help: help.into(),
+            file: self.name.clone(),
+            line: text[..line_start].matches('\n').count() + 1,
+            column: text[line_start..start].chars().count() + 1,
+            width: text[start..end].chars().count().max(1),
+            line_text: text[line_start..line_end]
+                .trim_end_matches('\r')
+                .replace('\t', " "),
+        }
+    }
+}
+
+fn floor_char_boundary(text: &str, mut index: usize) -> usize {
+    index = index.min(text.len());
+    while !text.is_char_boundary(index) {
+        index -= 1;
+    }
+    index
+}
+
+/// One error: what is wrong, where (1-based line and column), and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// What is wrong, e.g. `node_port 80 is reserved for the HTTP ingress`.
+    pub message: String,
+    /// What to do about it.
+    pub help: String,
+    /// File name as given to [`Source::new`].
+    pub file: String,
+    /// 1-based line number.
+    pub line: usize,
+    /// 1-based column, counted in characters.
+    pub column: usize,
+    /// Number of characters underlined (at least 1).
+    pub width: usize,
+    /// The offending line, tabs shown as spaces.
+    pub line_text: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pad = " ".repeat(self.line.to_string().len());
+        writeln!(f, "error: {}", self.message)?;
+        writeln!(f, "{pad}--> {}:{}:{}", self.file, self.line, self.column)?;
+        writeln!(f, "{pad} |")?;
+        writeln!(f, "{} | {}", self.line, self.line_text)?;
+        writeln!(
+            f,
+            "{pad} | {}{}",
+            " ".repeat(self.column - 1),
+            "^".repeat(self.width)
+        )?;
+        write!(f, "{pad} = help: {}", self.help)
+    }
+}
+
+/// All problems found in one config file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", render(.diagnostics))]
+pub struct ConfigError {
+    /// The diagnostics, sorted by file, line and column.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl ConfigError {
+    /// Sorts `diagnostics` into file order (stable for equal positions).
+    pub fn new(mut diagnostics: Vec<Diagnostic>) -> Self {
+        diagnostics.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+        Self { diagnostics }
+    }
+
+    /// `Ok(())` when `diagnostics` is empty, else the sorted error.
+    pub fn check(diagnostics: Vec<Diagnostic>) -> Result<(), Self> {
+        if diagnostics.is_empty() {
+            Ok(())
+        } else {
+            Err(Self::new(diagnostics))
+        }
+    }
+}
+
+fn render(diagnostics: &[Diagnostic]) -> String {
+    diagnostics
+        .iter()
+        .map(Diagnostic::to_string)
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_like_rustc() {
+        let text = "name = \"a\"\n".repeat(11) + "node_port = 80\n";
+        let src = Source::new("app/.miren/app.toml", text);
+        let start = src.text().find("80").unwrap_or_default();
+        let d = src.diagnostic(
+            start..start + 2,
+            "node_port 80 is reserved for the HTTP ingress",
+            "choose another node_port",
+        );
+        assert_eq!(
+            d.to_string(),
+            "error: node_port 80 is reserved for the HTTP ingress\n  --> app/.miren/app.toml:12:13\n   |\n12 | node_port = 80\n   |             ^^\n   = help: choose another node_port"
+        );
+    }
+
+    #[test]
+    fn span_past_end_and_multibyte_columns() {
+        let src = Source::new("f", "a = \"é\" # x\nb");
+        let d = src.diagnostic(8..100, "m", "h");
+        assert_eq!((d.line, d.column, d.width), (1, 8, 4));
+        let d = src.diagnostic(13..13, "m", "h");
+        assert_eq!((d.line, d.column, d.width), (2, 1, 1));
+    }
+
+    #[test]
+    fn errors_sorted_by_position() {
+        let src = Source::new("f", "a\nb\nc");
+        let err = ConfigError::new(vec![
+            src.diagnostic(4..5, "c", "h"),
+            src.diagnostic(0..1, "a", "h"),
+            src.diagnostic(2..3, "b", "h"),
+        ]);
+        let order: Vec<_> = err.diagnostics.iter().map(|d| d.message.as_str()).collect();
+        assert_eq!(order, ["a", "b", "c"]);
+        assert!(err.to_string().contains("\n\nerror: b\n"));
+    }
+}

@@ -1,0 +1,455 @@
+//! HTTP routes: validated hosts and the Host → app service table.
+//!
+//! Hosts are case-insensitive and stored lowercase, without a trailing dot,
+//! internationalized names as punycode. A wildcard `*` may only be the whole
+//! first label with at least two labels after it. Lookup tries the exact host
+//! first, then the wildcard one label up; a wildcard matches exactly one extra
+//! label and never the bare domain.
+
+use std::borrow::{Borrow, Cow};
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use crate::config::AppConfig;
+
+/// A validated, normalized route host such as `example.com` or `*.example.com`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Host(String);
+
+/// Why a route host was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// Nothing to route.
+    #[error("host is empty; give a domain name such as \"example.com\"")]
+    Empty,
+    /// `example.com:8080`.
+    #[error("host \"{0}\" must not include a port; routes match on the name only")]
+    Port(String),
+    /// `*foo.example.com`.
+    #[error("host \"{0}\": `*` must be a whole label, as in \"*.example.com\"")]
+    PartialWildcard(String),
+    /// `foo.*.example.com`, `*.example.*`.
+    #[error("host \"{0}\": `*` is only allowed as the first label, as in \"*.example.com\"")]
+    WildcardNotFirst(String),
+    /// `*.com`, `*.`.
+    #[error(
+        "host \"{0}\": a wildcard needs at least two labels after `*`, as in \"*.example.com\""
+    )]
+    WildcardTooBroad(String),
+    /// Bad characters, empty labels, or too long.
+    #[error(
+        "host \"{0}\" is not a valid domain name; use letters, digits and '-' in labels of at most 63 characters, separated by '.'"
+    )]
+    Invalid(String),
+}
+
+impl Host {
+    /// Validates and normalizes a route host (lowercase, punycode, no trailing dot).
+    ///
+    /// # Errors
+    ///
+    /// A [`HostError`] saying what is wrong with `input`.
+    pub fn parse(input: &str) -> Result<Self, HostError> {
+        let owned = || input.to_owned();
+        if input.is_empty() {
+            return Err(HostError::Empty);
+        }
+        if input.contains(':') {
+            return Err(HostError::Port(owned()));
+        }
+        let name = input.strip_suffix('.').unwrap_or(input);
+        let mut labels = name.split('.');
+        let first = labels.next().unwrap_or_default();
+        if labels.clone().any(|l| l.contains('*')) {
+            return Err(HostError::WildcardNotFirst(owned()));
+        }
+        if first.contains('*') && first != "*" {
+            return Err(HostError::PartialWildcard(owned()));
+        }
+        let (prefix, domain) = match name.strip_prefix("*.") {
+            Some(rest) if labels.count() >= 2 => ("*.", rest),
+            _ if first == "*" => return Err(HostError::WildcardTooBroad(owned())),
+            _ => ("", name),
+        };
+        let ascii =
+            idna::domain_to_ascii_strict(domain).map_err(|_| HostError::Invalid(owned()))?;
+        if ascii.is_empty() {
+            return Err(HostError::Invalid(owned()));
+        }
+        Ok(Self(format!("{prefix}{ascii}")))
+    }
+
+    /// The normalized host.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// True for `*.` hosts.
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.")
+    }
+}
+
+impl FromStr for Host {
+    type Err = HostError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Borrow<str> for Host {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Where a route sends traffic: an app's service (its first http port).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RouteTarget {
+    /// App name.
+    pub app: String,
+    /// Service name within the app.
+    pub service: String,
+}
+
+/// Host → target, with lookups that cost O(labels) whatever the number of routes.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    exact: HashMap<Host, RouteTarget>,
+    /// Keyed by the part after `*.`.
+    wildcard: HashMap<String, (Host, RouteTarget)>,
+}
+
+impl RouteTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces a route, returning the previous target.
+    pub fn insert(&mut self, host: Host, target: RouteTarget) -> Option<RouteTarget> {
+        match host.0.strip_prefix("*.") {
+            Some(suffix) => self
+                .wildcard
+                .insert(suffix.to_owned(), (host, target))
+                .map(|(_, old)| old),
+            None => self.exact.insert(host, target),
+        }
+    }
+
+    /// Removes a route, returning its target.
+    pub fn remove(&mut self, host: &Host) -> Option<RouteTarget> {
+        match host.0.strip_prefix("*.") {
+            Some(suffix) => self.wildcard.remove(suffix).map(|(_, t)| t),
+            None => self.exact.remove(host.as_str()),
+        }
+    }
+
+    /// The target for a raw `Host` header value (any case, optional `:port`
+    /// and trailing dot): the exact route, else the wildcard one label up.
+    pub fn lookup(&self, host: &str) -> Option<&RouteTarget> {
+        let host = normalize_header(host)?;
+        if let Some(target) = self.exact.get(host.as_ref()) {
+            return Some(target);
+        }
+        let (first, parent) = host.split_once('.')?;
+        if first.is_empty() || first == "*" {
+            return None;
+        }
+        self.wildcard.get(parent).map(|(_, t)| t)
+    }
+
+    /// All routes, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Host, &RouteTarget)> {
+        self.exact
+            .iter()
+            .chain(self.wildcard.values().map(|(h, t)| (h, t)))
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len()
+    }
+
+    /// True when there are no routes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Strips `:port` and a trailing dot, lowercases; allocates only when needed.
+fn normalize_header(raw: &str) -> Option<Cow<'_, str>> {
+    let host = match raw.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => raw,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() {
+        None
+    } else if !host.is_ascii() {
+        idna::domain_to_ascii(host).ok().map(Cow::Owned)
+    } else if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(host))
+    }
+}
+
+/// Why a route cannot point at an app service.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The app has no such service.
+    #[error("app service \"{service}\" does not exist in app \"{app}\"")]
+    NoSuchService {
+        /// App name.
+        app: String,
+        /// Requested service.
+        service: String,
+    },
+    /// The service has no http port to send requests to.
+    #[error("app service \"{service}\" has no HTTP port")]
+    NoHttpPort {
+        /// Service name.
+        service: String,
+    },
+}
+
+/// Checks that `service` exists in `app` and has an http port.
+///
+/// # Errors
+///
+/// [`RouteError::NoSuchService`] or [`RouteError::NoHttpPort`].
+pub fn check_route_target(app: &AppConfig, service: &str) -> Result<(), RouteError> {
+    let Some(svc) = app.services.get(service) else {
+        return Err(RouteError::NoSuchService {
+            app: app.name.clone(),
+            service: service.to_owned(),
+        });
+    };
+    if svc.http_port().is_none() {
+        return Err(RouteError::NoHttpPort {
+            service: service.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Source, ValidationContext, parse_app_config};
+
+    fn target(app: &str) -> RouteTarget {
+        RouteTarget {
+            app: app.to_owned(),
+            service: "web".to_owned(),
+        }
+    }
+
+    fn host(s: &str) -> Host {
+        Host::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn parse_normalizes_valid_hosts() {
+        let cases = [
+            ("example.com", "example.com"),
+            ("Example.COM", "example.com"),
+            ("example.com.", "example.com"),
+            ("*.example.com", "*.example.com"),
+            ("*.Example.com.", "*.example.com"),
+            ("bücher.example", "xn--bcher-kva.example"),
+            ("*.bücher.de", "*.xn--bcher-kva.de"),
+            ("a-b.c1.example.org", "a-b.c1.example.org"),
+            ("localhost", "localhost"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(host(input).as_str(), want, "{input}");
+        }
+        assert!(host("*.example.com").is_wildcard());
+        assert!(!host("example.com").is_wildcard());
+    }
+
+    #[test]
+    fn parse_rejects_invalid_hosts_with_distinct_messages() {
+        let cases = [
+            (
+                "",
+                "host is empty; give a domain name such as \"example.com\"",
+            ),
+            (
+                "example.com:8080",
+                "host \"example.com:8080\" must not include a port; routes match on the name only",
+            ),
+            (
+                "*.com",
+                "host \"*.com\": a wildcard needs at least two labels after `*`, as in \"*.example.com\"",
+            ),
+            (
+                "*.",
+                "host \"*.\": a wildcard needs at least two labels after `*`, as in \"*.example.com\"",
+            ),
+            (
+                "*",
+                "host \"*\": a wildcard needs at least two labels after `*`, as in \"*.example.com\"",
+            ),
+            (
+                "foo.*.example.com",
+                "host \"foo.*.example.com\": `*` is only allowed as the first label, as in \"*.example.com\"",
+            ),
+            (
+                "*.example.*",
+                "host \"*.example.*\": `*` is only allowed as the first label, as in \"*.example.com\"",
+            ),
+            (
+                "*foo.example.com",
+                "host \"*foo.example.com\": `*` must be a whole label, as in \"*.example.com\"",
+            ),
+            (
+                "foo..com",
+                "host \"foo..com\" is not a valid domain name; use letters, digits and '-' in labels of at most 63 characters, separated by '.'",
+            ),
+            (
+                "under_score.com",
+                "host \"under_score.com\" is not a valid domain name; use letters, digits and '-' in labels of at most 63 characters, separated by '.'",
+            ),
+            (
+                ".",
+                "host \".\" is not a valid domain name; use letters, digits and '-' in labels of at most 63 characters, separated by '.'",
+            ),
+        ];
+        for (input, want) in cases {
+            let err = Host::parse(input).err().map(|e| e.to_string());
+            assert_eq!(err.as_deref(), Some(want), "{input}");
+        }
+        let long = format!("{}.com", "a".repeat(64));
+        assert_eq!(Host::parse(&long), Err(HostError::Invalid(long.clone())));
+    }
+
+    #[test]
+    fn lookup_table() {
+        let mut table = RouteTable::new();
+        for (h, app) in [
+            ("example.com", "bare"),
+            ("www.example.com", "www"),
+            ("*.example.com", "wild"),
+            ("*.api.example.com", "api-wild"),
+            ("exact.api.example.com", "api-exact"),
+            ("*.bücher.de", "idn-wild"),
+            ("straße.de", "idn"),
+            ("*.sub.test.org", "test-wild"),
+        ] {
+            assert_eq!(table.insert(host(h), target(app)), None);
+        }
+        let cases: &[(&str, Option<&str>)] = &[
+            ("example.com", Some("bare")),
+            ("EXAMPLE.COM", Some("bare")),
+            ("example.com.", Some("bare")),
+            ("example.com:80", Some("bare")),
+            ("Example.Com.:8080", Some("bare")),
+            ("www.example.com", Some("www")),
+            ("WWW.example.com:443", Some("www")),
+            ("foo.example.com", Some("wild")),
+            ("FOO.Example.Com", Some("wild")),
+            ("foo.example.com.", Some("wild")),
+            ("foo.example.com:8443", Some("wild")),
+            ("a.b.example.com", None),
+            ("x.api.example.com", Some("api-wild")),
+            ("api.example.com", Some("wild")),
+            ("exact.api.example.com", Some("api-exact")),
+            ("a.x.api.example.com", None),
+            ("com", None),
+            ("", None),
+            (":80", None),
+            (".", None),
+            (".example.com", None),
+            ("*.example.com", None),
+            ("example.org", None),
+            ("notexample.com", None),
+            ("example.com.evil.net", None),
+            ("shop.bücher.de", Some("idn-wild")),
+            ("shop.xn--bcher-kva.de", Some("idn-wild")),
+            ("bücher.de", None),
+            ("xn--strae-oqa.de", Some("idn")),
+            ("STRASSE.de", None),
+            ("x.sub.test.org", Some("test-wild")),
+            ("sub.test.org", None),
+            ("test.org", None),
+            ("x.test.org", None),
+            ("[::1]:80", None),
+            ("example.com:http", None),
+        ];
+        assert!(cases.len() >= 30);
+        for (input, want) in cases {
+            let got = table.lookup(input).map(|t| t.app.as_str());
+            assert_eq!(got, *want, "lookup({input:?})");
+        }
+    }
+
+    #[test]
+    fn insert_replace_remove() {
+        let mut table = RouteTable::new();
+        assert!(table.is_empty());
+        assert_eq!(table.insert(host("*.example.com"), target("a")), None);
+        assert_eq!(
+            table.insert(host("*.EXAMPLE.com"), target("b")),
+            Some(target("a"))
+        );
+        assert_eq!(table.insert(host("example.com"), target("c")), None);
+        assert_eq!(table.len(), 2);
+        let mut listed: Vec<_> = table
+            .iter()
+            .map(|(h, t)| (h.to_string(), t.app.clone()))
+            .collect();
+        listed.sort();
+        assert_eq!(
+            listed,
+            [
+                ("*.example.com".to_owned(), "b".to_owned()),
+                ("example.com".to_owned(), "c".to_owned())
+            ]
+        );
+        assert_eq!(table.remove(&host("*.example.com")), Some(target("b")));
+        assert_eq!(table.lookup("x.example.com"), None);
+        assert_eq!(table.remove(&host("example.com")), Some(target("c")));
+        assert_eq!(table.remove(&host("example.com")), None);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn route_target_must_be_a_service_with_an_http_port() {
+        let text = r#"
+name = "game"
+[services.web]
+command = "./web"
+port = 8080
+
+[services.server]
+command = "./server"
+[[services.server.ports]]
+name = "game"
+port = 27015
+type = "udp"
+node_port = 27015
+"#;
+        let app = parse_app_config(Source::new("app.toml", text), &ValidationContext::default());
+        let app = app.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(check_route_target(&app, "web"), Ok(()));
+        assert_eq!(
+            check_route_target(&app, "server").map_err(|e| e.to_string()),
+            Err("app service \"server\" has no HTTP port".to_owned())
+        );
+        assert_eq!(
+            check_route_target(&app, "api").map_err(|e| e.to_string()),
+            Err("app service \"api\" does not exist in app \"game\"".to_owned())
+        );
+    }
+}

@@ -1,0 +1,303 @@
+//! Agent settings: command-line flags over `/etc/miren/agent.toml` (same keys as the flags,
+//! e.g. `state-dir = "/var/lib/miren"`) over built-in defaults.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::config::ValidationContext;
+
+/// The config file read when `--config` is not given (if it exists).
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/miren/agent.toml";
+
+/// Errors reading the settings.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The config file could not be read.
+    #[error("cannot read the agent config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid.
+    #[error(
+        "{path}: {message}\n  the keys are the `miren-agent run` flags without dashes in front, e.g. state-dir = \"/var/lib/miren\""
+    )]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// What toml said (with line and column).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One layer of settings: flags or file. Every field is optional so layers can be merged.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SettingsLayer {
+    /// Agent config file [default: /etc/miren/agent.toml if present].
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Directory for the state store [default: /var/lib/miren].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// External interface carrying node-port traffic (repeatable).
+    #[arg(long = "iface")]
+    #[serde(default)]
+    pub iface: Vec<String>,
+    /// The node's own address that node ports answer on (repeatable).
+    #[arg(long = "node-ip")]
+    #[serde(default)]
+    pub node_ip: Vec<IpAddr>,
+    /// Node-port data plane: auto, xdp or nft [default: auto].
+    #[arg(long)]
+    pub dataplane: Option<String>,
+    /// bpffs directory for pinned maps, programs and links [default: /sys/fs/bpf/miren].
+    #[arg(long)]
+    pub bpf_pin_dir: Option<PathBuf>,
+    /// HTTP ingress listener [default: 0.0.0.0:80].
+    #[arg(long)]
+    pub http_addr: Option<SocketAddr>,
+    /// HTTPS ingress listener [default: 0.0.0.0:443].
+    #[arg(long)]
+    pub https_addr: Option<SocketAddr>,
+    /// Control API Unix socket [default: /run/miren/agent.sock].
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Prometheus /metrics listener [default: 127.0.0.1:9464].
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Bridge the sandboxes attach to [default: miren0].
+    #[arg(long)]
+    pub sandbox_bridge: Option<String>,
+    /// Subnet sandbox addresses come from [default: 10.88.0.0/16].
+    #[arg(long)]
+    pub sandbox_subnet: Option<String>,
+    /// ACME directory URL; enables automatic certificates.
+    #[arg(long)]
+    pub acme_directory: Option<String>,
+    /// Contact email for the ACME account.
+    #[arg(long)]
+    pub acme_email: Option<String>,
+    /// Range for target ports the agent assigns, FIRST-LAST [default: 20000-29999].
+    #[arg(long)]
+    pub port_range: Option<String>,
+}
+
+/// Resolved settings with every default applied.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// State store directory.
+    pub state_dir: PathBuf,
+    /// External interfaces.
+    pub ifaces: Vec<String>,
+    /// The node's own addresses.
+    pub node_ips: Vec<IpAddr>,
+    /// auto, xdp or nft.
+    pub dataplane: String,
+    /// bpffs pin directory.
+    pub bpf_pin_dir: PathBuf,
+    /// HTTP listener.
+    pub http_addr: SocketAddr,
+    /// HTTPS listener.
+    pub https_addr: SocketAddr,
+    /// API socket.
+    pub api_socket: PathBuf,
+    /// Metrics listener.
+    pub metrics_addr: SocketAddr,
+    /// Sandbox bridge name.
+    pub sandbox_bridge: String,
+    /// Sandbox subnet.
+    pub sandbox_subnet: String,
+    /// ACME directory URL.
+    pub acme_directory: Option<String>,
+    /// ACME contact.
+    pub acme_email: Option<String>,
+    /// Range for assigned target ports.
+    pub port_range: RangeInclusive<u16>,
+}
+
+impl SettingsLayer {
+    /// Merges the flags (`self`) over the config file (explicit `--config`, else
+    /// [`DEFAULT_CONFIG_FILE`] if it exists) over the defaults.
+    ///
+    /// # Errors
+    /// [`SettingsError`] for an unreadable or invalid file or value.
+    pub fn resolve(self) -> Result<AgentSettings, SettingsError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                read_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => SettingsLayer::default(),
+        };
+        let dataplane = self
+            .dataplane
+            .or(file.dataplane)
+            .unwrap_or_else(|| "auto".into());
+        if !["auto", "xdp", "nft"].contains(&dataplane.as_str()) {
+            return Err(SettingsError::Invalid(format!(
+                "unknown data plane \"{dataplane}\"; use auto, xdp or nft"
+            )));
+        }
+        let port_range = self
+            .port_range
+            .or(file.port_range)
+            .unwrap_or_else(|| "20000-29999".into());
+        Ok(AgentSettings {
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| "/var/lib/miren".into()),
+            ifaces: prefer_flags(self.iface, file.iface),
+            node_ips: prefer_flags(self.node_ip, file.node_ip),
+            dataplane,
+            bpf_pin_dir: self
+                .bpf_pin_dir
+                .or(file.bpf_pin_dir)
+                .unwrap_or_else(|| "/sys/fs/bpf/miren".into()),
+            http_addr: self
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or(([0, 0, 0, 0], 80).into()),
+            https_addr: self
+                .https_addr
+                .or(file.https_addr)
+                .unwrap_or(([0, 0, 0, 0], 443).into()),
+            api_socket: self
+                .api_socket
+                .or(file.api_socket)
+                .unwrap_or_else(|| "/run/miren/agent.sock".into()),
+            metrics_addr: self
+                .metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or(([127, 0, 0, 1], 9464).into()),
+            sandbox_bridge: self
+                .sandbox_bridge
+                .or(file.sandbox_bridge)
+                .unwrap_or_else(|| "miren0".into()),
+            sandbox_subnet: self
+                .sandbox_subnet
+                .or(file.sandbox_subnet)
+                .unwrap_or_else(|| "10.88.0.0/16".into()),
+            acme_directory: self.acme_directory.or(file.acme_directory),
+            acme_email: self.acme_email.or(file.acme_email),
+            port_range: parse_port_range(&port_range)?,
+        })
+    }
+}
+
+impl AgentSettings {
+    /// What app validation must know about this agent: its own listener ports.
+    pub fn validation_context(&self) -> ValidationContext {
+        ValidationContext {
+            reserved_ports: vec![
+                (
+                    self.http_addr.port(),
+                    "the agent's HTTP listener (--http-addr)".into(),
+                ),
+                (
+                    self.https_addr.port(),
+                    "the agent's HTTPS listener (--https-addr)".into(),
+                ),
+                (
+                    self.metrics_addr.port(),
+                    "the agent's metrics listener (--metrics-addr)".into(),
+                ),
+            ],
+        }
+    }
+}
+
+/// Repeatable flags replace the file's list when given at all.
+fn prefer_flags<T>(flags: Vec<T>, file: Vec<T>) -> Vec<T> {
+    if flags.is_empty() { file } else { flags }
+}
+
+fn read_file(path: &Path) -> Result<SettingsLayer, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| SettingsError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn parse_port_range(value: &str) -> Result<RangeInclusive<u16>, SettingsError> {
+    let invalid = || {
+        SettingsError::Invalid(format!(
+            "port range \"{value}\" is not FIRST-LAST with 1 <= FIRST <= LAST <= 65535, e.g. 20000-29999"
+        ))
+    };
+    let (first, last) = value.split_once('-').ok_or_else(invalid)?;
+    let first: u16 = first.trim().parse().map_err(|_| invalid())?;
+    let last: u16 = last.trim().parse().map_err(|_| invalid())?;
+    if first == 0 || first > last {
+        return Err(invalid());
+    }
+    Ok(first..=last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("miren-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        std::fs::write(
+            &file,
+            "state-dir = \"/srv/miren\"\nmetrics-addr = \"127.0.0.1:9100\"\niface = [\"eth1\"]\n",
+        )
+        .unwrap();
+        let flags = SettingsLayer {
+            config: Some(file.clone()),
+            metrics_addr: Some("127.0.0.1:9200".parse().unwrap()),
+            ..SettingsLayer::default()
+        };
+        let settings = flags.resolve().unwrap();
+        assert_eq!(settings.state_dir, PathBuf::from("/srv/miren"));
+        assert_eq!(settings.metrics_addr.port(), 9200);
+        assert_eq!(settings.ifaces, vec!["eth1".to_owned()]);
+        assert_eq!(settings.api_socket, PathBuf::from("/run/miren/agent.sock"));
+        assert_eq!(settings.port_range, 20000..=29999);
+
+        std::fs::write(&file, "state_dir = \"/srv\"\n").unwrap();
+        let err = SettingsLayer {
+            config: Some(file),
+            ..SettingsLayer::default()
+        }
+        .resolve()
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("agent.toml") && message.contains("state_dir"),
+            "{message}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn port_range_is_checked() {
+        assert_eq!(parse_port_range("100-200").unwrap(), 100..=200);
+        for bad in ["", "100", "200-100", "0-5", "1-70000", "a-b"] {
+            let err = parse_port_range(bad).unwrap_err().to_string();
+            assert!(err.contains("FIRST-LAST"), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Running the real `miren-agent` and `miren` binaries from tests, and temporary directories.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+/// Path of a binary of this workspace, built next to the running test executable
+/// (`target/<profile>/NAME`). `cargo xtask test` builds all binaries before the tests.
+///
+/// # Panics
+/// If the binary is missing, with the command that builds it.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing; build it with `cargo build --bins` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// A directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh, unique directory whose name contains `tag`.
+    pub fn new(tag: &str) -> Self {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("miren-test-{}-{seq}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `miren-agent run`; SIGKILLed and reaped on drop. Its output goes to a log file
+/// that is shown when it fails to start.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `command` (a `miren-agent run …` whose API socket is `socket`), logging to `log`,
+    /// and waits up to 20 s until the API answers.
+    ///
+    /// # Panics
+    /// If the agent exits or does not answer in time (with its log).
+    pub fn start(mut command: Command, socket: &Path, log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("create agent log");
+        let child = command
+            .stdout(file.try_clone().expect("clone log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start miren-agent");
+        let mut agent = Self {
+            child,
+            socket: socket.to_owned(),
+            log: log.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return agent;
+            }
+            if let Some(status) = agent.child.try_wait().expect("poll miren-agent") {
+                panic!("miren-agent exited early ({status}):\n{}", agent.log_text());
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "miren-agent did not serve {} within 20 s:\n{}",
+                    socket.display(),
+                    agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the agent with SIGKILL (no chance to clean up) and waits for it.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs the `miren` CLI against this agent.
+    pub fn miren(&self, args: &[&str]) -> Output {
+        miren(&self.socket, args)
+    }
+
+    /// What the agent has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `miren --socket SOCKET ARGS…` and returns its output.
+pub fn miren(socket: &Path, args: &[&str]) -> Output {
+    Command::new(binary("miren"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run miren")
+}
