@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod dataplane;
 pub mod routes;
 pub mod settings;
 pub mod store;

@@ -17,3 +17,5 @@ pub mod counter {
     /// Number of slots in [`MAP`].
     pub const SLOTS: u32 = 2;
 }
+
+pub mod nodeport;

@@ -4,6 +4,11 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod counter;
+mod csum;
+mod headers;
+mod maps;
+mod nodeport;
+mod reply;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

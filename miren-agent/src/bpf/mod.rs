@@ -53,7 +53,7 @@ pub enum BpfError {
 }
 
 /// Loads the embedded object: creates its maps; programs are loaded by their users.
-fn load_object() -> Result<Ebpf, BpfError> {
+pub(crate) fn load_object() -> Result<Ebpf, BpfError> {
     if cfg!(miren_ebpf_skipped) || OBJECT.is_empty() {
         return Err(BpfError::NotBuilt);
     }
@@ -61,7 +61,7 @@ fn load_object() -> Result<Ebpf, BpfError> {
 }
 
 /// Finds the XDP program `name` in `ebpf` and loads it into the kernel.
-fn load_xdp(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
+pub(crate) fn load_xdp(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
     xdp_mut(ebpf, name)?
         .load()
         .map_err(|source| BpfError::Program {
@@ -71,7 +71,7 @@ fn load_xdp(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
 }
 
 /// The XDP program `name` in `ebpf`.
-fn xdp<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Xdp, BpfError> {
+pub(crate) fn xdp<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Xdp, BpfError> {
     let program = ebpf.program(name).ok_or(BpfError::Missing {
         kind: "program",
         name,
@@ -80,7 +80,7 @@ fn xdp<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Xdp, BpfError> {
 }
 
 /// The XDP program `name` in `ebpf`, mutably (to load or attach it).
-fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, BpfError> {
+pub(crate) fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, BpfError> {
     let program = ebpf.program_mut(name).ok_or(BpfError::Missing {
         kind: "program",
         name,

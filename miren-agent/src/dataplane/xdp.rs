@@ -1,0 +1,558 @@
+//! [`XdpDataplane`]: node ports in eBPF. The XDP program `miren_nodeport` DNATs node-port
+//! traffic on the external interfaces; the TC egress program `miren_reply` reverse-NATs the
+//! replies. Userspace owns id allocation and the Maglev tables: a service's new table is
+//! written into the inactive generation, then the service entry flips to it in one map update,
+//! so a packet never sees a half-written table.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapError, PerCpuArray, PerCpuValues},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    util::nr_cpus,
+};
+use miren_common::nodeport::{
+    self as np, Backend, BackendStats, Config, Flow, FlowKey, GlobalStat, MaglevKey, PortStats,
+    Service, ServiceKey,
+};
+
+use super::{
+    BackendCounters, Counters, Dataplane, DataplaneError, GlobalCounters, NodePortKey,
+    PortCounters, Snapshot, maglev,
+};
+use crate::{
+    bpf::{BpfError, load_object, load_xdp, xdp, xdp_mut},
+    config::Protocol,
+};
+
+/// Default idle timeout of UDP sessions.
+pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a TCP flow that saw FIN keeps its backend without packets.
+pub const TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for packets that read an old Maglev generation before it is deleted.
+const GENERATION_GRACE: Duration = Duration::from_millis(2);
+
+/// The state of one node port as written to the kernel.
+#[derive(Debug, Default)]
+struct ServiceState {
+    id: u32,
+    generation: u32,
+    table: Vec<u32>,
+    backends: BTreeMap<SocketAddrV4, u32>,
+}
+
+/// Hands out small integer ids, reusing freed ones.
+#[derive(Debug)]
+struct Ids {
+    next: u32,
+    free: Vec<u32>,
+    max: u32,
+}
+
+impl Ids {
+    fn new(max: u32) -> Self {
+        Self {
+            next: 0,
+            free: Vec::new(),
+            max,
+        }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        self.free.pop().or_else(|| {
+            (self.next < self.max).then(|| {
+                self.next += 1;
+                self.next - 1
+            })
+        })
+    }
+
+    fn give_back(&mut self, id: u32) {
+        self.free.push(id);
+    }
+}
+
+/// The eBPF/XDP node-port data plane.
+#[derive(Debug)]
+pub struct XdpDataplane {
+    ebpf: Ebpf,
+    node_addrs: BTreeSet<Ipv4Addr>,
+    services: BTreeMap<NodePortKey, ServiceState>,
+    service_ids: Ids,
+    backend_ids: Ids,
+    config: Config,
+}
+
+fn map_err(op: impl Into<String>) -> impl FnOnce(MapError) -> DataplaneError {
+    let op = op.into();
+    move |source| DataplaneError::Bpf(BpfError::Map { op, source })
+}
+
+impl XdpDataplane {
+    /// Loads the programs and maps (not attached yet), with the default UDP idle timeout.
+    ///
+    /// # Errors
+    /// [`DataplaneError::Bpf`] when the kernel refuses the programs.
+    pub fn load() -> Result<Self, DataplaneError> {
+        let mut ebpf = load_object()?;
+        load_xdp(&mut ebpf, np::XDP_PROGRAM)?;
+        classifier_mut(&mut ebpf)?
+            .load()
+            .map_err(|source| BpfError::Program {
+                op: format!("loading {}", np::TC_PROGRAM),
+                source,
+            })?;
+        let mut dataplane = Self {
+            ebpf,
+            node_addrs: BTreeSet::new(),
+            services: BTreeMap::new(),
+            service_ids: Ids::new(np::MAX_SERVICES),
+            backend_ids: Ids::new(np::MAX_BACKENDS),
+            config: Config {
+                udp_timeout_ns: DEFAULT_UDP_TIMEOUT.as_nanos() as u64,
+                tcp_closing_timeout_ns: TCP_CLOSING_TIMEOUT.as_nanos() as u64,
+                fake_now_ns: 0,
+            },
+        };
+        dataplane.write_config()?;
+        Ok(dataplane)
+    }
+
+    /// Attaches XDP (native, or generic when `mode` allows and native is refused) and the TC
+    /// egress program to `iface` in the calling thread's network namespace. Returns the XDP
+    /// mode used.
+    ///
+    /// # Errors
+    /// [`DataplaneError::Bpf`] when attaching fails.
+    pub fn attach(&mut self, iface: &str, allow_generic: bool) -> Result<XdpMode, DataplaneError> {
+        let attach = |ebpf: &mut Ebpf, mode| {
+            xdp_mut(ebpf, np::XDP_PROGRAM)?
+                .attach(iface, mode)
+                .map_err(|source| BpfError::Program {
+                    op: format!("attaching {} to {iface} in {mode:?} mode", np::XDP_PROGRAM),
+                    source,
+                })
+        };
+        let mode = match attach(&mut self.ebpf, XdpMode::Driver) {
+            Ok(_) => XdpMode::Driver,
+            Err(native) if allow_generic => {
+                tracing::warn!(%iface, error = %native, "native XDP refused; using generic XDP");
+                attach(&mut self.ebpf, XdpMode::Skb)?;
+                XdpMode::Skb
+            }
+            Err(native) => return Err(native.into()),
+        };
+        classifier_mut(&mut self.ebpf)?
+            .attach(iface, TcAttachType::Egress)
+            .map_err(|source| BpfError::Program {
+                op: format!("attaching {} to {iface} egress", np::TC_PROGRAM),
+                source,
+            })?;
+        Ok(mode)
+    }
+
+    /// The XDP program (for `BPF_PROG_TEST_RUN`).
+    ///
+    /// # Errors
+    /// [`BpfError::Missing`] if the object lacks it.
+    pub fn xdp_program(&self) -> Result<&Xdp, BpfError> {
+        xdp(&self.ebpf, np::XDP_PROGRAM)
+    }
+
+    /// The TC program (for `BPF_PROG_TEST_RUN`).
+    ///
+    /// # Errors
+    /// [`BpfError::Missing`] if the object lacks it.
+    pub fn tc_program(&self) -> Result<&SchedClassifier, BpfError> {
+        let program = self.ebpf.program(np::TC_PROGRAM).ok_or(BpfError::Missing {
+            kind: "program",
+            name: np::TC_PROGRAM,
+        })?;
+        program.try_into().map_err(|source| BpfError::Program {
+            op: format!("treating {} as a classifier", np::TC_PROGRAM),
+            source,
+        })
+    }
+
+    /// Sets the UDP idle timeout.
+    ///
+    /// # Errors
+    /// When the config map cannot be written.
+    pub fn set_udp_timeout(&mut self, timeout: Duration) -> Result<(), DataplaneError> {
+        self.config.udp_timeout_ns = timeout.as_nanos() as u64;
+        self.write_config()
+    }
+
+    /// Replaces the data plane's clock with a fixed time (tests); `None` restores the kernel
+    /// clock.
+    ///
+    /// # Errors
+    /// When the config map cannot be written.
+    pub fn set_clock(&mut self, now: Option<Duration>) -> Result<(), DataplaneError> {
+        self.config.fake_now_ns = now.map_or(0, |t| t.as_nanos() as u64);
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), DataplaneError> {
+        let config = self.config;
+        let mut array: Array<_, Config> = Array::try_from(self.map_mut(np::CONFIG_MAP)?)
+            .map_err(map_err("opening the config map"))?;
+        array
+            .set(0, config, 0)
+            .map_err(map_err("writing the config map"))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::Bpf(BpfError::Missing { kind: "map", name }))
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
+        self.ebpf
+            .map(name)
+            .ok_or(DataplaneError::Bpf(BpfError::Missing { kind: "map", name }))
+    }
+
+    fn apply_node_addrs(&mut self, wanted: &[Ipv4Addr]) -> Result<(), DataplaneError> {
+        let wanted: BTreeSet<Ipv4Addr> = wanted.iter().copied().collect();
+        let current = std::mem::take(&mut self.node_addrs);
+        let mut map: HashMap<_, u32, u32> = HashMap::try_from(self.map_mut(np::NODE_ADDRS_MAP)?)
+            .map_err(map_err("opening the node address map"))?;
+        for addr in wanted.difference(&current) {
+            map.insert(u32::from(*addr).to_be(), 1, 0)
+                .map_err(map_err(format!("adding node address {addr}")))?;
+        }
+        for addr in current.difference(&wanted) {
+            map.remove(&u32::from(*addr).to_be())
+                .map_err(map_err(format!("removing node address {addr}")))?;
+        }
+        self.node_addrs = wanted;
+        Ok(())
+    }
+
+    /// Zeroes the per-CPU stats slot `id` of `map` (ids are reused).
+    fn zero_stats<T: aya::Pod + Default>(
+        &mut self,
+        map: &'static str,
+        id: u32,
+    ) -> Result<(), DataplaneError> {
+        let io = |op: String| move |source| DataplaneError::Io { op, source };
+        let cpus = nr_cpus().map_err(|(_, source)| io("counting possible CPUs".into())(source))?;
+        let mut array: PerCpuArray<_, T> =
+            PerCpuArray::try_from(self.map_mut(map)?).map_err(map_err(format!("opening {map}")))?;
+        let zeros = PerCpuValues::try_from(vec![T::default(); cpus])
+            .map_err(io(format!("zeroing {map}")))?;
+        array
+            .set(id, zeros, 0)
+            .map_err(map_err(format!("zeroing {map}[{id}]")))
+    }
+}
+
+fn classifier_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, BpfError> {
+    let program = ebpf.program_mut(np::TC_PROGRAM).ok_or(BpfError::Missing {
+        kind: "program",
+        name: np::TC_PROGRAM,
+    })?;
+    program.try_into().map_err(|source| BpfError::Program {
+        op: format!("treating {} as a classifier", np::TC_PROGRAM),
+        source,
+    })
+}
+
+fn service_key(key: NodePortKey) -> ServiceKey {
+    let protocol = match key.protocol {
+        Protocol::Tcp => np::PROTO_TCP,
+        Protocol::Udp => np::PROTO_UDP,
+    };
+    ServiceKey {
+        port_be: key.port.to_be(),
+        protocol,
+        pad: 0,
+    }
+}
+
+fn backend_value(addr: SocketAddrV4) -> Backend {
+    Backend {
+        addr_be: u32::from(*addr.ip()).to_be(),
+        port_be: addr.port().to_be(),
+        pad: 0,
+    }
+}
+
+impl Dataplane for XdpDataplane {
+    fn mode(&self) -> &'static str {
+        "xdp"
+    }
+
+    fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
+        self.apply_node_addrs(&snapshot.node_addrs)?;
+        let mut retired: Vec<MaglevKey> = Vec::new();
+        let mut dead_backends: HashSet<u32> = HashSet::new();
+        let mut dead_services: HashSet<u32> = HashSet::new();
+
+        let removed: Vec<NodePortKey> = self
+            .services
+            .keys()
+            .filter(|k| !snapshot.node_ports.contains_key(k))
+            .copied()
+            .collect();
+        for key in removed {
+            let Some(state) = self.services.remove(&key) else {
+                continue;
+            };
+            HashMap::<_, ServiceKey, Service>::try_from(self.map_mut(np::SERVICES_MAP)?)
+                .map_err(map_err("opening the service map"))?
+                .remove(&service_key(key))
+                .map_err(map_err(format!(
+                    "removing node port {}/{}",
+                    key.port, key.protocol
+                )))?;
+            retired.extend(
+                (0..state.table.len() as u32)
+                    .map(|i| MaglevKey::new(state.id, state.generation, i)),
+            );
+            for id in state.backends.values() {
+                dead_backends.insert(*id);
+                self.backend_ids.give_back(*id);
+            }
+            dead_services.insert(state.id);
+            self.service_ids.give_back(state.id);
+        }
+
+        for (key, endpoints) in &snapshot.node_ports {
+            let mut state = match self.services.remove(key) {
+                Some(state) => state,
+                None => {
+                    let id = self.service_ids.take().ok_or_else(|| {
+                        DataplaneError::Capacity(format!(
+                            "more than {} node ports",
+                            np::MAX_SERVICES
+                        ))
+                    })?;
+                    self.zero_stats::<PortStats>(np::PORT_STATS_MAP, id)?;
+                    ServiceState {
+                        id,
+                        ..ServiceState::default()
+                    }
+                }
+            };
+            let result = self.apply_service(
+                *key,
+                &mut state,
+                endpoints,
+                &mut retired,
+                &mut dead_backends,
+            );
+            self.services.insert(*key, state);
+            result?;
+        }
+
+        if !retired.is_empty() {
+            std::thread::sleep(GENERATION_GRACE);
+            let mut maglev: HashMap<_, MaglevKey, u32> =
+                HashMap::try_from(self.map_mut(np::MAGLEV_MAP)?)
+                    .map_err(map_err("opening the Maglev map"))?;
+            for key in retired {
+                let _ = maglev.remove(&key);
+            }
+        }
+        if !dead_backends.is_empty() || !dead_services.is_empty() {
+            self.forget_flows(&dead_backends, &dead_services)?;
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Result<Counters, DataplaneError> {
+        let ports: PerCpuArray<_, PortStats> = PerCpuArray::try_from(self.map(np::PORT_STATS_MAP)?)
+            .map_err(map_err("opening port stats"))?;
+        let backends: PerCpuArray<_, BackendStats> =
+            PerCpuArray::try_from(self.map(np::BACKEND_STATS_MAP)?)
+                .map_err(map_err("opening backend stats"))?;
+        let global: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(np::GLOBAL_STATS_MAP)?)
+            .map_err(map_err("opening global stats"))?;
+        let mut counters = Counters::default();
+        for (key, state) in &self.services {
+            let per_cpu = ports
+                .get(&state.id, 0)
+                .map_err(map_err("reading port stats"))?;
+            let mut sum = PortCounters::default();
+            for s in per_cpu.iter() {
+                sum.rx_packets += s.rx_packets;
+                sum.rx_bytes += s.rx_bytes;
+                sum.flows += s.flows;
+                sum.tx_packets += s.tx_packets;
+                sum.tx_bytes += s.tx_bytes;
+                sum.drop_no_backend += s.drop_no_backend;
+                sum.drop_table_miss += s.drop_table_miss;
+            }
+            counters.ports.insert(*key, sum);
+            for (addr, id) in &state.backends {
+                let per_cpu = backends
+                    .get(id, 0)
+                    .map_err(map_err("reading backend stats"))?;
+                let sum =
+                    per_cpu
+                        .iter()
+                        .fold(BackendCounters::default(), |acc, s| BackendCounters {
+                            packets: acc.packets + s.packets,
+                            bytes: acc.bytes + s.bytes,
+                        });
+                counters.backends.insert((*key, *addr), sum);
+            }
+        }
+        let read = |stat: GlobalStat| -> Result<u64, DataplaneError> {
+            Ok(global
+                .get(&(stat as u32), 0)
+                .map_err(map_err("reading global stats"))?
+                .iter()
+                .sum())
+        };
+        counters.global = GlobalCounters {
+            passed: read(GlobalStat::Passed)?,
+            malformed: read(GlobalStat::Malformed)?,
+            conntrack_hits: read(GlobalStat::ConntrackHit)?,
+            conntrack_misses: read(GlobalStat::ConntrackMiss)?,
+        };
+        Ok(counters)
+    }
+}
+
+impl XdpDataplane {
+    /// Brings one node port's backends and Maglev table in line with `endpoints`.
+    fn apply_service(
+        &mut self,
+        key: NodePortKey,
+        state: &mut ServiceState,
+        endpoints: &[SocketAddrV4],
+        retired: &mut Vec<MaglevKey>,
+        dead_backends: &mut HashSet<u32>,
+    ) -> Result<(), DataplaneError> {
+        let wanted: BTreeSet<SocketAddrV4> = endpoints.iter().copied().collect();
+        let gone: Vec<SocketAddrV4> = state
+            .backends
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            if let Some(id) = state.backends.remove(&addr) {
+                // Only UDP sessions move to live endpoints; TCP connections to a removed
+                // backend keep their entry until they end.
+                if key.protocol == Protocol::Udp {
+                    dead_backends.insert(id);
+                }
+                self.backend_ids.give_back(id);
+            }
+        }
+        for addr in &wanted {
+            if state.backends.contains_key(addr) {
+                continue;
+            }
+            let id = self.backend_ids.take().ok_or_else(|| {
+                DataplaneError::Capacity(format!("more than {} backends", np::MAX_BACKENDS))
+            })?;
+            self.zero_stats::<BackendStats>(np::BACKEND_STATS_MAP, id)?;
+            Array::<_, Backend>::try_from(self.map_mut(np::BACKENDS_MAP)?)
+                .map_err(map_err("opening the backend map"))?
+                .set(id, backend_value(*addr), 0)
+                .map_err(map_err(format!("writing backend {addr}")))?;
+            state.backends.insert(*addr, id);
+        }
+
+        let ids: Vec<u32> = state.backends.values().copied().collect();
+        let table = maglev::build(&ids, maglev::table_size(ids.len()));
+        let first_write = state.table.is_empty() && ids.is_empty();
+        if table == state.table && !first_write {
+            return Ok(());
+        }
+        let generation = if state.table.is_empty() {
+            state.generation
+        } else {
+            1 - state.generation
+        };
+        {
+            let mut maglev: HashMap<_, MaglevKey, u32> =
+                HashMap::try_from(self.map_mut(np::MAGLEV_MAP)?)
+                    .map_err(map_err("opening the Maglev map"))?;
+            for (index, backend) in table.iter().enumerate() {
+                maglev
+                    .insert(
+                        MaglevKey::new(state.id, generation, index as u32),
+                        backend,
+                        0,
+                    )
+                    .map_err(map_err(format!(
+                        "writing the Maglev table of {}/{}",
+                        key.port, key.protocol
+                    )))?;
+            }
+        }
+        let service = Service {
+            id: state.id,
+            table_size: table.len() as u32,
+            generation,
+            backends: ids.len() as u32,
+        };
+        HashMap::<_, ServiceKey, Service>::try_from(self.map_mut(np::SERVICES_MAP)?)
+            .map_err(map_err("opening the service map"))?
+            .insert(service_key(key), service, 0)
+            .map_err(map_err(format!(
+                "writing node port {}/{}",
+                key.port, key.protocol
+            )))?;
+        if !state.table.is_empty() {
+            retired.extend(
+                (0..state.table.len() as u32)
+                    .map(|i| MaglevKey::new(state.id, state.generation, i)),
+            );
+        }
+        state.generation = generation;
+        state.table = table;
+        Ok(())
+    }
+
+    /// Deletes conntrack entries of removed backends and node ports.
+    fn forget_flows(
+        &mut self,
+        backends: &HashSet<u32>,
+        services: &HashSet<u32>,
+    ) -> Result<(), DataplaneError> {
+        let mut conntrack: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(self.map_mut(np::CONNTRACK_MAP)?)
+                .map_err(map_err("opening conntrack"))?;
+        let stale: Vec<FlowKey> = conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, flow)| {
+                backends.contains(&flow.backend_id) || services.contains(&flow.service_id)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            let _ = conntrack.remove(&key);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_reused_and_bounded() {
+        let mut ids = Ids::new(2);
+        assert_eq!(
+            (ids.take(), ids.take(), ids.take()),
+            (Some(0), Some(1), None)
+        );
+        ids.give_back(0);
+        assert_eq!(ids.take(), Some(0));
+    }
+}

@@ -1,0 +1,266 @@
+//! `miren_nodeport`: XDP forward DNAT of node-port traffic.
+//!
+//! IPv4 TCP/UDP to one of the node's addresses (`MIREN_NODE_ADDRS`) and a configured
+//! (protocol, node port) is rewritten to a backend chosen by the node port's Maglev table and
+//! pinned by conntrack; everything else passes untouched. Fragments pass untouched (the kernel
+//! reassembles them; they are not load-balanced).
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use miren_common::nodeport::{
+    FLOW_CLOSING, FLOW_REVERSE, Flow, FlowKey, GlobalStat, MaglevKey, PROTO_TCP, PROTO_UDP,
+    Service, ServiceKey, flow_hash,
+};
+
+use crate::{
+    csum,
+    headers::{
+        ETH_LEN, ETH_P_IP_BE, EthHdr, IP_FRAG_MASK, Ipv4Hdr, TCP_FIN, TCP_RST, TcpHdr, UdpHdr,
+    },
+    maps::{
+        BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, MAGLEV, NODE_ADDRS, SERVICES, count, now_ns,
+        port_stats,
+    },
+};
+
+#[xdp]
+pub fn miren_nodeport(ctx: XdpContext) -> u32 {
+    match forward(&ctx) {
+        Ok(action) => action,
+        Err(Malformed) => {
+            count(GlobalStat::Malformed);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// A packet too short or invalid to handle; the kernel decides what to do with it.
+struct Malformed;
+
+/// A pointer to a `T` at `offset` in the packet, if the packet is long enough.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Malformed> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return Err(Malformed);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+#[inline(always)]
+fn pass() -> Result<u32, Malformed> {
+    count(GlobalStat::Passed);
+    Ok(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: every dereference below is of a pointer bounds-checked by `ptr_at`.
+    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+        return pass();
+    }
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+    let (version_ihl, protocol, daddr, saddr) =
+        unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).daddr, (*ip).saddr) };
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return pass();
+    }
+    if NODE_ADDRS.get_ptr(daddr).is_none() {
+        return pass();
+    }
+    let ihl = (version_ihl & 0x0f) as usize;
+    if version_ihl >> 4 != 4 || ihl < 5 {
+        return Err(Malformed);
+    }
+    let ip_len = ihl * 4;
+    let tot_len = u16::from_be(unsafe { (*ip).tot_len }) as usize;
+    if tot_len < ip_len || ETH_LEN + tot_len > ctx.data_end() - ctx.data() {
+        return Err(Malformed);
+    }
+    if u16::from_be(unsafe { (*ip).frag_off }) & IP_FRAG_MASK != 0 {
+        return pass();
+    }
+    let l4 = ETH_LEN + ip_len;
+    let (sport, dport, tcp_flags) = if protocol == PROTO_TCP {
+        let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
+        unsafe { ((*tcp).src, (*tcp).dst, (*tcp).flags) }
+    } else {
+        let udp: *mut UdpHdr = ptr_at(ctx, l4)?;
+        unsafe { ((*udp).src, (*udp).dst, 0) }
+    };
+    let Some(service) = SERVICES.get_ptr(ServiceKey {
+        port_be: dport,
+        protocol,
+        pad: 0,
+    }) else {
+        return pass();
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let service: Service = unsafe { *service };
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    port_stats(service.id, |s| {
+        s.rx_packets += 1;
+        s.rx_bytes += frame_len;
+    });
+
+    let key = FlowKey {
+        src_addr: saddr,
+        dst_addr: daddr,
+        src_port: sport,
+        dst_port: dport,
+        protocol,
+        pad: [0; 3],
+    };
+    let now = now_ns();
+    let Some(flow) = established(&key, now, tcp_flags) else {
+        return new_flow(ctx, ip, l4, &key, &service, now, frame_len);
+    };
+    count(GlobalStat::ConntrackHit);
+    if tcp_flags & TCP_RST != 0 {
+        forget(&key, &flow);
+    }
+    rewrite(ctx, ip, l4, protocol, flow.nat_addr, flow.nat_port)?;
+    backend_stats(flow.backend_id, frame_len);
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// The live conntrack entry of `key`, refreshed; `None` if missing or expired.
+#[inline(always)]
+fn established(key: &FlowKey, now: u64, tcp_flags: u8) -> Option<Flow> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: pointer from a successful lookup; racing updates only touch timestamps/flags.
+    let flow = unsafe { &mut *entry };
+    let config = CONFIG.get(0).copied().unwrap_or_default();
+    let idle = now.saturating_sub(flow.last_seen_ns);
+    let expired = if key.protocol == PROTO_UDP {
+        idle > config.udp_timeout_ns
+    } else {
+        flow.flags & FLOW_CLOSING != 0 && idle > config.tcp_closing_timeout_ns
+    };
+    if expired {
+        return None;
+    }
+    flow.last_seen_ns = now;
+    if tcp_flags & TCP_FIN != 0 {
+        flow.flags |= FLOW_CLOSING;
+    }
+    Some(*flow)
+}
+
+/// Picks a backend for a new flow, records the forward and reverse entries, and rewrites.
+#[inline(always)]
+fn new_flow(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    l4: usize,
+    key: &FlowKey,
+    service: &Service,
+    now: u64,
+    frame_len: u64,
+) -> Result<u32, Malformed> {
+    count(GlobalStat::ConntrackMiss);
+    if service.table_size == 0 {
+        port_stats(service.id, |s| s.drop_no_backend += 1);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let hash = flow_hash(key.src_addr, key.src_port, key.dst_port, key.protocol);
+    let slot = MaglevKey::new(service.id, service.generation, hash % service.table_size);
+    let backend = MAGLEV.get_ptr(slot).and_then(|id| {
+        // SAFETY: pointer from a successful lookup.
+        let id = unsafe { *id };
+        BACKENDS.get(id).map(|backend| (id, *backend))
+    });
+    let Some((backend_id, backend)) = backend else {
+        port_stats(service.id, |s| s.drop_table_miss += 1);
+        return Ok(xdp_action::XDP_DROP);
+    };
+    let forward = Flow {
+        nat_addr: backend.addr_be,
+        nat_port: backend.port_be,
+        flags: 0,
+        service_id: service.id,
+        backend_id,
+        last_seen_ns: now,
+    };
+    let reverse_key = FlowKey {
+        src_addr: backend.addr_be,
+        dst_addr: key.src_addr,
+        src_port: backend.port_be,
+        dst_port: key.src_port,
+        protocol: key.protocol,
+        pad: [0; 3],
+    };
+    let reverse = Flow {
+        nat_addr: key.dst_addr,
+        nat_port: key.dst_port,
+        flags: FLOW_REVERSE,
+        ..forward
+    };
+    // Without entries the flow still works (every packet re-hashes to the same backend while
+    // the backend set is unchanged), so a full map is not a reason to drop.
+    let _ = CONNTRACK.insert(key, forward, 0);
+    let _ = CONNTRACK.insert(reverse_key, reverse, 0);
+    port_stats(service.id, |s| s.flows += 1);
+    rewrite(ctx, ip, l4, key.protocol, backend.addr_be, backend.port_be)?;
+    backend_stats(backend_id, frame_len);
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Removes the forward and reverse entries of a flow (after RST).
+#[inline(always)]
+fn forget(key: &FlowKey, flow: &Flow) {
+    let reverse_key = FlowKey {
+        src_addr: flow.nat_addr,
+        dst_addr: key.src_addr,
+        src_port: flow.nat_port,
+        dst_port: key.src_port,
+        protocol: key.protocol,
+        pad: [0; 3],
+    };
+    let _ = CONNTRACK.remove(key);
+    let _ = CONNTRACK.remove(reverse_key);
+}
+
+/// Rewrites the destination address and port, updating the IPv4 and L4 checksums.
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    l4: usize,
+    protocol: u8,
+    addr: u32,
+    port: u16,
+) -> Result<(), Malformed> {
+    // SAFETY: `ip` was bounds-checked by the caller; L4 headers are checked here.
+    unsafe {
+        let old_addr = (*ip).daddr;
+        (*ip).check = csum::replace4((*ip).check, old_addr, addr);
+        (*ip).daddr = addr;
+        if protocol == PROTO_TCP {
+            let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
+            let check = csum::replace4((*tcp).check, old_addr, addr);
+            (*tcp).check = csum::replace2(check, (*tcp).dst, port);
+            (*tcp).dst = port;
+        } else {
+            let udp: *mut UdpHdr = ptr_at(ctx, l4)?;
+            if (*udp).check != 0 {
+                let check = csum::replace4((*udp).check, old_addr, addr);
+                let check = csum::replace2(check, (*udp).dst, port);
+                (*udp).check = if check == 0 { 0xffff } else { check };
+            }
+            (*udp).dst = port;
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn backend_stats(id: u32, frame_len: u64) {
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot from a successful lookup.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += frame_len;
+        }
+    }
+}
