@@ -1,15 +1,19 @@
-//! The daemon: opens the store, serves the control API, and (for now) attaches the packet
-//! counter to `--iface` interfaces, until SIGINT or SIGTERM.
+//! The daemon: opens the store, serves the control API, and — when external interfaces are
+//! given — runs the XDP node-port data plane on them, re-applying the desired state after every
+//! change and every [`RESYNC_INTERVAL`], until SIGINT or SIGTERM.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
-use aya::programs::XdpMode;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     api::{self, ApiError, ApiState, types::DataplaneStatus},
-    bpf::{BpfError, PacketCounter},
     control::{ControlError, ControlPlane, ControlSettings},
+    dataplane::{Dataplane, DataplaneError, xdp::XdpDataplane},
     settings::AgentSettings,
     store::{SqliteStore, StoreError},
 };
@@ -26,15 +30,12 @@ pub enum AgentError {
     /// The API socket could not be bound.
     #[error(transparent)]
     Api(#[from] ApiError),
-    /// eBPF loading or attaching failed.
-    #[error("{op}")]
-    Bpf {
-        /// What was being done.
-        op: String,
-        /// Cause.
-        #[source]
-        source: Box<BpfError>,
-    },
+    /// The data plane could not start.
+    #[error("starting the node-port data plane: {0}")]
+    Dataplane(#[from] Box<DataplaneError>),
+    /// The settings do not allow a data plane.
+    #[error("{0}")]
+    Settings(String),
     /// Signal handlers or the API server failed.
     #[error("{op}: {source}")]
     Io {
@@ -60,17 +61,14 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             port_range: settings.port_range.clone(),
         },
     )?);
-    let _counter = attach_counter(&settings.ifaces)?;
+    let dataplane = start_dataplane(&settings, &control)?;
 
     let listener = api::bind(&settings.api_socket).await?;
     let state = Arc::new(ApiState {
         control,
         started,
         state_dir: settings.state_dir.clone(),
-        dataplane: DataplaneStatus {
-            mode: "none".into(),
-            reason: "the node-port data plane is not part of this agent version yet".into(),
-        },
+        dataplane: dataplane.status,
     });
     let io = |op| move |source| AgentError::Io { op, source };
     let mut interrupt =
@@ -90,30 +88,101 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     served.map_err(io("serving the API"))
 }
 
-/// Attaches the packet counter to each interface: native XDP, generic if native is refused.
-fn attach_counter(ifaces: &[String]) -> Result<Option<PacketCounter>, AgentError> {
-    if ifaces.is_empty() {
-        return Ok(None);
+/// How often the desired state is re-applied even without changes.
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The running data plane (if any) and how it was chosen.
+struct RunningDataplane {
+    status: DataplaneStatus,
+}
+
+/// Starts the XDP data plane on `--iface` interfaces and a task that applies every change.
+fn start_dataplane(
+    settings: &AgentSettings,
+    control: &Arc<ControlPlane>,
+) -> Result<RunningDataplane, AgentError> {
+    if settings.ifaces.is_empty() {
+        return Ok(RunningDataplane {
+            status: DataplaneStatus {
+                mode: "none".into(),
+                reason: "no --iface given".into(),
+            },
+        });
     }
-    let bpf = |op: String| {
-        move |source| AgentError::Bpf {
-            op,
-            source: Box::new(source),
-        }
-    };
-    let mut counter = PacketCounter::load().map_err(bpf("loading the eBPF programs".into()))?;
-    for iface in ifaces {
-        let mode = match counter.attach(iface, XdpMode::Driver) {
-            Ok(()) => "native",
-            Err(native) => {
-                tracing::warn!(%iface, error = %native, "native XDP refused; trying generic");
-                counter
-                    .attach(iface, XdpMode::Skb)
-                    .map_err(bpf(format!("attaching to {iface}")))?;
-                "generic"
+    if settings.dataplane == "nft" {
+        return Err(AgentError::Settings(
+            "--dataplane nft is not available in this agent version; use auto or xdp".into(),
+        ));
+    }
+    let node_addrs: Vec<Ipv4Addr> = settings
+        .node_ips
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    if node_addrs.is_empty() {
+        return Err(AgentError::Settings(
+            "node ports need the node's own IPv4 addresses; pass --node-ip ADDR (repeatable)"
+                .into(),
+        ));
+    }
+    enable_forwarding()?;
+    let mut dataplane = XdpDataplane::load().map_err(Box::new)?;
+    let mut modes = Vec::new();
+    for iface in &settings.ifaces {
+        let mode = dataplane
+            .attach(iface, settings.dataplane == "auto")
+            .map_err(Box::new)?;
+        tracing::info!(%iface, ?mode, "node-port data plane attached");
+        modes.push(format!("{iface}: {mode:?}"));
+    }
+    let reason = format!("XDP on {}", modes.join(", "));
+    let dataplane = Arc::new(Mutex::new(dataplane));
+    let control = Arc::clone(control);
+    tokio::spawn(async move {
+        let mut changes = control.subscribe();
+        loop {
+            let (revision, snapshot) = control.dataplane_snapshot(&node_addrs);
+            let dataplane = Arc::clone(&dataplane);
+            let started = Instant::now();
+            let applied = tokio::task::spawn_blocking(move || {
+                dataplane
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .apply(&snapshot)
+            })
+            .await;
+            let status = match applied {
+                Ok(Ok(())) => "ok".to_owned(),
+                Ok(Err(err)) => format!("error: {err}"),
+                Err(join) => format!("error: the apply task failed: {join}"),
+            };
+            if status != "ok" {
+                tracing::error!(%status, "applying the node-port data plane failed; retrying at the next change or resync");
             }
-        };
-        tracing::info!(%iface, mode, "packet counter attached");
-    }
-    Ok(Some(counter))
+            tracing::debug!(elapsed = ?started.elapsed(), "data plane applied");
+            control.set_dataplane_status(revision, status);
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep(RESYNC_INTERVAL) => {}
+            }
+        }
+    });
+    Ok(RunningDataplane {
+        status: DataplaneStatus {
+            mode: "xdp".into(),
+            reason,
+        },
+    })
+}
+
+/// Turns on IPv4 forwarding in the agent's network namespace: DNATed packets are routed on
+/// to the sandboxes by the kernel.
+fn enable_forwarding() -> Result<(), AgentError> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|source| AgentError::Io {
+        op: "enabling net.ipv4.ip_forward",
+        source,
+    })
 }

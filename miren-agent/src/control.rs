@@ -82,6 +82,7 @@ pub struct ControlPlane {
     settings: ControlSettings,
     desired: Mutex<Desired>,
     revision_tx: watch::Sender<u64>,
+    dataplane_status: Mutex<(u64, String)>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -107,6 +108,7 @@ impl ControlPlane {
             settings,
             desired: Mutex::new(desired),
             revision_tx,
+            dataplane_status: Mutex::new((0, "pending: no node-port data plane is running".into())),
         })
     }
 
@@ -349,7 +351,17 @@ impl ControlPlane {
     /// # Errors
     /// [`ControlError::NotFound`] for an unknown app.
     pub fn node_ports(&self, app: Option<&str>) -> Result<Vec<NodePortInfo>, ControlError> {
+        let (applied, status) = self
+            .dataplane_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let desired = self.lock();
+        let status = if applied < desired.revision && status == "ok" {
+            format!("pending: revision {} not applied yet", desired.revision)
+        } else {
+            status
+        };
         if let Some(app) = app {
             find_app(&desired, app)?;
         }
@@ -357,7 +369,7 @@ impl ControlPlane {
             .node_ports
             .iter()
             .filter(|np| app.is_none_or(|a| np.app == a))
-            .map(|np| node_port_info(&desired, np))
+            .map(|np| node_port_info(&desired, np, &status))
             .collect())
     }
 
@@ -555,6 +567,50 @@ impl ControlPlane {
                     .unwrap_or_default(),
             })
             .collect())
+    }
+
+    /// Records the outcome (`ok` or `error: …`) of applying the snapshot of `revision` (from
+    /// [`ControlPlane::dataplane_snapshot`]); shown per node port.
+    pub fn set_dataplane_status(&self, revision: u64, status: String) {
+        *self
+            .dataplane_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = (revision, status);
+    }
+
+    /// The data plane's view of the desired state (node ports with their endpoints) and the
+    /// revision it reflects.
+    pub fn dataplane_snapshot(
+        &self,
+        node_addrs: &[std::net::Ipv4Addr],
+    ) -> (u64, crate::dataplane::Snapshot) {
+        let desired = self.lock();
+        let node_ports = desired
+            .node_ports
+            .iter()
+            .map(|np| {
+                let endpoints = node_port_info(&desired, np, "")
+                    .endpoints
+                    .into_iter()
+                    .filter_map(|addr| match addr {
+                        SocketAddr::V4(v4) => Some(v4),
+                        SocketAddr::V6(_) => None,
+                    })
+                    .collect();
+                (
+                    crate::dataplane::NodePortKey {
+                        port: np.node_port,
+                        protocol: np.protocol,
+                    },
+                    endpoints,
+                )
+            })
+            .collect();
+        let snapshot = crate::dataplane::Snapshot {
+            node_addrs: node_addrs.to_vec(),
+            node_ports,
+        };
+        (desired.revision, snapshot)
     }
 
     /// Counts for `miren status`: (apps, routes, node ports).
@@ -823,7 +879,7 @@ fn route_info(route: &RouteRecord) -> RouteInfo {
     }
 }
 
-fn node_port_info(desired: &Desired, np: &NodePortRecord) -> NodePortInfo {
+fn node_port_info(desired: &Desired, np: &NodePortRecord, status: &str) -> NodePortInfo {
     let target_port = desired
         .apps
         .get(&np.app)
@@ -845,7 +901,7 @@ fn node_port_info(desired: &Desired, np: &NodePortRecord) -> NodePortInfo {
         port_name: np.port_name.clone(),
         target_port,
         endpoints,
-        status: "pending: no node-port data plane in this agent yet".into(),
+        status: status.to_owned(),
     }
 }
 

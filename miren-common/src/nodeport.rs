@@ -161,6 +161,19 @@ pub struct PortStats {
     pub drop_table_miss: u64,
 }
 
+impl PortStats {
+    /// Adds `other` field by field (summing per-CPU values).
+    pub fn add(&mut self, other: &Self) {
+        self.rx_packets += other.rx_packets;
+        self.rx_bytes += other.rx_bytes;
+        self.flows += other.flows;
+        self.tx_packets += other.tx_packets;
+        self.tx_bytes += other.tx_bytes;
+        self.drop_no_backend += other.drop_no_backend;
+        self.drop_table_miss += other.drop_table_miss;
+    }
+}
+
 /// Per backend counters, value of [`BACKEND_STATS_MAP`] (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -169,6 +182,14 @@ pub struct BackendStats {
     pub packets: u64,
     /// Bytes forwarded.
     pub bytes: u64,
+}
+
+impl BackendStats {
+    /// Adds `other` field by field (summing per-CPU values).
+    pub fn add(&mut self, other: &Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
 }
 
 /// Indices of [`GLOBAL_STATS_MAP`].

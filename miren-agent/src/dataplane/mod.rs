@@ -30,33 +30,11 @@ pub struct Snapshot {
     pub node_ports: BTreeMap<NodePortKey, Vec<SocketAddrV4>>,
 }
 
-/// Kernel counters of one node port, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PortCounters {
-    /// Packets received for the node port.
-    pub rx_packets: u64,
-    /// Bytes received.
-    pub rx_bytes: u64,
-    /// New flows.
-    pub flows: u64,
-    /// Reply packets reverse-NATed.
-    pub tx_packets: u64,
-    /// Reply bytes.
-    pub tx_bytes: u64,
-    /// Drops because the node port had no endpoints.
-    pub drop_no_backend: u64,
-    /// Drops because the packet met a Maglev table being replaced.
-    pub drop_table_miss: u64,
-}
+/// Counters of one node port (summed over CPUs); the kernel's own layout.
+pub use miren_common::nodeport::PortStats as PortCounters;
 
-/// Kernel counters of one backend, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BackendCounters {
-    /// Packets forwarded to it.
-    pub packets: u64,
-    /// Bytes forwarded to it.
-    pub bytes: u64,
-}
+/// Counters of one backend (summed over CPUs); the kernel's own layout.
+pub use miren_common::nodeport::BackendStats as BackendCounters;
 
 /// Data plane-wide counters, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

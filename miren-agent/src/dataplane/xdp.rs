@@ -169,14 +169,15 @@ impl XdpDataplane {
     /// # Errors
     /// [`BpfError::Missing`] if the object lacks it.
     pub fn tc_program(&self) -> Result<&SchedClassifier, BpfError> {
-        let program = self.ebpf.program(np::TC_PROGRAM).ok_or(BpfError::Missing {
+        let missing = BpfError::Missing {
             kind: "program",
             name: np::TC_PROGRAM,
-        })?;
-        program.try_into().map_err(|source| BpfError::Program {
-            op: format!("treating {} as a classifier", np::TC_PROGRAM),
-            source,
-        })
+        };
+        self.ebpf
+            .program(np::TC_PROGRAM)
+            .ok_or(missing)?
+            .try_into()
+            .map_err(not_classifier)
     }
 
     /// Sets the UDP idle timeout.
@@ -255,14 +256,21 @@ impl XdpDataplane {
 }
 
 fn classifier_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, BpfError> {
-    let program = ebpf.program_mut(np::TC_PROGRAM).ok_or(BpfError::Missing {
+    let missing = BpfError::Missing {
         kind: "program",
         name: np::TC_PROGRAM,
-    })?;
-    program.try_into().map_err(|source| BpfError::Program {
+    };
+    ebpf.program_mut(np::TC_PROGRAM)
+        .ok_or(missing)?
+        .try_into()
+        .map_err(not_classifier)
+}
+
+fn not_classifier(source: aya::programs::ProgramError) -> BpfError {
+    BpfError::Program {
         op: format!("treating {} as a classifier", np::TC_PROGRAM),
         source,
-    })
+    }
 }
 
 fn service_key(key: NodePortKey) -> ServiceKey {
@@ -382,27 +390,14 @@ impl Dataplane for XdpDataplane {
                 .get(&state.id, 0)
                 .map_err(map_err("reading port stats"))?;
             let mut sum = PortCounters::default();
-            for s in per_cpu.iter() {
-                sum.rx_packets += s.rx_packets;
-                sum.rx_bytes += s.rx_bytes;
-                sum.flows += s.flows;
-                sum.tx_packets += s.tx_packets;
-                sum.tx_bytes += s.tx_bytes;
-                sum.drop_no_backend += s.drop_no_backend;
-                sum.drop_table_miss += s.drop_table_miss;
-            }
+            per_cpu.iter().for_each(|cpu| sum.add(cpu));
             counters.ports.insert(*key, sum);
             for (addr, id) in &state.backends {
                 let per_cpu = backends
                     .get(id, 0)
                     .map_err(map_err("reading backend stats"))?;
-                let sum =
-                    per_cpu
-                        .iter()
-                        .fold(BackendCounters::default(), |acc, s| BackendCounters {
-                            packets: acc.packets + s.packets,
-                            bytes: acc.bytes + s.bytes,
-                        });
+                let mut sum = BackendCounters::default();
+                per_cpu.iter().for_each(|cpu| sum.add(cpu));
                 counters.backends.insert((*key, *addr), sum);
             }
         }
