@@ -129,14 +129,14 @@ fn start_dataplane(
         ));
     }
     enable_forwarding()?;
-    let mut dataplane = XdpDataplane::load().map_err(Box::new)?;
+    let mut dataplane = XdpDataplane::load_pinned(&settings.bpf_pin_dir).map_err(Box::new)?;
     let mut modes = Vec::new();
     for iface in &settings.ifaces {
         let mode = dataplane
             .attach(iface, settings.dataplane == "auto")
             .map_err(Box::new)?;
-        tracing::info!(%iface, ?mode, "node-port data plane attached");
-        modes.push(format!("{iface}: {mode:?}"));
+        tracing::info!(%iface, %mode, "node-port data plane attached");
+        modes.push(format!("{iface}: {mode}"));
     }
     let reason = format!("XDP on {}", modes.join(", "));
     let dataplane = Arc::new(Mutex::new(dataplane));

@@ -80,6 +80,15 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     if u16::from_be(unsafe { (*ip).frag_off }) & IP_FRAG_MASK != 0 {
         return pass();
     }
+    let l4_len = if protocol == PROTO_TCP {
+        core::mem::size_of::<TcpHdr>()
+    } else {
+        core::mem::size_of::<UdpHdr>()
+    };
+    // The L4 header must lie inside the IPv4 packet, not in Ethernet padding after it.
+    if ip_len + l4_len > tot_len {
+        return Err(Malformed);
+    }
     let l4 = ETH_LEN + ip_len;
     let (sport, dport, tcp_flags) = if protocol == PROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;

@@ -135,3 +135,40 @@ pub fn miren(socket: &Path, args: &[&str]) -> Output {
         .output()
         .expect("run miren")
 }
+
+/// A private bpffs mounted at a fresh temporary directory, for pinned objects; unmounted
+/// (which drops everything pinned in it) and removed on drop.
+#[derive(Debug)]
+pub struct BpfPinDir(TempDir);
+
+impl BpfPinDir {
+    /// Mounts a bpffs at a fresh, unique directory whose name contains `tag`.
+    ///
+    /// # Panics
+    /// If the mount fails (bpffs support and root are needed).
+    pub fn new(tag: &str) -> Self {
+        let dir = TempDir::new(&format!("bpffs-{tag}"));
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a bpffs at {} failed ({status})",
+            dir.path().display()
+        );
+        Self(dir)
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for BpfPinDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.path()).status();
+    }
+}

@@ -4,8 +4,10 @@ mod counter;
 
 pub use counter::{PacketCounter, PacketCounts};
 
+use std::path::PathBuf;
+
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::MapError,
     programs::{ProgramError, Xdp},
 };
@@ -41,6 +43,15 @@ pub enum BpfError {
         #[source]
         source: ProgramError,
     },
+    /// A link operation failed.
+    #[error("{op} failed")]
+    Link {
+        /// What was being done.
+        op: String,
+        /// The underlying error.
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
     /// A map operation failed.
     #[error("{op} failed")]
     Map {
@@ -54,10 +65,20 @@ pub enum BpfError {
 
 /// Loads the embedded object: creates its maps; programs are loaded by their users.
 pub(crate) fn load_object() -> Result<Ebpf, BpfError> {
+    load_object_pinned(&[])
+}
+
+/// Like [`load_object`], but each `(map name, path)` in `pins` reuses the map pinned at `path`
+/// or creates it and pins it there.
+pub(crate) fn load_object_pinned(pins: &[(&'static str, PathBuf)]) -> Result<Ebpf, BpfError> {
     if cfg!(miren_ebpf_skipped) || OBJECT.is_empty() {
         return Err(BpfError::NotBuilt);
     }
-    Ebpf::load(OBJECT).map_err(BpfError::Load)
+    let mut loader = EbpfLoader::new();
+    for (name, path) in pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.load(OBJECT).map_err(BpfError::Load)
 }
 
 /// Finds the XDP program `name` in `ebpf` and loads it into the kernel.

@@ -3,6 +3,7 @@
 //! changed; it reports the kernel's counters. [`xdp::XdpDataplane`] is the eBPF/XDP one.
 
 pub mod maglev;
+mod pins;
 pub mod xdp;
 
 use std::{

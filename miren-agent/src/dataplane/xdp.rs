@@ -7,13 +7,17 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapError, PerCpuArray, PerCpuValues},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
     util::nr_cpus,
 };
 use miren_common::nodeport::{
@@ -23,10 +27,10 @@ use miren_common::nodeport::{
 
 use super::{
     BackendCounters, Counters, Dataplane, DataplaneError, GlobalCounters, NodePortKey,
-    PortCounters, Snapshot, maglev,
+    PortCounters, Snapshot, maglev, pins,
 };
 use crate::{
-    bpf::{BpfError, load_object, load_xdp, xdp, xdp_mut},
+    bpf::{BpfError, load_object_pinned, load_xdp, xdp, xdp_mut},
     config::Protocol,
 };
 
@@ -36,6 +40,27 @@ pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(60);
 pub const TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for packets that read an old Maglev generation before it is deleted.
 const GENERATION_GRACE: Duration = Duration::from_millis(2);
+
+/// How the XDP program came to be attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) mode.
+    Native,
+    /// Generic (skb) mode, because the driver refused native mode.
+    Generic,
+    /// A link pinned by an earlier agent was taken over (its mode is kept).
+    Adopted,
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native XDP",
+            Self::Generic => "generic XDP",
+            Self::Adopted => "adopted pinned XDP link",
+        })
+    }
+}
 
 /// The state of one node port as written to the kernel.
 #[derive(Debug, Default)]
@@ -75,12 +100,20 @@ impl Ids {
     fn give_back(&mut self, id: u32) {
         self.free.push(id);
     }
+
+    /// An allocator where `used` are taken already.
+    fn with_used(max: u32, used: &BTreeSet<u32>) -> Self {
+        let next = used.last().map_or(0, |last| last + 1);
+        let free = (0..next).rev().filter(|id| !used.contains(id)).collect();
+        Self { next, free, max }
+    }
 }
 
 /// The eBPF/XDP node-port data plane.
 #[derive(Debug)]
 pub struct XdpDataplane {
     ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
     node_addrs: BTreeSet<Ipv4Addr>,
     services: BTreeMap<NodePortKey, ServiceState>,
     service_ids: Ids,
@@ -94,12 +127,30 @@ fn map_err(op: impl Into<String>) -> impl FnOnce(MapError) -> DataplaneError {
 }
 
 impl XdpDataplane {
-    /// Loads the programs and maps (not attached yet), with the default UDP idle timeout.
+    /// Loads the programs and fresh maps (not attached yet), with the default UDP idle timeout.
     ///
     /// # Errors
     /// [`DataplaneError::Bpf`] when the kernel refuses the programs.
     pub fn load() -> Result<Self, DataplaneError> {
-        let mut ebpf = load_object()?;
+        Self::load_with(None)
+    }
+
+    /// Loads the programs with their maps pinned under `pin_dir` (a bpffs directory). Maps
+    /// pinned by an earlier agent are adopted with their contents (conntrack, tables,
+    /// counters), and [`XdpDataplane::attach`] takes over pinned links, so forwarding never
+    /// stops across a restart.
+    ///
+    /// # Errors
+    /// [`DataplaneError::Io`] if `pin_dir` is not on a bpffs; [`DataplaneError::Bpf`] when the
+    /// kernel refuses the programs or pinned maps do not match.
+    pub fn load_pinned(pin_dir: &Path) -> Result<Self, DataplaneError> {
+        pins::prepare(pin_dir)?;
+        Self::load_with(Some(pin_dir.to_owned()))
+    }
+
+    fn load_with(pin_dir: Option<PathBuf>) -> Result<Self, DataplaneError> {
+        let map_pins = pin_dir.as_deref().map(pins::map_paths).unwrap_or_default();
+        let mut ebpf = load_object_pinned(&map_pins)?;
         load_xdp(&mut ebpf, np::XDP_PROGRAM)?;
         classifier_mut(&mut ebpf)?
             .load()
@@ -109,6 +160,7 @@ impl XdpDataplane {
             })?;
         let mut dataplane = Self {
             ebpf,
+            pin_dir,
             node_addrs: BTreeSet::new(),
             services: BTreeMap::new(),
             service_ids: Ids::new(np::MAX_SERVICES),
@@ -119,41 +171,174 @@ impl XdpDataplane {
                 fake_now_ns: 0,
             },
         };
+        dataplane.adopt()?;
         dataplane.write_config()?;
         Ok(dataplane)
     }
 
-    /// Attaches XDP (native, or generic when `mode` allows and native is refused) and the TC
-    /// egress program to `iface` in the calling thread's network namespace. Returns the XDP
-    /// mode used.
+    /// Rebuilds the userspace view (addresses, node ports, ids, tables) from maps that already
+    /// hold state (pinned by an earlier agent). Fresh maps are empty and leave it empty.
+    fn adopt(&mut self) -> Result<(), DataplaneError> {
+        let addrs: HashMap<_, u32, u32> = HashMap::try_from(self.map(np::NODE_ADDRS_MAP)?)
+            .map_err(map_err("opening the node address map"))?;
+        self.node_addrs = addrs
+            .keys()
+            .filter_map(Result::ok)
+            .map(|a| Ipv4Addr::from(u32::from_be(a)))
+            .collect();
+        let services: HashMap<_, ServiceKey, Service> =
+            HashMap::try_from(self.map(np::SERVICES_MAP)?)
+                .map_err(map_err("opening the service map"))?;
+        let maglev: HashMap<_, MaglevKey, u32> = HashMap::try_from(self.map(np::MAGLEV_MAP)?)
+            .map_err(map_err("opening the Maglev map"))?;
+        let backends: Array<_, Backend> = Array::try_from(self.map(np::BACKENDS_MAP)?)
+            .map_err(map_err("opening the backend map"))?;
+        let mut adopted = BTreeMap::new();
+        for entry in services.iter() {
+            let (key, service) = entry.map_err(map_err("reading the service map"))?;
+            let protocol = match key.protocol {
+                np::PROTO_TCP => Protocol::Tcp,
+                _ => Protocol::Udp,
+            };
+            let mut state = ServiceState {
+                id: service.id,
+                generation: service.generation,
+                ..ServiceState::default()
+            };
+            for index in 0..service.table_size {
+                let id = maglev
+                    .get(&MaglevKey::new(service.id, service.generation, index), 0)
+                    .map_err(map_err("reading an adopted Maglev table"))?;
+                let backend = backends
+                    .get(&id, 0)
+                    .map_err(map_err("reading an adopted backend"))?;
+                let addr = SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(backend.addr_be)),
+                    u16::from_be(backend.port_be),
+                );
+                state.backends.insert(addr, id);
+                state.table.push(id);
+            }
+            adopted.insert(
+                NodePortKey {
+                    port: u16::from_be(key.port_be),
+                    protocol,
+                },
+                state,
+            );
+        }
+        let service_ids: BTreeSet<u32> = adopted.values().map(|s| s.id).collect();
+        let backend_ids: BTreeSet<u32> = adopted
+            .values()
+            .flat_map(|s| s.backends.values().copied())
+            .collect();
+        self.service_ids = Ids::with_used(np::MAX_SERVICES, &service_ids);
+        self.backend_ids = Ids::with_used(np::MAX_BACKENDS, &backend_ids);
+        if !adopted.is_empty() {
+            tracing::info!(
+                node_ports = adopted.len(),
+                backends = backend_ids.len(),
+                "adopted pinned data plane state"
+            );
+        }
+        self.services = adopted;
+        Ok(())
+    }
+
+    /// Attaches XDP (native; generic only if `allow_generic` and native is refused) and the TC
+    /// egress program to `iface` in the calling thread's network namespace. With a pin
+    /// directory, links are pinned, and links pinned by an earlier agent are taken over
+    /// atomically (the new programs replace the old ones without a gap).
     ///
     /// # Errors
     /// [`DataplaneError::Bpf`] when attaching fails.
-    pub fn attach(&mut self, iface: &str, allow_generic: bool) -> Result<XdpMode, DataplaneError> {
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        allow_generic: bool,
+    ) -> Result<AttachMode, DataplaneError> {
+        let pins = self
+            .pin_dir
+            .as_deref()
+            .map(|dir| pins::link_paths(dir, iface));
+        if let Some((xdp_pin, tc_pin)) = &pins
+            && xdp_pin.exists()
+            && tc_pin.exists()
+        {
+            match self.adopt_links(xdp_pin, tc_pin) {
+                Ok(()) => return Ok(AttachMode::Adopted),
+                Err(err) => {
+                    tracing::warn!(%iface, error = %err, "pinned links are stale; attaching afresh");
+                    let _ = std::fs::remove_file(xdp_pin);
+                    let _ = std::fs::remove_file(tc_pin);
+                }
+            }
+        }
+        let program_err = |op: String| move |source| BpfError::Program { op, source };
         let attach = |ebpf: &mut Ebpf, mode| {
             xdp_mut(ebpf, np::XDP_PROGRAM)?
                 .attach(iface, mode)
-                .map_err(|source| BpfError::Program {
-                    op: format!("attaching {} to {iface} in {mode:?} mode", np::XDP_PROGRAM),
-                    source,
-                })
+                .map_err(program_err(format!(
+                    "attaching {} to {iface} in {mode:?} mode",
+                    np::XDP_PROGRAM
+                )))
         };
-        let mode = match attach(&mut self.ebpf, XdpMode::Driver) {
-            Ok(_) => XdpMode::Driver,
+        let (mode, xdp_link) = match attach(&mut self.ebpf, XdpMode::Driver) {
+            Ok(link) => (AttachMode::Native, link),
             Err(native) if allow_generic => {
                 tracing::warn!(%iface, error = %native, "native XDP refused; using generic XDP");
-                attach(&mut self.ebpf, XdpMode::Skb)?;
-                XdpMode::Skb
+                (AttachMode::Generic, attach(&mut self.ebpf, XdpMode::Skb)?)
             }
             Err(native) => return Err(native.into()),
         };
-        classifier_mut(&mut self.ebpf)?
+        let tc_link = classifier_mut(&mut self.ebpf)?
             .attach(iface, TcAttachType::Egress)
-            .map_err(|source| BpfError::Program {
-                op: format!("attaching {} to {iface} egress", np::TC_PROGRAM),
-                source,
-            })?;
+            .map_err(program_err(format!(
+                "attaching {} to {iface} egress",
+                np::TC_PROGRAM
+            )))?;
+        if let Some((xdp_pin, tc_pin)) = pins {
+            let xdp = xdp_mut(&mut self.ebpf, np::XDP_PROGRAM)?
+                .take_link(xdp_link)
+                .map_err(program_err(format!("taking the XDP link of {iface}")))?;
+            pins::pin_link(FdLink::try_from(xdp), &xdp_pin)?;
+            let tc = classifier_mut(&mut self.ebpf)?
+                .take_link(tc_link)
+                .map_err(program_err(format!("taking the TC link of {iface}")))?;
+            pins::pin_link(FdLink::try_from(tc), &tc_pin)?;
+        }
         Ok(mode)
+    }
+
+    /// Points links pinned by an earlier agent at this agent's programs.
+    fn adopt_links(&mut self, xdp_pin: &Path, tc_pin: &Path) -> Result<(), DataplaneError> {
+        let program_err = |op: &str| {
+            let op = op.to_owned();
+            move |source| DataplaneError::Bpf(BpfError::Program { op, source })
+        };
+        let xdp_link =
+            XdpLink::try_from(pins::open_link(xdp_pin)?).map_err(pins::link_err(xdp_pin))?;
+        let program = xdp_mut(&mut self.ebpf, np::XDP_PROGRAM)?;
+        let id = program
+            .attach_to_link(xdp_link)
+            .map_err(program_err("replacing the pinned XDP program"))?;
+        drop(
+            program
+                .take_link(id)
+                .map_err(program_err("releasing the XDP link"))?,
+        );
+        let tc_link = SchedClassifierLink::try_from(pins::open_link(tc_pin)?)
+            .map_err(pins::link_err(tc_pin))?;
+        let program = classifier_mut(&mut self.ebpf)?;
+        let id = program
+            .attach_to_link(tc_link)
+            .map_err(program_err("replacing the pinned TC program"))?;
+        drop(
+            program
+                .take_link(id)
+                .map_err(program_err("releasing the TC link"))?,
+        );
+        Ok(())
     }
 
     /// The XDP program (for `BPF_PROG_TEST_RUN`).
