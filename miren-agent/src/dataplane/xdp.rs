@@ -118,6 +118,8 @@ pub struct XdpDataplane {
     services: BTreeMap<NodePortKey, ServiceState>,
     service_ids: Ids,
     backend_ids: Ids,
+    /// Ids of removed TCP backends still referenced by established flows.
+    draining_backends: BTreeSet<u32>,
     config: Config,
 }
 
@@ -165,6 +167,7 @@ impl XdpDataplane {
             services: BTreeMap::new(),
             service_ids: Ids::new(np::MAX_SERVICES),
             backend_ids: Ids::new(np::MAX_BACKENDS),
+            draining_backends: BTreeSet::new(),
             config: Config {
                 udp_timeout_ns: DEFAULT_UDP_TIMEOUT.as_nanos() as u64,
                 tcp_closing_timeout_ns: TCP_CLOSING_TIMEOUT.as_nanos() as u64,
@@ -232,8 +235,18 @@ impl XdpDataplane {
             .values()
             .flat_map(|s| s.backends.values().copied())
             .collect();
+        // Flows of backends removed before the restart still hold their ids.
+        self.draining_backends = self
+            .referenced_backends()?
+            .difference(&backend_ids)
+            .copied()
+            .collect();
+        let used = backend_ids
+            .union(&self.draining_backends)
+            .copied()
+            .collect();
         self.service_ids = Ids::with_used(np::MAX_SERVICES, &service_ids);
-        self.backend_ids = Ids::with_used(np::MAX_BACKENDS, &backend_ids);
+        self.backend_ids = Ids::with_used(np::MAX_BACKENDS, &used);
         if !adopted.is_empty() {
             tracing::info!(
                 node_ports = adopted.len(),
@@ -558,7 +571,7 @@ impl Dataplane for XdpDataplane {
         if !dead_backends.is_empty() || !dead_services.is_empty() {
             self.forget_flows(&dead_backends, &dead_services)?;
         }
-        Ok(())
+        self.release_drained_backends()
     }
 
     fn counters(&self) -> Result<Counters, DataplaneError> {
@@ -624,10 +637,14 @@ impl XdpDataplane {
             if let Some(id) = state.backends.remove(&addr) {
                 // Only UDP sessions move to live endpoints; TCP connections to a removed
                 // backend keep their entry until they end.
+                // Their id is held back while conntrack still refers to it, so a new backend
+                // never inherits their packets in its counters.
                 if key.protocol == Protocol::Udp {
                     dead_backends.insert(id);
+                    self.backend_ids.give_back(id);
+                } else {
+                    self.draining_backends.insert(id);
                 }
-                self.backend_ids.give_back(id);
             }
         }
         for addr in &wanted {
@@ -694,6 +711,36 @@ impl XdpDataplane {
         }
         state.generation = generation;
         state.table = table;
+        Ok(())
+    }
+
+    /// The backend ids conntrack entries refer to.
+    fn referenced_backends(&self) -> Result<BTreeSet<u32>, DataplaneError> {
+        let conntrack: HashMap<_, FlowKey, Flow> = HashMap::try_from(self.map(np::CONNTRACK_MAP)?)
+            .map_err(map_err("opening conntrack"))?;
+        Ok(conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, flow)| flow.backend_id)
+            .collect())
+    }
+
+    /// Gives back the ids of removed TCP backends that no conntrack entry refers to anymore.
+    fn release_drained_backends(&mut self) -> Result<(), DataplaneError> {
+        if self.draining_backends.is_empty() {
+            return Ok(());
+        }
+        let referenced = self.referenced_backends()?;
+        let drained: Vec<u32> = self
+            .draining_backends
+            .iter()
+            .filter(|id| !referenced.contains(id))
+            .copied()
+            .collect();
+        for id in drained {
+            self.draining_backends.remove(&id);
+            self.backend_ids.give_back(id);
+        }
         Ok(())
     }
 
