@@ -19,7 +19,6 @@ use miren_tests::{
 
 const CLIENT_IP: &str = "10.90.0.1";
 const NODE_IP: &str = "10.90.0.2";
-const SANDBOX_IP: &str = "10.88.0.2";
 
 const APP: &str = r#"name = "echo"
 
@@ -39,22 +38,26 @@ type = "tcp"
 node_port = 7000
 "#;
 
-/// Client, node and sandbox namespaces with UDP and TCP echo servers in the sandbox that
-/// record the peers they see.
+/// Client, node and sandbox namespaces; each sandbox runs UDP and TCP echo servers on
+/// port 9000 that record the peers they see.
 struct World {
     client: Netns,
     node: Netns,
-    _sandbox: Netns,
-    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    _sandboxes: Vec<Netns>,
+    peers: Vec<Arc<Mutex<Vec<SocketAddr>>>>,
     dir: TempDir,
     pins: BpfPinDir,
 }
 
+/// The address of sandbox `i`.
+fn sandbox_ip(i: usize) -> String {
+    format!("10.88.0.{}", i + 2)
+}
+
 impl World {
-    fn new() -> Self {
+    fn new(sandboxes: usize) -> Self {
         let client = Netns::new("e2e-client").unwrap();
         let node = Netns::new("e2e-node").unwrap();
-        let sandbox = Netns::new("e2e-sandbox").unwrap();
         veth(&client, "eth0", &node, "eth0").unwrap();
         client.addr("eth0", &format!("{CLIENT_IP}/24")).unwrap();
         node.addr("eth0", &format!("{NODE_IP}/24")).unwrap();
@@ -64,48 +67,24 @@ impl World {
             .unwrap();
         node.bridge("br0").unwrap();
         node.addr("br0", "10.88.0.1/24").unwrap();
-        veth(&node, "sb0", &sandbox, "eth0").unwrap();
-        node.attach_to_bridge("sb0", "br0").unwrap();
-        sandbox.addr("eth0", &format!("{SANDBOX_IP}/24")).unwrap();
-        sandbox.route(&["default", "via", "10.88.0.1"]).unwrap();
-
-        let peers = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
-        let udp = sandbox
-            .run(|| UdpSocket::bind((SANDBOX_IP, 9000)))
-            .unwrap()
-            .unwrap();
-        let seen = Arc::clone(&peers);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while let Ok((len, from)) = udp.recv_from(&mut buf) {
-                let mut seen = seen.lock().unwrap();
-                if !seen.contains(&from) {
-                    seen.push(from);
-                }
-                drop(seen);
-                let _ = udp.send_to(&buf[..len], from);
-            }
-        });
-        let tcp = sandbox
-            .run(|| TcpListener::bind((SANDBOX_IP, 9000)))
-            .unwrap()
-            .unwrap();
-        let seen = Arc::clone(&peers);
-        std::thread::spawn(move || {
-            for mut stream in tcp.incoming().flatten() {
-                seen.lock().unwrap().push(stream.peer_addr().unwrap());
-                let mut buf = [0u8; 1500];
-                while let Ok(len) = stream.read(&mut buf) {
-                    if len == 0 || stream.write_all(&buf[..len]).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
+        let mut namespaces = Vec::new();
+        let mut peers = Vec::new();
+        for i in 0..sandboxes {
+            let sandbox = Netns::new(&format!("e2e-sandbox{i}")).unwrap();
+            let port = format!("sb{i}");
+            veth(&node, &port, &sandbox, "eth0").unwrap();
+            node.attach_to_bridge(&port, "br0").unwrap();
+            sandbox
+                .addr("eth0", &format!("{}/24", sandbox_ip(i)))
+                .unwrap();
+            sandbox.route(&["default", "via", "10.88.0.1"]).unwrap();
+            peers.push(echo_servers(&sandbox, &sandbox_ip(i)));
+            namespaces.push(sandbox);
+        }
         Self {
             client,
             node,
-            _sandbox: sandbox,
+            _sandboxes: namespaces,
             peers,
             dir: TempDir::new("e2e"),
             pins: BpfPinDir::new("e2e"),
@@ -135,19 +114,27 @@ impl World {
         AgentProcess::start(command, &socket, &self.dir.path().join("agent.log"))
     }
 
-    /// Deploys the echo app and supplies the sandbox as its endpoint.
+    /// Deploys the echo app with sandbox 0 as its endpoint.
     fn deploy(&self, agent: &AgentProcess) {
         let app_dir = self.dir.path().join("app");
         std::fs::create_dir_all(app_dir.join(".miren")).unwrap();
         std::fs::write(app_dir.join(".miren/app.toml"), APP).unwrap();
         let out = agent.miren(&["deploy", app_dir.to_str().unwrap()]);
         assert!(out.status.success(), "{out:?}");
-        let sandbox: SocketAddr = format!("{SANDBOX_IP}:9000").parse().unwrap();
+        self.set_endpoints(agent, &[0]);
+    }
+
+    /// Makes `sandboxes` the endpoints of both node ports and waits until they are applied.
+    fn set_endpoints(&self, agent: &AgentProcess, sandboxes: &[usize]) {
+        let addrs: Vec<SocketAddr> = sandboxes
+            .iter()
+            .map(|i| format!("{}:9000", sandbox_ip(*i)).parse().unwrap())
+            .collect();
         let endpoints = ServiceEndpoints {
             service: String::new(),
             endpoints: BTreeMap::from([
-                ("udp-echo".to_owned(), vec![sandbox]),
-                ("tcp-echo".to_owned(), vec![sandbox]),
+                ("udp-echo".to_owned(), addrs.clone()),
+                ("tcp-echo".to_owned(), addrs),
             ]),
         };
         Client::new(self.dir.path().join("agent.sock"))
@@ -155,11 +142,59 @@ impl World {
             .unwrap();
         wait_for_status_ok(agent);
     }
+
+    /// Which sandbox saw `client` as a peer.
+    fn served_by(&self, client: SocketAddr) -> Option<usize> {
+        self.peers
+            .iter()
+            .position(|peers| peers.lock().unwrap().contains(&client))
+    }
+}
+
+/// Starts UDP and TCP echo servers on `ip:9000` inside `sandbox`; returns the peers they see.
+fn echo_servers(sandbox: &Netns, ip: &str) -> Arc<Mutex<Vec<SocketAddr>>> {
+    let peers = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
+    let udp = sandbox
+        .run(|| UdpSocket::bind((ip, 9000)))
+        .unwrap()
+        .unwrap();
+    let seen = Arc::clone(&peers);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((len, from)) = udp.recv_from(&mut buf) {
+            let mut seen = seen.lock().unwrap();
+            if !seen.contains(&from) {
+                seen.push(from);
+            }
+            drop(seen);
+            let _ = udp.send_to(&buf[..len], from);
+        }
+    });
+    let tcp = sandbox
+        .run(|| TcpListener::bind((ip, 9000)))
+        .unwrap()
+        .unwrap();
+    let seen = Arc::clone(&peers);
+    std::thread::spawn(move || {
+        for stream in tcp.incoming().flatten() {
+            seen.lock().unwrap().push(stream.peer_addr().unwrap());
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 1500];
+                while let Ok(len) = stream.read(&mut buf) {
+                    if len == 0 || stream.write_all(&buf[..len]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    peers
 }
 
 #[test]
 fn clients_reach_a_sandbox_through_the_node_port_with_their_own_address() {
-    let world = World::new();
+    let world = World::new(1);
     let agent = world.start_agent();
     world.deploy(&agent);
     let link = world.node.ip(&["link", "show", "dev", "eth0"]).unwrap();
@@ -212,7 +247,7 @@ fn clients_reach_a_sandbox_through_the_node_port_with_their_own_address() {
         })
         .unwrap();
 
-    let seen = world.peers.lock().unwrap().clone();
+    let seen = world.peers[0].lock().unwrap().clone();
     assert!(
         seen.contains(&udp_local),
         "sandbox saw {seen:?}, expected the client's own {udp_local}"
@@ -227,7 +262,7 @@ fn clients_reach_a_sandbox_through_the_node_port_with_their_own_address() {
 fn kill_9_and_restart_of_the_agent_loses_no_packet_of_a_udp_stream() {
     const RATE: u64 = 5_000;
     const PACKETS: u64 = 3 * RATE;
-    let world = World::new();
+    let world = World::new(1);
     let agent = world.start_agent();
     world.deploy(&agent);
 
@@ -298,4 +333,101 @@ fn wait_for_status_ok(agent: &AgentProcess) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("data plane never reported ok:\n{}", agent.log_text());
+}
+
+#[test]
+fn flows_spread_over_endpoints_and_tcp_connections_survive_scaling() {
+    const FLOWS: usize = 3_000;
+    let world = World::new(5);
+    let agent = world.start_agent();
+    world.deploy(&agent);
+    world.set_endpoints(&agent, &[0, 1, 2]);
+
+    // UDP flows from fixed client ports (the placement is deterministic). The issue asks for
+    // ±15 % over 300 flows, but that is only ~1.9 standard deviations of a uniform hash
+    // (fails ~15 % of port ranges); 3,000 flows make ±15 % a real test of the spread.
+    let locals = world
+        .client
+        .run(|| {
+            (0..FLOWS as u16)
+                .map(|i| {
+                    let socket = UdpSocket::bind((CLIENT_IP, 41_000 + i)).unwrap();
+                    socket
+                        .set_read_timeout(Some(Duration::from_secs(3)))
+                        .unwrap();
+                    socket.send_to(b"spread", (NODE_IP, 7000)).unwrap();
+                    let mut buf = [0u8; 16];
+                    socket.recv_from(&mut buf).expect("UDP echo");
+                    socket.local_addr().unwrap()
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let mut per_backend = [0usize; 3];
+    for local in &locals {
+        let backend = world
+            .served_by(*local)
+            .expect("some sandbox served the flow");
+        per_backend[backend] += 1;
+    }
+    for (i, n) in per_backend.iter().enumerate() {
+        let (low, high) = (FLOWS * 85 / 300, FLOWS * 115 / 300);
+        assert!(
+            (low..=high).contains(n),
+            "backend {i} got {n} of {FLOWS} flows (±15 % allows {low}..={high}): {per_backend:?}"
+        );
+    }
+
+    // TCP connections to each of the 3 backends, then scale 3 → 5 → 2.
+    let mut streams: Vec<(TcpStream, usize)> = world
+        .client
+        .run(|| {
+            (0..30)
+                .map(|_| {
+                    let node_port = format!("{NODE_IP}:7000").parse().unwrap();
+                    let stream =
+                        TcpStream::connect_timeout(&node_port, Duration::from_secs(3)).unwrap();
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(3)))
+                        .unwrap();
+                    stream
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|stream| {
+            let local = stream.local_addr().unwrap();
+            let mut backend = None;
+            for _ in 0..100 {
+                backend = world.served_by(local);
+                if backend.is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (stream, backend.expect("a sandbox accepted the connection"))
+        })
+        .collect();
+    let echo = |stream: &mut TcpStream, message: &[u8]| {
+        stream.write_all(message).unwrap();
+        let mut buf = vec![0u8; message.len()];
+        stream
+            .read_exact(&mut buf)
+            .expect("echo on an established connection");
+        assert_eq!(buf, message);
+    };
+    world.set_endpoints(&agent, &[0, 1, 2, 3, 4]);
+    for (stream, _) in &mut streams {
+        echo(stream, b"after scaling to 5");
+    }
+    world.set_endpoints(&agent, &[0, 1]);
+    let mut survivors = 0;
+    for (stream, backend) in &mut streams {
+        if *backend < 2 {
+            echo(stream, b"after scaling to 2");
+            survivors += 1;
+        }
+    }
+    assert!(survivors > 0, "no connection was on a surviving backend");
 }
