@@ -130,6 +130,9 @@ fn start_dataplane(
     }
     enable_forwarding()?;
     let mut dataplane = XdpDataplane::load_pinned(&settings.bpf_pin_dir).map_err(Box::new)?;
+    dataplane
+        .set_udp_timeout(settings.udp_timeout)
+        .map_err(Box::new)?;
     let mut modes = Vec::new();
     for iface in &settings.ifaces {
         let mode = dataplane

@@ -93,6 +93,10 @@ pub struct SettingsLayer {
     /// Range for target ports the agent assigns, FIRST-LAST [default: 20000-29999].
     #[arg(long)]
     pub port_range: Option<String>,
+    /// Idle time after which a UDP session through a node port may move to another endpoint,
+    /// e.g. "60s", "5m" [default: 60s].
+    #[arg(long)]
+    pub udp_timeout: Option<String>,
 }
 
 /// Resolved settings with every default applied.
@@ -126,6 +130,8 @@ pub struct AgentSettings {
     pub acme_email: Option<String>,
     /// Range for assigned target ports.
     pub port_range: RangeInclusive<u16>,
+    /// UDP session idle timeout.
+    pub udp_timeout: std::time::Duration,
 }
 
 impl SettingsLayer {
@@ -194,6 +200,14 @@ impl SettingsLayer {
             acme_directory: self.acme_directory.or(file.acme_directory),
             acme_email: self.acme_email.or(file.acme_email),
             port_range: parse_port_range(&port_range)?,
+            udp_timeout: match self.udp_timeout.or(file.udp_timeout) {
+                None => crate::dataplane::xdp::DEFAULT_UDP_TIMEOUT,
+                Some(text) => crate::config::parse_duration(&text).ok_or_else(|| {
+                    SettingsError::Invalid(format!(
+                        "UDP timeout \"{text}\" is not a duration; use e.g. 60s, 5m or 1h"
+                    ))
+                })?,
+            },
         })
     }
 }
@@ -276,6 +290,7 @@ mod tests {
         assert_eq!(settings.ifaces, vec!["eth1".to_owned()]);
         assert_eq!(settings.api_socket, PathBuf::from("/run/miren/agent.sock"));
         assert_eq!(settings.port_range, 20000..=29999);
+        assert_eq!(settings.udp_timeout, std::time::Duration::from_secs(60));
 
         std::fs::write(&file, "state_dir = \"/srv\"\n").unwrap();
         let err = SettingsLayer {
@@ -290,6 +305,18 @@ mod tests {
             "{message}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn udp_timeout_is_a_duration() {
+        let with = |text: &str| SettingsLayer {
+            config: Some(PathBuf::from("/dev/null")),
+            udp_timeout: Some(text.into()),
+            ..SettingsLayer::default()
+        };
+        assert_eq!(with("5m").resolve().unwrap().udp_timeout.as_secs(), 300);
+        let err = with("soon").resolve().unwrap_err().to_string();
+        assert!(err.contains("UDP timeout \"soon\" is not a duration"), "{err}");
     }
 
     #[test]
