@@ -316,7 +316,10 @@ mod tests {
         };
         assert_eq!(with("5m").resolve().unwrap().udp_timeout.as_secs(), 300);
         let err = with("soon").resolve().unwrap_err().to_string();
-        assert!(err.contains("UDP timeout \"soon\" is not a duration"), "{err}");
+        assert!(
+            err.contains("UDP timeout \"soon\" is not a duration"),
+            "{err}"
+        );
     }
 
     #[test]
