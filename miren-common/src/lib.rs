@@ -16,6 +16,8 @@ pub mod counter {
     pub const BYTES: u32 = 1;
     /// Number of slots in [`MAP`].
     pub const SLOTS: u32 = 2;
+    /// An XDP program that only returns `XDP_PASS` (benchmark baseline).
+    pub const EMPTY_PROGRAM: &str = "miren_empty";
 }
 
 pub mod nodeport;

@@ -27,3 +27,10 @@ fn add(slot: u32, value: u64) {
         unsafe { *counter += value };
     }
 }
+
+/// `miren_empty`: passes every packet and does nothing else; the baseline of the data plane
+/// benchmark.
+#[xdp]
+pub fn miren_empty(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}

@@ -1,4 +1,4 @@
-//! `cargo xtask setup|build|test|demo`: one-command setup, build, tests and demo.
+//! `cargo xtask setup|build|test|demo|bench`: one-command setup, build, tests and demo.
 //!
 //! Every command except `setup` runs `setup` first, so each works on a fresh machine.
 
@@ -29,6 +29,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build in release mode, then run a benchmark (`dataplane`).
+    Bench {
+        /// Which benchmark.
+        name: String,
+    },
     /// Set up, build, then run the demo in network namespaces it creates.
     Demo {
         /// Exit after the showcase instead of waiting for Ctrl-C.
@@ -55,6 +60,19 @@ fn main() -> Result<()> {
             }
             cmd::cargo(&root, &test)
         }
+        Task::Bench { name } => cmd::cargo(
+            &root,
+            &[
+                "run",
+                "--release",
+                "--package",
+                "miren-tests",
+                "--bin",
+                "miren-bench",
+                "--",
+                &name,
+            ],
+        ),
         Task::Demo { once } => {
             let mut demo = vec![
                 "run",

@@ -55,6 +55,17 @@ impl PacketCounter {
         xdp(&self.ebpf, counter::PROGRAM)
     }
 
+    /// The loaded `miren_empty` program (passes everything; a benchmark baseline).
+    ///
+    /// # Errors
+    /// [`BpfError`] if the object lacks it or the kernel refuses it.
+    pub fn empty_program(&mut self) -> Result<&Xdp, BpfError> {
+        if xdp(&self.ebpf, counter::EMPTY_PROGRAM)?.fd().is_err() {
+            load_xdp(&mut self.ebpf, counter::EMPTY_PROGRAM)?;
+        }
+        xdp(&self.ebpf, counter::EMPTY_PROGRAM)
+    }
+
     /// Reads the counters, summed over all CPUs.
     ///
     /// # Errors
