@@ -589,11 +589,10 @@ impl ControlPlane {
             .node_ports
             .iter()
             .map(|np| {
-                let endpoints = node_port_info(&desired, np, "")
-                    .endpoints
-                    .into_iter()
+                let endpoints = endpoints_of(&desired, np)
+                    .iter()
                     .filter_map(|addr| match addr {
-                        SocketAddr::V4(v4) => Some(v4),
+                        SocketAddr::V4(v4) => Some(*v4),
                         SocketAddr::V6(_) => None,
                     })
                     .collect();
@@ -879,6 +878,15 @@ fn route_info(route: &RouteRecord) -> RouteInfo {
     }
 }
 
+/// The endpoints supplied for the service port a node port forwards to.
+fn endpoints_of<'a>(desired: &'a Desired, np: &NodePortRecord) -> &'a [SocketAddr] {
+    desired
+        .endpoints
+        .get(&(np.app.clone(), np.service.clone()))
+        .and_then(|ports| ports.get(&np.port_name))
+        .map_or(&[], Vec::as_slice)
+}
+
 fn node_port_info(desired: &Desired, np: &NodePortRecord, status: &str) -> NodePortInfo {
     let target_port = desired
         .apps
@@ -887,12 +895,6 @@ fn node_port_info(desired: &Desired, np: &NodePortRecord, status: &str) -> NodeP
         .and_then(|service| service.ports.iter().find(|p| p.name == np.port_name))
         .and_then(|port| port.port)
         .unwrap_or_default();
-    let endpoints: Vec<SocketAddr> = desired
-        .endpoints
-        .get(&(np.app.clone(), np.service.clone()))
-        .and_then(|ports| ports.get(&np.port_name))
-        .cloned()
-        .unwrap_or_default();
     NodePortInfo {
         node_port: np.node_port,
         protocol: np.protocol.as_str().to_owned(),
@@ -900,7 +902,7 @@ fn node_port_info(desired: &Desired, np: &NodePortRecord, status: &str) -> NodeP
         service: np.service.clone(),
         port_name: np.port_name.clone(),
         target_port,
-        endpoints,
+        endpoints: endpoints_of(desired, np).to_vec(),
         status: status.to_owned(),
     }
 }

@@ -61,12 +61,19 @@ pub fn port_stats(id: u32, f: impl FnOnce(&mut PortStats)) {
     }
 }
 
+/// The data plane's settings (zeroes until the agent writes them).
+#[inline(always)]
+pub fn config() -> Config {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
 /// The data plane's clock: `Config::fake_now_ns` when set (tests), else the kernel's.
 #[inline(always)]
-pub fn now_ns() -> u64 {
-    match CONFIG.get(0) {
-        Some(config) if config.fake_now_ns != 0 => config.fake_now_ns,
+pub fn now_ns(config: &Config) -> u64 {
+    if config.fake_now_ns != 0 {
+        config.fake_now_ns
+    } else {
         // SAFETY: helper without arguments.
-        _ => unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+        unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
     }
 }

@@ -7,7 +7,7 @@
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use miren_common::nodeport::{
-    FLOW_CLOSING, FLOW_REVERSE, Flow, FlowKey, GlobalStat, MaglevKey, PROTO_TCP, PROTO_UDP,
+    Config, FLOW_CLOSING, FLOW_REVERSE, Flow, FlowKey, GlobalStat, MaglevKey, PROTO_TCP, PROTO_UDP,
     Service, ServiceKey, flow_hash,
 };
 
@@ -17,7 +17,7 @@ use crate::{
         ETH_LEN, ETH_P_IP_BE, EthHdr, IP_FRAG_MASK, Ipv4Hdr, TCP_FIN, TCP_RST, TcpHdr, UdpHdr,
     },
     maps::{
-        BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, MAGLEV, NODE_ADDRS, SERVICES, count, now_ns,
+        BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, NODE_ADDRS, SERVICES, config, count, now_ns,
         port_stats,
     },
 };
@@ -120,8 +120,10 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
         protocol,
         pad: [0; 3],
     };
-    let now = now_ns();
-    let Some(flow) = established(&key, now, tcp_flags) else {
+    // One read of the settings per packet, shared by the clock and the expiry check.
+    let config = config();
+    let now = now_ns(&config);
+    let Some(flow) = established(&key, &config, now, tcp_flags) else {
         return new_flow(ctx, ip, l4, &key, &service, now, frame_len);
     };
     count(GlobalStat::ConntrackHit);
@@ -135,11 +137,10 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
 
 /// The live conntrack entry of `key`, refreshed; `None` if missing or expired.
 #[inline(always)]
-fn established(key: &FlowKey, now: u64, tcp_flags: u8) -> Option<Flow> {
+fn established(key: &FlowKey, config: &Config, now: u64, tcp_flags: u8) -> Option<Flow> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup; racing updates only touch timestamps/flags.
     let flow = unsafe { &mut *entry };
-    let config = CONFIG.get(0).copied().unwrap_or_default();
     let idle = now.saturating_sub(flow.last_seen_ns);
     let expired = if key.protocol == PROTO_UDP {
         idle > config.udp_timeout_ns

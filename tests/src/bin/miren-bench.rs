@@ -70,6 +70,18 @@ fn dataplane() -> Result<()> {
     Ok(())
 }
 
+/// NODE_IP with UDP node port 7000 forwarding to `backend`.
+fn udp_node_port(backend: SocketAddrV4) -> Snapshot {
+    let key = NodePortKey {
+        port: 7000,
+        protocol: Protocol::Udp,
+    };
+    Snapshot {
+        node_addrs: vec![NODE_IP],
+        node_ports: BTreeMap::from([(key, vec![backend])]),
+    }
+}
+
 /// Average kernel-measured ns per run of `program` on `frame`.
 fn ns_per_packet(program: &Xdp, frame: &[u8]) -> Result<f64> {
     let mut out = vec![0u8; frame.len() + 256];
@@ -106,19 +118,10 @@ fn per_packet() -> Result<Vec<(&'static str, f64)>> {
     let empty = ns_per_packet(baseline.empty_program()?, &to_service)?;
 
     let mut dp = XdpDataplane::load()?;
-    dp.apply(&Snapshot {
-        node_addrs: vec![NODE_IP],
-        node_ports: BTreeMap::from([(
-            NodePortKey {
-                port: 7000,
-                protocol: Protocol::Udp,
-            },
-            // BPF_PROG_TEST_RUN repeats on the same buffer, so the program sees its own output
-            // again: a backend equal to the node port keeps every repetition on the node-port
-            // path (the rewrite and both checksum updates still run each time).
-            vec![SocketAddrV4::new(NODE_IP, 7000)],
-        )]),
-    })?;
+    // BPF_PROG_TEST_RUN repeats on the same buffer, so the program sees its own output again:
+    // a backend equal to the node port keeps every repetition on the node-port path (the
+    // rewrite and both checksum updates still run each time).
+    dp.apply(&udp_node_port(SocketAddrV4::new(NODE_IP, 7000)))?;
     let established = ns_per_packet(dp.xdp_program()?, &to_service)?;
     let pass = ns_per_packet(dp.xdp_program()?, &to_other)?;
     dp.set_udp_timeout(Duration::ZERO)?;
@@ -157,16 +160,7 @@ fn delivered() -> Result<Vec<(&'static str, f64, f64)>> {
 
     let mut dp = XdpDataplane::load()?;
     node.run(|| dp.attach("eth0", false))??;
-    dp.apply(&Snapshot {
-        node_addrs: vec![NODE_IP],
-        node_ports: BTreeMap::from([(
-            NodePortKey {
-                port: 7000,
-                protocol: Protocol::Udp,
-            },
-            vec![SocketAddrV4::new(SANDBOX_IP, 9000)],
-        )]),
-    })?;
+    dp.apply(&udp_node_port(SocketAddrV4::new(SANDBOX_IP, 9000)))?;
 
     let receiver = sandbox.run(|| UdpSocket::bind((SANDBOX_IP, 9000)))??;
     receiver.set_read_timeout(Some(Duration::from_millis(200)))?;
