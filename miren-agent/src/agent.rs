@@ -4,16 +4,16 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    api::{self, ApiError, ApiState, types::DataplaneStatus},
+    api::{self, ApiError, ApiState},
     control::{ControlError, ControlPlane, ControlSettings},
-    dataplane::{Dataplane, DataplaneError, xdp::XdpDataplane},
+    dataplane::{ActiveDataplane, DataplaneError, xdp::XdpDataplane},
     settings::AgentSettings,
     store::{SqliteStore, StoreError},
 };
@@ -68,7 +68,8 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         control,
         started,
         state_dir: settings.state_dir.clone(),
-        dataplane: dataplane.status,
+        dataplane: dataplane.active,
+        no_dataplane_reason: dataplane.reason,
     });
     let io = |op| move |source| AgentError::Io { op, source };
     let mut interrupt =
@@ -91,9 +92,10 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
 /// How often the desired state is re-applied even without changes.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 
-/// The running data plane (if any) and how it was chosen.
+/// The running data plane (if any), or why there is none.
 struct RunningDataplane {
-    status: DataplaneStatus,
+    active: Option<Arc<ActiveDataplane>>,
+    reason: String,
 }
 
 /// Starts the XDP data plane on `--iface` interfaces and a task that applies every change.
@@ -103,10 +105,8 @@ fn start_dataplane(
 ) -> Result<RunningDataplane, AgentError> {
     if settings.ifaces.is_empty() {
         return Ok(RunningDataplane {
-            status: DataplaneStatus {
-                mode: "none".into(),
-                reason: "no --iface given".into(),
-            },
+            active: None,
+            reason: "no --iface given".into(),
         });
     }
     if settings.dataplane == "nft" {
@@ -142,7 +142,8 @@ fn start_dataplane(
         modes.push(format!("{iface}: {mode}"));
     }
     let reason = format!("XDP on {}", modes.join(", "));
-    let dataplane = Arc::new(Mutex::new(dataplane));
+    let dataplane = Arc::new(ActiveDataplane::new(Box::new(dataplane), reason));
+    let active = Arc::clone(&dataplane);
     let control = Arc::clone(control);
     tokio::spawn(async move {
         let mut changes = control.subscribe();
@@ -151,10 +152,7 @@ fn start_dataplane(
             let dataplane = Arc::clone(&dataplane);
             let started = Instant::now();
             let applied = tokio::task::spawn_blocking(move || {
-                dataplane
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .apply(&snapshot)
+                dataplane.lock().apply(&snapshot)
             })
             .await;
             let status = match applied {
@@ -174,10 +172,8 @@ fn start_dataplane(
         }
     });
     Ok(RunningDataplane {
-        status: DataplaneStatus {
-            mode: "xdp".into(),
-            reason,
-        },
+        active: Some(active),
+        reason: String::new(),
     })
 }
 

@@ -20,7 +20,10 @@ use axum::{
 };
 use serde::Deserialize;
 
-use crate::control::{ControlError, ControlPlane};
+use crate::{
+    control::{ControlError, ControlPlane},
+    dataplane::ActiveDataplane,
+};
 use types::{
     AppDetail, AppSummary, DataplaneStatus, DeployRequest, ErrorBody, NodePortInfo,
     PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
@@ -35,8 +38,10 @@ pub struct ApiState {
     pub started: Instant,
     /// The agent's state directory.
     pub state_dir: PathBuf,
-    /// The active data plane.
-    pub dataplane: DataplaneStatus,
+    /// The active data plane, if node ports are served on this node.
+    pub dataplane: Option<Arc<ActiveDataplane>>,
+    /// Why there is no data plane when `dataplane` is `None`.
+    pub no_dataplane_reason: String,
 }
 
 /// Errors starting the API.
@@ -157,7 +162,16 @@ async fn status(State(state): State<Arc<ApiState>>) -> Json<Status> {
         apps,
         routes,
         node_ports,
-        dataplane: state.dataplane.clone(),
+        dataplane: match &state.dataplane {
+            Some(active) => DataplaneStatus {
+                mode: active.mode().into(),
+                reason: active.reason().into(),
+            },
+            None => DataplaneStatus {
+                mode: "none".into(),
+                reason: state.no_dataplane_reason.clone(),
+            },
+        },
     })
 }
 

@@ -9,6 +9,7 @@ pub mod xdp;
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
+    sync::{Mutex, MutexGuard},
 };
 
 use crate::config::Protocol;
@@ -20,6 +21,13 @@ pub struct NodePortKey {
     pub port: u16,
     /// TCP or UDP.
     pub protocol: Protocol,
+}
+
+impl std::fmt::Display for NodePortKey {
+    /// `7000/udp`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol)
+    }
 }
 
 /// Everything a data plane needs: the node's addresses and each node port's endpoints.
@@ -76,9 +84,33 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
-    /// A limit of the kernel maps was reached.
-    #[error("{0}")]
-    Capacity(String),
+    /// A limit of the kernel maps was reached while applying one node port.
+    #[error("node port {port}: {limit}")]
+    Capacity {
+        /// The node port that did not fit.
+        port: NodePortKey,
+        /// Which limit.
+        limit: String,
+    },
+    /// The `nft` or `conntrack` command failed or printed something unexpected.
+    #[error("{op}: {detail}")]
+    Command {
+        /// What was being done.
+        op: String,
+        /// The command's error output, or what was wrong with its output.
+        detail: String,
+    },
+}
+
+impl DataplaneError {
+    /// The node port this error is about, when it concerns only one: the others can still be
+    /// applied.
+    pub fn port(&self) -> Option<NodePortKey> {
+        match self {
+            Self::Capacity { port, .. } => Some(*port),
+            _ => None,
+        }
+    }
 }
 
 /// A node-port data plane.
@@ -92,9 +124,67 @@ pub trait Dataplane: Send {
     /// [`DataplaneError`] when the kernel refuses a change.
     fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError>;
 
+    /// Forgets what it believes the kernel holds and reads it back, so the next
+    /// [`Dataplane::apply`] also repairs changes made behind the agent's back.
+    ///
+    /// # Errors
+    /// [`DataplaneError`] when the kernel state cannot be read.
+    fn refresh(&mut self) -> Result<(), DataplaneError>;
+
     /// Reads the kernel's counters.
     ///
     /// # Errors
     /// [`DataplaneError`] when the counters cannot be read.
     fn counters(&self) -> Result<Counters, DataplaneError>;
+}
+
+/// The data plane the agent runs, shared by the reconciler (which applies snapshots), the API
+/// and `/metrics` (which read counters), with the mode and why it was chosen.
+pub struct ActiveDataplane {
+    mode: &'static str,
+    reason: String,
+    plane: Mutex<Box<dyn Dataplane>>,
+}
+
+impl std::fmt::Debug for ActiveDataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActiveDataplane")
+            .field("mode", &self.mode)
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
+impl ActiveDataplane {
+    /// Wraps the chosen data plane; `reason` says why it was chosen (shown by `miren status`).
+    pub fn new(plane: Box<dyn Dataplane>, reason: String) -> Self {
+        Self {
+            mode: plane.mode(),
+            reason,
+            plane: Mutex::new(plane),
+        }
+    }
+
+    /// `xdp` or `nft`.
+    pub fn mode(&self) -> &'static str {
+        self.mode
+    }
+
+    /// Why this data plane is active.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// Exclusive access (apply, refresh); blocks while another caller holds it.
+    pub fn lock(&self) -> MutexGuard<'_, Box<dyn Dataplane>> {
+        self.plane.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the kernel's counters.
+    ///
+    /// # Errors
+    /// [`DataplaneError`] when the counters cannot be read.
+    pub fn counters(&self) -> Result<Counters, DataplaneError> {
+        self.lock().counters()
+    }
 }

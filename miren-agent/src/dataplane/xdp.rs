@@ -496,6 +496,10 @@ impl Dataplane for XdpDataplane {
         "xdp"
     }
 
+    fn refresh(&mut self) -> Result<(), DataplaneError> {
+        self.adopt()
+    }
+
     fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
         self.apply_node_addrs(&snapshot.node_addrs)?;
         let mut retired: Vec<MaglevKey> = Vec::new();
@@ -536,10 +540,10 @@ impl Dataplane for XdpDataplane {
                 Some(state) => state,
                 None => {
                     let id = self.service_ids.take().ok_or_else(|| {
-                        DataplaneError::Capacity(format!(
-                            "more than {} node ports",
-                            np::MAX_SERVICES
-                        ))
+                        DataplaneError::Capacity {
+                            port: *key,
+                            limit: format!("more than {} node ports", np::MAX_SERVICES),
+                        }
                     })?;
                     self.zero_stats::<PortStats>(np::PORT_STATS_MAP, id)?;
                     ServiceState {
@@ -651,9 +655,13 @@ impl XdpDataplane {
             if state.backends.contains_key(addr) {
                 continue;
             }
-            let id = self.backend_ids.take().ok_or_else(|| {
-                DataplaneError::Capacity(format!("more than {} backends", np::MAX_BACKENDS))
-            })?;
+            let id = self
+                .backend_ids
+                .take()
+                .ok_or_else(|| DataplaneError::Capacity {
+                    port: key,
+                    limit: format!("more than {} backends", np::MAX_BACKENDS),
+                })?;
             self.zero_stats::<BackendStats>(np::BACKEND_STATS_MAP, id)?;
             Array::<_, Backend>::try_from(self.map_mut(np::BACKENDS_MAP)?)
                 .map_err(map_err("opening the backend map"))?
