@@ -1,11 +1,11 @@
-//! The daemon: opens the store, serves the control API, and — when external interfaces are
-//! given — runs the XDP node-port data plane on them, re-applying the desired state after every
-//! change and every [`RESYNC_INTERVAL`], until SIGINT or SIGTERM.
+//! The daemon: opens the store, serves the control API and `/metrics`, and — when external
+//! interfaces are given — starts the node-port data plane chosen by `--dataplane` with a
+//! [`Reconciler`] keeping it in line with the desired state, until SIGINT or SIGTERM.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -13,7 +13,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     api::{self, ApiError, ApiState},
     control::{ControlError, ControlPlane, ControlSettings},
-    dataplane::{ActiveDataplane, DataplaneError, xdp::XdpDataplane},
+    dataplane::{
+        ActiveDataplane, DataplaneError,
+        select::{SelectSettings, select},
+    },
+    metrics::{self, Metrics, MetricsError, MetricsState},
+    reconcile::Reconciler,
     settings::AgentSettings,
     store::{SqliteStore, StoreError},
 };
@@ -30,6 +35,9 @@ pub enum AgentError {
     /// The API socket could not be bound.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// The metrics listener could not be bound.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// The data plane could not start.
     #[error("starting the node-port data plane: {0}")]
     Dataplane(#[from] Box<DataplaneError>),
@@ -61,58 +69,82 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             port_range: settings.port_range.clone(),
         },
     )?);
-    let dataplane = start_dataplane(&settings, &control)?;
+    let api_listener = api::bind(&settings.api_socket).await?;
+    let metrics_listener = metrics::bind(settings.metrics_addr).await?;
+    let dataplane = start_dataplane(&settings)?;
+    let metrics = Arc::new(Metrics::new(
+        dataplane.active.as_ref().map_or("none", |a| a.mode()),
+    )?);
+    if let Some(active) = &dataplane.active {
+        let reconciler = Reconciler::new(
+            Arc::clone(&control),
+            Arc::clone(active),
+            dataplane.node_addrs.clone(),
+            Arc::clone(&metrics),
+        );
+        tokio::spawn(reconciler.run());
+    }
 
-    let listener = api::bind(&settings.api_socket).await?;
-    let state = Arc::new(ApiState {
-        control,
+    let api_state = Arc::new(ApiState {
+        control: Arc::clone(&control),
         started,
         state_dir: settings.state_dir.clone(),
-        dataplane: dataplane.active,
+        dataplane: dataplane.active.clone(),
         no_dataplane_reason: dataplane.reason,
+        traffic: api::traffic::TrafficSampler::default(),
+    });
+    let metrics_state = Arc::new(MetricsState {
+        metrics,
+        control,
+        dataplane: dataplane.active,
     });
     let io = |op| move |source| AgentError::Io { op, source };
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(io("installing signal handlers"))?;
     let mut terminate =
         signal(SignalKind::terminate()).map_err(io("installing signal handlers"))?;
-    let shutdown = async move {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    tokio::spawn(async move {
         tokio::select! {
             _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
         }
         tracing::info!("shutting down");
-    };
-    tracing::info!(socket = %settings.api_socket.display(), state_dir = %settings.state_dir.display(), "miren-agent ready");
-    let served = api::serve(listener, state, shutdown).await;
+        stop_tx.send_replace(true);
+    });
+    tracing::info!(
+        socket = %settings.api_socket.display(),
+        metrics = %settings.metrics_addr,
+        state_dir = %settings.state_dir.display(),
+        "miren-agent ready"
+    );
+    let (api_served, metrics_served) = tokio::join!(
+        api::serve(api_listener, api_state, stopped(stop_rx.clone())),
+        metrics::serve(metrics_listener, metrics_state, stopped(stop_rx)),
+    );
     let _ = std::fs::remove_file(&settings.api_socket);
-    served.map_err(io("serving the API"))
+    api_served.map_err(io("serving the API"))?;
+    metrics_served.map_err(io("serving /metrics"))
 }
-
-/// How often the desired state is re-applied even without changes.
-pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The running data plane (if any), or why there is none.
 struct RunningDataplane {
     active: Option<Arc<ActiveDataplane>>,
+    node_addrs: Vec<Ipv4Addr>,
     reason: String,
 }
 
-/// Starts the XDP data plane on `--iface` interfaces and a task that applies every change.
-fn start_dataplane(
-    settings: &AgentSettings,
-    control: &Arc<ControlPlane>,
-) -> Result<RunningDataplane, AgentError> {
+/// Starts the data plane `--dataplane` asks for when `--iface` interfaces are given.
+fn start_dataplane(settings: &AgentSettings) -> Result<RunningDataplane, AgentError> {
     if settings.ifaces.is_empty() {
         return Ok(RunningDataplane {
             active: None,
+            node_addrs: Vec::new(),
             reason: "no --iface given".into(),
         });
-    }
-    if settings.dataplane == "nft" {
-        return Err(AgentError::Settings(
-            "--dataplane nft is not available in this agent version; use auto or xdp".into(),
-        ));
     }
     let node_addrs: Vec<Ipv4Addr> = settings
         .node_ips
@@ -129,50 +161,20 @@ fn start_dataplane(
         ));
     }
     enable_forwarding()?;
-    let mut dataplane = XdpDataplane::load_pinned(&settings.bpf_pin_dir).map_err(Box::new)?;
-    dataplane
-        .set_udp_timeout(settings.udp_timeout)
-        .map_err(Box::new)?;
-    let mut modes = Vec::new();
-    for iface in &settings.ifaces {
-        let mode = dataplane
-            .attach(iface, settings.dataplane == "auto")
-            .map_err(Box::new)?;
-        tracing::info!(%iface, %mode, "node-port data plane attached");
-        modes.push(format!("{iface}: {mode}"));
-    }
-    let reason = format!("XDP on {}", modes.join(", "));
-    let dataplane = Arc::new(ActiveDataplane::new(Box::new(dataplane), reason));
-    let active = Arc::clone(&dataplane);
-    let control = Arc::clone(control);
-    tokio::spawn(async move {
-        let mut changes = control.subscribe();
-        loop {
-            let (revision, snapshot) = control.dataplane_snapshot(&node_addrs);
-            let dataplane = Arc::clone(&dataplane);
-            let started = Instant::now();
-            let applied = tokio::task::spawn_blocking(move || {
-                dataplane.lock().apply(&snapshot)
-            })
-            .await;
-            let status = match applied {
-                Ok(Ok(())) => "ok".to_owned(),
-                Ok(Err(err)) => format!("error: {err}"),
-                Err(join) => format!("error: the apply task failed: {join}"),
-            };
-            if status != "ok" {
-                tracing::error!(%status, "applying the node-port data plane failed; retrying at the next change or resync");
-            }
-            tracing::debug!(elapsed = ?started.elapsed(), "data plane applied");
-            control.set_dataplane_status(revision, status);
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { break },
-                _ = tokio::time::sleep(RESYNC_INTERVAL) => {}
-            }
-        }
-    });
+    let selected = select(&SelectSettings {
+        choice: settings.dataplane,
+        ifaces: &settings.ifaces,
+        bpf_pin_dir: &settings.bpf_pin_dir,
+        udp_timeout: settings.udp_timeout,
+    })
+    .map_err(Box::new)?;
+    tracing::info!(mode = selected.dataplane.mode(), reason = %selected.reason, "node-port data plane started");
     Ok(RunningDataplane {
-        active: Some(active),
+        active: Some(Arc::new(ActiveDataplane::new(
+            selected.dataplane,
+            selected.reason,
+        ))),
+        node_addrs,
         reason: String::new(),
     })
 }

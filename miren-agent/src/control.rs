@@ -25,6 +25,7 @@ use crate::{
         Source, ValidationContext, assign_ports, check_node_port_claims, instance_env,
         parse_deployable,
     },
+    dataplane::NodePortKey,
     routes::{Host, check_route_target},
     store::{
         AppRecord, EndpointMap, NodePortRecord, RouteRecord, Store, StoreError, StoreState, Write,
@@ -82,7 +83,35 @@ pub struct ControlPlane {
     settings: ControlSettings,
     desired: Mutex<Desired>,
     revision_tx: watch::Sender<u64>,
-    dataplane_status: Mutex<(u64, String)>,
+    dataplane_report: Mutex<Option<DataplaneReport>>,
+}
+
+/// The outcome of applying one revision's snapshot to the data plane (from the reconciler),
+/// shown as each node port's status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataplaneReport {
+    /// Revision of the snapshot that was applied or attempted.
+    pub revision: u64,
+    /// Why the whole apply failed, if it did (the previous state is kept).
+    pub failure: Option<String>,
+    /// Node ports that could not be applied, with the reason; the others were.
+    pub port_errors: BTreeMap<NodePortKey, String>,
+}
+
+impl DataplaneReport {
+    /// The status of node port `key` when the desired state is at `desired_revision`:
+    /// `ok`, `pending: …` or `error: …`.
+    pub fn port_status(&self, key: &NodePortKey, desired_revision: u64) -> String {
+        if let Some(failure) = &self.failure {
+            format!("error: {failure} (the previous state is kept; retrying)")
+        } else if let Some(error) = self.port_errors.get(key) {
+            format!("error: {error}")
+        } else if self.revision < desired_revision {
+            format!("pending: revision {desired_revision} not applied yet")
+        } else {
+            "ok".into()
+        }
+    }
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -108,7 +137,7 @@ impl ControlPlane {
             settings,
             desired: Mutex::new(desired),
             revision_tx,
-            dataplane_status: Mutex::new((0, "pending: no node-port data plane is running".into())),
+            dataplane_report: Mutex::new(None),
         })
     }
 
@@ -351,16 +380,15 @@ impl ControlPlane {
     /// # Errors
     /// [`ControlError::NotFound`] for an unknown app.
     pub fn node_ports(&self, app: Option<&str>) -> Result<Vec<NodePortInfo>, ControlError> {
-        let (applied, status) = self
-            .dataplane_status
+        let report = self
+            .dataplane_report
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let desired = self.lock();
-        let status = if applied < desired.revision && status == "ok" {
-            format!("pending: revision {} not applied yet", desired.revision)
-        } else {
-            status
+        let status = |np: &NodePortRecord| match &report {
+            Some(report) => report.port_status(&np.key(), desired.revision),
+            None => "pending: no node-port data plane is running".to_owned(),
         };
         if let Some(app) = app {
             find_app(&desired, app)?;
@@ -369,7 +397,7 @@ impl ControlPlane {
             .node_ports
             .iter()
             .filter(|np| app.is_none_or(|a| np.app == a))
-            .map(|np| node_port_info(&desired, np, &status))
+            .map(|np| node_port_info(&desired, np, status(np)))
             .collect())
     }
 
@@ -569,13 +597,13 @@ impl ControlPlane {
             .collect())
     }
 
-    /// Records the outcome (`ok` or `error: …`) of applying the snapshot of `revision` (from
-    /// [`ControlPlane::dataplane_snapshot`]); shown per node port.
-    pub fn set_dataplane_status(&self, revision: u64, status: String) {
+    /// Records the outcome of applying a snapshot from [`ControlPlane::dataplane_snapshot`];
+    /// shown as each node port's status.
+    pub fn set_dataplane_report(&self, report: DataplaneReport) {
         *self
-            .dataplane_status
+            .dataplane_report
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = (revision, status);
+            .unwrap_or_else(|p| p.into_inner()) = Some(report);
     }
 
     /// The data plane's view of the desired state (node ports with their endpoints) and the
@@ -596,13 +624,7 @@ impl ControlPlane {
                         SocketAddr::V6(_) => None,
                     })
                     .collect();
-                (
-                    crate::dataplane::NodePortKey {
-                        port: np.node_port,
-                        protocol: np.protocol,
-                    },
-                    endpoints,
-                )
+                (np.key(), endpoints)
             })
             .collect();
         let snapshot = crate::dataplane::Snapshot {
@@ -745,13 +767,9 @@ fn unpublish(
 }
 
 fn parse_protocol(value: &str) -> Result<Protocol, ControlError> {
-    match value {
-        "tcp" => Ok(Protocol::Tcp),
-        "udp" => Ok(Protocol::Udp),
-        other => Err(ControlError::BadRequest(format!(
-            "unknown protocol \"{other}\"; use tcp or udp"
-        ))),
-    }
+    Protocol::from_name(value).ok_or_else(|| {
+        ControlError::BadRequest(format!("unknown protocol \"{value}\"; use tcp or udp"))
+    })
 }
 
 fn describe_wanted(port: Option<u16>, protocol: Option<Protocol>) -> String {
@@ -887,7 +905,7 @@ fn endpoints_of<'a>(desired: &'a Desired, np: &NodePortRecord) -> &'a [SocketAdd
         .map_or(&[], Vec::as_slice)
 }
 
-fn node_port_info(desired: &Desired, np: &NodePortRecord, status: &str) -> NodePortInfo {
+fn node_port_info(desired: &Desired, np: &NodePortRecord, status: String) -> NodePortInfo {
     let target_port = desired
         .apps
         .get(&np.app)
@@ -903,7 +921,8 @@ fn node_port_info(desired: &Desired, np: &NodePortRecord, status: &str) -> NodeP
         port_name: np.port_name.clone(),
         target_port,
         endpoints: endpoints_of(desired, np).to_vec(),
-        status: status.to_owned(),
+        status,
+        traffic: None,
     }
 }
 

@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod metrics;
+pub mod reconcile;
 pub mod routes;
 pub mod settings;
 pub mod store;

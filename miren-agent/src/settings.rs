@@ -9,7 +9,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::config::ValidationContext;
+use crate::{config::ValidationContext, dataplane::select::DataplaneChoice};
 
 /// The config file read when `--config` is not given (if it exists).
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/miren/agent.toml";
@@ -109,7 +109,7 @@ pub struct AgentSettings {
     /// The node's own addresses.
     pub node_ips: Vec<IpAddr>,
     /// auto, xdp or nft.
-    pub dataplane: String,
+    pub dataplane: DataplaneChoice,
     /// bpffs pin directory.
     pub bpf_pin_dir: PathBuf,
     /// HTTP listener.
@@ -152,11 +152,11 @@ impl SettingsLayer {
             .dataplane
             .or(file.dataplane)
             .unwrap_or_else(|| "auto".into());
-        if !["auto", "xdp", "nft"].contains(&dataplane.as_str()) {
-            return Err(SettingsError::Invalid(format!(
+        let dataplane = DataplaneChoice::from_name(&dataplane).ok_or_else(|| {
+            SettingsError::Invalid(format!(
                 "unknown data plane \"{dataplane}\"; use auto, xdp or nft"
-            )));
-        }
+            ))
+        })?;
         let port_range = self
             .port_range
             .or(file.port_range)

@@ -147,13 +147,13 @@ pub const FLOW_CLOSING: u16 = 2;
 pub struct PortStats {
     /// Packets received for the node port.
     pub rx_packets: u64,
-    /// Bytes received (whole frames).
+    /// IP bytes received (header and payload, as nftables counts).
     pub rx_bytes: u64,
     /// New flows (conntrack misses that created an entry).
     pub flows: u64,
     /// Reply packets reverse-NATed.
     pub tx_packets: u64,
-    /// Reply bytes.
+    /// Reply IP bytes.
     pub tx_bytes: u64,
     /// Dropped: the node port has no endpoints.
     pub drop_no_backend: u64,
@@ -180,7 +180,7 @@ impl PortStats {
 pub struct BackendStats {
     /// Packets forwarded to the backend.
     pub packets: u64,
-    /// Bytes forwarded.
+    /// IP bytes forwarded.
     pub bytes: u64,
 }
 

@@ -106,10 +106,11 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     };
     // SAFETY: map value pointer from a successful lookup.
     let service: Service = unsafe { *service };
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    // Bytes are IP bytes (header and payload), as nftables counts them.
+    let ip_bytes = tot_len as u64;
     port_stats(service.id, |s| {
         s.rx_packets += 1;
-        s.rx_bytes += frame_len;
+        s.rx_bytes += ip_bytes;
     });
 
     let key = FlowKey {
@@ -124,14 +125,14 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     let config = config();
     let now = now_ns(&config);
     let Some(flow) = established(&key, &config, now, tcp_flags) else {
-        return new_flow(ctx, ip, l4, &key, &service, now, frame_len);
+        return new_flow(ctx, ip, l4, &key, &service, now, ip_bytes);
     };
     count(GlobalStat::ConntrackHit);
     if tcp_flags & TCP_RST != 0 {
         forget(&key, &flow);
     }
     rewrite(ctx, ip, l4, protocol, flow.nat_addr, flow.nat_port)?;
-    backend_stats(flow.backend_id, frame_len);
+    backend_stats(flow.backend_id, ip_bytes);
     Ok(xdp_action::XDP_PASS)
 }
 
@@ -166,7 +167,7 @@ fn new_flow(
     key: &FlowKey,
     service: &Service,
     now: u64,
-    frame_len: u64,
+    ip_bytes: u64,
 ) -> Result<u32, Malformed> {
     count(GlobalStat::ConntrackMiss);
     if service.table_size == 0 {
@@ -212,7 +213,7 @@ fn new_flow(
     let _ = CONNTRACK.insert(reverse_key, reverse, 0);
     port_stats(service.id, |s| s.flows += 1);
     rewrite(ctx, ip, l4, key.protocol, backend.addr_be, backend.port_be)?;
-    backend_stats(backend_id, frame_len);
+    backend_stats(backend_id, ip_bytes);
     Ok(xdp_action::XDP_PASS)
 }
 
@@ -265,12 +266,12 @@ fn rewrite(
 }
 
 #[inline(always)]
-fn backend_stats(id: u32, frame_len: u64) {
+fn backend_stats(id: u32, ip_bytes: u64) {
     if let Some(stats) = BACKEND_STATS.get_ptr_mut(id) {
         // SAFETY: per-CPU slot from a successful lookup.
         unsafe {
             (*stats).packets += 1;
-            (*stats).bytes += frame_len;
+            (*stats).bytes += ip_bytes;
         }
     }
 }

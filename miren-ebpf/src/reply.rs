@@ -17,6 +17,7 @@ use crate::{
 
 /// Offsets in the IPv4 header.
 const IP_VERSION_IHL: usize = ETH_LEN;
+const IP_TOT_LEN: usize = ETH_LEN + 2;
 const IP_FRAG_OFF: usize = ETH_LEN + 6;
 const IP_PROTOCOL: usize = ETH_LEN + 9;
 const IP_CHECK: usize = ETH_LEN + 10;
@@ -88,10 +89,10 @@ fn reverse_nat(ctx: &TcContext) -> Result<(), i64> {
     ctx.l3_csum_replace(IP_CHECK, u64::from(saddr), u64::from(flow.nat_addr), 4)?;
     ctx.store(IP_SADDR, &flow.nat_addr, 0)?;
     ctx.store(l4, &flow.nat_port, 0)?;
-    let len = u64::from(ctx.len());
+    let ip_bytes = u64::from(u16::from_be(ctx.load::<u16>(IP_TOT_LEN)?));
     port_stats(flow.service_id, |s| {
         s.tx_packets += 1;
-        s.tx_bytes += len;
+        s.tx_bytes += ip_bytes;
     });
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! bodies). [`router`] maps paths onto [`ControlPlane`] operations; [`serve`] binds the socket
 //! (mode 0600, parent directory created) and serves until shutdown.
 
+pub mod traffic;
 pub mod types;
 
 use std::{
@@ -42,6 +43,8 @@ pub struct ApiState {
     pub dataplane: Option<Arc<ActiveDataplane>>,
     /// Why there is no data plane when `dataplane` is `None`.
     pub no_dataplane_reason: String,
+    /// Counter samples for the rates of `miren ports`.
+    pub traffic: traffic::TrafficSampler,
 }
 
 /// Errors starting the API.
@@ -273,5 +276,11 @@ async fn ports(
     State(state): State<Arc<ApiState>>,
     Query(query): Query<PortsQuery>,
 ) -> ApiResult<Vec<NodePortInfo>> {
-    Ok(Json(state.control.node_ports(query.app.as_deref())?))
+    let mut ports = state.control.node_ports(query.app.as_deref())?;
+    if let Some(dataplane) = &state.dataplane
+        && let Err(err) = state.traffic.fill(dataplane, &mut ports).await
+    {
+        tracing::warn!(%err, "node-port counters unavailable");
+    }
+    Ok(Json(ports))
 }

@@ -125,7 +125,7 @@ pub struct RouteRequest {
 }
 
 /// `GET /v1/ports[?app=APP]` items: a published node port.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodePortInfo {
     /// Port on the node's addresses.
     pub node_port: u16,
@@ -141,8 +141,38 @@ pub struct NodePortInfo {
     pub target_port: u16,
     /// Current endpoints (address:target_port).
     pub endpoints: Vec<SocketAddr>,
-    /// `ok` or `error: reason` from the data plane.
+    /// `ok`, `pending: …` or `error: reason` from the data plane.
     pub status: String,
+    /// Traffic from the data plane's kernel counters; absent without a data plane or before
+    /// the node port is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<PortTraffic>,
+}
+
+/// Counts since the node port was created and per-second rates over the last sampling
+/// interval (about a second).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PortTraffic {
+    /// Packets received.
+    pub rx_packets: u64,
+    /// IP bytes received.
+    pub rx_bytes: u64,
+    /// Reply packets sent.
+    pub tx_packets: u64,
+    /// Reply IP bytes sent.
+    pub tx_bytes: u64,
+    /// New flows.
+    pub flows: u64,
+    /// Packets dropped (no endpoints, or a balancing table being replaced).
+    pub drops: u64,
+    /// Received packets per second.
+    pub rx_pps: f64,
+    /// Received bytes per second.
+    pub rx_bps: f64,
+    /// Sent packets per second.
+    pub tx_pps: f64,
+    /// Sent bytes per second.
+    pub tx_bps: f64,
 }
 
 /// `POST /v1/apps/{app}/ports`: publish or unpublish node ports without redeploying.

@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use crate::api::types::{
-    AppDetail, AppSummary, NodePortInfo, RouteInfo, ServiceDetail, ServiceEndpoints, Status,
+    AppDetail, AppSummary, NodePortInfo, PortTraffic, RouteInfo, ServiceDetail, ServiceEndpoints,
+    Status,
 };
 use crate::config::AppConfig;
 
@@ -234,8 +235,48 @@ const NODE_PORT_COLUMNS: &[Column<NodePortInfo>] = &[
     ("PORT_NAME", |p| p.port_name.clone()),
     ("TARGET", |p| p.target_port.to_string()),
     ("ENDPOINTS", |p| p.endpoints.len().to_string()),
+    ("RX", |p| traffic(p, |t| rate(t.rx_packets, t.rx_pps))),
+    ("RX_BYTES", |p| {
+        traffic(p, |t| rate_bytes(t.rx_bytes, t.rx_bps))
+    }),
+    ("TX", |p| traffic(p, |t| rate(t.tx_packets, t.tx_pps))),
+    ("TX_BYTES", |p| {
+        traffic(p, |t| rate_bytes(t.tx_bytes, t.tx_bps))
+    }),
+    ("FLOWS", |p| traffic(p, |t| t.flows.to_string())),
+    ("DROPS", |p| traffic(p, |t| t.drops.to_string())),
     ("STATUS", |p| p.status.clone()),
 ];
+
+/// A traffic cell, `-` without counters.
+fn traffic(port: &NodePortInfo, cell: impl Fn(&PortTraffic) -> String) -> String {
+    port.traffic.as_ref().map_or_else(|| "-".to_owned(), cell)
+}
+
+/// `1500 (50/s)`.
+fn rate(count: u64, per_sec: f64) -> String {
+    format!("{count} ({per_sec:.0}/s)")
+}
+
+/// `1.5MB (12.0kB/s)` in decimal units.
+fn rate_bytes(bytes: u64, per_sec: f64) -> String {
+    format!("{} ({}/s)", human_bytes(bytes as f64), human_bytes(per_sec))
+}
+
+fn human_bytes(bytes: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{value:.0}{}", UNITS[unit])
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
 
 /// `miren ports` and `miren ports edit`.
 pub fn node_ports(ports: &[NodePortInfo]) -> String {
@@ -385,13 +426,28 @@ mod tests {
             target_port: 5353,
             endpoints: endpoints.iter().map(|e| e.parse().expect("addr")).collect(),
             status: "ok".to_owned(),
+            traffic: None,
         }
     }
 
     #[test]
     fn node_port_table() {
         let ports = [
-            node_port(53, "udp", &["10.88.0.2:5353", "10.88.0.3:5353"]),
+            NodePortInfo {
+                traffic: Some(PortTraffic {
+                    rx_packets: 1500,
+                    rx_bytes: 1_234_567,
+                    tx_packets: 1400,
+                    tx_bytes: 999,
+                    flows: 12,
+                    drops: 1,
+                    rx_pps: 50.4,
+                    rx_bps: 12_345.0,
+                    tx_pps: 49.6,
+                    tx_bps: 33.0,
+                }),
+                ..node_port(53, "udp", &["10.88.0.2:5353", "10.88.0.3:5353"])
+            },
             NodePortInfo {
                 status: "error: no XDP on eth0".to_owned(),
                 ..node_port(53, "tcp", &[])
@@ -400,9 +456,9 @@ mod tests {
         assert_eq!(
             node_ports(&ports),
             "\
-NODE_PORT/PROTO  APP  SERVICE   PORT_NAME  TARGET  ENDPOINTS  STATUS
-53/udp           dns  resolver  dns-udp    5353    2          ok
-53/tcp           dns  resolver  dns-tcp    5353    0          error: no XDP on eth0
+NODE_PORT/PROTO  APP  SERVICE   PORT_NAME  TARGET  ENDPOINTS  RX           RX_BYTES          TX           TX_BYTES      FLOWS  DROPS  STATUS
+53/udp           dns  resolver  dns-udp    5353    2          1500 (50/s)  1.2MB (12.3kB/s)  1400 (50/s)  999B (33B/s)  12     1      ok
+53/tcp           dns  resolver  dns-tcp    5353    0          -            -                 -            -             -      -      error: no XDP on eth0
 "
         );
         assert_eq!(node_ports(&[]), "no published node ports\n");

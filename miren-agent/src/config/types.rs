@@ -134,6 +134,15 @@ impl Protocol {
             Self::Udp => "udp",
         }
     }
+
+    /// `tcp` or `udp` back to the protocol.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "tcp" => Some(Self::Tcp),
+            "udp" => Some(Self::Udp),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Protocol {

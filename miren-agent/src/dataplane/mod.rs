@@ -3,7 +3,9 @@
 //! changed; it reports the kernel's counters. [`xdp::XdpDataplane`] is the eBPF/XDP one.
 
 pub mod maglev;
+pub mod nft;
 mod pins;
+pub mod select;
 pub mod xdp;
 
 use std::{
@@ -114,7 +116,7 @@ impl DataplaneError {
 }
 
 /// A node-port data plane.
-pub trait Dataplane: Send {
+pub trait Dataplane: Send + std::fmt::Debug {
     /// `xdp` or `nft`.
     fn mode(&self) -> &'static str;
 

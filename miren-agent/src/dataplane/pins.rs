@@ -84,3 +84,30 @@ pub(super) fn link_err(path: &Path) -> impl FnOnce(LinkError) -> DataplaneError 
     let op = format!("using the pinned link {}", path.display());
     move |source| DataplaneError::Bpf(BpfError::Link { op, source })
 }
+
+/// Removes the pinned links (which detaches their programs once no process holds them) and
+/// maps under `dir`; true if there were any. A missing directory or one not on a bpffs holds
+/// no pins.
+pub(super) fn remove_all(dir: &Path) -> Result<bool, DataplaneError> {
+    let mut removed = false;
+    for sub in ["links", "maps"] {
+        let sub = dir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry
+                .map_err(|source| DataplaneError::Io {
+                    op: format!("listing {}", sub.display()),
+                    source,
+                })?
+                .path();
+            std::fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+                op: format!("removing the leftover pin {}", path.display()),
+                source,
+            })?;
+            removed = true;
+        }
+    }
+    Ok(removed)
+}

@@ -128,6 +128,15 @@ fn map_err(op: impl Into<String>) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Bpf(BpfError::Map { op, source })
 }
 
+/// Removes the objects an earlier XDP data plane pinned under `pin_dir` (its links, which
+/// detaches the programs, and its maps); true if there were any.
+///
+/// # Errors
+/// [`DataplaneError::Io`] when a pin cannot be removed.
+pub fn remove_pins(pin_dir: &Path) -> Result<bool, DataplaneError> {
+    pins::remove_all(pin_dir)
+}
+
 impl XdpDataplane {
     /// Loads the programs and fresh maps (not attached yet), with the default UDP idle timeout.
     ///
@@ -258,18 +267,14 @@ impl XdpDataplane {
         Ok(())
     }
 
-    /// Attaches XDP (native; generic only if `allow_generic` and native is refused) and the TC
-    /// egress program to `iface` in the calling thread's network namespace. With a pin
+    /// Attaches XDP (in generic mode if `generic`, else native) and the TC egress program to
+    /// `iface` in the calling thread's network namespace. With a pin
     /// directory, links are pinned, and links pinned by an earlier agent are taken over
     /// atomically (the new programs replace the old ones without a gap).
     ///
     /// # Errors
     /// [`DataplaneError::Bpf`] when attaching fails.
-    pub fn attach(
-        &mut self,
-        iface: &str,
-        allow_generic: bool,
-    ) -> Result<AttachMode, DataplaneError> {
+    pub fn attach(&mut self, iface: &str, generic: bool) -> Result<AttachMode, DataplaneError> {
         let pins = self
             .pin_dir
             .as_deref()
@@ -296,14 +301,12 @@ impl XdpDataplane {
                     np::XDP_PROGRAM
                 )))
         };
-        let (mode, xdp_link) = match attach(&mut self.ebpf, XdpMode::Driver) {
-            Ok(link) => (AttachMode::Native, link),
-            Err(native) if allow_generic => {
-                tracing::warn!(%iface, error = %native, "native XDP refused; using generic XDP");
-                (AttachMode::Generic, attach(&mut self.ebpf, XdpMode::Skb)?)
-            }
-            Err(native) => return Err(native.into()),
+        let (mode, xdp_mode) = if generic {
+            (AttachMode::Generic, XdpMode::Skb)
+        } else {
+            (AttachMode::Native, XdpMode::Driver)
         };
+        let xdp_link = attach(&mut self.ebpf, xdp_mode)?;
         let tc_link = classifier_mut(&mut self.ebpf)?
             .attach(iface, TcAttachType::Egress)
             .map_err(program_err(format!(
@@ -539,12 +542,13 @@ impl Dataplane for XdpDataplane {
             let mut state = match self.services.remove(key) {
                 Some(state) => state,
                 None => {
-                    let id = self.service_ids.take().ok_or_else(|| {
-                        DataplaneError::Capacity {
+                    let id = self
+                        .service_ids
+                        .take()
+                        .ok_or_else(|| DataplaneError::Capacity {
                             port: *key,
                             limit: format!("more than {} node ports", np::MAX_SERVICES),
-                        }
-                    })?;
+                        })?;
                     self.zero_stats::<PortStats>(np::PORT_STATS_MAP, id)?;
                     ServiceState {
                         id,

@@ -378,14 +378,10 @@ fn set_node_ports(
 }
 
 fn parse_protocol(value: &str) -> Result<Protocol, StoreError> {
-    match value {
-        "tcp" => Ok(Protocol::Tcp),
-        "udp" => Ok(Protocol::Udp),
-        _ => Err(StoreError::Corrupt {
-            what: "protocol",
-            value: value.to_owned(),
-        }),
-    }
+    Protocol::from_name(value).ok_or_else(|| StoreError::Corrupt {
+        what: "protocol",
+        value: value.to_owned(),
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,174 @@
+//! Node-port traffic for `miren ports`: counts read from the data plane's kernel counters at
+//! the request, rates against an earlier sample (the previous request's when it is recent,
+//! else one taken a second before).
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use super::types::{NodePortInfo, PortTraffic};
+use crate::{
+    config::Protocol,
+    dataplane::{ActiveDataplane, Counters, DataplaneError, NodePortKey, PortCounters},
+};
+
+/// Rates need samples at least this far apart.
+const MIN_INTERVAL: Duration = Duration::from_millis(500);
+/// An earlier sample older than this is too stale for a current rate.
+const MAX_AGE: Duration = Duration::from_secs(30);
+/// How long to wait for a second sample when there is no usable earlier one.
+const SAMPLE_WAIT: Duration = Duration::from_secs(1);
+
+/// Remembers the last counter sample between requests.
+#[derive(Debug, Default)]
+pub struct TrafficSampler {
+    last: Mutex<Option<(Instant, Counters)>>,
+}
+
+impl TrafficSampler {
+    /// Fills `traffic` of every port in `ports` from `dataplane`'s counters now and the rates
+    /// since an earlier sample.
+    ///
+    /// # Errors
+    /// [`DataplaneError`] when the counters cannot be read.
+    pub async fn fill(
+        &self,
+        dataplane: &Arc<ActiveDataplane>,
+        ports: &mut [NodePortInfo],
+    ) -> Result<(), DataplaneError> {
+        let earlier = self
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|(at, _)| at.elapsed() >= MIN_INTERVAL && at.elapsed() <= MAX_AGE);
+        let earlier = match earlier {
+            Some(sample) => sample,
+            None => {
+                let first = read(dataplane).await?;
+                tokio::time::sleep(SAMPLE_WAIT).await;
+                first
+            }
+        };
+        let now = read(dataplane).await?;
+        let elapsed = now.0.duration_since(earlier.0);
+        for port in ports.iter_mut() {
+            let Some(protocol) = Protocol::from_name(&port.protocol) else {
+                continue;
+            };
+            let key = NodePortKey {
+                port: port.node_port,
+                protocol,
+            };
+            port.traffic = now
+                .1
+                .ports
+                .get(&key)
+                .map(|counters| port_traffic(counters, earlier.1.ports.get(&key), elapsed));
+        }
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+        Ok(())
+    }
+}
+
+/// Reads the counters on a blocking thread (the nft data plane runs a command).
+async fn read(dataplane: &Arc<ActiveDataplane>) -> Result<(Instant, Counters), DataplaneError> {
+    let dataplane = Arc::clone(dataplane);
+    tokio::task::spawn_blocking(move || {
+        let counters = dataplane.counters()?;
+        Ok((Instant::now(), counters))
+    })
+    .await
+    .map_err(|join| DataplaneError::Io {
+        op: "reading counters".into(),
+        source: std::io::Error::other(join.to_string()),
+    })?
+}
+
+/// Counts of `now` and rates since `earlier`, `elapsed` before. A node port without an
+/// earlier sample (just created) counts from zero.
+pub fn port_traffic(
+    now: &PortCounters,
+    earlier: Option<&PortCounters>,
+    elapsed: Duration,
+) -> PortTraffic {
+    let zero = PortCounters::default();
+    let earlier = earlier.unwrap_or(&zero);
+    let secs = elapsed.as_secs_f64().max(f64::EPSILON);
+    // A counter that went backwards (the node port was recreated) has no rate.
+    let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / secs;
+    PortTraffic {
+        rx_packets: now.rx_packets,
+        rx_bytes: now.rx_bytes,
+        tx_packets: now.tx_packets,
+        tx_bytes: now.tx_bytes,
+        flows: now.flows,
+        drops: now.drop_no_backend + now.drop_table_miss,
+        rx_pps: rate(now.rx_packets, earlier.rx_packets),
+        rx_bps: rate(now.rx_bytes, earlier.rx_bytes),
+        tx_pps: rate(now.tx_packets, earlier.tx_packets),
+        tx_bps: rate(now.tx_bytes, earlier.tx_bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_deltas_per_second() {
+        let earlier = PortCounters {
+            rx_packets: 100,
+            rx_bytes: 10_000,
+            tx_packets: 50,
+            tx_bytes: 5_000,
+            ..PortCounters::default()
+        };
+        let now = PortCounters {
+            rx_packets: 300,
+            rx_bytes: 30_000,
+            tx_packets: 150,
+            tx_bytes: 15_000,
+            flows: 7,
+            drop_no_backend: 2,
+            drop_table_miss: 1,
+        };
+        let traffic = port_traffic(&now, Some(&earlier), Duration::from_secs(2));
+        assert_eq!(
+            traffic,
+            PortTraffic {
+                rx_packets: 300,
+                rx_bytes: 30_000,
+                tx_packets: 150,
+                tx_bytes: 15_000,
+                flows: 7,
+                drops: 3,
+                rx_pps: 100.0,
+                rx_bps: 10_000.0,
+                tx_pps: 50.0,
+                tx_bps: 5_000.0,
+            }
+        );
+    }
+
+    #[test]
+    fn a_new_port_counts_from_zero_and_a_reset_has_no_rate() {
+        let now = PortCounters {
+            rx_packets: 10,
+            ..PortCounters::default()
+        };
+        assert_eq!(
+            port_traffic(&now, None, Duration::from_millis(500)).rx_pps,
+            20.0
+        );
+        let before_reset = PortCounters {
+            rx_packets: 1_000,
+            ..PortCounters::default()
+        };
+        assert_eq!(
+            port_traffic(&now, Some(&before_reset), Duration::from_secs(1)).rx_pps,
+            0.0
+        );
+    }
+}

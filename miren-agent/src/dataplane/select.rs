@@ -1,0 +1,127 @@
+//! Choosing the node-port data plane (`--dataplane auto|xdp|nft`): auto tries XDP in native
+//! mode, then XDP in generic mode, then nftables, and says why each step failed. Whatever is
+//! chosen, the other data plane's leftovers (pinned eBPF objects or the nft table) are removed.
+
+use std::{path::Path, time::Duration};
+
+use super::{
+    Dataplane, DataplaneError,
+    nft::NftDataplane,
+    xdp::{self, XdpDataplane},
+};
+
+/// Which data plane the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataplaneChoice {
+    /// XDP native, else XDP generic, else nftables.
+    Auto,
+    /// XDP in native mode only.
+    Xdp,
+    /// nftables only.
+    Nft,
+}
+
+impl DataplaneChoice {
+    /// `auto`, `xdp` or `nft`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "auto" => Some(Self::Auto),
+            "xdp" => Some(Self::Xdp),
+            "nft" => Some(Self::Nft),
+            _ => None,
+        }
+    }
+}
+
+/// What the data plane needs to start.
+#[derive(Debug, Clone)]
+pub struct SelectSettings<'a> {
+    /// What the operator asked for.
+    pub choice: DataplaneChoice,
+    /// External interfaces to attach XDP to.
+    pub ifaces: &'a [String],
+    /// Where XDP pins its maps and links.
+    pub bpf_pin_dir: &'a Path,
+    /// Idle timeout of UDP sessions (XDP; nftables uses the kernel's conntrack timeouts).
+    pub udp_timeout: Duration,
+}
+
+/// The started data plane and why it was chosen.
+#[derive(Debug)]
+pub struct Selected {
+    /// The data plane.
+    pub dataplane: Box<dyn Dataplane>,
+    /// Why (shown by `miren status`).
+    pub reason: String,
+}
+
+/// Starts the data plane `settings.choice` asks for.
+///
+/// # Errors
+/// [`DataplaneError`] when the chosen data plane (for auto: the last fallback, nftables) cannot
+/// start; for auto the error also says why XDP was refused.
+pub fn select(settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError> {
+    match settings.choice {
+        DataplaneChoice::Nft => start_nft("--dataplane nft".into(), settings.bpf_pin_dir),
+        DataplaneChoice::Xdp => start_xdp(settings, false),
+        DataplaneChoice::Auto => {
+            let native = match start_xdp(settings, false) {
+                Ok(selected) => return Ok(selected),
+                Err(err) => err,
+            };
+            tracing::warn!(error = %native, "XDP in native mode refused; trying generic mode");
+            let generic = match start_xdp(settings, true) {
+                Ok(mut selected) => {
+                    selected.reason =
+                        format!("{} (native mode refused: {native})", selected.reason);
+                    return Ok(selected);
+                }
+                Err(err) => err,
+            };
+            tracing::warn!(error = %generic, "XDP in generic mode refused; using nftables");
+            start_nft(
+                format!("XDP refused; native mode: {native}; generic mode: {generic}"),
+                settings.bpf_pin_dir,
+            )
+            .map_err(|nft| DataplaneError::Command {
+                op: "no node-port data plane could start".into(),
+                detail: format!(
+                    "XDP native mode: {native}; XDP generic mode: {generic}; nftables: {nft}"
+                ),
+            })
+        }
+    }
+}
+
+/// Loads XDP (adopting pinned state), attaches it to every interface in native mode or, with
+/// `generic`, generic mode (interfaces already attached by an earlier agent are adopted), and
+/// removes a leftover nft table.
+fn start_xdp(settings: &SelectSettings<'_>, generic: bool) -> Result<Selected, DataplaneError> {
+    let mut dataplane = XdpDataplane::load_pinned(settings.bpf_pin_dir)?;
+    dataplane.set_udp_timeout(settings.udp_timeout)?;
+    let mut modes = Vec::new();
+    for iface in settings.ifaces {
+        let mode = dataplane.attach(iface, generic)?;
+        tracing::info!(%iface, %mode, "XDP node-port data plane attached");
+        modes.push(format!("{iface} {mode}"));
+    }
+    if NftDataplane::remove_table()? {
+        tracing::info!("removed the nft table of an earlier nftables data plane");
+    }
+    Ok(Selected {
+        dataplane: Box::new(dataplane),
+        reason: format!("XDP on {}", modes.join(", ")),
+    })
+}
+
+/// Removes XDP leftovers (pinned maps and links, which detaches the programs) and opens the
+/// nftables data plane.
+fn start_nft(reason: String, bpf_pin_dir: &Path) -> Result<Selected, DataplaneError> {
+    if xdp::remove_pins(bpf_pin_dir)? {
+        tracing::info!(dir = %bpf_pin_dir.display(), "removed the pinned objects of an earlier XDP data plane");
+    }
+    Ok(Selected {
+        dataplane: Box::new(NftDataplane::open()?),
+        reason: format!("nftables ({reason})"),
+    })
+}

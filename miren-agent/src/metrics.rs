@@ -1,0 +1,358 @@
+//! Prometheus metrics on `--metrics-addr` (`GET /metrics`, text exposition). Node-port and
+//! backend counters are read from the active data plane's kernel counters at each scrape and
+//! labelled with the owning app, service, port name, protocol and node port; reconcile health
+//! and the data plane mode live in a registry.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder, proto::MetricFamily,
+};
+
+use crate::{
+    api::types::NodePortInfo,
+    control::ControlPlane,
+    dataplane::{ActiveDataplane, Counters, DataplaneError, NodePortKey},
+};
+
+/// Labels of every node-port family.
+const PORT_LABELS: [&str; 5] = ["app", "service", "port_name", "protocol", "node_port"];
+
+/// Errors of the metrics endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The listener could not be bound.
+    #[error("cannot listen for /metrics on {addr}: {source}; pass another --metrics-addr")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data plane's counters could not be read.
+    #[error("reading the node-port counters: {0}")]
+    Counters(#[from] DataplaneError),
+    /// A family could not be built or encoded.
+    #[error("encoding metrics: {0}")]
+    Encode(#[from] prometheus::Error),
+}
+
+/// The agent's long-lived metrics (reconcile health, data plane mode).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    reconcile_duration: Histogram,
+    reconcile_errors: IntCounter,
+}
+
+impl Metrics {
+    /// The registry, with `miren_dataplane_info{mode}` set for `mode` (`xdp`, `nft`, `none`).
+    ///
+    /// # Errors
+    /// [`MetricsError::Encode`] if a family cannot be registered (a programming error).
+    pub fn new(mode: &str) -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let reconcile_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "miren_reconcile_duration_seconds",
+                "Time to apply the desired node-port state to the data plane.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+        )?;
+        let reconcile_errors = IntCounter::new(
+            "miren_reconcile_errors_total",
+            "Applies of the node-port state that failed (the previous state was kept).",
+        )?;
+        let info = IntGaugeVec::new(
+            Opts::new("miren_dataplane_info", "The active node-port data plane."),
+            &["mode"],
+        )?;
+        info.with_label_values(&[mode]).set(1);
+        registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(reconcile_errors.clone()))?;
+        registry.register(Box::new(info))?;
+        Ok(Self {
+            registry,
+            reconcile_duration,
+            reconcile_errors,
+        })
+    }
+
+    /// Records one reconcile pass.
+    pub fn observe_reconcile(&self, elapsed: Duration, ok: bool) {
+        self.reconcile_duration.observe(elapsed.as_secs_f64());
+        if !ok {
+            self.reconcile_errors.inc();
+        }
+    }
+
+    /// The text exposition: the registry plus node-port families from `counters`, labelled
+    /// by `ports`.
+    ///
+    /// # Errors
+    /// [`MetricsError::Encode`] if encoding fails.
+    pub fn render(
+        &self,
+        counters: Option<&Counters>,
+        ports: &[NodePortInfo],
+    ) -> Result<String, MetricsError> {
+        let mut families = self.registry.gather();
+        if let Some(counters) = counters {
+            families.extend(node_port_families(counters, ports)?);
+        }
+        let mut text = Vec::new();
+        TextEncoder::new().encode(&families, &mut text)?;
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    }
+}
+
+/// A counter family with the node-port labels plus `extra`.
+fn family(name: &str, help: &str, extra: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+    let labels: Vec<&str> = PORT_LABELS.iter().chain(extra).copied().collect();
+    IntCounterVec::new(Opts::new(name, help), &labels)
+}
+
+/// Builds the node-port and backend families of one scrape.
+fn node_port_families(
+    counters: &Counters,
+    ports: &[NodePortInfo],
+) -> Result<Vec<MetricFamily>, prometheus::Error> {
+    let rx_packets = family(
+        "miren_nodeport_rx_packets_total",
+        "Packets received for the node port.",
+        &[],
+    )?;
+    let rx_bytes = family(
+        "miren_nodeport_rx_bytes_total",
+        "IP bytes received for the node port.",
+        &[],
+    )?;
+    let tx_packets = family(
+        "miren_nodeport_tx_packets_total",
+        "Reply packets sent from the node port.",
+        &[],
+    )?;
+    let tx_bytes = family(
+        "miren_nodeport_tx_bytes_total",
+        "Reply IP bytes sent from the node port.",
+        &[],
+    )?;
+    let flows = family(
+        "miren_nodeport_flows_total",
+        "New flows balanced to an endpoint.",
+        &[],
+    )?;
+    let drops = family(
+        "miren_nodeport_drops_total",
+        "Packets dropped: no_endpoints (the service has no endpoint), table_miss (XDP only: \
+         a balancing table was being replaced).",
+        &["reason"],
+    )?;
+    let backend_rx = family(
+        "miren_backend_rx_packets_total",
+        "Packets forwarded to one endpoint of the node port.",
+        &["backend"],
+    )?;
+    for port in ports {
+        let Some(protocol) = crate::config::Protocol::from_name(&port.protocol) else {
+            continue;
+        };
+        let key = NodePortKey {
+            port: port.node_port,
+            protocol,
+        };
+        let Some(c) = counters.ports.get(&key) else {
+            continue;
+        };
+        let node_port = port.node_port.to_string();
+        let labels = [
+            port.app.as_str(),
+            &port.service,
+            &port.port_name,
+            &port.protocol,
+            &node_port,
+        ];
+        rx_packets.with_label_values(&labels).inc_by(c.rx_packets);
+        rx_bytes.with_label_values(&labels).inc_by(c.rx_bytes);
+        tx_packets.with_label_values(&labels).inc_by(c.tx_packets);
+        tx_bytes.with_label_values(&labels).inc_by(c.tx_bytes);
+        flows.with_label_values(&labels).inc_by(c.flows);
+        for (reason, value) in [
+            ("no_endpoints", c.drop_no_backend),
+            ("table_miss", c.drop_table_miss),
+        ] {
+            let with_reason: Vec<&str> = labels.iter().copied().chain([reason]).collect();
+            drops.with_label_values(&with_reason).inc_by(value);
+        }
+        for ((_, backend), b) in counters
+            .backends
+            .range((key, min_addr())..=(key, max_addr()))
+        {
+            let backend = backend.to_string();
+            let with_backend: Vec<&str> = labels.iter().copied().chain([&*backend]).collect();
+            backend_rx
+                .with_label_values(&with_backend)
+                .inc_by(b.packets);
+        }
+    }
+    Ok([
+        rx_packets, rx_bytes, tx_packets, tx_bytes, flows, drops, backend_rx,
+    ]
+    .iter()
+    .flat_map(prometheus::core::Collector::collect)
+    .collect())
+}
+
+fn min_addr() -> std::net::SocketAddrV4 {
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0)
+}
+
+fn max_addr() -> std::net::SocketAddrV4 {
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::BROADCAST, u16::MAX)
+}
+
+/// What the `/metrics` handler reads.
+#[derive(Debug)]
+pub struct MetricsState {
+    /// The registry.
+    pub metrics: Arc<Metrics>,
+    /// Node ports and their labels.
+    pub control: Arc<ControlPlane>,
+    /// The kernel counters' source, if node ports are served.
+    pub dataplane: Option<Arc<ActiveDataplane>>,
+}
+
+/// Binds `addr` for `/metrics`.
+///
+/// # Errors
+/// [`MetricsError::Bind`] when the address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+///
+/// # Errors
+/// The server's I/O error.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<MetricsState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(state);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn scrape(State(state): State<Arc<MetricsState>>) -> axum::response::Response {
+    let rendered = tokio::task::spawn_blocking(move || {
+        let counters = state
+            .dataplane
+            .as_ref()
+            .map(|dataplane| dataplane.counters())
+            .transpose()?;
+        let ports = state.control.node_ports(None).unwrap_or_default();
+        state.metrics.render(counters.as_ref(), &ports)
+    })
+    .await;
+    match rendered {
+        Ok(Ok(text)) => (
+            [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            text,
+        )
+            .into_response(),
+        Ok(Err(err)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+        Err(join) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the scrape task failed: {join}\n"),
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+    use crate::{config::Protocol, dataplane::PortCounters};
+
+    fn info(node_port: u16, protocol: &str) -> NodePortInfo {
+        NodePortInfo {
+            node_port,
+            protocol: protocol.into(),
+            app: "game".into(),
+            service: "server".into(),
+            port_name: "play".into(),
+            target_port: 8080,
+            endpoints: vec![],
+            status: "ok".into(),
+            traffic: None,
+        }
+    }
+
+    #[test]
+    fn node_port_counters_are_exposed_with_their_labels() {
+        let key = NodePortKey {
+            port: 7000,
+            protocol: Protocol::Udp,
+        };
+        let backend = SocketAddrV4::new(Ipv4Addr::new(10, 88, 0, 2), 8080);
+        let mut counters = Counters::default();
+        counters.ports.insert(
+            key,
+            PortCounters {
+                rx_packets: 10,
+                rx_bytes: 320,
+                flows: 2,
+                tx_packets: 9,
+                tx_bytes: 288,
+                drop_no_backend: 1,
+                ..PortCounters::default()
+            },
+        );
+        counters.backends.insert(
+            (key, backend),
+            crate::dataplane::BackendCounters {
+                packets: 9,
+                bytes: 288,
+            },
+        );
+        let metrics = Metrics::new("xdp").unwrap();
+        metrics.observe_reconcile(Duration::from_millis(3), true);
+        metrics.observe_reconcile(Duration::from_millis(3), false);
+        let text = metrics
+            .render(Some(&counters), &[info(7000, "udp"), info(7001, "tcp")])
+            .unwrap();
+        let labels =
+            r#"app="game",node_port="7000",port_name="play",protocol="udp",service="server""#;
+        for line in [
+            format!("miren_nodeport_rx_packets_total{{{labels}}} 10"),
+            format!("miren_nodeport_rx_bytes_total{{{labels}}} 320"),
+            format!("miren_nodeport_tx_packets_total{{{labels}}} 9"),
+            format!("miren_nodeport_tx_bytes_total{{{labels}}} 288"),
+            format!("miren_nodeport_flows_total{{{labels}}} 2"),
+            r#"miren_nodeport_drops_total{app="game",node_port="7000",port_name="play",protocol="udp",reason="no_endpoints",service="server"} 1"#.to_owned(),
+            r#"miren_nodeport_drops_total{app="game",node_port="7000",port_name="play",protocol="udp",reason="table_miss",service="server"} 0"#.to_owned(),
+            r#"miren_backend_rx_packets_total{app="game",backend="10.88.0.2:8080",node_port="7000",port_name="play",protocol="udp",service="server"} 9"#.to_owned(),
+            "miren_dataplane_info{mode=\"xdp\"} 1".to_owned(),
+            "miren_reconcile_errors_total 1".to_owned(),
+            "miren_reconcile_duration_seconds_count 2".to_owned(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        // A node port without kernel counters (not applied yet) has no series.
+        assert!(!text.contains("node_port=\"7001\""), "{text}");
+    }
+}
