@@ -206,6 +206,8 @@ fn node_port_families(
     ]
     .iter()
     .flat_map(prometheus::core::Collector::collect)
+    // The text encoder refuses families without series (e.g. no backends right now).
+    .filter(|family| !family.get_metric().is_empty())
     .collect())
 }
 

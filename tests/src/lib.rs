@@ -5,3 +5,4 @@
 pub mod packet;
 pub mod process;
 pub mod topology;
+pub mod world;

@@ -1,208 +1,51 @@
 //! End to end in namespaces with real sockets: a client namespace reaches a UDP and a TCP
-//! echo server in a sandbox namespace through NODE_IP:node_port, DNATed by the real agent's
-//! XDP program on the node's veth and reverse-NATed by its TC program.
+//! echo server in a sandbox namespace through NODE_IP:node_port, forwarded by the real agent's
+//! data plane — every scenario runs once with XDP (DNAT in XDP, reverse NAT in TC) and once
+//! with nftables, with the same assertions.
 
 use std::{
-    collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    process::Command,
-    sync::{Arc, Mutex},
+    net::{TcpStream, UdpSocket},
     time::Duration,
 };
 
-use miren_agent::{api::types::ServiceEndpoints, cli::Client};
 use miren_tests::{
-    process::{AgentProcess, BpfPinDir, TempDir, binary},
-    topology::{Netns, veth},
+    on_both_planes,
+    process::AgentProcess,
+    world::{CLIENT_IP, NODE_IP, Plane, World},
 };
 
-const CLIENT_IP: &str = "10.90.0.1";
-const NODE_IP: &str = "10.90.0.2";
+on_both_planes!(
+    clients_reach_a_sandbox_through_the_node_port_with_their_own_address,
+    kill_9_and_restart_of_the_agent_loses_no_packet_of_a_udp_stream,
+    flows_spread_over_endpoints_and_tcp_connections_survive_scaling,
+);
 
-const APP: &str = r#"name = "echo"
-
-[services.echo]
-command = "./echo"
-
-[[services.echo.ports]]
-name = "udp-echo"
-port = 9000
-type = "udp"
-node_port = 7000
-
-[[services.echo.ports]]
-name = "tcp-echo"
-port = 9000
-type = "tcp"
-node_port = 7000
-"#;
-
-/// Client, node and sandbox namespaces; each sandbox runs UDP and TCP echo servers on
-/// port 9000 that record the peers they see.
-struct World {
-    client: Netns,
-    node: Netns,
-    _sandboxes: Vec<Netns>,
-    peers: Vec<Arc<Mutex<Vec<SocketAddr>>>>,
-    dir: TempDir,
-    pins: BpfPinDir,
-}
-
-/// The address of sandbox `i`.
-fn sandbox_ip(i: usize) -> String {
-    format!("10.88.0.{}", i + 2)
-}
-
-impl World {
-    fn new(sandboxes: usize) -> Self {
-        let client = Netns::new("e2e-client").unwrap();
-        let node = Netns::new("e2e-node").unwrap();
-        veth(&client, "eth0", &node, "eth0").unwrap();
-        client.addr("eth0", &format!("{CLIENT_IP}/24")).unwrap();
-        node.addr("eth0", &format!("{NODE_IP}/24")).unwrap();
-        // Locally sent packets on a veth carry partial checksums; real NIC traffic does not.
-        client
-            .exec("ethtool", &["-K", "eth0", "tx", "off"])
-            .unwrap();
-        node.bridge("br0").unwrap();
-        node.addr("br0", "10.88.0.1/24").unwrap();
-        let mut namespaces = Vec::new();
-        let mut peers = Vec::new();
-        for i in 0..sandboxes {
-            let sandbox = Netns::new(&format!("e2e-sandbox{i}")).unwrap();
-            let port = format!("sb{i}");
-            veth(&node, &port, &sandbox, "eth0").unwrap();
-            node.attach_to_bridge(&port, "br0").unwrap();
-            sandbox
-                .addr("eth0", &format!("{}/24", sandbox_ip(i)))
-                .unwrap();
-            sandbox.route(&["default", "via", "10.88.0.1"]).unwrap();
-            peers.push(echo_servers(&sandbox, &sandbox_ip(i)));
-            namespaces.push(sandbox);
-        }
-        Self {
-            client,
-            node,
-            _sandboxes: namespaces,
-            peers,
-            dir: TempDir::new("e2e"),
-            pins: BpfPinDir::new("e2e"),
-        }
-    }
-
-    /// Starts the agent in the node namespace with XDP on its external veth.
-    fn start_agent(&self) -> AgentProcess {
-        let socket = self.dir.path().join("agent.sock");
-        let mut command: Command = self.node.command(binary("miren-agent").to_str().unwrap());
-        command
-            .args([
-                "run",
-                "--iface",
-                "eth0",
-                "--node-ip",
-                NODE_IP,
-                "--dataplane",
-                "xdp",
-            ])
-            .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .arg("--api-socket")
-            .arg(&socket)
-            .arg("--bpf-pin-dir")
-            .arg(self.pins.path());
-        AgentProcess::start(command, &socket, &self.dir.path().join("agent.log"))
-    }
-
-    /// Deploys the echo app with sandbox 0 as its endpoint.
-    fn deploy(&self, agent: &AgentProcess) {
-        let app_dir = self.dir.path().join("app");
-        std::fs::create_dir_all(app_dir.join(".miren")).unwrap();
-        std::fs::write(app_dir.join(".miren/app.toml"), APP).unwrap();
-        let out = agent.miren(&["deploy", app_dir.to_str().unwrap()]);
-        assert!(out.status.success(), "{out:?}");
-        self.set_endpoints(agent, &[0]);
-    }
-
-    /// Makes `sandboxes` the endpoints of both node ports and waits until they are applied.
-    fn set_endpoints(&self, agent: &AgentProcess, sandboxes: &[usize]) {
-        let addrs: Vec<SocketAddr> = sandboxes
-            .iter()
-            .map(|i| format!("{}:9000", sandbox_ip(*i)).parse().unwrap())
-            .collect();
-        let endpoints = ServiceEndpoints {
-            service: String::new(),
-            endpoints: BTreeMap::from([
-                ("udp-echo".to_owned(), addrs.clone()),
-                ("tcp-echo".to_owned(), addrs),
-            ]),
-        };
-        Client::new(self.dir.path().join("agent.sock"))
-            .set_endpoints("echo", "echo", &endpoints)
-            .unwrap();
-        wait_for_status_ok(agent);
-    }
-
-    /// Which sandbox saw `client` as a peer.
-    fn served_by(&self, client: SocketAddr) -> Option<usize> {
-        self.peers
-            .iter()
-            .position(|peers| peers.lock().unwrap().contains(&client))
-    }
-}
-
-/// Starts UDP and TCP echo servers on `ip:9000` inside `sandbox`; returns the peers they see.
-fn echo_servers(sandbox: &Netns, ip: &str) -> Arc<Mutex<Vec<SocketAddr>>> {
-    let peers = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
-    let udp = sandbox
-        .run(|| UdpSocket::bind((ip, 9000)))
-        .unwrap()
-        .unwrap();
-    let seen = Arc::clone(&peers);
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while let Ok((len, from)) = udp.recv_from(&mut buf) {
-            let mut seen = seen.lock().unwrap();
-            if !seen.contains(&from) {
-                seen.push(from);
-            }
-            drop(seen);
-            let _ = udp.send_to(&buf[..len], from);
-        }
-    });
-    let tcp = sandbox
-        .run(|| TcpListener::bind((ip, 9000)))
-        .unwrap()
-        .unwrap();
-    let seen = Arc::clone(&peers);
-    std::thread::spawn(move || {
-        for stream in tcp.incoming().flatten() {
-            seen.lock().unwrap().push(stream.peer_addr().unwrap());
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buf = [0u8; 1500];
-                while let Ok(len) = stream.read(&mut buf) {
-                    if len == 0 || stream.write_all(&buf[..len]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    peers
-}
-
-#[test]
-fn clients_reach_a_sandbox_through_the_node_port_with_their_own_address() {
-    let world = World::new(1);
-    let agent = world.start_agent();
-    world.deploy(&agent);
+/// Asserts that `plane` (and only it) carries the node ports in the node namespace.
+fn assert_active(world: &World, plane: Plane, agent: &AgentProcess) {
     let link = world.node.ip(&["link", "show", "dev", "eth0"]).unwrap();
-    assert!(
-        link.contains("xdp"),
-        "XDP expected on the node's eth0: {link}\n{}",
+    let nft = world
+        .node
+        .command("nft")
+        .args(["list", "table", "inet", "miren"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    let xdp = link.contains("xdp");
+    assert_eq!(
+        (xdp, nft),
+        (plane == Plane::Xdp, plane == Plane::Nft),
+        "{plane:?} expected: XDP on eth0 {xdp}, nft table {nft}\n{link}\n{}",
         agent.log_text()
     );
+}
+
+fn clients_reach_a_sandbox_through_the_node_port_with_their_own_address(plane: Plane) {
+    let world = World::new(1);
+    let agent = world.start_agent(plane);
+    world.deploy(&agent);
+    assert_active(&world, plane, &agent);
 
     let (udp_local, udp_reply_from) = world
         .client
@@ -247,7 +90,7 @@ fn clients_reach_a_sandbox_through_the_node_port_with_their_own_address() {
         })
         .unwrap();
 
-    let seen = world.peers[0].lock().unwrap().clone();
+    let seen = world.peers_of(0);
     assert!(
         seen.contains(&udp_local),
         "sandbox saw {seen:?}, expected the client's own {udp_local}"
@@ -258,12 +101,11 @@ fn clients_reach_a_sandbox_through_the_node_port_with_their_own_address() {
     );
 }
 
-#[test]
-fn kill_9_and_restart_of_the_agent_loses_no_packet_of_a_udp_stream() {
+fn kill_9_and_restart_of_the_agent_loses_no_packet_of_a_udp_stream(plane: Plane) {
     const RATE: u64 = 5_000;
     const PACKETS: u64 = 3 * RATE;
     let world = World::new(1);
-    let agent = world.start_agent();
+    let agent = world.start_agent(plane);
     world.deploy(&agent);
 
     let socket = world
@@ -299,7 +141,7 @@ fn kill_9_and_restart_of_the_agent_loses_no_packet_of_a_udp_stream() {
     std::thread::sleep(Duration::from_millis(800));
     agent.kill9();
     std::thread::sleep(Duration::from_millis(400));
-    let agent = world.start_agent();
+    let agent = world.start_agent(plane);
     sender.join().unwrap();
     let seen = received.join().unwrap();
     let lost: Vec<usize> = seen
@@ -316,30 +158,17 @@ fn kill_9_and_restart_of_the_agent_loses_no_packet_of_a_udp_stream() {
         agent.log_text()
     );
     let log = agent.log_text();
-    assert!(log.contains("adopted pinned data plane state"), "{log}");
-}
-
-/// Waits until the agent reports its data plane applied.
-fn wait_for_status_ok(agent: &AgentProcess) {
-    for _ in 0..100 {
-        let out = agent.miren(&["ports"]);
-        if String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .skip(1)
-            .all(|l| l.trim_end().ends_with("ok"))
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    match plane {
+        Plane::Xdp => assert!(log.contains("adopted pinned data plane state"), "{log}"),
+        Plane::Nft => assert!(log.contains("adopted nftables table inet miren"), "{log}"),
     }
-    panic!("data plane never reported ok:\n{}", agent.log_text());
+    assert_active(&world, plane, &agent);
 }
 
-#[test]
-fn flows_spread_over_endpoints_and_tcp_connections_survive_scaling() {
+fn flows_spread_over_endpoints_and_tcp_connections_survive_scaling(plane: Plane) {
     const FLOWS: usize = 3_000;
     let world = World::new(5);
-    let agent = world.start_agent();
+    let agent = world.start_agent(plane);
     world.deploy(&agent);
     world.set_endpoints(&agent, &[0, 1, 2]);
 

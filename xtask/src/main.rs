@@ -60,19 +60,23 @@ fn main() -> Result<()> {
             }
             cmd::cargo(&root, &test)
         }
-        Task::Bench { name } => cmd::cargo(
-            &root,
-            &[
-                "run",
-                "--release",
-                "--package",
-                "miren-tests",
-                "--bin",
-                "miren-bench",
-                "--",
-                &name,
-            ],
-        ),
+        Task::Bench { name } => {
+            // The benchmark starts the release agent binary.
+            cmd::cargo(&root, &["build", "--release", "--bins"])?;
+            cmd::cargo(
+                &root,
+                &[
+                    "run",
+                    "--release",
+                    "--package",
+                    "miren-tests",
+                    "--bin",
+                    "miren-bench",
+                    "--",
+                    &name,
+                ],
+            )
+        }
         Task::Demo { once } => {
             let mut demo = vec![
                 "run",

@@ -3,6 +3,7 @@
 //! else one taken a second before).
 
 use std::{
+    collections::VecDeque,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -20,10 +21,13 @@ const MAX_AGE: Duration = Duration::from_secs(30);
 /// How long to wait for a second sample when there is no usable earlier one.
 const SAMPLE_WAIT: Duration = Duration::from_secs(1);
 
-/// Remembers the last counter sample between requests.
+/// Samples kept between requests.
+const KEPT: usize = 4;
+
+/// Remembers recent counter samples between requests.
 #[derive(Debug, Default)]
 pub struct TrafficSampler {
-    last: Mutex<Option<(Instant, Counters)>>,
+    samples: Mutex<VecDeque<(Instant, Counters)>>,
 }
 
 impl TrafficSampler {
@@ -37,12 +41,17 @@ impl TrafficSampler {
         dataplane: &Arc<ActiveDataplane>,
         ports: &mut [NodePortInfo],
     ) -> Result<(), DataplaneError> {
-        let earlier = self
-            .last
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .filter(|(at, _)| at.elapsed() >= MIN_INTERVAL && at.elapsed() <= MAX_AGE);
+        // The newest sample at least MIN_INTERVAL old, else the oldest recent one.
+        let earlier = {
+            let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            samples.retain(|(at, _)| at.elapsed() <= MAX_AGE);
+            samples
+                .iter()
+                .rev()
+                .find(|(at, _)| at.elapsed() >= MIN_INTERVAL)
+                .or_else(|| samples.front())
+                .cloned()
+        };
         let earlier = match earlier {
             Some(sample) => sample,
             None => {
@@ -67,7 +76,16 @@ impl TrafficSampler {
                 .get(&key)
                 .map(|counters| port_traffic(counters, earlier.1.ports.get(&key), elapsed));
         }
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if samples
+            .back()
+            .is_none_or(|(at, _)| now.0.duration_since(*at) >= MIN_INTERVAL)
+        {
+            samples.push_back(now);
+            if samples.len() > KEPT {
+                samples.pop_front();
+            }
+        }
         Ok(())
     }
 }

@@ -5,8 +5,14 @@
 //!    repetitions): established UDP flow, new UDP flow (idle timeout 0, so every packet
 //!    re-creates its flow), non-service pass — against the empty XDP program `miren_empty`.
 //! 2. UDP packets per second delivered to a sandbox, flooding from a client namespace over
-//!    many flows: through NODE_IP:node_port (XDP DNAT + TC reverse NAT attached natively) vs
-//!    routing straight to the sandbox address without NAT (same topology, same run).
+//!    many flows: through NODE_IP:node_port with XDP (DNAT + TC reverse NAT attached
+//!    natively) and with the nftables data plane, vs routing straight to the sandbox address
+//!    without NAT (same topology, same run).
+//! 3. Update latency (see `update_latency.rs`): from an endpoint change sent to the real agent
+//!    until new flows reach the new endpoint, with 1 and with 10,000 node ports configured,
+//!    for both data planes.
+
+mod update_latency;
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +29,7 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use miren_agent::{
     bpf::PacketCounter,
     config::Protocol,
-    dataplane::{Dataplane, NodePortKey, Snapshot, xdp::XdpDataplane},
+    dataplane::{Dataplane, NodePortKey, Snapshot, nft::NftDataplane, xdp::XdpDataplane},
 };
 use miren_tests::{
     packet::{Endpoint, FrameBuilder},
@@ -39,7 +45,10 @@ const SANDBOX_IP: Ipv4Addr = Ipv4Addr::new(10, 89, 0, 2);
 
 fn main() -> Result<()> {
     match std::env::args().nth(1).as_deref() {
-        Some("dataplane") => dataplane(),
+        Some("dataplane") => {
+            dataplane()?;
+            update_latency::run()
+        }
         other => bail!("unknown benchmark {other:?}; available: dataplane"),
     }
 }
@@ -158,9 +167,10 @@ fn delivered() -> Result<Vec<(&'static str, f64, f64)>> {
     sandbox.route(&["default", "via", "10.89.0.1"])?;
     node.sysctl("net.ipv4.ip_forward", "1")?;
 
-    let mut dp = XdpDataplane::load()?;
-    node.run(|| dp.attach("eth0", false))??;
-    dp.apply(&udp_node_port(SocketAddrV4::new(SANDBOX_IP, 9000)))?;
+    let snapshot = udp_node_port(SocketAddrV4::new(SANDBOX_IP, 9000));
+    let mut xdp = XdpDataplane::load()?;
+    node.run(|| xdp.attach("eth0", false))??;
+    xdp.apply(&snapshot)?;
 
     let receiver = sandbox.run(|| UdpSocket::bind((SANDBOX_IP, 9000)))??;
     receiver.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -183,14 +193,7 @@ fn delivered() -> Result<Vec<(&'static str, f64, f64)>> {
             .collect::<Result<_, _>>()
     })??;
 
-    let mut results = Vec::new();
-    for (name, target) in [
-        (
-            "direct routing to the sandbox (no NAT)",
-            SocketAddrV4::new(SANDBOX_IP, 9000),
-        ),
-        ("XDP node port (DNAT)", SocketAddrV4::new(NODE_IP, 7000)),
-    ] {
+    let flood = |target: SocketAddrV4| {
         std::thread::sleep(Duration::from_millis(300));
         let before = received.load(Ordering::Relaxed);
         let started = Instant::now();
@@ -206,20 +209,37 @@ fn delivered() -> Result<Vec<(&'static str, f64, f64)>> {
         let elapsed = started.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_millis(300));
         let delivered = received.load(Ordering::Relaxed) - before;
-        results.push((name, sent as f64 / elapsed, delivered as f64 / elapsed));
+        (sent as f64 / elapsed, delivered as f64 / elapsed)
+    };
+    let node_port = SocketAddrV4::new(NODE_IP, 7000);
+    let mut results = Vec::new();
+    let (sent, delivered) = flood(SocketAddrV4::new(SANDBOX_IP, 9000));
+    results.push(("direct routing to the sandbox (no NAT)", sent, delivered));
+    let (sent, delivered) = flood(node_port);
+    results.push(("XDP node port (DNAT)", sent, delivered));
+    report_counters("XDP", &xdp.counters()?);
+    drop(xdp);
+    if node.ip(&["link", "show", "dev", "eth0"])?.contains("xdp") {
+        bail!("XDP is still attached after the XDP data plane was dropped");
     }
+    let nft = node.run(|| -> Result<NftDataplane> {
+        let mut nft = NftDataplane::open()?;
+        nft.apply(&snapshot)?;
+        Ok(nft)
+    })??;
+    let (sent, delivered) = flood(node_port);
+    results.push(("nftables node port (DNAT)", sent, delivered));
+    report_counters("nftables", &node.run(|| nft.counters())??);
     stop.store(true, Ordering::Relaxed);
     let _ = counter.join();
-    let port = dp
-        .counters()?
-        .ports
-        .values()
-        .copied()
-        .next()
-        .unwrap_or_default();
+    Ok(results)
+}
+
+/// Prints what the kernel counted for the node port, showing the flood took that path.
+fn report_counters(plane: &str, counters: &miren_agent::dataplane::Counters) {
+    let port = counters.ports.values().copied().next().unwrap_or_default();
     eprintln!(
-        "kernel counters for the node port: rx {} packets, {} flows",
+        "{plane} kernel counters for the node port: rx {} packets, {} flows",
         port.rx_packets, port.flows
     );
-    Ok(results)
 }

@@ -1,0 +1,291 @@
+//! A node-port test world in namespaces: a client namespace, a node namespace running the
+//! real agent (with the data plane of the test's choice on its external veth), and sandbox
+//! namespaces behind a bridge, each running UDP and TCP echo servers that record the peers
+//! they see.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::Command,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use miren_agent::{api::types::ServiceEndpoints, cli::Client};
+
+use crate::{
+    process::{AgentProcess, BpfPinDir, TempDir, binary},
+    topology::{Netns, veth},
+};
+
+/// Defines one `#[test]` per data plane (in modules `xdp` and `nft`) for each scenario
+/// `fn scenario(plane: Plane)` in the calling file, so both run the same assertions.
+#[macro_export]
+macro_rules! on_both_planes {
+    ($($scenario:ident),* $(,)?) => {
+        mod xdp {
+            $(#[test] fn $scenario() { super::$scenario($crate::world::Plane::Xdp) })*
+        }
+        mod nft {
+            $(#[test] fn $scenario() { super::$scenario($crate::world::Plane::Nft) })*
+        }
+    };
+}
+
+/// The node-port data plane a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    /// eBPF/XDP (`--dataplane xdp`).
+    Xdp,
+    /// nftables (`--dataplane nft`).
+    Nft,
+}
+
+impl Plane {
+    /// The `--dataplane` value.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Xdp => "xdp",
+            Self::Nft => "nft",
+        }
+    }
+}
+
+/// The client's address.
+pub const CLIENT_IP: &str = "10.90.0.1";
+/// The node's address on its external interface.
+pub const NODE_IP: &str = "10.90.0.2";
+
+/// The echo app: UDP and TCP node port 7000 to port 9000 of its sandboxes.
+pub const APP: &str = r#"name = "echo"
+
+[services.echo]
+command = "./echo"
+
+[[services.echo.ports]]
+name = "udp-echo"
+port = 9000
+type = "udp"
+node_port = 7000
+
+[[services.echo.ports]]
+name = "tcp-echo"
+port = 9000
+type = "tcp"
+node_port = 7000
+"#;
+
+/// Client, node and sandbox namespaces; each sandbox runs UDP and TCP echo servers on
+/// port 9000 that record the peers they see.
+#[derive(Debug)]
+pub struct World {
+    /// The client namespace (`CLIENT_IP` on eth0).
+    pub client: Netns,
+    /// The node namespace (`NODE_IP` on eth0, sandboxes behind br0).
+    pub node: Netns,
+    _sandboxes: Vec<Netns>,
+    peers: Vec<Arc<Mutex<Vec<SocketAddr>>>>,
+    dir: TempDir,
+    pins: BpfPinDir,
+}
+
+/// The address of sandbox `i`.
+pub fn sandbox_ip(i: usize) -> String {
+    format!("10.88.0.{}", i + 2)
+}
+
+impl World {
+    /// Builds the namespaces with `sandboxes` sandboxes.
+    pub fn new(sandboxes: usize) -> Self {
+        let client = Netns::new("e2e-client").unwrap();
+        let node = Netns::new("e2e-node").unwrap();
+        veth(&client, "eth0", &node, "eth0").unwrap();
+        client.addr("eth0", &format!("{CLIENT_IP}/24")).unwrap();
+        node.addr("eth0", &format!("{NODE_IP}/24")).unwrap();
+        // Locally sent packets on a veth carry partial checksums; real NIC traffic does not.
+        client
+            .exec("ethtool", &["-K", "eth0", "tx", "off"])
+            .unwrap();
+        node.bridge("br0").unwrap();
+        node.addr("br0", "10.88.0.1/24").unwrap();
+        let mut namespaces = Vec::new();
+        let mut peers = Vec::new();
+        for i in 0..sandboxes {
+            let sandbox = Netns::new(&format!("e2e-sandbox{i}")).unwrap();
+            let port = format!("sb{i}");
+            veth(&node, &port, &sandbox, "eth0").unwrap();
+            node.attach_to_bridge(&port, "br0").unwrap();
+            sandbox
+                .addr("eth0", &format!("{}/24", sandbox_ip(i)))
+                .unwrap();
+            sandbox.route(&["default", "via", "10.88.0.1"]).unwrap();
+            peers.push(echo_servers(&sandbox, &sandbox_ip(i)));
+            namespaces.push(sandbox);
+        }
+        Self {
+            client,
+            node,
+            _sandboxes: namespaces,
+            peers,
+            dir: TempDir::new("e2e"),
+            pins: BpfPinDir::new("e2e"),
+        }
+    }
+
+    /// Starts the agent in the node namespace with the `plane` data plane on its external veth.
+    pub fn start_agent(&self, plane: Plane) -> AgentProcess {
+        self.start_agent_with(plane.flag())
+    }
+
+    /// Starts the agent in the node namespace with `--dataplane DATAPLANE`.
+    pub fn start_agent_with(&self, dataplane: &str) -> AgentProcess {
+        let socket = self.dir.path().join("agent.sock");
+        let mut command: Command = self.node.command(binary("miren-agent").to_str().unwrap());
+        command
+            .args([
+                "run",
+                "--iface",
+                "eth0",
+                "--node-ip",
+                NODE_IP,
+                "--dataplane",
+                dataplane,
+            ])
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--bpf-pin-dir")
+            .arg(self.pins.path());
+        AgentProcess::start(command, &socket, &self.dir.path().join("agent.log"))
+    }
+
+    /// Deploys the echo app with sandbox 0 as its endpoint.
+    pub fn deploy(&self, agent: &AgentProcess) {
+        let app_dir = self.dir.path().join("app");
+        std::fs::create_dir_all(app_dir.join(".miren")).unwrap();
+        std::fs::write(app_dir.join(".miren/app.toml"), APP).unwrap();
+        let out = agent.miren(&["deploy", app_dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        self.set_endpoints(agent, &[0]);
+    }
+
+    /// Makes `sandboxes` the endpoints of both node ports and waits until they are applied.
+    pub fn set_endpoints(&self, agent: &AgentProcess, sandboxes: &[usize]) {
+        self.put_endpoints(sandboxes);
+        wait_for_status_ok(agent);
+    }
+
+    /// Sends the endpoint change of [`World::set_endpoints`] without waiting for it to apply.
+    pub fn put_endpoints(&self, sandboxes: &[usize]) {
+        let addrs: Vec<SocketAddr> = sandboxes
+            .iter()
+            .map(|i| format!("{}:9000", sandbox_ip(*i)).parse().unwrap())
+            .collect();
+        let endpoints = ServiceEndpoints {
+            service: String::new(),
+            endpoints: BTreeMap::from([
+                ("udp-echo".to_owned(), addrs.clone()),
+                ("tcp-echo".to_owned(), addrs),
+            ]),
+        };
+        self.client_api()
+            .set_endpoints("echo", "echo", &endpoints)
+            .unwrap();
+    }
+
+    /// A client of the agent's API.
+    pub fn client_api(&self) -> Client {
+        Client::new(self.dir.path().join("agent.sock"))
+    }
+
+    /// `GET /metrics` from the agent's default metrics address inside the node namespace.
+    pub fn scrape_metrics(&self) -> String {
+        self.node
+            .run(|| {
+                let mut stream = TcpStream::connect("127.0.0.1:9464").expect("metrics listener");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                stream
+                    .write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                let mut response = String::new();
+                stream.read_to_string(&mut response).unwrap();
+                assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+                response
+            })
+            .unwrap()
+    }
+
+    /// The peers sandbox `i` has seen.
+    pub fn peers_of(&self, i: usize) -> Vec<SocketAddr> {
+        self.peers[i].lock().unwrap().clone()
+    }
+
+    /// Which sandbox saw `client` as a peer.
+    pub fn served_by(&self, client: SocketAddr) -> Option<usize> {
+        self.peers
+            .iter()
+            .position(|peers| peers.lock().unwrap().contains(&client))
+    }
+}
+
+/// Starts UDP and TCP echo servers on `ip:9000` inside `sandbox`; returns the peers they see.
+fn echo_servers(sandbox: &Netns, ip: &str) -> Arc<Mutex<Vec<SocketAddr>>> {
+    let peers = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
+    let udp = sandbox
+        .run(|| UdpSocket::bind((ip, 9000)))
+        .unwrap()
+        .unwrap();
+    let seen = Arc::clone(&peers);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((len, from)) = udp.recv_from(&mut buf) {
+            let mut seen = seen.lock().unwrap();
+            if !seen.contains(&from) {
+                seen.push(from);
+            }
+            drop(seen);
+            let _ = udp.send_to(&buf[..len], from);
+        }
+    });
+    let tcp = sandbox
+        .run(|| TcpListener::bind((ip, 9000)))
+        .unwrap()
+        .unwrap();
+    let seen = Arc::clone(&peers);
+    std::thread::spawn(move || {
+        for stream in tcp.incoming().flatten() {
+            seen.lock().unwrap().push(stream.peer_addr().unwrap());
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 1500];
+                while let Ok(len) = stream.read(&mut buf) {
+                    if len == 0 || stream.write_all(&buf[..len]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    peers
+}
+
+/// Waits (up to a minute) until the agent reports every node port applied.
+pub fn wait_for_status_ok(agent: &AgentProcess) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let out = agent.miren(&["ports"]);
+        if String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .all(|l| l.trim_end().ends_with("ok"))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("data plane never reported ok:\n{}", agent.log_text());
+}
