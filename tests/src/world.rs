@@ -219,6 +219,26 @@ impl World {
             .unwrap()
     }
 
+    /// One UDP echo of `message` from a fresh client socket through NODE_IP:7000; returns the
+    /// client's address and where the reply came from.
+    pub fn udp_echo(&self, message: &[u8]) -> (SocketAddr, SocketAddr) {
+        self.client
+            .run(|| {
+                let socket = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .unwrap();
+                socket.send_to(message, (NODE_IP, 7000)).unwrap();
+                let mut buf = [0u8; 1500];
+                let (len, from) = socket
+                    .recv_from(&mut buf)
+                    .expect("UDP echo through the node port");
+                assert_eq!(&buf[..len], message);
+                (socket.local_addr().unwrap(), from)
+            })
+            .unwrap()
+    }
+
     /// The peers sandbox `i` has seen.
     pub fn peers_of(&self, i: usize) -> Vec<SocketAddr> {
         self.peers[i].lock().unwrap().clone()

@@ -1,34 +1,12 @@
 //! Data plane selection with the real agent: `--dataplane auto` falls back to nftables when
 //! the kernel refuses XDP, and starting one data plane removes the other one's leftovers.
 
-use std::{net::UdpSocket, time::Duration};
-
 use aya::programs::XdpMode;
 use miren_agent::{api::types::Status, bpf::PacketCounter};
 use miren_tests::{
     process::AgentProcess,
-    world::{CLIENT_IP, NODE_IP, Plane, World, wait_for_status_ok},
+    world::{NODE_IP, Plane, World, wait_for_status_ok},
 };
-
-/// One UDP echo through NODE_IP:7000; returns where the reply came from.
-fn udp_round_trip(world: &World) -> String {
-    world
-        .client
-        .run(|| {
-            let socket = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .unwrap();
-            socket.send_to(b"hello", (NODE_IP, 7000)).unwrap();
-            let mut buf = [0u8; 16];
-            let (len, from) = socket
-                .recv_from(&mut buf)
-                .expect("UDP echo through the node port");
-            assert_eq!(&buf[..len], b"hello");
-            from.to_string()
-        })
-        .unwrap()
-}
 
 fn status(agent: &AgentProcess) -> Status {
     let out = agent.miren(&["status", "--output", "json"]);
@@ -69,7 +47,10 @@ fn auto_falls_back_to_nft_when_the_kernel_refuses_xdp() {
 
     let agent = world.start_agent_with("auto");
     world.deploy(&agent);
-    assert_eq!(udp_round_trip(&world), format!("{NODE_IP}:7000"));
+    assert_eq!(
+        world.udp_echo(b"hello").1.to_string(),
+        format!("{NODE_IP}:7000")
+    );
 
     let status = status(&agent);
     assert_eq!(status.dataplane.mode, "nft", "{status:?}");
@@ -93,7 +74,10 @@ fn starting_one_data_plane_removes_the_other_ones_leftovers() {
     let world = World::new(1);
     let agent = world.start_agent(Plane::Xdp);
     world.deploy(&agent);
-    assert_eq!(udp_round_trip(&world), format!("{NODE_IP}:7000"));
+    assert_eq!(
+        world.udp_echo(b"hello").1.to_string(),
+        format!("{NODE_IP}:7000")
+    );
     assert!(has_xdp(&world) && !has_nft_table(&world));
     // Killed without cleanup: XDP stays attached through its pinned links.
     agent.kill9();
@@ -101,7 +85,10 @@ fn starting_one_data_plane_removes_the_other_ones_leftovers() {
 
     let agent = world.start_agent(Plane::Nft);
     wait_for_status_ok(&agent);
-    assert_eq!(udp_round_trip(&world), format!("{NODE_IP}:7000"));
+    assert_eq!(
+        world.udp_echo(b"hello").1.to_string(),
+        format!("{NODE_IP}:7000")
+    );
     assert!(
         !has_xdp(&world) && has_nft_table(&world),
         "{}",
@@ -117,7 +104,10 @@ fn starting_one_data_plane_removes_the_other_ones_leftovers() {
 
     let agent = world.start_agent(Plane::Xdp);
     wait_for_status_ok(&agent);
-    assert_eq!(udp_round_trip(&world), format!("{NODE_IP}:7000"));
+    assert_eq!(
+        world.udp_echo(b"hello").1.to_string(),
+        format!("{NODE_IP}:7000")
+    );
     assert!(
         has_xdp(&world) && !has_nft_table(&world),
         "{}",

@@ -47,22 +47,7 @@ fn clients_reach_a_sandbox_through_the_node_port_with_their_own_address(plane: P
     world.deploy(&agent);
     assert_active(&world, plane, &agent);
 
-    let (udp_local, udp_reply_from) = world
-        .client
-        .run(|| {
-            let socket = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .unwrap();
-            socket.send_to(b"ping over udp", (NODE_IP, 7000)).unwrap();
-            let mut buf = [0u8; 64];
-            let (len, from) = socket
-                .recv_from(&mut buf)
-                .expect("UDP echo through the node port");
-            assert_eq!(&buf[..len], b"ping over udp");
-            (socket.local_addr().unwrap(), from)
-        })
-        .unwrap();
+    let (udp_local, udp_reply_from) = world.udp_echo(b"ping over udp");
     assert_eq!(
         udp_reply_from.to_string(),
         format!("{NODE_IP}:7000"),
