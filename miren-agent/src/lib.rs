@@ -10,6 +10,10 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+/// The HTTP ingress: certificates (this branch) and the Pingora proxy.
+pub mod ingress {
+    pub mod certs;
+}
 pub mod metrics;
 pub mod reconcile;
 pub mod routes;
