@@ -8,6 +8,7 @@
 //! - `head_guard`, `framing`: slowloris, oversized heads and request smuggling.
 
 pub mod activation;
+pub mod certs;
 mod framing;
 mod head_guard;
 mod listen;
