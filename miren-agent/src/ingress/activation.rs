@@ -28,7 +28,7 @@ pub struct NoActivator;
 
 impl Activator for NoActivator {
     fn ensure_starting(&self, _app: &str, _service: &str) -> Result<(), String> {
-        Err("no endpoints".into())
+        Err("none are set and this agent does not start instances on demand".into())
     }
 }
 
@@ -116,10 +116,10 @@ impl Activations {
         if ready() {
             return Activation::Ready;
         }
-        tracing::info!(app, service, "no ready endpoint; starting an instance");
         if let Err(reason) = self.activator.ensure_starting(app, service) {
             return Activation::Failed(reason);
         }
+        tracing::info!(app, service, "no ready endpoint; starting an instance");
         let wait = async {
             while !ready() {
                 if changes.changed().await.is_err() {
@@ -229,7 +229,9 @@ mod tests {
         ));
         assert_eq!(
             activations.wait_ready("a", "web").await,
-            Activation::Failed("no endpoints".into())
+            Activation::Failed(
+                "none are set and this agent does not start instances on demand".into()
+            )
         );
     }
 }

@@ -124,8 +124,6 @@ pub struct IngressSettings {
     pub max_head_bytes: usize,
     /// Largest request body.
     pub max_body_bytes: u64,
-    /// Upstream timeout of routes without their own.
-    pub default_timeout: Duration,
     /// How long a request waits for a service to start from zero.
     pub boot_timeout: Duration,
     /// Peers whose X-Forwarded-* headers are kept (appended to).

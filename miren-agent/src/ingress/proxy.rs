@@ -254,7 +254,7 @@ impl ProxyHttp for MirenProxy {
                 }
                 Activation::Failed(reason) => {
                     let body = format!(
-                        "app {} service {} has no endpoints: {reason}\n",
+                        "no endpoints for app {} service {}: {reason}\n",
                         upstreams.app, upstreams.service
                     );
                     return self.respond(session, ctx, 503, body, None).await;
