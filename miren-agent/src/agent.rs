@@ -100,6 +100,10 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         tokio::spawn(reconciler.run());
     }
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let routing = Arc::new(Routing::new(ROUTE_TIMEOUT));
+    routing.refresh(&control);
+    tokio::spawn(Arc::clone(&routing).follow(Arc::clone(&control), stop_rx.clone()));
     let api_state = Arc::new(ApiState {
         control: Arc::clone(&control),
         started,
@@ -107,6 +111,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         dataplane: dataplane.active.clone(),
         no_dataplane_reason: dataplane.reason,
         traffic: api::traffic::TrafficSampler::default(),
+        ingress_revision: routing.subscribe(),
     });
     let ingress_metrics = Arc::clone(&metrics);
     let metrics_state = Arc::new(MetricsState {
@@ -114,10 +119,6 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         control: Arc::clone(&control),
         dataplane: dataplane.active,
     });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let routing = Arc::new(Routing::new(ROUTE_TIMEOUT));
-    routing.refresh(&control);
-    tokio::spawn(Arc::clone(&routing).follow(control, stop_rx.clone()));
     let activations = Arc::new(Activations::new(
         Arc::new(NoActivator),
         Arc::clone(&routing),

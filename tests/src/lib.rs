@@ -2,6 +2,7 @@
 //! and hand-built packets. Everything a test creates lives inside namespaces it created itself
 //! and is removed on drop, also when the test panics.
 
+pub mod ingress;
 pub mod packet;
 pub mod process;
 pub mod topology;

@@ -45,6 +45,27 @@ pub struct ApiState {
     pub no_dataplane_reason: String,
     /// Counter samples for the rates of `miren ports`.
     pub traffic: traffic::TrafficSampler,
+    /// The control-plane revision the ingress routes with.
+    pub ingress_revision: tokio::sync::watch::Receiver<u64>,
+}
+
+impl ApiState {
+    /// Waits (briefly) until the ingress routes with the current revision, so a client that
+    /// changed a route or endpoints sees the change on its next request.
+    async fn ingress_caught_up(&self) {
+        let target = *self.control.subscribe().borrow();
+        let mut applied = self.ingress_revision.clone();
+        let wait = applied.wait_for(|revision| *revision >= target);
+        if tokio::time::timeout(std::time::Duration::from_secs(2), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                revision = target,
+                "the ingress has not applied the revision after 2 s"
+            );
+        }
+    }
 }
 
 /// Errors starting the API.
@@ -187,6 +208,7 @@ async fn deploy(
     Json(req): Json<DeployRequest>,
 ) -> ApiResult<AppDetail> {
     let detail = state.control.deploy(&req.source_name, &req.toml)?;
+    state.ingress_caught_up().await;
     tracing::info!(app = %detail.name, version = detail.version, "deployed");
     Ok(Json(detail))
 }
@@ -203,6 +225,7 @@ async fn remove_app(
     UrlPath(app): UrlPath<String>,
 ) -> ApiResult<AppDetail> {
     let detail = state.control.remove_app(&app)?;
+    state.ingress_caught_up().await;
     tracing::info!(app = %detail.name, "removed");
     Ok(Json(detail))
 }
@@ -237,11 +260,9 @@ async fn set_endpoints(
     UrlPath((app, service)): UrlPath<(String, String)>,
     Json(req): Json<ServiceEndpoints>,
 ) -> ApiResult<ServiceEndpoints> {
-    Ok(Json(state.control.set_endpoints(
-        &app,
-        &service,
-        req.endpoints,
-    )?))
+    let endpoints = state.control.set_endpoints(&app, &service, req.endpoints)?;
+    state.ingress_caught_up().await;
+    Ok(Json(endpoints))
 }
 
 async fn routes(State(state): State<Arc<ApiState>>) -> Json<Vec<RouteInfo>> {
@@ -253,19 +274,20 @@ async fn set_route(
     UrlPath(host): UrlPath<String>,
     Json(req): Json<RouteRequest>,
 ) -> ApiResult<RouteInfo> {
-    Ok(Json(state.control.set_route(
-        &host,
-        &req.app,
-        req.service.as_deref(),
-        req.timeout_ms,
-    )?))
+    let route = state
+        .control
+        .set_route(&host, &req.app, req.service.as_deref(), req.timeout_ms)?;
+    state.ingress_caught_up().await;
+    Ok(Json(route))
 }
 
 async fn remove_route(
     State(state): State<Arc<ApiState>>,
     UrlPath(host): UrlPath<String>,
 ) -> ApiResult<RouteInfo> {
-    Ok(Json(state.control.remove_route(&host)?))
+    let route = state.control.remove_route(&host)?;
+    state.ingress_caught_up().await;
+    Ok(Json(route))
 }
 
 #[derive(Debug, Deserialize)]

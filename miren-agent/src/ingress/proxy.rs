@@ -185,8 +185,8 @@ impl ProxyHttp for MirenProxy {
             .get("x-request-id")
             .and_then(usable_request_id)
             .unwrap_or_else(new_request_id);
-        if !session.is_http2() {
-            if let Err(error) = framing::check(&req.headers) {
+        if let Some(h1) = session.as_downstream().as_http1() {
+            if let Err(error) = framing::check(&req.headers, &h1.get_headers_raw_bytes()) {
                 return self
                     .respond(session, ctx, 400, format!("bad request: {error}\n"), None)
                     .await;

@@ -78,7 +78,11 @@ impl ServiceUpstreams {
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // A retry continues from where the failed pick left off.
+        let start = match avoid {
+            None => self.next.fetch_add(1, Ordering::Relaxed),
+            Some(_) => self.next.load(Ordering::Relaxed),
+        };
         (0..n)
             .map(|i| self.backends[(start + i) % n])
             .find(|b| Some(b.addr) != avoid)
