@@ -17,6 +17,7 @@ use crate::{
         ActiveDataplane, DataplaneError,
         select::{SelectSettings, select},
     },
+    ingress::certs::{CertError, CertStore},
     metrics::{self, Metrics, MetricsError, MetricsState},
     reconcile::Reconciler,
     settings::AgentSettings,
@@ -35,6 +36,9 @@ pub enum AgentError {
     /// The API socket could not be bound.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// The certificate store could not be opened.
+    #[error(transparent)]
+    Certs(#[from] CertError),
     /// The metrics listener could not be bound.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -69,6 +73,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             port_range: settings.port_range.clone(),
         },
     )?);
+    let certs = CertStore::open(&settings.state_dir.join("certs"))?;
     let api_listener = api::bind(&settings.api_socket).await?;
     let metrics_listener = metrics::bind(settings.metrics_addr).await?;
     let dataplane = start_dataplane(&settings)?;
@@ -92,6 +97,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         dataplane: dataplane.active.clone(),
         no_dataplane_reason: dataplane.reason,
         traffic: api::traffic::TrafficSampler::default(),
+        certs,
     });
     let metrics_state = Arc::new(MetricsState {
         metrics,
