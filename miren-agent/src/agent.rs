@@ -17,7 +17,10 @@ use crate::{
         ActiveDataplane, DataplaneError,
         select::{SelectSettings, select},
     },
-    ingress::certs::{CertError, CertStore},
+    ingress::{
+        acme::{self, AcmeSettings, Http01Tokens},
+        certs::{CertError, CertStore},
+    },
     metrics::{self, Metrics, MetricsError, MetricsState},
     reconcile::Reconciler,
     settings::AgentSettings,
@@ -97,11 +100,11 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         dataplane: dataplane.active.clone(),
         no_dataplane_reason: dataplane.reason,
         traffic: api::traffic::TrafficSampler::default(),
-        certs,
+        certs: Arc::clone(&certs),
     });
     let metrics_state = Arc::new(MetricsState {
         metrics,
-        control,
+        control: Arc::clone(&control),
         dataplane: dataplane.active,
     });
     let io = |op| move |source| AgentError::Io { op, source };
@@ -121,6 +124,22 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         tracing::info!("shutting down");
         stop_tx.send_replace(true);
     });
+    // HTTP-01 challenges in flight; the ingress's HTTP listener answers them.
+    let acme_tokens = Arc::new(Http01Tokens::default());
+    if let Some(directory) = &settings.acme_directory {
+        tokio::spawn(acme::run(
+            AcmeSettings {
+                directory: directory.clone(),
+                email: settings.acme_email.clone(),
+                ca_file: settings.acme_ca_file.clone(),
+                account_dir: settings.state_dir.join("acme"),
+            },
+            control,
+            Arc::clone(&certs),
+            acme_tokens,
+            stop_rx.clone(),
+        ));
+    }
     tracing::info!(
         socket = %settings.api_socket.display(),
         metrics = %settings.metrics_addr,

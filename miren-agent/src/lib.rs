@@ -10,8 +10,9 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
-/// The HTTP ingress: certificates (this branch) and the Pingora proxy.
+/// The HTTP ingress: TLS certificates and automatic ACME issuance.
 pub mod ingress {
+    pub mod acme;
     pub mod certs;
 }
 pub mod metrics;
