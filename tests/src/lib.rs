@@ -4,5 +4,6 @@
 
 pub mod packet;
 pub mod process;
+pub mod tls;
 pub mod topology;
 pub mod world;
