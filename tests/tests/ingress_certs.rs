@@ -130,67 +130,39 @@ fn cert_set_list_refuse_and_survive_restart() {
     // A key from another pair: refused, naming the key file; nothing stored.
     let other = self_signed(&["blog.example.com"]);
     let (other_cert, other_key) = write_pair(dir.path(), "other", &other);
-    let (ok, _, stderr) = run(
-        &agent,
-        &[
-            "cert",
-            "set",
+    let refusals = [
+        (
             "blog.example.com",
-            "--cert",
-            &other_cert,
-            "--key",
-            &key,
-        ],
-    );
-    assert!(!ok, "a mismatched key was accepted");
-    assert!(
-        stderr.contains(&format!(
-            "{key}: the private key does not match the certificate for blog.example.com"
-        )),
-        "{stderr}"
-    );
-    // A certificate for another host: refused, naming the certificate file.
-    let (ok, _, stderr) = run(
-        &agent,
-        &[
-            "cert",
-            "set",
+            other_cert.clone(),
+            key.clone(),
+            format!("{key}: the private key does not match the certificate for blog.example.com"),
+        ),
+        // A certificate for another host: refused, naming the certificate file.
+        (
             "shop.example.com",
-            "--cert",
-            &other_cert,
-            "--key",
-            &other_key,
-        ],
-    );
-    assert!(!ok, "a certificate for another host was accepted");
-    assert!(
-        stderr.contains(&format!(
-            "{other_cert}: the certificate does not cover shop.example.com"
-        )),
-        "{stderr}"
-    );
-    // An unreadable file is named by the CLI itself.
-    let missing = dir.path().join("missing.crt");
-    let (ok, _, stderr) = run(
-        &agent,
-        &[
-            "cert",
-            "set",
+            other_cert.clone(),
+            other_key.clone(),
+            format!("{other_cert}: the certificate does not cover shop.example.com"),
+        ),
+        // An unreadable file is named by the CLI itself.
+        (
             "blog.example.com",
-            "--cert",
-            missing.to_str().unwrap(),
-            "--key",
-            &other_key,
-        ],
-    );
-    assert!(!ok);
-    assert!(
-        stderr.contains(&format!(
-            "cannot read the certificate file {}",
-            missing.display()
-        )),
-        "{stderr}"
-    );
+            dir.path().join("missing.crt").display().to_string(),
+            other_key.clone(),
+            format!(
+                "cannot read the certificate file {}",
+                dir.path().join("missing.crt").display()
+            ),
+        ),
+    ];
+    for (host, cert, key, expected) in &refusals {
+        let (ok, _, stderr) = run(&agent, &["cert", "set", host, "--cert", cert, "--key", key]);
+        assert!(
+            !ok,
+            "cert set {host} --cert {cert} --key {key} was accepted"
+        );
+        assert!(stderr.contains(expected.as_str()), "{stderr}");
+    }
     assert_eq!(list_json(&agent), listed, "a refused pair changed the list");
     assert_eq!(
         stored_files(dir.path()),
