@@ -194,12 +194,6 @@ impl CertError {
             Self::Io { .. } | Self::UserCertificatePresent { .. } | Self::Fallback(_) => None,
         }
     }
-
-    /// True when the error is about the given PEM pair (the caller's mistake), false for the
-    /// store's own failures.
-    pub fn is_invalid_input(&self) -> bool {
-        self.part().is_some()
-    }
 }
 
 /// Source and validity period of a stored certificate (for ACME renewal decisions).
