@@ -19,6 +19,7 @@ use crate::{
     },
     ingress::{
         Ingress, IngressError, IngressHooks,
+        acme::{self, AcmeSettings, Http01Tokens},
         activation::{Activations, NoActivator},
         certs::{CertError, CertStore},
         routing::Routing,
@@ -41,15 +42,15 @@ pub enum AgentError {
     /// The API socket could not be bound.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// The certificate store could not be opened.
+    #[error(transparent)]
+    Certs(#[from] CertError),
     /// The metrics listener could not be bound.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     /// The ingress listeners could not be bound.
     #[error(transparent)]
     Ingress(#[from] IngressError),
-    /// The certificate store could not be opened.
-    #[error(transparent)]
-    Certs(#[from] CertError),
     /// The data plane could not start.
     #[error("starting the node-port data plane: {0}")]
     Dataplane(#[from] Box<DataplaneError>),
@@ -112,6 +113,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         no_dataplane_reason: dataplane.reason,
         traffic: api::traffic::TrafficSampler::default(),
         ingress_revision: routing.subscribe(),
+        certs: Arc::clone(&certs),
     });
     let ingress_metrics = Arc::clone(&metrics);
     let metrics_state = Arc::new(MetricsState {
@@ -124,8 +126,13 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         Arc::clone(&routing),
         settings.boot_timeout,
     ));
+    // HTTP-01 challenges in flight; the ingress's HTTP listener answers them.
+    let acme_tokens = Arc::new(Http01Tokens::default());
     let hooks = IngressHooks {
-        acme_challenge: Box::new(|_| None),
+        acme_challenge: {
+            let tokens = Arc::clone(&acme_tokens);
+            Box::new(move |token| tokens.key_authorization(token))
+        },
         has_certificate: {
             let certs = Arc::clone(&certs);
             Box::new(move |host| certs.has_certificate(host))
@@ -148,6 +155,20 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         tracing::info!("shutting down");
         stop_tx.send_replace(true);
     });
+    if let Some(directory) = &settings.acme_directory {
+        tokio::spawn(acme::run(
+            AcmeSettings {
+                directory: directory.clone(),
+                email: settings.acme_email.clone(),
+                ca_file: settings.acme_ca_file.clone(),
+                account_dir: settings.state_dir.join("acme"),
+            },
+            control,
+            Arc::clone(&certs),
+            acme_tokens,
+            stop_rx.clone(),
+        ));
+    }
     tracing::info!(
         socket = %settings.api_socket.display(),
         metrics = %settings.metrics_addr,

@@ -5,5 +5,6 @@
 pub mod ingress;
 pub mod packet;
 pub mod process;
+pub mod tls;
 pub mod topology;
 pub mod world;

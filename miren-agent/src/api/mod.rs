@@ -24,10 +24,12 @@ use serde::Deserialize;
 use crate::{
     control::{ControlError, ControlPlane},
     dataplane::ActiveDataplane,
+    ingress::certs::{CertError, CertPart, CertSource, CertStore},
+    routes::{Host, HostError},
 };
 use types::{
-    AppDetail, AppSummary, DataplaneStatus, DeployRequest, ErrorBody, NodePortInfo,
-    PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
+    AppDetail, AppSummary, CertInfo, CertRequest, DataplaneStatus, DeployRequest, ErrorBody,
+    NodePortInfo, PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
 };
 
 /// What the API handlers share.
@@ -47,6 +49,8 @@ pub struct ApiState {
     pub traffic: traffic::TrafficSampler,
     /// The control-plane revision the ingress routes with.
     pub ingress_revision: tokio::sync::watch::Receiver<u64>,
+    /// TLS certificates of the ingress (`miren cert`).
+    pub certs: Arc<CertStore>,
 }
 
 impl ApiState {
@@ -107,6 +111,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/routes", get(routes))
         .route("/v1/routes/{host}", put(set_route).delete(remove_route))
         .route("/v1/ports", get(ports))
+        .route("/v1/certs", get(certs))
+        .route("/v1/certs/{host}", put(set_cert).post(set_cert))
         .with_state(state)
 }
 
@@ -154,6 +160,21 @@ pub async fn serve(
         .await
 }
 
+/// An [`ErrorBody`] response; server errors are logged.
+fn error_response(status: StatusCode, kind: &str, error: &dyn std::error::Error) -> Response {
+    if status.is_server_error() {
+        tracing::error!(%error, "API request failed");
+    }
+    (
+        status,
+        Json(ErrorBody {
+            error: error.to_string(),
+            kind: kind.into(),
+        }),
+    )
+        .into_response()
+}
+
 impl IntoResponse for ControlError {
     fn into_response(self) -> Response {
         let (status, kind) = match &self {
@@ -163,17 +184,56 @@ impl IntoResponse for ControlError {
             ControlError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ControlError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        if status.is_server_error() {
-            tracing::error!(error = %self, "API request failed");
+        error_response(status, kind, &self)
+    }
+}
+
+/// Errors of the certificate endpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum CertApiError {
+    /// The host is not a valid route host.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// The PEM pair was refused; the message names the file it is about when the client
+    /// gave file names.
+    #[error("{message}")]
+    Invalid {
+        /// The user-facing message.
+        message: String,
+    },
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(CertError),
+}
+
+impl CertApiError {
+    /// Classifies a [`CertStore::set`] failure, prefixing input errors with the file name.
+    fn from_set(err: CertError, req: &CertRequest) -> Self {
+        let file = match err.part() {
+            None => return Self::Store(err),
+            Some(CertPart::Certificate) => req.cert_file.as_deref(),
+            Some(CertPart::Key) => req.key_file.as_deref(),
+        };
+        Self::Invalid {
+            message: match file {
+                Some(file) => format!("{file}: {err}"),
+                None => err.to_string(),
+            },
         }
-        (
-            status,
-            Json(ErrorBody {
-                error: self.to_string(),
-                kind: kind.into(),
-            }),
-        )
-            .into_response()
+    }
+}
+
+impl IntoResponse for CertApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = match &self {
+            Self::Host(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_certificate"),
+            Self::Store(CertError::UserCertificatePresent { .. }) => {
+                (StatusCode::CONFLICT, "conflict")
+            }
+            Self::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        error_response(status, kind, &self)
     }
 }
 
@@ -306,4 +366,32 @@ async fn ports(
         tracing::warn!(%err, "node-port counters unavailable");
     }
     Ok(Json(ports))
+}
+
+async fn certs(State(state): State<Arc<ApiState>>) -> Json<Vec<CertInfo>> {
+    Json(state.certs.list())
+}
+
+async fn set_cert(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(host): UrlPath<String>,
+    Json(req): Json<CertRequest>,
+) -> Result<Json<CertInfo>, CertApiError> {
+    let host = Host::parse(&host)?;
+    // Validation parses keys and certificates and the store writes files: off the runtime.
+    let store = Arc::clone(&state.certs);
+    let set = tokio::task::spawn_blocking(move || {
+        let result = store.set(
+            &host,
+            req.cert_pem.as_bytes(),
+            req.key_pem.as_bytes(),
+            CertSource::User,
+        );
+        result.map_err(|err| CertApiError::from_set(err, &req))
+    });
+    let info = set
+        .await
+        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?;
+    tracing::info!(host = %info.host, not_after = %info.not_after, "certificate set by the operator");
+    Ok(Json(info))
 }

@@ -6,6 +6,8 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::ingress::certs::{CertInfo, CertSource};
+
 /// `GET /v1/status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
@@ -231,4 +233,19 @@ pub struct ErrorBody {
     /// Machine-readable kind: `invalid_config`, `not_found`, `conflict`, `bad_request`,
     /// `internal`.
     pub kind: String,
+}
+
+/// `PUT /v1/certs/{host}`: a user-provided certificate for HOST (exact or `*.domain`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertRequest {
+    /// The certificate chain, PEM, leaf first.
+    pub cert_pem: String,
+    /// The private key, PEM.
+    pub key_pem: String,
+    /// The certificate file's name to show in errors, e.g. `./site.crt`.
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// The key file's name to show in errors.
+    #[serde(default)]
+    pub key_file: Option<String>,
 }

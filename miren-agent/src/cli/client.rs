@@ -9,8 +9,8 @@ use super::{
     http::{self, Method, encode_component as enc},
 };
 use crate::api::types::{
-    AppDetail, AppSummary, DeployRequest, ErrorBody, NodePortInfo, PortsEditRequest, RouteInfo,
-    RouteRequest, ServiceEndpoints, Status,
+    AppDetail, AppSummary, CertInfo, CertRequest, DeployRequest, ErrorBody, NodePortInfo,
+    PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
 };
 
 /// How long one read or write on the socket may block.
@@ -105,6 +105,26 @@ impl Client {
             Method::Delete,
             &format!("/v1/routes/{}", enc(host)),
             None::<&()>,
+        )
+    }
+
+    /// `GET /v1/certs`.
+    ///
+    /// # Errors
+    /// See [`Client::status`].
+    pub fn certs(&self) -> Result<Vec<CertInfo>, CliError> {
+        self.call(Method::Get, "/v1/certs", None::<&()>)
+    }
+
+    /// `PUT /v1/certs/{host}`; a refused pair comes back as [`CliError::Agent`] naming the file.
+    ///
+    /// # Errors
+    /// See [`Client::status`].
+    pub fn set_cert(&self, host: &str, request: &CertRequest) -> Result<CertInfo, CliError> {
+        self.call(
+            Method::Put,
+            &format!("/v1/certs/{}", enc(host)),
+            Some(request),
         )
     }
 

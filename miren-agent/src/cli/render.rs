@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use crate::api::types::{
-    AppDetail, AppSummary, NodePortInfo, PortTraffic, RouteInfo, ServiceDetail, ServiceEndpoints,
-    Status,
+    AppDetail, AppSummary, CertInfo, NodePortInfo, PortTraffic, RouteInfo, ServiceDetail,
+    ServiceEndpoints, Status,
 };
 use crate::config::AppConfig;
 
@@ -208,6 +208,27 @@ pub fn routes(routes: &[RouteInfo]) -> String {
         ("TIMEOUT", |r| route_timeout(r.timeout_ms)),
     ];
     listing(COLUMNS, routes, "no routes")
+}
+
+/// `miren cert list`.
+pub fn certs(certs: &[CertInfo]) -> String {
+    const COLUMNS: &[Column<CertInfo>] = &[
+        ("HOST", |c| c.host.clone()),
+        ("SOURCE", |c| c.source.to_string()),
+        ("EXPIRES", |c| c.not_after.clone()),
+        ("SANS", |c| c.sans.join(",")),
+    ];
+    listing(COLUMNS, certs, "no certificates")
+}
+
+/// `miren cert set`.
+pub fn cert_set(cert: &CertInfo) -> String {
+    format!(
+        "certificate for {} stored (expires {}, names {})\n",
+        cert.host,
+        cert.not_after,
+        cert.sans.join(", ")
+    )
 }
 
 /// `miren route set|add`.

@@ -7,6 +7,7 @@
 //! - `listen`: binding, accept loops, TLS, HTTP/1 + HTTP/2.
 //! - `head_guard`, `framing`: slowloris, oversized heads and request smuggling.
 
+pub mod acme;
 pub mod activation;
 pub mod certs;
 mod framing;
