@@ -242,41 +242,44 @@ fn http2_serves_concurrent_streams_over_tls_and_h2c() {
     world.deploy_web(&agent, "h2");
     world.set_endpoints("h2", &[backend.addr]);
     world.route(&agent, "h2.example.com", "h2", &[]);
-    for (scheme, flag) in [("https", "--http2"), ("http", "--http2-prior-knowledge")] {
-        let port = if scheme == "https" { 443 } else { 80 };
-        let url = format!("{scheme}://h2.example.com:{port}/");
-        let resolve = format!("h2.example.com:{port}:127.0.0.1");
-        let mut args = vec![
-            "-sk",
-            flag,
-            "--resolve",
-            &resolve,
-            "--parallel",
-            "--parallel-immediate",
-            "--parallel-max",
-            "10",
-            "-w",
-            "%{http_version} %{http_code} %{num_connects}\\n",
-        ];
-        for _ in 0..10 {
-            args.extend(["-o", "/dev/null", url.as_str()]);
-        }
-        let out = world.curl(&args);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 10, "{scheme}: {out:?}");
-        assert!(
-            lines.iter().all(|l| l.starts_with("2 200")),
-            "{scheme}: {text}"
-        );
-        // One connection carried all ten streams.
-        let connects: usize = lines
-            .iter()
-            .filter_map(|l| l.split_whitespace().nth(2)?.parse::<usize>().ok())
-            .sum();
-        assert_eq!(connects, 1, "{scheme}: {text}");
+    // h2 over TLS (ALPN): ten concurrent streams on one connection.
+    let mut args = vec![
+        "-sk",
+        "-v",
+        "--http2",
+        "--parallel",
+        "--resolve",
+        "h2.example.com:443:127.0.0.1",
+        "-w",
+        "%{http_version} %{http_code}\\n",
+    ];
+    for _ in 0..10 {
+        args.extend(["-o", "/dev/null", "https://h2.example.com/"]);
     }
-    assert_eq!(backend.requests(), 20);
+    let out = world.curl(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let verbose = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(text, "2 200\n".repeat(10), "{verbose}");
+    let connects = verbose.matches("* Connected to").count();
+    let multiplexed = verbose.matches("Multiplexed connection found").count();
+    assert_eq!((connects, multiplexed), (1, 9), "{verbose}");
+    // h2c with prior knowledge on the plain listener (curl 7.88 stalls further streams on
+    // a reused h2c connection, so one request per connection here).
+    for _ in 0..3 {
+        let out = world.curl(&[
+            "-s",
+            "--http2-prior-knowledge",
+            "-H",
+            "Host: h2.example.com",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            "http://127.0.0.1/",
+        ]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200", "{out:?}");
+    }
+    assert_eq!(backend.requests(), 13);
 }
 
 #[test]
@@ -387,4 +390,82 @@ fn forwarding_headers_are_replaced_unless_the_peer_is_trusted() {
         assert!(head.contains(want), "missing {want:?} in {head}");
     }
     drop(agent);
+}
+
+#[test]
+fn sni_picks_exact_and_wildcard_certificates_swaps_them_live_and_redirects_to_https() {
+    use miren_tests::tls::{TestCa, served_leaf};
+    let world = IngressWorld::new("sni");
+    let agent = world.start_agent(&[]);
+    let backend = Backend::start(&world.ns, "tls", BackendMode::Normal);
+    world.deploy_web(&agent, "site");
+    world.set_endpoints("site", &[backend.addr]);
+    world.route(&agent, "a.example.com", "site", &[]);
+    let ca = TestCa::new("sni test CA");
+    let set = |host: &str, names: &[&str], tag: &str| {
+        let pem = ca.issue(names);
+        let cert = world.dir().join(format!("{tag}.crt"));
+        let key = world.dir().join(format!("{tag}.key"));
+        std::fs::write(&cert, &pem.cert).unwrap();
+        std::fs::write(&key, &pem.key).unwrap();
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        miren_tests::ingress::ok(&agent, &["cert", "set", host, "--cert", cert, "--key", key]);
+    };
+    let leaf = |sni: &str| {
+        world
+            .ns
+            .run(|| served_leaf("127.0.0.1:443".parse().unwrap(), sni))
+            .unwrap()
+            .expect("TLS handshake")
+            .dns_names
+    };
+    set("a.example.com", &["a.example.com"], "a");
+    set("b.example.com", &["b.example.com"], "b");
+    set("*.wild.example.com", &["*.wild.example.com"], "wild");
+    assert_eq!(leaf("a.example.com"), ["a.example.com"]);
+    assert_eq!(leaf("b.example.com"), ["b.example.com"]);
+    assert_eq!(leaf("x.wild.example.com"), ["*.wild.example.com"]);
+    // Unknown names still complete the handshake (self-signed fallback) and see the 404.
+    let fallback = leaf("unknown.test");
+    assert!(
+        !fallback.iter().any(|n| n.ends_with("example.com")),
+        "{fallback:?}"
+    );
+    let out = world.curl(&[
+        "-sk",
+        "--resolve",
+        "unknown.test:443:127.0.0.1",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "https://unknown.test/",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+
+    // Replaced while the agent runs: the next handshake gets the new certificate.
+    set(
+        "a.example.com",
+        &["a.example.com", "alt.a.example.com"],
+        "a2",
+    );
+    assert_eq!(
+        leaf("a.example.com"),
+        ["a.example.com", "alt.a.example.com"]
+    );
+
+    // A host with a certificate is redirected from plain HTTP and served over HTTPS.
+    let redirect = world.get("a.example.com", "/path?q=1", &[]);
+    assert_eq!(redirect.status, 308, "{redirect:?}");
+    assert_eq!(
+        redirect.header("location"),
+        Some("https://a.example.com/path?q=1")
+    );
+    let out = world.curl(&[
+        "-sk",
+        "--resolve",
+        "a.example.com:443:127.0.0.1",
+        "https://a.example.com/",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "tls", "{out:?}");
 }
