@@ -531,6 +531,7 @@ NODE_PORT/PROTO  APP  SERVICE   PORT_NAME  TARGET  ENDPOINTS  RX           RX_BY
                 host: "admin.example.com".to_owned(),
                 app: "game".to_owned(),
                 service: "server".to_owned(),
+                timeout_ms: None,
             }],
         };
         assert_eq!(

@@ -185,12 +185,11 @@ impl ProxyHttp for MirenProxy {
             .get("x-request-id")
             .and_then(usable_request_id)
             .unwrap_or_else(new_request_id);
-        if let Some(h1) = session.as_downstream().as_http1() {
-            if let Err(error) = framing::check(&req.headers, &h1.get_headers_raw_bytes()) {
-                return self
-                    .respond(session, ctx, 400, format!("bad request: {error}\n"), None)
-                    .await;
-            }
+        if let Some(h1) = session.as_downstream().as_http1()
+            && let Err(error) = framing::check(&req.headers, &h1.get_headers_raw_bytes())
+        {
+            let body = format!("bad request: {error}\n");
+            return self.respond(session, ctx, 400, body, None).await;
         }
         let Some(host) = request_host(req) else {
             let body = "bad request: the Host header is missing\n".to_owned();
@@ -198,19 +197,15 @@ impl ProxyHttp for MirenProxy {
         };
         ctx.host = host;
         let req = session.req_header();
-        if !self.tls && req.method == Method::GET {
-            if let Some(token) = req.uri.path().strip_prefix("/.well-known/acme-challenge/") {
-                return match (self.state.acme_challenge)(token) {
-                    Some(key_authorization) => {
-                        self.respond(session, ctx, 200, key_authorization, None)
-                            .await
-                    }
-                    None => {
-                        let body = format!("no ACME challenge {token}\n");
-                        self.respond(session, ctx, 404, body, None).await
-                    }
-                };
-            }
+        if !self.tls
+            && req.method == Method::GET
+            && let Some(token) = req.uri.path().strip_prefix("/.well-known/acme-challenge/")
+        {
+            let (status, body) = match (self.state.acme_challenge)(token) {
+                Some(key_authorization) => (200, key_authorization),
+                None => (404, format!("no ACME challenge {token}\n")),
+            };
+            return self.respond(session, ctx, status, body, None).await;
         }
         let snapshot = self.state.routing.snapshot();
         let Some(route) = snapshot.lookup(&ctx.host).cloned() else {
@@ -418,10 +413,10 @@ impl ProxyHttp for MirenProxy {
             (_, ErrorSource::Downstream) => (400, "bad request\n".to_owned()),
             _ => (500, "internal error\n".to_owned()),
         };
-        if code > 0 {
-            if let Err(error) = self.respond(session, ctx, code, body, None).await {
-                tracing::debug!(%error, "could not send the error response");
-            }
+        if code > 0
+            && let Err(error) = self.respond(session, ctx, code, body, None).await
+        {
+            tracing::debug!(%error, "could not send the error response");
         }
         FailToProxy {
             error_code: code,
@@ -465,7 +460,8 @@ mod tests {
     use super::*;
 
     fn req(host: Option<&str>, uri: &str) -> RequestHeader {
-        let mut req = RequestHeader::build("GET", uri.as_bytes(), None).unwrap();
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.set_uri(uri.parse().unwrap());
         if let Some(host) = host {
             req.insert_header("host", host).unwrap();
         }
