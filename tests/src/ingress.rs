@@ -138,6 +138,21 @@ impl IngressWorld {
             .expect("set endpoints");
     }
 
+    /// Deploys app `name` with `backends` as its endpoints and routes `host` to it
+    /// (`route_flags` go to `miren route set`).
+    pub fn serve(
+        &self,
+        agent: &AgentProcess,
+        name: &str,
+        backends: &[SocketAddr],
+        host: &str,
+        route_flags: &[&str],
+    ) {
+        self.deploy_web(agent, name);
+        self.set_endpoints(name, backends);
+        self.route(agent, host, name, route_flags);
+    }
+
     /// A TCP connection from inside the namespace to 127.0.0.1:`port`.
     pub fn connect(&self, port: u16) -> TcpStream {
         let stream = self

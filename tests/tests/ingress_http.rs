@@ -136,23 +136,29 @@ fn refused_backend_is_retried_once_then_502_and_silent_backend_gives_504() {
     let agent = world.start_agent(&[]);
     let good = Backend::start(&world.ns, "good", BackendMode::Normal);
     let refused = refused_addr(&world.ns);
-    world.deploy_web(&agent, "mixed");
-    world.set_endpoints("mixed", &[refused, good.addr]);
-    world.route(&agent, "mixed.example.com", "mixed", &[]);
+    world.serve(
+        &agent,
+        "mixed",
+        &[refused, good.addr],
+        "mixed.example.com",
+        &[],
+    );
     for _ in 0..6 {
         assert_eq!(served_by(&world, "mixed.example.com"), "good");
     }
 
-    world.deploy_web(&agent, "down");
-    world.set_endpoints("down", &[refused]);
-    world.route(&agent, "down.example.com", "down", &[]);
+    world.serve(&agent, "down", &[refused], "down.example.com", &[]);
     let down = world.get("down.example.com", "/", &[]);
     assert_eq!(down.status, 502, "{down:?}");
 
     let silent = Backend::start(&world.ns, "silent", BackendMode::Silent);
-    world.deploy_web(&agent, "slow");
-    world.set_endpoints("slow", &[silent.addr]);
-    world.route(&agent, "slow.example.com", "slow", &["--timeout", "1s"]);
+    world.serve(
+        &agent,
+        "slow",
+        &[silent.addr],
+        "slow.example.com",
+        &["--timeout", "1s"],
+    );
     let started = Instant::now();
     let timed_out = world.get("slow.example.com", "/", &[]);
     assert_eq!(timed_out.status, 504, "{timed_out:?}");
@@ -190,9 +196,13 @@ fn websocket_echoes_over_http_and_stays_open_past_the_route_timeout() {
     let world = IngressWorld::new("websocket");
     let agent = world.start_agent(&[]);
     let backend = Backend::start(&world.ns, "ws", BackendMode::Normal);
-    world.deploy_web(&agent, "chat");
-    world.set_endpoints("chat", &[backend.addr]);
-    world.route(&agent, "chat.example.com", "chat", &["--timeout", "1s"]);
+    world.serve(
+        &agent,
+        "chat",
+        &[backend.addr],
+        "chat.example.com",
+        &["--timeout", "1s"],
+    );
 
     let mut stream = world.connect(80);
     stream
@@ -239,9 +249,7 @@ fn http2_serves_concurrent_streams_over_tls_and_h2c() {
     let world = IngressWorld::new("h2");
     let agent = world.start_agent(&[]);
     let backend = Backend::start(&world.ns, "h2", BackendMode::Normal);
-    world.deploy_web(&agent, "h2");
-    world.set_endpoints("h2", &[backend.addr]);
-    world.route(&agent, "h2.example.com", "h2", &[]);
+    world.serve(&agent, "h2", &[backend.addr], "h2.example.com", &[]);
     // h2 over TLS (ALPN): ten concurrent streams on one connection.
     let mut args = vec![
         "-sk",
@@ -287,9 +295,7 @@ fn slowloris_is_closed_by_the_head_deadline_and_limits_give_413_and_431() {
     let world = IngressWorld::new("abuse");
     let agent = world.start_agent(&["--http-head-timeout", "2s", "--http-max-body", "1K"]);
     let backend = Backend::start(&world.ns, "b", BackendMode::Normal);
-    world.deploy_web(&agent, "limits");
-    world.set_endpoints("limits", &[backend.addr]);
-    world.route(&agent, "limits.example.com", "limits", &[]);
+    world.serve(&agent, "limits", &[backend.addr], "limits.example.com", &[]);
 
     let mut slow = world.connect(80);
     let started = Instant::now();
@@ -326,9 +332,7 @@ fn smuggling_shapes_are_refused_with_nothing_forwarded() {
     let world = IngressWorld::new("smuggle");
     let agent = world.start_agent(&[]);
     let backend = Backend::start(&world.ns, "b", BackendMode::Normal);
-    world.deploy_web(&agent, "victim");
-    world.set_endpoints("victim", &[backend.addr]);
-    world.route(&agent, "victim.example.com", "victim", &[]);
+    world.serve(&agent, "victim", &[backend.addr], "victim.example.com", &[]);
     let shapes: [&[u8]; 6] = [
         b"POST / HTTP/1.1\r\nHost: victim.example.com\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: victim.example.com\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: victim.example.com\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd",
@@ -349,9 +353,7 @@ fn forwarding_headers_are_replaced_unless_the_peer_is_trusted() {
     let world = IngressWorld::new("forwarded");
     let agent = world.start_agent(&[]);
     let backend = Backend::start(&world.ns, "b", BackendMode::Normal);
-    world.deploy_web(&agent, "fw");
-    world.set_endpoints("fw", &[backend.addr]);
-    world.route(&agent, "fw.example.com", "fw", &[]);
+    world.serve(&agent, "fw", &[backend.addr], "fw.example.com", &[]);
     let spoofed = [
         "X-Forwarded-For: 6.6.6.6",
         "X-Forwarded-Proto: https",
@@ -398,9 +400,7 @@ fn sni_picks_exact_and_wildcard_certificates_swaps_them_live_and_redirects_to_ht
     let world = IngressWorld::new("sni");
     let agent = world.start_agent(&[]);
     let backend = Backend::start(&world.ns, "tls", BackendMode::Normal);
-    world.deploy_web(&agent, "site");
-    world.set_endpoints("site", &[backend.addr]);
-    world.route(&agent, "a.example.com", "site", &[]);
+    world.serve(&agent, "site", &[backend.addr], "a.example.com", &[]);
     let ca = TestCa::new("sni test CA");
     let set = |host: &str, names: &[&str], tag: &str| {
         let pem = ca.issue(names);
