@@ -87,13 +87,15 @@ pub struct ServedLeaf {
     pub chain_len: usize,
 }
 
-/// Completes a TLS handshake with the server at `addr` sending SNI `server_name` and returns
-/// the leaf it presented. The chain is not verified (the test inspects it instead); the
-/// handshake signature is.
+/// A TLS connection to `addr` with SNI `server_name`, handshake done. The chain is not
+/// verified (tests inspect it instead); the handshake signature is.
 ///
 /// # Errors
-/// Connection, handshake or parse failures.
-pub fn served_leaf(addr: SocketAddr, server_name: &str) -> io::Result<ServedLeaf> {
+/// Connection or handshake failures.
+pub fn connect(
+    addr: SocketAddr,
+    server_name: &str,
+) -> io::Result<rustls::StreamOwned<ClientConnection, TcpStream>> {
     let provider = Arc::new(ring::default_provider());
     let verifier = Arc::new(InspectOnly(provider.signature_verification_algorithms));
     let config = ClientConfig::builder_with_provider(provider)
@@ -110,6 +112,17 @@ pub fn served_leaf(addr: SocketAddr, server_name: &str) -> io::Result<ServedLeaf
     while conn.is_handshaking() {
         conn.complete_io(&mut socket)?;
     }
+    Ok(rustls::StreamOwned::new(conn, socket))
+}
+
+/// Completes a TLS handshake with the server at `addr` sending SNI `server_name` and returns
+/// the leaf it presented.
+///
+/// # Errors
+/// Connection, handshake or parse failures.
+pub fn served_leaf(addr: SocketAddr, server_name: &str) -> io::Result<ServedLeaf> {
+    let stream = connect(addr, server_name)?;
+    let conn = &stream.conn;
     let chain = conn
         .peer_certificates()
         .ok_or_else(|| io::Error::other("the server sent no certificate"))?;

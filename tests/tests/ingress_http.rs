@@ -204,7 +204,19 @@ fn websocket_echoes_over_http_and_stays_open_past_the_route_timeout() {
         &["--timeout", "1s"],
     );
 
-    let mut stream = world.connect(80);
+    websocket_echo(world.connect(80));
+    let tls = world
+        .ns
+        .run(|| miren_tests::tls::connect("127.0.0.1:443".parse().unwrap(), "chat.example.com"))
+        .unwrap()
+        .expect("TLS connection");
+    websocket_echo(tls);
+    assert_eq!(backend.stats.accepts.load(Ordering::Relaxed), 2);
+}
+
+/// Upgrades `stream` to a websocket through the ingress, then checks that a frame comes back
+/// byte for byte, also after idling past the route's 1 s timeout.
+fn websocket_echo(mut stream: impl Read + Write) {
     stream
         .write_all(
             b"GET /ws HTTP/1.1\r\nHost: chat.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -325,6 +337,14 @@ fn slowloris_is_closed_by_the_head_deadline_and_limits_give_413_and_431() {
     let big_head = world.get("limits.example.com", "/", &[&huge_header]);
     assert_eq!(big_head.status, 431, "{big_head:?}");
     assert_eq!(backend.requests(), 0, "nothing may reach the backend");
+    // Without a Content-Length, a body is cut off with 413 once it passes the limit.
+    let mut chunked = b"POST / HTTP/1.1\r\nHost: limits.example.com\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        chunked.extend_from_slice(format!("400\r\n{}\r\n", "a".repeat(1024)).as_bytes());
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let cut = world.send(&chunked);
+    assert_eq!(cut.status, 413, "{cut:?}");
 }
 
 #[test]
@@ -468,4 +488,42 @@ fn sni_picks_exact_and_wildcard_certificates_swaps_them_live_and_redirects_to_ht
         "https://a.example.com/",
     ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "tls", "{out:?}");
+}
+
+#[test]
+fn a_taken_listener_port_is_a_clear_startup_error() {
+    let world = IngressWorld::new("taken");
+    let _holder = world
+        .ns
+        .run(|| std::net::TcpListener::bind("127.0.0.1:80"))
+        .unwrap()
+        .expect("hold port 80");
+    let out = world
+        .ns
+        .command(
+            miren_tests::process::binary("miren-agent")
+                .to_str()
+                .unwrap(),
+        )
+        .args([
+            "run",
+            "--config",
+            "/dev/null",
+            "--http-addr",
+            "127.0.0.1:80",
+        ])
+        .arg("--state-dir")
+        .arg(world.dir().join("state"))
+        .arg("--api-socket")
+        .arg(world.dir().join("agent.sock"))
+        .output()
+        .expect("run miren-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen on 127.0.0.1:80 (--http-addr)")
+            && stderr.contains("pass another --http-addr")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 }
