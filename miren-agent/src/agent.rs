@@ -20,12 +20,13 @@ use crate::{
     ingress::{
         Ingress, IngressError, IngressHooks,
         acme::{self, AcmeSettings, Http01Tokens},
-        activation::{Activations, NoActivator},
+        activation::{Activations, Activator, NoActivator},
         certs::{CertError, CertStore},
-        routing::Routing,
+        routing::{LoadTracker, Routing},
     },
     metrics::{self, Metrics, MetricsError, MetricsState},
     reconcile::Reconciler,
+    sandbox::{SandboxError, SandboxSettings, ipam::Subnet, runner::Runner},
     settings::AgentSettings,
     store::{SqliteStore, StoreError},
 };
@@ -51,6 +52,9 @@ pub enum AgentError {
     /// The ingress listeners could not be bound.
     #[error(transparent)]
     Ingress(#[from] IngressError),
+    /// The sandbox bridge or address store could not be set up.
+    #[error("setting up sandboxes: {0}")]
+    Sandbox(#[from] SandboxError),
     /// The data plane could not start.
     #[error("starting the node-port data plane: {0}")]
     Dataplane(#[from] Box<DataplaneError>),
@@ -102,7 +106,8 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let routing = Arc::new(Routing::new(ROUTE_TIMEOUT));
+    let load = Arc::new(LoadTracker::default());
+    let routing = Arc::new(Routing::new(ROUTE_TIMEOUT, Arc::clone(&load)));
     routing.refresh(&control);
     tokio::spawn(Arc::clone(&routing).follow(Arc::clone(&control), stop_rx.clone()));
     let api_state = Arc::new(ApiState {
@@ -121,8 +126,26 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         control: Arc::clone(&control),
         dataplane: dataplane.active,
     });
+    let runner = if settings.run_sandboxes {
+        Some(Runner::new(
+            Arc::clone(&control),
+            SandboxSettings {
+                bridge: settings.sandbox_bridge.clone(),
+                subnet: Subnet::parse(&settings.sandbox_subnet)?,
+                state_dir: settings.state_dir.join("sandbox"),
+            },
+            load,
+            routing.subscribe(),
+        )?)
+    } else {
+        None
+    };
+    let activator: Arc<dyn Activator> = match &runner {
+        Some(runner) => Arc::clone(runner) as Arc<dyn Activator>,
+        None => Arc::new(NoActivator),
+    };
     let activations = Arc::new(Activations::new(
-        Arc::new(NoActivator),
+        activator,
         Arc::clone(&routing),
         settings.boot_timeout,
     ));
@@ -177,10 +200,22 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         state_dir = %settings.state_dir.display(),
         "miren-agent ready"
     );
-    let (api_served, metrics_served, ()) = tokio::join!(
+    let sandboxes = async {
+        if let Some(runner) = runner {
+            runner.run(stop_rx.clone()).await;
+        }
+    };
+    let (api_served, metrics_served, (), ()) = tokio::join!(
         api::serve(api_listener, api_state, stopped(stop_rx.clone())),
         metrics::serve(metrics_listener, metrics_state, stopped(stop_rx.clone())),
-        ingress.serve(routing, activations, ingress_metrics, hooks, stop_rx),
+        ingress.serve(
+            routing,
+            activations,
+            ingress_metrics,
+            hooks,
+            stop_rx.clone()
+        ),
+        sandboxes,
     );
     let _ = std::fs::remove_file(&settings.api_socket);
     api_served.map_err(io("serving the API"))?;

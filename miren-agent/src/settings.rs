@@ -117,6 +117,10 @@ pub struct SettingsLayer {
     #[arg(long = "trusted-proxy")]
     #[serde(default)]
     pub trusted_proxy: Vec<String>,
+    /// Do not run sandboxes: endpoints come only from the API (an external orchestrator).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_sandboxes: bool,
 }
 
 /// Resolved settings with every default applied.
@@ -162,6 +166,8 @@ pub struct AgentSettings {
     pub boot_timeout: std::time::Duration,
     /// Peers whose forwarding headers are kept.
     pub trusted_proxies: Vec<crate::ingress::Cidr>,
+    /// Whether the agent runs the services' instances itself.
+    pub run_sandboxes: bool,
 }
 
 impl SettingsLayer {
@@ -262,6 +268,7 @@ impl SettingsLayer {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            run_sandboxes: !(self.no_sandboxes || file.no_sandboxes),
         })
     }
 }

@@ -97,6 +97,7 @@ impl IngressWorld {
                 "127.0.0.1:443",
                 "--metrics-addr",
                 "127.0.0.1:9464",
+                "--no-sandboxes",
             ])
             .args(extra)
             .arg("--state-dir")

@@ -151,6 +151,7 @@ impl World {
                 NODE_IP,
                 "--dataplane",
                 dataplane,
+                "--no-sandboxes",
             ])
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))

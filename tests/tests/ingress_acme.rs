@@ -136,7 +136,7 @@ impl AcmeWorld {
         let socket = self.dir.path().join("agent.sock");
         let mut command = self.netns.command(binary("miren-agent").to_str().unwrap());
         command
-            .args(["run", "--config", "/dev/null"])
+            .args(["run", "--config", "/dev/null", "--no-sandboxes"])
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
             .arg("--api-socket")

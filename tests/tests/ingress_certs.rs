@@ -18,6 +18,7 @@ fn start_agent(dir: &Path) -> AgentProcess {
         .arg("run")
         .arg("--config")
         .arg("/dev/null")
+        .arg("--no-sandboxes")
         .arg("--state-dir")
         .arg(dir.join("state"))
         .arg("--api-socket")

@@ -509,6 +509,7 @@ fn a_taken_listener_port_is_a_clear_startup_error() {
             "run",
             "--config",
             "/dev/null",
+            "--no-sandboxes",
             "--http-addr",
             "127.0.0.1:80",
         ])

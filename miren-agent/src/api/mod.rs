@@ -267,7 +267,9 @@ async fn deploy(
     State(state): State<Arc<ApiState>>,
     Json(req): Json<DeployRequest>,
 ) -> ApiResult<AppDetail> {
-    let detail = state.control.deploy(&req.source_name, &req.toml)?;
+    let detail = state
+        .control
+        .deploy(&req.source_name, &req.toml, req.directory.as_deref())?;
     state.ingress_caught_up().await;
     tracing::info!(app = %detail.name, version = detail.version, "deployed");
     Ok(Json(detail))

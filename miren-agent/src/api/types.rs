@@ -43,6 +43,9 @@ pub struct DeployRequest {
     pub source_name: String,
     /// The app.toml text.
     pub toml: String,
+    /// Absolute path of the app directory on this node: instances run there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
 }
 
 /// `GET /v1/apps` items.

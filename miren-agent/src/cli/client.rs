@@ -397,6 +397,7 @@ mod tests {
             .deploy(&DeployRequest {
                 source_name: "./.miren/app.toml".to_owned(),
                 toml: "name = \"x\"\n".to_owned(),
+                directory: None,
             })
             .expect_err("conflict");
         server.join().expect("server thread");

@@ -53,8 +53,15 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Deploy(AppDirArgs { dir }) => {
             let (source_name, toml) = read_app_config(dir)?;
+            let directory = std::fs::canonicalize(dir)
+                .ok()
+                .map(|d| d.display().to_string());
             out.print(
-                &client.deploy(&DeployRequest { source_name, toml })?,
+                &client.deploy(&DeployRequest {
+                    source_name,
+                    toml,
+                    directory,
+                })?,
                 render::deployed,
             )
         }

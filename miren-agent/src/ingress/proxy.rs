@@ -26,7 +26,7 @@ use super::{
     IngressState,
     activation::Activation,
     framing,
-    routing::{Backend, Route},
+    routing::{Backend, InFlight, Route},
 };
 
 /// Per-request state.
@@ -39,6 +39,8 @@ pub struct RequestCtx {
     backend: Option<Backend>,
     failed_backend: Option<SocketAddr>,
     connect_retries: u8,
+    /// Counts this request for the autoscaler while it lives.
+    in_flight: Option<InFlight>,
 }
 
 /// The proxy of one listener (plain HTTP or TLS).
@@ -175,6 +177,7 @@ impl ProxyHttp for MirenProxy {
             backend: None,
             failed_backend: None,
             connect_retries: 0,
+            in_flight: None,
         }
     }
 
@@ -213,6 +216,7 @@ impl ProxyHttp for MirenProxy {
             return self.respond(session, ctx, 404, body, None).await;
         };
         let upstreams = Arc::clone(&route.upstreams);
+        ctx.in_flight = Some(InFlight::new(&upstreams));
         ctx.route = Some(route);
         if !self.tls && (self.state.has_certificate)(&ctx.host) {
             let location = self.https_location(&ctx.host, session.req_header());
