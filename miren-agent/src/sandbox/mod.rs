@@ -1,0 +1,3 @@
+//! Sandboxes: service instances in their own network namespaces.
+
+pub mod dns;
