@@ -54,9 +54,10 @@ const ANSWER_TTL: u32 = 5;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a TCP client may stay silent before its connection is closed.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Queries in progress plus open TCP connections, at the most; beyond, UDP queries are dropped
-/// (clients retry) and TCP connections closed.
-const MAX_IN_FLIGHT: usize = 1024;
+/// UDP queries in progress, at the most; beyond, they are dropped (clients retry).
+const MAX_UDP_IN_FLIGHT: usize = 1024;
+/// Open TCP connections, at the most; beyond, new ones are closed at once.
+const MAX_TCP_CONNECTIONS: usize = 128;
 /// Internal answers over UDP fit in this many bytes (no EDNS); beyond, they are truncated and
 /// flagged TC so that the client asks again over TCP.
 const UDP_LIMIT: usize = 512;
@@ -459,13 +460,15 @@ impl DnsServer {
             upstream_timeout: self.upstream_timeout,
             rotation: AtomicUsize::new(0),
         });
-        let mut tasks = JoinSet::new();
+        let mut queries = JoinSet::new();
+        let mut connections = JoinSet::new();
         let mut buf = vec![0; MAX_MESSAGE];
         loop {
             tokio::select! {
                 // (The `Ref` that `wait_for` returns is not `Send`: dropped in the block.)
                 _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => break,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                Some(_) = queries.join_next(), if !queries.is_empty() => {}
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 received = udp.recv_from(&mut buf) => {
                     let (len, client) = match received {
                         Ok(received) => received,
@@ -474,15 +477,15 @@ impl DnsServer {
                             continue;
                         }
                     };
-                    if tasks.len() >= MAX_IN_FLIGHT {
+                    if queries.len() >= MAX_UDP_IN_FLIGHT {
                         tracing::debug!(%client, "internal DNS busy: query dropped");
                         continue;
                     }
                     let query = buf[..len].to_vec();
                     let (udp, resolver) = (Arc::clone(&udp), Arc::clone(&resolver));
-                    tasks.spawn(async move {
-                        let Some(reply) = resolver.respond(&query, client.ip(), Transport::Udp).await
-                        else {
+                    queries.spawn(async move {
+                        let reply = resolver.respond(&query, client.ip(), Transport::Udp).await;
+                        let Some(reply) = reply else {
                             return;
                         };
                         if let Err(error) = udp.send_to(&reply, client).await {
@@ -491,12 +494,15 @@ impl DnsServer {
                     });
                 }
                 accepted = self.tcp.accept() => match accepted {
-                    Ok((stream, client)) if tasks.len() < MAX_IN_FLIGHT => {
-                        tasks.spawn(serve_tcp(stream, client, Arc::clone(&resolver)));
+                    Ok((stream, client)) if connections.len() < MAX_TCP_CONNECTIONS => {
+                        connections.spawn(serve_tcp(stream, client, Arc::clone(&resolver)));
                     }
-                    Ok((_, client)) => tracing::debug!(%client, "internal DNS busy: connection closed"),
+                    Ok((_, client)) => {
+                        tracing::debug!(%client, "internal DNS busy: connection closed");
+                    }
                     Err(error) => {
-                        tracing::warn!(local_addr = %self.local_addr, %error, "internal DNS: accept failed");
+                        let local_addr = self.local_addr;
+                        tracing::warn!(%local_addr, %error, "internal DNS: accept failed");
                         // Out of file descriptors: give others time to close theirs.
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }

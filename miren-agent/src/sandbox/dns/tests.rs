@@ -355,11 +355,21 @@ fn is_reply_to_matches_id_and_question() {
 
 #[test]
 fn resolvers_from_reads_nameservers() {
-    let text = "# generated\nsearch example.com\nnameserver 127.0.0.53\n nameserver\t10.0.0.2 # lan\n\
-                ;nameserver 10.0.0.9\nnameserver ::1\nnameserver fe80::1%eth0\nnameserver bogus\n\
-                nameserver\noptions edns0\n";
+    let text = [
+        "# generated",
+        "search example.com",
+        "nameserver 127.0.0.53",
+        " nameserver\t10.0.0.2 # lan",
+        ";nameserver 10.0.0.9",
+        "nameserver ::1",
+        "nameserver fe80::1%eth0",
+        "nameserver bogus",
+        "nameserver",
+        "options edns0",
+    ]
+    .join("\n");
     assert_eq!(
-        resolvers_from(text),
+        resolvers_from(&text),
         ["127.0.0.53:53", "10.0.0.2:53", "[::1]:53"].map(|a| a.parse::<SocketAddr>().unwrap())
     );
     assert_eq!(resolvers_from(""), []);
@@ -556,11 +566,8 @@ async fn dead_upstreams_give_servfail_and_the_next_one_answers() {
         reply,
         [&reply[..HEADER_LEN], &packet[HEADER_LEN..]].concat()
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
 
     let upstream = Upstream::start(Duration::ZERO).await;
     let fallback = start(
@@ -577,7 +584,8 @@ async fn dead_upstreams_give_servfail_and_the_next_one_answers() {
 
 #[tokio::test]
 async fn many_clients_are_served_at_once() {
-    let upstream = Upstream::start(Duration::from_millis(300)).await;
+    // One after the other, the 50 queries would take 50 s.
+    let upstream = Upstream::start(Duration::from_secs(1)).await;
     let running = start(vec![upstream.addr], UPSTREAM_TIMEOUT).await;
     let started = Instant::now();
     let mut clients = JoinSet::new();
@@ -592,20 +600,14 @@ async fn many_clients_are_served_at_once() {
     }
     // An internal answer does not wait for the slow upstream either.
     let internal = ask_udp(running.addr, SHOP, &query(99, "web.app.miren", TYPE_A)).await;
-    assert!(
-        started.elapsed() < Duration::from_millis(300),
-        "{:?}",
-        started.elapsed()
-    );
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
     assert_eq!(read_u16(&internal, 6), Some(2));
     while let Some(done) = clients.join_next().await {
         done.unwrap();
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
     assert_eq!(upstream.queries.load(Ordering::SeqCst), 50);
 }
 
