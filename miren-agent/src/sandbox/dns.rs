@@ -116,6 +116,7 @@ enum Rejection {
     Reply { id: u16, rd: bool, rcode: Rcode },
 }
 
+/// The big-endian `u16` at `at`, if the packet is long enough.
 fn read_u16(packet: &[u8], at: usize) -> Option<u16> {
     packet
         .get(at..at + 2)
