@@ -4,9 +4,11 @@
 //! - [`ipam`]: persisted address allocation from `--sandbox-subnet`.
 //! - [`net`]: the bridge and the per-instance namespace and veth (iproute2).
 //! - [`instance`]: the process, its log and its stop.
+//! - [`dns`]: the resolver on the bridge address (`<service>.app.miren` within an app).
 //! - [`runner`]: one supervisor per service (fixed or auto concurrency, readiness, restarts,
 //!   rolling replacement) and the endpoints it publishes.
 
+pub mod dns;
 pub mod instance;
 pub mod ipam;
 pub mod net;
