@@ -26,7 +26,12 @@ use crate::{
     },
     metrics::{self, Metrics, MetricsError, MetricsState},
     reconcile::Reconciler,
-    sandbox::{SandboxError, SandboxSettings, ipam::Subnet, runner::Runner},
+    sandbox::{
+        SandboxError, SandboxSettings,
+        dns::{DnsError, DnsServer, resolvers_from},
+        ipam::Subnet,
+        runner::Runner,
+    },
     settings::AgentSettings,
     store::{SqliteStore, StoreError},
 };
@@ -52,6 +57,9 @@ pub enum AgentError {
     /// The ingress listeners could not be bound.
     #[error(transparent)]
     Ingress(#[from] IngressError),
+    /// The sandboxes' resolver could not start.
+    #[error("starting the sandbox DNS resolver: {0}")]
+    Dns(#[source] DnsError),
     /// The sandbox bridge or address store could not be set up.
     #[error("setting up sandboxes: {0}")]
     Sandbox(#[from] SandboxError),
@@ -200,7 +208,14 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         state_dir = %settings.state_dir.display(),
         "miren-agent ready"
     );
+    let dns = match &runner {
+        Some(runner) => Some((start_dns(&settings).await?, Arc::clone(runner))),
+        None => None,
+    };
     let sandboxes = async {
+        if let Some((server, runner)) = dns {
+            tokio::spawn(server.serve(runner, stop_rx.clone()));
+        }
         if let Some(runner) = runner {
             runner.run(stop_rx.clone()).await;
         }
@@ -220,6 +235,15 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     let _ = std::fs::remove_file(&settings.api_socket);
     api_served.map_err(io("serving the API"))?;
     metrics_served.map_err(io("serving /metrics"))
+}
+
+/// Binds the sandboxes' resolver on the bridge address, forwarding to the host's resolvers.
+async fn start_dns(settings: &AgentSettings) -> Result<DnsServer, AgentError> {
+    let gateway = Subnet::parse(&settings.sandbox_subnet)?.gateway();
+    let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    DnsServer::bind((gateway, 53).into(), resolvers_from(&resolv_conf))
+        .await
+        .map_err(AgentError::Dns)
 }
 
 /// Upstream timeout of routes without their own.

@@ -18,6 +18,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{
     SandboxError, SandboxSettings,
+    dns::DnsDirectory,
     instance::{Process, accepts_connections},
     ipam::Ipam,
     net::{self, SandboxNet},
@@ -191,27 +192,6 @@ impl Runner {
             .collect()
     }
 
-    /// The app whose sandbox has `ip`.
-    pub fn app_of(&self, ip: Ipv4Addr) -> Option<String> {
-        lock(&self.shared.addresses)
-            .get(&ip)
-            .map(|(app, _)| app.clone())
-    }
-
-    /// Ready addresses of `app`'s `service`, `None` if the app has no such service.
-    pub fn service_addrs(&self, app: &str, service: &str) -> Option<Vec<Ipv4Addr>> {
-        let key = (app.to_owned(), service.to_owned());
-        if !lock(&self.supervisors).contains_key(&key) {
-            return None;
-        }
-        Some(
-            lock(&self.shared.ready)
-                .get(&key)
-                .cloned()
-                .unwrap_or_default(),
-        )
-    }
-
     /// The log files of `app` (of one service when given), oldest instance first.
     pub fn log_files(&self, app: &str, service: Option<&str>) -> Vec<PathBuf> {
         let dir = self.shared.settings.state_dir.join("logs").join(app);
@@ -230,6 +210,27 @@ impl Runner {
             .collect();
         files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
         files
+    }
+}
+
+impl DnsDirectory for Runner {
+    fn app_of(&self, ip: Ipv4Addr) -> Option<String> {
+        lock(&self.shared.addresses)
+            .get(&ip)
+            .map(|(app, _)| app.clone())
+    }
+
+    fn service_addrs(&self, app: &str, service: &str) -> Option<Vec<Ipv4Addr>> {
+        let key = (app.to_owned(), service.to_owned());
+        if !lock(&self.supervisors).contains_key(&key) {
+            return None;
+        }
+        Some(
+            lock(&self.shared.ready)
+                .get(&key)
+                .cloned()
+                .unwrap_or_default(),
+        )
     }
 }
 
