@@ -118,22 +118,6 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     let routing = Arc::new(Routing::new(ROUTE_TIMEOUT, Arc::clone(&load)));
     routing.refresh(&control);
     tokio::spawn(Arc::clone(&routing).follow(Arc::clone(&control), stop_rx.clone()));
-    let api_state = Arc::new(ApiState {
-        control: Arc::clone(&control),
-        started,
-        state_dir: settings.state_dir.clone(),
-        dataplane: dataplane.active.clone(),
-        no_dataplane_reason: dataplane.reason,
-        traffic: api::traffic::TrafficSampler::default(),
-        ingress_revision: routing.subscribe(),
-        certs: Arc::clone(&certs),
-    });
-    let ingress_metrics = Arc::clone(&metrics);
-    let metrics_state = Arc::new(MetricsState {
-        metrics,
-        control: Arc::clone(&control),
-        dataplane: dataplane.active,
-    });
     let runner = if settings.run_sandboxes {
         Some(Runner::new(
             Arc::clone(&control),
@@ -148,6 +132,23 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     } else {
         None
     };
+    let api_state = Arc::new(ApiState {
+        control: Arc::clone(&control),
+        started,
+        state_dir: settings.state_dir.clone(),
+        dataplane: dataplane.active.clone(),
+        no_dataplane_reason: dataplane.reason,
+        traffic: api::traffic::TrafficSampler::default(),
+        ingress_revision: routing.subscribe(),
+        certs: Arc::clone(&certs),
+        runner: runner.clone(),
+    });
+    let ingress_metrics = Arc::clone(&metrics);
+    let metrics_state = Arc::new(MetricsState {
+        metrics,
+        control: Arc::clone(&control),
+        dataplane: dataplane.active,
+    });
     let activator: Arc<dyn Activator> = match &runner {
         Some(runner) => Arc::clone(runner) as Arc<dyn Activator>,
         None => Arc::new(NoActivator),

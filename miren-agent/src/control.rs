@@ -91,7 +91,7 @@ pub struct IngressRoute {
 pub struct DeployedService {
     /// App name.
     pub app: String,
-    /// App deploy counter; a new version replaces the instances.
+    /// App deploy counter.
     pub version: u64,
     /// The app directory, when the deploying client sent it.
     pub directory: Option<String>,
@@ -962,6 +962,7 @@ fn app_detail(desired: &Desired, name: &str) -> Result<AppDetail, ControlError> 
                 })
                 .collect(),
             env: instance_env(&app.config, service).unwrap_or_default(),
+            instances: None,
         })
         .collect();
     Ok(AppDetail {

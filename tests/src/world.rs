@@ -138,21 +138,38 @@ impl World {
         self.start_agent_with(plane.flag())
     }
 
-    /// Starts the agent in the node namespace with `--dataplane DATAPLANE`.
+    /// Starts the agent in the node namespace with `--dataplane DATAPLANE`; endpoints come
+    /// from the test (`--no-sandboxes`).
     pub fn start_agent_with(&self, dataplane: &str) -> AgentProcess {
+        self.start_agent_args(&["--dataplane", dataplane, "--no-sandboxes"])
+    }
+
+    /// Starts the agent in the node namespace running the apps' instances itself, on the
+    /// bridge `mrn0` with subnet 10.77.0.0/16 (br0 is the test's own sandboxes').
+    pub fn start_agent_running_sandboxes(&self, plane: Plane) -> AgentProcess {
+        self.start_agent_args(&[
+            "--dataplane",
+            plane.flag(),
+            "--sandbox-bridge",
+            "mrn0",
+            "--sandbox-subnet",
+            "10.77.0.0/16",
+            "--http-addr",
+            &format!("{NODE_IP}:80"),
+        ])
+    }
+
+    /// The test's directory (apps, state, logs).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    fn start_agent_args(&self, args: &[&str]) -> AgentProcess {
         let socket = self.dir.path().join("agent.sock");
         let mut command: Command = self.node.command(binary("miren-agent").to_str().unwrap());
         command
-            .args([
-                "run",
-                "--iface",
-                "eth0",
-                "--node-ip",
-                NODE_IP,
-                "--dataplane",
-                dataplane,
-                "--no-sandboxes",
-            ])
+            .args(["run", "--iface", "eth0", "--node-ip", NODE_IP])
+            .args(args)
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
             .arg("--api-socket")

@@ -29,7 +29,7 @@ use crate::{
 };
 use types::{
     AppDetail, AppSummary, CertInfo, CertRequest, DataplaneStatus, DeployRequest, ErrorBody,
-    NodePortInfo, PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
+    LogChunk, NodePortInfo, PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
 };
 
 /// What the API handlers share.
@@ -51,6 +51,8 @@ pub struct ApiState {
     pub ingress_revision: tokio::sync::watch::Receiver<u64>,
     /// TLS certificates of the ingress (`miren cert`).
     pub certs: Arc<CertStore>,
+    /// The sandbox runner, when this agent runs instances.
+    pub runner: Option<Arc<crate::sandbox::runner::Runner>>,
 }
 
 impl ApiState {
@@ -104,6 +106,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/apps/{app}", get(app).delete(remove_app))
         .route("/v1/apps/{app}/ports", post(edit_ports))
         .route("/v1/apps/{app}/endpoints", get(app_endpoints))
+        .route("/v1/apps/{app}/logs", get(app_logs))
         .route(
             "/v1/apps/{app}/services/{service}/endpoints",
             put(set_endpoints).get(service_endpoints),
@@ -279,7 +282,46 @@ async fn app(
     State(state): State<Arc<ApiState>>,
     UrlPath(app): UrlPath<String>,
 ) -> ApiResult<AppDetail> {
-    Ok(Json(state.control.app(&app)?))
+    let mut detail = state.control.app(&app)?;
+    if let Some(runner) = &state.runner {
+        let mut status = runner.status(&app);
+        for service in &mut detail.services {
+            service.instances = Some(status.remove(&service.name).unwrap_or_default());
+        }
+    }
+    Ok(Json(detail))
+}
+
+#[derive(Debug, Deserialize)]
+struct LogsQuery {
+    service: Option<String>,
+    #[serde(default)]
+    after: String,
+}
+
+async fn app_logs(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(app): UrlPath<String>,
+    Query(query): Query<LogsQuery>,
+) -> ApiResult<LogChunk> {
+    let detail = state.control.app(&app)?;
+    if let Some(service) = &query.service
+        && !detail.services.iter().any(|s| &s.name == service)
+    {
+        return Err(ControlError::NotFound(format!(
+            "app \"{app}\" has no service \"{service}\""
+        )));
+    }
+    let Some(runner) = &state.runner else {
+        return Err(ControlError::NotFound(
+            "this agent does not run instances (--no-sandboxes), so it has no logs".into(),
+        ));
+    };
+    Ok(Json(runner.logs(
+        &app,
+        query.service.as_deref(),
+        &query.after,
+    )))
 }
 
 async fn remove_app(

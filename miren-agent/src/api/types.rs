@@ -91,6 +91,42 @@ pub struct ServiceDetail {
     pub ports: Vec<PortInfo>,
     /// Environment of an instance (app env, service env, PORT, PORT_1..N).
     pub env: BTreeMap<String, String>,
+    /// Its instances, when this agent runs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<InstanceStatus>,
+}
+
+/// The instances of a service run by the agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// Instances whose process runs.
+    pub running: usize,
+    /// Instances that are endpoints.
+    pub ready: usize,
+    /// Restarts after an exit.
+    pub restarts: u64,
+    /// How the last instance exit ended.
+    pub last_exit: Option<String>,
+    /// True when instances keep exiting soon after they start.
+    pub crash_loop: bool,
+}
+
+/// `GET /v1/apps/{app}/logs` answer: new lines since the cursor.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogChunk {
+    /// Lines in instance order, each with the instance that wrote it.
+    pub lines: Vec<LogLine>,
+    /// Pass back as `after` to get only what follows.
+    pub cursor: String,
+}
+
+/// One line an instance wrote to stdout or stderr.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogLine {
+    /// Instance name (`SERVICE-ID`).
+    pub instance: String,
+    /// The line, without its newline.
+    pub line: String,
 }
 
 /// One port of a service.

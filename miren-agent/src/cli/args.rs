@@ -77,6 +77,17 @@ pub enum Command {
         /// Only this service.
         service: Option<String>,
     },
+    /// Show what an app's instances wrote to stdout and stderr.
+    Logs {
+        /// App name.
+        app: String,
+        /// Only this service's instances.
+        #[arg(long)]
+        service: Option<String>,
+        /// Keep printing new lines until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Show the agent's status.
     Status,
 }

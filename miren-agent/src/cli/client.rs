@@ -9,7 +9,7 @@ use super::{
     http::{self, Method, encode_component as enc},
 };
 use crate::api::types::{
-    AppDetail, AppSummary, CertInfo, CertRequest, DeployRequest, ErrorBody, NodePortInfo,
+    AppDetail, AppSummary, CertInfo, CertRequest, DeployRequest, ErrorBody, LogChunk, NodePortInfo,
     PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
 };
 
@@ -166,6 +166,24 @@ impl Client {
             &format!("/v1/apps/{}/endpoints", enc(app)),
             None::<&()>,
         )
+    }
+
+    /// `GET /v1/apps/{app}/logs`: lines written after `after` (a cursor from an earlier
+    /// answer; empty for all).
+    ///
+    /// # Errors
+    /// See [`Client::status`].
+    pub fn logs(
+        &self,
+        app: &str,
+        service: Option<&str>,
+        after: &str,
+    ) -> Result<LogChunk, CliError> {
+        let mut path = format!("/v1/apps/{}/logs?after={}", enc(app), enc(after));
+        if let Some(service) = service {
+            path.push_str(&format!("&service={}", enc(service)));
+        }
+        self.call(Method::Get, &path, None::<&()>)
     }
 
     /// `GET /v1/apps/{app}/services/{service}/endpoints`.

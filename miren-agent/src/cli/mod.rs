@@ -139,6 +139,22 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         Command::Endpoints { app, service: None } => {
             out.print(&client.endpoints(app)?, |e| render::endpoints(e))
         }
+        Command::Logs {
+            app,
+            service,
+            follow,
+        } => {
+            let mut cursor = String::new();
+            loop {
+                let chunk = client.logs(app, service.as_deref(), &cursor)?;
+                out.print(&chunk, render::log_lines)?;
+                if !follow {
+                    return Ok(());
+                }
+                cursor = chunk.cursor;
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
         Command::Status => out.print(&client.status()?, render::status),
     }
 }

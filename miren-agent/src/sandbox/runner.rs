@@ -24,6 +24,7 @@ use super::{
     net::{self, SandboxNet},
 };
 use crate::{
+    api::types::{InstanceStatus, LogChunk, LogLine},
     config::{ConcurrencyMode, PortKind},
     control::{ControlPlane, DeployedService},
     ingress::{activation::Activator, routing::LoadTracker},
@@ -36,21 +37,6 @@ const TICK: Duration = Duration::from_millis(100);
 /// An instance that ran this long before exiting is not part of a crash loop.
 const STABLE_RUN: Duration = Duration::from_secs(10);
 
-/// What `miren app show` reports about a service's instances.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ServiceStatus {
-    /// Instances whose process runs.
-    pub running: usize,
-    /// Instances that are endpoints.
-    pub ready: usize,
-    /// Restarts after an exit.
-    pub restarts: u64,
-    /// How the last instance exit ended.
-    pub last_exit: Option<String>,
-    /// True when instances keep exiting soon after they start.
-    pub crash_loop: bool,
-}
-
 /// State shared by the runner and its supervisors.
 #[derive(Debug)]
 struct Shared {
@@ -59,7 +45,7 @@ struct Shared {
     ipam: Mutex<Ipam>,
     load: Arc<LoadTracker>,
     ingress_revision: watch::Receiver<u64>,
-    status: Mutex<HashMap<Key, ServiceStatus>>,
+    status: Mutex<HashMap<Key, InstanceStatus>>,
     /// Sandbox address → app, and ready addresses per service (for DNS).
     addresses: Mutex<HashMap<Ipv4Addr, Key>>,
     ready: Mutex<HashMap<Key, Vec<Ipv4Addr>>>,
@@ -184,7 +170,7 @@ impl Runner {
     }
 
     /// The instance status of every service of `app`.
-    pub fn status(&self, app: &str) -> BTreeMap<String, ServiceStatus> {
+    pub fn status(&self, app: &str) -> BTreeMap<String, InstanceStatus> {
         lock(&self.shared.status)
             .iter()
             .filter(|((a, _), _)| a == app)
@@ -192,24 +178,55 @@ impl Runner {
             .collect()
     }
 
-    /// The log files of `app` (of one service when given), oldest instance first.
-    pub fn log_files(&self, app: &str, service: Option<&str>) -> Vec<PathBuf> {
+    /// What `app`'s instances (of one service when given) wrote after `cursor` (from an
+    /// earlier [`LogChunk`]; empty for everything), at most about 1 MiB per call.
+    pub fn logs(&self, app: &str, service: Option<&str>, cursor: &str) -> LogChunk {
+        let mut offsets: BTreeMap<String, u64> = cursor
+            .split(',')
+            .filter_map(|part| part.rsplit_once(':'))
+            .filter_map(|(name, offset)| Some((name.to_owned(), offset.parse().ok()?)))
+            .collect();
         let dir = self.shared.settings.state_dir.join("logs").join(app);
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        let mut files: Vec<(std::time::SystemTime, String, PathBuf)> = std::fs::read_dir(&dir)
             .into_iter()
             .flatten()
             .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                service.is_none_or(|s| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(&format!("{s}-")))
-                })
+            .filter_map(|entry| {
+                let path = entry.path();
+                let instance = path.file_stem()?.to_str()?.to_owned();
+                // `SERVICE-ID`; ids have no '-', service names may.
+                let wanted = service.is_none_or(|s| {
+                    instance
+                        .strip_prefix(&format!("{s}-"))
+                        .is_some_and(|id| !id.contains('-'))
+                });
+                let modified = entry.metadata().ok()?.modified().ok()?;
+                wanted.then_some((modified, instance, path))
             })
             .collect();
-        files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-        files
+        files.sort();
+        let mut lines = Vec::new();
+        let mut budget: u64 = 1 << 20;
+        for (_, instance, path) in files {
+            let offset = offsets.get(&instance).copied().unwrap_or(0);
+            let Ok(text) = read_from(&path, offset, budget) else {
+                continue;
+            };
+            // Only whole lines; a partial last line is read next time.
+            let complete = text.rfind('\n').map_or(0, |i| i + 1);
+            budget = budget.saturating_sub(complete as u64);
+            offsets.insert(instance.clone(), offset + complete as u64);
+            lines.extend(text[..complete].lines().map(|line| LogLine {
+                instance: instance.clone(),
+                line: line.to_owned(),
+            }));
+        }
+        let cursor = offsets
+            .iter()
+            .map(|(name, offset)| format!("{name}:{offset}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        LogChunk { lines, cursor }
     }
 }
 
@@ -246,6 +263,28 @@ impl Activator for Runner {
     }
 }
 
+/// Up to `limit` bytes of `path` from `offset`.
+fn read_from(path: &std::path::Path, offset: u64, limit: u64) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut bytes = Vec::new();
+    file.take(limit).read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// What an instance runs: a redeploy replaces the instances of a service only when this
+/// changes (command, environment, directory, ports), not for other services of the app.
+fn generation(spec: &DeployedService) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (&spec.command, &spec.env, &spec.directory).hash(&mut hasher);
+    for port in &spec.service.ports {
+        (&port.name, port.port, port.kind == PortKind::Udp).hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
 /// Resolves once `stop` turns true (without holding its borrow guard).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -259,7 +298,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug)]
 struct Instance {
     id: String,
-    version: u64,
+    /// [`generation`] of the spec it was started with.
+    generation: u64,
     net: SandboxNet,
     started: Instant,
     ready: bool,
@@ -423,7 +463,8 @@ impl ServiceSupervisor {
         }
         self.autoscale(&spec);
         // Rolling replacement and scaling: start one when short, stop one when over.
-        let current = |i: &&Instance| i.version == spec.version && i.stop.is_some();
+        let generation = generation(&spec);
+        let current = |i: &&Instance| i.generation == generation && i.stop.is_some();
         let starting = self
             .instances
             .iter()
@@ -435,7 +476,7 @@ impl ServiceSupervisor {
         let old: Vec<String> = self
             .instances
             .iter()
-            .filter(|i| i.version != spec.version && i.stop.is_some())
+            .filter(|i| i.generation != generation && i.stop.is_some())
             .map(|i| i.id.clone())
             .collect();
         let timeout = spec.service.concurrency.shutdown_timeout;
@@ -514,7 +555,12 @@ impl ServiceSupervisor {
         let log_dir = shared.settings.state_dir.join("logs").join(app);
         let _ = std::fs::create_dir_all(&log_dir);
         let log = log_dir.join(format!("{instance_name}.log"));
-        let mut process = match Process::start(&spec.command, &net, &spec.env, &dir, &log) {
+        let mut env = spec.env.clone();
+        env.insert("MIREN_APP".into(), app.clone());
+        env.insert("MIREN_SERVICE".into(), service.clone());
+        env.insert("MIREN_INSTANCE".into(), instance_name.clone());
+        env.insert("MIREN_ADDR".into(), addr.to_string());
+        let mut process = match Process::start(&spec.command, &net, &env, &dir, &log) {
             Ok(process) => process,
             Err(e) => {
                 net.remove();
@@ -540,7 +586,7 @@ impl ServiceSupervisor {
         let ready = spec.service.ports.iter().all(|p| p.kind == PortKind::Udp);
         self.instances.push(Instance {
             id: instance_name,
-            version: spec.version,
+            generation: generation(spec),
             net,
             started: Instant::now(),
             ready,
