@@ -13,6 +13,7 @@ use std::{
 
 use miren_agent::api::types::AppDetail;
 use miren_tests::{
+    ingress::ok,
     process::AgentProcess,
     world::{NODE_IP, Plane, World},
 };
@@ -48,16 +49,6 @@ fn deploy(world: &World, agent: &AgentProcess, name: &str, toml: &str) {
     std::fs::write(dir.join("echo.py"), ECHO_PY).unwrap();
     std::fs::write(dir.join("web.py"), WEB_PY).unwrap();
     ok(agent, &["deploy", dir.to_str().unwrap()]);
-}
-
-fn ok(agent: &AgentProcess, args: &[&str]) -> String {
-    let out = agent.miren(args);
-    assert!(
-        out.status.success(),
-        "miren {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Endpoint addresses of `app`'s `service` port `port_name`.
