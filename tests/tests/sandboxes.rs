@@ -15,7 +15,7 @@ use miren_agent::api::types::AppDetail;
 use miren_tests::{
     ingress::ok,
     process::AgentProcess,
-    world::{NODE_IP, Plane, World},
+    world::{NODE_IP, Plane, World, wait_for_status_ok},
 };
 
 /// A UDP echo server answering `ADDR MESSAGE`, and an HTTP server answering its address.
@@ -78,13 +78,14 @@ fn app_detail(agent: &AgentProcess, app: &str) -> AppDetail {
     serde_json::from_str(&ok(agent, &["app", "show", app, "--output", "json"])).unwrap()
 }
 
-/// The namespace of the sandbox with address `ip`.
-fn sandbox_netns(ip: &str) -> String {
+/// The namespace of `agent`'s sandbox with address `ip` (namespaces are `miren-sPIDxN`).
+fn sandbox_netns(agent: &AgentProcess, ip: &str) -> String {
+    let prefix = format!("miren-s{:x}x", agent.pid());
     let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
     String::from_utf8_lossy(&list.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|name| name.starts_with("miren-s"))
+        .filter(|name| name.starts_with(&prefix))
         .find(|name| {
             let addrs = Command::new("ip")
                 .args(["-n", name, "-4", "addr", "show", "eth0"])
@@ -193,6 +194,7 @@ fn deployed_instances_serve_node_port_and_route_and_are_restarted_when_killed() 
         endpoints(&agent, "game", "udp", "game").len() == 2
             && endpoints(&agent, "game", "web", "http").len() == 1
     });
+    wait_for_status_ok(&agent);
     let udp = endpoints(&agent, "game", "udp", "game");
 
     // Node port: replies come from the node address; flows spread over both instances.
@@ -219,7 +221,7 @@ fn deployed_instances_serve_node_port_and_route_and_are_restarted_when_killed() 
 
     // Kill one udp instance: it is replaced, endpoints follow, traffic continues.
     let victim = udp[0].ip().to_string();
-    let netns = sandbox_netns(&victim);
+    let netns = sandbox_netns(&agent, &victim);
     let pids = Command::new("ip")
         .args(["netns", "pids", &netns])
         .output()
@@ -230,11 +232,13 @@ fn deployed_instances_serve_node_port_and_route_and_are_restarted_when_killed() 
     wait_until("a restarted instance", || {
         let now = endpoints(&agent, "game", "udp", "game");
         now.len() == 2
+            && !now.contains(&udp[0])
             && app_detail(&agent, "game").services[0]
                 .instances
                 .as_ref()
                 .is_some_and(|i| i.restarts >= 1)
     });
+    wait_for_status_ok(&agent);
     for _ in 0..8 {
         let socket = client_socket(&world);
         let (from, _) = udp_round_trip(&world, &socket);
@@ -326,7 +330,7 @@ fn dns_answers_within_the_app_and_not_across_apps() {
             .args([
                 "netns",
                 "exec",
-                &sandbox_netns(from_ip),
+                &sandbox_netns(&agent, from_ip),
                 "getent",
                 "hosts",
                 name,
@@ -365,6 +369,7 @@ fn redeploy_keeps_established_flows_to_instances_it_does_not_replace() {
         endpoints(&agent, "game", "udp", "game").len() == 2
             && endpoints(&agent, "game", "web", "http").len() == 1
     });
+    wait_for_status_ok(&agent);
     let sockets: Vec<UdpSocket> = (0..8).map(|_| client_socket(&world)).collect();
     let before: Vec<String> = sockets
         .iter()
@@ -387,4 +392,53 @@ fn redeploy_keeps_established_flows_to_instances_it_does_not_replace() {
         .map(|s| udp_round_trip(&world, s).1)
         .collect();
     assert_eq!(before, after, "established flows moved");
+}
+
+#[test]
+fn a_restarted_agent_removes_what_a_killed_one_left_behind() {
+    let world = World::new(0);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    deploy(&world, &agent, "game", GAME);
+    wait_until("endpoints", || {
+        endpoints(&agent, "game", "udp", "game").len() == 2
+    });
+    let old: Vec<(String, Vec<String>)> = endpoints(&agent, "game", "udp", "game")
+        .iter()
+        .map(|addr| {
+            let netns = sandbox_netns(&agent, &addr.ip().to_string());
+            let pids = Command::new("ip")
+                .args(["netns", "pids", &netns])
+                .output()
+                .unwrap();
+            let pids = String::from_utf8_lossy(&pids.stdout)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            (netns, pids)
+        })
+        .collect();
+    agent.kill9();
+
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    wait_until("new endpoints", || {
+        endpoints(&agent, "game", "udp", "game").len() == 2
+    });
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    for (netns, pids) in &old {
+        assert!(!namespaces.contains(netns.as_str()), "{netns} left behind");
+        for pid in pids {
+            // Gone, or a zombie waiting for init to reap it.
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let running = state
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'));
+            assert!(!running, "process {pid} of {netns} still runs: {state}");
+        }
+    }
+    assert!(
+        agent
+            .log_text()
+            .contains("removed a sandbox left by an earlier agent")
+    );
 }

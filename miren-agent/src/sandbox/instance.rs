@@ -76,6 +76,11 @@ impl Process {
         Ok(Self { child, pid })
     }
 
+    /// The process id (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw().unsigned_abs()
+    }
+
     /// Waits until the process exits; a description of how it ended.
     pub async fn wait(&mut self) -> String {
         match self.child.wait().await {

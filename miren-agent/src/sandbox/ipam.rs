@@ -58,6 +58,9 @@ pub struct Ipam {
     subnet: Subnet,
     file: PathBuf,
     owners: BTreeMap<Ipv4Addr, String>,
+    /// The address handed out last: allocation continues after it, so a released address is
+    /// not reused at once (peers' ARP caches and conntrack still remember it).
+    last: Option<Ipv4Addr>,
 }
 
 impl Ipam {
@@ -77,21 +80,27 @@ impl Ipam {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(SandboxError::io(format!("reading {}", file.display()), e)),
         };
+        let last = owners.keys().next_back().copied();
         Ok(Self {
             subnet,
             file,
             owners,
+            last,
         })
     }
 
-    /// The lowest free address, recorded for `owner` on disk before it is returned.
+    /// The next free address after the last one handed out (wrapping around), recorded for
+    /// `owner` on disk before it is returned.
     ///
     /// # Errors
     /// [`SandboxError::SubnetFull`] or [`SandboxError::Io`].
     pub fn allocate(&mut self, owner: &str) -> Result<Ipv4Addr, SandboxError> {
+        let after = self.last;
         let addr = self
             .subnet
             .hosts()
+            .skip_while(|a| after.is_some_and(|last| *a <= last))
+            .chain(self.subnet.hosts())
             .find(|a| !self.owners.contains_key(a))
             .ok_or(SandboxError::SubnetFull(self.subnet.prefix))?;
         self.owners.insert(addr, owner.to_owned());
@@ -99,6 +108,7 @@ impl Ipam {
             self.owners.remove(&addr);
             return Err(e);
         }
+        self.last = Some(addr);
         Ok(addr)
     }
 
@@ -156,11 +166,12 @@ mod tests {
         drop(ipam);
         let mut reopened = Ipam::open(&dir, subnet).unwrap();
         assert_eq!(reopened.allocate("c").unwrap(), Ipv4Addr::new(10, 99, 0, 4));
+        // A released address comes back only after the rest of the subnet was used.
         reopened.release(a).unwrap();
-        assert_eq!(reopened.allocate("d").unwrap(), a);
-        // .5 and .6 are left; then the subnet is full (.7 is broadcast).
-        reopened.allocate("e").unwrap();
-        reopened.allocate("f").unwrap();
+        assert_eq!(reopened.allocate("d").unwrap(), Ipv4Addr::new(10, 99, 0, 5));
+        assert_eq!(reopened.allocate("e").unwrap(), Ipv4Addr::new(10, 99, 0, 6));
+        assert_eq!(reopened.allocate("f").unwrap(), a);
+        // Full now (.7 is the broadcast address).
         assert!(matches!(
             reopened.allocate("g"),
             Err(SandboxError::SubnetFull(29))

@@ -116,6 +116,24 @@ impl SandboxNet {
         PathBuf::from("/etc/netns").join(&self.netns)
     }
 
+    /// SIGKILLs every process in the namespace.
+    pub fn kill_processes(&self) {
+        let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.netns])
+            .output()
+        else {
+            return;
+        };
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
     /// Deletes the namespace (the veth pair goes with it) and its /etc files.
     pub fn remove(&self) {
         let _ = ip(&["link", "del", &self.host_veth]);

@@ -81,7 +81,8 @@ impl Runner {
         std::fs::create_dir_all(settings.state_dir.join("logs")).map_err(|e| {
             SandboxError::io(format!("creating {}", settings.state_dir.display()), e)
         })?;
-        let ipam = Ipam::open(&settings.state_dir, settings.subnet)?;
+        let mut ipam = Ipam::open(&settings.state_dir, settings.subnet)?;
+        remove_leftovers(&mut ipam);
         net::ensure_bridge(&settings.bridge, settings.subnet)?;
         Ok(Arc::new(Self {
             shared: Arc::new(Shared {
@@ -263,6 +264,46 @@ impl Activator for Runner {
     }
 }
 
+/// Removes the sandboxes an earlier agent left behind (it was killed without stopping them):
+/// their processes, namespaces and addresses.
+fn remove_leftovers(ipam: &mut Ipam) {
+    let leftovers: Vec<(Ipv4Addr, String)> = ipam
+        .allocated()
+        .iter()
+        .map(|(addr, owner)| (*addr, owner.clone()))
+        .collect();
+    for (addr, owner) in leftovers {
+        // Owners are `APP/SERVICE-ID`; the namespace is `miren-sID`.
+        if let Some((_, id)) = owner.rsplit_once('-') {
+            let netns = SandboxNet {
+                netns: format!("{}{id}", net::NETNS_PREFIX),
+                host_veth: format!("{}{id}", net::VETH_PREFIX),
+                addr,
+            };
+            netns.kill_processes();
+            netns.remove();
+            tracing::info!(sandbox = %owner, %addr, "removed a sandbox left by an earlier agent");
+        }
+        if let Err(error) = ipam.release(addr) {
+            tracing::warn!(%error, "could not release a leftover sandbox address");
+        }
+    }
+}
+
+/// True when a socket in the namespace of process `pid` is bound to UDP `port` (read from
+/// `/proc/PID/net/udp`, which shows that process's network namespace).
+fn udp_port_bound(pid: u32, port: u16) -> bool {
+    let wanted = format!(":{port:04X}");
+    ["udp", "udp6"].iter().any(|table| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_whitespace().nth(1))
+            .any(|local| local.ends_with(&wanted))
+    })
+}
+
 /// Up to `limit` bytes of `path` from `offset`.
 fn read_from(path: &std::path::Path, offset: u64, limit: u64) -> std::io::Result<String> {
     use std::io::{Read, Seek, SeekFrom};
@@ -297,6 +338,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// An instance the supervisor knows about.
 #[derive(Debug)]
 struct Instance {
+    /// Process id of the instance's shell (its process group).
+    pid: u32,
     id: String,
     /// [`generation`] of the spec it was started with.
     generation: u64,
@@ -457,7 +500,14 @@ impl ServiceSupervisor {
                 .filter_map(|p| p.port)
                 .map(|port| SocketAddrV4::new(instance.net.addr, port))
                 .collect();
-            if accepts_connections(&tcp).await {
+            let udp_bound = spec
+                .service
+                .ports
+                .iter()
+                .filter(|p| p.kind == PortKind::Udp)
+                .filter_map(|p| p.port)
+                .all(|port| udp_port_bound(instance.pid, port));
+            if udp_bound && accepts_connections(&tcp).await {
                 instance.ready = true;
             }
         }
@@ -568,6 +618,7 @@ impl ServiceSupervisor {
                 return Err(e);
             }
         };
+        let pid = process.pid();
         tracing::info!(app, service, instance = %instance_name, %addr, "instance started");
         lock(&shared.addresses).insert(addr, self.key.clone());
         let (stop_tx, stop_rx) = oneshot::channel::<Duration>();
@@ -582,14 +633,13 @@ impl ServiceSupervisor {
                 }
             }
         });
-        // A udp-only service is ready once its process runs.
-        let ready = spec.service.ports.iter().all(|p| p.kind == PortKind::Udp);
         self.instances.push(Instance {
+            pid,
             id: instance_name,
             generation: generation(spec),
             net,
             started: Instant::now(),
-            ready,
+            ready: false,
             stop: Some(stop_tx),
         });
         Ok(())
