@@ -57,13 +57,16 @@ fn main() -> ExitCode {
 fn run(once: bool, stop: &Stop) -> Result<Vec<String>> {
     let node = DemoNode::start(stop)?;
     showcase::deploy(&node, stop)?;
-    let failures = showcase::run(&node, stop);
+    let mut failures = showcase::run(&node, stop);
     if !once && !stop.requested() {
         showcase::try_it_yourself(&node);
         stop.wait();
         println!();
     }
-    node.shut_down();
+    if let Err(e) = node.shut_down() {
+        println!("FAILED: {e:#}");
+        failures.push(format!("cleanup: {e:#}"));
+    }
     Ok(failures)
 }
 

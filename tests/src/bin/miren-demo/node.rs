@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use miren_agent::{cli::Client, sandbox::net::NETNS_PREFIX};
 use miren_tests::{
     process::{AgentProcess, BpfPinDir, TempDir, miren},
@@ -33,6 +33,7 @@ pub struct DemoNode {
     pub node: Netns,
     dir: TempDir,
     _pins: BpfPinDir,
+    stopped: bool,
 }
 
 impl DemoNode {
@@ -72,6 +73,7 @@ impl DemoNode {
             node,
             dir,
             _pins: pins,
+            stopped: false,
         })
     }
 
@@ -100,10 +102,7 @@ impl DemoNode {
     /// # Errors
     /// When it cannot start or exits non-zero.
     pub fn exec(&self, ns: &Netns, label: &str, program: &str, args: &[&str]) -> Result<String> {
-        println!(
-            "\n{label}$ {program} {}",
-            quote_all(args.iter().copied())
-        );
+        println!("\n{label}$ {program} {}", quote_all(args.iter().copied()));
         let out = ns
             .command(program)
             .args(args)
@@ -120,16 +119,26 @@ impl DemoNode {
     }
 
     /// Stops the agent and removes everything (what dropping does), with a heading.
-    pub fn shut_down(self) {
+    ///
+    /// # Errors
+    /// When the agent did not exit cleanly on SIGTERM or left sandboxes behind.
+    pub fn shut_down(mut self) -> Result<()> {
         heading("cleaning up");
+        self.stop_agent()
     }
-}
 
-impl Drop for DemoNode {
-    fn drop(&mut self) {
+    /// SIGTERM to the agent, then removes the sandboxes it left behind (only after a crash or
+    /// when it had to be killed). Does nothing the second time.
+    fn stop_agent(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.stopped, true) {
+            return Ok(());
+        }
         let pid = self.agent.pid();
-        println!("$ kill -TERM {pid}   # the agent stops its instances, removes their namespaces and its bridge");
-        match self.agent.terminate(AGENT_STOP_TIMEOUT) {
+        println!(
+            "$ kill -TERM {pid}   # the agent stops its instances, removes their namespaces and its bridge"
+        );
+        let status = self.agent.terminate(AGENT_STOP_TIMEOUT);
+        match status {
             Some(status) => println!("agent exited ({status})"),
             None => println!(
                 "agent did not stop within {} s; killed it",
@@ -139,6 +148,20 @@ impl Drop for DemoNode {
         let left = remove_leftover_sandboxes(pid);
         if left > 0 {
             println!("removed {left} sandbox namespace(s) the agent left behind");
+        }
+        ensure!(
+            status.is_some_and(|s| s.success()) && left == 0,
+            "the agent did not shut down cleanly; its log ends with:\n{}",
+            self.agent_log_tail(20)
+        );
+        Ok(())
+    }
+}
+
+impl Drop for DemoNode {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_agent() {
+            println!("{e:#}");
         }
         println!(
             "removing namespaces {} and {}, {} and the private bpffs",
@@ -157,7 +180,10 @@ fn remove_leftover_sandboxes(pid: u32) -> usize {
         return 0;
     };
     let mut removed = 0;
-    for name in entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()) {
+    for name in entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+    {
         if !name.starts_with(&prefix) {
             continue;
         }

@@ -22,7 +22,7 @@ const HOST: &str = "hello.example.com";
 /// The UDP example's node port (examples/udp-echo/.miren/app.toml).
 const UDP_NODE_PORT: u16 = 7777;
 /// Client sockets and datagrams per socket in the UDP showcase.
-const UDP_SOCKETS: usize = 6;
+const UDP_SOCKETS: usize = 8;
 const UDP_ROUNDS: usize = 2;
 /// HTTP requests through the route.
 const HTTP_REQUESTS: usize = 3;
@@ -31,7 +31,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// `examples/NAME` of this repository.
 fn example(name: &str) -> Result<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name);
     path.canonicalize()
         .with_context(|| format!("example {}", path.display()))
 }
@@ -103,9 +105,12 @@ pub fn deploy(node: &DemoNode, stop: &Stop) -> Result<()> {
     Ok(())
 }
 
+/// One showcase step.
+type Step = fn(&DemoNode) -> Result<()>;
+
 /// The showcase proper; returns the steps that failed (each already reported).
 pub fn run(node: &DemoNode, stop: &Stop) -> Vec<String> {
-    let steps: [(&str, fn(&DemoNode) -> Result<()>); 5] = [
+    let steps: [(&str, Step); 5] = [
         ("HTTP through the route", http),
         ("UDP through the node port", udp),
         ("miren ports", ports),
@@ -152,13 +157,17 @@ fn udp(node: &DemoNode) -> Result<()> {
     let node_port: SocketAddr = format!("{NODE_IP}:{UDP_NODE_PORT}").parse()?;
     let mut served: BTreeMap<String, usize> = BTreeMap::new();
     for socket_no in 1..=UDP_SOCKETS {
+        // A socket stays in the namespace it was created in.
+        let socket = node
+            .client
+            .run(|| UdpSocket::bind((CLIENT_IP, 0)))
+            .context("entering the client namespace")??;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let local = socket.local_addr()?;
         let mut instances = Vec::new();
         for round in 1..=UDP_ROUNDS {
             let message = format!("ping {round} from socket {socket_no}");
-            let (local, from, reply) = node
-                .client
-                .run(|| round_trip(&message, node_port))
-                .context("entering the client namespace")??;
+            let (from, reply) = round_trip(&socket, &message, node_port)?;
             println!("{local} -> {node_port} {message:?}   reply from {from}: {reply:?}");
             ensure!(
                 from == node_port,
@@ -187,21 +196,14 @@ fn udp(node: &DemoNode) -> Result<()> {
     Ok(())
 }
 
-/// Sends `message` from a fresh socket to `to`; the socket's address, the reply's source and
-/// the reply.
-fn round_trip(message: &str, to: SocketAddr) -> Result<(SocketAddr, SocketAddr, String)> {
-    let socket = UdpSocket::bind((CLIENT_IP, 0))?;
-    socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+/// Sends `message` from `socket` to `to`; the reply's source and the reply.
+fn round_trip(socket: &UdpSocket, message: &str, to: SocketAddr) -> Result<(SocketAddr, String)> {
     socket.send_to(message.as_bytes(), to)?;
     let mut buf = [0u8; 1500];
     let (len, from) = socket
         .recv_from(&mut buf)
         .with_context(|| format!("no reply to {message:?} within 3 s"))?;
-    Ok((
-        socket.local_addr()?,
-        from,
-        String::from_utf8_lossy(&buf[..len]).into_owned(),
-    ))
+    Ok((from, String::from_utf8_lossy(&buf[..len]).into_owned()))
 }
 
 /// `miren ports`: the node port with its endpoints, status and counts.
