@@ -108,8 +108,7 @@ impl AgentProcess {
 
     /// Stops the agent gracefully: SIGTERM (it then stops its instances and removes their
     /// namespaces and its bridge), waits up to `timeout`, then SIGKILL. Returns how it ended,
-    /// `None` if it had to be killed. Calling it again after the agent has exited returns the
-    /// same status.
+    /// `None` if it had to be killed. Once the agent has exited, returns its status at once.
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if let Ok(Some(status)) = self.child.try_wait() {
             return Some(status);

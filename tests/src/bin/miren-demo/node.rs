@@ -14,7 +14,7 @@ use miren_agent::{cli::Client, sandbox::net::NETNS_PREFIX};
 use miren_tests::{
     process::{AgentProcess, BpfPinDir, TempDir, miren},
     topology::Netns,
-    world::{NODE_IP, agent_command, client_and_node},
+    world::{CLIENT_IP, NODE_IP, agent_command, client_and_node},
 };
 
 use crate::Stop;
@@ -46,9 +46,8 @@ impl DemoNode {
         let (client, node) =
             client_and_node("demo").context("creating the client and node namespaces")?;
         println!(
-            "client namespace {} (eth0 {}), node namespace {} (eth0 {NODE_IP}), joined by a veth pair",
+            "client namespace {} (eth0 {CLIENT_IP}), node namespace {} (eth0 {NODE_IP}), joined by a veth pair",
             client.name(),
-            miren_tests::world::CLIENT_IP,
             node.name(),
         );
         stop.check()?;
