@@ -78,6 +78,8 @@ fn main() -> Result<()> {
             )
         }
         Task::Demo { once } => {
+            // The demo starts the agent and the CLI binaries.
+            cmd::cargo(&root, &["build", "--bins"])?;
             let mut demo = vec![
                 "run",
                 "--package",
@@ -89,7 +91,9 @@ fn main() -> Result<()> {
             if once {
                 demo.push("--once");
             }
-            cmd::cargo(&root, &demo)
+            // Replaced by cargo, which replaces itself by the demo: Ctrl-C reaches only the
+            // demo, which then cleans up before the shell prompt returns.
+            cmd::exec_cargo(&root, &demo)
         }
     }
 }

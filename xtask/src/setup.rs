@@ -29,6 +29,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "inspecting loaded eBPF programs and maps"),
     ("pebble", "ACME test CA for the ingress tests"),
     ("curl", "HTTP requests in the ingress tests and the demo"),
+    ("python3", "runs the example apps the demo deploys"),
     (
         "nginx-light",
         "the reverse-proxy baseline of the ingress benchmark",
