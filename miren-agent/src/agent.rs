@@ -86,6 +86,14 @@ pub enum AgentError {
 /// [`AgentError`] when a component cannot start.
 pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     let started = Instant::now();
+    // First, so a stop request during startup is not lost (the default action would kill the
+    // agent before it could remove what it created).
+    let signal_error = |source| AgentError::Io {
+        op: "installing signal handlers",
+        source,
+    };
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
     let store = SqliteStore::open(&settings.state_dir)?;
     let control = Arc::new(ControlPlane::open(
         Box::new(store),
@@ -125,6 +133,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
                 bridge: settings.sandbox_bridge.clone(),
                 subnet: Subnet::parse(&settings.sandbox_subnet)?,
                 state_dir: settings.state_dir.join("sandbox"),
+                keep_running: settings.keep_sandboxes,
             },
             load,
             routing.subscribe(),
@@ -172,10 +181,6 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         cert_resolver: certs.resolver(),
     };
     let io = |op| move |source| AgentError::Io { op, source };
-    let mut interrupt =
-        signal(SignalKind::interrupt()).map_err(io("installing signal handlers"))?;
-    let mut terminate =
-        signal(SignalKind::terminate()).map_err(io("installing signal handlers"))?;
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };

@@ -121,6 +121,11 @@ pub struct SettingsLayer {
     #[arg(long)]
     #[serde(default)]
     pub no_sandboxes: bool,
+    /// Leave running instances alone when the agent stops, and adopt them when it starts again
+    /// (instead of stopping them and starting new ones).
+    #[arg(long)]
+    #[serde(default)]
+    pub keep_sandboxes: bool,
 }
 
 /// Resolved settings with every default applied.
@@ -168,6 +173,8 @@ pub struct AgentSettings {
     pub trusted_proxies: Vec<crate::ingress::Cidr>,
     /// Whether the agent runs the services' instances itself.
     pub run_sandboxes: bool,
+    /// Whether instances outlive the agent and are adopted by the next one.
+    pub keep_sandboxes: bool,
 }
 
 impl SettingsLayer {
@@ -269,6 +276,7 @@ impl SettingsLayer {
                 })
                 .collect::<Result<_, _>>()?,
             run_sandboxes: !(self.no_sandboxes || file.no_sandboxes),
+            keep_sandboxes: self.keep_sandboxes || file.keep_sandboxes,
         })
     }
 }

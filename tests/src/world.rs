@@ -181,10 +181,12 @@ impl World {
     }
 
     /// Starts the agent in the node namespace running the apps' instances itself, on the
-    /// bridge `mrn0` with subnet 10.77.0.0/16 (br0 is the test's own sandboxes').
-    pub fn start_agent_running_sandboxes(&self, plane: Plane) -> AgentProcess {
+    /// bridge `mrn0` with subnet 10.77.0.0/16 (br0 is the test's own sandboxes'), with `extra`
+    /// flags.
+    pub fn start_agent_running_sandboxes(&self, plane: Plane, extra: &[&str]) -> AgentProcess {
         let mut command =
             agent_command(&self.node, self.dir.path(), self.pins.path(), plane.flag());
+        command.args(extra);
         command.args([
             "--sandbox-bridge",
             "mrn0",

@@ -177,7 +177,7 @@ num_instances = 1
 #[test]
 fn deployed_instances_serve_node_port_and_route_and_are_restarted_when_killed() {
     let world = World::new(0);
-    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
     deploy(&world, &agent, "game", GAME);
     ok(
         &agent,
@@ -256,7 +256,7 @@ fn deployed_instances_serve_node_port_and_route_and_are_restarted_when_killed() 
 #[test]
 fn first_requests_start_one_instance_and_idle_scales_to_zero() {
     let world = World::new(0);
-    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
     deploy(
         &world,
         &agent,
@@ -302,7 +302,7 @@ scale_down_delay = "3s"
 #[test]
 fn dns_answers_within_the_app_and_not_across_apps() {
     let world = World::new(0);
-    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
     let two_services = |name: &str| {
         format!(
             "name = \"{name}\"\n[services.web]\ncommand = \"exec python3 web.py\"\nport = 8080\n\
@@ -363,7 +363,7 @@ fn dns_answers_within_the_app_and_not_across_apps() {
 #[test]
 fn redeploy_keeps_established_flows_to_instances_it_does_not_replace() {
     let world = World::new(0);
-    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
     deploy(&world, &agent, "game", GAME);
     wait_until("2 udp endpoints", || {
         endpoints(&agent, "game", "udp", "game").len() == 2
@@ -397,7 +397,7 @@ fn redeploy_keeps_established_flows_to_instances_it_does_not_replace() {
 #[test]
 fn a_restarted_agent_removes_what_a_killed_one_left_behind() {
     let world = World::new(0);
-    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
     deploy(&world, &agent, "game", GAME);
     wait_until("endpoints", || {
         endpoints(&agent, "game", "udp", "game").len() == 2
@@ -419,7 +419,7 @@ fn a_restarted_agent_removes_what_a_killed_one_left_behind() {
         .collect();
     agent.kill9();
 
-    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
     wait_until("new endpoints", || {
         endpoints(&agent, "game", "udp", "game").len() == 2
     });
@@ -440,5 +440,81 @@ fn a_restarted_agent_removes_what_a_killed_one_left_behind() {
         agent
             .log_text()
             .contains("removed a sandbox left by an earlier agent")
+    );
+}
+
+#[test]
+fn keep_sandboxes_leaves_instances_running_for_the_next_agent_to_adopt() {
+    let world = World::new(0);
+    let mut agent = world.start_agent_running_sandboxes(Plane::Xdp, &["--keep-sandboxes"]);
+    deploy(&world, &agent, "game", GAME);
+    wait_until("endpoints", || {
+        endpoints(&agent, "game", "udp", "game").len() == 2
+    });
+    wait_for_status_ok(&agent);
+    let socket = client_socket(&world);
+    let (_, first) = udp_round_trip(&world, &socket);
+    let before = endpoints(&agent, "game", "udp", "game");
+    let pids: Vec<String> = before
+        .iter()
+        .map(|addr| {
+            let netns = sandbox_netns(&agent, &addr.ip().to_string());
+            let out = Command::new("ip")
+                .args(["netns", "pids", &netns])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        })
+        .collect();
+    let old_pid = agent.pid();
+    assert!(
+        agent
+            .terminate(Duration::from_secs(30))
+            .is_some_and(|s| s.success())
+    );
+
+    // While no agent runs, the instances keep serving through the kernel's data plane.
+    let (_, during) = udp_round_trip(&world, &socket);
+    assert_eq!(during, first);
+
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &["--keep-sandboxes"]);
+    wait_until("adopted endpoints", || {
+        endpoints(&agent, "game", "udp", "game") == before
+    });
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("adopting an instance of an earlier agent")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert!(!log.contains("instance started"), "{log}");
+    for (addr, pids) in before.iter().zip(&pids) {
+        let prefix = format!("miren-s{old_pid:x}x");
+        let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        assert!(
+            String::from_utf8_lossy(&netns.stdout).contains(&prefix),
+            "{addr}"
+        );
+        for pid in pids.split_whitespace() {
+            assert!(
+                std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "{pid} gone"
+            );
+        }
+    }
+    let (_, after) = udp_round_trip(&world, &socket);
+    assert_eq!(after, first, "the flow moved");
+    drop(agent);
+    // An agent without --keep-sandboxes takes over and removes everything when it stops.
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
+    wait_until("new endpoints", || {
+        endpoints(&agent, "game", "udp", "game").len() == 2
+    });
+    drop(agent);
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&netns.stdout).contains(&format!("miren-s{old_pid:x}x")),
+        "adopted sandboxes left behind"
     );
 }

@@ -42,6 +42,16 @@ enum Task {
     },
 }
 
+/// `cargo` arguments that run the demo binary (its own arguments follow).
+const DEMO_RUN: [&str; 6] = [
+    "run",
+    "--package",
+    "miren-tests",
+    "--bin",
+    "miren-demo",
+    "--",
+];
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
@@ -61,10 +71,7 @@ fn main() -> Result<()> {
             cmd::cargo(&root, &test)?;
             if args.is_empty() {
                 // The whole product end to end: the demo's showcase fails on any wrong step.
-                cmd::cargo(
-                    &root,
-                    &["run", "--package", "miren-tests", "--bin", "miren-demo", "--", "--once"],
-                )?;
+                cmd::cargo(&root, &[&DEMO_RUN[..], &["--once"]].concat())?;
             }
             Ok(())
         }
@@ -88,14 +95,7 @@ fn main() -> Result<()> {
         Task::Demo { once } => {
             // The demo starts the agent and the CLI binaries.
             cmd::cargo(&root, &["build", "--bins"])?;
-            let mut demo = vec![
-                "run",
-                "--package",
-                "miren-tests",
-                "--bin",
-                "miren-demo",
-                "--",
-            ];
+            let mut demo = DEMO_RUN.to_vec();
             if once {
                 demo.push("--once");
             }

@@ -25,7 +25,8 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 /// A started process.
 #[derive(Debug)]
 pub struct Process {
-    child: Child,
+    /// `None` for a process adopted from an earlier agent (not our child).
+    child: Option<Child>,
     pid: Pid,
 }
 
@@ -73,7 +74,10 @@ impl Process {
                     std::io::Error::other("the process exited at once"),
                 )
             })?;
-        Ok(Self { child, pid })
+        Ok(Self {
+            child: Some(child),
+            pid,
+        })
     }
 
     /// The process id (also its process group id).
@@ -83,25 +87,50 @@ impl Process {
 
     /// Waits until the process exits; a description of how it ended.
     pub async fn wait(&mut self) -> String {
-        match self.child.wait().await {
-            Ok(status) => status.to_string(),
-            Err(e) => format!("waiting failed: {e}"),
+        match &mut self.child {
+            Some(child) => match child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("waiting failed: {e}"),
+            },
+            None => {
+                while is_running(self.pid.as_raw().unsigned_abs()) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                "exited (adopted from an earlier agent, status unknown)".into()
+            }
         }
+    }
+
+    /// A process group leader started by an earlier agent, if it still runs.
+    pub fn adopt(pid: u32) -> Option<Self> {
+        let raw = i32::try_from(pid).ok()?;
+        is_running(pid).then(|| Self {
+            child: None,
+            pid: Pid::from_raw(raw),
+        })
     }
 
     /// SIGTERM to the process group, SIGKILL after `timeout`, then reaps.
     pub async fn stop(mut self, timeout: Duration) {
         let _ = killpg(self.pid, Signal::SIGTERM);
-        if tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(timeout, self.wait()).await.is_err() {
             let _ = killpg(self.pid, Signal::SIGKILL);
-            let _ = self.child.wait().await;
+            let _ = self.wait().await;
         }
         // Children that outlived the shell.
         let _ = killpg(self.pid, Signal::SIGKILL);
     }
+}
+
+/// True when process `pid` exists and is not a zombie.
+pub fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(") ")
+                .map(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 /// True when every address in `ports` accepts a TCP connection.

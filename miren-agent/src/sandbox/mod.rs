@@ -61,4 +61,6 @@ pub struct SandboxSettings {
     pub subnet: ipam::Subnet,
     /// `<state-dir>/sandbox`: addresses, logs, default app directories.
     pub state_dir: PathBuf,
+    /// Leave instances running when the agent stops, and adopt them when it starts.
+    pub keep_running: bool,
 }

@@ -50,6 +50,59 @@ struct Shared {
     addresses: Mutex<HashMap<Ipv4Addr, Key>>,
     ready: Mutex<HashMap<Key, Vec<Ipv4Addr>>>,
     next_id: AtomicU64,
+    /// Every running instance, persisted for re-adoption (`--keep-sandboxes`).
+    records: Mutex<BTreeMap<String, InstanceRecord>>,
+    /// Instances of an earlier agent to adopt, by service, until its supervisor takes them.
+    adopted: Mutex<HashMap<Key, Vec<InstanceRecord>>>,
+    /// Set when the agent stops (as opposed to an app being removed).
+    shutting_down: std::sync::atomic::AtomicBool,
+}
+
+/// A running instance as written to `<state-dir>/sandbox/instances.json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct InstanceRecord {
+    app: String,
+    service: String,
+    instance: String,
+    net: SandboxNetRecord,
+    pid: u32,
+    generation: u64,
+}
+
+/// [`SandboxNet`] as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SandboxNetRecord {
+    netns: String,
+    host_veth: String,
+    addr: Ipv4Addr,
+}
+
+impl Shared {
+    fn records_file(&self) -> PathBuf {
+        self.settings.state_dir.join("instances.json")
+    }
+
+    /// Records (or with `None` forgets) an instance and writes the file.
+    fn record(&self, instance: &str, record: Option<InstanceRecord>) {
+        {
+            let mut records = lock(&self.records);
+            match record {
+                Some(record) => records.insert(instance.to_owned(), record),
+                None => records.remove(instance),
+            };
+        }
+        self.save_records();
+    }
+
+    /// Writes the running instances to [`Shared::records_file`].
+    fn save_records(&self) {
+        let text = serde_json::to_string_pretty(&*lock(&self.records)).unwrap_or_default();
+        let file = self.records_file();
+        let tmp = file.with_extension("json.tmp");
+        if let Err(error) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &file)) {
+            tracing::warn!(%error, file = %file.display(), "could not record the running instances");
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -82,20 +135,46 @@ impl Runner {
             SandboxError::io(format!("creating {}", settings.state_dir.display()), e)
         })?;
         let mut ipam = Ipam::open(&settings.state_dir, settings.subnet)?;
-        remove_leftovers(&mut ipam);
+        let records: BTreeMap<String, InstanceRecord> =
+            std::fs::read_to_string(settings.state_dir.join("instances.json"))
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .unwrap_or_default();
+        let (adopt, stale): (Vec<InstanceRecord>, Vec<InstanceRecord>) = records
+            .into_values()
+            .partition(|r| settings.keep_running && super::instance::is_running(r.pid));
+        let keep: Vec<Ipv4Addr> = adopt.iter().map(|r| r.net.addr).collect();
+        remove_leftovers(&mut ipam, &keep);
+        for record in &stale {
+            SandboxNet::from(&record.net).remove();
+        }
         net::ensure_bridge(&settings.bridge, settings.subnet)?;
+        let mut adopted: HashMap<Key, Vec<InstanceRecord>> = HashMap::new();
+        for record in &adopt {
+            tracing::info!(instance = %record.instance, addr = %record.net.addr, pid = record.pid, "adopting an instance of an earlier agent");
+            adopted
+                .entry((record.app.clone(), record.service.clone()))
+                .or_default()
+                .push(record.clone());
+        }
+        let shared = Shared {
+            control,
+            settings,
+            ipam: Mutex::new(ipam),
+            load,
+            ingress_revision,
+            status: Mutex::new(HashMap::new()),
+            addresses: Mutex::new(HashMap::new()),
+            ready: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            records: Mutex::new(BTreeMap::new()),
+            adopted: Mutex::new(adopted),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+        };
+        lock(&shared.records).extend(adopt.into_iter().map(|r| (r.instance.clone(), r)));
+        shared.save_records();
         Ok(Arc::new(Self {
-            shared: Arc::new(Shared {
-                control,
-                settings,
-                ipam: Mutex::new(ipam),
-                load,
-                ingress_revision,
-                status: Mutex::new(HashMap::new()),
-                addresses: Mutex::new(HashMap::new()),
-                ready: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(0),
-            }),
+            shared: Arc::new(shared),
             supervisors: Mutex::new(HashMap::new()),
         }))
     }
@@ -110,6 +189,7 @@ impl Runner {
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
         }
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
         let supervisors: Vec<Supervisor> =
             lock(&self.supervisors).drain().map(|(_, s)| s).collect();
         for supervisor in &supervisors {
@@ -118,7 +198,11 @@ impl Runner {
         for supervisor in supervisors {
             let _ = supervisor.task.await;
         }
-        net::remove_bridge(&self.shared.settings.bridge);
+        if self.shared.settings.keep_running {
+            tracing::info!("leaving the instances running for the next agent (--keep-sandboxes)");
+        } else {
+            net::remove_bridge(&self.shared.settings.bridge);
+        }
     }
 
     /// Starts, updates and stops supervisors to match the deployed services.
@@ -266,10 +350,11 @@ impl Activator for Runner {
 
 /// Removes the sandboxes an earlier agent left behind (it was killed without stopping them):
 /// their processes, namespaces and addresses.
-fn remove_leftovers(ipam: &mut Ipam) {
+fn remove_leftovers(ipam: &mut Ipam, keep: &[Ipv4Addr]) {
     let leftovers: Vec<(Ipv4Addr, String)> = ipam
         .allocated()
         .iter()
+        .filter(|(addr, _)| !keep.contains(addr))
         .map(|(addr, owner)| (*addr, owner.clone()))
         .collect();
     for (addr, owner) in leftovers {
@@ -302,6 +387,26 @@ fn udp_port_bound(pid: u32, port: u16) -> bool {
             .filter_map(|line| line.split_whitespace().nth(1))
             .any(|local| local.ends_with(&wanted))
     })
+}
+
+impl From<&SandboxNet> for SandboxNetRecord {
+    fn from(net: &SandboxNet) -> Self {
+        Self {
+            netns: net.netns.clone(),
+            host_veth: net.host_veth.clone(),
+            addr: net.addr,
+        }
+    }
+}
+
+impl From<&SandboxNetRecord> for SandboxNet {
+    fn from(record: &SandboxNetRecord) -> Self {
+        Self {
+            netns: record.netns.clone(),
+            host_veth: record.host_veth.clone(),
+            addr: record.addr,
+        }
+    }
 }
 
 /// Up to `limit` bytes of `path` from `offset`.
@@ -406,6 +511,15 @@ impl ServiceSupervisor {
     }
 
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let adopted = lock(&self.shared.adopted)
+            .remove(&self.key)
+            .unwrap_or_default();
+        for record in adopted {
+            match Process::adopt(record.pid) {
+                Some(process) => self.watch(process, record),
+                None => SandboxNet::from(&record.net).remove(),
+            }
+        }
         let mut tick = tokio::time::interval(TICK);
         let activate = Arc::clone(&self.activate);
         loop {
@@ -424,6 +538,9 @@ impl ServiceSupervisor {
                 _ = tick.tick() => self.reconcile().await,
                 () = stopped(&mut stop) => break,
             }
+        }
+        if self.shared.settings.keep_running && self.shared.shutting_down.load(Ordering::SeqCst) {
+            return;
         }
         self.target = 0;
         let timeout = self.spec.borrow().service.concurrency.shutdown_timeout;
@@ -458,6 +575,7 @@ impl ServiceSupervisor {
             return;
         };
         let instance = self.instances.remove(pos);
+        self.shared.record(&instance.id, None);
         self.release(&instance);
         if let Some(how) = exit {
             let (app, service) = &self.key;
@@ -610,7 +728,7 @@ impl ServiceSupervisor {
         env.insert("MIREN_SERVICE".into(), service.clone());
         env.insert("MIREN_INSTANCE".into(), instance_name.clone());
         env.insert("MIREN_ADDR".into(), addr.to_string());
-        let mut process = match Process::start(&spec.command, &net, &env, &dir, &log) {
+        let process = match Process::start(&spec.command, &net, &env, &dir, &log) {
             Ok(process) => process,
             Err(e) => {
                 net.remove();
@@ -618,12 +736,27 @@ impl ServiceSupervisor {
                 return Err(e);
             }
         };
-        let pid = process.pid();
         tracing::info!(app, service, instance = %instance_name, %addr, "instance started");
-        lock(&shared.addresses).insert(addr, self.key.clone());
+        let record = InstanceRecord {
+            app: app.clone(),
+            service: service.clone(),
+            instance: instance_name,
+            net: SandboxNetRecord::from(&net),
+            pid: process.pid(),
+            generation: generation(spec),
+        };
+        self.watch(process, record);
+        Ok(())
+    }
+
+    /// Tracks a running instance: its task waits for the process or stops it on request.
+    fn watch(&mut self, mut process: Process, record: InstanceRecord) {
+        self.shared.record(&record.instance, Some(record.clone()));
+        let net = SandboxNet::from(&record.net);
+        lock(&self.shared.addresses).insert(net.addr, self.key.clone());
         let (stop_tx, stop_rx) = oneshot::channel::<Duration>();
         let events = self.events_tx.clone();
-        let event_id = instance_name.clone();
+        let event_id = record.instance.clone();
         tokio::spawn(async move {
             tokio::select! {
                 how = process.wait() => { let _ = events.send(Event::Exited { id: event_id, how }); }
@@ -634,15 +767,14 @@ impl ServiceSupervisor {
             }
         });
         self.instances.push(Instance {
-            pid,
-            id: instance_name,
-            generation: generation(spec),
+            pid: record.pid,
+            id: record.instance,
+            generation: record.generation,
             net,
             started: Instant::now(),
             ready: false,
             stop: Some(stop_tx),
         });
-        Ok(())
     }
 
     /// Takes the instance out of the endpoints, waits until the ingress no longer routes to
