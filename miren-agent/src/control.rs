@@ -640,6 +640,17 @@ impl ControlPlane {
             .unwrap_or_else(|p| p.into_inner()) = Some(report);
     }
 
+    /// The revision the node-port data plane last applied without a failure, if there is a
+    /// data plane.
+    pub fn dataplane_revision(&self) -> Option<u64> {
+        self.dataplane_report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|report| report.failure.is_none())
+            .map(|report| report.revision)
+    }
+
     /// The data plane's view of the desired state (node ports with their endpoints) and the
     /// revision it reflects.
     pub fn dataplane_snapshot(

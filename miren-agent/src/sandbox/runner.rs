@@ -825,13 +825,18 @@ impl ServiceSupervisor {
         {
             Ok(_) => {
                 self.published = Some(endpoints);
+                // Both the ingress and the node-port data plane route with the new endpoints
+                // before anything is stopped (bounded: a stuck data plane delays, not blocks).
                 let target = *self.shared.control.subscribe().borrow();
                 let mut applied = self.shared.ingress_revision.clone();
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    applied.wait_for(|r| *r >= target),
-                )
-                .await;
+                let control = &self.shared.control;
+                let both = async {
+                    let _ = applied.wait_for(|r| *r >= target).await;
+                    while control.dataplane_revision().is_some_and(|r| r < target) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), both).await;
             }
             Err(error) => tracing::warn!(app, service, %error, "could not publish endpoints"),
         }
