@@ -102,6 +102,11 @@ impl AgentProcess {
         }
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the agent with SIGKILL (no chance to clean up) and waits for it.
     pub fn kill9(mut self) {
         let _ = self.child.kill();
