@@ -17,6 +17,12 @@ use crate::{
         ActiveDataplane, DataplaneError,
         select::{SelectSettings, select},
     },
+    ingress::{
+        Ingress, IngressError, IngressHooks,
+        activation::{Activations, NoActivator},
+        certs::{CertError, CertStore},
+        routing::Routing,
+    },
     metrics::{self, Metrics, MetricsError, MetricsState},
     reconcile::Reconciler,
     settings::AgentSettings,
@@ -38,6 +44,12 @@ pub enum AgentError {
     /// The metrics listener could not be bound.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// The ingress listeners could not be bound.
+    #[error(transparent)]
+    Ingress(#[from] IngressError),
+    /// The certificate store could not be opened.
+    #[error(transparent)]
+    Certs(#[from] CertError),
     /// The data plane could not start.
     #[error("starting the node-port data plane: {0}")]
     Dataplane(#[from] Box<DataplaneError>),
@@ -71,6 +83,9 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     )?);
     let api_listener = api::bind(&settings.api_socket).await?;
     let metrics_listener = metrics::bind(settings.metrics_addr).await?;
+    let ingress = Ingress::bind(settings.ingress_settings())?;
+    let (http_addr, https_addr) = ingress.local_addrs();
+    let certs = CertStore::open(&settings.state_dir.join("certs"))?;
     let dataplane = start_dataplane(&settings)?;
     let metrics = Arc::new(Metrics::new(
         dataplane.active.as_ref().map_or("none", |a| a.mode()),
@@ -93,17 +108,34 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         no_dataplane_reason: dataplane.reason,
         traffic: api::traffic::TrafficSampler::default(),
     });
+    let ingress_metrics = Arc::clone(&metrics);
     let metrics_state = Arc::new(MetricsState {
         metrics,
-        control,
+        control: Arc::clone(&control),
         dataplane: dataplane.active,
     });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let routing = Arc::new(Routing::new(ROUTE_TIMEOUT));
+    routing.refresh(&control);
+    tokio::spawn(Arc::clone(&routing).follow(control, stop_rx.clone()));
+    let activations = Arc::new(Activations::new(
+        Arc::new(NoActivator),
+        Arc::clone(&routing),
+        settings.boot_timeout,
+    ));
+    let hooks = IngressHooks {
+        acme_challenge: Box::new(|_| None),
+        has_certificate: {
+            let certs = Arc::clone(&certs);
+            Box::new(move |host| certs.has_certificate(host))
+        },
+        cert_resolver: certs.resolver(),
+    };
     let io = |op| move |source| AgentError::Io { op, source };
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(io("installing signal handlers"))?;
     let mut terminate =
         signal(SignalKind::terminate()).map_err(io("installing signal handlers"))?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -118,17 +150,23 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     tracing::info!(
         socket = %settings.api_socket.display(),
         metrics = %settings.metrics_addr,
+        http = %http_addr,
+        https = %https_addr,
         state_dir = %settings.state_dir.display(),
         "miren-agent ready"
     );
-    let (api_served, metrics_served) = tokio::join!(
+    let (api_served, metrics_served, ()) = tokio::join!(
         api::serve(api_listener, api_state, stopped(stop_rx.clone())),
-        metrics::serve(metrics_listener, metrics_state, stopped(stop_rx)),
+        metrics::serve(metrics_listener, metrics_state, stopped(stop_rx.clone())),
+        ingress.serve(routing, activations, ingress_metrics, hooks, stop_rx),
     );
     let _ = std::fs::remove_file(&settings.api_socket);
     api_served.map_err(io("serving the API"))?;
     metrics_served.map_err(io("serving /metrics"))
 }
+
+/// Upstream timeout of routes without their own.
+const ROUTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The running data plane (if any), or why there is none.
 struct RunningDataplane {

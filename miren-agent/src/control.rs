@@ -77,6 +77,15 @@ struct Desired {
     endpoints: BTreeMap<(String, String), EndpointMap>,
 }
 
+/// A route as the ingress needs it: host, target, timeout and the target's HTTP endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressRoute {
+    /// The stored route.
+    pub record: RouteRecord,
+    /// Ready endpoints of the target service's http port.
+    pub endpoints: Vec<SocketAddr>,
+}
+
 /// Validated operations on the desired state.
 pub struct ControlPlane {
     store: Box<dyn Store>,
@@ -305,7 +314,7 @@ impl ControlPlane {
     }
 
     /// Points `host` at a service of `app`: `service`, else the app's `web` service, else its
-    /// only service with an http port.
+    /// only service with an http port; `timeout_ms` overrides the ingress upstream timeout.
     ///
     /// # Errors
     /// [`ControlError::BadRequest`] for an invalid host or an ambiguous service;
@@ -316,6 +325,7 @@ impl ControlPlane {
         host: &str,
         app: &str,
         service: Option<&str>,
+        timeout_ms: Option<u64>,
     ) -> Result<RouteInfo, ControlError> {
         let host = Host::parse(host).map_err(|e| ControlError::BadRequest(e.to_string()))?;
         let mut desired = self.lock();
@@ -336,6 +346,7 @@ impl ControlPlane {
             host: host.as_str().to_owned(),
             app: app.to_owned(),
             service,
+            timeout_ms,
         };
         self.commit(&mut desired, &[Write::PutRoute(route.clone())], |d| {
             d.routes.retain(|r| r.host != route.host);
@@ -634,6 +645,38 @@ impl ControlPlane {
         (desired.revision, snapshot)
     }
 
+    /// The ingress's view of the desired state: every route with the endpoints of its
+    /// target service's http port, and the revision it reflects.
+    pub fn ingress_routes(&self) -> (u64, Vec<IngressRoute>) {
+        let desired = self.lock();
+        let routes = desired
+            .routes
+            .iter()
+            .map(|route| {
+                let port_name = desired
+                    .apps
+                    .get(&route.app)
+                    .and_then(|app| app.config.services.get(&route.service))
+                    .and_then(|service| service.http_port())
+                    .map(|port| port.name.as_str());
+                let endpoints = port_name
+                    .and_then(|name| {
+                        desired
+                            .endpoints
+                            .get(&(route.app.clone(), route.service.clone()))?
+                            .get(name)
+                    })
+                    .cloned()
+                    .unwrap_or_default();
+                IngressRoute {
+                    record: route.clone(),
+                    endpoints,
+                }
+            })
+            .collect();
+        (desired.revision, routes)
+    }
+
     /// Counts for `miren status`: (apps, routes, node ports).
     pub fn counts(&self) -> (usize, usize, usize) {
         let desired = self.lock();
@@ -893,6 +936,7 @@ fn route_info(route: &RouteRecord) -> RouteInfo {
         host: route.host.clone(),
         app: route.app.clone(),
         service: route.service.clone(),
+        timeout_ms: route.timeout_ms,
     }
 }
 

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod ingress;
 pub mod metrics;
 pub mod reconcile;
 pub mod routes;

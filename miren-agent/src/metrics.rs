@@ -7,8 +7,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder, proto::MetricFamily,
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+    Opts, Registry, TextEncoder, proto::MetricFamily,
 };
 
 use crate::{
@@ -40,12 +40,15 @@ pub enum MetricsError {
     Encode(#[from] prometheus::Error),
 }
 
-/// The agent's long-lived metrics (reconcile health, data plane mode).
+/// The agent's long-lived metrics (reconcile health, data plane mode, HTTP ingress).
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     reconcile_duration: Histogram,
     reconcile_errors: IntCounter,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    http_upstream_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -74,14 +77,63 @@ impl Metrics {
             &["mode"],
         )?;
         info.with_label_values(&[mode]).set(1);
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "miren_http_requests_total",
+                "Requests answered by the HTTP ingress, by routed app, service and status code.",
+            ),
+            &["app", "service", "code"],
+        )?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "miren_http_request_duration_seconds",
+                "Time from a request's head to the end of its response, by routed app.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ]),
+            &["app"],
+        )?;
+        let http_upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "miren_http_upstream_errors_total",
+                "Failures talking to app instances, by app and kind (connect, timeout, other).",
+            ),
+            &["app", "kind"],
+        )?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(info))?;
+        registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(http_duration.clone()))?;
+        registry.register(Box::new(http_upstream_errors.clone()))?;
         Ok(Self {
             registry,
             reconcile_duration,
             reconcile_errors,
+            http_requests,
+            http_duration,
+            http_upstream_errors,
         })
+    }
+
+    /// Records one request answered by the ingress (`app` and `service` empty when no route
+    /// matched).
+    pub fn observe_http_request(&self, app: &str, service: &str, code: u16, elapsed: Duration) {
+        self.http_requests
+            .with_label_values(&[app, service, code.to_string().as_str()])
+            .inc();
+        self.http_duration
+            .with_label_values(&[app])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one failure talking to an instance of `app`.
+    pub fn observe_upstream_error(&self, app: &str, kind: &str) {
+        self.http_upstream_errors
+            .with_label_values(&[app, kind])
+            .inc();
     }
 
     /// Records one reconcile pass.

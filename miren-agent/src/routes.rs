@@ -111,31 +111,31 @@ impl Borrow<str> for Host {
     }
 }
 
-/// Where a route sends traffic: an app's service (its first http port).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RouteTarget {
-    /// App name.
-    pub app: String,
-    /// Service name within the app.
-    pub service: String,
-}
-
 /// Host → target, with lookups that cost O(labels) whatever the number of routes.
-#[derive(Debug, Clone, Default)]
-pub struct RouteTable {
-    exact: HashMap<Host, RouteTarget>,
+#[derive(Debug, Clone)]
+pub struct RouteTable<T> {
+    exact: HashMap<Host, T>,
     /// Keyed by the part after `*.`.
-    wildcard: HashMap<String, (Host, RouteTarget)>,
+    wildcard: HashMap<String, (Host, T)>,
 }
 
-impl RouteTable {
+impl<T> Default for RouteTable<T> {
+    fn default() -> Self {
+        Self {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        }
+    }
+}
+
+impl<T> RouteTable<T> {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Adds or replaces a route, returning the previous target.
-    pub fn insert(&mut self, host: Host, target: RouteTarget) -> Option<RouteTarget> {
+    pub fn insert(&mut self, host: Host, target: T) -> Option<T> {
         match host.0.strip_prefix("*.") {
             Some(suffix) => self
                 .wildcard
@@ -146,7 +146,7 @@ impl RouteTable {
     }
 
     /// Removes a route, returning its target.
-    pub fn remove(&mut self, host: &Host) -> Option<RouteTarget> {
+    pub fn remove(&mut self, host: &Host) -> Option<T> {
         match host.0.strip_prefix("*.") {
             Some(suffix) => self.wildcard.remove(suffix).map(|(_, t)| t),
             None => self.exact.remove(host.as_str()),
@@ -155,7 +155,7 @@ impl RouteTable {
 
     /// The target for a raw `Host` header value (any case, optional `:port`
     /// and trailing dot): the exact route, else the wildcard one label up.
-    pub fn lookup(&self, host: &str) -> Option<&RouteTarget> {
+    pub fn lookup(&self, host: &str) -> Option<&T> {
         let host = normalize_header(host)?;
         if let Some(target) = self.exact.get(host.as_ref()) {
             return Some(target);
@@ -168,7 +168,7 @@ impl RouteTable {
     }
 
     /// All routes, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Host, &RouteTarget)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&Host, &T)> {
         self.exact
             .iter()
             .chain(self.wildcard.values().map(|(h, t)| (h, t)))
@@ -246,6 +246,15 @@ pub fn check_route_target(app: &AppConfig, service: &str) -> Result<(), RouteErr
 mod tests {
     use super::*;
     use crate::config::{Source, ValidationContext, parse_app_config};
+
+    /// A route target as the tests use it.
+    #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+    struct RouteTarget {
+        /// App name.
+        app: String,
+        /// Service name within the app.
+        service: String,
+    }
 
     fn target(app: &str) -> RouteTarget {
         RouteTarget {

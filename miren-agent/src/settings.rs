@@ -97,6 +97,22 @@ pub struct SettingsLayer {
     /// e.g. "60s", "5m" [default: 60s].
     #[arg(long)]
     pub udp_timeout: Option<String>,
+    /// Time a client has to send a whole HTTP request head; slower clients get 408
+    /// [default: 10s].
+    #[arg(long)]
+    pub http_head_timeout: Option<String>,
+    /// Largest HTTP request body, e.g. "100M", "512K" or bytes; larger bodies get 413
+    /// [default: 100M].
+    #[arg(long)]
+    pub http_max_body: Option<String>,
+    /// How long a request waits for a service scaled to zero to start [default: 120s].
+    #[arg(long)]
+    pub boot_timeout: Option<String>,
+    /// Peer (address or CIDR) whose X-Forwarded-* headers the ingress keeps (repeatable);
+    /// from anyone else they are replaced.
+    #[arg(long = "trusted-proxy")]
+    #[serde(default)]
+    pub trusted_proxy: Vec<String>,
 }
 
 /// Resolved settings with every default applied.
@@ -132,6 +148,14 @@ pub struct AgentSettings {
     pub port_range: RangeInclusive<u16>,
     /// UDP session idle timeout.
     pub udp_timeout: std::time::Duration,
+    /// Deadline for a whole HTTP request head.
+    pub http_head_timeout: std::time::Duration,
+    /// Largest HTTP request body in bytes.
+    pub http_max_body: u64,
+    /// Scale-from-zero wait.
+    pub boot_timeout: std::time::Duration,
+    /// Peers whose forwarding headers are kept.
+    pub trusted_proxies: Vec<crate::ingress::Cidr>,
 }
 
 impl SettingsLayer {
@@ -200,19 +224,55 @@ impl SettingsLayer {
             acme_directory: self.acme_directory.or(file.acme_directory),
             acme_email: self.acme_email.or(file.acme_email),
             port_range: parse_port_range(&port_range)?,
-            udp_timeout: match self.udp_timeout.or(file.udp_timeout) {
-                None => crate::dataplane::xdp::DEFAULT_UDP_TIMEOUT,
-                Some(text) => crate::config::parse_duration(&text).ok_or_else(|| {
+            udp_timeout: duration_setting(
+                "UDP timeout",
+                self.udp_timeout.or(file.udp_timeout),
+                crate::dataplane::xdp::DEFAULT_UDP_TIMEOUT,
+            )?,
+            http_head_timeout: duration_setting(
+                "HTTP head timeout",
+                self.http_head_timeout.or(file.http_head_timeout),
+                std::time::Duration::from_secs(10),
+            )?,
+            http_max_body: match self.http_max_body.or(file.http_max_body) {
+                None => 100 << 20,
+                Some(text) => parse_size(&text).ok_or_else(|| {
                     SettingsError::Invalid(format!(
-                        "UDP timeout \"{text}\" is not a duration; use e.g. 60s, 5m or 1h"
+                        "HTTP body limit \"{text}\" is not a size; use e.g. 100M, 512K or a number of bytes"
                     ))
                 })?,
             },
+            boot_timeout: duration_setting(
+                "boot timeout",
+                self.boot_timeout.or(file.boot_timeout),
+                std::time::Duration::from_secs(120),
+            )?,
+            trusted_proxies: prefer_flags(self.trusted_proxy, file.trusted_proxy)
+                .iter()
+                .map(|text| {
+                    text.parse().map_err(|e: String| {
+                        SettingsError::Invalid(format!("trusted proxy {e}"))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 }
 
 impl AgentSettings {
+    /// The ingress's part of the settings.
+    pub fn ingress_settings(&self) -> crate::ingress::IngressSettings {
+        crate::ingress::IngressSettings {
+            http_addr: self.http_addr,
+            https_addr: self.https_addr,
+            head_timeout: self.http_head_timeout,
+            max_head_bytes: 64 << 10,
+            max_body_bytes: self.http_max_body,
+            boot_timeout: self.boot_timeout,
+            trusted_proxies: self.trusted_proxies.clone(),
+        }
+    }
+
     /// What app validation must know about this agent: its own listener ports.
     pub fn validation_context(&self) -> ValidationContext {
         ValidationContext {
@@ -232,6 +292,34 @@ impl AgentSettings {
             ],
         }
     }
+}
+
+/// A duration setting, or `default` when unset.
+fn duration_setting(
+    what: &str,
+    value: Option<String>,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, SettingsError> {
+    match value {
+        None => Ok(default),
+        Some(text) => crate::config::parse_duration(&text).ok_or_else(|| {
+            SettingsError::Invalid(format!(
+                "{what} \"{text}\" is not a duration; use e.g. 60s, 5m or 1h"
+            ))
+        }),
+    }
+}
+
+/// `100M`, `512K`, `1G` (binary multiples) or a number of bytes.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last()? {
+        (i, 'k' | 'K') => (&text[..i], 10),
+        (i, 'm' | 'M') => (&text[..i], 20),
+        (i, 'g' | 'G') => (&text[..i], 30),
+        _ => (text, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 /// Repeatable flags replace the file's list when given at all.
@@ -320,6 +408,21 @@ mod tests {
             err.contains("UDP timeout \"soon\" is not a duration"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn sizes_and_trusted_proxies_parse() {
+        assert_eq!(parse_size("100M"), Some(100 << 20));
+        assert_eq!(parse_size("512k"), Some(512 << 10));
+        assert_eq!(parse_size("1234"), Some(1234));
+        assert_eq!(parse_size("lots"), None);
+        let layer = SettingsLayer {
+            config: Some(PathBuf::from("/dev/null")),
+            trusted_proxy: vec!["10.0.0.0/8".into(), "not-an-ip".into()],
+            ..SettingsLayer::default()
+        };
+        let err = layer.resolve().unwrap_err().to_string();
+        assert!(err.contains("\"not-an-ip\" is not an address"), "{err}");
     }
 
     #[test]

@@ -257,6 +257,7 @@ async fn set_route(
         &host,
         &req.app,
         req.service.as_deref(),
+        req.timeout_ms,
     )?))
 }
 

@@ -113,6 +113,9 @@ pub struct RouteInfo {
     pub app: String,
     /// Target service (has an http port).
     pub service: String,
+    /// Upstream timeout in milliseconds when set for this route (else the ingress default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// `PUT /v1/routes/{host}`.
@@ -122,6 +125,9 @@ pub struct RouteRequest {
     pub app: String,
     /// Target service; when absent the app's `web` service, else its only http service.
     pub service: Option<String>,
+    /// Upstream timeout for this route in milliseconds (default: the ingress default, 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// `GET /v1/ports[?app=APP]` items: a published node port.

@@ -113,6 +113,10 @@ pub enum RouteCommand {
         /// Target service [default: the app's `web` service, else its only HTTP service].
         #[arg(long)]
         service: Option<String>,
+        /// Upstream timeout for this route, e.g. "30s", "5m" [default: 60s]; a backend that
+        /// takes longer gets the client a 504.
+        #[arg(long, value_parser = parse_route_timeout)]
+        timeout: Option<std::time::Duration>,
     },
     /// Route HOST to --app APP (same as `route set`).
     Add {
@@ -124,6 +128,10 @@ pub enum RouteCommand {
         /// Target service [default: the app's `web` service, else its only HTTP service].
         #[arg(long)]
         service: Option<String>,
+        /// Upstream timeout for this route, e.g. "30s", "5m" [default: 60s]; a backend that
+        /// takes longer gets the client a 504.
+        #[arg(long, value_parser = parse_route_timeout)]
+        timeout: Option<std::time::Duration>,
     },
     /// Remove the route of HOST.
     Rm {
@@ -132,6 +140,12 @@ pub enum RouteCommand {
     },
     /// List routes.
     List,
+}
+
+fn parse_route_timeout(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("\"{text}\" is not a positive duration; use e.g. 30s, 5m or 1h"))
 }
 
 /// `miren ports [--app APP] [--watch]` or `miren ports edit …`.
@@ -410,7 +424,7 @@ mod tests {
             .expect("set");
         assert!(matches!(
             set.command,
-            Command::Route(RouteCommand::Set { ref host, ref app, service: None })
+            Command::Route(RouteCommand::Set { ref host, ref app, service: None, timeout: None })
                 if host == "*.example.com" && app == "web-app"
         ));
         let add = Cli::try_parse_from(["miren", "route", "add", "a.example.com", "--app", "x"])

@@ -66,11 +66,22 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         Command::App(AppCommand::Rm { name }) => {
             out.print(&client.remove_app(name)?, render::removed_app)
         }
-        Command::Route(RouteCommand::Set { host, app, service })
-        | Command::Route(RouteCommand::Add { host, app, service }) => {
+        Command::Route(RouteCommand::Set {
+            host,
+            app,
+            service,
+            timeout,
+        })
+        | Command::Route(RouteCommand::Add {
+            host,
+            app,
+            service,
+            timeout,
+        }) => {
             let request = RouteRequest {
                 app: app.clone(),
                 service: service.clone(),
+                timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
             };
             out.print(&client.set_route(host, &request)?, render::route_set)
         }

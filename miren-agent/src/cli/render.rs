@@ -205,6 +205,7 @@ pub fn routes(routes: &[RouteInfo]) -> String {
         ("HOST", |r| r.host.clone()),
         ("APP", |r| r.app.clone()),
         ("SERVICE", |r| r.service.clone()),
+        ("TIMEOUT", |r| route_timeout(r.timeout_ms)),
     ];
     listing(COLUMNS, routes, "no routes")
 }
@@ -212,9 +213,21 @@ pub fn routes(routes: &[RouteInfo]) -> String {
 /// `miren route set|add`.
 pub fn route_set(route: &RouteInfo) -> String {
     format!(
-        "route {} -> app {} service {}\n",
-        route.host, route.app, route.service
+        "route {} -> app {} service {} (upstream timeout {})\n",
+        route.host,
+        route.app,
+        route.service,
+        route_timeout(route.timeout_ms)
     )
+}
+
+/// A route's upstream timeout, or the ingress default.
+fn route_timeout(timeout_ms: Option<u64>) -> String {
+    match timeout_ms {
+        Some(ms) if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        Some(ms) => format!("{ms}ms"),
+        None => "60s (default)".into(),
+    }
 }
 
 /// `miren route rm`.

@@ -65,6 +65,8 @@ pub struct RouteRecord {
     pub app: String,
     /// Target service.
     pub service: String,
+    /// Upstream timeout in milliseconds; `None` means the ingress default.
+    pub timeout_ms: Option<u64>,
 }
 
 /// Endpoints of one service supplied through the API, per port name.

@@ -13,7 +13,8 @@ use super::{AppRecord, NodePortRecord, RouteRecord, Store, StoreError, StoreStat
 use crate::config::Protocol;
 
 /// Schema migrations; entry N brings the schema from version N to N+1.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO meta (key, value) VALUES ('revision', 0);
     CREATE TABLE apps (
@@ -50,7 +51,11 @@ const MIGRATIONS: &[&str] = &[r"
         address TEXT NOT NULL,
         PRIMARY KEY (app, service, port_name, address)
     );
-"];
+",
+    r"
+    ALTER TABLE routes ADD COLUMN timeout_ms INTEGER;
+",
+];
 
 /// The SQLite store. One connection, serialized by a mutex: the agent is the only writer.
 #[derive(Debug)]
@@ -203,7 +208,7 @@ impl Store for SqliteStore {
         drop(stmt);
 
         let mut stmt = tx
-            .prepare("SELECT host, app, service FROM routes ORDER BY host")
+            .prepare("SELECT host, app, service, timeout_ms FROM routes ORDER BY host")
             .map_err(q("read routes"))?;
         state.routes = stmt
             .query_map([], |row| {
@@ -211,6 +216,7 @@ impl Store for SqliteStore {
                     host: row.get(0)?,
                     app: row.get(1)?,
                     service: row.get(2)?,
+                    timeout_ms: row.get(3)?,
                 })
             })
             .and_then(Iterator::collect::<Result<Vec<_>, _>>)
@@ -317,9 +323,9 @@ fn apply(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
         Write::SetNodePorts { app, node_ports } => set_node_ports(tx, app, node_ports),
         Write::PutRoute(route) => tx
             .execute(
-                "INSERT INTO routes (host, app, service) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (host) DO UPDATE SET app = ?2, service = ?3",
-                params![route.host, route.app, route.service],
+                "INSERT INTO routes (host, app, service, timeout_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (host) DO UPDATE SET app = ?2, service = ?3, timeout_ms = ?4",
+                params![route.host, route.app, route.service, route.timeout_ms],
             )
             .map(drop)
             .map_err(q("write route")),
@@ -430,6 +436,7 @@ mod tests {
                 host: "game.example.com".into(),
                 app: "game".into(),
                 service: "main".into(),
+                timeout_ms: Some(1500),
             }),
             Write::SetEndpoints {
                 app: "game".into(),
@@ -524,6 +531,7 @@ mod tests {
                         host: "a.example.com".into(),
                         app: "a".into(),
                         service: "main".into(),
+                        timeout_ms: None,
                     }),
                 ],
             )

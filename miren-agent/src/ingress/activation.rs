@@ -1,0 +1,237 @@
+//! Scale from zero: when a request finds its service without a ready endpoint, the ingress
+//! asks the agent to start an instance and waits (up to the boot deadline) for one to become
+//! ready. Concurrent requests for the same service share one activation; the activation runs
+//! in its own task, so clients that give up or disconnect leave nothing behind.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+
+use super::routing::Routing;
+
+/// Starts instances on demand (the sandbox runner).
+pub trait Activator: Send + Sync + std::fmt::Debug {
+    /// Makes sure an instance of `app`'s `service` is starting.
+    ///
+    /// # Errors
+    /// Why no instance can be started; the requests waiting for it get a 503 saying so.
+    fn ensure_starting(&self, app: &str, service: &str) -> Result<(), String>;
+}
+
+/// The activator of an agent that does not run sandboxes: nothing can be started.
+#[derive(Debug, Default)]
+pub struct NoActivator;
+
+impl Activator for NoActivator {
+    fn ensure_starting(&self, _app: &str, _service: &str) -> Result<(), String> {
+        Err("none are set and this agent does not start instances on demand".into())
+    }
+}
+
+/// How an activation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Activation {
+    /// The service has a ready endpoint now.
+    Ready,
+    /// Nothing could be started (the reason).
+    Failed(String),
+    /// No endpoint became ready within the boot deadline.
+    TimedOut(Duration),
+}
+
+type Key = (String, String);
+
+/// In-flight activations, one per service.
+#[derive(Debug)]
+pub struct Activations {
+    activator: Arc<dyn Activator>,
+    routing: Arc<Routing>,
+    boot_timeout: Duration,
+    in_flight: Mutex<HashMap<Key, watch::Receiver<Option<Activation>>>>,
+}
+
+impl Activations {
+    /// Activations through `activator`, watching `routing` for endpoints, giving up after
+    /// `boot_timeout`.
+    pub fn new(
+        activator: Arc<dyn Activator>,
+        routing: Arc<Routing>,
+        boot_timeout: Duration,
+    ) -> Self {
+        Self {
+            activator,
+            routing,
+            boot_timeout,
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits until `app`'s `service` has a ready endpoint, starting one if no activation is
+    /// in flight yet.
+    pub async fn wait_ready(self: &Arc<Self>, app: &str, service: &str) -> Activation {
+        let mut outcome = self.join_or_start(app, service);
+        match outcome.wait_for(Option::is_some).await {
+            Ok(done) => done.clone().unwrap_or(Activation::Ready),
+            Err(_) => Activation::Failed("the activation was abandoned".into()),
+        }
+    }
+
+    fn join_or_start(
+        self: &Arc<Self>,
+        app: &str,
+        service: &str,
+    ) -> watch::Receiver<Option<Activation>> {
+        let key = (app.to_owned(), service.to_owned());
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(outcome) = in_flight.get(&key) {
+            return outcome.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        in_flight.insert(key.clone(), rx.clone());
+        drop(in_flight);
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let outcome = this.activate(&key.0, &key.1).await;
+            this.in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            tx.send_replace(Some(outcome));
+        });
+        rx
+    }
+
+    async fn activate(&self, app: &str, service: &str) -> Activation {
+        let mut changes = self.routing.subscribe();
+        let ready = || {
+            self.routing
+                .snapshot()
+                .service(app, service)
+                .is_some_and(|s| !s.backends.is_empty())
+        };
+        if ready() {
+            return Activation::Ready;
+        }
+        if let Err(reason) = self.activator.ensure_starting(app, service) {
+            return Activation::Failed(reason);
+        }
+        tracing::info!(app, service, "no ready endpoint; starting an instance");
+        let wait = async {
+            while !ready() {
+                if changes.changed().await.is_err() {
+                    return Activation::Failed("the route table is gone".into());
+                }
+            }
+            Activation::Ready
+        };
+        tokio::time::timeout(self.boot_timeout, wait)
+            .await
+            .unwrap_or(Activation::TimedOut(self.boot_timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::{control::IngressRoute, ingress::routing::RoutingSnapshot, store::RouteRecord};
+
+    #[derive(Debug, Default)]
+    struct CountingActivator {
+        calls: AtomicUsize,
+    }
+
+    impl Activator for CountingActivator {
+        fn ensure_starting(&self, _app: &str, _service: &str) -> Result<(), String> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn snapshot(revision: u64, endpoints: &[&str]) -> RoutingSnapshot {
+        let route = IngressRoute {
+            record: RouteRecord {
+                host: "a.example.com".into(),
+                app: "a".into(),
+                service: "web".into(),
+                timeout_ms: None,
+            },
+            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+        };
+        RoutingSnapshot::build(revision, &[route], Duration::from_secs(60))
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_start() {
+        let routing = Arc::new(Routing::new(Duration::from_secs(60)));
+        routing.publish(snapshot(1, &[]));
+        let activator = Arc::new(CountingActivator::default());
+        let activations = Arc::new(Activations::new(
+            activator.clone(),
+            routing.clone(),
+            Duration::from_secs(30),
+        ));
+        let waiters: Vec<_> = (0..20)
+            .map(|_| {
+                let activations = activations.clone();
+                tokio::spawn(async move { activations.wait_ready("a", "web").await })
+            })
+            .collect();
+        while activator.calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        routing.publish(snapshot(2, &["10.0.0.1:80"]));
+        for waiter in waiters {
+            assert_eq!(waiter.await.unwrap(), Activation::Ready);
+        }
+        assert_eq!(activator.calls.load(Ordering::SeqCst), 1);
+        assert!(activations.in_flight.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_the_boot_deadline_and_cleans_up() {
+        let routing = Arc::new(Routing::new(Duration::from_secs(60)));
+        routing.publish(snapshot(1, &[]));
+        let activator = Arc::new(CountingActivator::default());
+        let activations = Arc::new(Activations::new(
+            activator.clone(),
+            routing,
+            Duration::from_secs(120),
+        ));
+        // A client that gives up early does not cancel or leak the activation.
+        let impatient = activations.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async move {
+            impatient.wait_ready("a", "web").await
+        })
+        .await;
+        assert_eq!(activations.in_flight.lock().unwrap().len(), 1);
+        assert_eq!(
+            activations.wait_ready("a", "web").await,
+            Activation::TimedOut(Duration::from_secs(120))
+        );
+        assert_eq!(activator.calls.load(Ordering::SeqCst), 1);
+        assert!(activations.in_flight.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn no_activator_reports_no_endpoints() {
+        let routing = Arc::new(Routing::new(Duration::from_secs(60)));
+        routing.publish(snapshot(1, &[]));
+        let activations = Arc::new(Activations::new(
+            Arc::new(NoActivator),
+            routing,
+            Duration::from_secs(120),
+        ));
+        assert_eq!(
+            activations.wait_ready("a", "web").await,
+            Activation::Failed(
+                "none are set and this agent does not start instances on demand".into()
+            )
+        );
+    }
+}

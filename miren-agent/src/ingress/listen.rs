@@ -1,0 +1,152 @@
+//! The ingress listeners: bound by the agent at startup (so a taken port is a clear startup
+//! error), then an accept loop per listener on the agent's tokio runtime that wraps each
+//! connection in a [`HeadGuard`], completes TLS when the listener has it, and hands the
+//! stream to Pingora's HTTP/1 and HTTP/2 (h2 over TLS, h2c) server, until shutdown.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use async_trait::async_trait;
+use pingora::{
+    apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp},
+    listeners::tls::Acceptor,
+    protocols::{Stream, http::ServerSession, l4::listener::Listener},
+    proxy::HttpProxy,
+    server::ShutdownWatch,
+};
+use tokio::sync::watch;
+
+use super::{
+    IngressError,
+    head_guard::{HeadGuard, HeadLimits, guard_of},
+    proxy::MirenProxy,
+};
+
+/// A bound listener, not yet accepting.
+#[derive(Debug)]
+pub struct BoundListener {
+    listener: Listener,
+    local_addr: SocketAddr,
+}
+
+impl BoundListener {
+    /// Binds `addr` for `what` (e.g. "--http-addr").
+    ///
+    /// # Errors
+    /// [`IngressError::Bind`] naming the address and the flag.
+    pub fn bind(addr: SocketAddr, what: &'static str) -> Result<Self, IngressError> {
+        let bind_error = |source| IngressError::Bind { addr, what, source };
+        let std_listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+        std_listener.set_nonblocking(true).map_err(bind_error)?;
+        let local_addr = std_listener.local_addr().map_err(bind_error)?;
+        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(bind_error)?;
+        Ok(Self {
+            listener: listener.into(),
+            local_addr,
+        })
+    }
+
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+/// Pingora's proxy with the head guard re-armed before each kept-alive HTTP/1 request.
+pub struct GuardedApp {
+    proxy: Arc<HttpProxy<MirenProxy>>,
+}
+
+impl std::fmt::Debug for GuardedApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedApp").finish_non_exhaustive()
+    }
+}
+
+impl GuardedApp {
+    /// Wraps `proxy`, turning on h2c for plain-text listeners.
+    pub fn new(mut proxy: HttpProxy<MirenProxy>) -> Self {
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        proxy.server_options = Some(options);
+        Self {
+            proxy: Arc::new(proxy),
+        }
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for GuardedApp {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if let Some(guard) = session.stream().and_then(guard_of) {
+            guard.rearm_unless_first();
+        }
+        self.proxy.process_new_http(session, shutdown).await
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.proxy.server_options()
+    }
+
+    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
+        self.proxy.h2_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
+
+/// Accepts connections on `bound` until `shutdown` turns true.
+pub async fn serve(
+    bound: BoundListener,
+    app: Arc<GuardedApp>,
+    tls: Option<Arc<Acceptor>>,
+    limits: HeadLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = bound.listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let mut stream = match accepted {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(listener = %bound.local_addr, %error, "accept failed");
+                // Out of file descriptors: give others time to close theirs.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay();
+        let app = Arc::clone(&app);
+        let tls = tls.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let stream: Stream = match tls {
+                None => Box::new(stream),
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.timeout, acceptor.tls_handshake(stream)).await
+                    {
+                        Ok(Ok(tls_stream)) => Box::new(tls_stream),
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            let guarded: Stream = Box::new(HeadGuard::new(stream, limits));
+            ServerApp::process_new(&app, guarded, &shutdown).await;
+        });
+    }
+    app.proxy.http_cleanup().await;
+}

@@ -1,0 +1,251 @@
+//! The HTTP ingress: a Pingora reverse proxy inside the agent's process and tokio runtime,
+//! on `--http-addr` and `--https-addr`.
+//!
+//! - [`routing`]: Host → route → ready endpoints, swapped atomically on every revision.
+//! - [`activation`]: scale from zero (one start shared by concurrent requests).
+//! - `proxy`: the per-request logic (Pingora `ProxyHttp`).
+//! - `listen`: binding, accept loops, TLS, HTTP/1 + HTTP/2.
+//! - `head_guard`, `framing`: slowloris, oversized heads and request smuggling.
+
+pub mod activation;
+pub mod certs;
+mod framing;
+mod head_guard;
+mod listen;
+mod proxy;
+pub mod routing;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
+
+use pingora::{
+    listeners::tls::Acceptor,
+    server::configuration::ServerConf,
+    tls::{ResolvesServerCert, ServerConfig, version},
+};
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+use self::{
+    activation::Activations,
+    head_guard::HeadLimits,
+    listen::{BoundListener, GuardedApp},
+    proxy::MirenProxy,
+    routing::Routing,
+};
+
+/// Errors starting the ingress.
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    /// A listener address could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}; free the port or pass another {what}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The flag that set it.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An address range (`10.0.0.0/8`, `2001:db8::/32`, or a single address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// True when `ip` is inside the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let invalid = || format!("\"{text}\" is not an address or CIDR range such as 10.0.0.0/8");
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| invalid())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(invalid)?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+/// Ingress settings (from the agent's flags).
+#[derive(Debug, Clone)]
+pub struct IngressSettings {
+    /// Plain HTTP listener.
+    pub http_addr: SocketAddr,
+    /// TLS listener.
+    pub https_addr: SocketAddr,
+    /// Time a client has to send a whole request head.
+    pub head_timeout: Duration,
+    /// Largest request head.
+    pub max_head_bytes: usize,
+    /// Largest request body.
+    pub max_body_bytes: u64,
+    /// How long a request waits for a service to start from zero.
+    pub boot_timeout: Duration,
+    /// Peers whose X-Forwarded-* headers are kept (appended to).
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// What the proxy logic needs, shared by both listeners.
+pub struct IngressState {
+    settings: ProxySettings,
+    routing: Arc<Routing>,
+    activations: Arc<Activations>,
+    metrics: Arc<Metrics>,
+    acme_challenge: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    has_certificate: Box<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for IngressState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngressState")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct ProxySettings {
+    https_port: u16,
+    max_body_bytes: u64,
+    trusted_proxies: Vec<Cidr>,
+}
+
+/// Hooks from the rest of the agent.
+pub struct IngressHooks {
+    /// Key authorization for a pending ACME HTTP-01 token.
+    pub acme_challenge: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    /// Whether a real certificate covers a host (plain HTTP then redirects to HTTPS).
+    pub has_certificate: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    /// Picks the certificate for each TLS handshake by SNI.
+    pub cert_resolver: Arc<dyn ResolvesServerCert>,
+}
+
+impl std::fmt::Debug for IngressHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngressHooks").finish_non_exhaustive()
+    }
+}
+
+/// The ingress with its listeners bound.
+#[derive(Debug)]
+pub struct Ingress {
+    settings: IngressSettings,
+    http: BoundListener,
+    https: BoundListener,
+}
+
+impl Ingress {
+    /// Binds both listeners.
+    ///
+    /// # Errors
+    /// [`IngressError::Bind`] when an address is taken or not allowed.
+    pub fn bind(settings: IngressSettings) -> Result<Self, IngressError> {
+        let http = BoundListener::bind(settings.http_addr, "--http-addr")?;
+        let https = BoundListener::bind(settings.https_addr, "--https-addr")?;
+        Ok(Self {
+            settings,
+            http,
+            https,
+        })
+    }
+
+    /// The bound (HTTP, HTTPS) addresses.
+    pub fn local_addrs(&self) -> (SocketAddr, SocketAddr) {
+        (self.http.local_addr(), self.https.local_addr())
+    }
+
+    /// Serves both listeners until `shutdown` turns true.
+    pub async fn serve(
+        self,
+        routing: Arc<Routing>,
+        activations: Arc<Activations>,
+        metrics: Arc<Metrics>,
+        hooks: IngressHooks,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let state = Arc::new(IngressState {
+            settings: ProxySettings {
+                https_port: self.https.local_addr().port(),
+                max_body_bytes: self.settings.max_body_bytes,
+                trusted_proxies: self.settings.trusted_proxies.clone(),
+            },
+            routing,
+            activations,
+            metrics,
+            acme_challenge: hooks.acme_challenge,
+            has_certificate: hooks.has_certificate,
+        });
+        let limits = HeadLimits {
+            timeout: self.settings.head_timeout,
+            max_bytes: self.settings.max_head_bytes,
+        };
+        let conf = Arc::new(ServerConf::default());
+        let app = |tls| {
+            Arc::new(GuardedApp::new(pingora::proxy::http_proxy(
+                &conf,
+                MirenProxy::new(Arc::clone(&state), tls),
+            )))
+        };
+        let acceptor = Arc::new(tls_acceptor(hooks.cert_resolver));
+        tokio::join!(
+            listen::serve(self.http, app(false), None, limits, shutdown.clone()),
+            listen::serve(self.https, app(true), Some(acceptor), limits, shutdown),
+        );
+    }
+}
+
+/// TLS 1.2 and 1.3 with the certificate picked by `resolver`, offering h2 and HTTP/1.1.
+fn tls_acceptor(resolver: Arc<dyn ResolvesServerCert>) -> Acceptor {
+    pingora::tls::install_default_crypto_provider();
+    let mut config =
+        ServerConfig::builder_with_protocol_versions(&[&version::TLS12, &version::TLS13])
+            .with_no_client_auth()
+            .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Acceptor::from_server_config(Arc::new(config))
+}

@@ -1,0 +1,316 @@
+//! The ingress's routing state: Host → route → the target service's ready endpoints, rebuilt
+//! from the control plane after every revision and swapped in atomically, so requests in
+//! flight keep the snapshot they started with and new requests see the change at once.
+
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::{
+    control::{ControlPlane, IngressRoute},
+    routes::{Host, RouteTable},
+};
+
+/// Where a matched route sends a request.
+#[derive(Debug)]
+pub struct Route {
+    /// The route's host as configured (`*.example.com` for a wildcard).
+    pub host: String,
+    /// Upstream timeout of this route.
+    pub timeout: Duration,
+    /// The target service, shared by every route pointing at it.
+    pub upstreams: Arc<ServiceUpstreams>,
+}
+
+/// The ready endpoints of one app service, balanced round-robin.
+#[derive(Debug)]
+pub struct ServiceUpstreams {
+    /// App name.
+    pub app: String,
+    /// Service name.
+    pub service: String,
+    /// Ready endpoints of the service's http port, sorted.
+    pub backends: Vec<Backend>,
+    next: AtomicUsize,
+}
+
+/// One endpoint, with the connection-pool key that keeps its pooled connections apart from
+/// those of any other app or service that may later get the same address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backend {
+    /// Address of the instance's http port.
+    pub addr: SocketAddr,
+    /// Pool key: hash of (app, service, address).
+    pub pool_key: u64,
+}
+
+impl ServiceUpstreams {
+    fn new(app: &str, service: &str, addrs: &[SocketAddr]) -> Self {
+        let backends = addrs
+            .iter()
+            .map(|&addr| Backend {
+                addr,
+                pool_key: pool_key(app, service, addr),
+            })
+            .collect();
+        Self {
+            app: app.to_owned(),
+            service: service.to_owned(),
+            backends,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next backend in round-robin order, skipping `avoid` (a backend that just failed)
+    /// when there is another one.
+    pub fn pick(&self, avoid: Option<SocketAddr>) -> Option<Backend> {
+        let n = self.backends.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| self.backends[(start + i) % n])
+            .find(|b| Some(b.addr) != avoid)
+            .or_else(|| self.backends.first().copied())
+    }
+}
+
+fn pool_key(app: &str, service: &str, addr: SocketAddr) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (app, service, addr).hash(&mut hasher);
+    hasher.finish()
+}
+
+/// One immutable view of all routes.
+#[derive(Debug, Default)]
+pub struct RoutingSnapshot {
+    /// Control-plane revision this view reflects.
+    pub revision: u64,
+    routes: RouteTable<Arc<Route>>,
+    services: HashMap<(String, String), Arc<ServiceUpstreams>>,
+}
+
+impl RoutingSnapshot {
+    /// Builds the view from the control plane's routes; `default_timeout` applies to routes
+    /// without their own.
+    pub fn build(revision: u64, routes: &[IngressRoute], default_timeout: Duration) -> Self {
+        let mut services: HashMap<(&str, &str), Arc<ServiceUpstreams>> = HashMap::new();
+        let mut table = RouteTable::new();
+        for route in routes {
+            let record = &route.record;
+            let Ok(host) = Host::parse(&record.host) else {
+                tracing::warn!(host = %record.host, "skipping a stored route with an invalid host");
+                continue;
+            };
+            let upstreams = services
+                .entry((&record.app, &record.service))
+                .or_insert_with(|| {
+                    Arc::new(ServiceUpstreams::new(
+                        &record.app,
+                        &record.service,
+                        &route.endpoints,
+                    ))
+                })
+                .clone();
+            let timeout = record
+                .timeout_ms
+                .map_or(default_timeout, Duration::from_millis);
+            table.insert(
+                host,
+                Arc::new(Route {
+                    host: record.host.clone(),
+                    timeout,
+                    upstreams,
+                }),
+            );
+        }
+        let services = services
+            .into_iter()
+            .map(|((app, service), upstreams)| ((app.to_owned(), service.to_owned()), upstreams))
+            .collect();
+        Self {
+            revision,
+            routes: table,
+            services,
+        }
+    }
+
+    /// The upstreams of an app service that some route points at.
+    pub fn service(&self, app: &str, service: &str) -> Option<&Arc<ServiceUpstreams>> {
+        self.services.get(&(app.to_owned(), service.to_owned()))
+    }
+
+    /// The route for a raw Host header value (any case, optional port).
+    pub fn lookup(&self, host: &str) -> Option<&Arc<Route>> {
+        self.routes.lookup(host)
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// True when there are no routes.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+/// The current [`RoutingSnapshot`], kept in line with the control plane.
+#[derive(Debug)]
+pub struct Routing {
+    current: ArcSwap<RoutingSnapshot>,
+    changed: watch::Sender<u64>,
+    default_timeout: Duration,
+}
+
+impl Routing {
+    /// An empty routing state; call [`Routing::refresh`] or [`Routing::follow`] to fill it.
+    pub fn new(default_timeout: Duration) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(RoutingSnapshot::default()),
+            changed: watch::channel(0).0,
+            default_timeout,
+        }
+    }
+
+    /// The snapshot to route a request with.
+    pub fn snapshot(&self) -> Arc<RoutingSnapshot> {
+        self.current.load_full()
+    }
+
+    /// A receiver told after every new snapshot (its value is the revision).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Rebuilds the snapshot from the control plane's current state.
+    pub fn refresh(&self, control: &ControlPlane) {
+        let (revision, routes) = control.ingress_routes();
+        self.publish(RoutingSnapshot::build(
+            revision,
+            &routes,
+            self.default_timeout,
+        ));
+    }
+
+    /// Makes `snapshot` the current one and tells the subscribers.
+    pub(crate) fn publish(&self, snapshot: RoutingSnapshot) {
+        let revision = snapshot.revision;
+        self.current.store(Arc::new(snapshot));
+        self.changed.send_replace(revision);
+    }
+
+    /// Refreshes after every control-plane revision until `shutdown` turns true.
+    pub async fn follow(
+        self: Arc<Self>,
+        control: Arc<ControlPlane>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut revisions = control.subscribe();
+        loop {
+            self.refresh(&control);
+            tokio::select! {
+                changed = revisions.changed() => if changed.is_err() { return },
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RouteRecord;
+
+    fn route(host: &str, app: &str, timeout_ms: Option<u64>, endpoints: &[&str]) -> IngressRoute {
+        IngressRoute {
+            record: RouteRecord {
+                host: host.into(),
+                app: app.into(),
+                service: "web".into(),
+                timeout_ms,
+            },
+            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn routes_share_their_service_and_keep_their_timeout() {
+        let routes = [
+            route(
+                "a.example.com",
+                "a",
+                Some(1500),
+                &["10.0.0.1:80", "10.0.0.2:80"],
+            ),
+            route("*.example.com", "a", None, &["10.0.0.1:80", "10.0.0.2:80"]),
+            route("b.example.com", "b", None, &[]),
+        ];
+        let snapshot = RoutingSnapshot::build(7, &routes, Duration::from_secs(60));
+        assert_eq!(snapshot.len(), 3);
+        let exact = snapshot.lookup("A.example.com:8080").unwrap();
+        let wild = snapshot.lookup("x.example.com").unwrap();
+        assert_eq!(exact.timeout, Duration::from_millis(1500));
+        assert_eq!(wild.timeout, Duration::from_secs(60));
+        assert_eq!(wild.host, "*.example.com");
+        assert!(Arc::ptr_eq(&exact.upstreams, &wild.upstreams));
+        assert!(snapshot.lookup("example.com").is_none());
+        let b = snapshot.lookup("b.example.com").unwrap();
+        assert_eq!(b.upstreams.pick(None), None);
+    }
+
+    #[test]
+    fn pick_rotates_and_avoids_a_failed_backend() {
+        let upstreams = ServiceUpstreams::new(
+            "a",
+            "web",
+            &[
+                "10.0.0.1:80".parse().unwrap(),
+                "10.0.0.2:80".parse().unwrap(),
+                "10.0.0.3:80".parse().unwrap(),
+            ],
+        );
+        let picked: Vec<_> = (0..6)
+            .map(|_| upstreams.pick(None).unwrap().addr.to_string())
+            .collect();
+        assert_eq!(
+            picked,
+            [
+                "10.0.0.1:80",
+                "10.0.0.2:80",
+                "10.0.0.3:80",
+                "10.0.0.1:80",
+                "10.0.0.2:80",
+                "10.0.0.3:80"
+            ]
+        );
+        let failed: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        for _ in 0..6 {
+            assert_ne!(upstreams.pick(Some(failed)).unwrap().addr, failed);
+        }
+        let single = ServiceUpstreams::new("a", "web", &[failed]);
+        assert_eq!(single.pick(Some(failed)).unwrap().addr, failed);
+    }
+
+    #[test]
+    fn pool_keys_differ_per_app_for_the_same_address() {
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let a = ServiceUpstreams::new("a", "web", &[addr]);
+        let b = ServiceUpstreams::new("b", "web", &[addr]);
+        assert_ne!(a.backends[0].pool_key, b.backends[0].pool_key);
+        let a_again = ServiceUpstreams::new("a", "web", &[addr]);
+        assert_eq!(a.backends[0].pool_key, a_again.backends[0].pool_key);
+    }
+}
