@@ -72,7 +72,9 @@ struct Row {
     proxy_cpu: Option<f64>,
     /// Busy % of [`PROXY_CPU`] and [`LOAD_CPU`] during the measured run.
     cpu_busy: (f64, f64),
-    /// Backend connections and requests over warm-up and measured run.
+    /// Backend connections and requests during the warm-up.
+    warmup: BackendCounts,
+    /// Backend connections and requests during the measured run.
     backend: BackendCounts,
     /// The proxy's memory after the measured run (summed over nginx's processes).
     memory: Option<Memory>,
@@ -128,8 +130,18 @@ pub fn run() -> Result<()> {
     check_routing("the ingress", agent.http)?;
     let ingress_one = measure("ingress, 1 route", agent.http, &[agent.pid()], &backend)?;
     let started = Instant::now();
-    for host in &many[1..] {
+    let mut thousand = Instant::now();
+    for (i, host) in many[1..].iter().enumerate() {
         agent.route(host)?;
+        if (i + 1) % 1000 == 0 {
+            eprintln!(
+                "routes {}..{}: {:.2} ms per route",
+                i + 2 - 1000,
+                i + 2,
+                thousand.elapsed().as_secs_f64()
+            );
+            thousand = Instant::now();
+        }
     }
     let routes_took = started.elapsed();
     check_routing("the ingress", agent.http)?;
@@ -263,7 +275,8 @@ fn measure(
         wrk,
         proxy_cpu,
         cpu_busy,
-        backend: backend.counts() - counts_before,
+        warmup: measured_before - counts_before,
+        backend: served,
         memory,
         rustc,
     };
@@ -311,7 +324,7 @@ fn print_method(cpus: usize, agent_threads: u32, routes_took: Duration) {
 /// Prints the table; each row with the nginx row its ratio is against.
 fn print_table(rows: &[(&Row, &Row)]) {
     println!(
-        "| path | req/s | p99 ms | ratio to nginx (req/s) | proxy CPU % | CPU{PROXY_CPU} / CPU{LOAD_CPU} busy % | backend conns (req/conn) | proxy memory MiB: RSS (peak), PSS |"
+        "| path | req/s | p99 ms | ratio to nginx (req/s) | proxy CPU % | CPU{PROXY_CPU} / CPU{LOAD_CPU} busy % | backend conns: warm-up + run (req/conn) | proxy memory MiB: RSS (peak), PSS |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (row, baseline) in rows {
@@ -320,7 +333,7 @@ fn print_table(rows: &[(&Row, &Row)]) {
             format!("{:.1} ({:.1}), {:.1}", m.rss_mib, m.hwm_mib, m.pss_mib)
         });
         println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {} | {:.0} / {:.0} | {} ({:.0}) | {memory} |",
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {:.0} / {:.0} | {} + {} ({:.0}) | {memory} |",
             row.label,
             row.wrk.rps,
             row.wrk.p99_ms,
@@ -328,8 +341,10 @@ fn print_table(rows: &[(&Row, &Row)]) {
             percent(row.proxy_cpu),
             row.cpu_busy.0,
             row.cpu_busy.1,
+            row.warmup.accepts,
             row.backend.accepts,
-            row.backend.requests as f64 / row.backend.accepts.max(1) as f64,
+            (row.warmup.requests + row.backend.requests) as f64
+                / (row.warmup.accepts + row.backend.accepts).max(1) as f64,
         );
     }
     let busy: Vec<&str> = rows
@@ -339,7 +354,8 @@ fn print_table(rows: &[(&Row, &Row)]) {
         .collect();
     println!(
         "\nThe direct row's ratio is against nginx with 1 route. Backend conns: connections the \
-         backend accepted during warm-up and measured run (req/conn: requests per connection). \
+         backend accepted during the warm-up and during the measured run (req/conn: requests per \
+         connection over both). \
          Memory after the measured run, summed over nginx's master and worker (PSS counts their \
          shared pages once)."
     );
@@ -420,6 +436,7 @@ impl Agent {
                 &RouteRequest {
                     app: "bench".into(),
                     service: None,
+                    timeout_ms: None,
                 },
             )
             .with_context(|| format!("setting the route {host}"))?;
