@@ -68,8 +68,10 @@ port = 8080
 struct Row {
     label: &'static str,
     wrk: WrkResult,
-    /// CPU use of the proxy's processes during the measured run, % of one CPU.
+    /// CPU time of the proxy's processes during the measured run, in seconds.
     proxy_cpu: Option<f64>,
+    /// Length of the measured run, in seconds.
+    elapsed: f64,
     /// Busy % of [`PROXY_CPU`] and [`LOAD_CPU`] during the measured run.
     cpu_busy: (f64, f64),
     /// Backend connections and requests during the warm-up.
@@ -254,7 +256,7 @@ fn measure(
     let proxy_cpu = if pids.is_empty() {
         None
     } else {
-        Some(100.0 * (cpu_of(pids)? - proxy_before) / elapsed)
+        Some(cpu_of(pids)? - proxy_before)
     };
     let rustc = rustc_before.max(rustc_processes());
     let served = backend.counts() - measured_before;
@@ -274,6 +276,7 @@ fn measure(
         label,
         wrk,
         proxy_cpu,
+        elapsed,
         cpu_busy,
         warmup: measured_before - counts_before,
         backend: served,
@@ -324,11 +327,17 @@ fn print_method(cpus: usize, agent_threads: u32, routes_took: Duration) {
 /// Prints the table; each row with the nginx row its ratio is against.
 fn print_table(rows: &[(&Row, &Row)]) {
     println!(
-        "| path | req/s | p99 ms | ratio to nginx (req/s) | proxy CPU % | CPU{PROXY_CPU} / CPU{LOAD_CPU} busy % | backend conns: warm-up + run (req/conn) | proxy memory MiB: RSS (peak), PSS |"
+        "| path | req/s | p99 ms | ratio to nginx (req/s) | proxy CPU %, µs/req | CPU{PROXY_CPU} / CPU{LOAD_CPU} busy % | backend conns: warm-up + run (req/conn) | proxy memory MiB: RSS (peak), PSS |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (row, baseline) in rows {
-        let percent = |value: Option<f64>| value.map_or("–".to_owned(), |v| format!("{v:.0}"));
+        let cpu = row.proxy_cpu.map_or("–".to_owned(), |seconds| {
+            format!(
+                "{:.0}, {:.1}",
+                100.0 * seconds / row.elapsed,
+                1e6 * seconds / row.wrk.requests as f64
+            )
+        });
         let memory = row.memory.map_or("–".to_owned(), |m| {
             format!("{:.1} ({:.1}), {:.1}", m.rss_mib, m.hwm_mib, m.pss_mib)
         });
@@ -338,7 +347,7 @@ fn print_table(rows: &[(&Row, &Row)]) {
             row.wrk.rps,
             row.wrk.p99_ms,
             row.wrk.rps / baseline.wrk.rps,
-            percent(row.proxy_cpu),
+            cpu,
             row.cpu_busy.0,
             row.cpu_busy.1,
             row.warmup.accepts,
@@ -353,11 +362,11 @@ fn print_table(rows: &[(&Row, &Row)]) {
         .map(|(row, _)| row.label)
         .collect();
     println!(
-        "\nThe direct row's ratio is against nginx with 1 route. Backend conns: connections the \
-         backend accepted during the warm-up and during the measured run (req/conn: requests per \
-         connection over both). \
-         Memory after the measured run, summed over nginx's master and worker (PSS counts their \
-         shared pages once)."
+        "\nThe direct row's ratio is against nginx with 1 route. Proxy CPU: user + system time \
+         of the proxy's processes over the measured run, as % of one CPU and per request. \
+         Backend conns: connections the backend accepted during the warm-up and during the \
+         measured run (req/conn: requests per connection over both). Memory after the measured \
+         run, summed over nginx's master and worker (PSS counts their shared pages once)."
     );
     if !busy.is_empty() {
         println!("A build (rustc) was running during: {}.", busy.join(", "));
