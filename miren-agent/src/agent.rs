@@ -19,12 +19,19 @@ use crate::{
     },
     ingress::{
         Ingress, IngressError, IngressHooks,
-        activation::{Activations, NoActivator},
+        acme::{self, AcmeSettings, Http01Tokens},
+        activation::{Activations, Activator, NoActivator},
         certs::{CertError, CertStore},
-        routing::Routing,
+        routing::{LoadTracker, Routing},
     },
     metrics::{self, Metrics, MetricsError, MetricsState},
     reconcile::Reconciler,
+    sandbox::{
+        SandboxError, SandboxSettings,
+        dns::{DnsError, DnsServer, resolvers_from},
+        ipam::Subnet,
+        runner::Runner,
+    },
     settings::AgentSettings,
     store::{SqliteStore, StoreError},
 };
@@ -41,15 +48,21 @@ pub enum AgentError {
     /// The API socket could not be bound.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// The certificate store could not be opened.
+    #[error(transparent)]
+    Certs(#[from] CertError),
     /// The metrics listener could not be bound.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     /// The ingress listeners could not be bound.
     #[error(transparent)]
     Ingress(#[from] IngressError),
-    /// The certificate store could not be opened.
-    #[error(transparent)]
-    Certs(#[from] CertError),
+    /// The sandboxes' resolver could not start.
+    #[error("starting the sandbox DNS resolver: {0}")]
+    Dns(#[source] DnsError),
+    /// The sandbox bridge or address store could not be set up.
+    #[error("setting up sandboxes: {0}")]
+    Sandbox(#[from] SandboxError),
     /// The data plane could not start.
     #[error("starting the node-port data plane: {0}")]
     Dataplane(#[from] Box<DataplaneError>),
@@ -100,6 +113,25 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         tokio::spawn(reconciler.run());
     }
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = Arc::new(LoadTracker::default());
+    let routing = Arc::new(Routing::new(ROUTE_TIMEOUT, Arc::clone(&load)));
+    routing.refresh(&control);
+    tokio::spawn(Arc::clone(&routing).follow(Arc::clone(&control), stop_rx.clone()));
+    let runner = if settings.run_sandboxes {
+        Some(Runner::new(
+            Arc::clone(&control),
+            SandboxSettings {
+                bridge: settings.sandbox_bridge.clone(),
+                subnet: Subnet::parse(&settings.sandbox_subnet)?,
+                state_dir: settings.state_dir.join("sandbox"),
+            },
+            load,
+            routing.subscribe(),
+        )?)
+    } else {
+        None
+    };
     let api_state = Arc::new(ApiState {
         control: Arc::clone(&control),
         started,
@@ -107,6 +139,9 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         dataplane: dataplane.active.clone(),
         no_dataplane_reason: dataplane.reason,
         traffic: api::traffic::TrafficSampler::default(),
+        ingress_revision: routing.subscribe(),
+        certs: Arc::clone(&certs),
+        runner: runner.clone(),
     });
     let ingress_metrics = Arc::clone(&metrics);
     let metrics_state = Arc::new(MetricsState {
@@ -114,17 +149,22 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         control: Arc::clone(&control),
         dataplane: dataplane.active,
     });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let routing = Arc::new(Routing::new(ROUTE_TIMEOUT));
-    routing.refresh(&control);
-    tokio::spawn(Arc::clone(&routing).follow(control, stop_rx.clone()));
+    let activator: Arc<dyn Activator> = match &runner {
+        Some(runner) => Arc::clone(runner) as Arc<dyn Activator>,
+        None => Arc::new(NoActivator),
+    };
     let activations = Arc::new(Activations::new(
-        Arc::new(NoActivator),
+        activator,
         Arc::clone(&routing),
         settings.boot_timeout,
     ));
+    // HTTP-01 challenges in flight; the ingress's HTTP listener answers them.
+    let acme_tokens = Arc::new(Http01Tokens::default());
     let hooks = IngressHooks {
-        acme_challenge: Box::new(|_| None),
+        acme_challenge: {
+            let tokens = Arc::clone(&acme_tokens);
+            Box::new(move |token| tokens.key_authorization(token))
+        },
         has_certificate: {
             let certs = Arc::clone(&certs);
             Box::new(move |host| certs.has_certificate(host))
@@ -147,6 +187,20 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         tracing::info!("shutting down");
         stop_tx.send_replace(true);
     });
+    if let Some(directory) = &settings.acme_directory {
+        tokio::spawn(acme::run(
+            AcmeSettings {
+                directory: directory.clone(),
+                email: settings.acme_email.clone(),
+                ca_file: settings.acme_ca_file.clone(),
+                account_dir: settings.state_dir.join("acme"),
+            },
+            control,
+            Arc::clone(&certs),
+            acme_tokens,
+            stop_rx.clone(),
+        ));
+    }
     tracing::info!(
         socket = %settings.api_socket.display(),
         metrics = %settings.metrics_addr,
@@ -155,14 +209,42 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         state_dir = %settings.state_dir.display(),
         "miren-agent ready"
     );
-    let (api_served, metrics_served, ()) = tokio::join!(
+    let dns = match &runner {
+        Some(runner) => Some((start_dns(&settings).await?, Arc::clone(runner))),
+        None => None,
+    };
+    let sandboxes = async {
+        if let Some((server, runner)) = dns {
+            tokio::spawn(server.serve(runner, stop_rx.clone()));
+        }
+        if let Some(runner) = runner {
+            runner.run(stop_rx.clone()).await;
+        }
+    };
+    let (api_served, metrics_served, (), ()) = tokio::join!(
         api::serve(api_listener, api_state, stopped(stop_rx.clone())),
         metrics::serve(metrics_listener, metrics_state, stopped(stop_rx.clone())),
-        ingress.serve(routing, activations, ingress_metrics, hooks, stop_rx),
+        ingress.serve(
+            routing,
+            activations,
+            ingress_metrics,
+            hooks,
+            stop_rx.clone()
+        ),
+        sandboxes,
     );
     let _ = std::fs::remove_file(&settings.api_socket);
     api_served.map_err(io("serving the API"))?;
     metrics_served.map_err(io("serving /metrics"))
+}
+
+/// Binds the sandboxes' resolver on the bridge address, forwarding to the host's resolvers.
+async fn start_dns(settings: &AgentSettings) -> Result<DnsServer, AgentError> {
+    let gateway = Subnet::parse(&settings.sandbox_subnet)?.gateway();
+    let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    DnsServer::bind((gateway, 53).into(), resolvers_from(&resolv_conf))
+        .await
+        .map_err(AgentError::Dns)
 }
 
 /// Upstream timeout of routes without their own.

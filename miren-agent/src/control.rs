@@ -86,6 +86,23 @@ pub struct IngressRoute {
     pub endpoints: Vec<SocketAddr>,
 }
 
+/// A service to run: what the sandbox runner needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployedService {
+    /// App name.
+    pub app: String,
+    /// App deploy counter.
+    pub version: u64,
+    /// The app directory, when the deploying client sent it.
+    pub directory: Option<String>,
+    /// The shell command.
+    pub command: String,
+    /// Environment: `[[env]]`, service env, `PORT`, `PORT_1..N`.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The validated service (ports with numbers, concurrency).
+    pub service: ServiceConfig,
+}
+
 /// Validated operations on the desired state.
 pub struct ControlPlane {
     store: Box<dyn Store>,
@@ -180,7 +197,12 @@ impl ControlPlane {
     /// # Errors
     /// [`ControlError::InvalidConfig`] with file:line:column diagnostics, or
     /// [`ControlError::Conflict`] when a route of the app would lose its target.
-    pub fn deploy(&self, source_name: &str, toml: &str) -> Result<AppDetail, ControlError> {
+    pub fn deploy(
+        &self,
+        source_name: &str,
+        toml: &str,
+        directory: Option<&str>,
+    ) -> Result<AppDetail, ControlError> {
         let mut config =
             parse_deployable(Source::new(source_name, toml), &self.settings.validation)?;
         let mut desired = self.lock();
@@ -206,6 +228,7 @@ impl ControlPlane {
         let record = AppRecord {
             name: config.name.clone(),
             source_name: source_name.to_owned(),
+            directory: directory.map(str::to_owned),
             toml: toml.to_owned(),
             version: previous.map_or(1, |p| p.record.version + 1),
             deployed_at: now(),
@@ -677,6 +700,31 @@ impl ControlPlane {
         (desired.revision, routes)
     }
 
+    /// Every service of every deployed app, as the sandbox runner starts it.
+    pub fn deployed_services(&self) -> Vec<DeployedService> {
+        let desired = self.lock();
+        let mut services = Vec::new();
+        for app in desired.apps.values() {
+            for service in app.config.services.values() {
+                let Some(command) = service.command.clone() else {
+                    continue;
+                };
+                let Ok(env) = instance_env(&app.config, service) else {
+                    continue;
+                };
+                services.push(DeployedService {
+                    app: app.record.name.clone(),
+                    version: app.record.version,
+                    directory: app.record.directory.clone(),
+                    command,
+                    env,
+                    service: service.clone(),
+                });
+            }
+        }
+        services
+    }
+
     /// Counts for `miren status`: (apps, routes, node ports).
     pub fn counts(&self) -> (usize, usize, usize) {
         let desired = self.lock();
@@ -914,6 +962,7 @@ fn app_detail(desired: &Desired, name: &str) -> Result<AppDetail, ControlError> 
                 })
                 .collect(),
             env: instance_env(&app.config, service).unwrap_or_default(),
+            instances: None,
         })
         .collect();
     Ok(AppDetail {

@@ -14,5 +14,6 @@ pub mod ingress;
 pub mod metrics;
 pub mod reconcile;
 pub mod routes;
+pub mod sandbox;
 pub mod settings;
 pub mod store;

@@ -90,6 +90,10 @@ pub struct SettingsLayer {
     /// Contact email for the ACME account.
     #[arg(long)]
     pub acme_email: Option<String>,
+    /// PEM CA certificate to verify the ACME server's HTTPS with instead of the system roots,
+    /// for a private ACME CA such as Pebble.
+    #[arg(long, value_name = "PATH")]
+    pub acme_ca_file: Option<PathBuf>,
     /// Range for target ports the agent assigns, FIRST-LAST [default: 20000-29999].
     #[arg(long)]
     pub port_range: Option<String>,
@@ -113,6 +117,10 @@ pub struct SettingsLayer {
     #[arg(long = "trusted-proxy")]
     #[serde(default)]
     pub trusted_proxy: Vec<String>,
+    /// Do not run sandboxes: endpoints come only from the API (an external orchestrator).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_sandboxes: bool,
 }
 
 /// Resolved settings with every default applied.
@@ -144,6 +152,8 @@ pub struct AgentSettings {
     pub acme_directory: Option<String>,
     /// ACME contact.
     pub acme_email: Option<String>,
+    /// CA certificate trusted for the ACME server's HTTPS (instead of the system roots).
+    pub acme_ca_file: Option<PathBuf>,
     /// Range for assigned target ports.
     pub port_range: RangeInclusive<u16>,
     /// UDP session idle timeout.
@@ -156,6 +166,8 @@ pub struct AgentSettings {
     pub boot_timeout: std::time::Duration,
     /// Peers whose forwarding headers are kept.
     pub trusted_proxies: Vec<crate::ingress::Cidr>,
+    /// Whether the agent runs the services' instances itself.
+    pub run_sandboxes: bool,
 }
 
 impl SettingsLayer {
@@ -223,6 +235,7 @@ impl SettingsLayer {
                 .unwrap_or_else(|| "10.88.0.0/16".into()),
             acme_directory: self.acme_directory.or(file.acme_directory),
             acme_email: self.acme_email.or(file.acme_email),
+            acme_ca_file: self.acme_ca_file.or(file.acme_ca_file),
             port_range: parse_port_range(&port_range)?,
             udp_timeout: duration_setting(
                 "UDP timeout",
@@ -255,6 +268,7 @@ impl SettingsLayer {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            run_sandboxes: !(self.no_sandboxes || file.no_sandboxes),
         })
     }
 }
@@ -364,7 +378,7 @@ mod tests {
         let file = dir.join("agent.toml");
         std::fs::write(
             &file,
-            "state-dir = \"/srv/miren\"\nmetrics-addr = \"127.0.0.1:9100\"\niface = [\"eth1\"]\n",
+            "state-dir = \"/srv/miren\"\nmetrics-addr = \"127.0.0.1:9100\"\niface = [\"eth1\"]\nacme-ca-file = \"/etc/miren/pebble.pem\"\n",
         )
         .unwrap();
         let flags = SettingsLayer {
@@ -376,6 +390,10 @@ mod tests {
         assert_eq!(settings.state_dir, PathBuf::from("/srv/miren"));
         assert_eq!(settings.metrics_addr.port(), 9200);
         assert_eq!(settings.ifaces, vec!["eth1".to_owned()]);
+        assert_eq!(
+            settings.acme_ca_file,
+            Some(PathBuf::from("/etc/miren/pebble.pem"))
+        );
         assert_eq!(settings.api_socket, PathBuf::from("/run/miren/agent.sock"));
         assert_eq!(settings.port_range, 20000..=29999);
         assert_eq!(settings.udp_timeout, std::time::Duration::from_secs(60));

@@ -2,7 +2,9 @@
 //! and hand-built packets. Everything a test creates lives inside namespaces it created itself
 //! and is removed on drop, also when the test panics.
 
+pub mod ingress;
 pub mod packet;
 pub mod process;
+pub mod tls;
 pub mod topology;
 pub mod world;

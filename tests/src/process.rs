@@ -1,8 +1,12 @@
 //! Running the real `miren-agent` and `miren` binaries from tests, and temporary directories.
 
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Output},
+    process::{Child, Command, ExitStatus, Output},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
@@ -102,6 +106,28 @@ impl AgentProcess {
         }
     }
 
+    /// Stops the agent gracefully: SIGTERM (it then stops its instances and removes their
+    /// namespaces and its bridge), waits up to `timeout`, then SIGKILL. Returns how it ended,
+    /// `None` if it had to be killed. Once the agent has exited, returns its status at once.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -125,9 +151,9 @@ impl AgentProcess {
 }
 
 impl Drop for AgentProcess {
+    /// SIGTERM first, so an agent running sandboxes removes them; SIGKILL after 15 s.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.terminate(Duration::from_secs(15));
     }
 }
 

@@ -7,6 +7,7 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::Path,
     process::Command,
     sync::{Arc, Mutex},
     time::Duration,
@@ -16,7 +17,7 @@ use miren_agent::{api::types::ServiceEndpoints, cli::Client};
 
 use crate::{
     process::{AgentProcess, BpfPinDir, TempDir, binary},
-    topology::{Netns, veth},
+    topology::{Netns, TopologyError, veth},
 };
 
 /// Defines one `#[test]` per data plane (in modules `xdp` and `nft`) for each scenario
@@ -76,6 +77,47 @@ type = "tcp"
 node_port = 7000
 "#;
 
+/// Creates the client and node namespaces (tags `TAG-client`, `TAG-node`) joined by a veth
+/// pair: `CLIENT_IP/24` on the client's eth0, `NODE_IP/24` on the node's, and TX checksum
+/// offload off on the client's end (locally sent packets on a veth carry partial checksums,
+/// which XDP cannot fix up; real NIC traffic has full ones).
+///
+/// # Errors
+/// [`TopologyError`] if a namespace, the veth pair, an address or ethtool fails.
+pub fn client_and_node(tag: &str) -> Result<(Netns, Netns), TopologyError> {
+    let client = Netns::new(&format!("{tag}-client"))?;
+    let node = Netns::new(&format!("{tag}-node"))?;
+    veth(&client, "eth0", &node, "eth0")?;
+    client.addr("eth0", &format!("{CLIENT_IP}/24"))?;
+    node.addr("eth0", &format!("{NODE_IP}/24"))?;
+    client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+    Ok((client, node))
+}
+
+/// `miren-agent run` inside `node` for node ports on its eth0 (`--node-ip NODE_IP`) with
+/// `--dataplane DATAPLANE`, state in `DIR/state`, the API on `DIR/agent.sock` and pinned BPF
+/// objects under `pins`; callers add their own flags.
+pub fn agent_command(node: &Netns, dir: &Path, pins: &Path, dataplane: &str) -> Command {
+    let mut command = node.command(&binary("miren-agent").to_string_lossy());
+    command
+        .args([
+            "run",
+            "--iface",
+            "eth0",
+            "--node-ip",
+            NODE_IP,
+            "--dataplane",
+            dataplane,
+        ])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--api-socket")
+        .arg(dir.join("agent.sock"))
+        .arg("--bpf-pin-dir")
+        .arg(pins);
+    command
+}
+
 /// Client, node and sandbox namespaces; each sandbox runs UDP and TCP echo servers on
 /// port 9000 that record the peers they see.
 #[derive(Debug)]
@@ -98,15 +140,7 @@ pub fn sandbox_ip(i: usize) -> String {
 impl World {
     /// Builds the namespaces with `sandboxes` sandboxes.
     pub fn new(sandboxes: usize) -> Self {
-        let client = Netns::new("e2e-client").unwrap();
-        let node = Netns::new("e2e-node").unwrap();
-        veth(&client, "eth0", &node, "eth0").unwrap();
-        client.addr("eth0", &format!("{CLIENT_IP}/24")).unwrap();
-        node.addr("eth0", &format!("{NODE_IP}/24")).unwrap();
-        // Locally sent packets on a veth carry partial checksums; real NIC traffic does not.
-        client
-            .exec("ethtool", &["-K", "eth0", "tx", "off"])
-            .unwrap();
+        let (client, node) = client_and_node("e2e").unwrap();
         node.bridge("br0").unwrap();
         node.addr("br0", "10.88.0.1/24").unwrap();
         let mut namespaces = Vec::new();
@@ -138,27 +172,40 @@ impl World {
         self.start_agent_with(plane.flag())
     }
 
-    /// Starts the agent in the node namespace with `--dataplane DATAPLANE`.
+    /// Starts the agent in the node namespace with `--dataplane DATAPLANE`; endpoints come
+    /// from the test (`--no-sandboxes`).
     pub fn start_agent_with(&self, dataplane: &str) -> AgentProcess {
-        let socket = self.dir.path().join("agent.sock");
-        let mut command: Command = self.node.command(binary("miren-agent").to_str().unwrap());
-        command
-            .args([
-                "run",
-                "--iface",
-                "eth0",
-                "--node-ip",
-                NODE_IP,
-                "--dataplane",
-                dataplane,
-            ])
-            .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .arg("--api-socket")
-            .arg(&socket)
-            .arg("--bpf-pin-dir")
-            .arg(self.pins.path());
-        AgentProcess::start(command, &socket, &self.dir.path().join("agent.log"))
+        let mut command = agent_command(&self.node, self.dir.path(), self.pins.path(), dataplane);
+        command.arg("--no-sandboxes");
+        self.start(command)
+    }
+
+    /// Starts the agent in the node namespace running the apps' instances itself, on the
+    /// bridge `mrn0` with subnet 10.77.0.0/16 (br0 is the test's own sandboxes').
+    pub fn start_agent_running_sandboxes(&self, plane: Plane) -> AgentProcess {
+        let mut command =
+            agent_command(&self.node, self.dir.path(), self.pins.path(), plane.flag());
+        command.args([
+            "--sandbox-bridge",
+            "mrn0",
+            "--sandbox-subnet",
+            "10.77.0.0/16",
+        ]);
+        command.args(["--http-addr", &format!("{NODE_IP}:80")]);
+        self.start(command)
+    }
+
+    /// The test's directory (apps, state, logs).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    fn start(&self, command: Command) -> AgentProcess {
+        AgentProcess::start(
+            command,
+            &self.dir.path().join("agent.sock"),
+            &self.dir.path().join("agent.log"),
+        )
     }
 
     /// Deploys the echo app with sandbox 0 as its endpoint.

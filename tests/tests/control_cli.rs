@@ -77,7 +77,7 @@ fn deploy_reject_edit_and_survive_kill_9() {
     let dir = TempDir::new("control");
     std::fs::write(
         dir.path().join("agent.toml"),
-        "port-range = \"21000-21999\"\n",
+        "port-range = \"21000-21999\"\nhttp-addr = \"127.0.0.1:0\"\nhttps-addr = \"127.0.0.1:0\"\nmetrics-addr = \"127.0.0.1:0\"\nno-sandboxes = true\n",
     )
     .unwrap();
     let agent = start_agent(dir.path());

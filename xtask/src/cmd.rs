@@ -1,15 +1,28 @@
 //! Running external commands with clear errors.
 
-use std::{path::Path, process::Command};
+use std::{os::unix::process::CommandExt as _, path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
 /// Runs `cargo ARGS` in the workspace root, echoing the command line.
 pub fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    run(&mut cargo_command(root, args))
+}
+
+/// Replaces this process by `cargo ARGS` in the workspace root, echoing the command line.
+pub fn exec_cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let mut command = cargo_command(root, args);
+    eprintln!("+ {}", display(&command));
+    let error = command.exec();
+    Err(error).with_context(|| format!("could not start `{}`", display(&command)))
+}
+
+/// `cargo ARGS` (the cargo that runs this xtask) in the workspace root.
+fn cargo_command(root: &Path, args: &[&str]) -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
     command.args(args).current_dir(root);
-    run(&mut command)
+    command
 }
 
 /// Runs `command` with inherited stdio, failing with the command line if it fails.

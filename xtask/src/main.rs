@@ -23,7 +23,7 @@ enum Task {
     Setup,
     /// Set up, then build the agent (with its embedded eBPF object) and the CLI.
     Build,
-    /// Set up, then build and run every unit and integration test.
+    /// Set up, then build and run every unit and integration test, then `demo --once`.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -59,7 +59,15 @@ fn main() -> Result<()> {
                 test.push("--");
                 test.extend(args.iter().map(String::as_str));
             }
-            cmd::cargo(&root, &test)
+            cmd::cargo(&root, &test)?;
+            if args.is_empty() {
+                // The whole product end to end: the demo's showcase fails on any wrong step.
+                cmd::cargo(
+                    &root,
+                    &["run", "--package", "miren-tests", "--bin", "miren-demo", "--", "--once"],
+                )?;
+            }
+            Ok(())
         }
         Task::Bench { name } => {
             // The benchmark starts the release agent binary.
@@ -79,6 +87,8 @@ fn main() -> Result<()> {
             )
         }
         Task::Demo { once } => {
+            // The demo starts the agent and the CLI binaries.
+            cmd::cargo(&root, &["build", "--bins"])?;
             let mut demo = vec![
                 "run",
                 "--package",
@@ -90,7 +100,9 @@ fn main() -> Result<()> {
             if once {
                 demo.push("--once");
             }
-            cmd::cargo(&root, &demo)
+            // Replaced by cargo, which replaces itself by the demo: Ctrl-C reaches only the
+            // demo, which then cleans up before the shell prompt returns.
+            cmd::exec_cargo(&root, &demo)
         }
     }
 }

@@ -27,6 +27,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "nsenter for running commands in test namespaces",
     ),
     ("bpftool", "inspecting loaded eBPF programs and maps"),
+    ("pebble", "ACME test CA for the ingress tests"),
+    ("curl", "HTTP requests in the ingress tests and the demo"),
+    ("python3", "runs the example apps the demo deploys"),
+    (
+        "nginx-light",
+        "the reverse-proxy baseline of the ingress benchmark",
+    ),
+    ("wrk", "load generator of the ingress benchmark"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

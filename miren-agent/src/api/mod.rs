@@ -24,10 +24,12 @@ use serde::Deserialize;
 use crate::{
     control::{ControlError, ControlPlane},
     dataplane::ActiveDataplane,
+    ingress::certs::{CertError, CertPart, CertSource, CertStore},
+    routes::{Host, HostError},
 };
 use types::{
-    AppDetail, AppSummary, DataplaneStatus, DeployRequest, ErrorBody, NodePortInfo,
-    PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
+    AppDetail, AppSummary, CertInfo, CertRequest, DataplaneStatus, DeployRequest, ErrorBody,
+    LogChunk, NodePortInfo, PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
 };
 
 /// What the API handlers share.
@@ -45,6 +47,31 @@ pub struct ApiState {
     pub no_dataplane_reason: String,
     /// Counter samples for the rates of `miren ports`.
     pub traffic: traffic::TrafficSampler,
+    /// The control-plane revision the ingress routes with.
+    pub ingress_revision: tokio::sync::watch::Receiver<u64>,
+    /// TLS certificates of the ingress (`miren cert`).
+    pub certs: Arc<CertStore>,
+    /// The sandbox runner, when this agent runs instances.
+    pub runner: Option<Arc<crate::sandbox::runner::Runner>>,
+}
+
+impl ApiState {
+    /// Waits (briefly) until the ingress routes with the current revision, so a client that
+    /// changed a route or endpoints sees the change on its next request.
+    async fn ingress_caught_up(&self) {
+        let target = *self.control.subscribe().borrow();
+        let mut applied = self.ingress_revision.clone();
+        let wait = applied.wait_for(|revision| *revision >= target);
+        if tokio::time::timeout(std::time::Duration::from_secs(2), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                revision = target,
+                "the ingress has not applied the revision after 2 s"
+            );
+        }
+    }
 }
 
 /// Errors starting the API.
@@ -79,6 +106,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/apps/{app}", get(app).delete(remove_app))
         .route("/v1/apps/{app}/ports", post(edit_ports))
         .route("/v1/apps/{app}/endpoints", get(app_endpoints))
+        .route("/v1/apps/{app}/logs", get(app_logs))
         .route(
             "/v1/apps/{app}/services/{service}/endpoints",
             put(set_endpoints).get(service_endpoints),
@@ -86,6 +114,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/routes", get(routes))
         .route("/v1/routes/{host}", put(set_route).delete(remove_route))
         .route("/v1/ports", get(ports))
+        .route("/v1/certs", get(certs))
+        .route("/v1/certs/{host}", put(set_cert).post(set_cert))
         .with_state(state)
 }
 
@@ -133,6 +163,21 @@ pub async fn serve(
         .await
 }
 
+/// An [`ErrorBody`] response; server errors are logged.
+fn error_response(status: StatusCode, kind: &str, error: &dyn std::error::Error) -> Response {
+    if status.is_server_error() {
+        tracing::error!(%error, "API request failed");
+    }
+    (
+        status,
+        Json(ErrorBody {
+            error: error.to_string(),
+            kind: kind.into(),
+        }),
+    )
+        .into_response()
+}
+
 impl IntoResponse for ControlError {
     fn into_response(self) -> Response {
         let (status, kind) = match &self {
@@ -142,17 +187,56 @@ impl IntoResponse for ControlError {
             ControlError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ControlError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        if status.is_server_error() {
-            tracing::error!(error = %self, "API request failed");
+        error_response(status, kind, &self)
+    }
+}
+
+/// Errors of the certificate endpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum CertApiError {
+    /// The host is not a valid route host.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// The PEM pair was refused; the message names the file it is about when the client
+    /// gave file names.
+    #[error("{message}")]
+    Invalid {
+        /// The user-facing message.
+        message: String,
+    },
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(CertError),
+}
+
+impl CertApiError {
+    /// Classifies a [`CertStore::set`] failure, prefixing input errors with the file name.
+    fn from_set(err: CertError, req: &CertRequest) -> Self {
+        let file = match err.part() {
+            None => return Self::Store(err),
+            Some(CertPart::Certificate) => req.cert_file.as_deref(),
+            Some(CertPart::Key) => req.key_file.as_deref(),
+        };
+        Self::Invalid {
+            message: match file {
+                Some(file) => format!("{file}: {err}"),
+                None => err.to_string(),
+            },
         }
-        (
-            status,
-            Json(ErrorBody {
-                error: self.to_string(),
-                kind: kind.into(),
-            }),
-        )
-            .into_response()
+    }
+}
+
+impl IntoResponse for CertApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = match &self {
+            Self::Host(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_certificate"),
+            Self::Store(CertError::UserCertificatePresent { .. }) => {
+                (StatusCode::CONFLICT, "conflict")
+            }
+            Self::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        error_response(status, kind, &self)
     }
 }
 
@@ -186,7 +270,10 @@ async fn deploy(
     State(state): State<Arc<ApiState>>,
     Json(req): Json<DeployRequest>,
 ) -> ApiResult<AppDetail> {
-    let detail = state.control.deploy(&req.source_name, &req.toml)?;
+    let detail = state
+        .control
+        .deploy(&req.source_name, &req.toml, req.directory.as_deref())?;
+    state.ingress_caught_up().await;
     tracing::info!(app = %detail.name, version = detail.version, "deployed");
     Ok(Json(detail))
 }
@@ -195,7 +282,46 @@ async fn app(
     State(state): State<Arc<ApiState>>,
     UrlPath(app): UrlPath<String>,
 ) -> ApiResult<AppDetail> {
-    Ok(Json(state.control.app(&app)?))
+    let mut detail = state.control.app(&app)?;
+    if let Some(runner) = &state.runner {
+        let mut status = runner.status(&app);
+        for service in &mut detail.services {
+            service.instances = Some(status.remove(&service.name).unwrap_or_default());
+        }
+    }
+    Ok(Json(detail))
+}
+
+#[derive(Debug, Deserialize)]
+struct LogsQuery {
+    service: Option<String>,
+    #[serde(default)]
+    after: String,
+}
+
+async fn app_logs(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(app): UrlPath<String>,
+    Query(query): Query<LogsQuery>,
+) -> ApiResult<LogChunk> {
+    let detail = state.control.app(&app)?;
+    if let Some(service) = &query.service
+        && !detail.services.iter().any(|s| &s.name == service)
+    {
+        return Err(ControlError::NotFound(format!(
+            "app \"{app}\" has no service \"{service}\""
+        )));
+    }
+    let Some(runner) = &state.runner else {
+        return Err(ControlError::NotFound(
+            "this agent does not run instances (--no-sandboxes), so it has no logs".into(),
+        ));
+    };
+    Ok(Json(runner.logs(
+        &app,
+        query.service.as_deref(),
+        &query.after,
+    )))
 }
 
 async fn remove_app(
@@ -203,6 +329,7 @@ async fn remove_app(
     UrlPath(app): UrlPath<String>,
 ) -> ApiResult<AppDetail> {
     let detail = state.control.remove_app(&app)?;
+    state.ingress_caught_up().await;
     tracing::info!(app = %detail.name, "removed");
     Ok(Json(detail))
 }
@@ -237,11 +364,9 @@ async fn set_endpoints(
     UrlPath((app, service)): UrlPath<(String, String)>,
     Json(req): Json<ServiceEndpoints>,
 ) -> ApiResult<ServiceEndpoints> {
-    Ok(Json(state.control.set_endpoints(
-        &app,
-        &service,
-        req.endpoints,
-    )?))
+    let endpoints = state.control.set_endpoints(&app, &service, req.endpoints)?;
+    state.ingress_caught_up().await;
+    Ok(Json(endpoints))
 }
 
 async fn routes(State(state): State<Arc<ApiState>>) -> Json<Vec<RouteInfo>> {
@@ -253,19 +378,20 @@ async fn set_route(
     UrlPath(host): UrlPath<String>,
     Json(req): Json<RouteRequest>,
 ) -> ApiResult<RouteInfo> {
-    Ok(Json(state.control.set_route(
-        &host,
-        &req.app,
-        req.service.as_deref(),
-        req.timeout_ms,
-    )?))
+    let route = state
+        .control
+        .set_route(&host, &req.app, req.service.as_deref(), req.timeout_ms)?;
+    state.ingress_caught_up().await;
+    Ok(Json(route))
 }
 
 async fn remove_route(
     State(state): State<Arc<ApiState>>,
     UrlPath(host): UrlPath<String>,
 ) -> ApiResult<RouteInfo> {
-    Ok(Json(state.control.remove_route(&host)?))
+    let route = state.control.remove_route(&host)?;
+    state.ingress_caught_up().await;
+    Ok(Json(route))
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,4 +410,32 @@ async fn ports(
         tracing::warn!(%err, "node-port counters unavailable");
     }
     Ok(Json(ports))
+}
+
+async fn certs(State(state): State<Arc<ApiState>>) -> Json<Vec<CertInfo>> {
+    Json(state.certs.list())
+}
+
+async fn set_cert(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(host): UrlPath<String>,
+    Json(req): Json<CertRequest>,
+) -> Result<Json<CertInfo>, CertApiError> {
+    let host = Host::parse(&host)?;
+    // Validation parses keys and certificates and the store writes files: off the runtime.
+    let store = Arc::clone(&state.certs);
+    let set = tokio::task::spawn_blocking(move || {
+        let result = store.set(
+            &host,
+            req.cert_pem.as_bytes(),
+            req.key_pem.as_bytes(),
+            CertSource::User,
+        );
+        result.map_err(|err| CertApiError::from_set(err, &req))
+    });
+    let info = set
+        .await
+        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?;
+    tracing::info!(host = %info.host, not_after = %info.not_after, "certificate set by the operator");
+    Ok(Json(info))
 }

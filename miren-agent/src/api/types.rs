@@ -6,6 +6,8 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::ingress::certs::{CertInfo, CertSource};
+
 /// `GET /v1/status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
@@ -41,6 +43,9 @@ pub struct DeployRequest {
     pub source_name: String,
     /// The app.toml text.
     pub toml: String,
+    /// Absolute path of the app directory on this node: instances run there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
 }
 
 /// `GET /v1/apps` items.
@@ -86,6 +91,42 @@ pub struct ServiceDetail {
     pub ports: Vec<PortInfo>,
     /// Environment of an instance (app env, service env, PORT, PORT_1..N).
     pub env: BTreeMap<String, String>,
+    /// Its instances, when this agent runs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<InstanceStatus>,
+}
+
+/// The instances of a service run by the agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// Instances whose process runs.
+    pub running: usize,
+    /// Instances that are endpoints.
+    pub ready: usize,
+    /// Restarts after an exit.
+    pub restarts: u64,
+    /// How the last instance exit ended.
+    pub last_exit: Option<String>,
+    /// True when instances keep exiting soon after they start.
+    pub crash_loop: bool,
+}
+
+/// `GET /v1/apps/{app}/logs` answer: new lines since the cursor.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogChunk {
+    /// Lines in instance order, each with the instance that wrote it.
+    pub lines: Vec<LogLine>,
+    /// Pass back as `after` to get only what follows.
+    pub cursor: String,
+}
+
+/// One line an instance wrote to stdout or stderr.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogLine {
+    /// Instance name (`SERVICE-ID`).
+    pub instance: String,
+    /// The line, without its newline.
+    pub line: String,
 }
 
 /// One port of a service.
@@ -231,4 +272,19 @@ pub struct ErrorBody {
     /// Machine-readable kind: `invalid_config`, `not_found`, `conflict`, `bad_request`,
     /// `internal`.
     pub kind: String,
+}
+
+/// `PUT /v1/certs/{host}`: a user-provided certificate for HOST (exact or `*.domain`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertRequest {
+    /// The certificate chain, PEM, leaf first.
+    pub cert_pem: String,
+    /// The private key, PEM.
+    pub key_pem: String,
+    /// The certificate file's name to show in errors, e.g. `./site.crt`.
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// The key file's name to show in errors.
+    #[serde(default)]
+    pub key_file: Option<String>,
 }

@@ -65,6 +65,9 @@ pub enum Command {
     /// Manage HTTP routes (host → app service).
     #[command(subcommand)]
     Route(RouteCommand),
+    /// Manage TLS certificates of the HTTPS ingress.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// List published node ports, or edit an app's published ports.
     Ports(PortsArgs),
     /// Show the endpoints (instance addresses) of an app's services.
@@ -73,6 +76,17 @@ pub enum Command {
         app: String,
         /// Only this service.
         service: Option<String>,
+    },
+    /// Show what an app's instances wrote to stdout and stderr.
+    Logs {
+        /// App name.
+        app: String,
+        /// Only this service's instances.
+        #[arg(long)]
+        service: Option<String>,
+        /// Keep printing new lines until interrupted.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Show the agent's status.
     Status,
@@ -146,6 +160,25 @@ fn parse_route_timeout(text: &str) -> Result<std::time::Duration, String> {
     crate::config::parse_duration(text)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| format!("\"{text}\" is not a positive duration; use e.g. 30s, 5m or 1h"))
+}
+
+/// `miren cert …`.
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Store a certificate for HOST (exact or `*.domain`), replacing any earlier one; it is
+    /// served from the next TLS handshake on and never replaced by ACME.
+    Set {
+        /// Host name, e.g. `app.example.com` or `*.example.com`.
+        host: String,
+        /// PEM certificate chain, leaf first.
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// PEM private key of the certificate.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// List stored certificates (operator-provided and ACME-issued).
+    List,
 }
 
 /// `miren ports [--app APP] [--watch]` or `miren ports edit …`.
@@ -416,6 +449,33 @@ mod tests {
         };
         assert!(ports.watch && ports.command.is_none());
         assert_eq!(ports.app.as_deref(), Some("irc"));
+    }
+
+    #[test]
+    fn cert_forms() {
+        let set = Cli::try_parse_from([
+            "miren",
+            "cert",
+            "set",
+            "a.example.com",
+            "--cert",
+            "a.crt",
+            "--key",
+            "a.key",
+        ])
+        .expect("ok");
+        assert!(matches!(
+            set.command,
+            Command::Cert(CertCommand::Set { ref host, ref cert, ref key })
+                if host == "a.example.com" && cert.as_os_str() == "a.crt" && key.as_os_str() == "a.key"
+        ));
+        assert!(
+            Cli::try_parse_from(["miren", "cert", "set", "a.example.com", "--cert", "a.crt"])
+                .is_err()
+        );
+        let list = Cli::try_parse_from(["miren", "cert", "list", "--output", "json"]).expect("ok");
+        assert!(matches!(list.command, Command::Cert(CertCommand::List)));
+        assert_eq!(list.output, OutputFormat::Json);
     }
 
     #[test]

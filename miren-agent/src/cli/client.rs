@@ -9,8 +9,8 @@ use super::{
     http::{self, Method, encode_component as enc},
 };
 use crate::api::types::{
-    AppDetail, AppSummary, DeployRequest, ErrorBody, NodePortInfo, PortsEditRequest, RouteInfo,
-    RouteRequest, ServiceEndpoints, Status,
+    AppDetail, AppSummary, CertInfo, CertRequest, DeployRequest, ErrorBody, LogChunk, NodePortInfo,
+    PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
 };
 
 /// How long one read or write on the socket may block.
@@ -108,6 +108,26 @@ impl Client {
         )
     }
 
+    /// `GET /v1/certs`.
+    ///
+    /// # Errors
+    /// See [`Client::status`].
+    pub fn certs(&self) -> Result<Vec<CertInfo>, CliError> {
+        self.call(Method::Get, "/v1/certs", None::<&()>)
+    }
+
+    /// `PUT /v1/certs/{host}`; a refused pair comes back as [`CliError::Agent`] naming the file.
+    ///
+    /// # Errors
+    /// See [`Client::status`].
+    pub fn set_cert(&self, host: &str, request: &CertRequest) -> Result<CertInfo, CliError> {
+        self.call(
+            Method::Put,
+            &format!("/v1/certs/{}", enc(host)),
+            Some(request),
+        )
+    }
+
     /// `GET /v1/ports[?app=APP]`.
     ///
     /// # Errors
@@ -146,6 +166,24 @@ impl Client {
             &format!("/v1/apps/{}/endpoints", enc(app)),
             None::<&()>,
         )
+    }
+
+    /// `GET /v1/apps/{app}/logs`: lines written after `after` (a cursor from an earlier
+    /// answer; empty for all).
+    ///
+    /// # Errors
+    /// See [`Client::status`].
+    pub fn logs(
+        &self,
+        app: &str,
+        service: Option<&str>,
+        after: &str,
+    ) -> Result<LogChunk, CliError> {
+        let mut path = format!("/v1/apps/{}/logs?after={}", enc(app), enc(after));
+        if let Some(service) = service {
+            path.push_str(&format!("&service={}", enc(service)));
+        }
+        self.call(Method::Get, &path, None::<&()>)
     }
 
     /// `GET /v1/apps/{app}/services/{service}/endpoints`.
@@ -377,6 +415,7 @@ mod tests {
             .deploy(&DeployRequest {
                 source_name: "./.miren/app.toml".to_owned(),
                 toml: "name = \"x\"\n".to_owned(),
+                directory: None,
             })
             .expect_err("conflict");
         server.join().expect("server thread");

@@ -75,6 +75,16 @@ pub enum CliError {
         /// Why reading failed.
         source: io::Error,
     },
+    /// A certificate or key file given to `miren cert set` cannot be read.
+    #[error("cannot read the {what} file {}: {source}", .path.display())]
+    ReadPem {
+        /// `certificate` or `private key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why reading failed (not UTF-8 shows as invalid data).
+        source: io::Error,
+    },
     /// `miren validate` found problems (already rendered rustc-style).
     #[error("{0}")]
     InvalidConfig(#[from] ConfigError),

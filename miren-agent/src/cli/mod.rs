@@ -20,13 +20,13 @@ use std::{
 use serde::Serialize;
 
 pub use args::{
-    AppCommand, AppDirArgs, Cli, Command, DEFAULT_SOCKET, OutputFormat, PortsArgs, PortsCommand,
-    PortsEditArgs, RouteCommand, SOCKET_ENV,
+    AppCommand, AppDirArgs, CertCommand, Cli, Command, DEFAULT_SOCKET, OutputFormat, PortsArgs,
+    PortsCommand, PortsEditArgs, RouteCommand, SOCKET_ENV,
 };
 pub use client::{Client, DEFAULT_TIMEOUT};
 pub use error::{CliError, HttpError};
 
-use crate::api::types::{DeployRequest, PortsEditRequest, RouteRequest};
+use crate::api::types::{CertRequest, DeployRequest, PortsEditRequest, RouteRequest};
 use crate::config::{Source, ValidationContext, parse_deployable};
 
 /// How often `miren ports --watch` redraws.
@@ -53,8 +53,15 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Deploy(AppDirArgs { dir }) => {
             let (source_name, toml) = read_app_config(dir)?;
+            let directory = std::fs::canonicalize(dir)
+                .ok()
+                .map(|d| d.display().to_string());
             out.print(
-                &client.deploy(&DeployRequest { source_name, toml })?,
+                &client.deploy(&DeployRequest {
+                    source_name,
+                    toml,
+                    directory,
+                })?,
                 render::deployed,
             )
         }
@@ -91,6 +98,18 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         Command::Route(RouteCommand::List) => {
             out.print(&client.routes()?, |routes| render::routes(routes))
         }
+        Command::Cert(CertCommand::Set { host, cert, key }) => {
+            let request = CertRequest {
+                cert_pem: read_pem("certificate", cert)?,
+                key_pem: read_pem("private key", key)?,
+                cert_file: Some(cert.display().to_string()),
+                key_file: Some(key.display().to_string()),
+            };
+            out.print(&client.set_cert(host, &request)?, render::cert_set)
+        }
+        Command::Cert(CertCommand::List) => {
+            out.print(&client.certs()?, |certs| render::certs(certs))
+        }
         Command::Ports(PortsArgs {
             command: Some(PortsCommand::Edit(edit)),
             ..
@@ -119,6 +138,22 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         }
         Command::Endpoints { app, service: None } => {
             out.print(&client.endpoints(app)?, |e| render::endpoints(e))
+        }
+        Command::Logs {
+            app,
+            service,
+            follow,
+        } => {
+            let mut cursor = String::new();
+            loop {
+                let chunk = client.logs(app, service.as_deref(), &cursor)?;
+                out.print(&chunk, render::log_lines)?;
+                if !follow {
+                    return Ok(());
+                }
+                cursor = chunk.cursor;
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
         }
         Command::Status => out.print(&client.status()?, render::status),
     }
@@ -171,6 +206,24 @@ fn read_app_config(dir: &Path) -> Result<(String, String), CliError> {
         }
         Err(source) => Err(CliError::ReadAppConfig { path, source }),
     }
+}
+
+/// Reads a PEM file for `miren cert set`; `what` names it in errors.
+fn read_pem(what: &'static str, path: &Path) -> Result<String, CliError> {
+    std::fs::read(path)
+        .and_then(|bytes| {
+            String::from_utf8(bytes).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not a PEM text file (not UTF-8)",
+                )
+            })
+        })
+        .map_err(|source| CliError::ReadPem {
+            what,
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// `miren validate`: the same checks as a deploy, without the agent (node-port conflicts

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use crate::api::types::{
-    AppDetail, AppSummary, NodePortInfo, PortTraffic, RouteInfo, ServiceDetail, ServiceEndpoints,
-    Status,
+    AppDetail, AppSummary, CertInfo, LogChunk, NodePortInfo, PortTraffic, RouteInfo, ServiceDetail,
+    ServiceEndpoints, Status,
 };
 use crate::config::AppConfig;
 
@@ -165,6 +165,20 @@ fn service_block(service: &ServiceDetail, with_env: bool) -> String {
         let _ = write!(out, ", command: {command}");
     }
     out.push_str(")\n");
+    if let Some(instances) = &service.instances {
+        let _ = write!(
+            out,
+            "  instances: {} running, {} ready, {} restarts",
+            instances.running, instances.ready, instances.restarts
+        );
+        if let Some(exit) = &instances.last_exit {
+            let _ = write!(out, " (last exit: {exit})");
+        }
+        if instances.crash_loop {
+            out.push_str(" — CRASH LOOP: instances exit soon after starting; see `miren logs`");
+        }
+        out.push('\n');
+    }
     if service.ports.is_empty() {
         out.push_str("  no ports\n");
     } else {
@@ -208,6 +222,27 @@ pub fn routes(routes: &[RouteInfo]) -> String {
         ("TIMEOUT", |r| route_timeout(r.timeout_ms)),
     ];
     listing(COLUMNS, routes, "no routes")
+}
+
+/// `miren cert list`.
+pub fn certs(certs: &[CertInfo]) -> String {
+    const COLUMNS: &[Column<CertInfo>] = &[
+        ("HOST", |c| c.host.clone()),
+        ("SOURCE", |c| c.source.to_string()),
+        ("EXPIRES", |c| c.not_after.clone()),
+        ("SANS", |c| c.sans.join(",")),
+    ];
+    listing(COLUMNS, certs, "no certificates")
+}
+
+/// `miren cert set`.
+pub fn cert_set(cert: &CertInfo) -> String {
+    format!(
+        "certificate for {} stored (expires {}, names {})\n",
+        cert.host,
+        cert.not_after,
+        cert.sans.join(", ")
+    )
 }
 
 /// `miren route set|add`.
@@ -294,6 +329,15 @@ fn human_bytes(bytes: f64) -> String {
 /// `miren ports` and `miren ports edit`.
 pub fn node_ports(ports: &[NodePortInfo]) -> String {
     listing(NODE_PORT_COLUMNS, ports, "no published node ports")
+}
+
+/// `miren logs`: `INSTANCE | LINE`.
+pub fn log_lines(chunk: &LogChunk) -> String {
+    chunk
+        .lines
+        .iter()
+        .map(|l| format!("{} | {}\n", l.instance, l.line))
+        .collect()
 }
 
 /// `miren endpoints`: one line per instance address.
@@ -488,6 +532,7 @@ NODE_PORT/PROTO  APP  SERVICE   PORT_NAME  TARGET  ENDPOINTS  RX           RX_BY
                 name: "server".to_owned(),
                 command: Some("./server".to_owned()),
                 concurrency: "fixed 1".to_owned(),
+                instances: None,
                 ports: vec![
                     PortInfo {
                         name: "admin".to_owned(),
@@ -510,6 +555,7 @@ NODE_PORT/PROTO  APP  SERVICE   PORT_NAME  TARGET  ENDPOINTS  RX           RX_BY
                 host: "admin.example.com".to_owned(),
                 app: "game".to_owned(),
                 service: "server".to_owned(),
+                timeout_ms: None,
             }],
         };
         assert_eq!(

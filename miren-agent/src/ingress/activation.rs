@@ -163,12 +163,17 @@ mod tests {
             },
             endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
         };
-        RoutingSnapshot::build(revision, &[route], Duration::from_secs(60))
+        RoutingSnapshot::build(
+            revision,
+            &[route],
+            Duration::from_secs(60),
+            &Default::default(),
+        )
     }
 
     #[tokio::test]
     async fn concurrent_requests_share_one_start() {
-        let routing = Arc::new(Routing::new(Duration::from_secs(60)));
+        let routing = Arc::new(Routing::new(Duration::from_secs(60), Arc::default()));
         routing.publish(snapshot(1, &[]));
         let activator = Arc::new(CountingActivator::default());
         let activations = Arc::new(Activations::new(
@@ -195,7 +200,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn gives_up_after_the_boot_deadline_and_cleans_up() {
-        let routing = Arc::new(Routing::new(Duration::from_secs(60)));
+        let routing = Arc::new(Routing::new(Duration::from_secs(60), Arc::default()));
         routing.publish(snapshot(1, &[]));
         let activator = Arc::new(CountingActivator::default());
         let activations = Arc::new(Activations::new(
@@ -220,7 +225,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_activator_reports_no_endpoints() {
-        let routing = Arc::new(Routing::new(Duration::from_secs(60)));
+        let routing = Arc::new(Routing::new(Duration::from_secs(60), Arc::default()));
         routing.publish(snapshot(1, &[]));
         let activations = Arc::new(Activations::new(
             Arc::new(NoActivator),

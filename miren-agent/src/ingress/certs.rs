@@ -194,12 +194,6 @@ impl CertError {
             Self::Io { .. } | Self::UserCertificatePresent { .. } | Self::Fallback(_) => None,
         }
     }
-
-    /// True when the error is about the given PEM pair (the caller's mistake), false for the
-    /// store's own failures.
-    pub fn is_invalid_input(&self) -> bool {
-        self.part().is_some()
-    }
 }
 
 /// Source and validity period of a stored certificate (for ACME renewal decisions).
@@ -435,13 +429,17 @@ impl CertStore {
     /// Expiry of the certificate stored for exactly `host` (for ACME renewal), `None` when
     /// absent.
     pub fn not_after(&self, host: &str) -> Option<SystemTime> {
-        self.stored(host).map(|stored| stored.not_after)
+        self.table
+            .load()
+            .stored(host)
+            .map(|entry| entry.stored.not_after)
     }
 
-    /// Source and validity period of the certificate stored for exactly `host` (`*.parent`
-    /// for a wildcard), `None` when absent.
-    pub fn stored(&self, host: &str) -> Option<StoredCert> {
-        self.table.load().stored(host).map(|entry| entry.stored)
+    /// Source and validity period of the certificate a handshake for `host` gets (exact, then
+    /// one-label wildcard; expired ones included), `None` when only the fallback would be
+    /// served.
+    pub fn covering(&self, host: &str) -> Option<StoredCert> {
+        self.table.load().lookup(host).map(|entry| entry.stored)
     }
 }
 
@@ -884,6 +882,11 @@ mod tests {
         assert_eq!(list[1].source, CertSource::User);
         assert!(store.not_after("a.example.com").unwrap() > SystemTime::now());
         assert!(store.not_after("b.example.com").is_none());
+        assert!(store.not_after("x.example.net").is_none());
+        let covering = store.covering("x.example.net").unwrap();
+        assert_eq!(covering.source, CertSource::Acme);
+        assert!(covering.not_before < SystemTime::now());
+        assert!(store.covering("example.net").is_none());
 
         // Replacing swaps the served certificate with no reopen.
         let before = Arc::clone(&store.table.load().exact["a.example.com"].key);

@@ -20,11 +20,16 @@ pub enum FramingError {
     DuplicateHost,
 }
 
-/// Checks the framing headers of an HTTP/1 request.
+/// Checks the framing headers of an HTTP/1 request; `raw_head` is the head as received
+/// (the parser drops `Content-Length` when `Transfer-Encoding` is present, but both together
+/// are refused here).
 ///
 /// # Errors
 /// The first [`FramingError`] found.
-pub fn check(headers: &HeaderMap) -> Result<(), FramingError> {
+pub fn check(headers: &HeaderMap, raw_head: &[u8]) -> Result<(), FramingError> {
+    if headers.contains_key(header::TRANSFER_ENCODING) && declares_length(raw_head) {
+        return Err(FramingError::LengthAndChunked);
+    }
     if headers.get_all(header::HOST).iter().count() > 1 {
         return Err(FramingError::DuplicateHost);
     }
@@ -50,6 +55,15 @@ pub fn check(headers: &HeaderMap) -> Result<(), FramingError> {
         }
     }
     Ok(())
+}
+
+/// True when a header line of `raw_head` is `Content-Length` (any case).
+fn declares_length(raw_head: &[u8]) -> bool {
+    const NAME: &[u8] = b"content-length";
+    raw_head
+        .split(|&b| b == b'\n')
+        .skip(1)
+        .any(|line| line.len() > NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME))
 }
 
 #[cfg(test)]
@@ -79,7 +93,11 @@ mod tests {
             ],
             vec![("host", "a"), ("transfer-encoding", "Chunked")],
         ] {
-            assert_eq!(check(&headers(&ok)), Ok(()), "{ok:?}");
+            assert_eq!(
+                check(&headers(&ok), b"GET / HTTP/1.1\r\n"),
+                Ok(()),
+                "{ok:?}"
+            );
         }
     }
 
@@ -113,7 +131,13 @@ mod tests {
             (&[("host", "a"), ("host", "b")], DuplicateHost),
         ];
         for (pairs, want) in cases {
-            assert_eq!(check(&headers(pairs)), Err(*want), "{pairs:?}");
+            assert_eq!(check(&headers(pairs), b""), Err(*want), "{pairs:?}");
         }
+        // What the parser leaves when both were sent: TE only, but the raw head tells.
+        let raw = b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            check(&headers(&[("transfer-encoding", "chunked")]), raw),
+            Err(LengthAndChunked)
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! - `listen`: binding, accept loops, TLS, HTTP/1 + HTTP/2.
 //! - `head_guard`, `framing`: slowloris, oversized heads and request smuggling.
 
+pub mod acme;
 pub mod activation;
 pub mod certs;
 mod framing;
@@ -136,8 +137,8 @@ pub struct IngressState {
     routing: Arc<Routing>,
     activations: Arc<Activations>,
     metrics: Arc<Metrics>,
-    acme_challenge: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
-    has_certificate: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    acme_challenge: ChallengeLookup,
+    has_certificate: HostCheck,
 }
 
 impl std::fmt::Debug for IngressState {
@@ -155,12 +156,18 @@ struct ProxySettings {
     trusted_proxies: Vec<Cidr>,
 }
 
+/// Looks up the key authorization of a pending ACME HTTP-01 token.
+pub type ChallengeLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Answers a yes/no question about a host.
+pub type HostCheck = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Hooks from the rest of the agent.
 pub struct IngressHooks {
     /// Key authorization for a pending ACME HTTP-01 token.
-    pub acme_challenge: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    pub acme_challenge: ChallengeLookup,
     /// Whether a real certificate covers a host (plain HTTP then redirects to HTTPS).
-    pub has_certificate: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    pub has_certificate: HostCheck,
     /// Picks the certificate for each TLS handshake by SNI.
     pub cert_resolver: Arc<dyn ResolvesServerCert>,
 }

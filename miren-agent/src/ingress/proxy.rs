@@ -26,7 +26,7 @@ use super::{
     IngressState,
     activation::Activation,
     framing,
-    routing::{Backend, Route},
+    routing::{Backend, InFlight, Route},
 };
 
 /// Per-request state.
@@ -39,6 +39,8 @@ pub struct RequestCtx {
     backend: Option<Backend>,
     failed_backend: Option<SocketAddr>,
     connect_retries: u8,
+    /// Counts this request for the autoscaler while it lives.
+    in_flight: Option<InFlight>,
 }
 
 /// The proxy of one listener (plain HTTP or TLS).
@@ -175,6 +177,7 @@ impl ProxyHttp for MirenProxy {
             backend: None,
             failed_backend: None,
             connect_retries: 0,
+            in_flight: None,
         }
     }
 
@@ -185,12 +188,11 @@ impl ProxyHttp for MirenProxy {
             .get("x-request-id")
             .and_then(usable_request_id)
             .unwrap_or_else(new_request_id);
-        if !session.is_http2() {
-            if let Err(error) = framing::check(&req.headers) {
-                return self
-                    .respond(session, ctx, 400, format!("bad request: {error}\n"), None)
-                    .await;
-            }
+        if let Some(h1) = session.as_downstream().as_http1()
+            && let Err(error) = framing::check(&req.headers, &h1.get_headers_raw_bytes())
+        {
+            let body = format!("bad request: {error}\n");
+            return self.respond(session, ctx, 400, body, None).await;
         }
         let Some(host) = request_host(req) else {
             let body = "bad request: the Host header is missing\n".to_owned();
@@ -198,19 +200,15 @@ impl ProxyHttp for MirenProxy {
         };
         ctx.host = host;
         let req = session.req_header();
-        if !self.tls && req.method == Method::GET {
-            if let Some(token) = req.uri.path().strip_prefix("/.well-known/acme-challenge/") {
-                return match (self.state.acme_challenge)(token) {
-                    Some(key_authorization) => {
-                        self.respond(session, ctx, 200, key_authorization, None)
-                            .await
-                    }
-                    None => {
-                        let body = format!("no ACME challenge {token}\n");
-                        self.respond(session, ctx, 404, body, None).await
-                    }
-                };
-            }
+        if !self.tls
+            && req.method == Method::GET
+            && let Some(token) = req.uri.path().strip_prefix("/.well-known/acme-challenge/")
+        {
+            let (status, body) = match (self.state.acme_challenge)(token) {
+                Some(key_authorization) => (200, key_authorization),
+                None => (404, format!("no ACME challenge {token}\n")),
+            };
+            return self.respond(session, ctx, status, body, None).await;
         }
         let snapshot = self.state.routing.snapshot();
         let Some(route) = snapshot.lookup(&ctx.host).cloned() else {
@@ -218,6 +216,7 @@ impl ProxyHttp for MirenProxy {
             return self.respond(session, ctx, 404, body, None).await;
         };
         let upstreams = Arc::clone(&route.upstreams);
+        ctx.in_flight = Some(InFlight::new(&upstreams));
         ctx.route = Some(route);
         if !self.tls && (self.state.has_certificate)(&ctx.host) {
             let location = self.https_location(&ctx.host, session.req_header());
@@ -418,10 +417,10 @@ impl ProxyHttp for MirenProxy {
             (_, ErrorSource::Downstream) => (400, "bad request\n".to_owned()),
             _ => (500, "internal error\n".to_owned()),
         };
-        if code > 0 {
-            if let Err(error) = self.respond(session, ctx, code, body, None).await {
-                tracing::debug!(%error, "could not send the error response");
-            }
+        if code > 0
+            && let Err(error) = self.respond(session, ctx, code, body, None).await
+        {
+            tracing::debug!(%error, "could not send the error response");
         }
         FailToProxy {
             error_code: code,
@@ -465,7 +464,8 @@ mod tests {
     use super::*;
 
     fn req(host: Option<&str>, uri: &str) -> RequestHeader {
-        let mut req = RequestHeader::build("GET", uri.as_bytes(), None).unwrap();
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.set_uri(uri.parse().unwrap());
         if let Some(host) = host {
             req.insert_header("host", host).unwrap();
         }

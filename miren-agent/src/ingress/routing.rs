@@ -41,7 +41,50 @@ pub struct ServiceUpstreams {
     pub service: String,
     /// Ready endpoints of the service's http port, sorted.
     pub backends: Vec<Backend>,
+    /// Requests in flight to this service (shared across snapshots).
+    pub in_flight: Arc<AtomicUsize>,
     next: AtomicUsize,
+}
+
+/// Requests in flight per app service, kept by the ingress and read by the autoscaler.
+#[derive(Debug, Default)]
+pub struct LoadTracker {
+    counters: std::sync::Mutex<HashMap<(String, String), Arc<AtomicUsize>>>,
+}
+
+impl LoadTracker {
+    /// The counter of `app`'s `service` (created at zero).
+    pub fn counter(&self, app: &str, service: &str) -> Arc<AtomicUsize> {
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            counters
+                .entry((app.to_owned(), service.to_owned()))
+                .or_default(),
+        )
+    }
+
+    /// Requests in flight to `app`'s `service` now.
+    pub fn in_flight(&self, app: &str, service: &str) -> usize {
+        self.counter(app, service).load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one request in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts a request to `upstreams`.
+    pub fn new(upstreams: &ServiceUpstreams) -> Self {
+        upstreams.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(&upstreams.in_flight))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One endpoint, with the connection-pool key that keeps its pooled connections apart from
@@ -55,7 +98,7 @@ pub struct Backend {
 }
 
 impl ServiceUpstreams {
-    fn new(app: &str, service: &str, addrs: &[SocketAddr]) -> Self {
+    fn new(app: &str, service: &str, addrs: &[SocketAddr], in_flight: Arc<AtomicUsize>) -> Self {
         let backends = addrs
             .iter()
             .map(|&addr| Backend {
@@ -67,6 +110,7 @@ impl ServiceUpstreams {
             app: app.to_owned(),
             service: service.to_owned(),
             backends,
+            in_flight,
             next: AtomicUsize::new(0),
         }
     }
@@ -78,7 +122,11 @@ impl ServiceUpstreams {
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // A retry continues from where the failed pick left off.
+        let start = match avoid {
+            None => self.next.fetch_add(1, Ordering::Relaxed),
+            Some(_) => self.next.load(Ordering::Relaxed),
+        };
         (0..n)
             .map(|i| self.backends[(start + i) % n])
             .find(|b| Some(b.addr) != avoid)
@@ -104,7 +152,12 @@ pub struct RoutingSnapshot {
 impl RoutingSnapshot {
     /// Builds the view from the control plane's routes; `default_timeout` applies to routes
     /// without their own.
-    pub fn build(revision: u64, routes: &[IngressRoute], default_timeout: Duration) -> Self {
+    pub fn build(
+        revision: u64,
+        routes: &[IngressRoute],
+        default_timeout: Duration,
+        load: &LoadTracker,
+    ) -> Self {
         let mut services: HashMap<(&str, &str), Arc<ServiceUpstreams>> = HashMap::new();
         let mut table = RouteTable::new();
         for route in routes {
@@ -120,6 +173,7 @@ impl RoutingSnapshot {
                         &record.app,
                         &record.service,
                         &route.endpoints,
+                        load.counter(&record.app, &record.service),
                     ))
                 })
                 .clone();
@@ -173,15 +227,18 @@ pub struct Routing {
     current: ArcSwap<RoutingSnapshot>,
     changed: watch::Sender<u64>,
     default_timeout: Duration,
+    load: Arc<LoadTracker>,
 }
 
 impl Routing {
-    /// An empty routing state; call [`Routing::refresh`] or [`Routing::follow`] to fill it.
-    pub fn new(default_timeout: Duration) -> Self {
+    /// An empty routing state counting requests in `load`; call [`Routing::refresh`] or
+    /// [`Routing::follow`] to fill it.
+    pub fn new(default_timeout: Duration, load: Arc<LoadTracker>) -> Self {
         Self {
             current: ArcSwap::from_pointee(RoutingSnapshot::default()),
             changed: watch::channel(0).0,
             default_timeout,
+            load,
         }
     }
 
@@ -202,6 +259,7 @@ impl Routing {
             revision,
             &routes,
             self.default_timeout,
+            &self.load,
         ));
     }
 
@@ -258,7 +316,8 @@ mod tests {
             route("*.example.com", "a", None, &["10.0.0.1:80", "10.0.0.2:80"]),
             route("b.example.com", "b", None, &[]),
         ];
-        let snapshot = RoutingSnapshot::build(7, &routes, Duration::from_secs(60));
+        let snapshot =
+            RoutingSnapshot::build(7, &routes, Duration::from_secs(60), &LoadTracker::default());
         assert_eq!(snapshot.len(), 3);
         let exact = snapshot.lookup("A.example.com:8080").unwrap();
         let wild = snapshot.lookup("x.example.com").unwrap();
@@ -281,6 +340,7 @@ mod tests {
                 "10.0.0.2:80".parse().unwrap(),
                 "10.0.0.3:80".parse().unwrap(),
             ],
+            Arc::default(),
         );
         let picked: Vec<_> = (0..6)
             .map(|_| upstreams.pick(None).unwrap().addr.to_string())
@@ -300,17 +360,17 @@ mod tests {
         for _ in 0..6 {
             assert_ne!(upstreams.pick(Some(failed)).unwrap().addr, failed);
         }
-        let single = ServiceUpstreams::new("a", "web", &[failed]);
+        let single = ServiceUpstreams::new("a", "web", &[failed], Arc::default());
         assert_eq!(single.pick(Some(failed)).unwrap().addr, failed);
     }
 
     #[test]
     fn pool_keys_differ_per_app_for_the_same_address() {
         let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        let a = ServiceUpstreams::new("a", "web", &[addr]);
-        let b = ServiceUpstreams::new("b", "web", &[addr]);
+        let a = ServiceUpstreams::new("a", "web", &[addr], Arc::default());
+        let b = ServiceUpstreams::new("b", "web", &[addr], Arc::default());
         assert_ne!(a.backends[0].pool_key, b.backends[0].pool_key);
-        let a_again = ServiceUpstreams::new("a", "web", &[addr]);
+        let a_again = ServiceUpstreams::new("a", "web", &[addr], Arc::default());
         assert_eq!(a.backends[0].pool_key, a_again.backends[0].pool_key);
     }
 }

@@ -26,6 +26,8 @@ pub struct AppRecord {
     pub version: u64,
     /// Unix time of the deploy.
     pub deployed_at: u64,
+    /// The deployed app directory on this node (instances run there), if the client sent it.
+    pub directory: Option<String>,
     /// Target ports the agent assigned to ports that app.toml left without `port`, keyed by
     /// (service, port name).
     pub assigned_ports: BTreeMap<(String, String), u16>,

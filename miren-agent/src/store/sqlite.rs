@@ -55,6 +55,9 @@ const MIGRATIONS: &[&str] = &[
     r"
     ALTER TABLE routes ADD COLUMN timeout_ms INTEGER;
 ",
+    r"
+    ALTER TABLE apps ADD COLUMN directory TEXT;
+",
 ];
 
 /// The SQLite store. One connection, serialized by a mutex: the agent is the only writer.
@@ -135,13 +138,14 @@ impl Store for SqliteStore {
         };
 
         let mut stmt = tx
-            .prepare("SELECT name, source_name, toml, version, deployed_at FROM apps")
+            .prepare("SELECT name, source_name, toml, version, deployed_at, directory FROM apps")
             .map_err(q("read apps"))?;
         let apps = stmt
             .query_map([], |row| {
                 Ok(AppRecord {
                     name: row.get(0)?,
                     source_name: row.get(1)?,
+                    directory: row.get(5)?,
                     toml: row.get(2)?,
                     version: row.get(3)?,
                     deployed_at: row.get(4)?,
@@ -292,16 +296,17 @@ fn apply(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::PutApp { app, node_ports } => {
             tx.execute(
-                "INSERT INTO apps (name, source_name, toml, version, deployed_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO apps (name, source_name, toml, version, deployed_at, directory)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (name) DO UPDATE SET source_name = ?2, toml = ?3, version = ?4,
-                    deployed_at = ?5",
+                    deployed_at = ?5, directory = ?6",
                 params![
                     app.name,
                     app.source_name,
                     app.toml,
                     app.version,
-                    app.deployed_at
+                    app.deployed_at,
+                    app.directory
                 ],
             )
             .map_err(q("write app"))?;
@@ -406,6 +411,7 @@ mod tests {
         AppRecord {
             name: name.into(),
             source_name: format!("{name}/.miren/app.toml"),
+            directory: None,
             toml: format!("name = \"{name}\"\n"),
             version,
             deployed_at: 1_700_000_000 + version,

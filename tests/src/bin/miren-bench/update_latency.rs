@@ -128,6 +128,7 @@ fn deploy_bulk(world: &World) -> Result<()> {
     api.deploy(&DeployRequest {
         source_name: "bulk/.miren/app.toml".into(),
         toml,
+        directory: None,
     })
     .context("deploying 10,000 node ports")?;
     eprintln!("deployed 10,000 node ports in {:?}", started.elapsed());

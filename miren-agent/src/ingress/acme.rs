@@ -1,0 +1,533 @@
+//! Automatic certificates: ACME (RFC 8555) HTTP-01 with `instant-acme`.
+//!
+//! [`run`] keeps a certificate for every exact routed host: it orders one when a host has none
+//! or its certificate is close to expiry, publishes the HTTP-01 key authorization in
+//! [`Http01Tokens`] (the ingress answers `GET /.well-known/acme-challenge/TOKEN` on the HTTP
+//! listener from it), and stores the issued chain with [`CertStore::set`] so the next handshake
+//! serves it. Hosts covered by an operator's certificate are left alone; hosts without a route
+//! are never requested; wildcard routes cannot be validated over HTTP-01 and are skipped.
+//! Failures back off per host, 30 s doubling to 1 h.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    control::ControlPlane,
+    ingress::certs::{CertError, CertSource, CertStore, StoredCert},
+    routes::Host,
+};
+
+/// Renew when less than this is left (and always with a third of the lifetime left).
+const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Re-check everything at least this often.
+const RECHECK: Duration = Duration::from_secs(3600);
+/// First retry delay after a failed order; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest retry delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// How long one order may wait for validation and for the certificate.
+const ORDER_POLL: RetryPolicy = RetryPolicy::new()
+    .initial_delay(Duration::from_millis(250))
+    .backoff(1.5)
+    .timeout(Duration::from_secs(90));
+/// The account credentials file in [`AcmeSettings::account_dir`].
+const ACCOUNT_FILE: &str = "account.json";
+
+/// Pending HTTP-01 challenges: token → key authorization. The ingress answers
+/// `GET /.well-known/acme-challenge/TOKEN` on the HTTP listener from this (any Host).
+#[derive(Debug, Default)]
+pub struct Http01Tokens {
+    pending: RwLock<HashMap<String, String>>,
+}
+
+impl Http01Tokens {
+    /// The body to answer for `token`, `None` when no challenge with that token is pending.
+    pub fn key_authorization(&self, token: &str) -> Option<String> {
+        self.pending
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(token)
+            .cloned()
+    }
+
+    /// Publishes `token` until the returned guard is dropped.
+    fn publish(self: &Arc<Self>, token: String, key_authorization: String) -> TokenGuard {
+        self.pending
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(token.clone(), key_authorization);
+        TokenGuard {
+            tokens: Arc::clone(self),
+            token,
+        }
+    }
+}
+
+/// Withdraws a published token when the order is over, whatever its outcome.
+#[derive(Debug)]
+struct TokenGuard {
+    tokens: Arc<Http01Tokens>,
+    token: String,
+}
+
+impl Drop for TokenGuard {
+    fn drop(&mut self) {
+        self.tokens
+            .pending
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.token);
+    }
+}
+
+/// Where and how to get certificates.
+#[derive(Debug, Clone)]
+pub struct AcmeSettings {
+    /// The ACME directory URL (`--acme-directory`).
+    pub directory: String,
+    /// Contact for the account (`--acme-email`).
+    pub email: Option<String>,
+    /// CA certificate (PEM) to verify the ACME server's HTTPS with instead of the system roots
+    /// (`--acme-ca-file`), e.g. Pebble's.
+    pub ca_file: Option<PathBuf>,
+    /// Directory keeping the account credentials across restarts.
+    pub account_dir: PathBuf,
+}
+
+/// Why getting a certificate failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeError {
+    /// The ACME server refused or could not be reached.
+    #[error("{op}: {source}")]
+    Protocol {
+        /// What was being done.
+        op: &'static str,
+        /// instant-acme's error (includes the server's problem document).
+        #[source]
+        source: instant_acme::Error,
+    },
+    /// The account credentials could not be read or written.
+    #[error("{op} {path}: {source}; check that the agent can write its state directory")]
+    AccountFile {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server offered no HTTP-01 challenge.
+    #[error(
+        "the ACME server offers no http-01 challenge for {host}; this agent can only answer http-01"
+    )]
+    NoHttp01 {
+        /// The host.
+        host: String,
+    },
+    /// The server did not validate the host.
+    #[error(
+        "the ACME server did not validate {host}: {reason}; check that {host} resolves to this node and that port 80 (--http-addr) is reachable from the ACME server"
+    )]
+    Invalid {
+        /// The host.
+        host: String,
+        /// The server's problem details, or the final status.
+        reason: String,
+    },
+    /// The issued certificate was refused by the store.
+    #[error("storing the issued certificate: {0}")]
+    Store(#[from] CertError),
+}
+
+/// `op` → an [`AcmeError::Protocol`] mapper.
+fn protocol(op: &'static str) -> impl FnOnce(instant_acme::Error) -> AcmeError {
+    move |source| AcmeError::Protocol { op, source }
+}
+
+/// Account credentials as stored, with the directory they belong to.
+#[derive(Serialize, Deserialize)]
+struct StoredAccount {
+    directory: String,
+    credentials: AccountCredentials,
+}
+
+/// Per-host retry state after failures.
+#[derive(Debug)]
+struct Backoff {
+    next_attempt: Instant,
+    delay: Duration,
+}
+
+/// Runs until `shutdown` turns true: for every routed host ([`ControlPlane::routes`], exact
+/// hosts only — HTTP-01 cannot issue wildcards; logged once per wildcard route) without a
+/// valid certificate or close to expiry (30 days, or a third of the lifetime for short-lived
+/// certificates), orders one, answers HTTP-01 through `tokens`, and stores it via
+/// [`CertStore::set`] with [`CertSource::Acme`]. Re-checks on every control revision
+/// ([`ControlPlane::subscribe`]) and hourly. Failures per host back off exponentially (30 s
+/// doubling to 1 h) and are logged with the reason; hosts without a route are never
+/// requested; operator-provided certificates are never replaced.
+pub async fn run(
+    settings: AcmeSettings,
+    control: Arc<ControlPlane>,
+    certs: Arc<CertStore>,
+    tokens: Arc<Http01Tokens>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut revisions = control.subscribe();
+    let Some(account) = connect_account(&settings, &mut shutdown).await else {
+        return;
+    };
+    tracing::info!(directory = %settings.directory, account = account.id(), "ACME account ready");
+    let mut backoff: HashMap<String, Backoff> = HashMap::new();
+    let mut wildcards_logged: HashSet<String> = HashSet::new();
+    while !*shutdown.borrow() {
+        revisions.borrow_and_update();
+        let mut wake = Instant::now() + RECHECK;
+        let routed: Vec<String> = control.routes().into_iter().map(|r| r.host).collect();
+        backoff.retain(|host, _| routed.contains(host));
+        wildcards_logged.retain(|host| routed.contains(host));
+        for host in routed {
+            if *shutdown.borrow() {
+                return;
+            }
+            if host.starts_with("*.") {
+                if wildcards_logged.insert(host.clone()) {
+                    tracing::warn!(
+                        host,
+                        "no automatic certificate for a wildcard route: ACME http-01 cannot validate wildcards; set one with `miren cert set`"
+                    );
+                }
+                continue;
+            }
+            let due = match certs.covering(&host) {
+                Some(StoredCert {
+                    source: CertSource::User,
+                    ..
+                }) => continue,
+                Some(stored) => renewal_time(&stored),
+                None => SystemTime::now(),
+            };
+            if let Ok(wait) = due.duration_since(SystemTime::now()) {
+                wake = wake.min(Instant::now() + wait);
+                continue;
+            }
+            if let Some(retry) = backoff.get(&host)
+                && retry.next_attempt > Instant::now()
+            {
+                wake = wake.min(retry.next_attempt);
+                continue;
+            }
+            let result = tokio::select! {
+                result = issue(&account, &host, &certs, &tokens) => result,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            match result {
+                Ok(not_after) => {
+                    backoff.remove(&host);
+                    tracing::info!(host, %not_after, "ACME certificate issued");
+                }
+                Err(err) => {
+                    let delay = backoff
+                        .get(&host)
+                        .map_or(FIRST_BACKOFF, |b| (b.delay * 2).min(MAX_BACKOFF));
+                    let next_attempt = Instant::now() + delay;
+                    tracing::warn!(host, error = %err, retry_in_secs = delay.as_secs(), "ACME certificate failed");
+                    backoff.insert(
+                        host,
+                        Backoff {
+                            next_attempt,
+                            delay,
+                        },
+                    );
+                    wake = wake.min(next_attempt);
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            changed = revisions.changed() => if changed.is_err() { return },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// When a certificate should be renewed: 30 days before expiry, or earlier when a third of a
+/// short lifetime is left.
+fn renewal_time(stored: &StoredCert) -> SystemTime {
+    let lifetime = stored
+        .not_after
+        .duration_since(stored.not_before)
+        .unwrap_or_default();
+    stored.not_after - RENEW_BEFORE.min(lifetime / 3)
+}
+
+/// Loads the stored account or creates one, retrying with backoff until the ACME server
+/// answers; `None` on shutdown.
+async fn connect_account(
+    settings: &AcmeSettings,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Account> {
+    let mut delay = FIRST_BACKOFF;
+    loop {
+        match load_or_create_account(settings).await {
+            Ok(account) => return Some(account),
+            Err(err) => tracing::warn!(
+                directory = %settings.directory,
+                error = %err,
+                retry_in_secs = delay.as_secs(),
+                "ACME account unavailable"
+            ),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return None,
+        }
+        delay = (delay * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn load_or_create_account(settings: &AcmeSettings) -> Result<Account, AcmeError> {
+    let path = settings.account_dir.join(ACCOUNT_FILE);
+    let builder = || match &settings.ca_file {
+        Some(ca) => Account::builder_with_root(ca).map_err(protocol("reading --acme-ca-file")),
+        None => Account::builder().map_err(protocol("setting up the ACME HTTP client")),
+    };
+    if let Some(stored) = read_account(&path)? {
+        if stored.directory == settings.directory {
+            return builder()?
+                .from_credentials(stored.credentials)
+                .await
+                .map_err(protocol("restoring the stored ACME account"));
+        }
+        tracing::info!(
+            old = %stored.directory,
+            new = %settings.directory,
+            "ACME directory changed; creating a new account"
+        );
+    }
+    let contact = settings
+        .email
+        .as_ref()
+        .map(|email| format!("mailto:{email}"));
+    let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+    let (account, credentials) = builder()?
+        .create(
+            &NewAccount {
+                contact: &contacts,
+                terms_of_service_agreed: true,
+                only_return_existing: false,
+            },
+            settings.directory.clone(),
+            None,
+        )
+        .await
+        .map_err(protocol("creating the ACME account"))?;
+    write_account(
+        &settings.account_dir,
+        &path,
+        &StoredAccount {
+            directory: settings.directory.clone(),
+            credentials,
+        },
+    )?;
+    Ok(account)
+}
+
+fn read_account(path: &Path) -> Result<Option<StoredAccount>, AcmeError> {
+    match fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(stored) => Ok(Some(stored)),
+            Err(err) => {
+                tracing::warn!(path = %path.display(), %err, "ignoring unreadable ACME account file");
+                Ok(None)
+            }
+        },
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AcmeError::AccountFile {
+            op: "reading",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Writes the credentials (mode 0600) through a temporary file and a rename.
+fn write_account(dir: &Path, path: &Path, stored: &StoredAccount) -> Result<(), AcmeError> {
+    let io = |op, path: &Path| {
+        let path = path.to_owned();
+        move |source| AcmeError::AccountFile { op, path, source }
+    };
+    fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io("restricting", dir))?;
+    let temp = dir.join(format!(".{ACCOUNT_FILE}.tmp"));
+    let json = serde_json::to_vec(stored).expect("account credentials serialize");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(io("writing", &temp))?;
+    file.write_all(&json)
+        .and_then(|()| file.sync_all())
+        .map_err(io("writing", &temp))?;
+    fs::rename(&temp, path).map_err(io("storing", path))
+}
+
+/// Orders, validates and stores a certificate for `host`; returns its expiry (RFC 3339).
+async fn issue(
+    account: &Account,
+    host: &str,
+    certs: &Arc<CertStore>,
+    tokens: &Arc<Http01Tokens>,
+) -> Result<String, AcmeError> {
+    tracing::info!(host, "ordering an ACME certificate");
+    let identifiers = [Identifier::Dns(host.to_owned())];
+    let mut order = account
+        .new_order(&NewOrder::new(&identifiers))
+        .await
+        .map_err(protocol("creating the ACME order"))?;
+    // Published until the order is done, whatever the outcome.
+    let mut published = Vec::new();
+    {
+        let mut authorizations = order.authorizations();
+        while let Some(authorization) = authorizations.next().await {
+            let mut authorization =
+                authorization.map_err(protocol("fetching the ACME authorization"))?;
+            match authorization.status {
+                AuthorizationStatus::Valid => continue,
+                AuthorizationStatus::Pending => {}
+                other => {
+                    return Err(AcmeError::Invalid {
+                        host: host.to_owned(),
+                        reason: format!("authorization is {other:?}"),
+                    });
+                }
+            }
+            let mut challenge =
+                authorization
+                    .challenge(ChallengeType::Http01)
+                    .ok_or_else(|| AcmeError::NoHttp01 {
+                        host: host.to_owned(),
+                    })?;
+            published.push(tokens.publish(
+                challenge.token.clone(),
+                challenge.key_authorization().as_str().to_owned(),
+            ));
+            challenge
+                .set_ready()
+                .await
+                .map_err(protocol("telling the ACME server the challenge is ready"))?;
+        }
+    }
+    let status = order
+        .poll_ready(&ORDER_POLL)
+        .await
+        .map_err(protocol("waiting for the ACME validation"))?;
+    if status != OrderStatus::Ready {
+        return Err(AcmeError::Invalid {
+            host: host.to_owned(),
+            reason: challenge_problems(&mut order)
+                .await
+                .unwrap_or_else(|| format!("order is {status:?}")),
+        });
+    }
+    let key_pem = order
+        .finalize()
+        .await
+        .map_err(protocol("finalizing the ACME order"))?;
+    let cert_pem = order
+        .poll_certificate(&ORDER_POLL)
+        .await
+        .map_err(protocol("downloading the ACME certificate"))?;
+    drop(published);
+    let host = Host::parse(host).map_err(|e| AcmeError::Invalid {
+        host: host.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let certs = Arc::clone(certs);
+    let stored = tokio::task::spawn_blocking(move || {
+        certs.set(
+            &host,
+            cert_pem.as_bytes(),
+            key_pem.as_bytes(),
+            CertSource::Acme,
+        )
+    })
+    .await
+    .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?;
+    Ok(stored.not_after)
+}
+
+/// The servers' explanations of failed challenges of an order, if it gave any.
+async fn challenge_problems(order: &mut instant_acme::Order) -> Option<String> {
+    let mut problems = Vec::new();
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(mut authorization)) = authorizations.next().await {
+        if authorization.refresh().await.is_err() {
+            continue;
+        }
+        problems.extend(
+            authorization
+                .challenges
+                .iter()
+                .filter_map(|c| c.error.as_ref().map(ToString::to_string)),
+        );
+    }
+    (!problems.is_empty()).then(|| problems.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_withdrawn_when_the_order_ends() {
+        let tokens = Arc::new(Http01Tokens::default());
+        let guard = tokens.publish("tok".into(), "tok.thumb".into());
+        assert_eq!(
+            tokens.key_authorization("tok").as_deref(),
+            Some("tok.thumb")
+        );
+        assert_eq!(tokens.key_authorization("other"), None);
+        drop(guard);
+        assert_eq!(tokens.key_authorization("tok"), None);
+    }
+
+    #[test]
+    fn renewal_is_30_days_or_a_third_of_the_lifetime() {
+        let now = SystemTime::now();
+        let day = Duration::from_secs(24 * 3600);
+        let long = StoredCert {
+            source: CertSource::Acme,
+            not_before: now,
+            not_after: now + 90 * day,
+        };
+        assert_eq!(renewal_time(&long), now + 60 * day);
+        let year = StoredCert {
+            not_after: now + 365 * day,
+            ..long
+        };
+        assert_eq!(renewal_time(&year), now + 335 * day);
+        let short = StoredCert {
+            not_after: now + 6 * day,
+            ..long
+        };
+        assert_eq!(renewal_time(&short), now + 4 * day);
+    }
+}

@@ -1,0 +1,64 @@
+//! Sandboxes: each service instance runs its command in its own network namespace behind the
+//! agent's bridge, and the ready ones become the service's endpoints.
+//!
+//! - [`ipam`]: persisted address allocation from `--sandbox-subnet`.
+//! - [`net`]: the bridge and the per-instance namespace and veth (iproute2).
+//! - [`instance`]: the process, its log and its stop.
+//! - [`dns`]: the resolver on the bridge address (`<service>.app.miren` within an app).
+//! - [`runner`]: one supervisor per service (fixed or auto concurrency, readiness, restarts,
+//!   rolling replacement) and the endpoints it publishes.
+
+pub mod dns;
+pub mod instance;
+pub mod ipam;
+pub mod net;
+pub mod runner;
+
+use std::path::PathBuf;
+
+/// Errors of the sandbox runner.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// `--sandbox-subnet` is not usable.
+    #[error(
+        "sandbox subnet \"{0}\" is not an IPv4 CIDR with a prefix from /8 to /30, e.g. 10.88.0.0/16"
+    )]
+    Subnet(String),
+    /// Every address of the subnet is taken.
+    #[error("no free sandbox address left in the /{0} subnet; pass a larger --sandbox-subnet")]
+    SubnetFull(u8),
+    /// An `ip` command failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// A file or process operation failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SandboxError {
+    pub(crate) fn io(op: String, source: std::io::Error) -> Self {
+        Self::Io { op, source }
+    }
+}
+
+/// Where sandboxes live.
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    /// Bridge name (`--sandbox-bridge`).
+    pub bridge: String,
+    /// Address range (`--sandbox-subnet`); its first address is the bridge's.
+    pub subnet: ipam::Subnet,
+    /// `<state-dir>/sandbox`: addresses, logs, default app directories.
+    pub state_dir: PathBuf,
+}

@@ -1,0 +1,306 @@
+//! ACME against a real Pebble (Debian package `pebble`), all inside a network namespace this
+//! test creates: pebble (its HTTPS directory on a certificate from a CA made here, trusted by
+//! the agent through `--acme-ca-file`), pebble-challtestsrv as pebble's DNS resolving every
+//! name to 127.0.0.1, and the agent with its HTTP listener on pebble's `httpPort` (80).
+//!
+//! - `acme_http01_certificate_issued_and_served`: pebble validates HTTP-01 against the agent's
+//!   ingress; the issued certificate is served on the next handshake to --https-addr (leaf SAN
+//!   and pebble's issuer checked with a rustls client) and the unrouted host still gets the
+//!   fallback. Needs the ingress core (HTTP listener answering the challenge, TLS listener on
+//!   `CertStore::resolver()`).
+//! - `acme_orders_routed_hosts_only_and_reuses_its_account`: pebble with
+//!   `PEBBLE_VA_ALWAYS_VALID=1` (no challenge fetch), so it exercises the ACME client alone:
+//!   the routed host gets an `acme` certificate, the unrouted one is never ordered, and a
+//!   restarted agent reuses its stored account.
+//!
+//! Root is needed for the namespace. A missing pebble binary fails the test with the reason.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use miren_agent::api::types::{CertInfo, CertSource};
+use miren_tests::{
+    process::{AgentProcess, TempDir, binary},
+    tls::{TestCa, served_leaf},
+    topology::{ChildGuard, Netns},
+};
+
+const PEBBLE: &str = "/usr/bin/pebble";
+const CHALLTESTSRV: &str = "/usr/bin/pebble-challtestsrv";
+const DIRECTORY: &str = "https://127.0.0.1:14000/dir";
+const ROUTED: &str = "app.example.com";
+const UNROUTED: &str = "other.example.com";
+const HTTPS: &str = "127.0.0.1:443";
+
+const APP: &str = "name = \"web\"\n\n[services.web]\ncommand = \"./web\"\nport = 3000\n";
+
+/// Pebble, its DNS and the agent in one namespace.
+struct AcmeWorld {
+    // Field order is drop order: processes before the namespace.
+    agent: Option<AgentProcess>,
+    _pebble: ChildGuard,
+    _dns: ChildGuard,
+    netns: Netns,
+    dir: TempDir,
+}
+
+impl AcmeWorld {
+    /// Starts pebble (with `pebble_env`) and its DNS in a new namespace, then the agent.
+    fn new(tag: &str, pebble_env: &[(&str, &str)]) -> Self {
+        for tool in [PEBBLE, CHALLTESTSRV] {
+            assert!(
+                Path::new(tool).is_file(),
+                "{tool} is missing: this test needs the Debian package `pebble` (cargo xtask setup installs it)"
+            );
+        }
+        let dir = TempDir::new(tag);
+        let netns = Netns::new(tag).expect("create the test namespace (run as root)");
+
+        // Pebble serves its directory over HTTPS with a certificate from a CA made here.
+        let ca = TestCa::new("miren test ACME server CA");
+        let pebble_cert = ca.issue(&["127.0.0.1", "localhost"]);
+        std::fs::write(dir.path().join("acme-ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("pebble.crt"), &pebble_cert.cert).unwrap();
+        std::fs::write(dir.path().join("pebble.key"), &pebble_cert.key).unwrap();
+        let config = serde_json::json!({
+            "pebble": {
+                "listenAddress": "127.0.0.1:14000",
+                "managementListenAddress": "127.0.0.1:15000",
+                "certificate": dir.path().join("pebble.crt"),
+                "privateKey": dir.path().join("pebble.key"),
+                "httpPort": 80,
+                "tlsPort": 5001,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false,
+            }
+        });
+        std::fs::write(
+            dir.path().join("pebble.json"),
+            serde_json::to_vec_pretty(&config).unwrap(),
+        )
+        .unwrap();
+
+        let log = |name: &str| {
+            Stdio::from(std::fs::File::create(dir.path().join(name)).expect("create log"))
+        };
+        let mut dns = netns.command(CHALLTESTSRV);
+        dns.args([
+            "-dns01",
+            "127.0.0.1:8053",
+            "-defaultIPv4",
+            "127.0.0.1",
+            "-defaultIPv6",
+            "",
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+            "-management",
+            "127.0.0.1:8055",
+        ])
+        .stdout(log("challtestsrv.log"))
+        .stderr(log("challtestsrv.err"));
+        let dns = netns.spawn(&mut dns).expect("start pebble-challtestsrv");
+        let mut pebble = netns.command(PEBBLE);
+        pebble
+            .arg("-config")
+            .arg(dir.path().join("pebble.json"))
+            .args(["-dnsserver", "127.0.0.1:8053"])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .envs(pebble_env.iter().copied())
+            .stdout(log("pebble.log"))
+            .stderr(log("pebble.err"));
+        let pebble = netns.spawn(&mut pebble).expect("start pebble");
+
+        let mut world = Self {
+            agent: None,
+            _pebble: pebble,
+            _dns: dns,
+            netns,
+            dir,
+        };
+        world.wait_for_port("127.0.0.1:14000".parse().unwrap(), "pebble");
+        world.wait_for_port("127.0.0.1:8055".parse().unwrap(), "pebble-challtestsrv");
+        world.start_agent();
+        world
+    }
+
+    fn start_agent(&mut self) {
+        let socket = self.dir.path().join("agent.sock");
+        let mut command = self.netns.command(binary("miren-agent").to_str().unwrap());
+        command
+            .args(["run", "--config", "/dev/null", "--no-sandboxes"])
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--api-socket")
+            .arg(&socket)
+            .args([
+                "--http-addr",
+                "127.0.0.1:80",
+                "--https-addr",
+                HTTPS,
+                "--metrics-addr",
+                "127.0.0.1:9464",
+                "--acme-directory",
+                DIRECTORY,
+                "--acme-email",
+                "ops@example.com",
+            ])
+            .arg("--acme-ca-file")
+            .arg(self.dir.path().join("acme-ca.pem"))
+            .env("RUST_LOG", "info");
+        self.agent = None;
+        self.agent = Some(AgentProcess::start(
+            command,
+            &socket,
+            &self.dir.path().join("agent.log"),
+        ));
+    }
+
+    fn agent(&self) -> &AgentProcess {
+        self.agent.as_ref().expect("agent running")
+    }
+
+    /// The logs of everything, for failure messages.
+    fn logs(&self) -> String {
+        ["agent.log", "pebble.log", "pebble.err", "challtestsrv.err"]
+            .iter()
+            .map(|name| {
+                let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+                format!("--- {name} ---\n{text}")
+            })
+            .collect()
+    }
+
+    fn wait_for_port(&self, addr: SocketAddr, what: &str) {
+        let up = self
+            .netns
+            .run(|| {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < deadline {
+                    if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                false
+            })
+            .unwrap();
+        assert!(
+            up,
+            "{what} did not listen on {addr} within 20 s\n{}",
+            self.logs()
+        );
+    }
+
+    /// Deploys a one-service app and routes ROUTED to it.
+    fn route(&self) {
+        let app_dir = self.dir.path().join("app");
+        std::fs::create_dir_all(app_dir.join(".miren")).unwrap();
+        std::fs::write(app_dir.join(".miren/app.toml"), APP).unwrap();
+        let out = self.agent().miren(&["deploy", app_dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        let out = self.agent().miren(&["route", "set", ROUTED, "web"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    fn certs(&self) -> Vec<CertInfo> {
+        let out = self.agent().miren(&["--output", "json", "cert", "list"]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Waits up to 60 s for an ACME certificate for ROUTED.
+    fn wait_for_acme_cert(&self) -> CertInfo {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(info) = self.certs().into_iter().find(|c| c.host == ROUTED) {
+                return info;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no ACME certificate for {ROUTED} within 60 s\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn agent_log(&self) -> String {
+        self.agent().log_text()
+    }
+
+    fn account_file(&self) -> PathBuf {
+        self.dir.path().join("state/acme/account.json")
+    }
+}
+
+fn assert_only_routed(world: &AcmeWorld, info: &CertInfo) {
+    assert_eq!(info.source, CertSource::Acme);
+    assert_eq!(info.sans, [ROUTED]);
+    let hosts: Vec<String> = world.certs().into_iter().map(|c| c.host).collect();
+    assert_eq!(hosts, [ROUTED], "only the routed host has a certificate");
+    let log = world.agent_log();
+    assert!(
+        !log.contains(UNROUTED),
+        "the unrouted host was mentioned (requested?):\n{log}"
+    );
+}
+
+#[test]
+fn acme_orders_routed_hosts_only_and_reuses_its_account() {
+    let mut world = AcmeWorld::new("acme-client", &[("PEBBLE_VA_ALWAYS_VALID", "1")]);
+    world.route();
+    let info = world.wait_for_acme_cert();
+    assert_only_routed(&world, &info);
+    let account = std::fs::read(world.account_file()).expect("account stored");
+    let log = world.agent_log();
+    assert!(log.contains("ACME certificate issued"), "{log}");
+
+    // A restart keeps the certificate and the account: nothing new is ordered or created.
+    world.start_agent();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !world.agent_log().contains("ACME account ready") {
+        assert!(Instant::now() < deadline, "{}", world.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(world.certs(), vec![info]);
+    assert_eq!(std::fs::read(world.account_file()).unwrap(), account);
+    std::thread::sleep(Duration::from_secs(1));
+    let log = world.agent_log();
+    assert!(!log.contains("ordering an ACME certificate"), "{log}");
+}
+
+#[test]
+fn acme_http01_certificate_issued_and_served() {
+    let world = AcmeWorld::new("acme-http01", &[]);
+    world.route();
+    let info = world.wait_for_acme_cert();
+    assert_only_routed(&world, &info);
+
+    let https: SocketAddr = HTTPS.parse().unwrap();
+    let (routed, unrouted) = world
+        .netns
+        .run(|| (served_leaf(https, ROUTED), served_leaf(https, UNROUTED)))
+        .unwrap();
+    let routed = routed.unwrap_or_else(|e| panic!("handshake for {ROUTED}: {e}\n{}", world.logs()));
+    assert_eq!(routed.dns_names, [ROUTED]);
+    assert!(
+        routed.issuer.contains("Pebble Intermediate CA"),
+        "issuer {}",
+        routed.issuer
+    );
+    assert!(routed.chain_len >= 2, "the intermediate is sent too");
+    let unrouted = unrouted.unwrap_or_else(|e| panic!("handshake for {UNROUTED}: {e}"));
+    assert!(
+        !unrouted.dns_names.contains(&UNROUTED.to_owned()) && !unrouted.issuer.contains("Pebble"),
+        "{unrouted:?}"
+    );
+}

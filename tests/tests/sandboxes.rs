@@ -1,0 +1,444 @@
+//! The agent running apps by itself: instances in their own namespaces behind its bridge,
+//! reached through a node port (XDP) and a route, restarted when killed, started from zero by
+//! the first HTTP requests and stopped when idle, resolving each other by name within an app,
+//! and kept across a redeploy that does not change them. Real agent, CLI, processes, clients.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use miren_agent::api::types::AppDetail;
+use miren_tests::{
+    ingress::ok,
+    process::AgentProcess,
+    world::{NODE_IP, Plane, World, wait_for_status_ok},
+};
+
+/// A UDP echo server answering `ADDR MESSAGE`, and an HTTP server answering its address.
+const ECHO_PY: &str = r#"import os, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(os.environ["PORT"])))
+print("echo listening on", os.environ["MIREN_ADDR"], flush=True)
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(os.environ["MIREN_ADDR"].encode() + b" " + data, peer)
+"#;
+const WEB_PY: &str = r#"import os, http.server
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = os.environ["MIREN_ADDR"].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+print("web listening", flush=True)
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// Writes app `name` (app.toml plus the two scripts) and deploys it.
+fn deploy(world: &World, agent: &AgentProcess, name: &str, toml: &str) {
+    let dir = world.dir().join(name);
+    std::fs::create_dir_all(dir.join(".miren")).unwrap();
+    std::fs::write(dir.join(".miren/app.toml"), toml).unwrap();
+    std::fs::write(dir.join("echo.py"), ECHO_PY).unwrap();
+    std::fs::write(dir.join("web.py"), WEB_PY).unwrap();
+    ok(agent, &["deploy", dir.to_str().unwrap()]);
+}
+
+/// Endpoint addresses of `app`'s `service` port `port_name`.
+fn endpoints(agent: &AgentProcess, app: &str, service: &str, port_name: &str) -> Vec<SocketAddr> {
+    let text = ok(agent, &["endpoints", app, service, "--output", "json"]);
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let list = value[0]["endpoints"][port_name]
+        .as_array()
+        .cloned()
+        .or_else(|| value["endpoints"][port_name].as_array().cloned())
+        .unwrap_or_default();
+    list.iter()
+        .filter_map(|v| v.as_str()?.parse().ok())
+        .collect()
+}
+
+/// Waits up to 30 s until `check` holds.
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn app_detail(agent: &AgentProcess, app: &str) -> AppDetail {
+    serde_json::from_str(&ok(agent, &["app", "show", app, "--output", "json"])).unwrap()
+}
+
+/// The namespace of `agent`'s sandbox with address `ip` (namespaces are `miren-sPIDxN`).
+fn sandbox_netns(agent: &AgentProcess, ip: &str) -> String {
+    let prefix = format!("miren-s{:x}x", agent.pid());
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| name.starts_with(&prefix))
+        .find(|name| {
+            let addrs = Command::new("ip")
+                .args(["-n", name, "-4", "addr", "show", "eth0"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&addrs.stdout).contains(&format!("inet {ip}/"))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no sandbox namespace holds {ip}"))
+}
+
+/// One UDP round trip through the node port from a fresh client socket: (reply source, the
+/// instance address that answered).
+fn udp_round_trip(world: &World, socket: &UdpSocket) -> (SocketAddr, String) {
+    let _ = world;
+    socket.send(b"ping").unwrap();
+    let mut buf = [0u8; 256];
+    let (n, from) = socket.recv_from(&mut buf).expect("echo reply");
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let (addr, message) = text.split_once(' ').unwrap();
+    assert_eq!(message, "ping");
+    (from, addr.to_owned())
+}
+
+fn client_socket(world: &World) -> UdpSocket {
+    let socket = world
+        .client
+        .run(|| UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    socket
+        .connect((NODE_IP, 7000))
+        .expect("connect to the node port");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    socket
+}
+
+/// GET / with `host` from the client through the node's ingress: (status, body).
+fn http_get(world: &World, host: &str) -> (u16, String) {
+    let mut stream = world
+        .client
+        .run(|| TcpStream::connect((NODE_IP, 80)))
+        .unwrap()
+        .expect("connect to the ingress");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+const GAME: &str = r#"name = "game"
+[services.udp]
+command = "exec python3 echo.py"
+[services.udp.concurrency]
+mode = "fixed"
+num_instances = 2
+[[services.udp.ports]]
+name = "game"
+port = 9000
+type = "udp"
+node_port = 7000
+
+[services.web]
+command = "exec python3 web.py"
+port = 8080
+[services.web.concurrency]
+mode = "fixed"
+num_instances = 1
+"#;
+
+#[test]
+fn deployed_instances_serve_node_port_and_route_and_are_restarted_when_killed() {
+    let world = World::new(0);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    deploy(&world, &agent, "game", GAME);
+    ok(
+        &agent,
+        &[
+            "route",
+            "set",
+            "game.example.com",
+            "game",
+            "--service",
+            "web",
+        ],
+    );
+    wait_until("2 udp and 1 web endpoints", || {
+        endpoints(&agent, "game", "udp", "game").len() == 2
+            && endpoints(&agent, "game", "web", "http").len() == 1
+    });
+    wait_for_status_ok(&agent);
+    let udp = endpoints(&agent, "game", "udp", "game");
+
+    // Node port: replies come from the node address; flows spread over both instances.
+    let mut answered: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..16 {
+        let socket = client_socket(&world);
+        let (from, instance) = udp_round_trip(&world, &socket);
+        assert_eq!(from, format!("{NODE_IP}:7000").parse().unwrap());
+        *answered.entry(instance).or_default() += 1;
+    }
+    let expected: Vec<String> = udp.iter().map(|a| a.ip().to_string()).collect();
+    assert_eq!(
+        answered.keys().cloned().collect::<Vec<_>>(),
+        expected,
+        "{answered:?}"
+    );
+
+    // Route: the web instance answers through the ingress.
+    let web = endpoints(&agent, "game", "web", "http")[0];
+    assert_eq!(
+        http_get(&world, "game.example.com"),
+        (200, web.ip().to_string())
+    );
+
+    // Kill one udp instance: it is replaced, endpoints follow, traffic continues.
+    let victim = udp[0].ip().to_string();
+    let netns = sandbox_netns(&agent, &victim);
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &netns])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+    wait_until("a restarted instance", || {
+        let now = endpoints(&agent, "game", "udp", "game");
+        now.len() == 2
+            && !now.contains(&udp[0])
+            && app_detail(&agent, "game").services[0]
+                .instances
+                .as_ref()
+                .is_some_and(|i| i.restarts >= 1)
+    });
+    wait_for_status_ok(&agent);
+    for _ in 0..8 {
+        let socket = client_socket(&world);
+        let (from, _) = udp_round_trip(&world, &socket);
+        assert_eq!(from.ip().to_string(), NODE_IP);
+    }
+    let show = ok(&agent, &["app", "show", "game"]);
+    assert!(
+        show.contains("instances: 2 running, 2 ready, 1 restarts"),
+        "{show}"
+    );
+    let logs = ok(&agent, &["logs", "game", "--service", "udp"]);
+    assert!(logs.matches("echo listening on").count() >= 3, "{logs}");
+}
+
+#[test]
+fn first_requests_start_one_instance_and_idle_scales_to_zero() {
+    let world = World::new(0);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    deploy(
+        &world,
+        &agent,
+        "lazy",
+        r#"name = "lazy"
+[services.web]
+command = "sleep 1; exec python3 web.py"
+port = 8080
+[services.web.concurrency]
+mode = "auto"
+requests_per_instance = 100
+scale_down_delay = "3s"
+"#,
+    );
+    ok(&agent, &["route", "set", "lazy.example.com", "lazy"]);
+    assert!(endpoints(&agent, "lazy", "web", "http").is_empty());
+
+    let world = std::sync::Arc::new(world);
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let world = world.clone();
+            std::thread::spawn(move || http_get(&world, "lazy.example.com"))
+        })
+        .collect();
+    let results: Vec<(u16, String)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let instance = endpoints(&agent, "lazy", "web", "http")[0].ip().to_string();
+    for result in &results {
+        assert_eq!(result, &(200, instance.clone()));
+    }
+    let log = agent.log_text();
+    assert_eq!(log.matches("instance started").count(), 1, "{log}");
+
+    wait_until("scale down to zero", || {
+        endpoints(&agent, "lazy", "web", "http").is_empty()
+            && app_detail(&agent, "lazy").services[0]
+                .instances
+                .as_ref()
+                .is_some_and(|i| i.running == 0)
+    });
+    assert!(agent.log_text().contains("idle; scaling down"));
+}
+
+#[test]
+fn dns_answers_within_the_app_and_not_across_apps() {
+    let world = World::new(0);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    let two_services = |name: &str| {
+        format!(
+            "name = \"{name}\"\n[services.web]\ncommand = \"exec python3 web.py\"\nport = 8080\n\
+             [services.web.concurrency]\nmode = \"fixed\"\nnum_instances = 1\n\
+             [services.api]\ncommand = \"exec python3 web.py\"\nport = 8081\n\
+             [services.api.concurrency]\nmode = \"fixed\"\nnum_instances = 1\n"
+        )
+    };
+    deploy(&world, &agent, "alpha", &two_services("alpha"));
+    deploy(
+        &world,
+        &agent,
+        "beta",
+        "name = \"beta\"\n[services.web]\ncommand = \"exec python3 web.py\"\nport = 8080\n\
+         [services.web.concurrency]\nmode = \"fixed\"\nnum_instances = 1\n",
+    );
+    wait_until("all endpoints", || {
+        endpoints(&agent, "alpha", "web", "http").len() == 1
+            && endpoints(&agent, "alpha", "api", "http").len() == 1
+            && endpoints(&agent, "beta", "web", "http").len() == 1
+    });
+    let ip = |app: &str, service: &str| endpoints(&agent, app, service, "http")[0].ip().to_string();
+    let resolve = |from_ip: &str, name: &str| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &sandbox_netns(&agent, from_ip),
+                "getent",
+                "hosts",
+                name,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .map(str::to_owned)
+    };
+    let alpha_web = ip("alpha", "web");
+    let beta_web = ip("beta", "web");
+    assert_eq!(
+        resolve(&alpha_web, "api.app.miren"),
+        Some(ip("alpha", "api"))
+    );
+    assert_eq!(
+        resolve(&alpha_web, "web.app.miren"),
+        Some(alpha_web.clone())
+    );
+    assert_eq!(resolve(&beta_web, "web.app.miren"), Some(beta_web.clone()));
+    assert_eq!(
+        resolve(&beta_web, "api.app.miren"),
+        None,
+        "beta must not see alpha's api"
+    );
+}
+
+#[test]
+fn redeploy_keeps_established_flows_to_instances_it_does_not_replace() {
+    let world = World::new(0);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    deploy(&world, &agent, "game", GAME);
+    wait_until("2 udp endpoints", || {
+        endpoints(&agent, "game", "udp", "game").len() == 2
+            && endpoints(&agent, "game", "web", "http").len() == 1
+    });
+    wait_for_status_ok(&agent);
+    let sockets: Vec<UdpSocket> = (0..8).map(|_| client_socket(&world)).collect();
+    let before: Vec<String> = sockets
+        .iter()
+        .map(|s| udp_round_trip(&world, s).1)
+        .collect();
+    let web_before = endpoints(&agent, "game", "web", "http");
+
+    // Change only the web service: its instance is replaced, the udp ones stay.
+    let changed = GAME.replace(
+        "command = \"exec python3 web.py\"",
+        "command = \"exec python3 web.py\"\nenv = [{ key = \"COLOR\", value = \"blue\" }]",
+    );
+    deploy(&world, &agent, "game", &changed);
+    wait_until("the web instance replaced", || {
+        let now = endpoints(&agent, "game", "web", "http");
+        now.len() == 1 && now != web_before
+    });
+    let after: Vec<String> = sockets
+        .iter()
+        .map(|s| udp_round_trip(&world, s).1)
+        .collect();
+    assert_eq!(before, after, "established flows moved");
+}
+
+#[test]
+fn a_restarted_agent_removes_what_a_killed_one_left_behind() {
+    let world = World::new(0);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    deploy(&world, &agent, "game", GAME);
+    wait_until("endpoints", || {
+        endpoints(&agent, "game", "udp", "game").len() == 2
+    });
+    let old: Vec<(String, Vec<String>)> = endpoints(&agent, "game", "udp", "game")
+        .iter()
+        .map(|addr| {
+            let netns = sandbox_netns(&agent, &addr.ip().to_string());
+            let pids = Command::new("ip")
+                .args(["netns", "pids", &netns])
+                .output()
+                .unwrap();
+            let pids = String::from_utf8_lossy(&pids.stdout)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            (netns, pids)
+        })
+        .collect();
+    agent.kill9();
+
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp);
+    wait_until("new endpoints", || {
+        endpoints(&agent, "game", "udp", "game").len() == 2
+    });
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    for (netns, pids) in &old {
+        assert!(!namespaces.contains(netns.as_str()), "{netns} left behind");
+        for pid in pids {
+            // Gone, or a zombie waiting for init to reap it.
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let running = state
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'));
+            assert!(!running, "process {pid} of {netns} still runs: {state}");
+        }
+    }
+    assert!(
+        agent
+            .log_text()
+            .contains("removed a sandbox left by an earlier agent")
+    );
+}
