@@ -374,7 +374,7 @@ fn print_table(rows: &[(&Row, &Row)]) {
 }
 
 /// The real agent on loopback listeners, pinned to [`PROXY_CPU`], without a node-port data
-/// plane; killed on drop.
+/// plane or sandboxes; killed on drop.
 #[derive(Debug)]
 struct Agent {
     process: AgentProcess,
@@ -402,7 +402,9 @@ impl Agent {
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .arg("--api-socket")
-            .arg(&socket);
+            .arg(&socket)
+            // Endpoints come from the benchmark through the API, not from sandboxes.
+            .arg("--no-sandboxes");
         let process = AgentProcess::start(command, &socket, &dir.path().join("agent.log"));
         Ok(Self {
             process,
@@ -422,6 +424,7 @@ impl Agent {
             .deploy(&DeployRequest {
                 source_name: "bench/.miren/app.toml".into(),
                 toml: APP.into(),
+                directory: None,
             })
             .context("deploying the bench app")?;
         self.api
