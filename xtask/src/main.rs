@@ -64,15 +64,7 @@ fn main() -> Result<()> {
                 // The whole product end to end: the demo's showcase fails on any wrong step.
                 cmd::cargo(
                     &root,
-                    &[
-                        "run",
-                        "--package",
-                        "miren-tests",
-                        "--bin",
-                        "miren-demo",
-                        "--",
-                        "--once",
-                    ],
+                    &["run", "--package", "miren-tests", "--bin", "miren-demo", "--", "--once"],
                 )?;
             }
             Ok(())
