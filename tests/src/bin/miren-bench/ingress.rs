@@ -52,6 +52,8 @@ const WARMUP: Load = Load {
 const HOST: &str = "app.bench.test";
 /// Routes besides [`HOST`] in the 10,000-route rows.
 const EXTRA_ROUTES: usize = 9_999;
+/// Route creation time is reported per this many routes.
+const ROUTE_BATCH: usize = 1000;
 /// Whether nginx writes an access log line per request (to a file), like the agent's
 /// per-request access log at its default log level.
 const NGINX_ACCESS_LOG: bool = true;
@@ -106,24 +108,8 @@ pub fn run() -> Result<()> {
     let many: Vec<String> = std::iter::once(HOST.to_owned())
         .chain((0..EXTRA_ROUTES).map(|i| format!("r{i}.bench.test")))
         .collect();
-    let mut nginx_rows = Vec::new();
-    for (label, hosts) in [("nginx, 1 route", &one), ("nginx, 10,000 routes", &many)] {
-        let listen = free_addr()?;
-        let started = Instant::now();
-        let nginx = Nginx::start(
-            &NginxConfig {
-                listen,
-                backend: backend.addr(),
-                hosts,
-                workers: 1,
-                access_log: NGINX_ACCESS_LOG,
-            },
-            PROXY_CPU,
-        )?;
-        eprintln!("{label}: nginx started in {:.2?}", started.elapsed());
-        check_routing("nginx", listen)?;
-        nginx_rows.push(measure(label, listen, &nginx.pids(), &backend)?);
-    }
+    let nginx_one = measure_nginx("nginx, 1 route", &one, &backend)?;
+    let nginx_many = measure_nginx("nginx, 10,000 routes", &many, &backend)?;
 
     let agent = Agent::start()?;
     agent.deploy(backend.addr())?;
@@ -132,17 +118,17 @@ pub fn run() -> Result<()> {
     check_routing("the ingress", agent.http)?;
     let ingress_one = measure("ingress, 1 route", agent.http, &[agent.pid()], &backend)?;
     let started = Instant::now();
-    let mut thousand = Instant::now();
-    for (i, host) in many[1..].iter().enumerate() {
+    let mut batch_started = Instant::now();
+    for (i, host) in many.iter().enumerate().skip(1) {
         agent.route(host)?;
-        if (i + 1) % 1000 == 0 {
+        let routes = i + 1;
+        if routes % ROUTE_BATCH == 1 {
             eprintln!(
-                "routes {}..{}: {:.2} ms per route",
-                i + 2 - 1000,
-                i + 2,
-                thousand.elapsed().as_secs_f64()
+                "routes {}–{routes}: {:.2} ms per route",
+                routes + 1 - ROUTE_BATCH,
+                batch_started.elapsed().as_secs_f64() * 1000.0 / ROUTE_BATCH as f64
             );
-            thousand = Instant::now();
+            batch_started = Instant::now();
         }
     }
     let routes_took = started.elapsed();
@@ -156,8 +142,6 @@ pub fn run() -> Result<()> {
     let (_, agent_threads) = load::memory(agent.pid())?;
 
     print_method(cpus, agent_threads, routes_took);
-    let [nginx_one, nginx_many] =
-        <[Row; 2]>::try_from(nginx_rows).map_err(|_| anyhow::anyhow!("expected two nginx rows"))?;
     print_table(&[
         (&nginx_one, &nginx_one),
         (&ingress_one, &nginx_one),
@@ -166,6 +150,25 @@ pub fn run() -> Result<()> {
         (&direct, &nginx_one),
     ]);
     Ok(())
+}
+
+/// Starts nginx routing `hosts` to `backend`, checks its routing and measures it.
+fn measure_nginx(label: &'static str, hosts: &[String], backend: &Backend) -> Result<Row> {
+    let listen = free_addr()?;
+    let started = Instant::now();
+    let nginx = Nginx::start(
+        &NginxConfig {
+            listen,
+            backend: backend.addr(),
+            hosts,
+            workers: 1,
+            access_log: NGINX_ACCESS_LOG,
+        },
+        PROXY_CPU,
+    )?;
+    eprintln!("{label}: nginx started in {:.2?}", started.elapsed());
+    check_routing("nginx", listen)?;
+    measure(label, listen, &nginx.pids(), backend)
 }
 
 /// Fails with the package to install when nginx, wrk or taskset is missing.
