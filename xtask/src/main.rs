@@ -29,9 +29,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build in release mode, then run a benchmark (`dataplane`).
+    /// Set up, build in release mode, then run a benchmark (`dataplane` or `ingress`).
     Bench {
         /// Which benchmark.
+        #[arg(default_value = "dataplane")]
         name: String,
     },
     /// Set up, build, then run the demo in network namespaces it creates.

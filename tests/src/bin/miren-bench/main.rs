@@ -11,7 +11,10 @@
 //! 3. Update latency (see `update_latency.rs`): from an endpoint change sent to the real agent
 //!    until new flows reach the new endpoint, with 1 and with 10,000 node ports configured,
 //!    for both data planes.
+//!
+//! `cargo xtask bench ingress` (see `ingress.rs`): the HTTP ingress against nginx.
 
+mod ingress;
 mod update_latency;
 
 use std::{
@@ -45,11 +48,12 @@ const SANDBOX_IP: Ipv4Addr = Ipv4Addr::new(10, 89, 0, 2);
 
 fn main() -> Result<()> {
     match std::env::args().nth(1).as_deref() {
-        Some("dataplane") => {
+        None | Some("dataplane") => {
             dataplane()?;
             update_latency::run()
         }
-        other => bail!("unknown benchmark {other:?}; available: dataplane"),
+        Some("ingress") => ingress::run(),
+        Some(other) => bail!("unknown benchmark {other:?}; available: dataplane, ingress"),
     }
 }
 
