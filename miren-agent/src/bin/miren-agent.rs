@@ -19,10 +19,17 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Log lines (one per HTTP request among them) are written by a thread of their own, so
+    // the proxy's workers never wait on stderr; colour only on a terminal.
+    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer)
         .init();
     let Command::Run(flags) = Cli::parse().command;
     miren_agent::agent::run(flags.resolve()?).await?;

@@ -57,7 +57,12 @@ pub struct HeadGuard {
     requests: AtomicU64,
     /// A rejection being written: the response and how much of it is out.
     rejecting: Option<(&'static [u8], usize)>,
+    /// Response bytes not yet written to `inner`.
+    write_buf: Vec<u8>,
 }
+
+/// Writes smaller than this are gathered until a flush.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 const TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 38\r\nConnection: close\r\n\r\nrequest head not received in time\r\n\r\n";
 const TOO_LARGE_RESPONSE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 29\r\nConnection: close\r\n\r\nrequest header is too large\r\n";
@@ -76,7 +81,20 @@ impl HeadGuard {
             rearmed: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             rejecting: None,
+            write_buf: Vec::new(),
         }
+    }
+
+    /// Writes out everything buffered.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.write_buf.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.write_buf))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.write_buf.drain(..n);
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Called before each HTTP/1 request on this connection: from the second one on, the
@@ -179,38 +197,41 @@ impl AsyncRead for HeadGuard {
 }
 
 impl AsyncWrite for HeadGuard {
+    /// Buffers small writes (a response head and a short body go out in one segment and one
+    /// TLS record); Pingora flushes at the end of each response.
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.write_buf.len() + buf.len() > WRITE_BUFFER {
+            ready!(this.poll_drain(cx))?;
+        }
+        if buf.len() >= WRITE_BUFFER {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        this.write_buf.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
 #[async_trait]
 impl Shutdown for HeadGuard {
     async fn shutdown(&mut self) {
+        let _ = tokio::io::AsyncWriteExt::flush(self).await;
         self.inner.shutdown().await;
     }
 }

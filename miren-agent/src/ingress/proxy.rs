@@ -168,6 +168,10 @@ fn error_kind(error: &Error) -> &'static str {
 impl ProxyHttp for MirenProxy {
     type CTX = RequestCtx;
 
+    /// No downstream modules: Pingora's default adds a (disabled) compression module that
+    /// still costs allocations on every request.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
