@@ -151,6 +151,18 @@ fn new_request_id() -> String {
     format!("{:016x}", x ^ (x >> 31))
 }
 
+/// An optional access-log field: the value, or `-`.
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(value) => value.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// The metric label of an upstream failure.
 fn error_kind(error: &Error) -> &'static str {
     match error.etype() {
@@ -442,18 +454,19 @@ impl ProxyHttp for MirenProxy {
             .metrics
             .observe_http_request(app, service, code, elapsed);
         let req = session.req_header();
+        // Fields are formatted straight into the line (no intermediate Strings).
         tracing::info!(
             target: "miren::access",
             request_id = %ctx.request_id,
-            client = %session.client_addr().map(ToString::to_string).unwrap_or_default(),
+            client = %OrDash(session.client_addr()),
             method = %req.method,
             host = %ctx.host,
-            path = %req.uri.path(),
+            path = req.uri.path(),
             status = code,
             app,
-            upstream = %ctx.backend.map(|b| b.addr.to_string()).unwrap_or_default(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            error = %error.map(ToString::to_string).unwrap_or_default(),
+            upstream = %OrDash(ctx.backend.map(|b| b.addr)),
+            duration_us = elapsed.as_micros(),
+            error = %OrDash(error),
         );
     }
 
