@@ -121,8 +121,11 @@ impl Metrics {
     /// Records one request answered by the ingress (`app` and `service` empty when no route
     /// matched).
     pub fn observe_http_request(&self, app: &str, service: &str, code: u16, elapsed: Duration) {
+        // Status codes as static text (no allocation per request); 0 = no response sent.
+        let status = http::StatusCode::from_u16(code).ok();
+        let code = status.as_ref().map_or("0", http::StatusCode::as_str);
         self.http_requests
-            .with_label_values(&[app, service, code.to_string().as_str()])
+            .with_label_values(&[app, service, code])
             .inc();
         self.http_duration
             .with_label_values(&[app])

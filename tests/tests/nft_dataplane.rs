@@ -13,10 +13,11 @@ use miren_agent::{
     config::Protocol,
     dataplane::{Counters, Dataplane, NodePortKey, Snapshot, nft::NftDataplane},
 };
-use miren_tests::topology::{Netns, veth};
+use miren_tests::{
+    topology::{Netns, veth},
+    world::{CLIENT_IP, NODE_IP, client_and_node},
+};
 
-const CLIENT_IP: &str = "10.91.0.1";
-const NODE_IP: &str = "10.91.0.2";
 /// IPv4 + UDP headers.
 const UDP_OVERHEAD: u64 = 28;
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,11 +51,7 @@ struct World {
 
 impl World {
     fn new(sandboxes: usize) -> Self {
-        let client = Netns::new("nft-client").unwrap();
-        let node = Netns::new("nft-node").unwrap();
-        veth(&client, "eth0", &node, "eth0").unwrap();
-        client.addr("eth0", &format!("{CLIENT_IP}/24")).unwrap();
-        node.addr("eth0", &format!("{NODE_IP}/24")).unwrap();
+        let (client, node) = client_and_node("nft").unwrap();
         node.sysctl("net.ipv4.ip_forward", "1").unwrap();
         node.bridge("br0").unwrap();
         node.addr("br0", "10.89.0.1/24").unwrap();

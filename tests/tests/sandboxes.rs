@@ -518,3 +518,30 @@ fn keep_sandboxes_leaves_instances_running_for_the_next_agent_to_adopt() {
         "adopted sandboxes left behind"
     );
 }
+
+#[test]
+fn a_crash_looping_service_shows_in_app_show_with_its_output_in_logs() {
+    let world = World::new(0);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
+    deploy(
+        &world,
+        &agent,
+        "broken",
+        "name = \"broken\"\n[services.web]\ncommand = \"echo boom; exit 3\"\nport = 8080\n\
+         [services.web.concurrency]\nmode = \"fixed\"\nnum_instances = 1\n",
+    );
+    wait_until("a crash loop", || {
+        app_detail(&agent, "broken").services[0]
+            .instances
+            .as_ref()
+            .is_some_and(|i| i.crash_loop && i.restarts >= 3)
+    });
+    let show = ok(&agent, &["app", "show", "broken"]);
+    assert!(
+        show.contains("CRASH LOOP") && show.contains("last exit: exit status: 3"),
+        "{show}"
+    );
+    assert!(endpoints(&agent, "broken", "web", "http").is_empty());
+    let logs = ok(&agent, &["logs", "broken"]);
+    assert!(logs.matches("| boom").count() >= 3, "{logs}");
+}

@@ -110,18 +110,16 @@ impl MirenProxy {
 
 /// The request's host: the Host header, else the URI authority (HTTP/2), without the port.
 fn request_host(req: &RequestHeader) -> Option<String> {
-    let raw = req
-        .headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri.authority().map(|a| a.as_str().to_owned()))?;
+    let raw = match req.headers.get(header::HOST) {
+        Some(value) => value.to_str().ok(),
+        None => req.uri.authority().map(|a| a.as_str()),
+    }?;
     let host = if raw.starts_with('[') {
-        raw.split_inclusive(']').next().unwrap_or(&raw)
+        raw.split_inclusive(']').next().unwrap_or(raw)
     } else {
         match raw.rsplit_once(':') {
             Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-            _ => raw.as_str(),
+            _ => raw,
         }
     };
     let host = host.trim_end_matches('.').to_ascii_lowercase();
