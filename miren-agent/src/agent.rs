@@ -226,7 +226,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             runner.run(stop_rx.clone()).await;
         }
     };
-    let (api_served, metrics_served, (), ()) = tokio::join!(
+    let (api_served, metrics_served, ingress_served, ()) = tokio::join!(
         api::serve(api_listener, api_state, stopped(stop_rx.clone())),
         metrics::serve(metrics_listener, metrics_state, stopped(stop_rx.clone())),
         ingress.serve(
@@ -239,6 +239,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         sandboxes,
     );
     let _ = std::fs::remove_file(&settings.api_socket);
+    ingress_served?;
     api_served.map_err(io("serving the API"))?;
     metrics_served.map_err(io("serving /metrics"))
 }

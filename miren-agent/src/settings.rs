@@ -112,6 +112,10 @@ pub struct SettingsLayer {
     /// How long a request waits for a service scaled to zero to start [default: 120s].
     #[arg(long)]
     pub boot_timeout: Option<String>,
+    /// Threads serving the HTTP ingress, each with its own event loop [default: the number of
+    /// CPUs the agent may run on].
+    #[arg(long, value_name = "N")]
+    pub http_threads: Option<usize>,
     /// Peer (address or CIDR) whose X-Forwarded-* headers the ingress keeps (repeatable);
     /// from anyone else they are replaced.
     #[arg(long = "trusted-proxy")]
@@ -169,6 +173,8 @@ pub struct AgentSettings {
     pub http_max_body: u64,
     /// Scale-from-zero wait.
     pub boot_timeout: std::time::Duration,
+    /// Threads serving the HTTP ingress.
+    pub http_threads: usize,
     /// Peers whose forwarding headers are kept.
     pub trusted_proxies: Vec<crate::ingress::Cidr>,
     /// Whether the agent runs the services' instances itself.
@@ -267,6 +273,15 @@ impl SettingsLayer {
                 self.boot_timeout.or(file.boot_timeout),
                 std::time::Duration::from_secs(120),
             )?,
+            http_threads: match self.http_threads.or(file.http_threads) {
+                None => std::thread::available_parallelism().map_or(1, usize::from),
+                Some(0) => {
+                    return Err(SettingsError::Invalid(
+                        "--http-threads must be at least 1".into(),
+                    ));
+                }
+                Some(n) => n,
+            },
             trusted_proxies: prefer_flags(self.trusted_proxy, file.trusted_proxy)
                 .iter()
                 .map(|text| {
@@ -292,6 +307,7 @@ impl AgentSettings {
             max_body_bytes: self.http_max_body,
             boot_timeout: self.boot_timeout,
             trusted_proxies: self.trusted_proxies.clone(),
+            threads: self.http_threads,
         }
     }
 

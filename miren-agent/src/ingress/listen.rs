@@ -1,5 +1,5 @@
 //! The ingress listeners: bound by the agent at startup (so a taken port is a clear startup
-//! error), then an accept loop per listener on the agent's tokio runtime that wraps each
+//! error), then an accept loop per listener on each ingress thread that wraps each
 //! connection in a [`HeadGuard`], completes TLS when the listener has it, and hands the
 //! stream to Pingora's HTTP/1 and HTTP/2 (h2 over TLS, h2c) server, until shutdown.
 
@@ -21,27 +21,28 @@ use super::{
     proxy::MirenProxy,
 };
 
-/// A bound listener, not yet accepting.
+/// A bound listening socket, not yet registered with an event loop.
 #[derive(Debug)]
-pub struct BoundListener {
-    listener: Listener,
+pub struct BoundSocket {
+    socket: std::net::TcpListener,
     local_addr: SocketAddr,
+    what: &'static str,
 }
 
-impl BoundListener {
+impl BoundSocket {
     /// Binds `addr` for `what` (e.g. "--http-addr").
     ///
     /// # Errors
     /// [`IngressError::Bind`] naming the address and the flag.
     pub fn bind(addr: SocketAddr, what: &'static str) -> Result<Self, IngressError> {
         let bind_error = |source| IngressError::Bind { addr, what, source };
-        let std_listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
-        std_listener.set_nonblocking(true).map_err(bind_error)?;
-        let local_addr = std_listener.local_addr().map_err(bind_error)?;
-        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(bind_error)?;
+        let socket = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+        socket.set_nonblocking(true).map_err(bind_error)?;
+        let local_addr = socket.local_addr().map_err(bind_error)?;
         Ok(Self {
-            listener: listener.into(),
+            socket,
             local_addr,
+            what,
         })
     }
 
@@ -49,6 +50,32 @@ impl BoundListener {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
+
+    /// A handle on the socket registered with the event loop of the runtime entered now
+    /// (one per ingress thread; the kernel hands each connection to one of them).
+    ///
+    /// # Errors
+    /// [`IngressError::Bind`] when the descriptor cannot be duplicated or registered.
+    pub fn register(&self) -> Result<BoundListener, IngressError> {
+        let error = |source| IngressError::Bind {
+            addr: self.local_addr,
+            what: self.what,
+            source,
+        };
+        let socket = self.socket.try_clone().map_err(error)?;
+        let listener = tokio::net::TcpListener::from_std(socket).map_err(error)?;
+        Ok(BoundListener {
+            listener: listener.into(),
+            local_addr: self.local_addr,
+        })
+    }
+}
+
+/// A listener registered with one ingress thread's event loop, not yet accepting.
+#[derive(Debug)]
+pub struct BoundListener {
+    listener: Listener,
+    local_addr: SocketAddr,
 }
 
 /// Pingora's proxy with the head guard re-armed before each kept-alive HTTP/1 request.
@@ -100,7 +127,8 @@ impl HttpServerApp for GuardedApp {
     }
 }
 
-/// Accepts connections on `bound` until `shutdown` turns true.
+/// Accepts connections on `bound` until `shutdown` turns true; each connection is served by a
+/// task on the calling thread's runtime.
 pub async fn serve(
     bound: BoundListener,
     app: Arc<GuardedApp>,

@@ -1,5 +1,6 @@
-//! The HTTP ingress: a Pingora reverse proxy inside the agent's process and tokio runtime,
-//! on `--http-addr` and `--https-addr`.
+//! The HTTP ingress: a Pingora reverse proxy inside the agent's process, on `--http-addr` and
+//! `--https-addr`, served by `--http-threads` threads that each run a single-threaded tokio
+//! runtime (no work stealing or cross-thread wake-ups on the request path).
 //!
 //! - [`routing`]: Host → route → ready endpoints, swapped atomically on every revision.
 //! - [`activation`]: scale from zero (one start shared by concurrent requests).
@@ -35,7 +36,7 @@ use crate::metrics::Metrics;
 use self::{
     activation::Activations,
     head_guard::HeadLimits,
-    listen::{BoundListener, GuardedApp},
+    listen::{BoundListener, BoundSocket, GuardedApp},
     proxy::MirenProxy,
     routing::Routing,
 };
@@ -54,6 +55,11 @@ pub enum IngressError {
         #[source]
         source: std::io::Error,
     },
+    /// An ingress thread or its event loop could not be created.
+    #[error(
+        "cannot start the ingress's threads: {0}; lower --http-threads or raise the process limits"
+    )]
+    Thread(#[source] std::io::Error),
 }
 
 /// An address range (`10.0.0.0/8`, `2001:db8::/32`, or a single address).
@@ -129,6 +135,8 @@ pub struct IngressSettings {
     pub boot_timeout: Duration,
     /// Peers whose X-Forwarded-* headers are kept (appended to).
     pub trusted_proxies: Vec<Cidr>,
+    /// Threads serving both listeners (at least 1).
+    pub threads: usize,
 }
 
 /// What the proxy logic needs, shared by both listeners.
@@ -178,35 +186,64 @@ impl std::fmt::Debug for IngressHooks {
     }
 }
 
-/// The ingress with its listeners bound.
+/// The ingress with its listeners bound and its threads' event loops created.
 #[derive(Debug)]
 pub struct Ingress {
     settings: IngressSettings,
+    addrs: (SocketAddr, SocketAddr),
+    threads: Vec<IngressThread>,
+}
+
+/// One ingress thread's runtime with both listeners registered in its event loop.
+#[derive(Debug)]
+struct IngressThread {
+    runtime: tokio::runtime::Runtime,
     http: BoundListener,
     https: BoundListener,
 }
 
 impl Ingress {
-    /// Binds both listeners.
+    /// Binds both listeners and creates the event loop of every ingress thread.
     ///
     /// # Errors
-    /// [`IngressError::Bind`] when an address is taken or not allowed.
+    /// [`IngressError::Bind`] when an address is taken or not allowed;
+    /// [`IngressError::Thread`] when an event loop cannot be created.
     pub fn bind(settings: IngressSettings) -> Result<Self, IngressError> {
-        let http = BoundListener::bind(settings.http_addr, "--http-addr")?;
-        let https = BoundListener::bind(settings.https_addr, "--https-addr")?;
+        let http = BoundSocket::bind(settings.http_addr, "--http-addr")?;
+        let https = BoundSocket::bind(settings.https_addr, "--https-addr")?;
+        let threads = (0..settings.threads.max(1))
+            .map(|_| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(IngressError::Thread)?;
+                let (http, https) = {
+                    let _entered = runtime.enter();
+                    (http.register()?, https.register()?)
+                };
+                Ok(IngressThread {
+                    runtime,
+                    http,
+                    https,
+                })
+            })
+            .collect::<Result<_, IngressError>>()?;
         Ok(Self {
             settings,
-            http,
-            https,
+            addrs: (http.local_addr(), https.local_addr()),
+            threads,
         })
     }
 
     /// The bound (HTTP, HTTPS) addresses.
     pub fn local_addrs(&self) -> (SocketAddr, SocketAddr) {
-        (self.http.local_addr(), self.https.local_addr())
+        self.addrs
     }
 
-    /// Serves both listeners until `shutdown` turns true.
+    /// Serves both listeners on the ingress threads until `shutdown` turns true.
+    ///
+    /// # Errors
+    /// [`IngressError::Thread`] when a thread cannot be started.
     pub async fn serve(
         self,
         routing: Arc<Routing>,
@@ -214,10 +251,10 @@ impl Ingress {
         metrics: Arc<Metrics>,
         hooks: IngressHooks,
         shutdown: watch::Receiver<bool>,
-    ) {
+    ) -> Result<(), IngressError> {
         let state = Arc::new(IngressState {
             settings: ProxySettings {
-                https_port: self.https.local_addr().port(),
+                https_port: self.addrs.1.port(),
                 max_body_bytes: self.settings.max_body_bytes,
                 trusted_proxies: self.settings.trusted_proxies.clone(),
             },
@@ -238,11 +275,40 @@ impl Ingress {
                 MirenProxy::new(Arc::clone(&state), tls),
             )))
         };
+        // Shared by the threads, and with them Pingora's upstream connection pool.
+        let (http_app, https_app) = (app(false), app(true));
         let acceptor = Arc::new(tls_acceptor(hooks.cert_resolver));
-        tokio::join!(
-            listen::serve(self.http, app(false), None, limits, shutdown.clone()),
-            listen::serve(self.https, app(true), Some(acceptor), limits, shutdown),
-        );
+        let mut finished = Vec::new();
+        for (i, thread) in self.threads.into_iter().enumerate() {
+            let (http_app, https_app) = (Arc::clone(&http_app), Arc::clone(&https_app));
+            let acceptor = Arc::clone(&acceptor);
+            let shutdown = shutdown.clone();
+            let (done, finished_rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name(format!("miren-http-{i}"))
+                .spawn(move || {
+                    thread.runtime.block_on(async {
+                        tokio::join!(
+                            listen::serve(thread.http, http_app, None, limits, shutdown.clone()),
+                            listen::serve(
+                                thread.https,
+                                https_app,
+                                Some(acceptor),
+                                limits,
+                                shutdown
+                            ),
+                        )
+                    });
+                    drop(done);
+                })
+                .map_err(IngressError::Thread)?;
+            finished.push(finished_rx);
+        }
+        for finished_rx in finished {
+            // Closed (never sent) when the thread's accept loops end.
+            let _ = finished_rx.await;
+        }
+        Ok(())
     }
 }
 

@@ -11,6 +11,7 @@
 //! alone on [`PROXY_CPU`]; wrk and the backend share [`LOAD_CPU`].
 
 mod backend;
+mod floor;
 mod load;
 mod nginx;
 
@@ -24,6 +25,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use backend::{Backend, BackendCounts};
+use floor::FloorProcess;
 use load::{CpuTimes, Load, Memory, WRK, WrkResult};
 use miren_agent::{
     api::types::{DeployRequest, RouteRequest, ServiceEndpoints},
@@ -31,6 +33,8 @@ use miren_agent::{
 };
 use miren_tests::process::{AgentProcess, TempDir, binary};
 use nginx::{Nginx, NginxConfig};
+
+pub use floor::serve as serve_pingora_floor;
 
 /// The CPU the proxy under test runs on.
 const PROXY_CPU: usize = 0;
@@ -111,6 +115,16 @@ pub fn run() -> Result<()> {
     let nginx_one = measure_nginx("nginx, 1 route", &one, &backend)?;
     let nginx_many = measure_nginx("nginx, 10,000 routes", &many, &backend)?;
 
+    let floor = {
+        let process = FloorProcess::start(free_addr()?, backend.addr())?;
+        measure(
+            "Pingora alone (floor), no routing",
+            process.listen(),
+            &[process.pid()],
+            &backend,
+        )?
+    };
+
     let agent = Agent::start()?;
     agent.deploy(backend.addr())?;
     agent.route(HOST)?;
@@ -147,6 +161,7 @@ pub fn run() -> Result<()> {
         (&ingress_one, &nginx_one),
         (&nginx_many, &nginx_many),
         (&ingress_many, &nginx_many),
+        (&floor, &nginx_one),
         (&direct, &nginx_one),
     ]);
     Ok(())
@@ -365,7 +380,9 @@ fn print_table(rows: &[(&Row, &Row)]) {
         .map(|(row, _)| row.label)
         .collect();
     println!(
-        "\nThe direct row's ratio is against nginx with 1 route. Proxy CPU: user + system time \
+        "\nThe floor and direct rows' ratios are against nginx with 1 route. The floor is \
+         Pingora's own server (1 thread) with a proxy that only names the backend: no Host \
+         routing, no headers, no access log, no metrics. Proxy CPU: user + system time \
          of the proxy's processes over the measured run, as % of one CPU and per request. \
          Backend conns: connections the backend accepted during the warm-up and during the \
          measured run (req/conn: requests per connection over both). Memory after the measured \

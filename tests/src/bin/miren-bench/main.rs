@@ -53,6 +53,17 @@ fn main() -> Result<()> {
             update_latency::run()
         }
         Some("ingress") => ingress::run(),
+        // Started by `ingress` as the Pingora floor row's proxy.
+        Some("pingora-floor") => {
+            let addr = |n: usize| -> Result<std::net::SocketAddr> {
+                let text = std::env::args()
+                    .nth(n)
+                    .context("usage: pingora-floor LISTEN BACKEND")?;
+                text.parse()
+                    .with_context(|| format!("{text:?} is not an address"))
+            };
+            ingress::serve_pingora_floor(addr(2)?, addr(3)?)
+        }
         Some(other) => bail!("unknown benchmark {other:?}; available: dataplane, ingress"),
     }
 }
