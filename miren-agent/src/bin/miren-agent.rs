@@ -25,10 +25,14 @@ enum Command {
 #[tokio::main]
 async fn main() -> Result<()> {
     // Log lines (one per HTTP request among them) are written by a thread of their own, so
-    // the proxy's workers never wait on stderr; colour only on a terminal.
+    // the proxy's workers never wait on stderr; it writes whatever lines are queued in one
+    // write(2) (the buffer is flushed after every batch); colour only on a terminal.
     let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
-        .finish(std::io::stderr());
+        .finish(std::io::BufWriter::with_capacity(
+            64 << 10,
+            std::io::stderr(),
+        ));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -463,7 +463,7 @@ impl ProxyHttp for MirenProxy {
             status = code,
             app,
             upstream = %OrDash(ctx.backend.map(|b| b.addr)),
-            duration_us = elapsed.as_micros(),
+            duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             error = %OrDash(error),
         );
     }

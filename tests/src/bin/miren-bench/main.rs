@@ -39,6 +39,10 @@ use miren_tests::{
     topology::{Netns, veth},
 };
 
+/// The agent's allocator, so the Pingora floor proxy (started from this binary) runs with it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const REPEAT: u32 = 2_000_000;
 const FLOOD: Duration = Duration::from_secs(3);
 const FLOWS: u16 = 64;

@@ -1,7 +1,8 @@
-//! The floor of any proxy built on Pingora 0.9.1: Pingora's own server (one thread) with a
-//! `ProxyHttp` that only names the backend (no routing, headers, log or metrics). It runs
-//! as `miren-bench pingora-floor LISTEN BACKEND` in a process of its own, pinned to the
-//! proxy CPU like the agent, so its row shows how much of the ingress's cost is Pingora's.
+//! The floor of any proxy built on Pingora 0.9.1: Pingora's own server (one thread, its
+//! single-threaded runtime, mimalloc like the agent) with a `ProxyHttp` that only names the
+//! backend (no routing, headers, log or metrics). It runs as
+//! `miren-bench pingora-floor LISTEN BACKEND` in a process of its own, pinned to the proxy
+//! CPU like the agent, so its row shows how much of the ingress's cost is Pingora's.
 
 use std::{
     net::SocketAddr,
@@ -43,6 +44,8 @@ impl ProxyHttp for Floor {
 pub fn serve(listen: SocketAddr, backend: SocketAddr) -> ! {
     let conf = ServerConf {
         threads: 1,
+        // One single-threaded runtime, like each of the agent's ingress threads.
+        work_stealing: false,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
