@@ -20,6 +20,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     process::Command,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -56,6 +57,8 @@ const WARMUP: Load = Load {
 const HOST: &str = "app.bench.test";
 /// Routes besides [`HOST`] in the 10,000-route rows.
 const EXTRA_ROUTES: usize = 9_999;
+/// How often a route is added during the route-change row.
+const ROUTE_CHANGE_INTERVAL: Duration = Duration::from_millis(200);
 /// Route creation time is reported per this many routes.
 const ROUTE_BATCH: usize = 1000;
 /// Whether nginx writes an access log line per request (to a file), like the agent's
@@ -153,18 +156,48 @@ pub fn run() -> Result<()> {
         &[agent.pid()],
         &backend,
     )?;
+    let (ingress_churn, churn_changes) = measure_with_route_changes(&agent, &backend)?;
     let (_, agent_threads) = load::memory(agent.pid())?;
 
-    print_method(cpus, agent_threads, routes_took);
+    print_method(cpus, agent_threads, routes_took, churn_changes);
     print_table(&[
         (&nginx_one, &nginx_one),
         (&ingress_one, &nginx_one),
         (&nginx_many, &nginx_many),
         (&ingress_many, &nginx_many),
+        (&ingress_churn, &nginx_many),
         (&floor, &nginx_one),
         (&direct, &nginx_one),
     ]);
     Ok(())
+}
+
+/// Measures the agent (with its 10,000 routes) while another thread adds a route every
+/// [`ROUTE_CHANGE_INTERVAL`]; returns the row and how many routes were added.
+fn measure_with_route_changes(agent: &Agent, backend: &Backend) -> Result<(Row, usize)> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let changes = scope.spawn(|| {
+            let mut added = 0;
+            while !stop.load(Ordering::Relaxed) {
+                agent.route(&format!("change{added}.bench.test"))?;
+                added += 1;
+                std::thread::sleep(ROUTE_CHANGE_INTERVAL);
+            }
+            anyhow::Ok(added)
+        });
+        let row = measure(
+            "ingress, 10,000 routes, a route added every 200 ms",
+            agent.http,
+            &[agent.pid()],
+            backend,
+        );
+        stop.store(true, Ordering::Relaxed);
+        let added = changes
+            .join()
+            .map_err(|_| anyhow::anyhow!("the route-changing thread panicked"))??;
+        Ok((row?, added))
+    })
 }
 
 /// Starts nginx routing `hosts` to `backend`, checks its routing and measures it.
@@ -319,14 +352,16 @@ fn rustc_processes() -> usize {
         .count()
 }
 
-fn print_method(cpus: usize, agent_threads: u32, routes_took: Duration) {
+fn print_method(cpus: usize, agent_threads: u32, routes_took: Duration, churn_changes: usize) {
     println!("\n## HTTP ingress vs nginx (loopback, keep-alive, 13-byte responses)\n");
     println!(
         "Method: {cpus} CPUs. The proxy under test runs alone on CPU {PROXY_CPU} (nginx: \
          worker_processes 1; agent: {agent_threads} threads); wrk (-t{} -c{}, {} s measured \
          after a {} s warm-up, keep-alive) and the backend (one pinned thread) share CPU \
          {LOAD_CPU}. nginx access_log {}; agent RUST_LOG {}. Creating {EXTRA_ROUTES} more \
-         routes through the API took {:.1} s ({:.2} ms each).\n",
+         routes through the API took {:.1} s ({:.2} ms each). In the route-change row a \
+         thread added {churn_changes} routes through the API during warm-up and run, one \
+         every {} ms (each call returns once the ingress routes with it).\n",
         LOAD.threads,
         LOAD.connections,
         LOAD.duration.as_secs(),
@@ -339,6 +374,7 @@ fn print_method(cpus: usize, agent_threads: u32, routes_took: Duration) {
         std::env::var("RUST_LOG").unwrap_or_else(|_| "unset (info)".into()),
         routes_took.as_secs_f64(),
         routes_took.as_secs_f64() * 1000.0 / EXTRA_ROUTES as f64,
+        ROUTE_CHANGE_INTERVAL.as_millis(),
     );
 }
 
