@@ -6,10 +6,10 @@
 //! announces every new revision on a watch channel for the data planes and the ingress.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
     ops::RangeInclusive,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -82,8 +82,8 @@ struct Desired {
 pub struct IngressRoute {
     /// The stored route.
     pub record: RouteRecord,
-    /// Ready endpoints of the target service's http port.
-    pub endpoints: Vec<SocketAddr>,
+    /// Ready endpoints of the target service's http port (shared by its routes).
+    pub endpoints: Arc<[SocketAddr]>,
 }
 
 /// A service to run: what the sandbox runner needs.
@@ -683,28 +683,33 @@ impl ControlPlane {
     /// target service's http port, and the revision it reflects.
     pub fn ingress_routes(&self) -> (u64, Vec<IngressRoute>) {
         let desired = self.lock();
+        // Looked up once per target service (many routes usually share one).
+        let mut services: HashMap<(&str, &str), Arc<[SocketAddr]>> = HashMap::new();
         let routes = desired
             .routes
             .iter()
             .map(|route| {
-                let port_name = desired
-                    .apps
-                    .get(&route.app)
-                    .and_then(|app| app.config.services.get(&route.service))
-                    .and_then(|service| service.http_port())
-                    .map(|port| port.name.as_str());
-                let endpoints = port_name
-                    .and_then(|name| {
-                        desired
-                            .endpoints
-                            .get(&(route.app.clone(), route.service.clone()))?
-                            .get(name)
-                    })
-                    .cloned()
-                    .unwrap_or_default();
+                let endpoints = services
+                    .entry((&route.app, &route.service))
+                    .or_insert_with(|| {
+                        let port_name = desired
+                            .apps
+                            .get(&route.app)
+                            .and_then(|app| app.config.services.get(&route.service))
+                            .and_then(|service| service.http_port())
+                            .map(|port| port.name.as_str());
+                        port_name
+                            .and_then(|name| {
+                                desired
+                                    .endpoints
+                                    .get(&(route.app.clone(), route.service.clone()))?
+                                    .get(name)
+                            })
+                            .map_or_else(|| Arc::from([]), |addrs| Arc::from(addrs.as_slice()))
+                    });
                 IngressRoute {
                     record: route.clone(),
-                    endpoints,
+                    endpoints: Arc::clone(endpoints),
                 }
             })
             .collect();

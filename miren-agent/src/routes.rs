@@ -72,6 +72,10 @@ impl Host {
             _ if first == "*" => return Err(HostError::WildcardTooBroad(owned())),
             _ => ("", name),
         };
+        if is_plain_dns_name(domain) {
+            // Already what IDNA would return (stored routes are): skip its cost.
+            return Ok(Self(name.to_owned()));
+        }
         let ascii =
             idna::domain_to_ascii_strict(domain).map_err(|_| HostError::Invalid(owned()))?;
         if ascii.is_empty() {
@@ -89,6 +93,22 @@ impl Host {
     pub fn is_wildcard(&self) -> bool {
         self.0.starts_with("*.")
     }
+}
+
+/// True for a lowercase ASCII name that strict IDNA (UTS #46 with hyphen and DNS length
+/// checks) maps to itself: labels of 1–63 of `a-z 0-9 -`, no `-` at either end, no `--`
+/// anywhere (so no `xn--` label), at most 253 characters.
+fn is_plain_dns_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && !label.contains("--")
+        })
 }
 
 impl FromStr for Host {
@@ -132,6 +152,14 @@ impl<T> RouteTable<T> {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty table with room for `routes` routes.
+    pub fn with_capacity(routes: usize) -> Self {
+        Self {
+            exact: HashMap::with_capacity(routes),
+            wildcard: HashMap::new(),
+        }
     }
 
     /// Adds or replaces a route, returning the previous target.
@@ -285,6 +313,41 @@ mod tests {
         }
         assert!(host("*.example.com").is_wildcard());
         assert!(!host("example.com").is_wildcard());
+    }
+
+    #[test]
+    fn plain_names_skip_idna_with_the_same_result() {
+        let long_label = "a".repeat(63);
+        let too_long_label = "a".repeat(64);
+        let too_long_name = ["a".repeat(60).as_str(); 5].join(".");
+        let names = [
+            "example.com",
+            "a-b.c1.example.org",
+            "0.example",
+            long_label.as_str(),
+            too_long_label.as_str(),
+            too_long_name.as_str(),
+            "-a.example",
+            "a-.example",
+            "ab--cd.example",
+            "xn--bcher-kva.example",
+            "xn--zz.example",
+            "a..example",
+        ];
+        for name in names {
+            let fast = is_plain_dns_name(name);
+            let idna = idna::domain_to_ascii_strict(name);
+            if fast {
+                assert_eq!(idna.as_deref().ok(), Some(name), "{name}");
+            }
+            assert_eq!(
+                Host::parse(name).ok().map(|h| h.0),
+                idna.ok(),
+                "{name} (plain: {fast})"
+            );
+        }
+        assert!(is_plain_dns_name("a-b.c1.example.org"));
+        assert!(!is_plain_dns_name("xn--bcher-kva.example"));
     }
 
     #[test]

@@ -168,6 +168,7 @@ mod tests {
             &[route],
             Duration::from_secs(60),
             &Default::default(),
+            &RoutingSnapshot::default(),
         )
     }
 

@@ -115,6 +115,12 @@ impl ServiceUpstreams {
         }
     }
 
+    /// True when the backends are exactly `addrs`, in order.
+    fn has_addrs(&self, addrs: &[SocketAddr]) -> bool {
+        self.backends.len() == addrs.len()
+            && self.backends.iter().zip(addrs).all(|(b, a)| b.addr == *a)
+    }
+
     /// The next backend in round-robin order, skipping `avoid` (a backend that just failed)
     /// when there is another one.
     pub fn pick(&self, avoid: Option<SocketAddr>) -> Option<Backend> {
@@ -151,15 +157,17 @@ pub struct RoutingSnapshot {
 
 impl RoutingSnapshot {
     /// Builds the view from the control plane's routes; `default_timeout` applies to routes
-    /// without their own.
+    /// without their own. Services whose endpoints did not change keep their upstreams from
+    /// `previous` (and with them their round-robin position).
     pub fn build(
         revision: u64,
         routes: &[IngressRoute],
         default_timeout: Duration,
         load: &LoadTracker,
+        previous: &RoutingSnapshot,
     ) -> Self {
         let mut services: HashMap<(&str, &str), Arc<ServiceUpstreams>> = HashMap::new();
-        let mut table = RouteTable::new();
+        let mut table = RouteTable::with_capacity(routes.len());
         for route in routes {
             let record = &route.record;
             let Ok(host) = Host::parse(&record.host) else {
@@ -168,13 +176,14 @@ impl RoutingSnapshot {
             };
             let upstreams = services
                 .entry((&record.app, &record.service))
-                .or_insert_with(|| {
-                    Arc::new(ServiceUpstreams::new(
+                .or_insert_with(|| match previous.service(&record.app, &record.service) {
+                    Some(same) if same.has_addrs(&route.endpoints) => Arc::clone(same),
+                    _ => Arc::new(ServiceUpstreams::new(
                         &record.app,
                         &record.service,
                         &route.endpoints,
                         load.counter(&record.app, &record.service),
-                    ))
+                    )),
                 })
                 .clone();
             let timeout = record
@@ -260,6 +269,7 @@ impl Routing {
             &routes,
             self.default_timeout,
             &self.load,
+            &self.current.load(),
         ));
     }
 
@@ -316,8 +326,11 @@ mod tests {
             route("*.example.com", "a", None, &["10.0.0.1:80", "10.0.0.2:80"]),
             route("b.example.com", "b", None, &[]),
         ];
-        let snapshot =
-            RoutingSnapshot::build(7, &routes, Duration::from_secs(60), &LoadTracker::default());
+        let load = LoadTracker::default();
+        let build = |revision, routes: &[IngressRoute], previous: &RoutingSnapshot| {
+            RoutingSnapshot::build(revision, routes, Duration::from_secs(60), &load, previous)
+        };
+        let snapshot = build(7, &routes, &RoutingSnapshot::default());
         assert_eq!(snapshot.len(), 3);
         let exact = snapshot.lookup("A.example.com:8080").unwrap();
         let wild = snapshot.lookup("x.example.com").unwrap();
@@ -328,6 +341,30 @@ mod tests {
         assert!(snapshot.lookup("example.com").is_none());
         let b = snapshot.lookup("b.example.com").unwrap();
         assert_eq!(b.upstreams.pick(None), None);
+
+        // The next revision keeps the upstreams of a service whose endpoints did not change
+        // (round-robin continues) and replaces those of one whose endpoints did.
+        assert_eq!(
+            exact.upstreams.pick(None).unwrap().addr.to_string(),
+            "10.0.0.1:80"
+        );
+        let next = [
+            route("a.example.com", "a", None, &["10.0.0.1:80", "10.0.0.2:80"]),
+            route("b.example.com", "b", None, &["10.0.0.3:80"]),
+        ];
+        let rebuilt = build(8, &next, &snapshot);
+        let a = rebuilt.lookup("a.example.com").unwrap();
+        assert!(Arc::ptr_eq(&a.upstreams, &exact.upstreams));
+        assert_eq!(
+            a.upstreams.pick(None).unwrap().addr.to_string(),
+            "10.0.0.2:80"
+        );
+        let b = rebuilt.lookup("b.example.com").unwrap();
+        assert_eq!(
+            b.upstreams.pick(None).unwrap().addr.to_string(),
+            "10.0.0.3:80"
+        );
+        assert!(rebuilt.lookup("x.example.com").is_none());
     }
 
     #[test]
