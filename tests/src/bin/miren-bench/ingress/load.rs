@@ -296,7 +296,11 @@ Transfer/sec:      6.00MB
     fn reads_own_process() {
         let (memory, threads) = memory(std::process::id()).unwrap();
         assert!(memory.rss_mib > 0.0 && memory.hwm_mib >= memory.rss_mib && threads >= 1);
-        assert!(memory.pss_mib > 0.0 && memory.pss_mib <= memory.rss_mib);
+        assert!(memory.pss_mib > 0.0);
+        // VmRSS (status) lags behind the page-table walk of smaps_rollup while other test
+        // threads allocate; PSS <= RSS holds within one walk.
+        let rollup = ProcFile::read(std::process::id(), "smaps_rollup").unwrap();
+        assert!(rollup.kib("Pss:").unwrap() <= rollup.kib("Rss:").unwrap());
         assert!(cpu_seconds(std::process::id()).unwrap() >= 0.0);
         assert!(CpuTimes::read(0).is_ok());
     }
