@@ -438,6 +438,20 @@ mod tests {
     }
 
     #[test]
+    fn http_threads_default_to_the_cpus_and_zero_is_refused() {
+        let with = |threads: Option<usize>| SettingsLayer {
+            config: Some(PathBuf::from("/dev/null")),
+            http_threads: threads,
+            ..SettingsLayer::default()
+        };
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(with(None).resolve().unwrap().http_threads, cpus);
+        assert_eq!(with(Some(3)).resolve().unwrap().http_threads, 3);
+        let err = with(Some(0)).resolve().unwrap_err().to_string();
+        assert!(err.contains("--http-threads must be at least 1"), "{err}");
+    }
+
+    #[test]
     fn udp_timeout_is_a_duration() {
         let with = |text: &str| SettingsLayer {
             config: Some(PathBuf::from("/dev/null")),
