@@ -77,7 +77,21 @@ fn routes_by_exact_wildcard_and_apex_host_and_counts_requests() {
 #[test]
 fn balances_over_three_backends_and_follows_route_changes_under_load() {
     let world = IngressWorld::new("balance");
-    let agent = world.start_agent(&[]);
+    // Three ingress threads share the routes, the round-robin and the connection pool.
+    let agent = world.start_agent(&["--http-threads", "3"]);
+    let ingress_threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
+            .expect("list the agent's threads")
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("miren-http-"))
+            .count()
+    };
+    // The threads start as the agent starts serving (its API may answer a moment earlier).
+    let started = Instant::now();
+    while ingress_threads() < 3 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ingress_threads(), 3, "threads named miren-http-N");
     let backends: Vec<Backend> = ["b0", "b1", "b2"]
         .iter()
         .map(|name| Backend::start(&world.ns, name, BackendMode::Normal))
