@@ -173,6 +173,14 @@ impl<T> RouteTable<T> {
         }
     }
 
+    /// The target stored under exactly `host` (for `*.parent`, the wildcard entry itself).
+    pub fn get(&self, host: &Host) -> Option<&T> {
+        match host.0.strip_prefix("*.") {
+            Some(suffix) => self.wildcard.get(suffix).map(|(_, t)| t),
+            None => self.exact.get(host.as_str()),
+        }
+    }
+
     /// Removes a route, returning its target.
     pub fn remove(&mut self, host: &Host) -> Option<T> {
         match host.0.strip_prefix("*.") {

@@ -12,7 +12,6 @@
 //! and get the ingress's 404. A lookup is one atomic load and at most two hash lookups.
 
 use std::{
-    collections::HashMap,
     fmt,
     fs::{self, OpenOptions},
     io::Write as _,
@@ -31,7 +30,7 @@ use rustls::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::routes::Host;
+use crate::routes::{Host, RouteTable};
 
 /// The name in the self-signed certificate served for unknown SNI.
 const FALLBACK_NAME: &str = "unknown-host.miren.invalid";
@@ -215,44 +214,9 @@ struct Entry {
     stored: StoredCert,
 }
 
-/// The lookup tables swapped as a whole on every change.
-#[derive(Debug, Clone, Default)]
-struct Table {
-    /// Exact hosts.
-    exact: HashMap<String, Arc<Entry>>,
-    /// Wildcard certificates keyed by their parent domain (`*.example.com` → `example.com`).
-    wildcard: HashMap<String, Arc<Entry>>,
-}
-
-impl Table {
-    /// Exact host first, then the wildcard one label up.
-    fn lookup(&self, host: &str) -> Option<&Arc<Entry>> {
-        self.exact.get(host).or_else(|| {
-            let (label, parent) = host.split_once('.')?;
-            if label.is_empty() || label == "*" {
-                return None;
-            }
-            self.wildcard.get(parent)
-        })
-    }
-
-    /// The entry stored under exactly `host` (`*.parent` for wildcards).
-    fn stored(&self, host: &str) -> Option<&Arc<Entry>> {
-        match host.strip_prefix("*.") {
-            Some(parent) => self.wildcard.get(parent),
-            None => self.exact.get(host),
-        }
-    }
-
-    fn insert(&mut self, entry: Entry) {
-        let host = entry.info.host.clone();
-        let entry = Arc::new(entry);
-        match host.strip_prefix("*.") {
-            Some(parent) => self.wildcard.insert(parent.to_owned(), entry),
-            None => self.exact.insert(host, entry),
-        };
-    }
-}
+/// Stored certificates by host (exact, then the one-label wildcard), swapped as a whole on
+/// every change.
+type Table = RouteTable<Arc<Entry>>;
 
 /// The certificate store: stored certificates by host plus the self-signed fallback.
 pub struct CertStore {
@@ -268,8 +232,7 @@ impl fmt::Debug for CertStore {
         let table = self.table.load();
         f.debug_struct("CertStore")
             .field("dir", &self.dir)
-            .field("exact", &table.exact.len())
-            .field("wildcard", &table.wildcard.len())
+            .field("certificates", &table.len())
             .finish_non_exhaustive()
     }
 }
@@ -313,8 +276,14 @@ impl CertStore {
                 continue;
             };
             let host = host_of_stem(stem);
+            let Ok(key) = Host::parse(&host) else {
+                tracing::error!(host, "skipping a stored certificate not named after a host");
+                continue;
+            };
             match load_entry(dir, &host) {
-                Ok(entry) => table.insert(entry),
+                Ok(entry) => {
+                    table.insert(key, Arc::new(entry));
+                }
                 Err(err) => {
                     tracing::error!(host, %err, "skipping a stored certificate that does not load")
                 }
@@ -358,6 +327,7 @@ impl CertStore {
         key_pem: &[u8],
         source: CertSource,
     ) -> Result<CertInfo, CertError> {
+        let key = host;
         let host = host.as_str();
         let entry = validate(host, cert_pem, key_pem, source)?;
         check_validity_now(host, &entry.stored)?;
@@ -369,7 +339,7 @@ impl CertStore {
             && self
                 .table
                 .load()
-                .stored(host)
+                .get(key)
                 .is_some_and(|e| e.info.source == CertSource::User)
         {
             return Err(CertError::UserCertificatePresent {
@@ -407,7 +377,7 @@ impl CertStore {
         }
         let info = entry.info.clone();
         let mut table = Table::clone(&self.table.load());
-        table.insert(entry);
+        table.insert(key.clone(), Arc::new(entry));
         self.table.store(Arc::new(table));
         tracing::info!(host, %source, not_after = %info.not_after, "certificate stored");
         Ok(info)
@@ -416,23 +386,9 @@ impl CertStore {
     /// Every stored certificate, sorted by host.
     pub fn list(&self) -> Vec<CertInfo> {
         let table = self.table.load();
-        let mut all: Vec<CertInfo> = table
-            .exact
-            .values()
-            .chain(table.wildcard.values())
-            .map(|entry| entry.info.clone())
-            .collect();
+        let mut all: Vec<CertInfo> = table.iter().map(|(_, entry)| entry.info.clone()).collect();
         all.sort_by(|a, b| a.host.cmp(&b.host));
         all
-    }
-
-    /// Expiry of the certificate stored for exactly `host` (for ACME renewal), `None` when
-    /// absent.
-    pub fn not_after(&self, host: &str) -> Option<SystemTime> {
-        self.table
-            .load()
-            .stored(host)
-            .map(|entry| entry.stored.not_after)
     }
 
     /// Source and validity period of the certificate a handshake for `host` gets (exact, then
@@ -450,15 +406,9 @@ struct SniResolver(Arc<CertStore>);
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let store = &self.0;
-        let found = client_hello.server_name().and_then(|name| {
-            let table = store.table.load();
-            let entry = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-                table.lookup(&name.to_ascii_lowercase()).cloned()
-            } else {
-                table.lookup(name).cloned()
-            };
-            entry.map(|e| Arc::clone(&e.key))
-        });
+        let found = client_hello
+            .server_name()
+            .and_then(|name| Some(Arc::clone(&store.table.load().lookup(name)?.key)));
         Some(found.unwrap_or_else(|| Arc::clone(&store.fallback)))
     }
 }
@@ -880,23 +830,30 @@ mod tests {
         assert_eq!(list[0].source, CertSource::Acme);
         assert_eq!(list[1].host, "a.example.com");
         assert_eq!(list[1].source, CertSource::User);
-        assert!(store.not_after("a.example.com").unwrap() > SystemTime::now());
-        assert!(store.not_after("b.example.com").is_none());
-        assert!(store.not_after("x.example.net").is_none());
+        // Stored under exactly the host (a wildcard covers x.example.net but is not its own).
+        let not_after = |host: &str| {
+            let table = store.table.load();
+            table
+                .get(&Host::parse(host).unwrap())
+                .map(|entry| entry.stored.not_after)
+        };
+        assert!(not_after("a.example.com").unwrap() > SystemTime::now());
+        assert!(not_after("b.example.com").is_none());
+        assert!(not_after("x.example.net").is_none());
         let covering = store.covering("x.example.net").unwrap();
         assert_eq!(covering.source, CertSource::Acme);
         assert!(covering.not_before < SystemTime::now());
         assert!(store.covering("example.net").is_none());
 
         // Replacing swaps the served certificate with no reopen.
-        let before = Arc::clone(&store.table.load().exact["a.example.com"].key);
+        let before = Arc::clone(&store.table.load().lookup("a.example.com").unwrap().key);
         set(
             &store,
             "a.example.com",
             &valid(&["a.example.com", "www.a.example.com"]),
         )
         .unwrap();
-        let after = Arc::clone(&store.table.load().exact["a.example.com"].key);
+        let after = Arc::clone(&store.table.load().lookup("a.example.com").unwrap().key);
         assert_ne!(before.cert, after.cert);
         assert_eq!(store.list()[1].sans, ["a.example.com", "www.a.example.com"]);
     }
