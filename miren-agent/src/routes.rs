@@ -192,7 +192,7 @@ impl<T> RouteTable<T> {
     /// The target for a raw `Host` header value (any case, optional `:port`
     /// and trailing dot): the exact route, else the wildcard one label up.
     pub fn lookup(&self, host: &str) -> Option<&T> {
-        let host = normalize_header(host)?;
+        let host = normalize_host_header(host)?;
         if let Some(target) = self.exact.get(host.as_ref()) {
             return Some(target);
         }
@@ -221,8 +221,10 @@ impl<T> RouteTable<T> {
     }
 }
 
-/// Strips `:port` and a trailing dot, lowercases; allocates only when needed.
-fn normalize_header(raw: &str) -> Option<Cow<'_, str>> {
+/// A `Host` header value (or URI authority) as the route table keys it: `:port` and a
+/// trailing dot stripped, lowercased, international names as punycode; `None` when empty.
+/// Allocates only when needed.
+pub fn normalize_host_header(raw: &str) -> Option<Cow<'_, str>> {
     let host = match raw.rsplit_once(':') {
         Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
         _ => raw,

@@ -22,6 +22,8 @@ use pingora::{
     proxy::{FailToProxy, ProxyHttp, Session},
 };
 
+use crate::routes::normalize_host_header;
+
 use super::{
     IngressState,
     activation::Activation,
@@ -108,22 +110,14 @@ impl MirenProxy {
     }
 }
 
-/// The request's host: the Host header, else the URI authority (HTTP/2), without the port.
+/// The request's host: the Host header, else the URI authority (HTTP/2), normalized as the
+/// route table keys it.
 fn request_host(req: &RequestHeader) -> Option<String> {
     let raw = match req.headers.get(header::HOST) {
         Some(value) => value.to_str().ok(),
         None => req.uri.authority().map(|a| a.as_str()),
     }?;
-    let host = if raw.starts_with('[') {
-        raw.split_inclusive(']').next().unwrap_or(raw)
-    } else {
-        match raw.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-            _ => raw,
-        }
-    };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    (!host.is_empty()).then_some(host)
+    normalize_host_header(raw).map(std::borrow::Cow::into_owned)
 }
 
 /// A client-supplied request id worth keeping: short, visible ASCII.
