@@ -11,7 +11,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, ready},
     time::Duration,
@@ -54,7 +54,8 @@ pub struct HeadGuard {
     phase: Phase,
     deadline: Pin<Box<Sleep>>,
     rearmed: AtomicBool,
-    requests: AtomicU64,
+    /// Whether the connection's first request has begun.
+    started: AtomicBool,
     /// A rejection being written: the response and how much of it is out.
     rejecting: Option<(&'static [u8], usize)>,
     /// Response bytes not yet written to `inner`.
@@ -79,7 +80,7 @@ impl HeadGuard {
             },
             deadline: Box::pin(tokio::time::sleep(limits.timeout)),
             rearmed: AtomicBool::new(false),
-            requests: AtomicU64::new(0),
+            started: AtomicBool::new(false),
             rejecting: None,
             write_buf: Vec::new(),
         }
@@ -100,7 +101,7 @@ impl HeadGuard {
     /// Called before each HTTP/1 request on this connection: from the second one on, the
     /// next head's deadline starts at its first byte.
     pub fn rearm_unless_first(&self) {
-        if self.requests.fetch_add(1, Ordering::Relaxed) > 0 {
+        if self.started.swap(true, Ordering::Relaxed) {
             self.rearmed.store(true, Ordering::Release);
         }
     }
