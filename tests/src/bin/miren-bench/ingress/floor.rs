@@ -72,9 +72,12 @@ impl FloorProcess {
             .args(["pingora-floor", &listen.to_string(), &backend.to_string()])
             .spawn()
             .context("starting the Pingora floor proxy")?;
-        let floor = Self { child, listen };
+        let mut floor = Self { child, listen };
         let started = Instant::now();
         while http_get(listen, HOST).ok().map(|(status, _)| status) != Some(200) {
+            if let Some(status) = floor.child.try_wait()? {
+                bail!("the Pingora floor proxy exited ({status}) before answering");
+            }
             if started.elapsed() > Duration::from_secs(10) {
                 bail!("the Pingora floor proxy on {listen} did not answer 200 within 10 s");
             }
