@@ -5,12 +5,15 @@
 //! - [`net`]: the bridge and the per-instance namespace and veth (iproute2).
 //! - [`instance`]: the process, its log and its stop.
 //! - [`dns`]: the resolver on the bridge address (`<service>.app.miren` within an app).
+//! - [`isolation`]: the nftables rules isolating apps on the bridge (no spoofing, no traffic
+//!   across apps, only DNS and the public listeners on the node).
 //! - [`runner`]: one supervisor per service (fixed or auto concurrency, readiness, restarts,
 //!   rolling replacement) and the endpoints it publishes.
 
 pub mod dns;
 pub mod instance;
 pub mod ipam;
+pub mod isolation;
 pub mod net;
 pub mod runner;
 
@@ -34,6 +37,14 @@ pub enum SandboxError {
         command: String,
         /// What it printed.
         stderr: String,
+    },
+    /// The sandbox firewall (nftables) refused a change or a name; nothing of it was applied.
+    #[error("{op}: {detail}")]
+    Firewall {
+        /// What was being done.
+        op: String,
+        /// What nft said, or what is wrong with the name.
+        detail: String,
     },
     /// A file or process operation failed.
     #[error("{op}: {source}")]

@@ -1,0 +1,758 @@
+//! Network isolation of sandboxes: two nftables tables of the agent, both named
+//! `miren_sandbox` (never `inet miren`, the nft node-port data plane's table, which the XDP data
+//! plane deletes when it starts), so the rules are the same whichever data plane runs.
+//!
+//! - `bridge miren_sandbox` filters frames on the sandbox bridge's instance ports (host veths
+//!   named [`net::VETH_PREFIX`]`*`):
+//!   - `prerouting` (frames from an instance): IPv4 only with the instance's own source address
+//!     (`iifname . ip saddr @veth_addr`), ARP only with the instance's own sender address;
+//!     everything else (a spoofed source, IPv6, other ethertypes, a port that is not a member)
+//!     is dropped.
+//!   - `forward` (bridged from one instance to another): accepted only when both belong to the
+//!     same app: the ingress port's app id goes into the packet mark
+//!     (`meta mark set iifname map @veth_app`) and the pair `oifname . meta mark` must be in
+//!     `@veth_app_set`. Elements grow with the instances, not with their pairs.
+//!   - `postrouting` (frames to an instance, bridged or from the host): IPv4 only to the
+//!     instance's own address (or a broadcast/multicast address), ARP only asking for it, so
+//!     an instance that takes over another one's MAC address in the bridge's forwarding table
+//!     still never receives its traffic.
+//! - `inet miren_sandbox` filters what instances send to and through the host:
+//!   - `input` (from the bridge to the host): replies of connections the host opened, DNS on
+//!     the bridge address (the agent's resolver) and the public TCP listeners (the ingress's
+//!     HTTP and HTTPS ports); everything else (metrics, ssh, …) is dropped.
+//!   - `forward` (from the bridge back to the bridge: routed through the host, or bridged with
+//!     `br_netfilter`'s `bridge-nf-call-iptables`, on by default in every namespace here):
+//!     node-port traffic the nft data plane DNATed (`ct status dnat`) and traffic within one
+//!     app (`meta mark set ip saddr map @addr_app`, then `ip daddr . meta mark @addr_app_set`);
+//!     everything else is dropped.
+//!
+//! Traffic from the host to instances (the ingress, node ports, readiness checks) is not
+//! restricted beyond the destination check. Every change is one `nft -f -` transaction covering
+//! both tables, so nothing is ever half-applied. [`Isolation::open`] replaces both tables
+//! (rules from this code) but keeps the members an earlier agent left in them, so instances
+//! that outlive the agent stay reachable and isolated while it restarts.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::Write as _,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    sync::Mutex,
+};
+
+use serde_json::Value;
+
+use super::{SandboxError, ipam::Subnet, net};
+
+/// Name of both tables (families `bridge` and `inet`).
+const TABLE: &str = "miren_sandbox";
+/// Most elements per `add element` line.
+const ELEMENTS_PER_LINE: usize = 512;
+/// Conditions that make an ARP match read Ethernet/IPv4 addresses at the right offsets.
+const ARP_IPV4: &str = "arp htype 1 arp ptype ip arp hlen 6 arp plen 4";
+
+/// What the isolation rules need to know about the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolationSettings {
+    /// The sandbox bridge (`--sandbox-bridge`).
+    pub bridge: String,
+    /// The sandbox subnet (`--sandbox-subnet`); its gateway is the bridge's address, where the
+    /// DNS resolver listens.
+    pub subnet: Subnet,
+    /// TCP ports of the node's public listeners that instances may reach (the ingress's HTTP
+    /// and HTTPS ports).
+    pub listener_ports: Vec<u16>,
+}
+
+/// An instance as the isolation rules see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The host side of its veth pair (on the bridge, named `mvs…`).
+    pub veth: String,
+    /// Its address.
+    pub addr: Ipv4Addr,
+    /// Its app: instances of one app reach each other, no other ones.
+    pub app: String,
+}
+
+/// A member as held in the tables: its address and app id (the packet mark used for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    addr: Ipv4Addr,
+    id: u32,
+    /// `None` for a member read back from an earlier agent's tables (the tables hold only
+    /// ids), until [`Isolation::retain`] names its app.
+    app: Option<String>,
+}
+
+/// The sandbox firewall: both `miren_sandbox` tables and what they hold.
+#[derive(Debug)]
+pub struct Isolation {
+    /// Members by veth, as the tables hold them.
+    members: Mutex<BTreeMap<String, Entry>>,
+}
+
+impl Isolation {
+    /// Creates both tables with the rules for `settings`, replacing any earlier version of them
+    /// in the same transaction and keeping the members they held (with their app ids), so an
+    /// earlier agent's instances stay reachable until [`Isolation::retain`] sets the exact set.
+    ///
+    /// # Errors
+    /// [`SandboxError::Firewall`] when a name is not an interface name or `nft` fails (then
+    /// nothing changed); [`SandboxError::Io`] when `nft` cannot run.
+    pub fn open(settings: &IsolationSettings) -> Result<Self, SandboxError> {
+        let op = "creating the sandbox firewall (nftables tables miren_sandbox)";
+        check_ifname(op, &settings.bridge)?;
+        let kept = match nft(op, &["-j", "list", "table", "bridge", TABLE], None)? {
+            Ok(listing) => parse_members(&listing).map_err(|detail| SandboxError::Firewall {
+                op: op.to_owned(),
+                detail,
+            })?,
+            // No table yet.
+            Err(stderr) if stderr.contains("No such file or directory") => BTreeMap::new(),
+            Err(detail) => {
+                return Err(SandboxError::Firewall {
+                    op: op.to_owned(),
+                    detail,
+                });
+            }
+        };
+        let mut script = tables_script(settings);
+        script.push_str(&add_elements(kept.iter()));
+        apply(op, &script)?;
+        if !kept.is_empty() {
+            tracing::info!(
+                members = kept.len(),
+                "kept the sandbox firewall members of an earlier agent"
+            );
+        }
+        Ok(Self {
+            members: Mutex::new(kept),
+        })
+    }
+
+    /// Lets `member` talk to its app's other instances and nothing else (call before its
+    /// process starts; until then its veth passes nothing). Admitting a member again
+    /// replaces its address and app.
+    ///
+    /// # Errors
+    /// [`SandboxError::Firewall`] for a bad veth name or when `nft` fails (nothing changed);
+    /// [`SandboxError::Io`] when `nft` cannot run.
+    pub fn admit(&self, member: &Member) -> Result<(), SandboxError> {
+        let op = format!(
+            "admitting {} ({}) to the sandbox firewall",
+            member.veth, member.addr
+        );
+        check_ifname(&op, &member.veth)?;
+        let mut members = lock(&self.members);
+        let entry = Entry {
+            addr: member.addr,
+            id: app_id(&members, &member.veth, &member.app),
+            app: Some(member.app.clone()),
+        };
+        let mut script = String::new();
+        if let Some(old) = members.get(&member.veth) {
+            script.push_str(&delete_elements(&member.veth, old));
+        }
+        script.push_str(&add_elements([(&member.veth, &entry)].into_iter()));
+        apply(&op, &script)?;
+        members.insert(member.veth.clone(), entry);
+        Ok(())
+    }
+
+    /// Forgets the member on `veth` (call once its process is gone; a veth that is not a
+    /// member passes nothing). Unknown veths are ignored.
+    ///
+    /// # Errors
+    /// [`SandboxError::Firewall`] when `nft` fails (nothing changed); [`SandboxError::Io`] when
+    /// `nft` cannot run.
+    pub fn remove(&self, veth: &str) -> Result<(), SandboxError> {
+        let mut members = lock(&self.members);
+        let Some(old) = members.get(veth) else {
+            return Ok(());
+        };
+        apply(
+            &format!("removing {veth} from the sandbox firewall"),
+            &delete_elements(veth, old),
+        )?;
+        members.remove(veth);
+        Ok(())
+    }
+
+    /// Makes `members` the exact set of members, with fresh app ids, in one transaction (at
+    /// start, with the instances the runner adopted).
+    ///
+    /// # Errors
+    /// [`SandboxError::Firewall`] for a bad veth name or when `nft` fails (nothing changed);
+    /// [`SandboxError::Io`] when `nft` cannot run.
+    pub fn retain(&self, members: &[Member]) -> Result<(), SandboxError> {
+        let op = "setting the members of the sandbox firewall";
+        for member in members {
+            check_ifname(op, &member.veth)?;
+        }
+        let exact = assign_ids(members);
+        let mut script = String::new();
+        for set in ELEMENT_SETS {
+            let _ = writeln!(
+                script,
+                "flush {} {} {TABLE} {}",
+                set.kind, set.family, set.name
+            );
+        }
+        script.push_str(&add_elements(exact.iter()));
+        let mut current = lock(&self.members);
+        apply(op, &script)?;
+        *current = exact;
+        Ok(())
+    }
+
+    /// Deletes both tables (when the agent removes the bridge and every instance).
+    ///
+    /// # Errors
+    /// [`SandboxError::Firewall`] when `nft` fails; [`SandboxError::Io`] when it cannot run.
+    pub fn teardown(&self) -> Result<(), SandboxError> {
+        let mut members = lock(&self.members);
+        apply("deleting the sandbox firewall", &teardown_script())?;
+        members.clear();
+        Ok(())
+    }
+}
+
+/// A set or map holding members, and how one member's element reads in it.
+struct ElementSet {
+    family: &'static str,
+    /// `set` or `map`.
+    kind: &'static str,
+    name: &'static str,
+    element: fn(&str, &Entry) -> String,
+}
+
+/// Every set and map holding members.
+const ELEMENT_SETS: [ElementSet; 5] = [
+    ElementSet {
+        family: "bridge",
+        kind: "set",
+        name: "veth_addr",
+        element: |veth, e| format!("\"{veth}\" . {}", e.addr),
+    },
+    ElementSet {
+        family: "bridge",
+        kind: "map",
+        name: "veth_app",
+        element: |veth, e| format!("\"{veth}\" : {}", e.id),
+    },
+    ElementSet {
+        family: "bridge",
+        kind: "set",
+        name: "veth_app_set",
+        element: |veth, e| format!("\"{veth}\" . {}", e.id),
+    },
+    ElementSet {
+        family: "inet",
+        kind: "map",
+        name: "addr_app",
+        element: |_, e| format!("{} : {}", e.addr, e.id),
+    },
+    ElementSet {
+        family: "inet",
+        kind: "set",
+        name: "addr_app_set",
+        element: |_, e| format!("{} . {}", e.addr, e.id),
+    },
+];
+
+/// The transaction that replaces (or creates) both tables with their rules and empty sets.
+fn tables_script(settings: &IsolationSettings) -> String {
+    let bridge = &settings.bridge;
+    let instances = format!("\"{}*\"", net::VETH_PREFIX);
+    let gateway = settings.subnet.gateway();
+    let broadcast =
+        Ipv4Addr::from(u32::from(settings.subnet.network) | (u32::MAX >> settings.subnet.prefix));
+    let mut ports: Vec<u16> = settings.listener_ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    let listeners = if ports.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+        format!("\t\ttcp dport {{ {} }} accept\n", list.join(", "))
+    };
+    format!(
+        "table bridge {TABLE}\n\
+         delete table bridge {TABLE}\n\
+         table bridge {TABLE} {{\n\
+         \tset veth_addr {{ type ifname . ipv4_addr; }}\n\
+         \tmap veth_app {{ type ifname : mark; }}\n\
+         \tset veth_app_set {{ type ifname . mark; }}\n\
+         \tchain prerouting {{\n\
+         \t\ttype filter hook prerouting priority -200; policy accept;\n\
+         \t\tiifname {instances} jump from_instance\n\
+         \t}}\n\
+         \tchain from_instance {{\n\
+         \t\tiifname . ip saddr @veth_addr accept\n\
+         \t\t{ARP_IPV4} iifname . arp saddr ip @veth_addr accept\n\
+         \t\tdrop\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority -200; policy accept;\n\
+         \t\tiifname {instances} jump between_instances\n\
+         \t}}\n\
+         \tchain between_instances {{\n\
+         \t\tmeta mark set iifname map @veth_app oifname . meta mark @veth_app_set accept\n\
+         \t\tdrop\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype filter hook postrouting priority -200; policy accept;\n\
+         \t\toifname {instances} jump to_instance\n\
+         \t}}\n\
+         \tchain to_instance {{\n\
+         \t\toifname . ip daddr @veth_addr accept\n\
+         \t\tip daddr {{ 255.255.255.255, {broadcast}, 224.0.0.0/4 }} accept\n\
+         \t\t{ARP_IPV4} oifname . arp daddr ip @veth_addr accept\n\
+         \t\tdrop\n\
+         \t}}\n\
+         }}\n\
+         table inet {TABLE}\n\
+         delete table inet {TABLE}\n\
+         table inet {TABLE} {{\n\
+         \tmap addr_app {{ type ipv4_addr : mark; }}\n\
+         \tset addr_app_set {{ type ipv4_addr . mark; }}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority 0; policy accept;\n\
+         \t\tiifname \"{bridge}\" jump from_instances\n\
+         \t}}\n\
+         \tchain from_instances {{\n\
+         \t\tct state established,related accept\n\
+         \t\tip daddr {gateway} meta l4proto {{ tcp, udp }} th dport 53 accept\n\
+         {listeners}\
+         \t\tdrop\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority 0; policy accept;\n\
+         \t\tiifname \"{bridge}\" oifname \"{bridge}\" jump hairpin\n\
+         \t}}\n\
+         \tchain hairpin {{\n\
+         \t\tct status dnat accept\n\
+         \t\tmeta mark set ip saddr map @addr_app ip daddr . meta mark @addr_app_set accept\n\
+         \t\tdrop\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// `add element` lines putting `members` into every set.
+fn add_elements<'a>(members: impl Iterator<Item = (&'a String, &'a Entry)> + Clone) -> String {
+    let mut script = String::new();
+    for set in ELEMENT_SETS {
+        let elements: Vec<String> = members
+            .clone()
+            .map(|(veth, entry)| (set.element)(veth, entry))
+            .collect();
+        for chunk in elements.chunks(ELEMENTS_PER_LINE) {
+            let _ = writeln!(
+                script,
+                "add element {} {TABLE} {} {{ {} }}",
+                set.family,
+                set.name,
+                chunk.join(", ")
+            );
+        }
+    }
+    script
+}
+
+/// `delete element` lines taking the member on `veth` out of every set.
+fn delete_elements(veth: &str, entry: &Entry) -> String {
+    let mut script = String::new();
+    for set in ELEMENT_SETS {
+        let _ = writeln!(
+            script,
+            "delete element {} {TABLE} {} {{ {} }}",
+            set.family,
+            set.name,
+            (set.element)(veth, entry)
+        );
+    }
+    script
+}
+
+/// The transaction deleting both tables (and nothing else), whether or not they exist.
+fn teardown_script() -> String {
+    format!(
+        "table bridge {TABLE}\ndelete table bridge {TABLE}\n\
+         table inet {TABLE}\ndelete table inet {TABLE}\n"
+    )
+}
+
+/// The id of `app` for a new member on `veth`: the one its other members have, else the
+/// smallest id (from 1) no other member holds.
+fn app_id(members: &BTreeMap<String, Entry>, veth: &str, app: &str) -> u32 {
+    let others = members.iter().filter(|(v, _)| v.as_str() != veth);
+    if let Some((_, entry)) = others.clone().find(|(_, e)| e.app.as_deref() == Some(app)) {
+        return entry.id;
+    }
+    let used: std::collections::BTreeSet<u32> = others.map(|(_, e)| e.id).collect();
+    // There are fewer members than ids, so some id from 1 to `used.len() + 1` is free.
+    (1..).find(|id| !used.contains(id)).unwrap_or(u32::MAX)
+}
+
+/// `members` by veth with ids 1, 2, … by app name (the last member on a veth wins).
+fn assign_ids(members: &[Member]) -> BTreeMap<String, Entry> {
+    let mut ids: BTreeMap<&str, u32> = BTreeMap::new();
+    for member in members {
+        ids.entry(&member.app).or_insert(0);
+    }
+    for (id, value) in (1..).zip(ids.values_mut()) {
+        *value = id;
+    }
+    members
+        .iter()
+        .map(|m| {
+            let entry = Entry {
+                addr: m.addr,
+                id: ids[m.app.as_str()],
+                app: Some(m.app.clone()),
+            };
+            (m.veth.clone(), entry)
+        })
+        .collect()
+}
+
+/// The members of a `nft -j list table bridge miren_sandbox` listing: veths with both an
+/// address in `veth_addr` and an id in `veth_app` (apps unknown).
+fn parse_members(listing: &str) -> Result<BTreeMap<String, Entry>, String> {
+    let value: Value = serde_json::from_str(listing)
+        .map_err(|e| format!("unreadable `nft -j list` output: {e}"))?;
+    let mut addrs: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
+    let mut ids: BTreeMap<String, u32> = BTreeMap::new();
+    let objects = value["nftables"].as_array().cloned().unwrap_or_default();
+    for object in &objects {
+        let (set, is_map) = match (object.get("set"), object.get("map")) {
+            (Some(set), _) => (set, false),
+            (None, Some(map)) => (map, true),
+            (None, None) => continue,
+        };
+        let elements = set["elem"].as_array().cloned().unwrap_or_default();
+        match (set["name"].as_str(), is_map) {
+            (Some("veth_addr"), false) => {
+                for element in elements {
+                    let pair = &element["concat"];
+                    if let (Some(veth), Some(Ok(addr))) = (
+                        pair[0].as_str(),
+                        pair[1].as_str().map(str::parse::<Ipv4Addr>),
+                    ) {
+                        addrs.insert(veth.to_owned(), addr);
+                    }
+                }
+            }
+            (Some("veth_app"), true) => {
+                for element in elements {
+                    if let (Some(veth), Some(Ok(id))) =
+                        (element[0].as_str(), element[1].as_u64().map(u32::try_from))
+                    {
+                        ids.insert(veth.to_owned(), id);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(addrs
+        .into_iter()
+        .filter(|(veth, _)| check_ifname("", veth).is_ok())
+        .filter_map(|(veth, addr)| {
+            let id = *ids.get(&veth)?;
+            Some((
+                veth,
+                Entry {
+                    addr,
+                    id,
+                    app: None,
+                },
+            ))
+        })
+        .collect())
+}
+
+/// Refuses names that are not Linux interface names (1 to 15 of `A-Z a-z 0-9 _ . -`), which
+/// also keeps them from breaking out of the quotes in an nft script.
+fn check_ifname(op: &str, name: &str) -> Result<(), SandboxError> {
+    let valid = (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(SandboxError::Firewall {
+            op: op.to_owned(),
+            detail: format!("\"{name}\" is not an interface name (1 to 15 of A-Z a-z 0-9 _ . -)"),
+        })
+    }
+}
+
+/// Runs `script` as one `nft -f -` transaction.
+fn apply(op: &str, script: &str) -> Result<(), SandboxError> {
+    match nft(op, &["-f", "-"], Some(script))? {
+        Ok(_) => Ok(()),
+        Err(detail) => Err(SandboxError::Firewall {
+            op: op.to_owned(),
+            detail,
+        }),
+    }
+}
+
+/// Runs `nft ARGS…` with `stdin` (if any): its stdout, or its stderr when it fails.
+fn nft(
+    op: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<Result<String, String>, SandboxError> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .env("LC_ALL", "C")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| {
+            let what = if source.kind() == std::io::ErrorKind::NotFound {
+                "`nft` not found; install the package `nftables` (`cargo xtask setup` does)"
+            } else {
+                "starting `nft`"
+            };
+            SandboxError::io(format!("{op}: {what}"), source)
+        })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A write error means nft exited early; its status and stderr tell why.
+        let _ = pipe.write_all(text.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| SandboxError::io(format!("{op}: waiting for `nft`"), source))?;
+    Ok(if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> IsolationSettings {
+        IsolationSettings {
+            bridge: "miren0".to_owned(),
+            subnet: Subnet::parse("10.88.0.0/16").unwrap(),
+            listener_ports: vec![443, 80, 80],
+        }
+    }
+
+    fn member(veth: &str, addr: &str, app: &str) -> Member {
+        Member {
+            veth: veth.to_owned(),
+            addr: addr.parse().unwrap(),
+            app: app.to_owned(),
+        }
+    }
+
+    #[test]
+    fn tables_replace_both_tables_in_one_script_with_the_node_s_addresses_and_ports() {
+        let script = tables_script(&settings());
+        // Each table is created (if missing), deleted and recreated: one atomic replace.
+        for family in ["bridge", "inet"] {
+            let create = format!(
+                "table {family} miren_sandbox\ndelete table {family} miren_sandbox\ntable {family} miren_sandbox {{\n"
+            );
+            assert!(script.contains(&create), "{script}");
+        }
+        assert!(
+            !script.contains("inet miren "),
+            "must not touch the data plane's table"
+        );
+        for line in [
+            "iifname \"mvs*\" jump from_instance",
+            "iifname . ip saddr @veth_addr accept",
+            "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . arp saddr ip @veth_addr accept",
+            "meta mark set iifname map @veth_app oifname . meta mark @veth_app_set accept",
+            "oifname . ip daddr @veth_addr accept",
+            "ip daddr { 255.255.255.255, 10.88.255.255, 224.0.0.0/4 } accept",
+            "iifname \"miren0\" jump from_instances",
+            "ct state established,related accept",
+            "ip daddr 10.88.0.1 meta l4proto { tcp, udp } th dport 53 accept",
+            "tcp dport { 80, 443 } accept",
+            "iifname \"miren0\" oifname \"miren0\" jump hairpin",
+            "ct status dnat accept",
+            "meta mark set ip saddr map @addr_app ip daddr . meta mark @addr_app_set accept",
+        ] {
+            assert!(
+                script.contains(&format!("\t\t{line}\n")),
+                "{line}\n{script}"
+            );
+        }
+        // Every filtering chain ends in a drop.
+        for chain in [
+            "from_instance",
+            "between_instances",
+            "to_instance",
+            "from_instances",
+            "hairpin",
+        ] {
+            let body = script
+                .split(&format!("chain {chain} {{\n"))
+                .nth(1)
+                .and_then(|rest| rest.split("\t}").next())
+                .unwrap();
+            assert!(body.ends_with("\t\tdrop\n"), "{chain}: {body}");
+        }
+    }
+
+    #[test]
+    fn without_listener_ports_no_port_is_opened() {
+        let script = tables_script(&IsolationSettings {
+            listener_ports: Vec::new(),
+            ..settings()
+        });
+        assert!(!script.contains("tcp dport"), "{script}");
+    }
+
+    #[test]
+    fn members_of_one_app_share_an_id_and_elements_cover_every_set() {
+        let exact = assign_ids(&[
+            member("mvs1", "10.88.0.2", "beta"),
+            member("mvs2", "10.88.0.3", "alpha"),
+            member("mvs3", "10.88.0.4", "beta"),
+        ]);
+        assert_eq!(exact.values().map(|e| e.id).collect::<Vec<_>>(), [2, 1, 2]);
+        assert_eq!(
+            add_elements(exact.iter()),
+            "add element bridge miren_sandbox veth_addr { \"mvs1\" . 10.88.0.2, \"mvs2\" . 10.88.0.3, \"mvs3\" . 10.88.0.4 }\n\
+             add element bridge miren_sandbox veth_app { \"mvs1\" : 2, \"mvs2\" : 1, \"mvs3\" : 2 }\n\
+             add element bridge miren_sandbox veth_app_set { \"mvs1\" . 2, \"mvs2\" . 1, \"mvs3\" . 2 }\n\
+             add element inet miren_sandbox addr_app { 10.88.0.2 : 2, 10.88.0.3 : 1, 10.88.0.4 : 2 }\n\
+             add element inet miren_sandbox addr_app_set { 10.88.0.2 . 2, 10.88.0.3 . 1, 10.88.0.4 . 2 }\n"
+        );
+        assert_eq!(add_elements(BTreeMap::new().iter()), "");
+    }
+
+    #[test]
+    fn many_members_are_split_into_lines_of_at_most_512_elements() {
+        let members: Vec<Member> = (0..1000)
+            .map(|i| {
+                member(
+                    &format!("mvs{i}"),
+                    &format!("10.88.{}.{}", i / 250, i % 250 + 2),
+                    "a",
+                )
+            })
+            .collect();
+        let script = add_elements(assign_ids(&members).iter());
+        assert_eq!(script.lines().count(), 10);
+        assert!(script.lines().all(|l| l.matches(", ").count() < 512));
+    }
+
+    #[test]
+    fn delete_elements_remove_the_member_from_every_set() {
+        let entry = Entry {
+            addr: "10.88.0.9".parse().unwrap(),
+            id: 3,
+            app: Some("a".to_owned()),
+        };
+        assert_eq!(
+            delete_elements("mvs9", &entry),
+            "delete element bridge miren_sandbox veth_addr { \"mvs9\" . 10.88.0.9 }\n\
+             delete element bridge miren_sandbox veth_app { \"mvs9\" : 3 }\n\
+             delete element bridge miren_sandbox veth_app_set { \"mvs9\" . 3 }\n\
+             delete element inet miren_sandbox addr_app { 10.88.0.9 : 3 }\n\
+             delete element inet miren_sandbox addr_app_set { 10.88.0.9 . 3 }\n"
+        );
+    }
+
+    #[test]
+    fn a_new_app_gets_the_smallest_free_id_and_a_known_app_keeps_its_own() {
+        let mut members = assign_ids(&[
+            member("mvs1", "10.88.0.2", "alpha"),
+            member("mvs3", "10.88.0.4", "gamma"),
+        ]);
+        assert_eq!(app_id(&members, "mvs9", "alpha"), 1);
+        assert_eq!(app_id(&members, "mvs9", "beta"), 3);
+        members.remove("mvs1");
+        assert_eq!(app_id(&members, "mvs9", "beta"), 1);
+        // Ids read back from an earlier agent (app unknown) stay reserved.
+        members.insert(
+            "mvs5".to_owned(),
+            Entry {
+                addr: "10.88.0.6".parse().unwrap(),
+                id: 1,
+                app: None,
+            },
+        );
+        assert_eq!(app_id(&members, "mvs9", "beta"), 3);
+        // Re-admitting the only member of an app does not count its own old id as taken.
+        assert_eq!(app_id(&members, "mvs3", "delta"), 2);
+    }
+
+    #[test]
+    fn members_are_read_back_from_a_json_listing() {
+        let listing = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "bridge", "name": "miren_sandbox", "handle": 1}},
+            {"set": {"family": "bridge", "name": "veth_addr", "table": "miren_sandbox",
+              "type": ["ifname", "ipv4_addr"], "handle": 7,
+              "elem": [{"concat": ["mvs1", "10.77.0.2"]}, {"concat": ["mvs2", "10.77.0.3"]},
+                       {"concat": ["bad\"name", "10.77.0.4"]}]}},
+            {"map": {"family": "bridge", "name": "veth_app", "table": "miren_sandbox",
+              "type": "ifname", "handle": 8, "map": "mark",
+              "elem": [["mvs1", 1], ["bad\"name", 2]]}},
+            {"set": {"family": "bridge", "name": "veth_app_set", "table": "miren_sandbox",
+              "type": ["ifname", "mark"], "handle": 9,
+              "elem": [{"concat": ["mvs1", 1]}]}}]}"#;
+        let members = parse_members(listing).unwrap();
+        // mvs2 has no id and the bad name is not an interface name: both left out.
+        assert_eq!(
+            members,
+            BTreeMap::from([(
+                "mvs1".to_owned(),
+                Entry {
+                    addr: "10.77.0.2".parse().unwrap(),
+                    id: 1,
+                    app: None
+                }
+            )])
+        );
+        assert!(parse_members("not json").is_err());
+        assert!(parse_members(r#"{"nftables": []}"#).unwrap().is_empty());
+    }
+
+    #[test]
+    fn names_that_are_not_interface_names_are_refused() {
+        for bad in ["", "a\"b", "sixteen-chars-xx", "a b", "a/b", "x}"] {
+            let err = check_ifname("op", bad).unwrap_err();
+            assert!(
+                err.to_string().contains("is not an interface name"),
+                "{err}"
+            );
+        }
+        for good in ["miren0", "mvs1a2bx3", "br-x.1_2"] {
+            check_ifname("op", good).unwrap();
+        }
+    }
+
+    #[test]
+    fn teardown_deletes_only_the_two_tables() {
+        assert_eq!(
+            teardown_script(),
+            "table bridge miren_sandbox\ndelete table bridge miren_sandbox\n\
+             table inet miren_sandbox\ndelete table inet miren_sandbox\n"
+        );
+    }
+}
