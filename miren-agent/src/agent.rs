@@ -4,11 +4,18 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    sync::Arc,
-    time::Instant,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 
 use crate::{
     api::{self, ApiError, ApiState},
@@ -24,6 +31,7 @@ use crate::{
         certs::{CertError, CertStore},
         routing::{LoadTracker, Routing},
     },
+    listeners::{Inherited, ListenerError, Upgrade, UpgradeListener, upgrade_socket},
     metrics::{self, Metrics, MetricsError, MetricsState},
     reconcile::Reconciler,
     sandbox::{
@@ -57,6 +65,9 @@ pub enum AgentError {
     /// The ingress listeners could not be bound.
     #[error(transparent)]
     Ingress(#[from] IngressError),
+    /// Inherited or handed-over listeners could not be taken.
+    #[error(transparent)]
+    Listeners(#[from] ListenerError),
     /// The sandboxes' resolver could not start.
     #[error("starting the sandbox DNS resolver: {0}")]
     Dns(#[source] DnsError),
@@ -80,20 +91,35 @@ pub enum AgentError {
     },
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
+/// Runs the agent until SIGINT or SIGTERM (then drains the ingress for up to
+/// `--shutdown-grace`), or until an agent started with `--upgrade` took over.
 ///
 /// # Errors
 /// [`AgentError`] when a component cannot start.
 pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     let started = Instant::now();
-    // First, so a stop request during startup is not lost (the default action would kill the
-    // agent before it could remove what it created).
-    let signal_error = |source| AgentError::Io {
-        op: "installing signal handlers",
-        source,
+    // Before anything else: this removes the LISTEN_* variables from the environment.
+    let mut inherited = Inherited::from_systemd()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (quiesce_tx, quiesce_rx) = watch::channel(false);
+    let stopper = Stopper {
+        quiesce: Arc::new(quiesce_tx),
+        stop: Arc::new(stop_tx),
+        grace: settings.shutdown_grace,
     };
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
+    // Next, so a stop request during startup is not lost (the default action would kill the
+    // agent before it could remove what it created).
+    watch_signals(stopper.clone())?;
+    // The running agent stops its API and supervisors before it answers, so the store and
+    // the instance records are final when this one reads them.
+    let upgrade = if settings.upgrade {
+        tracing::info!(state_dir = %settings.state_dir.display(), "taking over from the running agent (--upgrade)");
+        let (sockets, upgrade) = Upgrade::request(&settings.state_dir).await?;
+        inherited = sockets;
+        Some(upgrade)
+    } else {
+        None
+    };
     let store = SqliteStore::open(&settings.state_dir)?;
     let control = Arc::new(ControlPlane::open(
         Box::new(store),
@@ -102,10 +128,29 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             port_range: settings.port_range.clone(),
         },
     )?);
-    let api_listener = api::bind(&settings.api_socket).await?;
-    let metrics_listener = metrics::bind(settings.metrics_addr).await?;
-    let ingress = Ingress::bind(settings.ingress_settings())?;
+    let io = |op| move |source| AgentError::Io { op, source };
+    // A socket from systemd stays systemd's: its file is not removed on exit.
+    let (api_listener, api_socket_ours) = match inherited.take_unix(&settings.api_socket) {
+        Some(listener) => (
+            tokio::net::UnixListener::from_std(listener)
+                .map_err(io("registering the inherited API socket"))?,
+            upgrade.is_some(),
+        ),
+        None => (api::bind(&settings.api_socket).await?, true),
+    };
+    let metrics_listener = metrics::bind(settings.metrics_addr, &mut inherited).await?;
+    let mut ingress = Ingress::bind(settings.ingress_settings(), &mut inherited)?;
+    inherited.close_unused();
     let (http_addr, https_addr) = ingress.local_addrs();
+    // What a later `--upgrade` agent gets.
+    let mut handover_fds = ingress.take_listening_fds();
+    for fd in [metrics_listener.as_fd(), api_listener.as_fd()] {
+        handover_fds.push(
+            fd.try_clone_to_owned()
+                .map_err(io("keeping the listeners for an upgrade"))?,
+        );
+    }
+    let upgrade_listener = UpgradeListener::bind(&settings.state_dir)?;
     let certs = CertStore::open(&settings.state_dir.join("certs"))?;
     let dataplane = start_dataplane(&settings)?;
     let metrics = Arc::new(Metrics::new(
@@ -118,10 +163,16 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             dataplane.node_addrs.clone(),
             Arc::clone(&metrics),
         );
-        tokio::spawn(reconciler.run());
+        // Ends with the handover too: the new agent's reconciler takes over the data plane.
+        let mut quiesce = quiesce_rx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = reconciler.run() => {}
+                _ = quiesce.wait_for(|stop| *stop) => {}
+            }
+        });
     }
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let load = Arc::new(LoadTracker::default());
     let routing = Arc::new(Routing::new(ROUTE_TIMEOUT, Arc::clone(&load)));
     routing.refresh(&control);
@@ -180,18 +231,9 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         },
         cert_resolver: certs.resolver(),
     };
-    let io = |op| move |source| AgentError::Io { op, source };
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-        }
-        tracing::info!("shutting down");
-        stop_tx.send_replace(true);
-    });
     if let Some(directory) = &settings.acme_directory {
         tokio::spawn(acme::run(
             AcmeSettings {
@@ -218,16 +260,42 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         Some(runner) => Some((start_dns(&settings).await?, Arc::clone(runner))),
         None => None,
     };
-    let sandboxes = async {
-        if let Some((server, runner)) = dns {
-            tokio::spawn(server.serve(runner, stop_rx.clone()));
-        }
-        if let Some(runner) = runner {
-            runner.run(stop_rx.clone()).await;
+    // The parts that change state (API, supervisors, DNS) end first on a handover
+    // ("quiesce"); the listeners keep serving until the new agent does.
+    let quiesced = {
+        let quiesce_rx = quiesce_rx.clone();
+        async move {
+            let dns =
+                dns.map(|(server, runner)| tokio::spawn(server.serve(runner, quiesce_rx.clone())));
+            let (api_served, ()) = tokio::join!(
+                api::serve(api_listener, api_state, stopped(quiesce_rx.clone())),
+                async {
+                    if let Some(runner) = runner {
+                        runner.run(quiesce_rx.clone()).await;
+                    }
+                },
+            );
+            if let Some(dns) = dns {
+                let _ = dns.await;
+            }
+            api_served
         }
     };
+    let (quiesced_tx, quiesced_rx) = watch::channel(false);
+    let handed_over = Arc::new(AtomicBool::new(false));
+    tokio::spawn(hand_over(
+        upgrade_listener,
+        handover_fds,
+        stopper.clone(),
+        quiesced_rx,
+        Arc::clone(&handed_over),
+    ));
     let (api_served, metrics_served, ingress_served, ()) = tokio::join!(
-        api::serve(api_listener, api_state, stopped(stop_rx.clone())),
+        async {
+            let served = quiesced.await;
+            quiesced_tx.send_replace(true);
+            served
+        },
         metrics::serve(metrics_listener, metrics_state, stopped(stop_rx.clone())),
         ingress.serve(
             routing,
@@ -236,12 +304,154 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             hooks,
             stop_rx.clone()
         ),
-        sandboxes,
+        async {
+            // Everything is registered and the ingress threads start accepting now (until
+            // they do, connections wait in the listeners' backlog): the old agent may stop.
+            if let Some(upgrade) = upgrade {
+                match upgrade.ready().await {
+                    Ok(()) => tracing::info!("took over from the previous agent"),
+                    Err(error) => tracing::warn!(%error, "the previous agent is gone"),
+                }
+            }
+        },
     );
-    let _ = std::fs::remove_file(&settings.api_socket);
+    if !handed_over.load(Ordering::SeqCst) {
+        // After a handover these name the new agent's sockets.
+        if api_socket_ours {
+            let _ = std::fs::remove_file(&settings.api_socket);
+        }
+        let _ = std::fs::remove_file(upgrade_socket(&settings.state_dir));
+    }
     ingress_served?;
     api_served.map_err(io("serving the API"))?;
     metrics_served.map_err(io("serving /metrics"))
+}
+
+/// How long past `--shutdown-grace` the process may take to exit before it is ended anyway
+/// (for whatever still runs: a supervisor stopping an instance, a blocking task).
+const EXIT_MARGIN: Duration = Duration::from_secs(5);
+/// How long the old agent waits for a new one to serve after it sent its sockets.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Stops the agent, in one step (a signal) or two (a handover: first the parts that change
+/// state, then the listeners).
+#[derive(Debug, Clone)]
+struct Stopper {
+    quiesce: Arc<watch::Sender<bool>>,
+    stop: Arc<watch::Sender<bool>>,
+    grace: Duration,
+}
+
+impl Stopper {
+    /// Stops the API, the sandbox supervisors (instances keep running), the sandboxes'
+    /// resolver and the reconciler.
+    fn quiesce(&self) {
+        self.quiesce.send_replace(true);
+    }
+
+    /// Stops everything: the listeners stop accepting and requests in flight get
+    /// `--shutdown-grace` to complete. Whatever still runs `grace + EXIT_MARGIN` after the
+    /// first call ends with the process.
+    fn stop(&self, why: &str) {
+        self.quiesce();
+        if self.stop.send_replace(true) {
+            return;
+        }
+        tracing::info!(grace = ?self.grace, "{why}: stopping");
+        let limit = self.grace + EXIT_MARGIN;
+        let deadline = std::thread::Builder::new()
+            .name("miren-exit".into())
+            .spawn(move || {
+                std::thread::sleep(limit);
+                tracing::error!(after = ?limit, "the agent did not stop in time: exiting now");
+                // Lets the log writer thread write the line.
+                std::thread::sleep(Duration::from_millis(100));
+                std::process::exit(1);
+            });
+        if let Err(error) = deadline {
+            tracing::error!(%error, "cannot bound the shutdown: no thread for the deadline");
+        }
+    }
+}
+
+/// Handles SIGINT and SIGTERM on a thread of their own, so a stop is honoured even when every
+/// worker of the main runtime is busy: the first stops the agent, a second exits at once.
+fn watch_signals(stopper: Stopper) -> Result<(), AgentError> {
+    let io = |op| move |source| AgentError::Io { op, source };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(io("creating the signal thread's event loop"))?;
+    let (mut interrupt, mut terminate) = {
+        let _entered = runtime.enter();
+        (
+            signal(SignalKind::interrupt()).map_err(io("installing signal handlers"))?,
+            signal(SignalKind::terminate()).map_err(io("installing signal handlers"))?,
+        )
+    };
+    std::thread::Builder::new()
+        .name("miren-signals".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let mut signalled = false;
+                loop {
+                    let name = tokio::select! {
+                        _ = interrupt.recv() => "SIGINT",
+                        _ = terminate.recv() => "SIGTERM",
+                    };
+                    if signalled {
+                        tracing::warn!("{name} again: exiting now");
+                        std::thread::sleep(Duration::from_millis(100));
+                        std::process::exit(1);
+                    }
+                    signalled = true;
+                    stopper.stop(name);
+                }
+            });
+        })
+        .map_err(io("starting the signal thread"))?;
+    Ok(())
+}
+
+/// Waits for a `--upgrade` agent and hands it `fds` (the listening sockets): first the parts
+/// that change state stop (`quiesced` turns true once the API, the supervisors — instances
+/// keep running and their records are saved — and the resolver have ended), then the sockets
+/// are sent, and once the new agent serves, this one stops accepting and drains. The sockets
+/// are closed here when the agent stops without a handover.
+async fn hand_over(
+    listener: UpgradeListener,
+    fds: Vec<OwnedFd>,
+    stopper: Stopper,
+    mut quiesced: watch::Receiver<bool>,
+    handed_over: Arc<AtomicBool>,
+) {
+    let mut stop = stopper.stop.subscribe();
+    let handover = tokio::select! {
+        handover = listener.accept() => handover,
+        _ = stop.wait_for(|stop| *stop) => return,
+    };
+    stopper.quiesce();
+    let _ = quiesced.wait_for(|done| *done).await;
+    // From here on the socket files belong to the new agent.
+    handed_over.store(true, Ordering::SeqCst);
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+    let outcome = match handover.send(&borrowed).await {
+        Ok(()) => {
+            tracing::info!(
+                pid = handover.peer(),
+                "listening sockets handed over; waiting for the new agent to serve"
+            );
+            handover.wait_ready(READY_TIMEOUT).await
+        }
+        Err(error) => Err(error),
+    };
+    match outcome {
+        Ok(()) => stopper.stop("the new agent serves"),
+        Err(error) => {
+            tracing::error!(%error, "the upgrade failed after this agent stopped its API and supervisors (instances keep running); start an agent again");
+            stopper.stop("upgrade failed");
+        }
+    }
 }
 
 /// Binds the sandboxes' resolver on the bridge address, forwarding to the host's resolvers.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod ingress;
+pub mod listeners;
 pub mod metrics;
 pub mod reconcile;
 pub mod routes;

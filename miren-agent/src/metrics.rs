@@ -15,6 +15,7 @@ use crate::{
     api::types::NodePortInfo,
     control::ControlPlane,
     dataplane::{ActiveDataplane, Counters, DataplaneError, NodePortKey},
+    listeners::Inherited,
 };
 
 /// Labels of every node-port family.
@@ -285,14 +286,22 @@ pub struct MetricsState {
     pub dataplane: Option<Arc<ActiveDataplane>>,
 }
 
-/// Binds `addr` for `/metrics`.
+/// The listener for `/metrics` on `addr`: taken from `inherited` (systemd socket activation,
+/// or the agent being upgraded) when it holds one, else bound.
 ///
 /// # Errors
 /// [`MetricsError::Bind`] when the address cannot be bound.
-pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind { addr, source })
+pub async fn bind(
+    addr: SocketAddr,
+    inherited: &mut Inherited,
+) -> Result<tokio::net::TcpListener, MetricsError> {
+    let bind_error = |source| MetricsError::Bind { addr, source };
+    match inherited.take_tcp(addr) {
+        Some(listener) => tokio::net::TcpListener::from_std(listener).map_err(bind_error),
+        None => tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(bind_error),
+    }
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes.

@@ -125,6 +125,16 @@ pub struct SettingsLayer {
     #[arg(long)]
     #[serde(default)]
     pub no_sandboxes: bool,
+    /// How long requests in flight get to complete after SIGTERM/SIGINT (or after an upgrade
+    /// took over), e.g. "30s"; the agent exits at the latest a few seconds after it
+    /// [default: 30s].
+    #[arg(long)]
+    pub shutdown_grace: Option<String>,
+    /// Take over the listeners, API socket and instances of the agent running with the same
+    /// --state-dir, which then drains and exits (zero-downtime restart).
+    #[arg(long)]
+    #[serde(skip)]
+    pub upgrade: bool,
     /// Leave running instances alone when the agent stops, and adopt them when it starts again
     /// (instead of stopping them and starting new ones).
     #[arg(long)]
@@ -179,6 +189,10 @@ pub struct AgentSettings {
     pub trusted_proxies: Vec<crate::ingress::Cidr>,
     /// Whether the agent runs the services' instances itself.
     pub run_sandboxes: bool,
+    /// Time requests in flight get to complete when the agent stops.
+    pub shutdown_grace: std::time::Duration,
+    /// Whether to take over from the agent running with the same state directory.
+    pub upgrade: bool,
     /// Whether instances outlive the agent and are adopted by the next one.
     pub keep_sandboxes: bool,
 }
@@ -291,6 +305,12 @@ impl SettingsLayer {
                 })
                 .collect::<Result<_, _>>()?,
             run_sandboxes: !(self.no_sandboxes || file.no_sandboxes),
+            shutdown_grace: duration_setting(
+                "shutdown grace",
+                self.shutdown_grace.or(file.shutdown_grace),
+                std::time::Duration::from_secs(30),
+            )?,
+            upgrade: self.upgrade,
             keep_sandboxes: self.keep_sandboxes || file.keep_sandboxes,
         })
     }
@@ -308,6 +328,7 @@ impl AgentSettings {
             boot_timeout: self.boot_timeout,
             trusted_proxies: self.trusted_proxies.clone(),
             threads: self.http_threads,
+            shutdown_grace: self.shutdown_grace,
         }
     }
 

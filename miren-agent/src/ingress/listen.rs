@@ -3,7 +3,12 @@
 //! connection in a [`HeadGuard`], completes TLS when the listener has it, and hands the
 //! stream to Pingora's HTTP/1 and HTTP/2 (h2 over TLS, h2c) server, until shutdown.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use pingora::{
@@ -14,6 +19,9 @@ use pingora::{
     server::ShutdownWatch,
 };
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::listeners::Inherited;
 
 use super::{
     IngressError,
@@ -38,7 +46,35 @@ impl BoundSocket {
         let bind_error = |source| IngressError::Bind { addr, what, source };
         let socket = std::net::TcpListener::bind(addr).map_err(bind_error)?;
         socket.set_nonblocking(true).map_err(bind_error)?;
-        let local_addr = socket.local_addr().map_err(bind_error)?;
+        Self::adopt(socket, addr, what)
+    }
+
+    /// `addr`'s listener from `inherited` (systemd socket activation or the agent being
+    /// upgraded), else a fresh bind of `addr`.
+    ///
+    /// # Errors
+    /// [`IngressError::Bind`] naming the address and the flag.
+    pub fn inherit_or_bind(
+        inherited: &mut Inherited,
+        addr: SocketAddr,
+        what: &'static str,
+    ) -> Result<Self, IngressError> {
+        match inherited.take_tcp(addr) {
+            Some(socket) => Self::adopt(socket, addr, what),
+            None => Self::bind(addr, what),
+        }
+    }
+
+    /// Wraps a non-blocking listening socket.
+    fn adopt(
+        socket: std::net::TcpListener,
+        addr: SocketAddr,
+        what: &'static str,
+    ) -> Result<Self, IngressError> {
+        let local_addr =
+            socket
+                .local_addr()
+                .map_err(|source| IngressError::Bind { addr, what, source })?;
         Ok(Self {
             socket,
             local_addr,
@@ -49,6 +85,11 @@ impl BoundSocket {
     /// The bound address (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The listening socket, to hand over to a new agent.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
     }
 
     /// A handle on the socket registered with the event loop of the runtime entered now
@@ -127,15 +168,23 @@ impl HttpServerApp for GuardedApp {
     }
 }
 
+/// How long connections accepted just before a stop get to send their first request before
+/// the idle ones (no request yet, or kept alive between requests) are closed.
+const SETTLE: Duration = Duration::from_secs(1);
+
 /// Accepts connections on `bound` until `shutdown` turns true; each connection is served by a
-/// task on the calling thread's runtime.
+/// task on the calling thread's runtime. Then drains: requests in flight get up to `grace` to
+/// complete (kept-alive connections are closed after their current request, idle ones after
+/// [`SETTLE`]); what is still running after `grace` is cut when the thread's runtime ends.
 pub async fn serve(
     bound: BoundListener,
     app: Arc<GuardedApp>,
     tls: Option<Arc<Acceptor>>,
     limits: HeadLimits,
     mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
 ) {
+    let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
             accepted = bound.listener.accept() => accepted,
@@ -154,7 +203,7 @@ pub async fn serve(
         let app = Arc::clone(&app);
         let tls = tls.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let stream: Stream = match tls {
                 None => Box::new(stream),
                 Some(acceptor) => {
@@ -176,5 +225,23 @@ pub async fn serve(
             ServerApp::process_new(&app, guarded, &shutdown).await;
         });
     }
+    let deadline = tokio::time::Instant::now() + grace;
+    let listener = bound.local_addr;
+    // This thread's handle on the listening socket; the socket itself stays open as long as
+    // another handle does (other threads, a new agent it was handed to).
+    drop(bound);
+    connections.close();
+    let _ = tokio::time::timeout(SETTLE.min(grace), connections.wait()).await;
+    // Ends the waits for a next request on kept-alive connections.
     app.proxy.http_cleanup().await;
+    if tokio::time::timeout_at(deadline, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            %listener,
+            connections = connections.len(),
+            "shutdown grace over: closing connections with requests still in flight"
+        );
+    }
 }

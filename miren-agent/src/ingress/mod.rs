@@ -19,6 +19,7 @@ pub mod routing;
 
 use std::{
     net::{IpAddr, SocketAddr},
+    os::fd::OwnedFd,
     str::FromStr,
     sync::Arc,
     time::Duration,
@@ -31,7 +32,7 @@ use pingora::{
 };
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::{listeners::Inherited, metrics::Metrics};
 
 use self::{
     activation::Activations,
@@ -137,6 +138,8 @@ pub struct IngressSettings {
     pub trusted_proxies: Vec<Cidr>,
     /// Threads serving both listeners (at least 1).
     pub threads: usize,
+    /// How long requests in flight get to complete after a stop (`--shutdown-grace`).
+    pub shutdown_grace: Duration,
 }
 
 /// What the proxy logic needs, shared by both listeners.
@@ -192,6 +195,9 @@ pub struct Ingress {
     settings: IngressSettings,
     addrs: (SocketAddr, SocketAddr),
     threads: Vec<IngressThread>,
+    /// Handles on both listening sockets for a handover to a new agent (see
+    /// [`Ingress::take_listening_fds`]).
+    listening: Vec<OwnedFd>,
 }
 
 /// One ingress thread's runtime with both listeners registered in its event loop.
@@ -203,14 +209,31 @@ struct IngressThread {
 }
 
 impl Ingress {
-    /// Binds both listeners and creates the event loop of every ingress thread.
+    /// Takes both listeners from `inherited` (systemd socket activation, or the agent being
+    /// upgraded) or binds them, and creates the event loop of every ingress thread.
     ///
     /// # Errors
     /// [`IngressError::Bind`] when an address is taken or not allowed;
     /// [`IngressError::Thread`] when an event loop cannot be created.
-    pub fn bind(settings: IngressSettings) -> Result<Self, IngressError> {
-        let http = BoundSocket::bind(settings.http_addr, "--http-addr")?;
-        let https = BoundSocket::bind(settings.https_addr, "--https-addr")?;
+    pub fn bind(
+        settings: IngressSettings,
+        inherited: &mut Inherited,
+    ) -> Result<Self, IngressError> {
+        let http = BoundSocket::inherit_or_bind(inherited, settings.http_addr, "--http-addr")?;
+        let https = BoundSocket::inherit_or_bind(inherited, settings.https_addr, "--https-addr")?;
+        let listening = [&http, &https]
+            .iter()
+            .map(|socket| {
+                socket
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| IngressError::Bind {
+                        addr: socket.local_addr(),
+                        what: "a handle for upgrades",
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
         let threads = (0..settings.threads.max(1))
             .map(|_| {
                 let runtime = tokio::runtime::Builder::new_current_thread()
@@ -232,7 +255,15 @@ impl Ingress {
             settings,
             addrs: (http.local_addr(), https.local_addr()),
             threads,
+            listening,
         })
+    }
+
+    /// Handles on the HTTP and HTTPS listening sockets, for a handover to a new agent
+    /// (`--upgrade`). Taken before [`Ingress::serve`]; whoever holds them keeps the sockets
+    /// open, so drop them when no handover can come any more.
+    pub fn take_listening_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.listening)
     }
 
     /// The bound (HTTP, HTTPS) addresses.
@@ -240,7 +271,8 @@ impl Ingress {
         self.addrs
     }
 
-    /// Serves both listeners on the ingress threads until `shutdown` turns true.
+    /// Serves both listeners on the ingress threads until `shutdown` turns true, then drains
+    /// (requests in flight get up to the settings' `shutdown_grace`).
     ///
     /// # Errors
     /// [`IngressError::Thread`] when a thread cannot be started.
@@ -278,6 +310,9 @@ impl Ingress {
         // Shared by the threads, and with them Pingora's upstream connection pool.
         let (http_app, https_app) = (app(false), app(true));
         let acceptor = Arc::new(tls_acceptor(hooks.cert_resolver));
+        let grace = self.settings.shutdown_grace;
+        // Not kept open while draining: after a stop, new connections are refused at once.
+        drop(self.listening);
         let mut finished = Vec::new();
         for (i, thread) in self.threads.into_iter().enumerate() {
             let (http_app, https_app) = (Arc::clone(&http_app), Arc::clone(&https_app));
@@ -289,13 +324,21 @@ impl Ingress {
                 .spawn(move || {
                     thread.runtime.block_on(async {
                         tokio::join!(
-                            listen::serve(thread.http, http_app, None, limits, shutdown.clone()),
+                            listen::serve(
+                                thread.http,
+                                http_app,
+                                None,
+                                limits,
+                                shutdown.clone(),
+                                grace
+                            ),
                             listen::serve(
                                 thread.https,
                                 https_app,
                                 Some(acceptor),
                                 limits,
-                                shutdown
+                                shutdown,
+                                grace
                             ),
                         )
                     });
