@@ -1,5 +1,6 @@
 //! The embedded eBPF object and loading it into the kernel.
 
+pub mod attached;
 mod counter;
 
 pub use counter::{PacketCounter, PacketCounts};
@@ -51,6 +52,15 @@ pub enum BpfError {
         /// The underlying error.
         #[source]
         source: aya::programs::links::LinkError,
+    },
+    /// A `bpf()` command or netlink request outside aya failed.
+    #[error("{op}: {source}")]
+    Kernel {
+        /// What was being done, e.g. "detaching link 12".
+        op: String,
+        /// The kernel's error.
+        #[source]
+        source: std::io::Error,
     },
     /// A map operation failed.
     #[error("{op} failed")]

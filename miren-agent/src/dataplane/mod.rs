@@ -2,6 +2,7 @@
 //! addresses, node ports, their endpoints) and makes the kernel match it, writing only what
 //! changed; it reports the kernel's counters. [`xdp::XdpDataplane`] is the eBPF/XDP one.
 
+mod hygiene;
 pub mod maglev;
 pub mod nft;
 mod pins;
@@ -11,6 +12,7 @@ pub mod xdp;
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
     sync::{Mutex, MutexGuard},
 };
 
@@ -93,6 +95,44 @@ pub enum DataplaneError {
         port: NodePortKey,
         /// Which limit.
         limit: String,
+    },
+    /// The pin directory is not on a bpffs and none could be mounted for it.
+    #[error("{} cannot hold pinned eBPF objects: {why}; {hint}", dir.display())]
+    PinDir {
+        /// The `--bpf-pin-dir`.
+        dir: PathBuf,
+        /// Why not.
+        why: String,
+        /// What the operator can do.
+        hint: String,
+    },
+    /// A program that is not miren's holds XDP on an interface; miren never touches it.
+    #[error(
+        "{iface} already runs the XDP program {name:?} (id {id}), which is not miren's and is left alone; detach it (`ip link set dev {iface} xdp off`) or use --dataplane nft"
+    )]
+    ForeignXdp {
+        /// The interface.
+        iface: String,
+        /// The program's name.
+        name: String,
+        /// The program's id.
+        id: u32,
+    },
+    /// A stale program of miren's is attached without a link, which the agent cannot detach.
+    #[error(
+        "{iface} runs a stale {name} (program id {id}, {hook}) attached without a link; remove it (`{remedy}`) and restart the agent"
+    )]
+    StaleWithoutLink {
+        /// The interface.
+        iface: String,
+        /// The program's name.
+        name: String,
+        /// The program's id.
+        id: u32,
+        /// Where it is attached.
+        hook: crate::bpf::attached::Hook,
+        /// The command that removes it.
+        remedy: String,
     },
     /// The `nft` or `conntrack` command failed or printed something unexpected.
     #[error("{op}: {detail}")]

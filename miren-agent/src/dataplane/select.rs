@@ -1,12 +1,15 @@
 //! Choosing the node-port data plane (`--dataplane auto|xdp|nft`): auto tries XDP in native
 //! mode, then XDP in generic mode, then nftables, and says why each step failed. Whatever is
-//! chosen, the other data plane's leftovers (pinned eBPF objects or the nft table) are removed.
+//! chosen, the other data plane's leftovers (pinned eBPF objects or the nft table) are removed,
+//! and miren's programs attached to the interfaces through links this agent does not adopt
+//! (e.g. pinned under another `--bpf-pin-dir`) are detached ([`super::hygiene`]).
 
-use std::{path::Path, time::Duration};
+use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use super::{
-    Dataplane, DataplaneError,
+    Dataplane, DataplaneError, hygiene,
     nft::NftDataplane,
+    pins,
     xdp::{self, XdpDataplane},
 };
 
@@ -62,7 +65,7 @@ pub struct Selected {
 /// start; for auto the error also says why XDP was refused.
 pub fn select(settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError> {
     match settings.choice {
-        DataplaneChoice::Nft => start_nft("--dataplane nft".into(), settings.bpf_pin_dir),
+        DataplaneChoice::Nft => start_nft("--dataplane nft".into(), settings),
         DataplaneChoice::Xdp => start_xdp(settings, false),
         DataplaneChoice::Auto => {
             let native = match start_xdp(settings, false) {
@@ -70,6 +73,16 @@ pub fn select(settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError>
                 Err(err) => err,
             };
             tracing::warn!(error = %native, "XDP in native mode refused; trying generic mode");
+            // Without a usable pin directory generic mode fails the same way.
+            if matches!(native, DataplaneError::PinDir { .. }) {
+                tracing::warn!(error = %native, "XDP refused; using nftables");
+                return start_nft(format!("XDP refused: {native}"), settings).map_err(|nft| {
+                    DataplaneError::Command {
+                        op: "no node-port data plane could start".into(),
+                        detail: format!("XDP: {native}; nftables: {nft}"),
+                    }
+                });
+            }
             let generic = match start_xdp(settings, true) {
                 Ok(mut selected) => {
                     selected.reason =
@@ -81,7 +94,7 @@ pub fn select(settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError>
             tracing::warn!(error = %generic, "XDP in generic mode refused; using nftables");
             start_nft(
                 format!("XDP refused; native mode: {native}; generic mode: {generic}"),
-                settings.bpf_pin_dir,
+                settings,
             )
             .map_err(|nft| DataplaneError::Command {
                 op: "no node-port data plane could start".into(),
@@ -93,14 +106,33 @@ pub fn select(settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError>
     }
 }
 
-/// Loads XDP (adopting pinned state), attaches it to every interface in native mode or, with
-/// `generic`, generic mode (interfaces already attached by an earlier agent are adopted), and
-/// removes a leftover nft table.
+/// Loads XDP (adopting pinned state; mounting a bpffs at `/sys/fs/bpf` for the default pin
+/// directory when there is none), detaches stale programs of miren's from every interface,
+/// attaches to every interface in native mode or, with `generic`, generic mode (interfaces
+/// already attached through this pin directory's links are adopted), and removes a leftover
+/// nft table.
 fn start_xdp(settings: &SelectSettings<'_>, generic: bool) -> Result<Selected, DataplaneError> {
+    let mounted = pins::prepare(settings.bpf_pin_dir)?;
     let mut dataplane = XdpDataplane::load_pinned(settings.bpf_pin_dir)?;
     dataplane.set_udp_timeout(settings.udp_timeout)?;
     let mut modes = Vec::new();
+    let mut notes: Vec<String> = mounted.into_iter().collect();
     for iface in settings.ifaces {
+        let keep = pins::pinned_link_ids(settings.bpf_pin_dir, iface);
+        let cleaned = hygiene::clean(iface, &keep)?;
+        if let Some(foreign) = cleaned.foreign_xdp {
+            return Err(DataplaneError::ForeignXdp {
+                iface: iface.clone(),
+                name: foreign.name,
+                id: foreign.prog_id,
+            });
+        }
+        notes.extend(
+            cleaned
+                .detached
+                .into_iter()
+                .map(|d| format!("detached stale {d}")),
+        );
         let mode = dataplane.attach(iface, generic)?;
         tracing::info!(%iface, %mode, "XDP node-port data plane attached");
         modes.push(format!("{iface} {mode}"));
@@ -110,18 +142,37 @@ fn start_xdp(settings: &SelectSettings<'_>, generic: bool) -> Result<Selected, D
     }
     Ok(Selected {
         dataplane: Box::new(dataplane),
-        reason: format!("XDP on {}", modes.join(", ")),
+        reason: with_notes(format!("XDP on {}", modes.join(", ")), &notes),
     })
 }
 
-/// Removes XDP leftovers (pinned maps and links, which detaches the programs) and opens the
-/// nftables data plane.
-fn start_nft(reason: String, bpf_pin_dir: &Path) -> Result<Selected, DataplaneError> {
+/// Detaches every program of miren's from the interfaces (whatever pin directory holds their
+/// links), removes XDP leftovers under the pin directory (pinned maps and links), and opens
+/// the nftables data plane.
+fn start_nft(reason: String, settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError> {
+    let mut notes = Vec::new();
+    for iface in settings.ifaces {
+        let cleaned = hygiene::clean(iface, &BTreeSet::new())?;
+        notes.extend(
+            cleaned
+                .detached
+                .into_iter()
+                .map(|d| format!("detached stale {d}")),
+        );
+    }
+    let bpf_pin_dir = settings.bpf_pin_dir;
     if xdp::remove_pins(bpf_pin_dir)? {
         tracing::info!(dir = %bpf_pin_dir.display(), "removed the pinned objects of an earlier XDP data plane");
     }
     Ok(Selected {
         dataplane: Box::new(NftDataplane::open()?),
-        reason: format!("nftables ({reason})"),
+        reason: with_notes(format!("nftables ({reason})"), &notes),
     })
+}
+
+/// `reason`, then `; note` for each note.
+fn with_notes(reason: String, notes: &[String]) -> String {
+    notes
+        .iter()
+        .fold(reason, |reason, note| format!("{reason}; {note}"))
 }

@@ -152,8 +152,9 @@ impl XdpDataplane {
     /// stops across a restart.
     ///
     /// # Errors
-    /// [`DataplaneError::Io`] if `pin_dir` is not on a bpffs; [`DataplaneError::Bpf`] when the
-    /// kernel refuses the programs or pinned maps do not match.
+    /// [`DataplaneError::PinDir`] if `pin_dir` is not on a bpffs (under `/sys/fs/bpf`, one is
+    /// mounted there first when none is); [`DataplaneError::Bpf`] when the kernel refuses the
+    /// programs or pinned maps do not match.
     pub fn load_pinned(pin_dir: &Path) -> Result<Self, DataplaneError> {
         pins::prepare(pin_dir)?;
         Self::load_with(Some(pin_dir.to_owned()))

@@ -1,0 +1,278 @@
+//! Data plane hygiene with the real agent: a stale XDP data plane pinned under another
+//! `--bpf-pin-dir` is detached at start (whichever plane the new agent runs), foreign programs
+//! are left alone and named in the status, and with the default pin directory on a node whose
+//! `/sys/fs/bpf` is no bpffs, `auto` mounts one and chooses XDP.
+//!
+//! The bpffs test runs the agent in a private mount namespace made for it (`unshare --mount
+//! --propagation private`), so nothing is ever mounted in the host's mount namespace.
+
+use std::{net::SocketAddr, path::Path, process::Command};
+
+use aya::programs::XdpMode;
+use miren_agent::{
+    api::types::Status,
+    bpf::{
+        PacketCounter,
+        attached::{self, AttachedProgram, Hook},
+    },
+};
+use miren_tests::{
+    process::{AgentProcess, BpfPinDir, binary},
+    world::{NODE_IP, Plane, World, agent_command, wait_for_status_ok},
+};
+
+/// The node-port programs' names (miren_common::nodeport).
+const XDP_PROGRAM: &str = "miren_nodeport";
+const TC_PROGRAM: &str = "miren_reply";
+
+fn status(agent: &AgentProcess) -> Status {
+    let out = agent.miren(&["status", "--output", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The XDP and TCX programs on the node's eth0, read from the kernel inside its namespace.
+fn programs_on_eth0(world: &World) -> Vec<AttachedProgram> {
+    world
+        .node
+        .run(|| attached::attached(attached::ifindex("eth0")?))
+        .unwrap()
+        .expect("read the programs attached to eth0")
+}
+
+/// The node port answers and sandbox `sandbox` served the flow.
+fn assert_served_by(world: &World, sandbox: usize) {
+    let (client, from) = world.udp_echo(b"hello");
+    assert_eq!(
+        from,
+        format!("{NODE_IP}:7000").parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(world.served_by(client), Some(sandbox), "flow from {client}");
+}
+
+/// Starts the agent (no sandboxes of its own) with `--bpf-pin-dir pins`.
+fn start_agent_pinned_at(world: &World, plane: Plane, pins: &Path) -> AgentProcess {
+    let mut command = agent_command(&world.node, world.dir(), pins, plane.flag());
+    command.arg("--no-sandboxes");
+    AgentProcess::start(
+        command,
+        &world.dir().join("agent.sock"),
+        &world.dir().join("agent.log"),
+    )
+}
+
+/// An XDP agent is killed with kill -9 (its links stay pinned under its pin directory, its
+/// programs keep forwarding to sandbox 0); a new agent with another pin directory and `plane`
+/// must detach them, so traffic follows the new agent's endpoints (sandbox 1).
+fn restart_with_another_pin_dir(plane: Plane) {
+    let world = World::new(2);
+    let old_pins = BpfPinDir::new("old");
+    let agent = start_agent_pinned_at(&world, Plane::Xdp, old_pins.path());
+    world.deploy(&agent);
+    assert_served_by(&world, 0);
+    let old: Vec<u32> = programs_on_eth0(&world).iter().map(|p| p.prog_id).collect();
+    assert_eq!(old.len(), 2, "XDP and TC programs: {old:?}");
+    agent.kill9();
+    assert_eq!(
+        programs_on_eth0(&world).len(),
+        2,
+        "pinned links outlive the agent"
+    );
+
+    let new_pins = BpfPinDir::new("new");
+    let agent = start_agent_pinned_at(&world, plane, new_pins.path());
+    wait_for_status_ok(&agent);
+    // Only the new data plane knows this change: a stale one keeps sending to sandbox 0.
+    world.set_endpoints(&agent, &[1]);
+    assert_served_by(&world, 1);
+
+    let now = programs_on_eth0(&world);
+    assert!(
+        now.iter().all(|p| !old.contains(&p.prog_id)),
+        "stale programs {old:?} still attached: {now:?}"
+    );
+    let mut names: Vec<(Hook, &str)> = now.iter().map(|p| (p.hook, p.name.as_str())).collect();
+    names.sort();
+    let expected = match plane {
+        Plane::Xdp => vec![(Hook::Xdp, XDP_PROGRAM), (Hook::TcxEgress, TC_PROGRAM)],
+        Plane::Nft => vec![],
+    };
+    assert_eq!(names, expected, "{}", agent.log_text());
+    let link = world
+        .node
+        .ip(&["-d", "link", "show", "dev", "eth0"])
+        .unwrap();
+    assert_eq!(link.contains("prog/xdp"), plane == Plane::Xdp, "{link}");
+
+    let status = status(&agent);
+    assert_eq!(status.dataplane.mode, plane.flag(), "{status:?}");
+    let old_pin = old_pins.path().join("links/xdp-eth0");
+    for expected in [
+        format!("detached stale {}", XDP_PROGRAM),
+        format!("pinned at {}", old_pin.display()),
+        format!("detached stale {}", TC_PROGRAM),
+    ] {
+        assert!(
+            status.dataplane.reason.contains(&expected),
+            "the status should say {expected:?}: {}",
+            status.dataplane.reason
+        );
+    }
+    assert!(!old_pin.exists(), "the stale link's pin is removed");
+    assert!(
+        agent
+            .log_text()
+            .contains("detached a stale miren program this agent does not own"),
+        "{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn a_stale_xdp_plane_from_another_pin_dir_is_detached_for_xdp() {
+    restart_with_another_pin_dir(Plane::Xdp);
+}
+
+#[test]
+fn a_stale_xdp_plane_from_another_pin_dir_is_detached_for_nft() {
+    restart_with_another_pin_dir(Plane::Nft);
+}
+
+#[test]
+fn a_restart_with_the_same_pin_dir_adopts_instead_of_detaching() {
+    let world = World::new(1);
+    let agent = world.start_agent(Plane::Xdp);
+    world.deploy(&agent);
+    assert_served_by(&world, 0);
+    agent.kill9();
+    let agent = world.start_agent(Plane::Xdp);
+    wait_for_status_ok(&agent);
+    assert_served_by(&world, 0);
+    let status = status(&agent);
+    assert!(
+        status.dataplane.reason.contains("adopted pinned XDP link")
+            && !status.dataplane.reason.contains("detached"),
+        "{}",
+        status.dataplane.reason
+    );
+}
+
+#[test]
+fn a_foreign_xdp_program_is_left_alone_and_named() {
+    let world = World::new(1);
+    let mut foreign = PacketCounter::load().expect("load the foreign XDP program");
+    world
+        .node
+        .run(|| foreign.attach("eth0", XdpMode::Driver))
+        .unwrap()
+        .expect("attach the foreign XDP program");
+
+    let agent = world.start_agent_with("auto");
+    world.deploy(&agent);
+    assert_served_by(&world, 0);
+    let status = status(&agent);
+    assert_eq!(status.dataplane.mode, "nft", "{status:?}");
+    let expected = "eth0 already runs the XDP program \"miren_count\"";
+    assert!(
+        status.dataplane.reason.contains(expected)
+            && status.dataplane.reason.contains("not miren's"),
+        "{}",
+        status.dataplane.reason
+    );
+    let now = programs_on_eth0(&world);
+    assert_eq!(
+        now.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        ["miren_count"],
+        "{now:?}"
+    );
+    assert!(foreign.counts().unwrap().packets > 0);
+}
+
+/// The mount namespace of the calling process.
+fn mount_ns(pid: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn auto_mounts_a_bpffs_for_the_default_pin_dir_and_chooses_xdp() {
+    let world = World::new(1);
+    let host_ns = mount_ns("self");
+    let host_bpf = nix::sys::statfs::statfs("/sys/fs/bpf")
+        .map(|fs| fs.filesystem_type().0)
+        .ok();
+    // A private mount namespace for the agent alone: a tmpfs over /sys/fs/bpf there makes it
+    // "no bpffs"; the script refuses to go on unless it really runs in a namespace of its own.
+    let script = format!(
+        r#"[ "$(readlink /proc/self/ns/mnt)" != "{host_ns}" ] || {{ echo "not in a private mount namespace" >&2; exit 97; }}
+mount -t tmpfs -o size=1m,mode=0700 tmpfs /sys/fs/bpf && exec "$@""#
+    );
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(script)
+        .arg("sh")
+        .arg("nsenter")
+        .arg(format!("--net={}", world.node.path().display()))
+        .arg("--")
+        .arg(binary("miren-agent"))
+        .args(["run", "--iface", "eth0", "--node-ip", NODE_IP])
+        .args(["--dataplane", "auto", "--no-sandboxes"])
+        .arg("--state-dir")
+        .arg(world.dir().join("state"))
+        .arg("--api-socket")
+        .arg(world.dir().join("agent.sock"));
+    let mut agent = AgentProcess::start(
+        command,
+        &world.dir().join("agent.sock"),
+        &world.dir().join("agent.log"),
+    );
+    assert_ne!(mount_ns(&agent.pid().to_string()), host_ns);
+
+    world.deploy(&agent);
+    assert_served_by(&world, 0);
+    let status = status(&agent);
+    assert_eq!(status.dataplane.mode, "xdp", "{status:?}");
+    assert!(
+        status
+            .dataplane
+            .reason
+            .contains("mounted a bpffs at /sys/fs/bpf"),
+        "{}",
+        status.dataplane.reason
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("the agent runs in a mount namespace of its own"),
+        "{log}"
+    );
+    // The agent's pins live in its namespace's bpffs; the host's /sys/fs/bpf is untouched.
+    let pinned = Command::new("nsenter")
+        .arg(format!("--mount=/proc/{}/ns/mnt", agent.pid()))
+        .args(["--", "ls", "/sys/fs/bpf/miren/links"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&pinned.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["tc-eth0", "xdp-eth0"],
+        "{pinned:?}"
+    );
+    assert_eq!(
+        nix::sys::statfs::statfs("/sys/fs/bpf")
+            .map(|fs| fs.filesystem_type().0)
+            .ok(),
+        host_bpf
+    );
+
+    // Ending the agent ends its mount namespace and with it the bpffs; deleting the network
+    // namespace (World's drop) removes whatever is left on eth0.
+    assert!(
+        agent
+            .terminate(std::time::Duration::from_secs(15))
+            .is_some()
+    );
+}
