@@ -22,8 +22,8 @@ use crate::{
     },
     config::{
         AppConfig, ConcurrencyMode, ConfigError, NodePortClaim, PortKind, Protocol, ServiceConfig,
-        Source, ValidationContext, assign_ports, check_node_port_claims, instance_env,
-        parse_deployable,
+        Source, ValidationContext, assign_ports, check_node_instances, check_node_port_claims,
+        instance_env, parse_deployable,
     },
     dataplane::NodePortKey,
     routes::{Host, check_route_target},
@@ -101,6 +101,9 @@ pub struct DeployedService {
     pub env: std::collections::BTreeMap<String, String>,
     /// The validated service (ports with numbers, concurrency).
     pub service: ServiceConfig,
+    /// The most instances the service may run (`--max-instances-per-service`): an auto
+    /// service scales up to it at most.
+    pub max_instances: u32,
 }
 
 /// Validated operations on the desired state.
@@ -216,6 +219,16 @@ impl ControlPlane {
             service: np.service.clone(),
         });
         ConfigError::check(check_node_port_claims(&config, claims))?;
+        let others: u64 = desired
+            .apps
+            .values()
+            .filter(|app| app.record.name != config.name)
+            .map(|app| app.config.fixed_instances())
+            .sum();
+        let limit = self.settings.validation.limits.instances_per_node;
+        if let Some(over) = check_node_instances(&config, others, limit) {
+            return Err(ConfigError::new(vec![over]).into());
+        }
         for route in desired.routes.iter().filter(|r| r.app == config.name) {
             check_route_target(&config, &route.service).map_err(|err| {
                 ControlError::Conflict(format!(
@@ -735,6 +748,7 @@ impl ControlPlane {
                     command,
                     env,
                     service: service.clone(),
+                    max_instances: self.settings.validation.limits.instances_per_service,
                 });
             }
         }

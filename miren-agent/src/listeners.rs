@@ -529,3 +529,68 @@ fn receive_fds(socket: RawFd) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     let len = message.bytes;
     Ok((buf[..len].to_vec(), fds))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handover between two "agents" in one process: the sockets arrive, are matched by
+    /// their addresses, and are the same kernel objects (a connection queued on the old
+    /// handle is accepted on the new one).
+    #[tokio::test]
+    async fn handover_passes_listeners_matched_by_address() {
+        let dir = std::env::temp_dir().join(format!("miren-handover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp_addr = tcp.local_addr().unwrap();
+        let unix_path = dir.join("api.sock");
+        std::fs::create_dir_all(&dir).unwrap();
+        let unix = std::os::unix::net::UnixListener::bind(&unix_path).unwrap();
+
+        let listener = UpgradeListener::bind(&dir).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(upgrade_socket(&dir))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let old = tokio::spawn(async move {
+            let handover = listener.accept().await;
+            handover.send(&[tcp.as_fd(), unix.as_fd()]).await.unwrap();
+            handover.wait_ready(Duration::from_secs(5)).await
+        });
+        let (mut inherited, upgrade) = Upgrade::request(&dir).await.unwrap();
+        assert!(inherited.take_tcp("127.0.0.1:1".parse().unwrap()).is_none());
+        let taken = inherited.take_tcp(tcp_addr).expect("the TCP listener");
+        let api = inherited.take_unix(&unix_path).expect("the Unix listener");
+        assert!(inherited.sockets.is_empty());
+        upgrade.ready().await.unwrap();
+        old.await.unwrap().unwrap();
+
+        let _client = std::net::TcpStream::connect(tcp_addr).unwrap();
+        taken.set_nonblocking(false).unwrap();
+        taken.accept().unwrap();
+        let _client = std::os::unix::net::UnixStream::connect(&unix_path).unwrap();
+        api.set_nonblocking(false).unwrap();
+        api.accept().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A new agent that goes away before it serves is reported, not waited for.
+    #[tokio::test]
+    async fn a_new_agent_that_leaves_early_fails_the_handover() {
+        let dir = std::env::temp_dir().join(format!("miren-handover-gone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let listener = UpgradeListener::bind(&dir).unwrap();
+        let old = tokio::spawn(async move {
+            let handover = listener.accept().await;
+            handover.send(&[]).await.unwrap();
+            handover.wait_ready(Duration::from_secs(5)).await
+        });
+        let (_, upgrade) = Upgrade::request(&dir).await.unwrap();
+        drop(upgrade);
+        let error = old.await.unwrap().unwrap_err().to_string();
+        assert!(error.contains("went away before it served"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

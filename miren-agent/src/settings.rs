@@ -9,7 +9,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{config::ValidationContext, dataplane::select::DataplaneChoice};
+use crate::{
+    config::{Limits, ValidationContext},
+    dataplane::select::DataplaneChoice,
+};
 
 /// The config file read when `--config` is not given (if it exists).
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/miren/agent.toml";
@@ -116,6 +119,20 @@ pub struct SettingsLayer {
     /// CPUs the agent may run on].
     #[arg(long, value_name = "N")]
     pub http_threads: Option<usize>,
+    /// Most services one app may have; a deploy with more is refused [default: 64].
+    #[arg(long, value_name = "N")]
+    pub max_services_per_app: Option<usize>,
+    /// Most ports one service may have; a deploy with more is refused [default: 32].
+    #[arg(long, value_name = "N")]
+    pub max_ports_per_service: Option<usize>,
+    /// Most instances of one service: a larger fixed `num_instances` is refused, and an auto
+    /// service scales up to it at most [default: 64].
+    #[arg(long, value_name = "N")]
+    pub max_instances_per_service: Option<u32>,
+    /// Most fixed instances of all apps together on this node; a deploy that would exceed
+    /// it is refused [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_instances_per_node: Option<u64>,
     /// Peer (address or CIDR) whose X-Forwarded-* headers the ingress keeps (repeatable);
     /// from anyone else they are replaced.
     #[arg(long = "trusted-proxy")]
@@ -185,6 +202,8 @@ pub struct AgentSettings {
     pub boot_timeout: std::time::Duration,
     /// Threads serving the HTTP ingress.
     pub http_threads: usize,
+    /// Size limits of apps (`--max-*`).
+    pub limits: Limits,
     /// Peers whose forwarding headers are kept.
     pub trusted_proxies: Vec<crate::ingress::Cidr>,
     /// Whether the agent runs the services' instances itself.
@@ -296,6 +315,29 @@ impl SettingsLayer {
                 }
                 Some(n) => n,
             },
+            limits: Limits {
+                services_per_app: limit_setting(
+                    "max-services-per-app",
+                    self.max_services_per_app.or(file.max_services_per_app),
+                    Limits::DEFAULT_SERVICES_PER_APP,
+                )?,
+                ports_per_service: limit_setting(
+                    "max-ports-per-service",
+                    self.max_ports_per_service.or(file.max_ports_per_service),
+                    Limits::DEFAULT_PORTS_PER_SERVICE,
+                )?,
+                instances_per_service: limit_setting(
+                    "max-instances-per-service",
+                    self.max_instances_per_service
+                        .or(file.max_instances_per_service),
+                    Limits::DEFAULT_INSTANCES_PER_SERVICE,
+                )?,
+                instances_per_node: limit_setting(
+                    "max-instances-per-node",
+                    self.max_instances_per_node.or(file.max_instances_per_node),
+                    Limits::DEFAULT_INSTANCES_PER_NODE,
+                )?,
+            },
             trusted_proxies: prefer_flags(self.trusted_proxy, file.trusted_proxy)
                 .iter()
                 .map(|text| {
@@ -349,7 +391,23 @@ impl AgentSettings {
                     "the agent's metrics listener (--metrics-addr)".into(),
                 ),
             ],
+            limits: self.limits,
         }
+    }
+}
+
+/// A `--max-*` limit, or `default` when unset; 0 is refused (nothing could be deployed).
+fn limit_setting<T: Copy + PartialEq + From<u8>>(
+    flag: &str,
+    value: Option<T>,
+    default: T,
+) -> Result<T, SettingsError> {
+    match value {
+        None => Ok(default),
+        Some(n) if n == T::from(0) => Err(SettingsError::Invalid(format!(
+            "--{flag} must be at least 1"
+        ))),
+        Some(n) => Ok(n),
     }
 }
 
@@ -473,6 +531,57 @@ mod tests {
     }
 
     #[test]
+    fn limits_have_defaults_file_keys_and_flags() {
+        let defaults = SettingsLayer {
+            config: Some(PathBuf::from("/dev/null")),
+            ..SettingsLayer::default()
+        };
+        let limits = defaults.resolve().unwrap().limits;
+        assert_eq!(
+            (
+                limits.services_per_app,
+                limits.ports_per_service,
+                limits.instances_per_service,
+                limits.instances_per_node
+            ),
+            (64, 32, 64, 1024)
+        );
+        assert_eq!(limits, Limits::default());
+
+        let dir = std::env::temp_dir().join(format!("miren-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        std::fs::write(
+            &file,
+            "max-services-per-app = 5\nmax-instances-per-node = 7\n",
+        )
+        .unwrap();
+        let layer = SettingsLayer {
+            config: Some(file.clone()),
+            max_instances_per_node: Some(9),
+            max_ports_per_service: Some(2),
+            ..SettingsLayer::default()
+        };
+        let settings = layer.resolve().unwrap();
+        assert_eq!(settings.limits.services_per_app, 5);
+        assert_eq!(settings.limits.ports_per_service, 2);
+        assert_eq!(settings.limits.instances_per_node, 9);
+        assert_eq!(settings.validation_context().limits, settings.limits);
+
+        let zero = SettingsLayer {
+            config: Some(file),
+            max_instances_per_service: Some(0),
+            ..SettingsLayer::default()
+        };
+        let err = zero.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("--max-instances-per-service must be at least 1"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn udp_timeout_is_a_duration() {
         let with = |text: &str| SettingsLayer {
             config: Some(PathBuf::from("/dev/null")),
@@ -483,6 +592,25 @@ mod tests {
         let err = with("soon").resolve().unwrap_err().to_string();
         assert!(
             err.contains("UDP timeout \"soon\" is not a duration"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn shutdown_grace_defaults_to_30s_and_is_a_duration() {
+        let with = |text: Option<&str>| SettingsLayer {
+            config: Some(PathBuf::from("/dev/null")),
+            shutdown_grace: text.map(Into::into),
+            ..SettingsLayer::default()
+        };
+        assert_eq!(with(None).resolve().unwrap().shutdown_grace.as_secs(), 30);
+        assert_eq!(
+            with(Some("5s")).resolve().unwrap().shutdown_grace.as_secs(),
+            5
+        );
+        let err = with(Some("later")).resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("shutdown grace \"later\" is not a duration"),
             "{err}"
         );
     }

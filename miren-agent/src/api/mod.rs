@@ -14,12 +14,12 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Path as UrlPath, Query, State},
-    http::StatusCode,
+    extract::{FromRequest, FromRequestParts, Path as UrlPath, Query, Request, State},
+    http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
 
 use crate::{
     control::{ControlError, ControlPlane},
@@ -29,7 +29,8 @@ use crate::{
 };
 use types::{
     AppDetail, AppSummary, CertInfo, CertRequest, DataplaneStatus, DeployRequest, ErrorBody,
-    LogChunk, NodePortInfo, PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
+    LogChunk, MAX_ROUTE_TIMEOUT_MS, NodePortInfo, PortsEditRequest, RouteInfo, RouteRequest,
+    ServiceEndpoints, Status,
 };
 
 /// What the API handlers share.
@@ -178,6 +179,93 @@ fn error_response(status: StatusCode, kind: &str, error: &dyn std::error::Error)
         .into_response()
 }
 
+/// Runs `work` on tokio's blocking pool: everything a handler does that may block (the
+/// control plane's lock and its SQLite commits, file reads, parsing a large app.toml), so
+/// that the API's runtime keeps answering other requests meanwhile. A panic in `work` is
+/// resumed in the handler.
+async fn blocking<T, E>(work: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<Json<T>, E>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map(Json),
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+/// A JSON request body. Unlike axum's [`Json`] (422 with plain text), a body that does not
+/// fit `T` is refused with 400 and an [`ErrorBody`] naming the field, e.g.
+/// `invalid request body: add[0].node_port: invalid value: integer `70000`, expected a port
+/// number from 1 to 65535 at line 1 column 40`.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(input_error(rejection.status(), "request body", &rejection)),
+        }
+    }
+}
+
+/// The query string, refused like [`Body`] when it does not fit `T`.
+struct Params<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(input_error(rejection.status(), "query string", &rejection)),
+        }
+    }
+}
+
+/// An [`ErrorBody`] for a request axum could not extract: the message of the innermost error
+/// (which names the field), 400 where axum would answer 422.
+fn input_error(status: StatusCode, what: &str, rejection: &dyn std::error::Error) -> Response {
+    let detail = rejection
+        .source()
+        .map_or_else(|| rejection.to_string(), ToString::to_string);
+    let status = match status {
+        StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+        other => other,
+    };
+    let body = ErrorBody {
+        error: format!("invalid {what}: {detail}"),
+        kind: "bad_request".into(),
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Refuses a route timeout outside 1 ms to [`MAX_ROUTE_TIMEOUT_MS`].
+fn check_route_timeout(timeout_ms: Option<u64>) -> Result<(), ControlError> {
+    match timeout_ms {
+        Some(ms) if !(1..=MAX_ROUTE_TIMEOUT_MS).contains(&ms) => {
+            Err(ControlError::BadRequest(format!(
+                "timeout_ms {ms} is out of range; use 1 to {MAX_ROUTE_TIMEOUT_MS} (1 ms to 24 h)"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Refuses endpoints with port 0.
+fn check_endpoint_ports(endpoints: &ServiceEndpoints) -> Result<(), ControlError> {
+    for (name, addrs) in &endpoints.endpoints {
+        if let Some((i, addr)) = addrs.iter().enumerate().find(|(_, a)| a.port() == 0) {
+            return Err(ControlError::BadRequest(format!(
+                "endpoints.{name}[{i}]: port 0 of {addr} is out of range; use 1-65535"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl IntoResponse for ControlError {
     fn into_response(self) -> Response {
         let (status, kind) = match &self {
@@ -240,56 +328,75 @@ impl IntoResponse for CertApiError {
     }
 }
 
-async fn status(State(state): State<Arc<ApiState>>) -> Json<Status> {
-    let (apps, routes, node_ports) = state.control.counts();
-    Json(Status {
-        version: env!("CARGO_PKG_VERSION").into(),
-        uptime_secs: state.started.elapsed().as_secs(),
-        state_dir: state.state_dir.display().to_string(),
-        apps,
-        routes,
-        node_ports,
-        dataplane: match &state.dataplane {
-            Some(active) => DataplaneStatus {
-                mode: active.mode().into(),
-                reason: active.reason().into(),
+async fn status(State(state): State<Arc<ApiState>>) -> ApiResult<Status> {
+    blocking(move || {
+        let (apps, routes, node_ports) = state.control.counts();
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_secs: state.started.elapsed().as_secs(),
+            state_dir: state.state_dir.display().to_string(),
+            apps,
+            routes,
+            node_ports,
+            dataplane: match &state.dataplane {
+                Some(active) => DataplaneStatus {
+                    mode: active.mode().into(),
+                    reason: active.reason().into(),
+                },
+                None => DataplaneStatus {
+                    mode: "none".into(),
+                    reason: state.no_dataplane_reason.clone(),
+                },
             },
-            None => DataplaneStatus {
-                mode: "none".into(),
-                reason: state.no_dataplane_reason.clone(),
-            },
-        },
+        })
     })
+    .await
 }
 
-async fn apps(State(state): State<Arc<ApiState>>) -> Json<Vec<AppSummary>> {
-    Json(state.control.apps())
+async fn apps(State(state): State<Arc<ApiState>>) -> ApiResult<Vec<AppSummary>> {
+    blocking(move || Ok(state.control.apps())).await
 }
 
 async fn deploy(
     State(state): State<Arc<ApiState>>,
-    Json(req): Json<DeployRequest>,
+    Body(req): Body<DeployRequest>,
 ) -> ApiResult<AppDetail> {
-    let detail = state
-        .control
-        .deploy(&req.source_name, &req.toml, req.directory.as_deref())?;
+    let control = Arc::clone(&state.control);
+    let Json(mut detail) =
+        blocking(move || control.deploy(&req.source_name, &req.toml, req.directory.as_deref()))
+            .await?;
     state.ingress_caught_up().await;
     tracing::info!(app = %detail.name, version = detail.version, "deployed");
+    detail.mask_secrets();
     Ok(Json(detail))
+}
+
+#[derive(Debug, Deserialize)]
+struct AppQuery {
+    /// Show secret environment values instead of masking them.
+    #[serde(default)]
+    show_secrets: bool,
 }
 
 async fn app(
     State(state): State<Arc<ApiState>>,
     UrlPath(app): UrlPath<String>,
+    Params(query): Params<AppQuery>,
 ) -> ApiResult<AppDetail> {
-    let mut detail = state.control.app(&app)?;
-    if let Some(runner) = &state.runner {
-        let mut status = runner.status(&app);
-        for service in &mut detail.services {
-            service.instances = Some(status.remove(&service.name).unwrap_or_default());
+    blocking(move || {
+        let mut detail = state.control.app(&app)?;
+        if let Some(runner) = &state.runner {
+            let mut status = runner.status(&app);
+            for service in &mut detail.services {
+                service.instances = Some(status.remove(&service.name).unwrap_or_default());
+            }
         }
-    }
-    Ok(Json(detail))
+        if !query.show_secrets {
+            detail.mask_secrets();
+        }
+        Ok(detail)
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,9 +409,14 @@ struct LogsQuery {
 async fn app_logs(
     State(state): State<Arc<ApiState>>,
     UrlPath(app): UrlPath<String>,
-    Query(query): Query<LogsQuery>,
+    Params(query): Params<LogsQuery>,
 ) -> ApiResult<LogChunk> {
-    let detail = state.control.app(&app)?;
+    blocking(move || logs(&state, &app, &query)).await
+}
+
+/// The log lines of `app` after the query's cursor (reads the instances' log files).
+fn logs(state: &ApiState, app: &str, query: &LogsQuery) -> Result<LogChunk, ControlError> {
+    let detail = state.control.app(app)?;
     if let Some(service) = &query.service
         && !detail.services.iter().any(|s| &s.name == service)
     {
@@ -317,81 +429,87 @@ async fn app_logs(
             "this agent does not run instances (--no-sandboxes), so it has no logs".into(),
         ));
     };
-    Ok(Json(runner.logs(
-        &app,
-        query.service.as_deref(),
-        &query.after,
-    )))
+    Ok(runner.logs(app, query.service.as_deref(), &query.after))
 }
 
 async fn remove_app(
     State(state): State<Arc<ApiState>>,
     UrlPath(app): UrlPath<String>,
 ) -> ApiResult<AppDetail> {
-    let detail = state.control.remove_app(&app)?;
+    let control = Arc::clone(&state.control);
+    let Json(mut detail) = blocking(move || control.remove_app(&app)).await?;
     state.ingress_caught_up().await;
     tracing::info!(app = %detail.name, "removed");
+    detail.mask_secrets();
     Ok(Json(detail))
 }
 
 async fn edit_ports(
     State(state): State<Arc<ApiState>>,
     UrlPath(app): UrlPath<String>,
-    Json(req): Json<PortsEditRequest>,
+    Body(req): Body<PortsEditRequest>,
 ) -> ApiResult<Vec<NodePortInfo>> {
-    Ok(Json(state.control.edit_node_ports(&app, &req)?))
+    blocking(move || state.control.edit_node_ports(&app, &req)).await
 }
 
 async fn app_endpoints(
     State(state): State<Arc<ApiState>>,
     UrlPath(app): UrlPath<String>,
 ) -> ApiResult<Vec<ServiceEndpoints>> {
-    Ok(Json(state.control.endpoints(&app, None)?))
+    blocking(move || state.control.endpoints(&app, None)).await
 }
 
 async fn service_endpoints(
     State(state): State<Arc<ApiState>>,
     UrlPath((app, service)): UrlPath<(String, String)>,
-) -> Result<Json<ServiceEndpoints>, ControlError> {
-    let mut all = state.control.endpoints(&app, Some(&service))?;
-    all.pop()
-        .map(Json)
-        .ok_or_else(|| ControlError::NotFound(format!("no service \"{service}\"")))
+) -> ApiResult<ServiceEndpoints> {
+    blocking(move || {
+        let mut all = state.control.endpoints(&app, Some(&service))?;
+        all.pop()
+            .ok_or_else(|| ControlError::NotFound(format!("no service \"{service}\"")))
+    })
+    .await
 }
 
 async fn set_endpoints(
     State(state): State<Arc<ApiState>>,
     UrlPath((app, service)): UrlPath<(String, String)>,
-    Json(req): Json<ServiceEndpoints>,
+    Body(req): Body<ServiceEndpoints>,
 ) -> ApiResult<ServiceEndpoints> {
-    let endpoints = state.control.set_endpoints(&app, &service, req.endpoints)?;
+    check_endpoint_ports(&req)?;
+    let control = Arc::clone(&state.control);
+    let endpoints = blocking(move || control.set_endpoints(&app, &service, req.endpoints)).await?;
     state.ingress_caught_up().await;
-    Ok(Json(endpoints))
+    Ok(endpoints)
 }
 
-async fn routes(State(state): State<Arc<ApiState>>) -> Json<Vec<RouteInfo>> {
-    Json(state.control.routes())
+async fn routes(State(state): State<Arc<ApiState>>) -> ApiResult<Vec<RouteInfo>> {
+    blocking(move || Ok(state.control.routes())).await
 }
 
 async fn set_route(
     State(state): State<Arc<ApiState>>,
     UrlPath(host): UrlPath<String>,
-    Json(req): Json<RouteRequest>,
+    Body(req): Body<RouteRequest>,
 ) -> ApiResult<RouteInfo> {
-    let route = state
-        .control
-        .set_route(&host, &req.app, req.service.as_deref(), req.timeout_ms)?;
+    check_route_timeout(req.timeout_ms)?;
+    let control = Arc::clone(&state.control);
+    let route = blocking(move || {
+        control.set_route(&host, &req.app, req.service.as_deref(), req.timeout_ms)
+    })
+    .await?;
     state.ingress_caught_up().await;
-    Ok(Json(route))
+    Ok(route)
 }
 
 async fn remove_route(
     State(state): State<Arc<ApiState>>,
     UrlPath(host): UrlPath<String>,
 ) -> ApiResult<RouteInfo> {
-    let route = state.control.remove_route(&host)?;
+    let control = Arc::clone(&state.control);
+    let route = blocking(move || control.remove_route(&host)).await?;
     state.ingress_caught_up().await;
-    Ok(Json(route))
+    Ok(route)
 }
 
 #[derive(Debug, Deserialize)]
@@ -401,9 +519,10 @@ struct PortsQuery {
 
 async fn ports(
     State(state): State<Arc<ApiState>>,
-    Query(query): Query<PortsQuery>,
+    Params(query): Params<PortsQuery>,
 ) -> ApiResult<Vec<NodePortInfo>> {
-    let mut ports = state.control.node_ports(query.app.as_deref())?;
+    let control = Arc::clone(&state.control);
+    let Json(mut ports) = blocking(move || control.node_ports(query.app.as_deref())).await?;
     if let Some(dataplane) = &state.dataplane
         && let Err(err) = state.traffic.fill(dataplane, &mut ports).await
     {
@@ -419,12 +538,12 @@ async fn certs(State(state): State<Arc<ApiState>>) -> Json<Vec<CertInfo>> {
 async fn set_cert(
     State(state): State<Arc<ApiState>>,
     UrlPath(host): UrlPath<String>,
-    Json(req): Json<CertRequest>,
+    Body(req): Body<CertRequest>,
 ) -> Result<Json<CertInfo>, CertApiError> {
     let host = Host::parse(&host)?;
     // Validation parses keys and certificates and the store writes files: off the runtime.
     let store = Arc::clone(&state.certs);
-    let set = tokio::task::spawn_blocking(move || {
+    let Json(info) = blocking(move || {
         let result = store.set(
             &host,
             req.cert_pem.as_bytes(),
@@ -432,10 +551,8 @@ async fn set_cert(
             CertSource::User,
         );
         result.map_err(|err| CertApiError::from_set(err, &req))
-    });
-    let info = set
-        .await
-        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?;
+    })
+    .await?;
     tracing::info!(host = %info.host, not_after = %info.not_after, "certificate set by the operator");
     Ok(Json(info))
 }

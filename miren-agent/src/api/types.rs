@@ -78,6 +78,41 @@ pub struct AppDetail {
     pub routes: Vec<RouteInfo>,
 }
 
+/// What a secret environment value is shown as.
+pub const SECRET_MASK: &str = "********";
+
+/// Parts of an environment variable's name (matched case-insensitively anywhere in it) that
+/// mark its value as secret.
+pub const SECRET_KEY_PARTS: &[&str] = &[
+    "PASSWORD",
+    "SECRET",
+    "TOKEN",
+    "KEY",
+    "CREDENTIAL",
+    "PRIVATE",
+];
+
+/// True when the value of environment variable `key` is a secret (its name contains one of
+/// [`SECRET_KEY_PARTS`], in any case), e.g. `DB_PASSWORD`, `api_key`, `GithubToken`.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_uppercase();
+    SECRET_KEY_PARTS.iter().any(|part| key.contains(part))
+}
+
+impl AppDetail {
+    /// Replaces the value of every secret environment variable ([`is_secret_key`]) with
+    /// [`SECRET_MASK`].
+    pub fn mask_secrets(&mut self) {
+        for service in &mut self.services {
+            for (key, value) in &mut service.env {
+                if is_secret_key(key) {
+                    SECRET_MASK.clone_into(value);
+                }
+            }
+        }
+    }
+}
+
 /// A service of a deployed app.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceDetail {
@@ -89,7 +124,8 @@ pub struct ServiceDetail {
     pub concurrency: String,
     /// Ports in declaration order.
     pub ports: Vec<PortInfo>,
-    /// Environment of an instance (app env, service env, PORT, PORT_1..N).
+    /// Environment of an instance (app env, service env, PORT, PORT_1..N); secret values
+    /// are [`SECRET_MASK`] unless asked for with `?show_secrets=true`.
     pub env: BTreeMap<String, String>,
     /// Its instances, when this agent runs them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,10 +202,14 @@ pub struct RouteRequest {
     pub app: String,
     /// Target service; when absent the app's `web` service, else its only http service.
     pub service: Option<String>,
-    /// Upstream timeout for this route in milliseconds (default: the ingress default, 60 s).
+    /// Upstream timeout for this route in milliseconds, 1 to [`MAX_ROUTE_TIMEOUT_MS`]
+    /// (default: the ingress default, 60 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
 }
+
+/// The longest route timeout, in milliseconds (24 hours).
+pub const MAX_ROUTE_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// `GET /v1/ports[?app=APP]` items: a published node port.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -236,9 +276,12 @@ pub struct PortsEditRequest {
 /// `N[:PORT][/tcp|udp]`: publish node port N for the service port with target PORT.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PublishSpec {
-    /// Node port.
+    /// Node port, 1-65535.
+    #[serde(deserialize_with = "port_number")]
     pub node_port: u16,
-    /// Target port; when absent, the service's only tcp/udp port (of `protocol`, if given).
+    /// Target port, 1-65535; when absent, the service's only tcp/udp port (of `protocol`, if
+    /// given).
+    #[serde(default, deserialize_with = "optional_port_number")]
     pub port: Option<u16>,
     /// `tcp` or `udp`; when absent, taken from the target port.
     pub protocol: Option<String>,
@@ -247,10 +290,51 @@ pub struct PublishSpec {
 /// `N[/tcp|udp]`: unpublish node port N.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UnpublishSpec {
-    /// Node port.
+    /// Node port, 1-65535.
+    #[serde(deserialize_with = "port_number")]
     pub node_port: u16,
     /// `tcp` or `udp`; needed only when the service publishes N for both.
     pub protocol: Option<String>,
+}
+
+/// Deserializes a port number, refusing anything but an integer from 1 to 65535 with a
+/// message saying so.
+fn port_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+    struct PortVisitor;
+
+    impl serde::de::Visitor<'_> for PortVisitor {
+        type Value = u16;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a port number from 1 to 65535")
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u16, E> {
+            u16::try_from(n)
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Unsigned(n), &self))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<u16, E> {
+            match u64::try_from(n) {
+                Ok(n) => self.visit_u64(n),
+                Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(n), &self)),
+            }
+        }
+    }
+
+    deserializer.deserialize_u64(PortVisitor)
+}
+
+/// [`port_number`] for an optional port (`null` or absent is `None`).
+fn optional_port_number<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u16>, D::Error> {
+    #[derive(Deserialize)]
+    struct Port(#[serde(deserialize_with = "port_number")] u16);
+
+    Ok(Option::<Port>::deserialize(deserializer)?.map(|Port(n)| n))
 }
 
 /// Endpoints of one service: instance addresses per port name. `GET` and `PUT
@@ -287,4 +371,53 @@ pub struct CertRequest {
     /// The key file's name to show in errors.
     #[serde(default)]
     pub key_file: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_keys_match_anywhere_in_any_case() {
+        for key in [
+            "DB_PASSWORD",
+            "password",
+            "AWS_SECRET_ACCESS_KEY",
+            "GithubToken",
+            "API_KEY",
+            "GOOGLE_CREDENTIALS",
+            "private_pem",
+        ] {
+            assert!(is_secret_key(key), "{key}");
+        }
+        for key in ["PORT", "LOG_LEVEL", "DATABASE_URL", "PUBLIC_HOST"] {
+            assert!(!is_secret_key(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn port_numbers_outside_1_to_65535_are_refused_with_the_range() {
+        let publish = |json: &str| serde_json::from_str::<PublishSpec>(json);
+        let spec = publish(r#"{"node_port": 7000, "port": null, "protocol": "udp"}"#).unwrap();
+        assert_eq!((spec.node_port, spec.port), (7000, None));
+        let spec = publish(r#"{"node_port": 65535, "port": 1}"#).unwrap();
+        assert_eq!((spec.node_port, spec.port), (65535, Some(1)));
+        for (json, found) in [
+            (r#"{"node_port": 70000}"#, "integer `70000`"),
+            (r#"{"node_port": 0}"#, "integer `0`"),
+            (r#"{"node_port": -1}"#, "integer `-1`"),
+            (r#"{"node_port": 80, "port": 65536}"#, "integer `65536`"),
+            (r#"{"node_port": 1.5}"#, "floating point `1.5`"),
+        ] {
+            let err = publish(json).unwrap_err().to_string();
+            assert!(
+                err.contains(found) && err.contains("expected a port number from 1 to 65535"),
+                "{json}: {err}"
+            );
+        }
+        let err = serde_json::from_str::<UnpublishSpec>(r#"{"node_port": 99999}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("from 1 to 65535"), "{err}");
+    }
 }

@@ -41,6 +41,9 @@ async fn main() -> Result<()> {
         .with_writer(writer)
         .init();
     let Command::Run(flags) = Cli::parse().command;
+    // Everything the agent creates is private to its user unless made wider on purpose: the
+    // store (the apps' secrets), certificates, logs and all else under the state dir.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     miren_agent::agent::run(flags.resolve()?).await?;
     Ok(())
 }

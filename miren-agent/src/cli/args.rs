@@ -103,10 +103,15 @@ pub struct AppDirArgs {
 /// `miren app …`.
 #[derive(Debug, Subcommand)]
 pub enum AppCommand {
-    /// Show an app's services, ports and routes.
+    /// Show an app's services, ports, environment and routes; values of secret-looking
+    /// variables (names containing PASSWORD, SECRET, TOKEN, KEY, CREDENTIAL or PRIVATE) are
+    /// shown as ******** unless --show-secrets is given.
     Show {
         /// App name.
         name: String,
+        /// Show the values of secret environment variables.
+        #[arg(long)]
+        show_secrets: bool,
     },
     /// Remove an app.
     Rm {

@@ -56,12 +56,22 @@ impl Client {
         self.call(Method::Post, "/v1/apps", Some(request))
     }
 
-    /// `GET /v1/apps/{name}`.
+    /// `GET /v1/apps/{name}`, with the values of secret environment variables masked unless
+    /// `show_secrets`.
     ///
     /// # Errors
     /// See [`Client::status`].
-    pub fn app(&self, name: &str) -> Result<AppDetail, CliError> {
-        self.call(Method::Get, &format!("/v1/apps/{}", enc(name)), None::<&()>)
+    pub fn app(&self, name: &str, show_secrets: bool) -> Result<AppDetail, CliError> {
+        let query = if show_secrets {
+            "?show_secrets=true"
+        } else {
+            ""
+        };
+        self.call(
+            Method::Get,
+            &format!("/v1/apps/{}{query}", enc(name)),
+            None::<&()>,
+        )
     }
 
     /// `DELETE /v1/apps/{name}`: the removed app.

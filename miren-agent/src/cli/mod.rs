@@ -67,8 +67,8 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         }
         Command::Validate(AppDirArgs { dir }) => validate(dir, out),
         Command::Apps => out.print(&client.apps()?, |apps| render::apps(apps)),
-        Command::App(AppCommand::Show { name }) => {
-            out.print(&client.app(name)?, render::app_detail)
+        Command::App(AppCommand::Show { name, show_secrets }) => {
+            out.print(&client.app(name, *show_secrets)?, render::app_detail)
         }
         Command::App(AppCommand::Rm { name }) => {
             out.print(&client.remove_app(name)?, render::removed_app)

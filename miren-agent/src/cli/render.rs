@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use crate::api::types::{
-    AppDetail, AppSummary, CertInfo, LogChunk, NodePortInfo, PortTraffic, RouteInfo, ServiceDetail,
-    ServiceEndpoints, Status,
+    AppDetail, AppSummary, CertInfo, LogChunk, NodePortInfo, PortTraffic, RouteInfo, SECRET_MASK,
+    ServiceDetail, ServiceEndpoints, Status, is_secret_key,
 };
 use crate::config::AppConfig;
 
@@ -131,7 +131,20 @@ pub fn app_detail(app: &AppDetail) -> String {
         ("deployed", unix_time(app.deployed_at)),
         ("source", app.source_name.clone()),
     ]);
-    format!("{}\n{}", fields.render(""), services_and_routes(app, true))
+    let mut out = format!("{}\n{}", fields.render(""), services_and_routes(app, true));
+    let masked = app.services.iter().any(|s| {
+        s.env
+            .iter()
+            .any(|(key, value)| value == SECRET_MASK && is_secret_key(key))
+    });
+    if masked {
+        let _ = writeln!(
+            out,
+            "secret values are hidden; show them with `miren app show {} --show-secrets`",
+            app.name
+        );
+    }
+    out
 }
 
 /// `miren app rm`.
@@ -578,6 +591,47 @@ routes:
             shown.starts_with("app       game\nversion   2\ndeployed  2023-11-14 22:13:20 UTC\n")
         );
         assert!(shown.contains("  env:\n    PORT=30001\n"), "{shown}");
+        assert!(!shown.contains("secret values are hidden"), "{shown}");
+    }
+
+    #[test]
+    fn masked_secrets_are_shown_masked_with_a_hint() {
+        let mut app = AppDetail {
+            name: "shop".to_owned(),
+            version: 1,
+            deployed_at: 0,
+            source_name: "app.toml".to_owned(),
+            services: vec![ServiceDetail {
+                name: "web".to_owned(),
+                command: None,
+                concurrency: "fixed 1".to_owned(),
+                ports: vec![],
+                env: BTreeMap::from([
+                    ("DB_PASSWORD".to_owned(), "hunter2".to_owned()),
+                    ("api_key".to_owned(), "k-123".to_owned()),
+                    ("LOG_LEVEL".to_owned(), "info".to_owned()),
+                ]),
+                instances: None,
+            }],
+            routes: vec![],
+        };
+        let plain = app_detail(&app);
+        assert!(plain.contains("    DB_PASSWORD=hunter2\n"), "{plain}");
+        assert!(!plain.contains("hidden"), "{plain}");
+        app.mask_secrets();
+        let shown = app_detail(&app);
+        assert!(
+            shown.contains(
+                "  env:\n    DB_PASSWORD=********\n    LOG_LEVEL=info\n    api_key=********\n"
+            ),
+            "{shown}"
+        );
+        assert!(
+            shown.ends_with(
+                "secret values are hidden; show them with `miren app show shop --show-secrets`\n"
+            ),
+            "{shown}"
+        );
     }
 
     #[test]

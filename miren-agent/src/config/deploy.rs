@@ -6,6 +6,7 @@ use std::ops::RangeInclusive;
 
 use super::diagnostic::{ConfigError, Diagnostic};
 use super::types::{AppConfig, Protocol, ServiceConfig};
+use super::validate::limit_help;
 
 /// The exact message for a service that uses `image`.
 pub const IMAGE_UNSUPPORTED: &str =
@@ -85,6 +86,34 @@ pub fn check_node_port_claims(
     }
     diags.sort_by_key(|d| (d.line, d.column));
     diags
+}
+
+/// The diagnostic for a deploy of `app` that would take the node past `limit` fixed
+/// instances (`--max-instances-per-node`) when the other apps run `others`; it points at the
+/// service (in file order) whose instances cross the limit.
+pub fn check_node_instances(app: &AppConfig, others: u64, limit: u64) -> Option<Diagnostic> {
+    let total = others.saturating_add(app.fixed_instances());
+    if total <= limit {
+        return None;
+    }
+    let mut services: Vec<&ServiceConfig> = app.services.values().collect();
+    services.sort_by_key(|s| s.instances_span.start);
+    let mut running = others;
+    let crossing = services.into_iter().find(|s| {
+        running = running.saturating_add(s.concurrency.mode.fixed_instances());
+        running > limit
+    })?;
+    Some(app.source.diagnostic(
+        crossing.instances_span.clone(),
+        format!(
+            "this deploy would run {total} fixed instances on the node ({others} of other apps), more than the limit of {limit} per node; service \"{}\" crosses it",
+            crossing.name
+        ),
+        limit_help(
+            "lower num_instances, use mode = \"auto\", or remove apps you no longer need",
+            "max-instances-per-node",
+        ),
+    ))
 }
 
 /// Gives every port without a number the lowest free one from `range`.

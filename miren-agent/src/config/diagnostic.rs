@@ -7,18 +7,28 @@ use std::ops::Range;
 pub type Span = Range<usize>;
 
 /// The name and text of a config file, used to turn byte spans into positions.
+///
+/// The start of every line is indexed once, so locating a span costs a binary search plus
+/// the length of its line, whatever the size of the file and the number of diagnostics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
     name: String,
     text: String,
+    /// Byte offset of the start of each line (the first is 0).
+    line_starts: Vec<usize>,
 }
 
 impl Source {
     /// Wraps a file's display name (e.g. `app/.miren/app.toml`) and its text.
     pub fn new(name: impl Into<String>, text: impl Into<String>) -> Self {
+        let text = text.into();
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
         Self {
             name: name.into(),
-            text: text.into(),
+            text,
+            line_starts,
         }
     }
 
@@ -34,8 +44,8 @@ impl Source {
 
     /// The 1-based line number of byte `offset`.
     pub fn line(&self, offset: usize) -> usize {
-        let offset = floor_char_boundary(&self.text, offset);
-        self.text[..offset].matches('\n').count() + 1
+        // The number of lines starting at or before `offset`.
+        self.line_starts.partition_point(|&start| start <= offset)
     }
 
     /// Builds a diagnostic pointing at `span`, with a hint saying what to do.
@@ -47,14 +57,15 @@ impl Source {
     ) -> Diagnostic {
         let text = self.text.as_str();
         let start = floor_char_boundary(text, span.start);
-        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line = self.line(start);
+        let line_start = self.line_starts[line - 1];
         let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
         let end = floor_char_boundary(text, span.end.clamp(start, line_end));
         Diagnostic {
             message: message.into(),
             help: help.into(),
             file: self.name.clone(),
-            line: text[..line_start].matches('\n').count() + 1,
+            line,
             column: text[line_start..start].chars().count() + 1,
             width: text[start..end].chars().count().max(1),
             line_text: text[line_start..line_end]

@@ -23,7 +23,7 @@ mod tests;
 
 pub use deploy::{
     IMAGE_UNSUPPORTED, NodePortClaim, UnassignedPortError, assign_ports, check_deployable,
-    check_node_port_claims, instance_env,
+    check_node_instances, check_node_port_claims, instance_env,
 };
 pub use diagnostic::{ConfigError, Diagnostic, Source, Span};
 pub use duration::parse_duration;
@@ -32,7 +32,9 @@ pub use types::{
     DEFAULT_SCALE_DOWN_DELAY, DEFAULT_SHUTDOWN_TIMEOUT, EnvVar, PortKind, PortSpec, Protocol,
     ServiceConfig,
 };
-pub use validate::{RESERVED_NODE_PORTS, ValidationContext, is_dns_label, parse_app_config};
+pub use validate::{
+    Limits, RESERVED_NODE_PORTS, ValidationContext, is_dns_label, parse_app_config,
+};
 
 /// Parses, validates and checks that this node runtime can run the app (what both
 /// `miren validate` and a deploy do before touching any state).

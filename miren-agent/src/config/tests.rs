@@ -8,6 +8,7 @@ use super::*;
 fn ctx() -> ValidationContext {
     ValidationContext {
         reserved_ports: vec![(9464, "the agent's metrics listener".to_owned())],
+        ..ValidationContext::default()
     }
 }
 
@@ -932,4 +933,140 @@ fn rule8_command_is_deployable() {
         errs(&with_app("[services.web]\ncommand = [\"./web\"]\n")),
         ["3:11 `command` must be a string, found array"]
     );
+}
+
+// ---------------------------------------------------------------- limits
+
+fn with_limits(limits: Limits) -> ValidationContext {
+    ValidationContext { limits, ..ctx() }
+}
+
+fn limited(text: &str, limits: Limits) -> Vec<String> {
+    match parse_app_config(
+        Source::new("app/.miren/app.toml", text),
+        &with_limits(limits),
+    ) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e
+            .diagnostics
+            .iter()
+            .map(|d| format!("{}:{} {} | {}", d.line, d.column, d.message, d.help))
+            .collect(),
+    }
+}
+
+#[test]
+fn limits_default_to_the_documented_values() {
+    let limits = ValidationContext::default().limits;
+    assert_eq!(limits.services_per_app, 64);
+    assert_eq!(limits.ports_per_service, 32);
+    assert_eq!(limits.instances_per_service, 64);
+    assert_eq!(limits.instances_per_node, 1024);
+}
+
+#[test]
+fn services_over_the_limit_are_one_diagnostic_and_not_checked() {
+    let limits = Limits {
+        services_per_app: 2,
+        ..Limits::default()
+    };
+    // The services past the limit (in file order, not by name) have errors of their own
+    // that are not reported.
+    let text = with_app(
+        "[services.b]\ncommand = \"x\"\n[services.a]\ncommand = \"x\"\n[services.c]\nbogus = 1\n[services.-bad]\nport = 0\n",
+    );
+    assert_eq!(
+        limited(&text, limits),
+        [
+            "6:11 the app has 4 services, more than the limit of 2 per app; services from \"c\" on were not checked | split it into several apps, or raise the agent's limit with --max-services-per-app (`max-services-per-app` in agent.toml); `miren validate` checks the default limits"
+        ]
+    );
+    // At the limit: valid.
+    let two = with_app("[services.b]\ncommand = \"x\"\n[services.a]\ncommand = \"x\"\n");
+    let app = parse_app_config(Source::new("f", two), &with_limits(limits)).unwrap();
+    assert_eq!(app.services.len(), 2);
+}
+
+#[test]
+fn ten_thousand_services_give_one_diagnostic_under_the_default_limit() {
+    let mut text = APP.to_owned();
+    for i in 0..10_000 {
+        text.push_str(&format!(
+            "[services.s{i}]\ncommand = \"sleep 1000\"\nunknown = {i}\n"
+        ));
+    }
+    let err = parse_app_config(Source::new("f", text), &ValidationContext::default())
+        .expect_err("over the limit");
+    let short = render_short(&err.diagnostics);
+    // The 64 services kept each have their unknown key; nothing beyond them is reported.
+    assert_eq!(short.len(), 65, "{short:?}");
+    assert_eq!(
+        short[64],
+        "194:11 the app has 10000 services, more than the limit of 64 per app; services from \"s64\" on were not checked"
+    );
+}
+
+#[test]
+fn ports_over_the_limit_are_one_diagnostic_and_not_checked() {
+    let limits = Limits {
+        ports_per_service: 2,
+        ..Limits::default()
+    };
+    let text = with_app(
+        "[services.game]\ncommand = \"x\"\nports = [\n  { name = \"a\", port = 1, type = \"udp\" },\n  { name = \"b\", port = 2, type = \"udp\" },\n  { name = \"a\", port = 0, type = \"bogus\" },\n]\n",
+    );
+    assert_eq!(
+        limited(&text, limits),
+        [
+            "7:3 service \"game\" has 3 ports, more than the limit of 2 per service; the ports from here on were not checked | declare fewer ports, or split the service, or raise the agent's limit with --max-ports-per-service (`max-ports-per-service` in agent.toml); `miren validate` checks the default limits"
+        ]
+    );
+}
+
+#[test]
+fn fixed_instances_over_the_per_service_limit() {
+    assert_eq!(
+        concurrency_of("worker", "num_instances = 64"),
+        Ok(Concurrency {
+            mode: ConcurrencyMode::Fixed { num_instances: 64 },
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+        })
+    );
+    assert_eq!(
+        concurrency_of("worker", "num_instances = 65"),
+        Err(vec![
+            "num_instances 65 is more than the limit of 64 instances per service | lower num_instances, or raise the agent's limit with --max-instances-per-service (`max-instances-per-service` in agent.toml); `miren validate` checks the default limits".to_owned()
+        ])
+    );
+}
+
+#[test]
+fn node_instance_limit_points_at_the_service_that_crosses_it() {
+    let app = ok(&with_app(
+        "[services.web]\ncommand = \"x\"\n[services.b]\ncommand = \"x\"\nconcurrency = { num_instances = 3 }\n[services.a]\ncommand = \"x\"\n",
+    ));
+    // web is auto (0), b has 3, a the default 1.
+    assert_eq!(app.fixed_instances(), 4);
+    assert_eq!(check_node_instances(&app, 6, 10), None);
+    let at = |others| {
+        check_node_instances(&app, others, 10)
+            .map(|d| format!("{}:{} {}", d.line, d.column, d.message))
+    };
+    assert_eq!(
+        at(8).as_deref(),
+        Some(
+            "6:33 this deploy would run 12 fixed instances on the node (8 of other apps), more than the limit of 10 per node; service \"b\" crosses it"
+        )
+    );
+    // b fits, a (no concurrency table: its service table is pointed at) crosses.
+    assert_eq!(
+        at(7).as_deref(),
+        Some(
+            "7:1 this deploy would run 11 fixed instances on the node (7 of other apps), more than the limit of 10 per node; service \"a\" crosses it"
+        )
+    );
+    let help = check_node_instances(&app, 7, 10)
+        .map(|d| d.help)
+        .unwrap_or_default();
+    assert!(help.contains("--max-instances-per-node"), "{help}");
 }

@@ -26,6 +26,17 @@ pub struct AppConfig {
     pub source: Source,
 }
 
+impl AppConfig {
+    /// The instances of the app's fixed services together (auto services count 0: they
+    /// start on demand).
+    pub fn fixed_instances(&self) -> u64 {
+        self.services
+            .values()
+            .map(|s| s.concurrency.mode.fixed_instances())
+            .sum()
+    }
+}
+
 /// One environment variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvVar {
@@ -52,6 +63,8 @@ pub struct ServiceConfig {
     pub ports: Vec<PortSpec>,
     pub(crate) span: Span,
     pub(crate) image_span: Option<Span>,
+    /// `num_instances` if written, else the service table (for the per-node limit).
+    pub(crate) instances_span: Span,
 }
 
 impl ServiceConfig {
@@ -175,6 +188,16 @@ pub enum ConcurrencyMode {
         /// How long an idle instance is kept before it is stopped.
         scale_down_delay: Duration,
     },
+}
+
+impl ConcurrencyMode {
+    /// `num_instances` of a fixed service, 0 for an auto service.
+    pub fn fixed_instances(&self) -> u64 {
+        match self {
+            Self::Fixed { num_instances } => u64::from(*num_instances),
+            Self::Auto { .. } => 0,
+        }
+    }
 }
 
 impl Concurrency {

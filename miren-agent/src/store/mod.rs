@@ -144,6 +144,17 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The state directory or a store file could not be made private to the agent's user.
+    #[error("making {path} private (mode {mode:o}): {source}")]
+    Permissions {
+        /// Directory or file.
+        path: PathBuf,
+        /// The mode it should have had.
+        mode: u32,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The database was written by a newer agent.
     #[error(
         "the store at {path} has schema version {found}, newer than this agent's {supported}; upgrade miren-agent"

@@ -69,19 +69,32 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) `state_dir/store.db` and migrates it to the current schema.
     ///
+    /// The store holds the apps' environment (secrets among it), so the state directory is
+    /// made 0700 and the database with its `-wal` and `-shm` files 0600, also when an older
+    /// agent created them with wider modes (SQLite gives new `-wal`/`-shm` files the mode of
+    /// the database).
+    ///
     /// # Errors
-    /// [`StoreError::StateDir`], [`StoreError::Open`], or [`StoreError::TooNew`].
+    /// [`StoreError::StateDir`], [`StoreError::Permissions`], [`StoreError::Open`], or
+    /// [`StoreError::TooNew`].
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(state_dir).map_err(|source| StoreError::StateDir {
             path: state_dir.to_owned(),
             source,
         })?;
+        make_private(state_dir, 0o700)?;
         let path = state_dir.join("store.db");
         let open_err = |source| StoreError::Open {
             path: path.clone(),
             source,
         };
         let mut conn = Connection::open(&path).map_err(open_err)?;
+        for file in ["store.db", "store.db-wal", "store.db-shm"] {
+            let file = state_dir.join(file);
+            if file.exists() {
+                make_private(&file, 0o600)?;
+            }
+        }
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )
@@ -99,6 +112,18 @@ impl SqliteStore {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Sets the permission bits of `path` to `mode`.
+fn make_private(path: &Path, mode: u32) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        StoreError::Permissions {
+            path: path.to_owned(),
+            mode,
+            source,
+        }
+    })
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
@@ -469,6 +494,44 @@ mod tests {
             after.endpoints[&("game".into(), "main".into())]["game"].len(),
             1
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn state_dir_and_store_files_are_private_also_after_an_older_install() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let chmod = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let dir = temp_dir("modes");
+        let store = SqliteStore::open(&dir).unwrap();
+        store
+            .commit(
+                0,
+                &[Write::PutApp {
+                    app: app("game", 1),
+                    node_ports: vec![],
+                }],
+            )
+            .unwrap();
+        let files = ["store.db", "store.db-wal", "store.db-shm"].map(|f| dir.join(f));
+        assert_eq!(mode(&dir), 0o700);
+        for file in &files {
+            assert_eq!(mode(file), 0o600, "{}", file.display());
+        }
+        // An older agent left everything world-readable (the store still open, so the WAL
+        // and shared-memory files exist when the next agent opens it).
+        chmod(&dir, 0o755);
+        for file in &files {
+            chmod(file, 0o644);
+        }
+        let reopened = SqliteStore::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        for file in &files {
+            assert_eq!(mode(file), 0o600, "{}", file.display());
+        }
+        drop((store, reopened));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

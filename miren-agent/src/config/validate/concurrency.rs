@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use toml::{Spanned, Value};
 
-use super::Validator;
+use super::{Validator, limit_help};
 use crate::config::duration::parse_duration;
 use crate::config::keys::suggest;
 use crate::config::raw::{Leaf, RawConcurrency};
@@ -60,7 +60,7 @@ impl Validator<'_> {
                 );
                 self.forbid(&raw.scale_down_delay, "scale_down_delay", &label, "auto");
                 ConcurrencyMode::Fixed {
-                    num_instances: self.count(&raw.num_instances, "num_instances").unwrap_or(1),
+                    num_instances: self.num_instances(&raw.num_instances).unwrap_or(1),
                 }
             }
             Some(Mode::Auto) => {
@@ -134,6 +134,23 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// A fixed `num_instances`: at least 1, at most the per-service limit.
+    fn num_instances(&mut self, leaf: &Leaf) -> Option<u32> {
+        let n = self.count(leaf, "num_instances")?;
+        let limit = self.ctx.limits.instances_per_service;
+        if n > limit {
+            self.error(
+                leaf.as_ref()?.span(),
+                format!(
+                    "num_instances {n} is more than the limit of {limit} instances per service"
+                ),
+                limit_help("lower num_instances", "max-instances-per-service"),
+            );
+            return None;
+        }
+        Some(n)
     }
 
     fn duration(&mut self, leaf: &Leaf, key: &str) -> Option<Duration> {

@@ -2,6 +2,7 @@
 
 mod concurrency;
 mod env;
+mod limits;
 mod ports;
 
 use std::collections::BTreeMap;
@@ -14,6 +15,9 @@ use super::diagnostic::{ConfigError, Diagnostic, Source, Span};
 use super::keys::check_keys;
 use super::raw::{RawApp, RawService};
 use super::types::{AppConfig, EnvVar, ServiceConfig};
+pub use limits::Limits;
+pub(crate) use limits::limit_help;
+use limits::trim_to_limits;
 
 /// Node ports no app may publish, with what holds them.
 pub const RESERVED_NODE_PORTS: &[(u16, &str)] = &[
@@ -23,11 +27,16 @@ pub const RESERVED_NODE_PORTS: &[(u16, &str)] = &[
 ];
 
 /// Facts about the node that validation needs.
+///
+/// The default has no reserved listener ports and the default [`Limits`] (what `miren
+/// validate` checks offline).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ValidationContext {
     /// The agent's own listener ports with a description, e.g.
     /// `(9464, "the agent's metrics listener")`; no node port may use them.
     pub reserved_ports: Vec<(u16, String)>,
+    /// How large an app may be.
+    pub limits: Limits,
 }
 
 impl ValidationContext {
@@ -49,7 +58,7 @@ impl ValidationContext {
 /// Every problem found, in file order, each with line, column and a hint.
 pub fn parse_app_config(source: Source, ctx: &ValidationContext) -> Result<AppConfig, ConfigError> {
     let mut diags = Vec::new();
-    let parts = parse_raw(&source, &mut diags).map(|raw| {
+    let parts = parse_raw(&source, &ctx.limits, &mut diags).map(|raw| {
         let mut v = Validator {
             src: &source,
             ctx,
@@ -68,8 +77,8 @@ pub fn parse_app_config(source: Source, ctx: &ValidationContext) -> Result<AppCo
     }
 }
 
-fn parse_raw(src: &Source, diags: &mut Vec<Diagnostic>) -> Option<RawApp> {
-    let root = match DeTable::parse(src.text()) {
+fn parse_raw(src: &Source, limits: &Limits, diags: &mut Vec<Diagnostic>) -> Option<RawApp> {
+    let mut root = match DeTable::parse(src.text()) {
         Ok(root) => root,
         Err(e) => {
             diags.push(toml_error(
@@ -80,6 +89,7 @@ fn parse_raw(src: &Source, diags: &mut Vec<Diagnostic>) -> Option<RawApp> {
             return None;
         }
     };
+    trim_to_limits(root.get_mut(), src, limits, diags);
     check_keys(root.get_ref(), src, diags);
     match RawApp::deserialize(toml::de::Deserializer::from(root)) {
         Ok(raw) => Some(raw),
@@ -214,8 +224,13 @@ impl Validator<'_> {
             env: self.env(raw.env.as_ref()),
             concurrency: self.concurrency(name, raw.concurrency.as_ref()),
             ports: self.ports(name, &raw),
-            span,
             image_span: raw.image.as_ref().map(Spanned::span),
+            instances_span: raw
+                .concurrency
+                .as_ref()
+                .and_then(|c| c.get_ref().num_instances.as_ref())
+                .map_or_else(|| span.clone(), Spanned::span),
+            span,
         }
     }
 }
