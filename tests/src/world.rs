@@ -182,8 +182,16 @@ impl World {
 
     /// Starts the agent in the node namespace running the apps' instances itself, on the
     /// bridge `mrn0` with subnet 10.77.0.0/16 (br0 is the test's own sandboxes'), with `extra`
-    /// flags.
+    /// flags; it stops its instances when it stops (`--stop-instances-on-exit`).
     pub fn start_agent_running_sandboxes(&self, plane: Plane, extra: &[&str]) -> AgentProcess {
+        let mut flags = vec!["--stop-instances-on-exit"];
+        flags.extend(extra);
+        self.start_agent_keeping_instances(plane, &flags)
+    }
+
+    /// [`World::start_agent_running_sandboxes`] with the default flags for instances: they
+    /// outlive the agent (the world removes what is left when it is dropped).
+    pub fn start_agent_keeping_instances(&self, plane: Plane, extra: &[&str]) -> AgentProcess {
         let mut command =
             agent_command(&self.node, self.dir.path(), self.pins.path(), plane.flag());
         command.args(extra);
@@ -298,6 +306,33 @@ impl World {
         self.peers
             .iter()
             .position(|peers| peers.lock().unwrap().contains(&client))
+    }
+}
+
+impl Drop for World {
+    /// Removes the containers agents of this world left running (instances outlive the
+    /// agent by default).
+    fn drop(&mut self) {
+        remove_containers(&self.dir.path().join("state/sandbox/runc"));
+    }
+}
+
+/// Force-deletes every runc container whose state is under `root`.
+pub fn remove_containers(root: &Path) {
+    if !root.exists() {
+        return;
+    }
+    let runc = |args: &[&str]| {
+        Command::new("runc")
+            .arg("--root")
+            .arg(root)
+            .args(args)
+            .output()
+    };
+    if let Ok(out) = runc(&["list", "--quiet"]) {
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = runc(&["delete", "--force", id]);
+        }
     }
 }
 

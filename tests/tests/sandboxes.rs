@@ -78,9 +78,10 @@ fn app_detail(agent: &AgentProcess, app: &str) -> AppDetail {
     serde_json::from_str(&ok(agent, &["app", "show", app, "--output", "json"])).unwrap()
 }
 
-/// The namespace of `agent`'s sandbox with address `ip` (namespaces are `miren-sPIDxN`).
-fn sandbox_netns(agent: &AgentProcess, ip: &str) -> String {
-    let prefix = format!("miren-s{:x}x", agent.pid());
+/// The namespace of the sandbox with address `ip` that the agent with pid `agent_pid` started
+/// (namespaces are `miren-sPIDxN`).
+fn sandbox_netns(agent_pid: u32, ip: &str) -> String {
+    let prefix = format!("miren-s{agent_pid:x}x");
     let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
     String::from_utf8_lossy(&list.stdout)
         .lines()
@@ -221,7 +222,7 @@ fn deployed_instances_serve_node_port_and_route_and_are_restarted_when_killed() 
 
     // Kill one udp instance: it is replaced, endpoints follow, traffic continues.
     let victim = udp[0].ip().to_string();
-    let netns = sandbox_netns(&agent, &victim);
+    let netns = sandbox_netns(agent.pid(), &victim);
     let pids = Command::new("ip")
         .args(["netns", "pids", &netns])
         .output()
@@ -325,16 +326,14 @@ fn dns_answers_within_the_app_and_not_across_apps() {
             && endpoints(&agent, "beta", "web", "http").len() == 1
     });
     let ip = |app: &str, service: &str| endpoints(&agent, app, service, "http")[0].ip().to_string();
+    // Inside the instance's container (its id is the namespace's `PIDxN` part).
+    let runc_root = world.dir().join("state/sandbox/runc");
     let resolve = |from_ip: &str, name: &str| {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &sandbox_netns(&agent, from_ip),
-                "getent",
-                "hosts",
-                name,
-            ])
+        let netns = sandbox_netns(agent.pid(), from_ip);
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["exec", netns.trim_start_matches("miren-s"), "getent", "hosts", name])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
@@ -394,59 +393,100 @@ fn redeploy_keeps_established_flows_to_instances_it_does_not_replace() {
     assert_eq!(before, after, "established flows moved");
 }
 
+/// Pids of the processes in the namespace of the sandbox with address `ip`.
+fn sandbox_pids(agent_pid: u32, ip: &str) -> Vec<String> {
+    let netns = sandbox_netns(agent_pid, ip);
+    let out = Command::new("ip")
+        .args(["netns", "pids", &netns])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
-fn a_restarted_agent_removes_what_a_killed_one_left_behind() {
+fn a_udp_stream_survives_kill_9_and_a_restart_of_the_agent_with_default_flags() {
+    const RATE: u64 = 5_000;
+    const PACKETS: u64 = 25_000;
     let world = World::new(0);
-    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
+    let agent = world.start_agent_keeping_instances(Plane::Xdp, &[]);
     deploy(&world, &agent, "game", GAME);
     wait_until("endpoints", || {
         endpoints(&agent, "game", "udp", "game").len() == 2
     });
-    let old: Vec<(String, Vec<String>)> = endpoints(&agent, "game", "udp", "game")
+    wait_for_status_ok(&agent);
+    let before = endpoints(&agent, "game", "udp", "game");
+    let pids: Vec<Vec<String>> = before
         .iter()
-        .map(|addr| {
-            let netns = sandbox_netns(&agent, &addr.ip().to_string());
-            let pids = Command::new("ip")
-                .args(["netns", "pids", &netns])
-                .output()
-                .unwrap();
-            let pids = String::from_utf8_lossy(&pids.stdout)
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect();
-            (netns, pids)
-        })
+        .map(|addr| sandbox_pids(agent.pid(), &addr.ip().to_string()))
         .collect();
-    agent.kill9();
-
-    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
-    wait_until("new endpoints", || {
-        endpoints(&agent, "game", "udp", "game").len() == 2
-    });
-    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
-    for (netns, pids) in &old {
-        assert!(!namespaces.contains(netns.as_str()), "{netns} left behind");
-        for pid in pids {
-            // Gone, or a zombie waiting for init to reap it.
-            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let running = state
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'));
-            assert!(!running, "process {pid} of {netns} still runs: {state}");
+    let first_agent = agent.pid();
+    let socket = client_socket(&world);
+    let (_, instance) = udp_round_trip(&world, &socket);
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let receiver = socket.try_clone().unwrap();
+    let replies = std::thread::spawn(move || {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut answered_by = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = receiver.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let (addr, seq) = text.split_once(' ').unwrap();
+            answered_by.insert(addr.to_owned());
+            seen.insert(seq.parse::<u64>().unwrap());
         }
-    }
-    assert!(
-        agent
-            .log_text()
-            .contains("removed a sandbox left by an earlier agent")
+        (seen, answered_by)
+    });
+    // 5,000 packets a second for 5 s; the agent is killed after one second and restarted.
+    let started = Instant::now();
+    let sender = std::thread::spawn(move || {
+        for seq in 0..PACKETS {
+            let due = Duration::from_micros(seq * 1_000_000 / RATE);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            socket.send(seq.to_string().as_bytes()).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    agent.kill9();
+    let agent = world.start_agent_keeping_instances(Plane::Xdp, &[]);
+    wait_until("adopted endpoints", || {
+        endpoints(&agent, "game", "udp", "game") == before
+    });
+    sender.join().unwrap();
+    let (seen, answered_by) = replies.join().unwrap();
+    let lost = PACKETS - seen.len() as u64;
+    assert_eq!(lost, 0, "{lost} of {PACKETS} packets got no reply");
+    assert_eq!(
+        answered_by,
+        std::collections::BTreeSet::from([instance]),
+        "the stream moved"
     );
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("adopting an instance of an earlier agent").count(),
+        3,
+        "{log}"
+    );
+    assert!(!log.contains("instance started"), "{log}");
+    for (addr, pids) in before.iter().zip(&pids) {
+        assert_eq!(
+            &sandbox_pids(first_agent, &addr.ip().to_string()),
+            pids,
+            "{addr}"
+        );
+    }
 }
 
 #[test]
-fn keep_sandboxes_leaves_instances_running_for_the_next_agent_to_adopt() {
+fn instances_outlive_a_stopped_agent_and_the_next_one_adopts_them() {
     let world = World::new(0);
-    let mut agent = world.start_agent_running_sandboxes(Plane::Xdp, &["--keep-sandboxes"]);
+    let mut agent = world.start_agent_keeping_instances(Plane::Xdp, &[]);
     deploy(&world, &agent, "game", GAME);
     wait_until("endpoints", || {
         endpoints(&agent, "game", "udp", "game").len() == 2
@@ -455,16 +495,9 @@ fn keep_sandboxes_leaves_instances_running_for_the_next_agent_to_adopt() {
     let socket = client_socket(&world);
     let (_, first) = udp_round_trip(&world, &socket);
     let before = endpoints(&agent, "game", "udp", "game");
-    let pids: Vec<String> = before
+    let pids: Vec<Vec<String>> = before
         .iter()
-        .map(|addr| {
-            let netns = sandbox_netns(&agent, &addr.ip().to_string());
-            let out = Command::new("ip")
-                .args(["netns", "pids", &netns])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).trim().to_owned()
-        })
+        .map(|addr| sandbox_pids(agent.pid(), &addr.ip().to_string()))
         .collect();
     let old_pid = agent.pid();
     assert!(
@@ -477,7 +510,7 @@ fn keep_sandboxes_leaves_instances_running_for_the_next_agent_to_adopt() {
     let (_, during) = udp_round_trip(&world, &socket);
     assert_eq!(during, first);
 
-    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &["--keep-sandboxes"]);
+    let agent = world.start_agent_keeping_instances(Plane::Xdp, &[]);
     wait_until("adopted endpoints", || {
         endpoints(&agent, "game", "udp", "game") == before
     });
@@ -496,7 +529,7 @@ fn keep_sandboxes_leaves_instances_running_for_the_next_agent_to_adopt() {
             String::from_utf8_lossy(&netns.stdout).contains(&prefix),
             "{addr}"
         );
-        for pid in pids.split_whitespace() {
+        for pid in pids {
             assert!(
                 std::path::Path::new(&format!("/proc/{pid}")).exists(),
                 "{pid} gone"
@@ -506,7 +539,7 @@ fn keep_sandboxes_leaves_instances_running_for_the_next_agent_to_adopt() {
     let (_, after) = udp_round_trip(&world, &socket);
     assert_eq!(after, first, "the flow moved");
     drop(agent);
-    // An agent without --keep-sandboxes takes over and removes everything when it stops.
+    // An agent with --stop-instances-on-exit takes over and removes everything when it stops.
     let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
     wait_until("new endpoints", || {
         endpoints(&agent, "game", "udp", "game").len() == 2

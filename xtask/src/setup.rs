@@ -30,6 +30,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("pebble", "ACME test CA for the ingress tests"),
     ("curl", "HTTP requests in the ingress tests and the demo"),
     ("python3", "runs the example apps the demo deploys"),
+    ("runc", "the OCI runtime the agent runs every instance in"),
+    ("tini", "the first process of every instance's container"),
     (
         "nginx-light",
         "the reverse-proxy baseline of the ingress benchmark",

@@ -43,6 +43,8 @@ pub struct RequestCtx {
     connect_retries: u8,
     /// Counts this request for the autoscaler while it lives.
     in_flight: Option<InFlight>,
+    /// Counts the request against the backend it is sent to (drained before a stop).
+    backend_in_flight: Option<InFlight>,
 }
 
 /// The proxy of one listener (plain HTTP or TLS).
@@ -186,6 +188,7 @@ impl ProxyHttp for MirenProxy {
             failed_backend: None,
             connect_retries: 0,
             in_flight: None,
+            backend_in_flight: None,
         }
     }
 
@@ -312,6 +315,7 @@ impl ProxyHttp for MirenProxy {
         peer.options.read_timeout = timeout;
         peer.options.write_timeout = timeout;
         peer.options.idle_timeout = Some(Duration::from_secs(60));
+        ctx.backend_in_flight = Some(self.state.routing.load().to_backend(backend.addr.ip()));
         ctx.backend = Some(backend);
         Ok(Box::new(peer))
     }

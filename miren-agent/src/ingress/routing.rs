@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     hash::{Hash, Hasher},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -50,6 +50,8 @@ pub struct ServiceUpstreams {
 #[derive(Debug, Default)]
 pub struct LoadTracker {
     counters: std::sync::Mutex<HashMap<(String, String), Arc<AtomicUsize>>>,
+    /// Requests in flight per backend address (an instance being stopped drains these).
+    backends: std::sync::Mutex<HashMap<IpAddr, Arc<AtomicUsize>>>,
 }
 
 impl LoadTracker {
@@ -66,6 +68,23 @@ impl LoadTracker {
     /// Requests in flight to `app`'s `service` now.
     pub fn in_flight(&self, app: &str, service: &str) -> usize {
         self.counter(app, service).load(Ordering::Relaxed)
+    }
+
+    fn backend_counter(&self, ip: IpAddr) -> Arc<AtomicUsize> {
+        let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(backends.entry(ip).or_default())
+    }
+
+    /// Counts one request sent to the backend at `ip` until the guard is dropped.
+    pub fn to_backend(&self, ip: IpAddr) -> InFlight {
+        let counter = self.backend_counter(ip);
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+
+    /// Requests in flight to the backend at `ip` now.
+    pub fn in_flight_to(&self, ip: IpAddr) -> usize {
+        self.backend_counter(ip).load(Ordering::Relaxed)
     }
 }
 
@@ -240,6 +259,11 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// The in-flight request counters.
+    pub fn load(&self) -> &LoadTracker {
+        &self.load
+    }
+
     /// An empty routing state counting requests in `load`; call [`Routing::refresh`] or
     /// [`Routing::follow`] to fill it.
     pub fn new(default_timeout: Duration, load: Arc<LoadTracker>) -> Self {

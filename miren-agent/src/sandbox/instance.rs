@@ -1,125 +1,128 @@
-//! One running instance: `/bin/sh -c COMMAND` in the sandbox's namespace (through `ip netns
-//! exec`, which also mounts its resolv.conf), in its own process group, with the service's
-//! environment, the app directory as working directory, and stdout/stderr appended to a log
-//! file. Stopping sends SIGTERM to the group, then SIGKILL after the shutdown timeout.
+//! One running instance: its container (see [`super::container`]), how it ended, and its stop:
+//! SIGTERM to every process of the container (the app's own processes, not only the shell),
+//! SIGKILL after the shutdown timeout, then the container is deleted.
 
 use std::{
-    collections::BTreeMap,
     net::{SocketAddr, SocketAddrV4},
+    os::fd::OwnedFd,
     path::Path,
-    process::Stdio,
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
-use nix::{
-    sys::signal::{Signal, killpg},
-    unistd::Pid,
+use super::{
+    SandboxError,
+    container::{ContainerSpec, Runtime, wait_exit},
 };
-use tokio::process::{Child, Command};
 
-use super::{SandboxError, net::SandboxNet};
-
-/// PATH given to every instance.
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// A started process.
+/// A started (or adopted) container.
 #[derive(Debug)]
 pub struct Process {
-    /// `None` for a process adopted from an earlier agent (not our child).
-    child: Option<Child>,
-    pid: Pid,
+    runtime: Arc<Runtime>,
+    container: String,
+    pid: u32,
+    /// The memory limit, named when the instance is OOM-killed.
+    memory_limit: u64,
 }
 
 impl Process {
-    /// Starts `command` in `net`'s namespace.
+    /// Starts `spec` with its stdout and stderr on `output` (blocking: runs runc).
     ///
     /// # Errors
-    /// [`SandboxError::Io`] when the log file or the process cannot be created.
+    /// [`SandboxError`] when the bundle cannot be written or runc fails.
     pub fn start(
-        command: &str,
-        net: &SandboxNet,
-        env: &BTreeMap<String, String>,
-        dir: &Path,
-        log: &Path,
+        runtime: &Arc<Runtime>,
+        spec: &ContainerSpec<'_>,
+        output: OwnedFd,
     ) -> Result<Self, SandboxError> {
-        let open_log = || {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .map_err(|e| SandboxError::io(format!("opening {}", log.display()), e))
-        };
-        let stdout = open_log()?;
-        let stderr = open_log()?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &net.netns, "/bin/sh", "-c", command])
-            .env_clear()
-            .env("PATH", PATH)
-            .env("HOME", dir)
-            .envs(env)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| SandboxError::io(format!("starting `{command}`"), e))?;
-        let pid = child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(Pid::from_raw)
-            .ok_or_else(|| {
-                SandboxError::io(
-                    format!("starting `{command}`"),
-                    std::io::Error::other("the process exited at once"),
-                )
-            })?;
+        let pid = runtime.run(spec, output)?;
         Ok(Self {
-            child: Some(child),
+            runtime: Arc::clone(runtime),
+            container: spec.id.to_owned(),
             pid,
+            memory_limit: spec.limits.memory_bytes,
         })
     }
 
-    /// The process id (also its process group id).
-    pub fn pid(&self) -> u32 {
-        self.pid.as_raw().unsigned_abs()
-    }
-
-    /// Waits until the process exits; a description of how it ended.
-    pub async fn wait(&mut self) -> String {
-        match &mut self.child {
-            Some(child) => match child.wait().await {
-                Ok(status) => status.to_string(),
-                Err(e) => format!("waiting failed: {e}"),
-            },
-            None => {
-                while is_running(self.pid.as_raw().unsigned_abs()) {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                "exited (adopted from an earlier agent, status unknown)".into()
-            }
-        }
-    }
-
-    /// A process group leader started by an earlier agent, if it still runs.
-    pub fn adopt(pid: u32) -> Option<Self> {
-        let raw = i32::try_from(pid).ok()?;
+    /// The container `container` with first process `pid`, started by an earlier agent, if it
+    /// still runs.
+    pub fn adopt(runtime: &Arc<Runtime>, container: &str, pid: u32, memory_limit: u64) -> Option<Self> {
         is_running(pid).then(|| Self {
-            child: None,
-            pid: Pid::from_raw(raw),
+            runtime: Arc::clone(runtime),
+            container: container.to_owned(),
+            pid,
+            memory_limit,
         })
     }
 
-    /// SIGTERM to the process group, SIGKILL after `timeout`, then reaps.
-    pub async fn stop(mut self, timeout: Duration) {
-        let _ = killpg(self.pid, Signal::SIGTERM);
-        if tokio::time::timeout(timeout, self.wait()).await.is_err() {
-            let _ = killpg(self.pid, Signal::SIGKILL);
-            let _ = self.wait().await;
-        }
-        // Children that outlived the shell.
-        let _ = killpg(self.pid, Signal::SIGKILL);
+    /// The host pid of the container's first process.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
+
+    /// Waits until the container's first process exits, removes the container, and describes
+    /// how it ended (naming an OOM kill at the memory limit).
+    pub async fn wait(&mut self) -> String {
+        let how = wait_exit(self.pid).await;
+        self.remove(how).await
+    }
+
+    /// SIGTERM to every process of the container, SIGKILL to what is left after `timeout`,
+    /// then removes the container.
+    pub async fn stop(self, timeout: Duration) {
+        self.signal("TERM").await;
+        let deadline = Instant::now() + timeout;
+        let exited = tokio::time::timeout_at(deadline.into(), wait_exit(self.pid)).await;
+        if exited.is_err() {
+            tracing::info!(container = %self.container, "instance still running after its shutdown timeout; killing it");
+            self.signal("KILL").await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), wait_exit(self.pid)).await;
+        }
+        self.remove(String::new()).await;
+    }
+
+    async fn signal(&self, signal: &'static str) {
+        let runtime = Arc::clone(&self.runtime);
+        let container = self.container.clone();
+        let sent = tokio::task::spawn_blocking(move || runtime.signal_all(&container, signal)).await;
+        if let Ok(Err(error)) = sent {
+            tracing::debug!(%error, "signalling an instance");
+        }
+    }
+
+    /// Deletes the container; `how` it ended, with the OOM kill named.
+    async fn remove(&self, how: String) -> String {
+        let runtime = Arc::clone(&self.runtime);
+        let container = self.container.clone();
+        let oom = tokio::task::spawn_blocking(move || {
+            let oom = runtime.oom_killed(&container);
+            runtime.delete(&container);
+            oom
+        })
+        .await
+        .unwrap_or(false);
+        if oom {
+            format!(
+                "out of memory: killed at the memory limit of {} MiB (--instance-memory); {how}",
+                self.memory_limit >> 20
+            )
+        } else {
+            how
+        }
+    }
+}
+
+/// Opens `log` for appending, as the instance's stdout and stderr.
+///
+/// # Errors
+/// [`SandboxError::Io`] when the file cannot be opened.
+pub fn open_output(log: &Path) -> Result<OwnedFd, SandboxError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map(OwnedFd::from)
+        .map_err(|e| SandboxError::io(format!("opening {}", log.display()), e))
 }
 
 /// True when process `pid` exists and is not a zombie.

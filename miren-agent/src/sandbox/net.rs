@@ -1,7 +1,7 @@
 //! Sandbox networking with iproute2: the agent's bridge (`--sandbox-bridge`, holding the
 //! subnet's first address) and one network namespace per instance, joined to the bridge by a
-//! veth pair, with a default route via the bridge and a resolv.conf naming the bridge address
-//! (`ip netns exec` mounts `/etc/netns/NS/resolv.conf` over `/etc/resolv.conf`).
+//! veth pair, with a default route via the bridge. The instance's container joins the namespace
+//! (see [`super::container`]).
 
 use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 
@@ -94,13 +94,7 @@ impl SandboxNet {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
             let gateway = subnet.gateway().to_string();
-            ip(&["-n", ns, "route", "add", "default", "via", &gateway])?;
-            let etc = net.etc_dir();
-            std::fs::create_dir_all(&etc)
-                .and_then(|()| {
-                    std::fs::write(etc.join("resolv.conf"), format!("nameserver {gateway}\n"))
-                })
-                .map_err(|e| SandboxError::io(format!("writing {}", etc.display()), e))
+            ip(&["-n", ns, "route", "add", "default", "via", &gateway])
         };
         match build() {
             Ok(()) => Ok(net),
@@ -111,9 +105,9 @@ impl SandboxNet {
         }
     }
 
-    /// `/etc/netns/NS`, whose files `ip netns exec` mounts over `/etc`.
-    fn etc_dir(&self) -> PathBuf {
-        PathBuf::from("/etc/netns").join(&self.netns)
+    /// The namespace's file, which a container joins.
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
     }
 
     /// SIGKILLs every process in the namespace.
@@ -134,10 +128,9 @@ impl SandboxNet {
         }
     }
 
-    /// Deletes the namespace (the veth pair goes with it) and its /etc files.
+    /// Deletes the namespace (the veth pair goes with it).
     pub fn remove(&self) {
         let _ = ip(&["link", "del", &self.host_veth]);
         let _ = ip(&["netns", "del", &self.netns]);
-        let _ = std::fs::remove_dir_all(self.etc_dir());
     }
 }

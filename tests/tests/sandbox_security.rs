@@ -1,0 +1,292 @@
+//! Instances in real runc containers, tried as a hostile app would: unprivileged, without
+//! capabilities, blind to the node's state and to other apps, unable to mount, unshare or touch
+//! the network, held by the pids and memory limits (an OOM kill shows in `miren app show`), and
+//! drained before they stop (requests in flight finish, the app's own SIGTERM handler runs).
+//! Real agent, CLI, runc, clients.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use miren_agent::api::types::AppDetail;
+use miren_tests::{
+    ingress::ok,
+    process::AgentProcess,
+    world::{NODE_IP, Plane, World},
+};
+
+/// Writes app `name` (its app.toml and `files`) and deploys it.
+fn deploy(world: &World, agent: &AgentProcess, name: &str, toml: &str, files: &[(&str, &str)]) {
+    let dir = world.dir().join(name);
+    std::fs::create_dir_all(dir.join(".miren")).unwrap();
+    std::fs::write(dir.join(".miren/app.toml"), toml).unwrap();
+    for (file, text) in files {
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+    ok(agent, &["deploy", dir.to_str().unwrap()]);
+}
+
+/// Waits up to 60 s until `check` holds.
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn app_detail(agent: &AgentProcess, app: &str) -> AppDetail {
+    serde_json::from_str(&ok(agent, &["app", "show", app, "--output", "json"])).unwrap()
+}
+
+/// GET `path` with `host` from the client through the node's ingress: (status, body).
+fn http_get(world: &World, host: &str, path: &str) -> (u16, String) {
+    let mut stream = world
+        .client
+        .run(|| TcpStream::connect((NODE_IP, 80)))
+        .unwrap()
+        .expect("connect to the ingress");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Prints what an instance can see and do, then serves HTTP.
+fn probe_script(state_dir: &Path, other_app: &Path) -> String {
+    format!(
+        r#"echo "uid=$(id -u)"
+grep CapEff /proc/self/status
+for p in {state} /run/netns {other} /app/secret.txt; do
+  if [ -e "$p" ]; then echo "visible $p"; else echo "hidden $p"; fi
+done
+mkdir -p /tmp/m
+if mount -t tmpfs none /tmp/m 2>/dev/null; then echo "mount: allowed"; else echo "mount: refused"; fi
+if unshare -U true 2>/dev/null; then echo "unshare: allowed"; else echo "unshare: refused"; fi
+if ip link add probe0 type dummy 2>/dev/null; then echo "ip link: allowed"; else echo "ip link: refused"; fi
+if touch /app/written 2>/dev/null; then echo "app dir: writable"; else echo "app dir: read-only"; fi
+if touch /tmp/written 2>/dev/null; then echo "tmp: writable"; else echo "tmp: read-only"; fi
+echo "probe done"
+exec python3 -m http.server "$PORT"
+"#,
+        state = state_dir.display(),
+        other = other_app.display(),
+    )
+}
+
+const SERVE_TOML: &str = r#"name = "NAME"
+[services.web]
+command = "COMMAND"
+port = 8080
+[services.web.concurrency]
+mode = "fixed"
+num_instances = 1
+"#;
+
+fn app_toml(name: &str, command: &str) -> String {
+    SERVE_TOML
+        .replace("NAME", name)
+        .replace("COMMAND", command)
+}
+
+#[test]
+fn an_instance_is_contained_and_held_by_its_limits() {
+    let world = World::new(0);
+    let agent = world.start_agent_running_sandboxes(
+        Plane::Xdp,
+        &["--instance-memory", "128M", "--instance-pids", "64"],
+    );
+    // Another app with a file the probe must not see.
+    deploy(
+        &world,
+        &agent,
+        "other",
+        &app_toml("other", "exec python3 -m http.server $PORT"),
+        &[("secret.txt", "other app's secret\n")],
+    );
+    let probe = probe_script(&world.dir().join("state"), &world.dir().join("other"));
+    deploy(
+        &world,
+        &agent,
+        "probe",
+        &app_toml("probe", "sh probe.sh"),
+        &[("probe.sh", &probe)],
+    );
+    ok(&agent, &["route", "set", "probe.test", "probe"]);
+    ok(&agent, &["route", "set", "other.test", "other"]);
+    let mut logs = String::new();
+    wait_until("the probe's report", || {
+        logs = ok(&agent, &["logs", "probe"]);
+        logs.contains("probe done")
+    });
+    let uid = logs
+        .lines()
+        .find_map(|l| l.split("uid=").nth(1))
+        .expect("uid line");
+    assert_ne!(uid.trim(), "0", "{logs}");
+    assert!(logs.contains("CapEff:\t0000000000000000"), "{logs}");
+    for hidden in [
+        world.dir().join("state").display().to_string(),
+        "/run/netns".into(),
+        world.dir().join("other").display().to_string(),
+        "/app/secret.txt".into(),
+    ] {
+        assert!(logs.contains(&format!("hidden {hidden}")), "{hidden}: {logs}");
+    }
+    for line in [
+        "mount: refused",
+        "unshare: refused",
+        "ip link: refused",
+        "app dir: read-only",
+        "tmp: writable",
+    ] {
+        assert!(logs.contains(line), "{line}: {logs}");
+    }
+    wait_until("the probe serving", || http_get(&world, "probe.test", "/").0 == 200);
+
+    // A fork bomb stops at the pids limit; the node and the other app stay responsive.
+    deploy(
+        &world,
+        &agent,
+        "bomb",
+        &app_toml("bomb", "f() { f | f & }; f; sleep 1000"),
+        &[],
+    );
+    // This agent's containers are `<agent pid in hex>x<n>`; the bomb's is the one whose forks
+    // were refused at the limit.
+    let prefix = format!("{:x}x", agent.pid());
+    let mut refused = 0;
+    wait_until("forks refused at the pids limit", || {
+        refused = std::fs::read_dir("/sys/fs/cgroup/pids/miren")
+            .unwrap()
+            .flatten()
+            .filter(|dir| dir.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|dir| {
+                let current: usize = std::fs::read_to_string(dir.path().join("pids.current"))
+                    .ok()
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0);
+                assert!(current <= 64, "an instance holds {current} processes");
+                std::fs::read_to_string(dir.path().join("pids.events"))
+                    .ok()
+                    .and_then(|text| text.trim().strip_prefix("max ")?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum::<u64>();
+        refused > 0
+    });
+    ok(&agent, &["status"]);
+    assert_eq!(http_get(&world, "other.test", "/").0, 200);
+    ok(&agent, &["app", "rm", "bomb"]);
+
+    // 2 GiB in an instance limited to 128 MiB: OOM-killed, and `miren app show` says so.
+    deploy(
+        &world,
+        &agent,
+        "hog",
+        &app_toml("hog", "python3 -c 'x = bytearray(2 * 1024**3)'"),
+        &[],
+    );
+    wait_until("the OOM kill in app show", || {
+        app_detail(&agent, "hog").services[0]
+            .instances
+            .as_ref()
+            .and_then(|i| i.last_exit.clone())
+            .is_some_and(|exit| exit.contains("out of memory"))
+    });
+    let show = ok(&agent, &["app", "show", "hog"]);
+    assert!(show.contains("out of memory") && show.contains("128 MiB"), "{show}");
+}
+
+/// An HTTP server whose `/slow` answers after 3 s and whose SIGTERM handler logs, finishes
+/// and exits.
+const SLOW_PY: &str = r#"import os, signal, sys, time, http.server
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(3)
+        body = os.environ["MIREN_ADDR"].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+def on_term(signum, frame):
+    print("SIGTERM received; shutting down", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("slow server listening", flush=True)
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+fn slow_toml(version: &str) -> String {
+    format!(
+        r#"name = "slow"
+[[env]]
+key = "VERSION"
+value = "{version}"
+[services.web]
+command = "python3 slow.py"
+port = 8080
+[services.web.concurrency]
+mode = "fixed"
+num_instances = 1
+shutdown_timeout = "20s"
+"#
+    )
+}
+
+#[test]
+fn an_instance_being_replaced_finishes_its_requests_and_gets_sigterm() {
+    let world = World::new(0);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
+    deploy(&world, &agent, "slow", &slow_toml("1"), &[("slow.py", SLOW_PY)]);
+    ok(&agent, &["route", "set", "slow.test", "slow"]);
+    wait_until("the first instance", || {
+        http_get(&world, "slow.test", "/").0 == 200
+    });
+    let (_, old_addr) = http_get(&world, "slow.test", "/");
+    let world = std::sync::Arc::new(world);
+    let requests: Vec<_> = (0..6)
+        .map(|_| {
+            let world = std::sync::Arc::clone(&world);
+            std::thread::spawn(move || http_get(&world, "slow.test", "/slow"))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // A redeploy that changes the instance's environment replaces it: the new one starts,
+    // the old one leaves the endpoints and is stopped while its 6 requests are in flight.
+    deploy(&world, &agent, "slow", &slow_toml("2"), &[]);
+    for request in requests {
+        let (status, body) = request.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, old_addr, "a request went to the new instance");
+    }
+    wait_until("the old instance's SIGTERM handler", || {
+        ok(&agent, &["logs", "slow"]).contains("SIGTERM received; shutting down")
+    });
+    wait_until("the new instance serving", || {
+        let (status, body) = http_get(&world, "slow.test", "/");
+        status == 200 && body != old_addr
+    });
+}
