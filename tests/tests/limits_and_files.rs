@@ -16,10 +16,11 @@ use std::{
 use miren_agent::api::types::ErrorBody;
 use miren_tests::process::{AgentProcess, TempDir, binary};
 
-fn start_agent(dir: &Path) -> AgentProcess {
+/// Starts the agent without sandboxes, loopback listeners and `limits` (agent.toml lines).
+fn start_agent(dir: &Path, limits: &str) -> AgentProcess {
     std::fs::write(
         dir.join("agent.toml"),
-        "http-addr = \"127.0.0.1:0\"\nhttps-addr = \"127.0.0.1:0\"\nmetrics-addr = \"127.0.0.1:0\"\nno-sandboxes = true\nmax-instances-per-node = 5\n",
+        format!("http-addr = \"127.0.0.1:0\"\nhttps-addr = \"127.0.0.1:0\"\nmetrics-addr = \"127.0.0.1:0\"\nno-sandboxes = true\n{limits}"),
     )
     .unwrap();
     let socket = dir.join("agent.sock");
@@ -150,6 +151,15 @@ fn assert_private(dir: &Path) {
     }
 }
 
+/// An app named `big` with `n` fixed services of one instance each.
+fn services(n: usize) -> String {
+    let mut toml = "name = \"big\"\n".to_owned();
+    for i in 0..n {
+        toml.push_str(&format!("[services.s{i}]\ncommand = \"sleep 1000\"\n"));
+    }
+    toml
+}
+
 const SHOP: &str = r#"name = "shop"
 
 [[env]]
@@ -169,7 +179,7 @@ env = [{ key = "stripe_api_key", value = "sk-live-123" }]
 #[test]
 fn limits_api_inputs_file_modes_and_secrets() {
     let dir = TempDir::new("limits");
-    let agent = start_agent(dir.path());
+    let agent = start_agent(dir.path(), "max-instances-per-node = 5\n");
     let socket = dir.path().join("agent.sock");
     let shop = app_dir(dir.path(), "shop", SHOP);
 
@@ -213,11 +223,7 @@ fn limits_api_inputs_file_modes_and_secrets() {
 
     // 10,000 services: refused at once with the limit named; nothing written.
     let before = snapshot(&agent);
-    let mut toml = "name = \"big\"\n".to_owned();
-    for i in 0..10_000 {
-        toml.push_str(&format!("[services.s{i}]\ncommand = \"sleep 1000\"\n"));
-    }
-    let big = app_dir(dir.path(), "big", &toml);
+    let big = app_dir(dir.path(), "big", &services(10_000));
     let args = ["deploy", big.to_str().unwrap()];
     let started = Instant::now();
     let out = agent.miren(&args);
@@ -357,4 +363,43 @@ fn limits_api_inputs_file_modes_and_secrets() {
     .unwrap();
     ok(&agent, &["deploy", shop.to_str().unwrap()]);
     assert_private(&state);
+}
+
+/// An app deployed under raised limits stays in the store when the agent restarts with the
+/// defaults: it is skipped (with the limit in the log) instead of being run, and the agent
+/// serves its API.
+#[test]
+fn an_app_over_the_limits_in_the_store_is_skipped_at_start() {
+    let dir = TempDir::new("limits-restart");
+    let raised = "max-services-per-app = 10000\nmax-instances-per-node = 10000\n";
+    let mut agent = start_agent(dir.path(), raised);
+    let big = app_dir(dir.path(), "big", &services(10_000));
+    let started = Instant::now();
+    ok(&agent, &["deploy", big.to_str().unwrap()]);
+    println!(
+        "a deploy of 10,000 services under raised limits took {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let apps = ok(&agent, &["apps"]);
+    println!(
+        "`miren apps` with them deployed answered in {:?}",
+        started.elapsed()
+    );
+    assert!(apps.contains("big"), "{apps}");
+    assert!(
+        agent.terminate(Duration::from_secs(40)).is_some(),
+        "SIGTERM"
+    );
+
+    let agent = start_agent(dir.path(), "");
+    let apps = ok(&agent, &["--output", "json", "apps"]);
+    assert_eq!(apps.trim(), "[]", "{apps}");
+    let log = agent.log_text();
+    assert!(
+        log.contains("stored app no longer validates")
+            && log.contains("the app has 10000 services, more than the limit of 64 per app"),
+        "{log}"
+    );
+    ok(&agent, &["status"]);
 }
