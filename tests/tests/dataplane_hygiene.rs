@@ -6,7 +6,12 @@
 //! The bpffs test runs the agent in a private mount namespace made for it (`unshare --mount
 //! --propagation private`), so nothing is ever mounted in the host's mount namespace.
 
-use std::{net::SocketAddr, path::Path, process::Command};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use aya::programs::XdpMode;
 use miren_agent::{
@@ -51,8 +56,8 @@ fn assert_served_by(world: &World, sandbox: usize) {
 }
 
 /// Starts the agent (no sandboxes of its own) with `--bpf-pin-dir pins`.
-fn start_agent_pinned_at(world: &World, plane: Plane, pins: &Path) -> AgentProcess {
-    let mut command = agent_command(&world.node, world.dir(), pins, plane.flag());
+fn start_agent_pinned_at(world: &World, dataplane: &str, pins: &Path) -> AgentProcess {
+    let mut command = agent_command(&world.node, world.dir(), pins, dataplane);
     command.arg("--no-sandboxes");
     AgentProcess::start(
         command,
@@ -67,7 +72,7 @@ fn start_agent_pinned_at(world: &World, plane: Plane, pins: &Path) -> AgentProce
 fn restart_with_another_pin_dir(plane: Plane) {
     let world = World::new(2);
     let old_pins = BpfPinDir::new("old");
-    let agent = start_agent_pinned_at(&world, Plane::Xdp, old_pins.path());
+    let agent = start_agent_pinned_at(&world, "xdp", old_pins.path());
     world.deploy(&agent);
     assert_served_by(&world, 0);
     let old: Vec<u32> = programs_on_eth0(&world).iter().map(|p| p.prog_id).collect();
@@ -80,7 +85,7 @@ fn restart_with_another_pin_dir(plane: Plane) {
     );
 
     let new_pins = BpfPinDir::new("new");
-    let agent = start_agent_pinned_at(&world, plane, new_pins.path());
+    let agent = start_agent_pinned_at(&world, plane.flag(), new_pins.path());
     wait_for_status_ok(&agent);
     // Only the new data plane knows this change: a stale one keeps sending to sandbox 0.
     world.set_endpoints(&agent, &[1]);
@@ -268,11 +273,36 @@ mount -t tmpfs -o size=1m,mode=0700 tmpfs /sys/fs/bpf && exec "$@""#
         host_bpf
     );
 
-    // Ending the agent ends its mount namespace and with it the bpffs; deleting the network
-    // namespace (World's drop) removes whatever is left on eth0.
-    assert!(
-        agent
-            .terminate(std::time::Duration::from_secs(15))
-            .is_some()
-    );
+    // Ending the agent ends its mount namespace and with it the bpffs and its pinned links:
+    // nothing of the agent's stays on eth0 (World's drop then deletes the namespace).
+    assert!(agent.terminate(Duration::from_secs(15)).is_some());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !programs_on_eth0(&world).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(programs_on_eth0(&world), []);
+}
+
+#[test]
+fn a_pin_dir_that_is_not_on_a_bpffs_is_refused_with_what_to_do() {
+    let world = World::new(1);
+    let pins = world.dir().join("pins");
+    let agent = start_agent_pinned_at(&world, "auto", &pins);
+    world.deploy(&agent);
+    assert_served_by(&world, 0);
+    let status = status(&agent);
+    assert_eq!(status.dataplane.mode, "nft", "{status:?}");
+    for expected in [
+        format!("{} cannot hold pinned eBPF objects", pins.display()),
+        "is not on a bpf filesystem".to_owned(),
+        "mount a bpffs there (`mount -t bpf bpf DIR`) or pass a --bpf-pin-dir under /sys/fs/bpf"
+            .to_owned(),
+    ] {
+        assert!(
+            status.dataplane.reason.contains(&expected),
+            "the status should say {expected:?}: {}",
+            status.dataplane.reason
+        );
+    }
+    assert!(!pins.exists(), "nothing is created outside a bpffs");
 }
