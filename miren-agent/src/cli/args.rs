@@ -162,9 +162,12 @@ pub enum RouteCommand {
 }
 
 fn parse_route_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let max = std::time::Duration::from_millis(crate::api::types::MAX_ROUTE_TIMEOUT_MS);
     crate::config::parse_duration(text)
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("\"{text}\" is not a positive duration; use e.g. 30s, 5m or 1h"))
+        .filter(|d| !d.is_zero() && *d <= max)
+        .ok_or_else(|| {
+            format!("\"{text}\" is not a positive duration of at most 24h; use e.g. 30s, 5m or 1h")
+        })
 }
 
 /// `miren cert …`.
@@ -499,6 +502,21 @@ mod tests {
             Command::Route(RouteCommand::Add { .. })
         ));
         assert!(Cli::try_parse_from(["miren", "route", "add", "a.example.com"]).is_err());
+    }
+
+    #[test]
+    fn route_timeout_is_positive_and_at_most_a_day() {
+        assert_eq!(
+            parse_route_timeout("24h"),
+            Ok(std::time::Duration::from_secs(86_400))
+        );
+        for bad in ["0s", "25h", "soon"] {
+            let err = parse_route_timeout(bad).unwrap_err();
+            assert!(
+                err.contains("positive duration of at most 24h"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]
