@@ -402,34 +402,85 @@ async fn app(
 #[derive(Debug, Deserialize)]
 struct LogsQuery {
     service: Option<String>,
+    /// The cursor of an earlier answer; empty: start as `tail` and `since` say.
     #[serde(default)]
     after: String,
+    /// Start with the last N lines of the selected instances together.
+    tail: Option<usize>,
+    /// Start with the lines written during this last duration, e.g. `10m` or `1h30m`.
+    since: Option<String>,
+    /// Stop before lines written after this log timestamp (`2026-11-30T05:04:57.123456789Z`).
+    until: Option<String>,
 }
 
 async fn app_logs(
     State(state): State<Arc<ApiState>>,
     UrlPath(app): UrlPath<String>,
     Params(query): Params<LogsQuery>,
-) -> ApiResult<LogChunk> {
-    blocking(move || logs(&state, &app, &query)).await
+) -> Result<Json<LogChunk>, LogsError> {
+    blocking(move || logs(&state, &app, query)).await
 }
 
-/// The log lines of `app` after the query's cursor (reads the instances' log files).
-fn logs(state: &ApiState, app: &str, query: &LogsQuery) -> Result<LogChunk, ControlError> {
+/// Why `GET /v1/apps/{app}/logs` failed.
+#[derive(Debug, thiserror::Error)]
+enum LogsError {
+    /// No such app or service, or a bad query.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The log files could not be read.
+    #[error(transparent)]
+    Read(#[from] crate::sandbox::SandboxError),
+}
+
+impl IntoResponse for LogsError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Control(e) => e.into_response(),
+            Self::Read(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e),
+        }
+    }
+}
+
+/// The log lines of `app` the query selects (reads the instances' log files).
+fn logs(state: &ApiState, app: &str, query: LogsQuery) -> Result<LogChunk, LogsError> {
     let detail = state.control.app(app)?;
     if let Some(service) = &query.service
         && !detail.services.iter().any(|s| &s.name == service)
     {
-        return Err(ControlError::NotFound(format!(
-            "app \"{app}\" has no service \"{service}\""
-        )));
+        return Err(
+            ControlError::NotFound(format!("app \"{app}\" has no service \"{service}\"")).into(),
+        );
     }
     let Some(runner) = &state.runner else {
         return Err(ControlError::NotFound(
             "this agent does not run instances (--no-sandboxes), so it has no logs".into(),
-        ));
+        )
+        .into());
     };
-    Ok(runner.logs(app, query.service.as_deref(), &query.after))
+    let since = match query.since.as_deref() {
+        None => None,
+        Some(text) => Some(crate::config::parse_duration(text).ok_or_else(|| {
+            ControlError::BadRequest(format!(
+                "since \"{text}\" is not a duration; use e.g. 90s, 10m or 1h30m"
+            ))
+        })?),
+    };
+    if let Some(until) = &query.until
+        && !crate::sandbox::logs::is_log_time(until.as_bytes())
+    {
+        return Err(ControlError::BadRequest(format!(
+            "until \"{until}\" is not a log timestamp like 2026-11-30T05:04:57.123456789Z"
+        ))
+        .into());
+    }
+    let query = crate::sandbox::logs::LogQuery {
+        service: query.service,
+        after: query.after,
+        tail: query.tail,
+        since,
+        until: query.until,
+    };
+    Ok(runner.logs(app, &query)?)
 }
 
 async fn remove_app(

@@ -150,10 +150,15 @@ pub struct InstanceStatus {
 /// `GET /v1/apps/{app}/logs` answer: new lines since the cursor.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LogChunk {
-    /// Lines in instance order, each with the instance that wrote it.
+    /// Lines in time order (the instances' lines merged), each with the instance that wrote
+    /// it.
     pub lines: Vec<LogLine>,
     /// Pass back as `after` to get only what follows.
     pub cursor: String,
+    /// True when the answer stopped at its size limit (about 1 MiB) and more lines are
+    /// there: ask again with `after` = `cursor`.
+    #[serde(default)]
+    pub more: bool,
 }
 
 /// One line an instance wrote to stdout or stderr.
@@ -163,6 +168,10 @@ pub struct LogLine {
     pub instance: String,
     /// The line, without its newline.
     pub line: String,
+    /// When the agent's log shim read it: RFC 3339 UTC with nanoseconds, fixed width
+    /// (`2026-11-30T05:04:57.123456789Z`); absent for logs written before timestamps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
 }
 
 /// One port of a service.

@@ -17,13 +17,29 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once, at start")]
 enum Command {
     /// Run the agent until SIGINT or SIGTERM.
     Run(SettingsLayer),
+    /// Write an instance's output (stdin) to size-capped, rotated log files until EOF (started
+    /// by the agent for each instance).
+    #[command(hide = true)]
+    LogShim(miren_agent::sandbox::logs::LogFiles),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        // Before any runtime or thread: the shim lives as long as its instance.
+        Command::LogShim(files) => {
+            miren_agent::sandbox::logs::shim_main(&files);
+            Ok(())
+        }
+        Command::Run(flags) => run(flags),
+    }
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn run(flags: SettingsLayer) -> Result<()> {
     // Log lines (one per HTTP request among them) are written by a thread of their own, so
     // the proxy's workers never wait on stderr; it writes whatever lines are queued in one
     // write(2) (the buffer is flushed after every batch); colour only on a terminal.
@@ -40,7 +56,6 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(writer)
         .init();
-    let Command::Run(flags) = Cli::parse().command;
     // Everything the agent creates is private to its user unless made wider on purpose: the
     // store (the apps' secrets), certificates, logs and all else under the state dir.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));

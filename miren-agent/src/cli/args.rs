@@ -87,6 +87,16 @@ pub enum Command {
         /// Keep printing new lines until interrupted.
         #[arg(short, long)]
         follow: bool,
+        /// Start with the last N lines (of the selected instances together) [default: every
+        /// retained line].
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// Only lines written during this last duration, e.g. "90s", "10m", "1h30m".
+        #[arg(long, value_name = "DUR", value_parser = parse_since)]
+        since: Option<String>,
+        /// Prefix each line with the time it was written (RFC 3339, UTC).
+        #[arg(short, long)]
+        timestamps: bool,
     },
     /// Show the agent's status.
     Status,
@@ -159,6 +169,13 @@ pub enum RouteCommand {
     },
     /// List routes.
     List,
+}
+
+/// `miren logs --since`: a duration as the agent's flags take them, passed on as written.
+fn parse_since(text: &str) -> Result<String, String> {
+    crate::config::parse_duration(text)
+        .map(|_| text.to_owned())
+        .ok_or_else(|| format!("\"{text}\" is not a duration; use e.g. 90s, 10m or 1h30m"))
 }
 
 fn parse_route_timeout(text: &str) -> Result<std::time::Duration, String> {

@@ -16,6 +16,21 @@ use crate::api::types::{
 /// How long one read or write on the socket may block.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Which lines [`Client::logs`] asks for (the query of `GET /v1/apps/{app}/logs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogsRequest {
+    /// Only this service's instances.
+    pub service: Option<String>,
+    /// The cursor of an earlier answer; empty: start as `tail` and `since` say.
+    pub after: String,
+    /// Start with the last N lines of the selected instances together.
+    pub tail: Option<usize>,
+    /// Start with the lines written during this last duration (e.g. `10m`).
+    pub since: Option<String>,
+    /// Stop before lines written after this log timestamp.
+    pub until: Option<String>,
+}
+
 /// A client of the agent's API socket; every call opens a new connection.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -178,20 +193,23 @@ impl Client {
         )
     }
 
-    /// `GET /v1/apps/{app}/logs`: lines written after `after` (a cursor from an earlier
-    /// answer; empty for all).
+    /// `GET /v1/apps/{app}/logs`: the lines `request` selects, about 1 MiB at most (see
+    /// [`LogChunk::more`]).
     ///
     /// # Errors
     /// See [`Client::status`].
-    pub fn logs(
-        &self,
-        app: &str,
-        service: Option<&str>,
-        after: &str,
-    ) -> Result<LogChunk, CliError> {
-        let mut path = format!("/v1/apps/{}/logs?after={}", enc(app), enc(after));
-        if let Some(service) = service {
-            path.push_str(&format!("&service={}", enc(service)));
+    pub fn logs(&self, app: &str, request: &LogsRequest) -> Result<LogChunk, CliError> {
+        let mut path = format!("/v1/apps/{}/logs?after={}", enc(app), enc(&request.after));
+        let params = [
+            ("service", request.service.clone()),
+            ("tail", request.tail.map(|n| n.to_string())),
+            ("since", request.since.clone()),
+            ("until", request.until.clone()),
+        ];
+        for (name, value) in params {
+            if let Some(value) = value {
+                path.push_str(&format!("&{name}={}", enc(&value)));
+            }
         }
         self.call(Method::Get, &path, None::<&()>)
     }

@@ -23,14 +23,17 @@ pub use args::{
     AppCommand, AppDirArgs, CertCommand, Cli, Command, DEFAULT_SOCKET, OutputFormat, PortsArgs,
     PortsCommand, PortsEditArgs, RouteCommand, SOCKET_ENV,
 };
-pub use client::{Client, DEFAULT_TIMEOUT};
+pub use client::{Client, DEFAULT_TIMEOUT, LogsRequest};
 pub use error::{CliError, HttpError};
 
-use crate::api::types::{CertRequest, DeployRequest, PortsEditRequest, RouteRequest};
+use crate::api::types::{CertRequest, DeployRequest, LogChunk, PortsEditRequest, RouteRequest};
 use crate::config::{Source, ValidationContext, parse_deployable};
 
 /// How often `miren ports --watch` redraws.
 const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How often `miren logs -f` asks for new lines.
+const LOGS_POLL: Duration = Duration::from_millis(500);
 
 /// ANSI: cursor home, clear screen.
 const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
@@ -143,17 +146,17 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
             app,
             service,
             follow,
+            tail,
+            since,
+            timestamps,
         } => {
-            let mut cursor = String::new();
-            loop {
-                let chunk = client.logs(app, service.as_deref(), &cursor)?;
-                out.print(&chunk, render::log_lines)?;
-                if !follow {
-                    return Ok(());
-                }
-                cursor = chunk.cursor;
-                std::thread::sleep(std::time::Duration::from_millis(500));
-            }
+            let request = LogsRequest {
+                service: service.clone(),
+                tail: *tail,
+                since: since.clone(),
+                ..LogsRequest::default()
+            };
+            print_logs(&client, out, app, request, *follow, *timestamps)
         }
         Command::Status => out.print(&client.status()?, render::status),
     }
@@ -194,6 +197,49 @@ fn write_stdout(text: &str) -> Result<(), CliError> {
         .write_all(text.as_bytes())
         .and_then(|()| stdout.flush())
         .map_err(CliError::Stdout)
+}
+
+/// `miren logs`: every selected line, asking page after page until the agent has no more
+/// (without `follow`, only lines written before the command started, so it ends while the
+/// instances keep writing); with `follow` then new lines every [`LOGS_POLL`] until
+/// interrupted. JSON without `follow` is one object holding every line.
+fn print_logs(
+    client: &Client,
+    out: Output,
+    app: &str,
+    mut request: LogsRequest,
+    follow: bool,
+    timestamps: bool,
+) -> Result<(), CliError> {
+    if !follow {
+        request.until = Some(crate::sandbox::logs::log_time(std::time::SystemTime::now()));
+    }
+    let collect = !follow && matches!(out.0, OutputFormat::Json);
+    let mut all = LogChunk::default();
+    loop {
+        let chunk = client.logs(app, &request)?;
+        // `tail` and `since` chose where to start; the cursor goes on from there.
+        request.after.clone_from(&chunk.cursor);
+        request.tail = None;
+        request.since = None;
+        let more = chunk.more;
+        if collect {
+            all.lines.extend(chunk.lines);
+            all.cursor = chunk.cursor;
+        } else {
+            out.print(&chunk, |c| render::log_lines(c, timestamps))?;
+        }
+        if !more {
+            if !follow {
+                break;
+            }
+            thread::sleep(LOGS_POLL);
+        }
+    }
+    if collect {
+        out.print(&all, |c| render::log_lines(c, timestamps))?;
+    }
+    Ok(())
 }
 
 /// `DIR/.miren/app.toml` → (name to show in diagnostics, text).

@@ -344,13 +344,18 @@ pub fn node_ports(ports: &[NodePortInfo]) -> String {
     listing(NODE_PORT_COLUMNS, ports, "no published node ports")
 }
 
-/// `miren logs`: `INSTANCE | LINE`.
-pub fn log_lines(chunk: &LogChunk) -> String {
-    chunk
-        .lines
-        .iter()
-        .map(|l| format!("{} | {}\n", l.instance, l.line))
-        .collect()
+/// `miren logs`: `INSTANCE | LINE`, with `timestamps` `TIME INSTANCE | LINE` (`-` for lines
+/// written before logs had timestamps).
+pub fn log_lines(chunk: &LogChunk, timestamps: bool) -> String {
+    let mut out = String::new();
+    for l in &chunk.lines {
+        if timestamps {
+            out.push_str(l.time.as_deref().unwrap_or("-"));
+            out.push(' ');
+        }
+        let _ = writeln!(out, "{} | {}", l.instance, l.line);
+    }
+    out
 }
 
 /// `miren endpoints`: one line per instance address.

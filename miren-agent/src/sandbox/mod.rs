@@ -5,6 +5,7 @@
 //! - [`net`]: the bridge and the per-instance namespace and veth (iproute2).
 //! - [`instance`]: the process, its log and its stop.
 //! - [`dns`]: the resolver on the bridge address (`<service>.app.miren` within an app).
+//! - [`logs`]: the per-instance log shim (rotated, size-capped files) and reading them back.
 //! - [`isolation`]: the nftables rules isolating apps on the bridge (no spoofing, no traffic
 //!   across apps, only DNS and the public listeners on the node).
 //! - [`runner`]: one supervisor per service (fixed or auto concurrency, readiness, restarts,
@@ -14,6 +15,7 @@ pub mod dns;
 pub mod instance;
 pub mod ipam;
 pub mod isolation;
+pub mod logs;
 pub mod net;
 pub mod runner;
 

@@ -24,7 +24,7 @@ use super::{
     net::{self, SandboxNet},
 };
 use crate::{
-    api::types::{InstanceStatus, LogChunk, LogLine},
+    api::types::{InstanceStatus, LogChunk},
     config::{ConcurrencyMode, PortKind},
     control::{ControlPlane, DeployedService},
     ingress::{activation::Activator, routing::LoadTracker},
@@ -263,55 +263,13 @@ impl Runner {
             .collect()
     }
 
-    /// What `app`'s instances (of one service when given) wrote after `cursor` (from an
-    /// earlier [`LogChunk`]; empty for everything), at most about 1 MiB per call.
-    pub fn logs(&self, app: &str, service: Option<&str>, cursor: &str) -> LogChunk {
-        let mut offsets: BTreeMap<String, u64> = cursor
-            .split(',')
-            .filter_map(|part| part.rsplit_once(':'))
-            .filter_map(|(name, offset)| Some((name.to_owned(), offset.parse().ok()?)))
-            .collect();
-        let dir = self.shared.settings.state_dir.join("logs").join(app);
-        let mut files: Vec<(std::time::SystemTime, String, PathBuf)> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| {
-                let path = entry.path();
-                let instance = path.file_stem()?.to_str()?.to_owned();
-                // `SERVICE-ID`; ids have no '-', service names may.
-                let wanted = service.is_none_or(|s| {
-                    instance
-                        .strip_prefix(&format!("{s}-"))
-                        .is_some_and(|id| !id.contains('-'))
-                });
-                let modified = entry.metadata().ok()?.modified().ok()?;
-                wanted.then_some((modified, instance, path))
-            })
-            .collect();
-        files.sort();
-        let mut lines = Vec::new();
-        let mut budget: u64 = 1 << 20;
-        for (_, instance, path) in files {
-            let offset = offsets.get(&instance).copied().unwrap_or(0);
-            let Ok(text) = read_from(&path, offset, budget) else {
-                continue;
-            };
-            // Only whole lines; a partial last line is read next time.
-            let complete = text.rfind('\n').map_or(0, |i| i + 1);
-            budget = budget.saturating_sub(complete as u64);
-            offsets.insert(instance.clone(), offset + complete as u64);
-            lines.extend(text[..complete].lines().map(|line| LogLine {
-                instance: instance.clone(),
-                line: line.to_owned(),
-            }));
-        }
-        let cursor = offsets
-            .iter()
-            .map(|(name, offset)| format!("{name}:{offset}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        LogChunk { lines, cursor }
+    /// The lines of `app`'s instances that `query` selects, about 1 MiB at most per call
+    /// (see [`super::logs::read`]; blocking file reads).
+    ///
+    /// # Errors
+    /// [`SandboxError::Io`] when the log files cannot be read.
+    pub fn logs(&self, app: &str, query: &super::logs::LogQuery) -> Result<LogChunk, SandboxError> {
+        super::logs::read(&self.shared.settings.state_dir.join("logs"), app, query)
     }
 }
 
@@ -407,16 +365,6 @@ impl From<&SandboxNetRecord> for SandboxNet {
             addr: record.addr,
         }
     }
-}
-
-/// Up to `limit` bytes of `path` from `offset`.
-fn read_from(path: &std::path::Path, offset: u64, limit: u64) -> std::io::Result<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(path)?;
-    file.seek(SeekFrom::Start(offset))?;
-    let mut bytes = Vec::new();
-    file.take(limit).read_to_end(&mut bytes)?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// What an instance runs: a redeploy replaces the instances of a service only when this
