@@ -131,6 +131,10 @@ mod tests {
         }
     }
 
+    fn plan_len(attached: &[AttachedProgram], keep: &BTreeSet<u32>) -> usize {
+        plan(attached, keep).stale.len()
+    }
+
     #[test]
     fn our_programs_outside_the_kept_links_are_stale() {
         let attached = [
@@ -143,10 +147,6 @@ mod tests {
         assert_eq!(plan.foreign_xdp, None);
         // Nothing kept (nftables chosen): every program of ours goes.
         assert_eq!(plan_len(&attached, &BTreeSet::new()), 3);
-    }
-
-    fn plan_len(attached: &[AttachedProgram], keep: &BTreeSet<u32>) -> usize {
-        plan(attached, keep).stale.len()
     }
 
     #[test]

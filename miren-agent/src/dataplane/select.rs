@@ -72,7 +72,6 @@ pub fn select(settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError>
                 Ok(selected) => return Ok(selected),
                 Err(err) => err,
             };
-            tracing::warn!(error = %native, "XDP in native mode refused; trying generic mode");
             // Without a usable pin directory generic mode fails the same way.
             if matches!(native, DataplaneError::PinDir { .. }) {
                 tracing::warn!(error = %native, "XDP refused; using nftables");
@@ -83,6 +82,7 @@ pub fn select(settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError>
                     }
                 });
             }
+            tracing::warn!(error = %native, "XDP in native mode refused; trying generic mode");
             let generic = match start_xdp(settings, true) {
                 Ok(mut selected) => {
                     selected.reason =
