@@ -172,6 +172,14 @@ impl World {
         self.start_agent_with(plane.flag())
     }
 
+    /// [`World::start_agent`] with `extra` flags (e.g. raised `--max-*` limits).
+    pub fn start_agent_with_flags(&self, plane: Plane, extra: &[&str]) -> AgentProcess {
+        let mut command =
+            agent_command(&self.node, self.dir.path(), self.pins.path(), plane.flag());
+        command.arg("--no-sandboxes").args(extra);
+        self.start(command)
+    }
+
     /// Starts the agent in the node namespace with `--dataplane DATAPLANE`; endpoints come
     /// from the test (`--no-sandboxes`).
     pub fn start_agent_with(&self, dataplane: &str) -> AgentProcess {

@@ -59,7 +59,14 @@ pub fn run() -> Result<()> {
 /// ports configured.
 fn measure(plane: Plane, with_bulk: bool) -> Result<Vec<f64>> {
     let world = World::new(2);
-    let agent = world.start_agent(plane);
+    // The bulk app is far over the default app limits (64 services, 32 ports per service).
+    let limits = [
+        "--max-services-per-app",
+        "100",
+        "--max-ports-per-service",
+        "100",
+    ];
+    let agent = world.start_agent_with_flags(plane, &limits);
     world.deploy(&agent);
     if with_bulk {
         deploy_bulk(&world)?;
