@@ -218,6 +218,11 @@ impl World {
         self.dir.path()
     }
 
+    /// The bpffs directory the world's agents pin their objects in (`--bpf-pin-dir`).
+    pub fn pin_dir(&self) -> &std::path::Path {
+        self.pins.path()
+    }
+
     fn start(&self, command: Command) -> AgentProcess {
         AgentProcess::start(
             command,

@@ -2,19 +2,22 @@
 //! CLI and real clients inside a network namespace: an upgrade in place (`--upgrade` takes over
 //! the listening sockets), listeners from systemd socket activation, and a SIGTERM that lets
 //! the requests in flight finish. Endpoints come from the API (`--no-sandboxes`), served by a
-//! backend in the namespace.
+//! backend in the namespace, except for the upgrade of an agent running the app's instance
+//! itself (node and client namespaces, XDP), which the new agent adopts.
 
 use std::{
     io::{Read, Write},
-    net::TcpStream,
+    net::{SocketAddr, TcpStream},
     path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
 use miren_tests::{
-    ingress::{Backend, BackendMode, HttpResponse, IngressWorld},
+    ingress::{Backend, BackendMode, HttpResponse, IngressWorld, ok},
     process::{AgentProcess, binary},
+    topology::Netns,
+    world::{NODE_IP, Plane, World, agent_command},
 };
 use nix::{
     sys::signal::{Signal, kill},
@@ -54,10 +57,11 @@ fn start_agent(world: &IngressWorld, extra: &[&str], log_name: &str) -> AgentPro
     AgentProcess::start(command, &api_socket(world), &world.dir().join(log_name))
 }
 
-/// One `GET /` for `host` on a fresh connection: the status, or why there was none.
-fn request(host: &str) -> Result<u16, String> {
-    let mut stream = TcpStream::connect_timeout(&"127.0.0.1:80".parse().unwrap(), TIMEOUT)
-        .map_err(|e| format!("connect: {e}"))?;
+/// One `GET /` for `host` on a fresh connection to `ingress`: the status and body, or why
+/// there was none.
+fn request(ingress: SocketAddr, host: &str) -> Result<(u16, String), String> {
+    let mut stream =
+        TcpStream::connect_timeout(&ingress, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     stream
         .write_all(
@@ -68,42 +72,46 @@ fn request(host: &str) -> Result<u16, String> {
     stream
         .read_to_end(&mut raw)
         .map_err(|e| format!("receive: {e}"))?;
-    match HttpResponse::parse(&raw).status {
-        0 => Err("closed without a response".into()),
-        status => Ok(status),
+    match HttpResponse::parse(&raw) {
+        HttpResponse { status: 0, .. } => Err("closed without a response".into()),
+        response => Ok((response.status, response.body)),
     }
 }
 
-/// How long one request of the loop may take.
+/// How long one request of a loop may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Requests `host` every `period` for `total`, from inside the namespace; each outcome with
-/// its time since the start.
-fn request_loop(
-    world: &IngressWorld,
-    host: &str,
-    period: Duration,
-    total: Duration,
-) -> Vec<(Duration, Result<u16, String>)> {
-    world
-        .ns
-        .run(|| {
-            let start = Instant::now();
-            let mut outcomes = Vec::new();
-            let mut next = start;
-            while next < start + total {
-                std::thread::sleep(next.saturating_duration_since(Instant::now()));
-                outcomes.push((start.elapsed(), request(host)));
-                next += period;
-            }
-            outcomes
-        })
-        .unwrap()
+/// The ingress of [`IngressWorld`].
+fn local_ingress() -> SocketAddr {
+    "127.0.0.1:80".parse().unwrap()
+}
+
+/// What one request of a loop got, and when (since the loop's start).
+type Outcome = (Duration, Result<(u16, String), String>);
+
+/// Requests `host` at `ingress` every 20 ms for 10 s from inside `ns`.
+fn request_loop(ns: &Netns, ingress: SocketAddr, host: &str) -> Vec<Outcome> {
+    let (period, total) = (Duration::from_millis(20), Duration::from_secs(10));
+    ns.run(|| {
+        let start = Instant::now();
+        let mut outcomes = Vec::new();
+        let mut next = start;
+        while next < start + total {
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            outcomes.push((start.elapsed(), request(ingress, host)));
+            next += period;
+        }
+        outcomes
+    })
+    .unwrap()
 }
 
 /// The outcomes that are not a 200.
-fn failures(outcomes: &[(Duration, Result<u16, String>)]) -> Vec<&(Duration, Result<u16, String>)> {
-    outcomes.iter().filter(|(_, o)| *o != Ok(200)).collect()
+fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
+    outcomes
+        .iter()
+        .filter(|(_, o)| !matches!(o, Ok((200, _))))
+        .collect()
 }
 
 /// A world with an agent serving `app.test` from one backend.
@@ -120,14 +128,7 @@ fn serving_world(tag: &str, extra: &[&str]) -> (IngressWorld, AgentProcess, Back
 fn upgrade_in_place_loses_no_request() {
     let (world, mut old, _backend) = serving_world("upgrade", &[]);
     let (outcomes, new, old_exit) = std::thread::scope(|scope| {
-        let requests = scope.spawn(|| {
-            request_loop(
-                &world,
-                "app.test",
-                Duration::from_millis(20),
-                Duration::from_secs(10),
-            )
-        });
+        let requests = scope.spawn(|| request_loop(&world.ns, local_ingress(), "app.test"));
         std::thread::sleep(Duration::from_secs(2));
         let new = start_agent(&world, &["--upgrade"], "agent-new.log");
         // The old agent hands over, drains and exits by itself.
@@ -171,6 +172,100 @@ fn upgrade_in_place_loses_no_request() {
         api_socket(&world).exists(),
         "the old agent removed the handed-over API socket"
     );
+}
+
+/// An HTTP server answering its instance's address.
+const WEB_PY: &str = r#"import os, http.server
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = os.environ["MIREN_ADDR"].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+#[test]
+fn upgrade_of_an_agent_running_instances_adopts_them_and_loses_no_request() {
+    let world = World::new(0);
+    let http_addr = format!("{NODE_IP}:80");
+    // The flags of `World::start_agent_keeping_instances`, for the second agent.
+    let flags = [
+        "--sandbox-bridge",
+        "mrn0",
+        "--sandbox-subnet",
+        "10.77.0.0/16",
+        "--http-addr",
+        &http_addr,
+    ];
+    let mut old = world.start_agent_keeping_instances(Plane::Xdp, &[]);
+    let app = world.dir().join("web");
+    std::fs::create_dir_all(app.join(".miren")).unwrap();
+    std::fs::write(
+        app.join(".miren/app.toml"),
+        "name = \"web\"\n[services.web]\ncommand = \"exec python3 web.py\"\nport = 8080\n\
+         [services.web.concurrency]\nmode = \"fixed\"\nnum_instances = 1\n",
+    )
+    .unwrap();
+    std::fs::write(app.join("web.py"), WEB_PY).unwrap();
+    ok(&old, &["deploy", app.to_str().unwrap()]);
+    ok(&old, &["route", "set", "web.test", "web"]);
+    let ingress: SocketAddr = http_addr.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let instance = loop {
+        match world.client.run(|| request(ingress, "web.test")).unwrap() {
+            Ok((200, body)) => break body,
+            other => assert!(Instant::now() < deadline, "never served: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    let (outcomes, new, old_exit) = std::thread::scope(|scope| {
+        let requests = scope.spawn(|| request_loop(&world.client, ingress, "web.test"));
+        std::thread::sleep(Duration::from_secs(2));
+        let mut command = agent_command(&world.node, world.dir(), world.pin_dir(), "xdp");
+        command.args(flags).arg("--upgrade");
+        let new = AgentProcess::start(
+            command,
+            &world.dir().join("agent.sock"),
+            &world.dir().join("agent-new.log"),
+        );
+        let old_exit = old.wait_exit(Duration::from_secs(40));
+        (requests.join().unwrap(), new, old_exit)
+    });
+    let logs = || format!("old:\n{}\nnew:\n{}", old.log_text(), new.log_text());
+    assert!(
+        old_exit.is_some_and(|s| s.success()),
+        "{old_exit:?}\n{}",
+        logs()
+    );
+    let failed = failures(&outcomes);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}\n{}",
+        failed.len(),
+        outcomes.len(),
+        logs()
+    );
+    // One instance served every request: adopted by the new agent, not replaced.
+    assert!(
+        outcomes
+            .iter()
+            .all(|(_, o)| matches!(o, Ok((_, body)) if *body == instance)),
+        "{outcomes:?}"
+    );
+    assert!(
+        new.log_text()
+            .contains("adopting an instance of an earlier agent"),
+        "{}",
+        logs()
+    );
+    // The CLI talks to the new agent, which supervises the instance.
+    let show = ok(&new, &["app", "show", "web"]);
+    assert!(show.contains("web"), "{show}");
 }
 
 #[test]
@@ -222,7 +317,7 @@ fn sigterm_lets_requests_in_flight_finish() {
         kill(Pid::from_raw(agent.pid() as i32), Signal::SIGTERM).unwrap();
         // The ingress stops accepting at once…
         let deadline = Instant::now() + Duration::from_secs(5);
-        while request("app.test").is_ok() {
+        while request(local_ingress(), "app.test").is_ok() {
             assert!(
                 Instant::now() < deadline,
                 "the ingress still accepts after SIGTERM"
@@ -252,14 +347,7 @@ fn sigterm_lets_requests_in_flight_finish() {
 fn measure_plain_restart_gap() {
     let (world, mut agent, _backend) = serving_world("gap", &[]);
     let outcomes = std::thread::scope(|scope| {
-        let requests = scope.spawn(|| {
-            request_loop(
-                &world,
-                "app.test",
-                Duration::from_millis(20),
-                Duration::from_secs(10),
-            )
-        });
+        let requests = scope.spawn(|| request_loop(&world.ns, local_ingress(), "app.test"));
         std::thread::sleep(Duration::from_secs(2));
         agent.terminate(Duration::from_secs(20));
         let _agent = start_agent(&world, &[], "agent-2.log");
