@@ -480,6 +480,14 @@ impl ControlPlane {
             let record = self.publish(&desired, &ports, app, service, add)?;
             ports.push(record);
         }
+        let published = ports.iter().filter(|np| np.service == service.name).count();
+        let limit = self.settings.validation.limits.ports_per_service;
+        if published > limit {
+            return Err(ControlError::BadRequest(format!(
+                "service \"{}\" would publish {published} node ports, more than the limit of {limit} per service; unpublish some first, or raise the agent's limit with --max-ports-per-service",
+                service.name
+            )));
+        }
         ports.sort();
         let write = Write::SetNodePorts {
             app: app.to_owned(),

@@ -179,7 +179,10 @@ env = [{ key = "stripe_api_key", value = "sk-live-123" }]
 #[test]
 fn limits_api_inputs_file_modes_and_secrets() {
     let dir = TempDir::new("limits");
-    let agent = start_agent(dir.path(), "max-instances-per-node = 5\n");
+    let agent = start_agent(
+        dir.path(),
+        "max-instances-per-node = 5\nmax-ports-per-service = 2\n",
+    );
     let socket = dir.path().join("agent.sock");
     let shop = app_dir(dir.path(), "shop", SHOP);
 
@@ -363,6 +366,36 @@ fn limits_api_inputs_file_modes_and_secrets() {
     .unwrap();
     ok(&agent, &["deploy", shop.to_str().unwrap()]);
     assert_private(&state);
+
+    // `ports edit` cannot publish more node ports per service than the ports limit (2 here).
+    let game = app_dir(
+        dir.path(),
+        "game",
+        "name = \"game\"\n[services.server]\ncommand = \"x\"\nconcurrency = { mode = \"auto\" }\nports = [{ name = \"game\", port = 27015, type = \"udp\", node_port = 27015 }]\n",
+    );
+    ok(&agent, &["deploy", game.to_str().unwrap()]);
+    let edit = |n: &'static str| {
+        let args = [
+            "ports",
+            "edit",
+            "game",
+            "--service",
+            "server",
+            "--add-published",
+            n,
+        ];
+        (args, agent.miren(&args))
+    };
+    let (args, out) = edit("27016");
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    let (args, out) = edit("27017");
+    let err = failed(&args, &out);
+    assert!(
+        err.contains(
+            "service \"server\" would publish 3 node ports, more than the limit of 2 per service"
+        ) && err.contains("--max-ports-per-service"),
+        "{err}"
+    );
 }
 
 /// An app deployed under raised limits stays in the store when the agent restarts with the
