@@ -339,6 +339,38 @@ fn sigterm_lets_requests_in_flight_finish() {
     );
 }
 
+#[test]
+fn sigterm_cuts_requests_longer_than_the_grace_and_exits() {
+    let (world, mut agent, backend) = serving_world("grace", &["--shutdown-grace", "1s"]);
+    let before = backend.requests();
+    std::thread::scope(|scope| {
+        // Answered after 3 s: longer than the grace.
+        let slow = scope.spawn(|| world.get("app.test", "/slow", &[]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backend.requests() == before {
+            assert!(Instant::now() < deadline, "the slow request did not arrive");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        kill(Pid::from_raw(agent.pid() as i32), Signal::SIGTERM).unwrap();
+        // Well within grace + the exit margin (5 s).
+        let exit = agent.wait_exit(Duration::from_secs(8));
+        assert!(
+            exit.is_some_and(|s| s.success()),
+            "{exit:?}\n{}",
+            agent.log_text()
+        );
+        let cut = slow.join().unwrap();
+        assert_eq!(cut.status, 0, "{cut:?}");
+    });
+    assert!(
+        agent
+            .log_text()
+            .contains("shutdown grace over: closing connections with requests still in flight"),
+        "{}",
+        agent.log_text()
+    );
+}
+
 /// Not a check but a measurement for the README: how many requests at a 20 ms interval fail
 /// while the agent is stopped and started again without socket activation or `--upgrade`.
 /// Run with `cargo test -p miren-tests --test agent_restart -- --ignored --nocapture`.
