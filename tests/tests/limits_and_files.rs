@@ -10,6 +10,7 @@ use std::{
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::{Path, PathBuf},
     process::{Command, Output},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -228,9 +229,29 @@ fn limits_api_inputs_file_modes_and_secrets() {
     let before = snapshot(&agent);
     let big = app_dir(dir.path(), "big", &services(10_000));
     let args = ["deploy", big.to_str().unwrap()];
-    let started = Instant::now();
-    let out = agent.miren(&args);
-    let refused_after = started.elapsed();
+    // `miren status` keeps answering while the deploy is refused (each call must succeed).
+    let done = AtomicBool::new(false);
+    let (out, refused_after, status_calls) = std::thread::scope(|scope| {
+        let poller = scope.spawn(|| {
+            let mut latencies = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                ok(&agent, &["status"]);
+                latencies.push(started.elapsed());
+            }
+            latencies
+        });
+        let started = Instant::now();
+        let out = agent.miren(&args);
+        let refused_after = started.elapsed();
+        done.store(true, Ordering::Relaxed);
+        (out, refused_after, poller.join().expect("status poller"))
+    });
+    println!(
+        "`miren status` during the deploy: {} calls, slowest {:?}",
+        status_calls.len(),
+        status_calls.iter().max()
+    );
     let err = failed(&args, &out);
     for expected in [
         "error: the app has 10000 services, more than the limit of 64 per app",
