@@ -180,9 +180,18 @@ impl Inherited {
         })
     }
 
-    /// The TCP listener bound to exactly `addr`, if one was passed; in non-blocking mode.
+    /// The TCP listener bound to `addr`, if one was passed; in non-blocking mode. An IPv4
+    /// wildcard address (`0.0.0.0:80`) also takes an IPv6 wildcard socket on the same port
+    /// (`[::]:80`, what systemd's `ListenStream=80` creates; it accepts IPv4 too unless
+    /// `BindIPv6Only=ipv6-only`), when no exact match was passed.
     pub fn take_tcp(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
-        let fd = self.take(|local| *local == LocalAddr::Tcp(addr))?;
+        let fd = self
+            .take(|local| *local == LocalAddr::Tcp(addr))
+            .or_else(|| {
+                self.take(
+                    |local| matches!(local, LocalAddr::Tcp(l) if serves_v4_wildcard(*l, addr)),
+                )
+            })?;
         let listener = std::net::TcpListener::from(fd);
         listener.set_nonblocking(true).ok()?;
         tracing::info!(%addr, from = self.source, "listening on an inherited socket");
@@ -212,6 +221,13 @@ impl Inherited {
         let index = self.sockets.iter().position(|(_, local)| matches(local))?;
         Some(self.sockets.swap_remove(index).0)
     }
+}
+
+/// Whether `local` is the IPv6 wildcard on the port of `wanted`, an IPv4 wildcard address.
+fn serves_v4_wildcard(local: SocketAddr, wanted: SocketAddr) -> bool {
+    wanted.ip() == std::net::Ipv4Addr::UNSPECIFIED
+        && local.ip() == std::net::Ipv6Addr::UNSPECIFIED
+        && local.port() == wanted.port()
 }
 
 /// The first descriptor systemd passes.
@@ -574,6 +590,16 @@ mod tests {
         api.set_nonblocking(false).unwrap();
         api.accept().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_ipv4_wildcard_setting_takes_an_ipv6_wildcard_socket_on_its_port() {
+        let wanted: SocketAddr = "0.0.0.0:80".parse().unwrap();
+        assert!(serves_v4_wildcard("[::]:80".parse().unwrap(), wanted));
+        assert!(!serves_v4_wildcard("[::]:81".parse().unwrap(), wanted));
+        assert!(!serves_v4_wildcard("[::1]:80".parse().unwrap(), wanted));
+        let specific: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        assert!(!serves_v4_wildcard("[::]:80".parse().unwrap(), specific));
     }
 
     /// A new agent that goes away before it serves is reported, not waited for.
