@@ -1,6 +1,10 @@
 //! The control API: JSON over HTTP/1.1 on the agent's Unix socket (see [`types`] for the
 //! bodies). [`router`] maps paths onto [`ControlPlane`] operations; [`serve`] binds the socket
 //! (mode 0600, parent directory created) and serves until shutdown.
+//!
+//! Handlers never block the runtime: control-plane calls (its lock, SQLite commits) and file
+//! reads run on the blocking pool. Request bodies and query strings that do not fit are 400s
+//! whose [`ErrorBody`] names the field.
 
 pub mod traffic;
 pub mod types;
