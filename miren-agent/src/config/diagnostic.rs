@@ -102,19 +102,45 @@ pub struct Diagnostic {
     pub line_text: String,
 }
 
+/// The most characters of the offending line a rendered diagnostic shows; a longer line is
+/// cut around the marked span, with `...` where text was left out.
+const MAX_SHOWN_CHARS: usize = 120;
+
+impl Diagnostic {
+    /// The part of the line to show, with the 1-based column and the width of the marks in it.
+    fn shown_line(&self) -> (String, usize, usize) {
+        let chars: Vec<char> = self.line_text.chars().collect();
+        if chars.len() <= MAX_SHOWN_CHARS {
+            return (self.line_text.clone(), self.column, self.width);
+        }
+        let start = (self.column - 1)
+            .saturating_sub(MAX_SHOWN_CHARS / 4)
+            .min(chars.len() - MAX_SHOWN_CHARS);
+        let end = start + MAX_SHOWN_CHARS;
+        let mut text = String::new();
+        let mut column = self.column - start;
+        if start > 0 {
+            text.push_str("...");
+            column += 3;
+        }
+        text.extend(&chars[start..end]);
+        if end < chars.len() {
+            text.push_str("...");
+        }
+        let width = self.width.min(end.saturating_sub(self.column - 1)).max(1);
+        (text, column, width)
+    }
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pad = " ".repeat(self.line.to_string().len());
+        let (text, column, width) = self.shown_line();
         writeln!(f, "error: {}", self.message)?;
         writeln!(f, "{pad}--> {}:{}:{}", self.file, self.line, self.column)?;
         writeln!(f, "{pad} |")?;
-        writeln!(f, "{} | {}", self.line, self.line_text)?;
-        writeln!(
-            f,
-            "{pad} | {}{}",
-            " ".repeat(self.column - 1),
-            "^".repeat(self.width)
-        )?;
+        writeln!(f, "{} | {text}", self.line)?;
+        writeln!(f, "{pad} | {}{}", " ".repeat(column - 1), "^".repeat(width))?;
         write!(f, "{pad} = help: {}", self.help)
     }
 }
@@ -170,6 +196,28 @@ mod tests {
             d.to_string(),
             "error: node_port 80 is reserved for the HTTP ingress\n  --> app/.miren/app.toml:12:13\n   |\n12 | node_port = 80\n   |             ^^\n   = help: choose another node_port"
         );
+    }
+
+    #[test]
+    fn a_long_line_is_cut_around_the_marks() {
+        let text = format!("x = {}\"é\"{}\n", "[".repeat(300), "]".repeat(300));
+        let src = Source::new("f", text.clone());
+        let at = text.find('"').unwrap_or_default();
+        let d = src.diagnostic(at..at + 4, "m", "h");
+        assert_eq!((d.line, d.column, d.width), (1, 305, 3));
+        let shown = d.to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines[1], " --> f:1:305");
+        // 30 characters before the marks, 120 shown in all.
+        let expected = format!("...{}\"é\"{}...", "[".repeat(30), "]".repeat(87));
+        assert_eq!(lines[3], format!("1 | {expected}"));
+        assert_eq!(lines[4], format!("  | {}^^^", " ".repeat(33)));
+        // Marks at the very end of a long line.
+        let d = src.diagnostic(text.len() - 1..text.len(), "m", "h");
+        let shown = d.to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines[3], format!("1 | ...{}", "]".repeat(120)));
+        assert_eq!(lines[4], format!("  | {}^", " ".repeat(123)));
     }
 
     #[test]
