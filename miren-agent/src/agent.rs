@@ -185,6 +185,11 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
                 subnet: Subnet::parse(&settings.sandbox_subnet)?,
                 state_dir: settings.state_dir.join("sandbox"),
                 keep_running: settings.keep_sandboxes,
+                limits: settings.instance_limits,
+                max_instances: usize::try_from(settings.limits.instances_per_node)
+                    .unwrap_or(usize::MAX),
+                listener_ports: vec![http_addr.port(), https_addr.port()],
+                log_max: settings.instance_log_max,
             },
             load,
             routing.subscribe(),

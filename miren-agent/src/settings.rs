@@ -152,11 +152,24 @@ pub struct SettingsLayer {
     #[arg(long)]
     #[serde(skip)]
     pub upgrade: bool,
-    /// Leave running instances alone when the agent stops, and adopt them when it starts again
-    /// (instead of stopping them and starting new ones).
+    /// Stop every instance when the agent stops (by default instances outlive the agent and
+    /// the next agent adopts them).
     #[arg(long)]
     #[serde(default)]
-    pub keep_sandboxes: bool,
+    pub stop_instances_on_exit: bool,
+    /// Memory limit of each instance, e.g. "512M", "2G" [default: 512M].
+    #[arg(long, value_name = "SIZE")]
+    pub instance_memory: Option<String>,
+    /// Most processes and threads of each instance [default: 512].
+    #[arg(long, value_name = "N")]
+    pub instance_pids: Option<u32>,
+    /// CPUs each instance may use, e.g. "0.5", "2" [default: 1].
+    #[arg(long, value_name = "CPUS")]
+    pub instance_cpu: Option<String>,
+    /// Size cap of each of an instance's log files, e.g. "10M", "1MiB"; 3 files are kept in
+    /// all (the written one and 2 rotated ones) [default: 10M].
+    #[arg(long, value_name = "SIZE")]
+    pub instance_log_max: Option<String>,
 }
 
 /// Resolved settings with every default applied.
@@ -214,6 +227,10 @@ pub struct AgentSettings {
     pub upgrade: bool,
     /// Whether instances outlive the agent and are adopted by the next one.
     pub keep_sandboxes: bool,
+    /// cgroup limits of every instance.
+    pub instance_limits: crate::sandbox::container::InstanceLimits,
+    /// Size cap of each instance log file (3 files are kept).
+    pub instance_log_max: u64,
 }
 
 impl SettingsLayer {
@@ -353,7 +370,22 @@ impl SettingsLayer {
                 std::time::Duration::from_secs(30),
             )?,
             upgrade: self.upgrade,
-            keep_sandboxes: self.keep_sandboxes || file.keep_sandboxes,
+            keep_sandboxes: !(self.stop_instances_on_exit || file.stop_instances_on_exit),
+            instance_limits: instance_limits(
+                self.instance_memory.or(file.instance_memory),
+                self.instance_pids.or(file.instance_pids),
+                self.instance_cpu.or(file.instance_cpu),
+            )?,
+            instance_log_max: match self.instance_log_max.or(file.instance_log_max) {
+                None => 10 << 20,
+                Some(text) => parse_size(&text)
+                    .filter(|bytes| *bytes >= crate::sandbox::logs::MIN_FILE_BYTES)
+                    .ok_or_else(|| {
+                        SettingsError::Invalid(format!(
+                            "--instance-log-max \"{text}\" is not a size of at least 4K; use e.g. 10M or 512K"
+                        ))
+                    })?,
+            },
         })
     }
 }
@@ -427,9 +459,51 @@ fn duration_setting(
     }
 }
 
-/// `100M`, `512K`, `1G` (binary multiples) or a number of bytes.
+/// `--instance-memory`, `--instance-pids` and `--instance-cpu` over the defaults.
+fn instance_limits(
+    memory: Option<String>,
+    pids: Option<u32>,
+    cpu: Option<String>,
+) -> Result<crate::sandbox::container::InstanceLimits, SettingsError> {
+    let mut limits = crate::sandbox::container::InstanceLimits::default();
+    if let Some(text) = memory {
+        limits.memory_bytes = parse_size(&text).filter(|b| *b >= 16 << 20).ok_or_else(|| {
+            SettingsError::Invalid(format!(
+                "--instance-memory \"{text}\" is not a size of at least 16M; use e.g. 512M or 2G"
+            ))
+        })?;
+    }
+    if let Some(n) = pids {
+        if n < 8 {
+            return Err(SettingsError::Invalid(format!(
+                "--instance-pids {n} is too small for a shell and an app; use at least 8"
+            )));
+        }
+        limits.pids = n;
+    }
+    if let Some(text) = cpu {
+        limits.cpu_millis = text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|cpus| (0.01..=1024.0).contains(cpus))
+            .map(|cpus| (cpus * 1000.0).round() as u32)
+            .ok_or_else(|| {
+                SettingsError::Invalid(format!(
+                    "--instance-cpu \"{text}\" is not a number of CPUs from 0.01 to 1024; use e.g. 0.5 or 2"
+                ))
+            })?;
+    }
+    Ok(limits)
+}
+
+/// `100M`, `512K`, `1G` (binary multiples, also written `100MiB`) or a number of bytes.
 fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
+    let text = match text.strip_suffix("iB") {
+        Some(unit) if unit.ends_with(['k', 'K', 'm', 'M', 'g', 'G']) => unit,
+        _ => text,
+    };
     let (digits, shift) = match text.char_indices().last()? {
         (i, 'k' | 'K') => (&text[..i], 10),
         (i, 'm' | 'M') => (&text[..i], 20),
@@ -616,11 +690,33 @@ mod tests {
     }
 
     #[test]
+    fn instance_log_max_has_a_default_and_a_floor() {
+        let with = |size: Option<&str>| SettingsLayer {
+            config: Some(PathBuf::from("/dev/null")),
+            instance_log_max: size.map(str::to_owned),
+            ..SettingsLayer::default()
+        };
+        assert_eq!(with(None).resolve().unwrap().instance_log_max, 10 << 20);
+        assert_eq!(
+            with(Some("1MiB")).resolve().unwrap().instance_log_max,
+            1 << 20
+        );
+        let err = with(Some("1K")).resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("--instance-log-max \"1K\" is not a size of at least 4K"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn sizes_and_trusted_proxies_parse() {
         assert_eq!(parse_size("100M"), Some(100 << 20));
         assert_eq!(parse_size("512k"), Some(512 << 10));
         assert_eq!(parse_size("1234"), Some(1234));
         assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("5iB"), None);
         let layer = SettingsLayer {
             config: Some(PathBuf::from("/dev/null")),
             trusted_proxy: vec!["10.0.0.0/8".into(), "not-an-ip".into()],

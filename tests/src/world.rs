@@ -203,12 +203,10 @@ impl World {
         let mut command =
             agent_command(&self.node, self.dir.path(), self.pins.path(), plane.flag());
         command.args(extra);
-        command.args([
-            "--sandbox-bridge",
-            "mrn0",
-            "--sandbox-subnet",
-            "10.77.0.0/16",
-        ]);
+        command.args(["--sandbox-bridge", "mrn0"]);
+        if !extra.contains(&"--sandbox-subnet") {
+            command.args(["--sandbox-subnet", "10.77.0.0/16"]);
+        }
         command.args(["--http-addr", &format!("{NODE_IP}:80")]);
         self.start(command)
     }

@@ -217,6 +217,55 @@ fn an_instance_is_contained_and_held_by_its_limits() {
     assert!(show.contains("out of memory") && show.contains("128 MiB"), "{show}");
 }
 
+#[test]
+fn exhausting_the_subnet_is_one_status_line_and_sigterm_still_stops_the_agent() {
+    let world = World::new(0);
+    // A /28 holds 13 instances besides the bridge's address; the app wants 20.
+    let mut agent = world.start_agent_running_sandboxes(
+        Plane::Xdp,
+        &["--sandbox-subnet", "10.66.0.0/28"],
+    );
+    deploy(
+        &world,
+        &agent,
+        "many",
+        &app_toml("many", "exec python3 -m http.server $PORT").replace(
+            "num_instances = 1",
+            "num_instances = 20",
+        ),
+        &[],
+    );
+    wait_until("the subnet exhausted", || {
+        app_detail(&agent, "many").services[0]
+            .instances
+            .as_ref()
+            .and_then(|i| i.error.clone())
+            .is_some_and(|error| error.contains("no free sandbox address"))
+    });
+    let show = ok(&agent, &["app", "show", "many"]);
+    assert!(
+        show.contains("cannot start instances: no free sandbox address"),
+        "{show}"
+    );
+    ok(&agent, &["status"]);
+    // Retries go on with backoff, without a log line each.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = agent.log_text();
+    let lines = log.matches("could not start an instance").count();
+    assert_eq!(lines, 1, "{log}");
+    let running = app_detail(&agent, "many").services[0]
+        .instances
+        .as_ref()
+        .map_or(0, |i| i.running);
+    assert_eq!(running, 13);
+    let status = agent.terminate(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the agent did not stop within 10 s of SIGTERM: {status:?}\n{}",
+        agent.log_text()
+    );
+}
+
 /// An HTTP server whose `/slow` answers after 3 s and whose SIGTERM handler logs, finishes
 /// and exits.
 const SLOW_PY: &str = r#"import os, signal, sys, time, http.server

@@ -145,6 +145,9 @@ pub struct InstanceStatus {
     pub last_exit: Option<String>,
     /// True when instances keep exiting soon after they start.
     pub crash_loop: bool,
+    /// Why instances cannot be started now (e.g. no free sandbox address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `GET /v1/apps/{app}/logs` answer: new lines since the cursor.

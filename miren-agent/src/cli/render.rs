@@ -191,6 +191,9 @@ fn service_block(service: &ServiceDetail, with_env: bool) -> String {
             out.push_str(" — CRASH LOOP: instances exit soon after starting; see `miren logs`");
         }
         out.push('\n');
+        if let Some(error) = &instances.error {
+            let _ = writeln!(out, "  cannot start instances: {error}");
+        }
     }
     if service.ports.is_empty() {
         out.push_str("  no ports\n");

@@ -28,7 +28,9 @@ pub const APP_DIR: &str = "/app";
 const HOST_DIRS: &[&str] = &[
     "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
 ];
-/// Size of the private `/tmp`, which counts against the memory limit.
+/// Private, writable tmpfs directories of every container.
+const PRIVATE_DIRS: [&str; 2] = ["/tmp", "/run"];
+/// Size of the private `/tmp` and `/run`, which count against the memory limit.
 const TMP_SIZE: &str = "size=65536k";
 /// First uid of the per-app range; an app's uid is this plus a hash of its name.
 const APP_UID_BASE: u32 = 100_000;
@@ -129,6 +131,15 @@ impl Runtime {
         // The container's `/`: searchable by the unprivileged instance users.
         std::fs::set_permissions(&runtime.rootfs, std::fs::Permissions::from_mode(0o755))
             .map_err(io(&runtime.rootfs))?;
+        // runc gives a tmpfs the mode of the directory it is mounted on, when that exists.
+        for dir in PRIVATE_DIRS {
+            let inside = runtime.rootfs.join(dir.trim_start_matches('/'));
+            std::fs::create_dir_all(&inside)
+                .and_then(|()| {
+                    std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o1777))
+                })
+                .map_err(io(&inside))?;
+        }
         for dir in HOST_DIRS {
             let host = Path::new(dir);
             let inside = runtime.rootfs.join(dir.trim_start_matches('/'));
@@ -171,7 +182,7 @@ impl Runtime {
         }
         mounts.push(read_only_bind(&self.bundle(spec.id).join("resolv.conf"), "/etc/resolv.conf"));
         mounts.push(read_only_bind(spec.app_dir, APP_DIR));
-        for dir in ["/tmp", "/run"] {
+        for dir in PRIVATE_DIRS {
             mounts.push(json!({"destination": dir, "type": "tmpfs", "source": "tmpfs",
                                "options": ["nosuid", "nodev", "mode=1777", TMP_SIZE]}));
         }

@@ -5,7 +5,6 @@
 use std::{
     net::{SocketAddr, SocketAddrV4},
     os::fd::OwnedFd,
-    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -110,19 +109,6 @@ impl Process {
             how
         }
     }
-}
-
-/// Opens `log` for appending, as the instance's stdout and stderr.
-///
-/// # Errors
-/// [`SandboxError::Io`] when the file cannot be opened.
-pub fn open_output(log: &Path) -> Result<OwnedFd, SandboxError> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map(OwnedFd::from)
-        .map_err(|e| SandboxError::io(format!("opening {}", log.display()), e))
 }
 
 /// True when process `pid` exists and is not a zombie.

@@ -3,7 +3,9 @@
 //!
 //! - [`ipam`]: persisted address allocation from `--sandbox-subnet`.
 //! - [`net`]: the bridge and the per-instance namespace and veth (iproute2).
-//! - [`instance`]: the process, its log and its stop.
+//! - [`container`]: the OCI container (runc) an instance runs in: namespaces, user, seccomp,
+//!   filesystem, cgroup limits.
+//! - [`instance`]: the container's process, its log and its stop.
 //! - [`dns`]: the resolver on the bridge address (`<service>.app.miren` within an app).
 //! - [`logs`]: the per-instance log shim (rotated, size-capped files) and reading them back.
 //! - [`isolation`]: the nftables rules isolating apps on the bridge (no spoofing, no traffic
@@ -11,6 +13,7 @@
 //! - [`runner`]: one supervisor per service (fixed or auto concurrency, readiness, restarts,
 //!   rolling replacement) and the endpoints it publishes.
 
+pub mod container;
 pub mod dns;
 pub mod instance;
 pub mod ipam;
@@ -39,6 +42,19 @@ pub enum SandboxError {
         command: String,
         /// What it printed.
         stderr: String,
+    },
+    /// The node runs as many instances as it may.
+    #[error(
+        "the node already runs its limit of {0} instances; raise --max-instances-per-node or remove apps"
+    )]
+    NodeFull(usize),
+    /// The OCI runtime (runc) failed.
+    #[error("{op}: {detail}")]
+    Runtime {
+        /// What was being done.
+        op: String,
+        /// What runc said, or why it could not run.
+        detail: String,
     },
     /// The sandbox firewall (nftables) refused a change or a name; nothing of it was applied.
     #[error("{op}: {detail}")]
@@ -74,6 +90,16 @@ pub struct SandboxSettings {
     pub subnet: ipam::Subnet,
     /// `<state-dir>/sandbox`: addresses, logs, default app directories.
     pub state_dir: PathBuf,
-    /// Leave instances running when the agent stops, and adopt them when it starts.
+    /// Leave instances running when the agent stops, and adopt them when it starts (the
+    /// default; `--stop-instances-on-exit` turns it off).
     pub keep_running: bool,
+    /// cgroup limits of every instance.
+    pub limits: container::InstanceLimits,
+    /// Most instances on this node (`--max-instances-per-node`).
+    pub max_instances: usize,
+    /// TCP ports of the node's public listeners (the ingress) that instances may reach.
+    pub listener_ports: Vec<u16>,
+    /// Size cap of each of an instance's log files (`--instance-log-max`); the log keeps
+    /// [`logs::DEFAULT_KEEP_FILES`] files in all.
+    pub log_max: u64,
 }

@@ -5,8 +5,8 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::PathBuf,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -18,9 +18,12 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{
     SandboxError, SandboxSettings,
+    container::{self, ContainerSpec, Runtime},
     dns::DnsDirectory,
     instance::{Process, accepts_connections},
     ipam::Ipam,
+    isolation::{Isolation, IsolationSettings, Member},
+    logs,
     net::{self, SandboxNet},
 };
 use crate::{
@@ -36,12 +39,19 @@ type Key = (String, String);
 const TICK: Duration = Duration::from_millis(100);
 /// An instance that ran this long before exiting is not part of a crash loop.
 const STABLE_RUN: Duration = Duration::from_secs(10);
+/// Instances being created at once (namespace, veth, runc): the rest wait their turn, so a
+/// burst of starts neither starves the agent's threads nor delays its shutdown.
+const CONCURRENT_STARTS: usize = 2;
 
 /// State shared by the runner and its supervisors.
 #[derive(Debug)]
 struct Shared {
     control: Arc<ControlPlane>,
     settings: SandboxSettings,
+    runtime: Arc<Runtime>,
+    /// The sandbox firewall: which instance may talk to which.
+    isolation: Isolation,
+    starts: tokio::sync::Semaphore,
     ipam: Mutex<Ipam>,
     load: Arc<LoadTracker>,
     ingress_revision: watch::Receiver<u64>,
@@ -50,7 +60,9 @@ struct Shared {
     addresses: Mutex<HashMap<Ipv4Addr, Key>>,
     ready: Mutex<HashMap<Key, Vec<Ipv4Addr>>>,
     next_id: AtomicU64,
-    /// Every running instance, persisted for re-adoption (`--keep-sandboxes`).
+    /// Instances running on the node (bounded by `--max-instances-per-node`).
+    running: std::sync::atomic::AtomicUsize,
+    /// Every running instance, persisted for re-adoption by the next agent.
     records: Mutex<BTreeMap<String, InstanceRecord>>,
     /// Instances of an earlier agent to adopt, by service, until its supervisor takes them.
     adopted: Mutex<HashMap<Key, Vec<InstanceRecord>>>,
@@ -64,6 +76,8 @@ struct InstanceRecord {
     app: String,
     service: String,
     instance: String,
+    /// The runc container id.
+    container: String,
     net: SandboxNetRecord,
     pid: u32,
     generation: u64,
@@ -134,6 +148,8 @@ impl Runner {
         std::fs::create_dir_all(settings.state_dir.join("logs")).map_err(|e| {
             SandboxError::io(format!("creating {}", settings.state_dir.display()), e)
         })?;
+        let runtime = Arc::new(Runtime::open(&settings.state_dir)?);
+        container::become_subreaper()?;
         let mut ipam = Ipam::open(&settings.state_dir, settings.subnet)?;
         let records: BTreeMap<String, InstanceRecord> =
             std::fs::read_to_string(settings.state_dir.join("instances.json"))
@@ -142,13 +158,27 @@ impl Runner {
                 .unwrap_or_default();
         let (adopt, stale): (Vec<InstanceRecord>, Vec<InstanceRecord>) = records
             .into_values()
-            .partition(|r| settings.keep_running && super::instance::is_running(r.pid));
+            .partition(|r| super::instance::is_running(r.pid));
         let keep: Vec<Ipv4Addr> = adopt.iter().map(|r| r.net.addr).collect();
-        remove_leftovers(&mut ipam, &keep);
         for record in &stale {
+            runtime.delete(&record.container);
             SandboxNet::from(&record.net).remove();
         }
+        // Containers no record names (an agent killed between starting one and recording it).
+        for id in runtime.list() {
+            if !adopt.iter().any(|r| r.container == id) {
+                runtime.delete(&id);
+            }
+        }
+        remove_leftovers(&mut ipam, &keep);
         net::ensure_bridge(&settings.bridge, settings.subnet)?;
+        let isolation = Isolation::open(&IsolationSettings {
+            bridge: settings.bridge.clone(),
+            subnet: settings.subnet,
+            listener_ports: settings.listener_ports.clone(),
+        })?;
+        let members: Vec<Member> = adopt.iter().map(InstanceRecord::member).collect();
+        isolation.retain(&members)?;
         let mut adopted: HashMap<Key, Vec<InstanceRecord>> = HashMap::new();
         for record in &adopt {
             tracing::info!(instance = %record.instance, addr = %record.net.addr, pid = record.pid, "adopting an instance of an earlier agent");
@@ -160,6 +190,9 @@ impl Runner {
         let shared = Shared {
             control,
             settings,
+            runtime,
+            isolation,
+            starts: tokio::sync::Semaphore::new(CONCURRENT_STARTS),
             ipam: Mutex::new(ipam),
             load,
             ingress_revision,
@@ -167,6 +200,7 @@ impl Runner {
             addresses: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            running: std::sync::atomic::AtomicUsize::new(0),
             records: Mutex::new(BTreeMap::new()),
             adopted: Mutex::new(adopted),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
@@ -199,8 +233,13 @@ impl Runner {
             let _ = supervisor.task.await;
         }
         if self.shared.settings.keep_running {
-            tracing::info!("leaving the instances running for the next agent (--keep-sandboxes)");
+            tracing::info!(
+                "leaving the instances running for the next agent (--stop-instances-on-exit stops them)"
+            );
         } else {
+            if let Err(error) = self.shared.isolation.teardown() {
+                tracing::warn!(%error, "could not remove the sandbox firewall");
+            }
             net::remove_bridge(&self.shared.settings.bridge);
         }
     }
@@ -213,13 +252,26 @@ impl Runner {
             .iter()
             .map(|d| (d.app.clone(), d.service.name.clone()))
             .collect();
-        supervisors.retain(|key, supervisor| {
-            let keep = keys.contains(key);
-            if !keep {
-                supervisor.stop.send_replace(true);
+        let removed: Vec<(Key, Supervisor)> = supervisors
+            .extract_if(|key, _| !keys.contains(key))
+            .collect();
+        for ((app, _), supervisor) in removed {
+            supervisor.stop.send_replace(true);
+            if keys.iter().any(|(a, _)| *a == app) {
+                continue;
             }
-            keep
-        });
+            // The app is gone: its logs go once its instances have stopped.
+            let logs_dir = self.shared.settings.state_dir.join("logs");
+            tokio::spawn(async move {
+                let _ = supervisor.task.await;
+                let removed =
+                    tokio::task::spawn_blocking(move || logs::remove_app_logs(&logs_dir, &app))
+                        .await;
+                if let Ok(Err(error)) = removed {
+                    tracing::warn!(%error, "could not remove the logs of a removed app");
+                }
+            });
+        }
         for (key, spec) in keys.into_iter().zip(deployed) {
             match supervisors.get(&key) {
                 Some(supervisor) => {
@@ -347,6 +399,17 @@ fn udp_port_bound(pid: u32, port: u16) -> bool {
     })
 }
 
+impl InstanceRecord {
+    /// The instance as the sandbox firewall sees it.
+    fn member(&self) -> Member {
+        Member {
+            veth: self.net.host_veth.clone(),
+            addr: self.net.addr,
+            app: self.app.clone(),
+        }
+    }
+}
+
 impl From<&SandboxNet> for SandboxNetRecord {
     fn from(net: &SandboxNet) -> Self {
         Self {
@@ -424,7 +487,12 @@ struct ServiceSupervisor {
     events: mpsc::UnboundedReceiver<Event>,
     /// Desired number of instances.
     target: usize,
+    /// Instances in a row that exited soon after starting.
     failures: u32,
+    /// Starts in a row that failed (backoff; shown as the status's error).
+    start_failures: u32,
+    /// The service left the desired state: its instances are being stopped.
+    removed: bool,
     next_start: Instant,
     last_busy: Instant,
     published: Option<BTreeMap<String, Vec<SocketAddr>>>,
@@ -452,6 +520,8 @@ impl ServiceSupervisor {
             events,
             target,
             failures: 0,
+            start_failures: 0,
+            removed: false,
             next_start: Instant::now(),
             last_busy: Instant::now(),
             published: None,
@@ -462,10 +532,15 @@ impl ServiceSupervisor {
         let adopted = lock(&self.shared.adopted)
             .remove(&self.key)
             .unwrap_or_default();
+        let memory = self.shared.settings.limits.memory_bytes;
         for record in adopted {
-            match Process::adopt(record.pid) {
+            match Process::adopt(&self.shared.runtime, &record.container, record.pid, memory) {
                 Some(process) => self.watch(process, record),
-                None => SandboxNet::from(&record.net).remove(),
+                None => {
+                    self.shared.runtime.delete(&record.container);
+                    let _ = self.shared.isolation.remove(&record.net.host_veth);
+                    SandboxNet::from(&record.net).remove();
+                }
             }
         }
         let mut tick = tokio::time::interval(TICK);
@@ -483,7 +558,13 @@ impl ServiceSupervisor {
                     if changed.is_err() { break }
                     self.on_spec_change();
                 }
-                _ = tick.tick() => self.reconcile().await,
+                _ = tick.tick() => {
+                    // A start waiting for its turn gives way to a stop request.
+                    tokio::select! {
+                        () = self.reconcile() => {}
+                        () = stopped(&mut stop) => break,
+                    }
+                }
                 () = stopped(&mut stop) => break,
             }
         }
@@ -491,11 +572,11 @@ impl ServiceSupervisor {
             return;
         }
         self.target = 0;
+        // Removed from the desired state (not an agent stop): no endpoints left to publish.
+        self.removed = !self.shared.shutting_down.load(Ordering::SeqCst);
         let timeout = self.spec.borrow().service.concurrency.shutdown_timeout;
         let ids: Vec<String> = self.instances.iter().map(|i| i.id.clone()).collect();
-        for id in ids {
-            self.begin_stop(&id, timeout).await;
-        }
+        self.begin_stop(&ids, timeout).await;
         while !self.instances.is_empty() {
             match self.events.recv().await {
                 Some(event) => self.on_event(event),
@@ -523,8 +604,15 @@ impl ServiceSupervisor {
             return;
         };
         let instance = self.instances.remove(pos);
+        self.shared.running.fetch_sub(1, Ordering::SeqCst);
         self.shared.record(&instance.id, None);
         self.release(&instance);
+        let (app, service) = &self.key;
+        let live: Vec<&str> = self.instances.iter().map(|i| i.id.as_str()).collect();
+        let logs_dir = self.shared.settings.state_dir.join("logs");
+        if let Err(error) = logs::prune(&logs_dir, app, service, &live) {
+            tracing::warn!(app, service, %error, "could not prune the logs of stopped instances");
+        }
         if let Some(how) = exit {
             let (app, service) = &self.key;
             tracing::warn!(app, service, instance = %instance.id, exit = %how, "instance exited; restarting");
@@ -543,6 +631,9 @@ impl ServiceSupervisor {
     }
 
     fn release(&self, instance: &Instance) {
+        if let Err(error) = self.shared.isolation.remove(&instance.net.host_veth) {
+            tracing::warn!(%error, "could not remove an instance from the sandbox firewall");
+        }
         instance.net.remove();
         lock(&self.shared.addresses).remove(&instance.net.addr);
         if let Err(error) = lock(&self.shared.ipam).release(instance.net.addr) {
@@ -597,18 +688,24 @@ impl ServiceSupervisor {
             .collect();
         let timeout = spec.service.concurrency.shutdown_timeout;
         if current_count < self.target && starting == 0 && Instant::now() >= self.next_start {
-            if let Err(error) = self.start(&spec) {
-                let (app, service) = &self.key;
-                tracing::warn!(app, service, %error, "could not start an instance");
-                self.failures += 1;
-                self.next_start = Instant::now() + Duration::from_secs(1) * self.failures.min(30);
+            match self.start(&spec).await {
+                Ok(()) => {
+                    self.start_failures = 0;
+                    self.set_error(None);
+                }
+                Err(error) => {
+                    self.start_failures += 1;
+                    self.next_start =
+                        Instant::now() + Duration::from_secs(1) * self.start_failures.min(30);
+                    self.set_error(Some(error.to_string()));
+                }
             }
         } else if let Some(id) = old
             .first()
             .filter(|_| current_ready + old.len() > self.target)
         {
             let id = id.clone();
-            self.begin_stop(&id, timeout).await;
+            self.begin_stop(&[id], timeout).await;
         } else if current_count > self.target {
             let newest = self
                 .instances
@@ -617,7 +714,7 @@ impl ServiceSupervisor {
                 .max_by_key(|i| i.started)
                 .map(|i| i.id.clone());
             if let Some(id) = newest {
-                self.begin_stop(&id, timeout).await;
+                self.begin_stop(&[id], timeout).await;
             }
         }
         self.publish().await;
@@ -638,7 +735,7 @@ impl ServiceSupervisor {
         if in_flight > 0 {
             self.last_busy = Instant::now();
             let wanted = in_flight.div_ceil(requests_per_instance.max(1) as usize);
-            self.target = self.target.max(wanted);
+            self.target = self.target.max(wanted).min(spec.max_instances as usize);
         } else if self.target > 0 && self.last_busy.elapsed() >= scale_down_delay {
             self.target -= 1;
             self.last_busy = Instant::now();
@@ -647,48 +744,101 @@ impl ServiceSupervisor {
         }
     }
 
-    fn start(&mut self, spec: &DeployedService) -> Result<(), SandboxError> {
-        let shared = &self.shared;
-        let (app, service) = &self.key;
+    /// Creates one instance: an address, its network namespace, its container (waiting for a
+    /// turn among [`CONCURRENT_STARTS`]; the blocking work runs off the async threads).
+    async fn start(&mut self, spec: &DeployedService) -> Result<(), SandboxError> {
+        let shared = Arc::clone(&self.shared);
+        let (app, service) = self.key.clone();
+        let _turn = shared.starts.acquire().await;
+        let limit = shared.settings.max_instances;
+        if shared.running.load(Ordering::SeqCst) >= limit {
+            return Err(SandboxError::NodeFull(limit));
+        }
         let n = shared.next_id.fetch_add(1, Ordering::Relaxed);
         // Unique among agents (pid) and short enough for a veth name (mvs + 12).
         let id = format!("{:x}x{:x}", std::process::id(), n % 0x1_0000);
         let instance_name = format!("{service}-{id}");
         let addr = lock(&shared.ipam).allocate(&format!("{app}/{instance_name}"))?;
-        let net =
-            match SandboxNet::create(&id, &shared.settings.bridge, shared.settings.subnet, addr) {
-                Ok(net) => net,
-                Err(e) => {
-                    let _ = lock(&shared.ipam).release(addr);
-                    return Err(e);
-                }
-            };
         let dir = spec.directory.clone().map_or_else(
-            || shared.settings.state_dir.join("apps").join(app),
+            || shared.settings.state_dir.join("apps").join(&app),
             PathBuf::from,
         );
-        let _ = std::fs::create_dir_all(&dir);
-        let log_dir = shared.settings.state_dir.join("logs").join(app);
-        let _ = std::fs::create_dir_all(&log_dir);
-        let log = log_dir.join(format!("{instance_name}.log"));
+        let log = shared
+            .settings
+            .state_dir
+            .join("logs")
+            .join(&app)
+            .join(format!("{instance_name}.log"));
         let mut env = spec.env.clone();
         env.insert("MIREN_APP".into(), app.clone());
         env.insert("MIREN_SERVICE".into(), service.clone());
         env.insert("MIREN_INSTANCE".into(), instance_name.clone());
         env.insert("MIREN_ADDR".into(), addr.to_string());
-        let process = match Process::start(&spec.command, &net, &env, &dir, &log) {
-            Ok(process) => process,
-            Err(e) => {
+        let command = spec.command.clone();
+        let container_id = id.clone();
+        let blocking = Arc::clone(&shared);
+        let (app_name, name) = (app.clone(), instance_name.clone());
+        let created = tokio::task::spawn_blocking(move || {
+            let shared = blocking;
+            let settings = &shared.settings;
+            let _ = std::fs::create_dir_all(&dir);
+            let net = SandboxNet::create(&id, &settings.bridge, settings.subnet, addr)?;
+            let member = Member {
+                veth: net.host_veth.clone(),
+                addr,
+                app: app_name.clone(),
+            };
+            if let Err(e) = shared.isolation.admit(&member) {
                 net.remove();
+                return Err(e);
+            }
+            let container = ContainerSpec {
+                id: &id,
+                app: &app_name,
+                hostname: &name,
+                command: &command,
+                env: &env,
+                app_dir: &dir,
+                netns_path: net.netns_path(),
+                nameserver: settings.subnet.gateway(),
+                limits: settings.limits,
+            };
+            let started = logs::spawn_shim(
+                Path::new("/proc/self/exe"),
+                &log,
+                settings.log_max,
+                logs::DEFAULT_KEEP_FILES,
+            )
+            .and_then(|output| Process::start(&shared.runtime, &container, output));
+            match started {
+                Ok(process) => Ok((net, process)),
+                Err(e) => {
+                    let _ = shared.isolation.remove(&net.host_veth);
+                    net.remove();
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(SandboxError::io(
+                "starting an instance".into(),
+                std::io::Error::other(e.to_string()),
+            ))
+        });
+        let (net, process) = match created {
+            Ok(created) => created,
+            Err(e) => {
                 let _ = lock(&shared.ipam).release(addr);
                 return Err(e);
             }
         };
-        tracing::info!(app, service, instance = %instance_name, %addr, "instance started");
+        tracing::info!(app, service, instance = %instance_name, %addr, pid = process.pid(), "instance started");
         let record = InstanceRecord {
-            app: app.clone(),
-            service: service.clone(),
+            app,
+            service,
             instance: instance_name,
+            container: container_id,
             net: SandboxNetRecord::from(&net),
             pid: process.pid(),
             generation: generation(spec),
@@ -697,18 +847,47 @@ impl ServiceSupervisor {
         Ok(())
     }
 
+    /// Records why the service's instances cannot start (`None`: they can again): one status
+    /// line shown by `miren app show`, and one log line when it changes — not one per attempt.
+    fn set_error(&self, error: Option<String>) {
+        let mut status = lock(&self.shared.status);
+        let status = status.entry(self.key.clone()).or_default();
+        if status.error == error {
+            return;
+        }
+        let (app, service) = &self.key;
+        match &error {
+            Some(error) => tracing::warn!(app, service, %error, "could not start an instance"),
+            None if status.error.is_some() => {
+                tracing::info!(app, service, "instances start again");
+            }
+            None => {}
+        }
+        status.error = error;
+    }
+
     /// Tracks a running instance: its task waits for the process or stops it on request.
     fn watch(&mut self, mut process: Process, record: InstanceRecord) {
         self.shared.record(&record.instance, Some(record.clone()));
+        self.shared.running.fetch_add(1, Ordering::SeqCst);
         let net = SandboxNet::from(&record.net);
         lock(&self.shared.addresses).insert(net.addr, self.key.clone());
         let (stop_tx, stop_rx) = oneshot::channel::<Duration>();
         let events = self.events_tx.clone();
         let event_id = record.instance.clone();
+        let load = Arc::clone(&self.shared.load);
+        let ip = IpAddr::V4(net.addr);
         tokio::spawn(async move {
             tokio::select! {
                 how = process.wait() => { let _ = events.send(Event::Exited { id: event_id, how }); }
                 Ok(timeout) = stop_rx => {
+                    // Out of the endpoints already: let the requests in flight to it finish.
+                    let drained = async {
+                        while load.in_flight_to(ip) > 0 {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    };
+                    let _ = tokio::time::timeout(timeout, drained).await;
                     process.stop(timeout).await;
                     let _ = events.send(Event::Stopped { id: event_id });
                 }
@@ -725,22 +904,33 @@ impl ServiceSupervisor {
         });
     }
 
-    /// Takes the instance out of the endpoints, waits until the ingress no longer routes to
-    /// it, then asks its task to stop the process.
-    async fn begin_stop(&mut self, id: &str, timeout: Duration) {
-        let Some(instance) = self.instances.iter_mut().find(|i| i.id == id) else {
+    /// Takes the instances out of the endpoints, waits until the ingress no longer routes to
+    /// them, then asks their tasks to stop them: once the requests in flight to one are done (up to
+    /// the shutdown timeout), SIGTERM, then SIGKILL after the shutdown timeout.
+    async fn begin_stop(&mut self, ids: &[String], timeout: Duration) {
+        let stops: Vec<oneshot::Sender<Duration>> = self
+            .instances
+            .iter_mut()
+            .filter(|i| ids.contains(&i.id))
+            .filter_map(|instance| {
+                instance.ready = false;
+                instance.stop.take()
+            })
+            .collect();
+        if stops.is_empty() {
             return;
-        };
-        let Some(stop) = instance.stop.take() else {
-            return;
-        };
-        instance.ready = false;
+        }
         self.publish().await;
-        let _ = stop.send(timeout);
+        for stop in stops {
+            let _ = stop.send(timeout);
+        }
     }
 
     /// Publishes the ready instances as the service's endpoints when they changed.
     async fn publish(&mut self) {
+        if self.removed {
+            return;
+        }
         let spec = self.spec.borrow().clone();
         let ready: Vec<Ipv4Addr> = self
             .instances

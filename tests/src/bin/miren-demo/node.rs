@@ -4,7 +4,7 @@
 //! left behind, then deletes the namespaces, the state directory and the private bpffs.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Output},
     time::Duration,
 };
@@ -14,7 +14,7 @@ use miren_agent::{cli::Client, sandbox::net::NETNS_PREFIX};
 use miren_tests::{
     process::{AgentProcess, BpfPinDir, TempDir, miren},
     topology::Netns,
-    world::{CLIENT_IP, NODE_IP, agent_command, client_and_node},
+    world::{CLIENT_IP, NODE_IP, agent_command, client_and_node, remove_containers},
 };
 
 use crate::Stop;
@@ -55,6 +55,8 @@ impl DemoNode {
         let dir = TempDir::new("demo");
         let mut command = agent_command(&node, dir.path(), pins.path(), "auto");
         command.args(["--http-addr", &format!("{NODE_IP}:80")]);
+        // Instances outlive an agent by default; the demo's leave with it.
+        command.arg("--stop-instances-on-exit");
         // Its own process group: Ctrl-C reaches only the demo, which stops the agent with
         // SIGTERM after the showcase's current step.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
@@ -145,6 +147,7 @@ impl DemoNode {
             ),
         }
         let left = remove_leftover_sandboxes(pid);
+        remove_containers(&self.dir.path().join("state/sandbox/runc"));
         if left > 0 {
             println!("removed {left} sandbox namespace(s) the agent left behind");
         }
@@ -198,7 +201,6 @@ fn remove_leftover_sandboxes(pid: u32) -> usize {
             }
         }
         let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&name));
         removed += 1;
     }
     removed
