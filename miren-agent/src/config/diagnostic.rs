@@ -170,12 +170,26 @@ impl ConfigError {
     }
 }
 
+/// The most diagnostics a [`ConfigError`] shows; the rest are counted.
+const MAX_RENDERED: usize = 50;
+
 fn render(diagnostics: &[Diagnostic]) -> String {
-    diagnostics
+    let mut text = diagnostics
         .iter()
+        .take(MAX_RENDERED)
         .map(Diagnostic::to_string)
         .collect::<Vec<_>>()
-        .join("\n\n")
+        .join("\n\n");
+    if let Some(more) = diagnostics
+        .len()
+        .checked_sub(MAX_RENDERED)
+        .filter(|n| *n > 0)
+    {
+        text.push_str(&format!(
+            "\n\nerror: {more} more errors not shown; fix the ones above first"
+        ));
+    }
+    text
 }
 
 #[cfg(test)]
@@ -195,6 +209,28 @@ mod tests {
         assert_eq!(
             d.to_string(),
             "error: node_port 80 is reserved for the HTTP ingress\n  --> app/.miren/app.toml:12:13\n   |\n12 | node_port = 80\n   |             ^^\n   = help: choose another node_port"
+        );
+    }
+
+    #[test]
+    fn at_most_50_errors_are_shown() {
+        let src = Source::new("f", "a\n".repeat(60));
+        let all = |n: usize| {
+            let diags = (0..n)
+                .map(|i| src.diagnostic(2 * i..2 * i + 1, "bad", "h"))
+                .collect();
+            ConfigError::new(diags).to_string()
+        };
+        let fifty = all(50);
+        assert_eq!(fifty.matches("error: bad").count(), 50);
+        assert!(!fifty.contains("more errors"), "{fifty}");
+        let sixty = all(60);
+        assert_eq!(sixty.matches("error: bad").count(), 50);
+        assert!(sixty.contains(" --> f:50:1\n"), "{sixty}");
+        assert!(!sixty.contains(" --> f:51:1\n"), "{sixty}");
+        assert!(
+            sixty.ends_with("\n\nerror: 10 more errors not shown; fix the ones above first"),
+            "{sixty}"
         );
     }
 

@@ -1,9 +1,9 @@
-//! Size limits of an app ([`Limits`]), enforced on the parsed document before anything else
-//! is checked, so that neither the work of validation nor the number of diagnostics grows
-//! with a file far over a limit.
+//! Size limits of an app ([`Limits`]), checked on the parsed document before anything else,
+//! so that neither the work of validation nor the number of diagnostics grows with a file far
+//! over a limit.
 
 use toml::Spanned;
-use toml::de::{DeArray, DeTable, DeValue};
+use toml::de::{DeTable, DeValue};
 
 use crate::config::diagnostic::{Diagnostic, Source};
 
@@ -51,69 +51,52 @@ pub(crate) fn limit_help(what_to_do: &str, flag: &str) -> String {
     )
 }
 
-/// Drops the services past `limits.services_per_app` (in file order) and, in the services
-/// kept, the `ports` entries past `limits.ports_per_service`, with one diagnostic per limit
-/// exceeded pointing at the first entry over it. What was dropped is not checked further.
-pub(super) fn trim_to_limits(
-    root: &mut DeTable<'_>,
-    src: &Source,
-    limits: &Limits,
-    diags: &mut Vec<Diagnostic>,
-) {
-    let Some(DeValue::Table(services)) = root.get_mut("services").map(Spanned::get_mut) else {
-        return;
+/// Checks the size of the parsed document against `limits`: the services (in file order)
+/// past `limits.services_per_app`, and in the services up to it the `ports` entries past
+/// `limits.ports_per_service`; one diagnostic per limit exceeded, pointing at the first entry
+/// over it. When there is any, the caller checks nothing else, so the work and the output
+/// stay small however large the file is.
+pub(super) fn check_limits(root: &DeTable<'_>, src: &Source, limits: &Limits) -> Vec<Diagnostic> {
+    let Some(DeValue::Table(services)) = root.get("services").map(Spanned::get_ref) else {
+        return Vec::new();
     };
-    if services.len() > limits.services_per_app {
-        let mut starts: Vec<usize> = services.keys().map(|k| k.span().start).collect();
-        starts.sort_unstable();
-        let cutoff = starts[limits.services_per_app];
-        if let Some(first_over) = services.keys().find(|k| k.span().start == cutoff) {
+    let mut in_order: Vec<_> = services.iter().collect();
+    in_order.sort_by_key(|(name, _)| name.span().start);
+    let mut diags = Vec::new();
+    if let Some((first_over, _)) = in_order.get(limits.services_per_app) {
+        diags.push(src.diagnostic(
+            first_over.span(),
+            format!(
+                "the app has {} services, more than the limit of {} per app (nothing else was checked)",
+                services.len(),
+                limits.services_per_app
+            ),
+            limit_help("split it into several apps", "max-services-per-app"),
+        ));
+    }
+    for (name, service) in in_order.into_iter().take(limits.services_per_app) {
+        let ports = match service.get_ref() {
+            DeValue::Table(table) => table.get("ports").map(Spanned::get_ref),
+            _ => None,
+        };
+        let Some(DeValue::Array(ports)) = ports else {
+            continue;
+        };
+        if let Some(first_over) = ports.get(limits.ports_per_service) {
             diags.push(src.diagnostic(
                 first_over.span(),
                 format!(
-                    "the app has {} services, more than the limit of {} per app; services from \"{}\" on were not checked",
-                    services.len(),
-                    limits.services_per_app,
-                    first_over.get_ref()
+                    "service \"{}\" has {} ports, more than the limit of {} per service (nothing else was checked)",
+                    name.get_ref(),
+                    ports.len(),
+                    limits.ports_per_service
                 ),
-                limit_help("split it into several apps", "max-services-per-app"),
+                limit_help(
+                    "declare fewer ports, or split the service",
+                    "max-ports-per-service",
+                ),
             ));
         }
-        let over: Vec<String> = services
-            .keys()
-            .filter(|key| key.span().start >= cutoff)
-            .map(|key| key.get_ref().to_string())
-            .collect();
-        for name in over {
-            services.remove(name.as_str());
-        }
     }
-    for (name, service) in services.iter_mut() {
-        let Some(DeValue::Array(ports)) = (match service.get_mut() {
-            DeValue::Table(table) => table.get_mut("ports").map(Spanned::get_mut),
-            _ => None,
-        }) else {
-            continue;
-        };
-        if ports.len() <= limits.ports_per_service {
-            continue;
-        }
-        diags.push(src.diagnostic(
-            ports[limits.ports_per_service].span(),
-            format!(
-                "service \"{}\" has {} ports, more than the limit of {} per service; the ports from here on were not checked",
-                name.get_ref(),
-                ports.len(),
-                limits.ports_per_service
-            ),
-            limit_help(
-                "declare fewer ports, or split the service",
-                "max-ports-per-service",
-            ),
-        ));
-        *ports = std::mem::replace(ports, DeArray::new())
-            .into_iter()
-            .take(limits.ports_per_service)
-            .collect();
-    }
+    diags
 }

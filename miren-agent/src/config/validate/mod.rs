@@ -16,8 +16,8 @@ use super::keys::check_keys;
 use super::raw::{RawApp, RawService};
 use super::types::{AppConfig, EnvVar, ServiceConfig};
 pub use limits::Limits;
+use limits::check_limits;
 pub(crate) use limits::limit_help;
-use limits::trim_to_limits;
 
 /// Node ports no app may publish, with what holds them.
 pub const RESERVED_NODE_PORTS: &[(u16, &str)] = &[
@@ -78,7 +78,7 @@ pub fn parse_app_config(source: Source, ctx: &ValidationContext) -> Result<AppCo
 }
 
 fn parse_raw(src: &Source, limits: &Limits, diags: &mut Vec<Diagnostic>) -> Option<RawApp> {
-    let mut root = match DeTable::parse(src.text()) {
+    let root = match DeTable::parse(src.text()) {
         Ok(root) => root,
         Err(e) => {
             diags.push(toml_error(
@@ -89,7 +89,11 @@ fn parse_raw(src: &Source, limits: &Limits, diags: &mut Vec<Diagnostic>) -> Opti
             return None;
         }
     };
-    trim_to_limits(root.get_mut(), src, limits, diags);
+    let over_limits = check_limits(root.get_ref(), src, limits);
+    if !over_limits.is_empty() {
+        diags.extend(over_limits);
+        return None;
+    }
     check_keys(root.get_ref(), src, diags);
     match RawApp::deserialize(toml::de::Deserializer::from(root)) {
         Ok(raw) => Some(raw),
