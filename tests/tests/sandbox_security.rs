@@ -103,9 +103,7 @@ num_instances = 1
 "#;
 
 fn app_toml(name: &str, command: &str) -> String {
-    SERVE_TOML
-        .replace("NAME", name)
-        .replace("COMMAND", command)
+    SERVE_TOML.replace("NAME", name).replace("COMMAND", command)
 }
 
 #[test]
@@ -150,7 +148,10 @@ fn an_instance_is_contained_and_held_by_its_limits() {
         world.dir().join("other").display().to_string(),
         "/app/secret.txt".into(),
     ] {
-        assert!(logs.contains(&format!("hidden {hidden}")), "{hidden}: {logs}");
+        assert!(
+            logs.contains(&format!("hidden {hidden}")),
+            "{hidden}: {logs}"
+        );
     }
     for line in [
         "mount: refused",
@@ -161,7 +162,9 @@ fn an_instance_is_contained_and_held_by_its_limits() {
     ] {
         assert!(logs.contains(line), "{line}: {logs}");
     }
-    wait_until("the probe serving", || http_get(&world, "probe.test", "/").0 == 200);
+    wait_until("the probe serving", || {
+        http_get(&world, "probe.test", "/").0 == 200
+    });
 
     // A fork bomb stops at the pids limit; the node and the other app stay responsive.
     deploy(
@@ -214,25 +217,24 @@ fn an_instance_is_contained_and_held_by_its_limits() {
             .is_some_and(|exit| exit.contains("out of memory"))
     });
     let show = ok(&agent, &["app", "show", "hog"]);
-    assert!(show.contains("out of memory") && show.contains("128 MiB"), "{show}");
+    assert!(
+        show.contains("out of memory") && show.contains("128 MiB"),
+        "{show}"
+    );
 }
 
 #[test]
 fn exhausting_the_subnet_is_one_status_line_and_sigterm_still_stops_the_agent() {
     let world = World::new(0);
     // A /28 holds 13 instances besides the bridge's address; the app wants 20.
-    let mut agent = world.start_agent_running_sandboxes(
-        Plane::Xdp,
-        &["--sandbox-subnet", "10.66.0.0/28"],
-    );
+    let mut agent =
+        world.start_agent_running_sandboxes(Plane::Xdp, &["--sandbox-subnet", "10.66.0.0/28"]);
     deploy(
         &world,
         &agent,
         "many",
-        &app_toml("many", "exec python3 -m http.server $PORT").replace(
-            "num_instances = 1",
-            "num_instances = 20",
-        ),
+        &app_toml("many", "exec python3 -m http.server $PORT")
+            .replace("num_instances = 1", "num_instances = 20"),
         &[],
     );
     wait_until("the subnet exhausted", || {
@@ -309,7 +311,13 @@ shutdown_timeout = "20s"
 fn an_instance_being_replaced_finishes_its_requests_and_gets_sigterm() {
     let world = World::new(0);
     let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
-    deploy(&world, &agent, "slow", &slow_toml("1"), &[("slow.py", SLOW_PY)]);
+    deploy(
+        &world,
+        &agent,
+        "slow",
+        &slow_toml("1"),
+        &[("slow.py", SLOW_PY)],
+    );
     ok(&agent, &["route", "set", "slow.test", "slow"]);
     wait_until("the first instance", || {
         http_get(&world, "slow.test", "/").0 == 200

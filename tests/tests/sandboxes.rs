@@ -333,7 +333,13 @@ fn dns_answers_within_the_app_and_not_across_apps() {
         let out = Command::new("runc")
             .arg("--root")
             .arg(&runc_root)
-            .args(["exec", netns.trim_start_matches("miren-s"), "getent", "hosts", name])
+            .args([
+                "exec",
+                netns.trim_start_matches("miren-s"),
+                "getent",
+                "hosts",
+                name,
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
@@ -469,7 +475,8 @@ fn a_udp_stream_survives_kill_9_and_a_restart_of_the_agent_with_default_flags() 
     );
     let log = agent.log_text();
     assert_eq!(
-        log.matches("adopting an instance of an earlier agent").count(),
+        log.matches("adopting an instance of an earlier agent")
+            .count(),
         3,
         "{log}"
     );

@@ -8,9 +8,9 @@
 
 use std::{
     collections::BTreeMap,
+    os::unix::process::CommandExt as _,
     os::{fd::OwnedFd, unix::fs::PermissionsExt},
     path::{Path, PathBuf},
-    os::unix::process::CommandExt as _,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -180,11 +180,16 @@ impl Runtime {
                 mounts.push(read_only_bind(host, dir));
             }
         }
-        mounts.push(read_only_bind(&self.bundle(spec.id).join("resolv.conf"), "/etc/resolv.conf"));
+        mounts.push(read_only_bind(
+            &self.bundle(spec.id).join("resolv.conf"),
+            "/etc/resolv.conf",
+        ));
         mounts.push(read_only_bind(spec.app_dir, APP_DIR));
         for dir in PRIVATE_DIRS {
-            mounts.push(json!({"destination": dir, "type": "tmpfs", "source": "tmpfs",
-                               "options": ["nosuid", "nodev", "mode=1777", TMP_SIZE]}));
+            mounts.push(
+                json!({"destination": dir, "type": "tmpfs", "source": "tmpfs",
+                               "options": ["nosuid", "nodev", "mode=1777", TMP_SIZE]}),
+            );
         }
         let memory = i64::try_from(spec.limits.memory_bytes).unwrap_or(i64::MAX);
         json!({
@@ -247,7 +252,9 @@ impl Runtime {
         std::fs::create_dir_all(&bundle).map_err(io("creating"))?;
         let resolv = bundle.join("resolv.conf");
         std::fs::write(&resolv, format!("nameserver {}\n", spec.nameserver))
-            .and_then(|()| std::fs::set_permissions(&resolv, std::fs::Permissions::from_mode(0o644)))
+            .and_then(|()| {
+                std::fs::set_permissions(&resolv, std::fs::Permissions::from_mode(0o644))
+            })
             .map_err(io("writing resolv.conf in"))?;
         let config = serde_json::to_vec_pretty(&self.config(spec)).unwrap_or_default();
         std::fs::write(bundle.join("config.json"), config).map_err(io("writing config.json in"))?;
@@ -380,7 +387,9 @@ fn last_runc_error(log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
     let line = text.lines().rev().find(|l| l.contains("level=error"))?;
     let msg = line.split_once("msg=")?.1;
-    let msg = msg.strip_prefix('"').map_or(msg, |m| m.rsplit_once('"').map_or(m, |(m, _)| m));
+    let msg = msg
+        .strip_prefix('"')
+        .map_or(msg, |m| m.rsplit_once('"').map_or(m, |(m, _)| m));
     Some(msg.replace("\\\"", "\""))
 }
 
@@ -458,14 +467,53 @@ fn seccomp_profile() -> Value {
     const EPERM: u32 = 1;
     const ENOSYS: u32 = 38;
     const DENIED: &[&str] = &[
-        "mount", "umount", "umount2", "unshare", "setns", "pivot_root", "chroot",
-        "mount_setattr", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount", "fspick",
-        "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key", "ptrace",
-        "process_vm_readv", "process_vm_writev", "kcmp", "kexec_load", "kexec_file_load",
-        "init_module", "finit_module", "delete_module", "create_module", "reboot", "swapon",
-        "swapoff", "acct", "settimeofday", "clock_settime", "clock_adjtime", "syslog",
-        "quotactl", "open_by_handle_at", "name_to_handle_at", "iopl", "ioperm", "vhangup",
-        "lookup_dcookie", "uselib", "nfsservctl",
+        "mount",
+        "umount",
+        "umount2",
+        "unshare",
+        "setns",
+        "pivot_root",
+        "chroot",
+        "mount_setattr",
+        "move_mount",
+        "open_tree",
+        "fsopen",
+        "fsconfig",
+        "fsmount",
+        "fspick",
+        "bpf",
+        "perf_event_open",
+        "userfaultfd",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "kcmp",
+        "kexec_load",
+        "kexec_file_load",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "create_module",
+        "reboot",
+        "swapon",
+        "swapoff",
+        "acct",
+        "settimeofday",
+        "clock_settime",
+        "clock_adjtime",
+        "syslog",
+        "quotactl",
+        "open_by_handle_at",
+        "name_to_handle_at",
+        "iopl",
+        "ioperm",
+        "vhangup",
+        "lookup_dcookie",
+        "uselib",
+        "nfsservctl",
     ];
     // CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET.
     const NAMESPACE_FLAGS: [u64; 7] = [
@@ -514,7 +562,6 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
 }
-
 
 #[cfg(test)]
 mod tests {

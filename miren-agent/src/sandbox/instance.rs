@@ -45,7 +45,12 @@ impl Process {
 
     /// The container `container` with first process `pid`, started by an earlier agent, if it
     /// still runs.
-    pub fn adopt(runtime: &Arc<Runtime>, container: &str, pid: u32, memory_limit: u64) -> Option<Self> {
+    pub fn adopt(
+        runtime: &Arc<Runtime>,
+        container: &str,
+        pid: u32,
+        memory_limit: u64,
+    ) -> Option<Self> {
         is_running(pid).then(|| Self {
             runtime: Arc::clone(runtime),
             container: container.to_owned(),
@@ -83,7 +88,8 @@ impl Process {
     async fn signal(&self, signal: &'static str) {
         let runtime = Arc::clone(&self.runtime);
         let container = self.container.clone();
-        let sent = tokio::task::spawn_blocking(move || runtime.signal_all(&container, signal)).await;
+        let sent =
+            tokio::task::spawn_blocking(move || runtime.signal_all(&container, signal)).await;
         if let Ok(Err(error)) = sent {
             tracing::debug!(%error, "signalling an instance");
         }
