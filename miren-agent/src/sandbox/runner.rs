@@ -781,7 +781,16 @@ impl ServiceSupervisor {
         let created = tokio::task::spawn_blocking(move || {
             let shared = blocking;
             let settings = &shared.settings;
-            let _ = std::fs::create_dir_all(&dir);
+            if !dir.exists() {
+                // An app deployed without a directory gets an empty one, readable by its user
+                // (the agent's umask would make it 0700).
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::create_dir_all(&dir)
+                    .and_then(|()| {
+                        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+                    })
+                    .map_err(|e| SandboxError::io(format!("creating {}", dir.display()), e))?;
+            }
             let net = SandboxNet::create(&id, &settings.bridge, settings.subnet, addr)?;
             let member = Member {
                 veth: net.host_veth.clone(),
