@@ -4,14 +4,16 @@
 //! agent runs; `miren app rm` removes the logs.
 
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::fs::PermissionsExt as _,
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
+use miren_agent::api::types::LogChunk;
 use miren_tests::{
     ingress::ok,
     process::binary,
@@ -77,6 +79,24 @@ fn texts(output: &str) -> Vec<String> {
 
 fn bulk_line(i: usize) -> String {
     format!("{i:07} {}", "x".repeat(100))
+}
+
+/// GET `path` on the agent's API socket: (status, body).
+fn api_get(socket: &Path, path: &str) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// The app's log files: (path, size, lines).
@@ -171,6 +191,24 @@ fn logs_rotate_at_the_cap_and_miren_logs_reads_across_the_files() {
         texts(&ok(&agent, &["logs", "chatty", "--since", "1h"])).len(),
         retained + 1
     );
+    // The API refuses what it cannot use, naming the parameter.
+    let socket = world.dir().join("agent.sock");
+    for (query, name) in [
+        ("tail=lots", "tail"),
+        ("since=5x", "since"),
+        ("until=yesterday", "until"),
+    ] {
+        let (status, body) = api_get(&socket, &format!("/v1/apps/chatty/logs?{query}"));
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(name), "{query}: {body}");
+    }
+    let (status, body) = api_get(&socket, "/v1/apps/chatty/logs?tail=2");
+    assert_eq!(status, 200, "{body}");
+    let chunk: LogChunk = serde_json::from_str(&body).unwrap();
+    assert_eq!(chunk.lines.len(), 2);
+    assert!(!chunk.more);
+    assert_eq!(chunk.lines[1].line, "late line");
+    assert!(chunk.lines.iter().all(|line| line.time.is_some()));
     let bad = agent.miren(&["logs", "chatty", "--since", "10 minutes"]);
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
@@ -251,8 +289,6 @@ fn the_log_shim_binary_ignores_stop_signals_and_writes_until_its_input_closes() 
         sys::signal::{Signal, kill},
         unistd::{Pid, getsid},
     };
-    use std::io::Write as _;
-
     let dir = miren_tests::process::TempDir::new("log-shim");
     let file = dir.path().join("web-1x1.log");
     let mut shim = Command::new(binary("miren-agent"))
