@@ -1,0 +1,549 @@
+//! Network isolation of sandboxes, with the real agent and CLI on both node-port data planes:
+//! instances of one app reach each other, not another app's instances (TCP and UDP); on the
+//! node they reach only the DNS resolver on the bridge address and the ingress (not the
+//! metrics port nor other listeners); a packet with a spoofed source never leaves the
+//! instance's veth. Acting "from inside an instance" means entering its network namespace as
+//! root from the test: the network rules are what is tested, not the container's privileges.
+//! Plus the [`Isolation`] API itself against nftables in a namespace of its own.
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use miren_agent::sandbox::{
+    SandboxError,
+    ipam::Subnet,
+    isolation::{Isolation, IsolationSettings, Member},
+};
+use miren_tests::{
+    ingress::ok,
+    on_both_planes,
+    process::AgentProcess,
+    topology::Netns,
+    world::{CLIENT_IP, NODE_IP, Plane, World},
+};
+use nix::sched::{CloneFlags, setns};
+
+/// The sandbox bridge's address (`World::start_agent_running_sandboxes` uses 10.77.0.0/16).
+const GATEWAY: &str = "10.77.0.1";
+/// Where the agent serves metrics in these tests: on every address, so only the rules keep
+/// instances from it.
+const METRICS_PORT: u16 = 9464;
+/// A TCP port the test listens on in the node namespace (like ssh): nothing of the instances.
+const NODE_SERVICE_PORT: u16 = 2222;
+
+/// An HTTP server on `PORT` answering the instance's address, and a UDP echo on 9000
+/// answering `ADDR MESSAGE` and logging `udp MESSAGE`.
+const SERVE_PY: &str = r#"import os, socket, threading, http.server
+addr = os.environ["MIREN_ADDR"]
+def echo():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 9000))
+    while True:
+        data, peer = s.recvfrom(2048)
+        print("udp", data.decode(errors="replace"), flush=True)
+        s.sendto(addr.encode() + b" " + data, peer)
+threading.Thread(target=echo, daemon=True).start()
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = addr.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// Sends one IPv4/UDP packet from `SRC` to `DST:PORT` carrying `MESSAGE` through a raw
+/// socket (the kernel fills in the IP checksum; UDP checksum 0 means none).
+const SEND_RAW_PY: &str = r#"import socket, struct, sys
+src, dst, port, message = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
+udp = struct.pack("!HHHH", 5555, port, 8 + len(message), 0) + message
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                 socket.inet_aton(src), socket.inet_aton(dst))
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+s.sendto(ip + udp, (dst, 0))
+"#;
+
+fn app_toml(name: &str) -> String {
+    format!(
+        "name = \"{name}\"\n\
+         [services.web]\ncommand = \"exec python3 serve.py\"\n\
+         [services.web.concurrency]\nmode = \"fixed\"\nnum_instances = 2\n\
+         [[services.web.ports]]\nname = \"http\"\nport = 8080\ntype = \"http\"\n\
+         [[services.web.ports]]\nname = \"echo\"\nport = 9000\ntype = \"udp\"\n"
+    )
+}
+
+/// Writes app `name` and deploys it.
+fn deploy(world: &World, agent: &AgentProcess, name: &str) {
+    let dir = world.dir().join(name);
+    std::fs::create_dir_all(dir.join(".miren")).unwrap();
+    std::fs::write(dir.join(".miren/app.toml"), app_toml(name)).unwrap();
+    std::fs::write(dir.join("serve.py"), SERVE_PY).unwrap();
+    ok(agent, &["deploy", dir.to_str().unwrap()]);
+}
+
+/// Addresses of `app`'s ready `web` instances on port `port_name`.
+fn endpoints(agent: &AgentProcess, app: &str, port_name: &str) -> Vec<SocketAddr> {
+    let text = ok(agent, &["endpoints", app, "web", "--output", "json"]);
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let list = value[0]["endpoints"][port_name]
+        .as_array()
+        .cloned()
+        .or_else(|| value["endpoints"][port_name].as_array().cloned())
+        .unwrap_or_default();
+    list.iter()
+        .filter_map(|v| v.as_str()?.parse().ok())
+        .collect()
+}
+
+/// Waits up to 60 s until `check` holds.
+fn wait_until(agent: &AgentProcess, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The namespace of `agent`'s instance with address `ip` (namespaces are `miren-sPIDxN`).
+fn sandbox_netns(agent: &AgentProcess, ip: Ipv4Addr) -> String {
+    let prefix = format!("miren-s{:x}x", agent.pid());
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| name.starts_with(&prefix))
+        .find(|name| {
+            let addrs = Command::new("ip")
+                .args(["-n", name, "-4", "addr", "show", "eth0"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&addrs.stdout).contains(&format!("inet {ip}/"))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no sandbox namespace holds {ip}"))
+}
+
+/// Runs `f` on a thread inside the network namespace `/run/netns/NETNS`.
+fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let file = File::open(format!("/run/netns/{netns}")).unwrap();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// `GET /` with `host` to `addr` (from the calling thread's namespace): the status and body,
+/// or why it failed. A connection the rules drop fails after 3 s.
+fn http_get(addr: SocketAddr, host: &str) -> Result<(u16, String), std::io::Error> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Whether a TCP connection to `addr` opens within 3 s.
+fn tcp_connects(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
+}
+
+/// One UDP exchange with `addr`: the reply, or `None` when none came within `wait`.
+fn udp_exchange(addr: SocketAddr, message: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.set_read_timeout(Some(wait)).unwrap();
+    socket.send_to(message, addr).unwrap();
+    let mut buf = [0u8; 2048];
+    socket
+        .recv_from(&mut buf)
+        .ok()
+        .map(|(n, _)| buf[..n].to_vec())
+}
+
+/// The answer to a DNS query for `name` type A.
+fn dns_query(name: &str) -> Vec<u8> {
+    let mut query = vec![0x6d, 0x69, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        query.push(u8::try_from(label.len()).unwrap());
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    query
+}
+
+/// The A records of a DNS reply.
+fn a_records(reply: &[u8]) -> BTreeSet<Ipv4Addr> {
+    let skip_name = |mut pos: usize| {
+        while reply[pos] != 0 {
+            if reply[pos] & 0xc0 == 0xc0 {
+                return pos + 2;
+            }
+            pos += 1 + usize::from(reply[pos]);
+        }
+        pos + 1
+    };
+    let answers = u16::from_be_bytes([reply[6], reply[7]]);
+    let mut pos = skip_name(12) + 4;
+    let mut records = BTreeSet::new();
+    for _ in 0..answers {
+        pos = skip_name(pos);
+        let kind = u16::from_be_bytes([reply[pos], reply[pos + 1]]);
+        let len = usize::from(u16::from_be_bytes([reply[pos + 8], reply[pos + 9]]));
+        pos += 10;
+        if kind == 1 && len == 4 {
+            records.insert(Ipv4Addr::new(
+                reply[pos],
+                reply[pos + 1],
+                reply[pos + 2],
+                reply[pos + 3],
+            ));
+        }
+        pos += len;
+    }
+    records
+}
+
+fn ips(addrs: &[SocketAddr]) -> Vec<Ipv4Addr> {
+    addrs
+        .iter()
+        .map(|a| match a.ip() {
+            std::net::IpAddr::V4(ip) => ip,
+            std::net::IpAddr::V6(ip) => panic!("IPv6 endpoint {ip}"),
+        })
+        .collect()
+}
+
+fn apps_are_isolated_from_each_other_and_from_the_node(plane: Plane) {
+    let world = World::new(0);
+    let metrics_addr = format!("0.0.0.0:{METRICS_PORT}");
+    let agent = world.start_agent_running_sandboxes(plane, &["--metrics-addr", &metrics_addr]);
+    deploy(&world, &agent, "alpha");
+    deploy(&world, &agent, "beta");
+    ok(
+        &agent,
+        &[
+            "route",
+            "set",
+            "beta.example.com",
+            "beta",
+            "--service",
+            "web",
+        ],
+    );
+    wait_until(&agent, "2 ready instances of each app", || {
+        ["alpha", "beta"].iter().all(|app| {
+            endpoints(&agent, app, "http").len() == 2 && endpoints(&agent, app, "echo").len() == 2
+        })
+    });
+    let alpha = ips(&endpoints(&agent, "alpha", "http"));
+    let beta = ips(&endpoints(&agent, "beta", "http"));
+    let alpha_ns = sandbox_netns(&agent, alpha[0]);
+    let beta_ns = sandbox_netns(&agent, beta[0]);
+    let http = |ip: Ipv4Addr| SocketAddr::from((ip, 8080));
+    let udp = |ip: Ipv4Addr| SocketAddr::from((ip, 9000));
+    let gateway: Ipv4Addr = GATEWAY.parse().unwrap();
+    let node_ip: Ipv4Addr = NODE_IP.parse().unwrap();
+    let _node_service = world
+        .node
+        .run(|| TcpListener::bind(("0.0.0.0", NODE_SERVICE_PORT)))
+        .unwrap()
+        .unwrap();
+
+    // The node reaches every instance, and the client the node's metrics and other
+    // listeners: what the instances are refused below is there.
+    world
+        .node
+        .run(|| {
+            for ip in alpha.iter().chain(&beta) {
+                assert_eq!(http_get(http(*ip), "x").unwrap(), (200, ip.to_string()));
+                let reply = udp_exchange(udp(*ip), b"hi", Duration::from_secs(10));
+                assert_eq!(reply, Some(format!("{ip} hi").into_bytes()));
+            }
+        })
+        .unwrap();
+    world
+        .client
+        .run(|| {
+            for port in [METRICS_PORT, NODE_SERVICE_PORT] {
+                assert!(
+                    tcp_connects((node_ip, port).into()),
+                    "client -> node:{port}"
+                );
+            }
+        })
+        .unwrap();
+
+    in_netns(&alpha_ns, || {
+        // Within the app: TCP and UDP.
+        assert_eq!(
+            http_get(http(alpha[1]), "x").unwrap(),
+            (200, alpha[1].to_string())
+        );
+        let reply = udp_exchange(udp(alpha[1]), b"sibling", Duration::from_secs(10));
+        assert_eq!(reply, Some(format!("{} sibling", alpha[1]).into_bytes()));
+
+        // Across apps: neither.
+        for ip in &beta {
+            assert!(!tcp_connects(http(*ip)), "alpha reached beta {ip} over TCP");
+            let reply = udp_exchange(udp(*ip), b"stranger", Duration::from_secs(2));
+            assert_eq!(reply, None, "alpha reached beta {ip} over UDP");
+        }
+
+        // The node: DNS on the bridge address answers with the app's own instances; the
+        // ingress routes to another app (that is how apps reach each other).
+        let reply = udp_exchange(
+            SocketAddr::from((gateway, 53)),
+            &dns_query("web.app.miren"),
+            Duration::from_secs(10),
+        )
+        .expect("a DNS answer from the bridge address");
+        assert_eq!(a_records(&reply), alpha.iter().copied().collect());
+        let (status, body) = http_get((node_ip, 80).into(), "beta.example.com").unwrap();
+        assert_eq!(status, 200);
+        assert!(beta.iter().any(|ip| body == ip.to_string()), "{body}");
+
+        // Nothing else on the node, on any of its addresses.
+        for ip in [gateway, node_ip] {
+            for port in [METRICS_PORT, NODE_SERVICE_PORT] {
+                assert!(
+                    !tcp_connects((ip, port).into()),
+                    "alpha reached {ip}:{port}"
+                );
+            }
+        }
+    });
+    // And the other way round.
+    in_netns(&beta_ns, || {
+        assert!(!tcp_connects(http(alpha[0])), "beta reached alpha over TCP");
+        assert_eq!(
+            udp_exchange(udp(alpha[0]), b"stranger", Duration::from_secs(2)),
+            None
+        );
+    });
+
+    // Routed through the host (a route via the bridge address) instead of bridged: still not.
+    let route = |op: &str| {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                &alpha_ns,
+                "route",
+                op,
+                &format!("{}/32", beta[0]),
+                "via",
+                GATEWAY,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    route("add");
+    in_netns(&alpha_ns, || {
+        assert!(
+            !tcp_connects(http(beta[0])),
+            "alpha reached beta through the host"
+        );
+        let reply = udp_exchange(udp(beta[0]), b"hairpin", Duration::from_secs(2));
+        assert_eq!(reply, None, "alpha reached beta through the host over UDP");
+    });
+    route("del");
+
+    // No probe of the other app arrived at all (not only its answer was lost): a marker sent
+    // after them from the node arrives, they never do.
+    world
+        .node
+        .run(|| {
+            for ip in alpha.iter().chain(&beta) {
+                let reply = udp_exchange(udp(*ip), b"marker", Duration::from_secs(10));
+                assert_eq!(reply, Some(format!("{ip} marker").into_bytes()));
+            }
+        })
+        .unwrap();
+    for app in ["alpha", "beta"] {
+        wait_until(&agent, "the markers in the logs", || {
+            ok(&agent, &["logs", app]).matches("udp marker").count() == 2
+        });
+        let logs = ok(&agent, &["logs", app]);
+        assert!(
+            !logs.contains("udp stranger") && !logs.contains("udp hairpin"),
+            "{app} received another app's packets:\n{logs}"
+        );
+    }
+
+    // Spoofing: a packet with another source never reaches the client; the same packet with
+    // the instance's own source does (so the path is there).
+    let listener = world
+        .client
+        .run(|| UdpSocket::bind((CLIENT_IP, 6000)))
+        .unwrap()
+        .unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let send_raw = |src: &str, message: &str| {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{alpha_ns}"))
+            .args([
+                "python3",
+                "-c",
+                SEND_RAW_PY,
+                src,
+                CLIENT_IP,
+                "6000",
+                message,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    send_raw("203.0.113.7", "spoofed");
+    send_raw(&beta[0].to_string(), "spoofed-as-beta");
+    send_raw(&alpha[0].to_string(), "genuine");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Ok((n, from)) = listener.recv_from(&mut buf) {
+        received.push((from, String::from_utf8_lossy(&buf[..n]).into_owned()));
+        if received.iter().any(|(_, m)| m == "genuine") {
+            break;
+        }
+    }
+    assert_eq!(
+        received,
+        [(SocketAddr::from((alpha[0], 5555)), "genuine".to_owned())]
+    );
+}
+
+on_both_planes!(apps_are_isolated_from_each_other_and_from_the_node);
+
+/// Members of the bridge table's `veth_app` map in the calling thread's namespace: veth → id.
+fn app_ids() -> Vec<(String, u64)> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "map", "bridge", "miren_sandbox", "veth_app"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    value["nftables"][1]["map"]["elem"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| (e[0].as_str().unwrap().to_owned(), e[1].as_u64().unwrap()))
+        .collect()
+}
+
+fn tables() -> String {
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn member(veth: &str, addr: &str, app: &str) -> Member {
+    Member {
+        veth: veth.to_owned(),
+        addr: addr.parse().unwrap(),
+        app: app.to_owned(),
+    }
+}
+
+#[test]
+fn isolation_keeps_members_across_a_reopen_and_applies_each_change_whole() {
+    let ns = Netns::new("isolation").unwrap();
+    ns.run(|| {
+        let settings = IsolationSettings {
+            bridge: "mrn0".to_owned(),
+            subnet: Subnet::parse("10.77.0.0/16").unwrap(),
+            listener_ports: vec![80, 443],
+        };
+        let isolation = Isolation::open(&settings).unwrap();
+        assert!(tables().contains("table bridge miren_sandbox"));
+        assert!(tables().contains("table inet miren_sandbox"));
+        isolation
+            .admit(&member("mvs1", "10.77.0.2", "alpha"))
+            .unwrap();
+        isolation
+            .admit(&member("mvs2", "10.77.0.3", "alpha"))
+            .unwrap();
+        isolation
+            .admit(&member("mvs3", "10.77.0.4", "beta"))
+            .unwrap();
+        let ids = app_ids();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids[0].1, ids[1].1);
+        assert_ne!(ids[0].1, ids[2].1);
+
+        // A restarted agent keeps them (the rules are rewritten, the members stay).
+        let isolation = Isolation::open(&settings).unwrap();
+        assert_eq!(app_ids(), ids);
+        // A new app does not get an id that an earlier agent's member holds.
+        isolation
+            .admit(&member("mvs4", "10.77.0.5", "gamma"))
+            .unwrap();
+        let gamma = app_ids().into_iter().find(|(v, _)| v == "mvs4").unwrap().1;
+        assert!(ids.iter().all(|(_, id)| *id != gamma), "{ids:?} {gamma}");
+
+        // A change nft refuses (an address already held) changes nothing at all.
+        let err = isolation
+            .admit(&member("mvs5", "10.77.0.2", "delta"))
+            .unwrap_err();
+        assert!(matches!(err, SandboxError::Firewall { .. }), "{err}");
+        assert_eq!(app_ids().len(), 4);
+
+        // The exact set at start, then removal.
+        isolation
+            .retain(&[
+                member("mvs1", "10.77.0.2", "alpha"),
+                member("mvs3", "10.77.0.4", "beta"),
+            ])
+            .unwrap();
+        let names: Vec<String> = app_ids().into_iter().map(|(v, _)| v).collect();
+        assert_eq!(names, ["mvs1", "mvs3"]);
+        isolation.remove("mvs1").unwrap();
+        isolation.remove("mvs-unknown").unwrap();
+        assert_eq!(app_ids().len(), 1);
+
+        isolation.teardown().unwrap();
+        assert!(!tables().contains("miren_sandbox"), "{}", tables());
+        // A bridge name that would break out of the script is refused before nft runs.
+        let err = Isolation::open(&IsolationSettings {
+            bridge: "x\" accept".to_owned(),
+            ..settings
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("not an interface name"), "{err}");
+    })
+    .unwrap();
+}
