@@ -313,11 +313,15 @@ impl Ingress {
         let grace = self.settings.shutdown_grace;
         // Not kept open while draining: after a stop, new connections are refused at once.
         drop(self.listening);
+        // Upstream connections are pooled across the threads, each registered with the event
+        // loop of the thread that opened it: every loop runs until all threads have drained.
+        let drained = Arc::new(tokio::sync::Barrier::new(self.threads.len()));
         let mut finished = Vec::new();
         for (i, thread) in self.threads.into_iter().enumerate() {
             let (http_app, https_app) = (Arc::clone(&http_app), Arc::clone(&https_app));
             let acceptor = Arc::clone(&acceptor);
             let shutdown = shutdown.clone();
+            let drained = Arc::clone(&drained);
             let (done, finished_rx) = tokio::sync::oneshot::channel::<()>();
             std::thread::Builder::new()
                 .name(format!("miren-http-{i}"))
@@ -340,7 +344,8 @@ impl Ingress {
                                 shutdown,
                                 grace
                             ),
-                        )
+                        );
+                        drained.wait().await;
                     });
                     drop(done);
                 })
