@@ -444,7 +444,81 @@ fn apps_are_isolated_from_each_other_and_from_the_node(plane: Plane) {
     );
 }
 
-on_both_planes!(apps_are_isolated_from_each_other_and_from_the_node);
+/// From the namespace `from_ns`: `sibling` answers over TCP, none of `others` does.
+fn assert_reaches_only(from_ns: &str, sibling: Ipv4Addr, others: &[Ipv4Addr]) {
+    in_netns(from_ns, || {
+        let web = |ip: Ipv4Addr| SocketAddr::from((ip, 8080));
+        assert_eq!(
+            http_get(web(sibling), "x").unwrap(),
+            (200, sibling.to_string())
+        );
+        for ip in others {
+            assert!(!tcp_connects(web(*ip)), "{from_ns} reached {ip}");
+        }
+    });
+}
+
+fn adopted_instances_stay_isolated_across_a_kill_9_of_the_agent(plane: Plane) {
+    let world = World::new(0);
+    let agent = world.start_agent_keeping_instances(plane, &[]);
+    deploy(&world, &agent, "alpha");
+    deploy(&world, &agent, "beta");
+    let ready = |agent: &AgentProcess| {
+        ["alpha", "beta"].iter().all(|app| {
+            endpoints(agent, app, "http").len() == 2 && endpoints(agent, app, "echo").len() == 2
+        })
+    };
+    wait_until(&agent, "2 ready instances of each app", || ready(&agent));
+    let alpha = ips(&endpoints(&agent, "alpha", "http"));
+    let beta = ips(&endpoints(&agent, "beta", "http"));
+    let alpha_ns: Vec<String> = alpha.iter().map(|ip| sandbox_netns(&agent, *ip)).collect();
+    let beta_ns = sandbox_netns(&agent, beta[0]);
+    assert_reaches_only(&alpha_ns[0], alpha[1], &beta);
+    let members = world.node.run(app_ids).unwrap();
+    assert_eq!(members.len(), 4, "{members:?}");
+
+    // No agent: the kernel keeps the rules and the members.
+    agent.kill9();
+    assert_reaches_only(&alpha_ns[0], alpha[1], &beta);
+    assert_reaches_only(&beta_ns, beta[1], &alpha);
+
+    // The next agent adopts the instances and keeps them members, with their apps.
+    let agent = world.start_agent_keeping_instances(plane, &[]);
+    wait_until(&agent, "the adopted endpoints", || {
+        ips(&endpoints(&agent, "alpha", "http")) == alpha
+            && ips(&endpoints(&agent, "beta", "http")) == beta
+    });
+    assert_eq!(world.node.run(app_ids).unwrap().len(), 4);
+    assert_reaches_only(&alpha_ns[0], alpha[1], &beta);
+    assert_reaches_only(&beta_ns, beta[1], &alpha);
+
+    // An instance it starts itself joins its app's adopted instances, and no other app.
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &alpha_ns[1]])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+    wait_until(&agent, "a replacement alpha instance", || {
+        let now = ips(&endpoints(&agent, "alpha", "http"));
+        now.len() == 2 && now.contains(&alpha[0]) && !now.contains(&alpha[1])
+    });
+    let replacement = *ips(&endpoints(&agent, "alpha", "http"))
+        .iter()
+        .find(|ip| **ip != alpha[0])
+        .unwrap();
+    let replacement_ns = sandbox_netns(&agent, replacement);
+    assert_reaches_only(&alpha_ns[0], replacement, &beta);
+    assert_reaches_only(&replacement_ns, alpha[0], &beta);
+    assert_reaches_only(&beta_ns, beta[1], &[alpha[0], replacement]);
+    assert_eq!(world.node.run(app_ids).unwrap().len(), 4);
+}
+
+on_both_planes!(
+    apps_are_isolated_from_each_other_and_from_the_node,
+    adopted_instances_stay_isolated_across_a_kill_9_of_the_agent,
+);
 
 /// Members of the bridge table's `veth_app` map in the calling thread's namespace: veth → id.
 fn app_ids() -> Vec<(String, u64)> {
