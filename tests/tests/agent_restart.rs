@@ -8,6 +8,10 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+        unix::process::CommandExt,
+    },
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -296,6 +300,90 @@ fn serves_on_sockets_from_systemd_socket_activation() {
     assert!(exit.is_some_and(|s| s.success()), "{exit:?}\n{log}");
     // The API socket belongs to the service manager: the agent leaves its file alone.
     assert!(Path::new(&socket).exists());
+}
+
+/// Starts the agent the way systemd starts a socket-activated service: `sockets` become its
+/// descriptors 3, 4, … with `LISTEN_FDS` and `LISTEN_PID` set (the wrapper shell learns the
+/// pid it execs the agent with). The test keeps its own handles, as the service manager does.
+fn start_socket_activated(
+    world: &IngressWorld,
+    sockets: &[BorrowedFd<'_>],
+    log: &str,
+) -> AgentProcess {
+    // Out of the way of 3, 4, … so that no source is overwritten before it is moved.
+    let sources: Vec<OwnedFd> = sockets
+        .iter()
+        .map(|fd| {
+            let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(20)).unwrap();
+            // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; nothing else owns it.
+            unsafe { OwnedFd::from_raw_fd(raw) }
+        })
+        .collect();
+    let targets: Vec<RawFd> = sources.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut command = world.ns.command("sh");
+    command
+        .arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS={} exec \"$0\" \"$@\"",
+            targets.len()
+        ))
+        .arg(binary("miren-agent"))
+        .args(agent_args(world, &[]));
+    // SAFETY: only dup2 (async-signal-safe) runs between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            for (i, source) in targets.iter().enumerate() {
+                if libc::dup2(*source, 3 + i as RawFd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let agent = AgentProcess::start(command, &api_socket(world), &world.dir().join(log));
+    drop(sources);
+    agent
+}
+
+#[test]
+fn a_restart_with_sockets_kept_by_the_service_manager_refuses_nothing() {
+    let world = IngressWorld::new("held");
+    // The service manager's part: the listening sockets, open across agent runs.
+    let http = world
+        .ns
+        .run(|| std::net::TcpListener::bind("127.0.0.1:80"))
+        .unwrap()
+        .unwrap();
+    let api = std::os::unix::net::UnixListener::bind(api_socket(&world)).unwrap();
+    let sockets = [http.as_fd(), api.as_fd()];
+    let mut agent = start_socket_activated(&world, &sockets, "agent.log");
+    let backend = Backend::start(&world.ns, "web", BackendMode::Normal);
+    world.serve(&agent, "web", &[backend.addr], "app.test", &[]);
+    assert_eq!(world.get("app.test", "/", &[]).status, 200);
+    let (outcomes, second) = std::thread::scope(|scope| {
+        let requests = scope.spawn(|| request_loop(&world.ns, local_ingress(), "app.test"));
+        std::thread::sleep(Duration::from_secs(2));
+        let exit = agent.terminate(Duration::from_secs(20));
+        assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+        let second = start_socket_activated(&world, &sockets, "agent-2.log");
+        (requests.join().unwrap(), second)
+    });
+    let failed = failures(&outcomes);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}\nfirst:\n{}\nsecond:\n{}",
+        failed.len(),
+        outcomes.len(),
+        agent.log_text(),
+        second.log_text()
+    );
+    // The second agent serves the route the first one stored, on the same sockets.
+    assert!(
+        second
+            .log_text()
+            .contains("listening on an inherited socket")
+    );
+    ok(&second, &["status"]);
 }
 
 #[test]
