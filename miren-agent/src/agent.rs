@@ -267,6 +267,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     };
     // The parts that change state (API, supervisors, DNS) end first on a handover
     // ("quiesce"); the listeners keep serving until the new agent does.
+    let handover_runner = runner.clone();
     let quiesced = {
         let quiesce_rx = quiesce_rx.clone();
         async move {
@@ -294,6 +295,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         stopper.clone(),
         quiesced_rx,
         Arc::clone(&handed_over),
+        handover_runner,
     ));
     let (api_served, metrics_served, ingress_served, ()) = tokio::join!(
         async {
@@ -429,12 +431,17 @@ async fn hand_over(
     stopper: Stopper,
     mut quiesced: watch::Receiver<bool>,
     handed_over: Arc<AtomicBool>,
+    runner: Option<Arc<Runner>>,
 ) {
     let mut stop = stopper.stop.subscribe();
     let handover = tokio::select! {
         handover = listener.accept() => handover,
         _ = stop.wait_for(|stop| *stop) => return,
     };
+    // The new agent adopts the instances, even with --stop-instances-on-exit.
+    if let Some(runner) = &runner {
+        runner.keep_instances();
+    }
     stopper.quiesce();
     let _ = quiesced.wait_for(|done| *done).await;
     // From here on the socket files belong to the new agent.

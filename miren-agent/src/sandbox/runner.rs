@@ -68,6 +68,8 @@ struct Shared {
     adopted: Mutex<HashMap<Key, Vec<InstanceRecord>>>,
     /// Set when the agent stops (as opposed to an app being removed).
     shutting_down: std::sync::atomic::AtomicBool,
+    /// Leave the instances running when the agent stops (`keep_running`, or a handover).
+    keep_instances: std::sync::atomic::AtomicBool,
 }
 
 /// A running instance as written to `<state-dir>/sandbox/instances.json`.
@@ -187,6 +189,7 @@ impl Runner {
                 .or_default()
                 .push(record.clone());
         }
+        let keep_instances = std::sync::atomic::AtomicBool::new(settings.keep_running);
         let shared = Shared {
             control,
             settings,
@@ -204,6 +207,7 @@ impl Runner {
             records: Mutex::new(BTreeMap::new()),
             adopted: Mutex::new(adopted),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            keep_instances,
         };
         lock(&shared.records).extend(adopt.into_iter().map(|r| (r.instance.clone(), r)));
         shared.save_records();
@@ -232,7 +236,7 @@ impl Runner {
         for supervisor in supervisors {
             let _ = supervisor.task.await;
         }
-        if self.shared.settings.keep_running {
+        if self.shared.keep_instances.load(Ordering::SeqCst) {
             tracing::info!(
                 "leaving the instances running for the next agent (--stop-instances-on-exit stops them)"
             );
@@ -304,6 +308,12 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// Leaves the instances running when the agent stops, whatever `keep_running` says: a
+    /// new agent taking over (`--upgrade`) adopts them.
+    pub fn keep_instances(&self) {
+        self.shared.keep_instances.store(true, Ordering::SeqCst);
     }
 
     /// The instance status of every service of `app`.
@@ -568,7 +578,9 @@ impl ServiceSupervisor {
                 () = stopped(&mut stop) => break,
             }
         }
-        if self.shared.settings.keep_running && self.shared.shutting_down.load(Ordering::SeqCst) {
+        if self.shared.keep_instances.load(Ordering::SeqCst)
+            && self.shared.shutting_down.load(Ordering::SeqCst)
+        {
             return;
         }
         self.target = 0;
