@@ -196,8 +196,10 @@ http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).s
 fn upgrade_of_an_agent_running_instances_adopts_them_and_loses_no_request() {
     let world = World::new(0);
     let http_addr = format!("{NODE_IP}:80");
-    // The flags of `World::start_agent_keeping_instances`, for the second agent.
+    // The flags of `World::start_agent_running_sandboxes`, for the second agent: both stop
+    // their instances when they stop, but not on a handover.
     let flags = [
+        "--stop-instances-on-exit",
         "--sandbox-bridge",
         "mrn0",
         "--sandbox-subnet",
@@ -205,7 +207,7 @@ fn upgrade_of_an_agent_running_instances_adopts_them_and_loses_no_request() {
         "--http-addr",
         &http_addr,
     ];
-    let mut old = world.start_agent_keeping_instances(Plane::Xdp, &[]);
+    let mut old = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
     let app = world.dir().join("web");
     std::fs::create_dir_all(app.join(".miren")).unwrap();
     std::fs::write(
