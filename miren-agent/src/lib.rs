@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod ingress;
 pub mod listeners;
 pub mod metrics;
+pub mod nft_cli;
 pub mod reconcile;
 pub mod routes;
 pub mod sandbox;

@@ -23,9 +23,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use serde_json::Value;
@@ -875,48 +874,15 @@ fn parse_elements(
     ok
 }
 
-/// Runs `nft ARGS…` with `stdin` (if any) and returns its stdout.
+/// Runs `nft ARGS…` with `stdin` (if any): its stdout, or its stderr when it refused.
 fn nft(
     op: &str,
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<Result<String, String>, DataplaneError> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .env("LC_ALL", "C")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| DataplaneError::Io {
-            op: if source.kind() == std::io::ErrorKind::NotFound {
-                format!(
-                    "{op}: `nft` not found; install the package `nftables` \
-                     (`cargo xtask setup` does)"
-                )
-            } else {
-                format!("{op}: starting `nft`")
-            },
-            source,
-        })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // A write error means nft exited early; its status and stderr tell why.
-        let _ = pipe.write_all(text.as_bytes());
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| DataplaneError::Io {
-            op: format!("{op}: waiting for `nft`"),
-            source,
-        })?;
-    Ok(if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    crate::nft_cli::run(args, stdin).map_err(|e| DataplaneError::Io {
+        op: format!("{op}: {}", e.what),
+        source: e.source,
     })
 }
 

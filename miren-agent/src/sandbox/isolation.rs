@@ -32,14 +32,7 @@
 //! (rules from this code) but keeps the members an earlier agent left in them, so instances
 //! that outlive the agent stay reachable and isolated while it restarts.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    io::Write as _,
-    net::Ipv4Addr,
-    process::{Command, Stdio},
-    sync::Mutex,
-};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, sync::Mutex};
 
 use serde_json::Value;
 
@@ -509,37 +502,8 @@ fn nft(
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<Result<String, String>, SandboxError> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .env("LC_ALL", "C")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| {
-            let what = if source.kind() == std::io::ErrorKind::NotFound {
-                "`nft` not found; install the package `nftables` (`cargo xtask setup` does)"
-            } else {
-                "starting `nft`"
-            };
-            SandboxError::io(format!("{op}: {what}"), source)
-        })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // A write error means nft exited early; its status and stderr tell why.
-        let _ = pipe.write_all(text.as_bytes());
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| SandboxError::io(format!("{op}: waiting for `nft`"), source))?;
-    Ok(if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-    })
+    crate::nft_cli::run(args, stdin)
+        .map_err(|e| SandboxError::io(format!("{op}: {}", e.what), e.source))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
