@@ -882,76 +882,117 @@ fn read_line_capped(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result
 }
 
 /// Moves every source to the first of the last `n` lines of all sources together (by
-/// timestamp); a source none of whose lines are among them starts at its end.
+/// timestamp); a source none of whose lines are among them starts at its end. Reads the
+/// sources backwards, merged newest first, so memory does not grow with `n`.
 fn start_at_tail(sources: &mut [Source], n: usize) -> io::Result<()> {
-    let mut candidates: Vec<(Option<String>, usize, Pos)> = Vec::new();
-    for (i, source) in sources.iter_mut().enumerate() {
-        let (starts, end) = last_line_starts(&source.files, n)?;
-        for start in starts {
-            candidates.push((source.files[start.file].time_at(start.offset)?, i, start));
+    let mut starts = Vec::with_capacity(sources.len());
+    {
+        let mut readers = Vec::with_capacity(sources.len());
+        let mut heads = Vec::with_capacity(sources.len());
+        for source in sources.iter() {
+            let (mut reader, end) = Backward::new(&source.files)?;
+            starts.push(end);
+            heads.push(reader.prev()?);
+            readers.push(reader);
         }
-        source.pos = end;
+        for _ in 0..n {
+            let newest = heads
+                .iter()
+                .enumerate()
+                .filter_map(|(i, head)| head.as_ref().map(|(time, pos)| (time, i, *pos)))
+                .max();
+            let Some((_, i, pos)) = newest else { break };
+            starts[i] = pos;
+            heads[i] = readers[i].prev()?;
+        }
     }
-    candidates.sort();
-    for (_, i, start) in candidates.into_iter().rev().take(n) {
-        let source = &mut sources[i];
-        source.pos = source.pos.min(start);
+    for (source, start) in sources.iter_mut().zip(starts) {
+        source.pos = start;
     }
     Ok(())
 }
 
-/// Where the last `n` complete lines of `files` start (newest first), and where the last
-/// complete line ends. Reads the files backwards, newest first, in blocks.
-fn last_line_starts(files: &[LogFile], n: usize) -> io::Result<(Vec<Pos>, Pos)> {
-    let mut starts = Vec::new();
-    let mut end = Pos::default();
-    let mut block = vec![0u8; READ_BUFFER];
-    for index in (0..files.len()).rev() {
-        let file = &files[index].file;
-        let newest = index + 1 == files.len();
-        // Where this file's complete lines end; for the written file, after its last newline
-        // (found first), for a rotated one its length.
-        let len = file.metadata()?.len();
-        let mut complete_end = (!newest).then_some(len);
-        let mut high = len;
-        while high > 0 && starts.len() < n.max(usize::from(complete_end.is_none())) {
-            let low = high.saturating_sub(block.len() as u64);
-            let part = &mut block[..usize::try_from(high - low).unwrap_or(0)];
-            file.read_exact_at(part, low)?;
-            for (i, &byte) in part.iter().enumerate().rev() {
-                if byte != b'\n' {
-                    continue;
-                }
-                let after = low + i as u64 + 1;
-                match complete_end {
-                    None => complete_end = Some(after),
-                    Some(limit) if after < limit && starts.len() < n => starts.push(Pos {
-                        file: index,
-                        offset: after,
-                    }),
-                    Some(_) => {}
-                }
-            }
-            high = low;
+/// An instance's complete lines read backwards, newest first, one block at a time.
+#[derive(Debug)]
+struct Backward<'a> {
+    files: &'a [LogFile],
+    /// The file being read, and where its unread part ends.
+    file: usize,
+    end: u64,
+    /// The block of `file` read last, and where it starts.
+    block: Vec<u8>,
+    block_start: u64,
+}
+
+impl<'a> Backward<'a> {
+    /// A reader starting after the last complete line, and that position (where a source
+    /// with none of the last lines starts).
+    fn new(files: &'a [LogFile]) -> io::Result<(Self, Pos)> {
+        let mut reader = Self {
+            files,
+            file: files.len().saturating_sub(1),
+            end: 0,
+            block: Vec::new(),
+            block_start: 0,
+        };
+        if let Some(newest) = files.last() {
+            // The unfinished last line of the written file is not a line yet.
+            let len = newest.file.metadata()?.len();
+            reader.end = reader.newline_before(len)?.map_or(0, |newline| newline + 1);
         }
-        let complete_end = complete_end.unwrap_or(0);
-        if newest {
-            end = Pos {
-                file: index,
-                offset: complete_end,
-            };
-        }
-        if high == 0 && complete_end > 0 && starts.len() < n {
-            starts.push(Pos {
-                file: index,
-                offset: 0,
-            });
-        }
-        if starts.len() >= n {
-            break;
-        }
+        let end = Pos {
+            file: reader.file,
+            offset: reader.end,
+        };
+        Ok((reader, end))
     }
-    Ok((starts, end))
+
+    /// The previous line's timestamp and start; `None` before the first line.
+    fn prev(&mut self) -> io::Result<Option<(Option<String>, Pos)>> {
+        while self.end == 0 {
+            if self.file == 0 {
+                return Ok(None);
+            }
+            self.file -= 1;
+            self.block.clear();
+            // A rotated file's last line counts even without its newline.
+            self.end = self.files[self.file].file.metadata()?.len();
+        }
+        let start = self
+            .newline_before(self.end - 1)?
+            .map_or(0, |newline| newline + 1);
+        self.end = start;
+        let time = self.files[self.file].time_at(start)?;
+        Ok(Some((
+            time,
+            Pos {
+                file: self.file,
+                offset: start,
+            },
+        )))
+    }
+
+    /// Where the last newline before `pos` in the current file is.
+    fn newline_before(&mut self, mut pos: u64) -> io::Result<Option<u64>> {
+        while pos > 0 {
+            let cached = self.block_start + self.block.len() as u64;
+            if !(self.block_start < pos && pos <= cached) {
+                let start = pos.saturating_sub(READ_BUFFER as u64);
+                self.block
+                    .resize(usize::try_from(pos - start).unwrap_or(0), 0);
+                self.files[self.file]
+                    .file
+                    .read_exact_at(&mut self.block, start)?;
+                self.block_start = start;
+            }
+            let upto = usize::try_from(pos - self.block_start).unwrap_or(0);
+            if let Some(i) = self.block[..upto].iter().rposition(|&b| b == b'\n') {
+                return Ok(Some(self.block_start + i as u64));
+            }
+            pos = self.block_start;
+        }
+        Ok(None)
+    }
 }
 
 #[cfg(test)]

@@ -643,3 +643,62 @@ async fn spawn_shim_hands_out_the_write_end_and_the_shim_sees_eof() {
         assert!(spawn_shim(&fake, &log, max_bytes, keep).is_err());
     }
 }
+
+/// The lines of every page `query` leads to.
+fn read_pages(logs_dir: &Path, app: &str, mut query: LogQuery) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let chunk = read(logs_dir, app, &query).unwrap();
+        lines.extend(lines_of(&chunk));
+        query.after = chunk.cursor;
+        if !chunk.more {
+            return lines;
+        }
+    }
+}
+
+#[test]
+fn tail_reads_backwards_across_blocks_and_files() {
+    let dir = TempDir::new();
+    let app = dir.0.join("web");
+    std::fs::create_dir_all(&app).unwrap();
+    // Lines of many lengths (up to several blocks of the backward reader), empty ones too.
+    let input: String = (0..400)
+        .map(|i| format!("{i:03} {}\n", "v".repeat((i * 7919) % 40_000)))
+        .chain(["\n".to_owned(), "\n".to_owned(), "last".to_owned()])
+        .collect();
+    let path = app.join("web-1x1.log");
+    // About 8 MB: three files, none rotated away; lines over 16 KiB are several records.
+    run_shim(input.as_bytes(), &files(path.clone(), 3 << 20, 3));
+    assert!(rotated_path(&path, 2).exists());
+    // An older agent's rotated file whose last line has no newline, and an unfinished line
+    // of a written file (not shown yet).
+    std::fs::write(app.join("web-1x0.log.1"), "legacy one\nlegacy two").unwrap();
+    // (Longer than the rotated file: the backward reader must not reuse its block.)
+    std::fs::write(app.join("web-1x0.log"), "legacy three, a longer line\n").unwrap();
+    let other = app.join("web-1x2.log");
+    write_records(&other, &[(&log_time(SystemTime::now()), "other")]);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&other)
+        .unwrap()
+        .write_all(b"2030-01-01T00:00:00.000000000Z unfinis")
+        .unwrap();
+
+    let all = read_pages(&dir.0, "web", LogQuery::default());
+    assert_eq!(
+        all[..3],
+        ["legacy one", "legacy two", "legacy three, a longer line"]
+    );
+    assert_eq!(all[3], "000 ");
+    assert!(all.len() > 3 + 400 + 2 + 1);
+    assert_eq!(all.last().unwrap(), "other");
+    for n in [0, 1, 2, 3, 5, 17, 100, all.len() - 1, all.len(), usize::MAX] {
+        let query = LogQuery {
+            tail: Some(n),
+            ..LogQuery::default()
+        };
+        let tail = read_pages(&dir.0, "web", query);
+        assert_eq!(tail, all[all.len() - n.min(all.len())..], "tail {n}");
+    }
+}
