@@ -149,7 +149,8 @@ pub struct ShimStats {
 ///
 /// The shim is `agent_binary log-shim --file FILE --max-bytes MAX_BYTES --keep KEEP` (pass
 /// `/proc/self/exe`, which still works after the agent's binary was replaced, or
-/// [`std::env::current_exe`]), its stdout and stderr on /dev/null, working directory `/`. Both
+/// [`std::env::current_exe`]), its stdout and stderr on /dev/null, working directory `/`,
+/// mimalloc's arena committed lazily (`MIMALLOC_ARENA_EAGER_COMMIT=0`). Both
 /// pipe ends are close-on-exec in the agent: hand the returned descriptor to the instance (a
 /// `Stdio` dups it) and drop it in the agent once the instance started, so the shim sees EOF
 /// when the instance's processes are gone. The directory of `file` is created (0700) if
@@ -195,6 +196,9 @@ pub fn spawn_shim(
         .arg(file)
         .args(["--max-bytes", &max_bytes.to_string()])
         .args(["--keep", &keep.to_string()])
+        // mimalloc (the agent's allocator) commits its first arena eagerly: 8.4 MB private
+        // per shim instead of 2.7 MB (debug build), once per instance on the node.
+        .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
         .stdin(Stdio::from(read))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
