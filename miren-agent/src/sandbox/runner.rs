@@ -264,10 +264,15 @@ impl Runner {
             if keys.iter().any(|(a, _)| *a == app) {
                 continue;
             }
-            // The app is gone: its logs go once its instances have stopped.
+            // The app is gone: its logs go once its instances have stopped (unless it was
+            // deployed again meanwhile).
             let logs_dir = self.shared.settings.state_dir.join("logs");
+            let control = Arc::clone(&self.shared.control);
             tokio::spawn(async move {
                 let _ = supervisor.task.await;
+                if control.deployed_services().iter().any(|d| d.app == app) {
+                    return;
+                }
                 let removed =
                     tokio::task::spawn_blocking(move || logs::remove_app_logs(&logs_dir, &app))
                         .await;
