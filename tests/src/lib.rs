@@ -2,6 +2,9 @@
 //! and hand-built packets. Everything a test creates lives inside namespaces it created itself
 //! and is removed on drop, also when the test panics.
 
+/// Apps deployed with the CLI for tests whose agent runs instances: deploying, waiting, HTTP
+/// requests, instance namespaces.
+pub mod apps;
 pub mod ingress;
 pub mod packet;
 pub mod process;

@@ -6,8 +6,7 @@
 //! itself (node and client namespaces, XDP), which the new agent adopts.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
         unix::process::CommandExt,
@@ -18,7 +17,8 @@ use std::{
 };
 
 use miren_tests::{
-    ingress::{Backend, BackendMode, HttpResponse, IngressWorld, ok},
+    apps::{self, HttpClient, WEB_PY},
+    ingress::{Backend, BackendMode, IngressWorld, ok},
     process::{AgentProcess, binary},
     topology::Netns,
     world::{NODE_IP, Plane, World, agent_command},
@@ -64,26 +64,18 @@ fn start_agent(world: &IngressWorld, extra: &[&str], log_name: &str) -> AgentPro
 /// One `GET /` for `host` on a fresh connection to `ingress`: the status and body, or why
 /// there was none.
 fn request(ingress: SocketAddr, host: &str) -> Result<(u16, String), String> {
-    let mut stream =
-        TcpStream::connect_timeout(&ingress, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    stream
-        .write_all(
-            format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .map_err(|e| format!("send: {e}"))?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("receive: {e}"))?;
-    match HttpResponse::parse(&raw) {
-        HttpResponse { status: 0, .. } => Err("closed without a response".into()),
-        response => Ok((response.status, response.body)),
+    match HTTP.get(ingress, host, "/") {
+        Ok((0, _)) => Err("closed without a response".into()),
+        Ok(response) => Ok(response),
+        Err(error) => Err(error.to_string()),
     }
 }
 
-/// How long one request of a loop may take.
-const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request of a loop may take: 5 s to connect, 5 s for each read.
+const HTTP: HttpClient = HttpClient {
+    connect_timeout: Some(Duration::from_secs(5)),
+    read_timeout: Duration::from_secs(5),
+};
 
 /// The ingress of [`IngressWorld`].
 fn local_ingress() -> SocketAddr {
@@ -178,20 +170,6 @@ fn upgrade_in_place_loses_no_request() {
     );
 }
 
-/// An HTTP server answering its instance's address.
-const WEB_PY: &str = r#"import os, http.server
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = os.environ["MIREN_ADDR"].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
-"#;
-
 #[test]
 fn upgrade_of_an_agent_running_instances_adopts_them_and_loses_no_request() {
     let world = World::new(0);
@@ -208,16 +186,13 @@ fn upgrade_of_an_agent_running_instances_adopts_them_and_loses_no_request() {
         &http_addr,
     ];
     let mut old = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
-    let app = world.dir().join("web");
-    std::fs::create_dir_all(app.join(".miren")).unwrap();
-    std::fs::write(
-        app.join(".miren/app.toml"),
-        "name = \"web\"\n[services.web]\ncommand = \"exec python3 web.py\"\nport = 8080\n\
-         [services.web.concurrency]\nmode = \"fixed\"\nnum_instances = 1\n",
-    )
-    .unwrap();
-    std::fs::write(app.join("web.py"), WEB_PY).unwrap();
-    ok(&old, &["deploy", app.to_str().unwrap()]);
+    apps::deploy(
+        world.dir(),
+        &old,
+        "web",
+        &apps::web_app_toml("web", "exec python3 web.py"),
+        &[("web.py", WEB_PY)],
+    );
     ok(&old, &["route", "set", "web.test", "web"]);
     let ingress: SocketAddr = http_addr.parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -8,14 +8,17 @@
 use std::{
     io::{Read as _, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use miren_agent::api::types::ErrorBody;
-use miren_tests::process::{AgentProcess, TempDir, binary};
+use miren_tests::{
+    apps::write_app,
+    process::{AgentProcess, TempDir, binary},
+};
 
 /// Starts the agent without sandboxes, loopback listeners and `limits` (agent.toml lines).
 fn start_agent(dir: &Path, limits: &str) -> AgentProcess {
@@ -35,14 +38,6 @@ fn start_agent(dir: &Path, limits: &str) -> AgentProcess {
         .arg("--config")
         .arg(dir.join("agent.toml"));
     AgentProcess::start(command, &socket, &dir.join("agent.log"))
-}
-
-/// Writes `DIR/NAME/.miren/app.toml` and returns the app directory.
-fn app_dir(dir: &Path, name: &str, toml: &str) -> PathBuf {
-    let app = dir.join(name);
-    std::fs::create_dir_all(app.join(".miren")).unwrap();
-    std::fs::write(app.join(".miren/app.toml"), toml).unwrap();
-    app
 }
 
 fn text(out: &[u8]) -> String {
@@ -185,7 +180,7 @@ fn limits_api_inputs_file_modes_and_secrets() {
         "max-instances-per-node = 5\nmax-ports-per-service = 2\n",
     );
     let socket = dir.path().join("agent.sock");
-    let shop = app_dir(dir.path(), "shop", SHOP);
+    let shop = write_app(dir.path(), "shop", SHOP, &[]);
 
     // Secrets: masked in the deploy answer, in `app show` (text and JSON), shown on request.
     let deployed = ok(
@@ -227,7 +222,7 @@ fn limits_api_inputs_file_modes_and_secrets() {
 
     // 10,000 services: refused at once with the limit named; nothing written.
     let before = snapshot(&agent);
-    let big = app_dir(dir.path(), "big", &services(10_000));
+    let big = write_app(dir.path(), "big", &services(10_000), &[]);
     let args = ["deploy", big.to_str().unwrap()];
     // `miren status` keeps answering while the deploy is refused (each call must succeed).
     let done = AtomicBool::new(false);
@@ -277,10 +272,11 @@ fn limits_api_inputs_file_modes_and_secrets() {
     assert!(err.contains("more than the limit of 64 per app"), "{err}");
 
     // A fixed num_instances over the per-service limit.
-    let many = app_dir(
+    let many = write_app(
         dir.path(),
         "many",
         "name = \"many\"\n[services.w]\ncommand = \"x\"\nconcurrency = { num_instances = 65 }\n",
+        &[],
     );
     let args = ["deploy", many.to_str().unwrap()];
     let err = failed(&args, &agent.miren(&args));
@@ -293,10 +289,11 @@ fn limits_api_inputs_file_modes_and_secrets() {
     }
 
     // The node's limit (max-instances-per-node = 5 in agent.toml): shop runs 3.
-    let other = app_dir(
+    let other = write_app(
         dir.path(),
         "other",
         "name = \"other\"\n[services.w]\ncommand = \"x\"\nconcurrency = { num_instances = 3 }\n",
+        &[],
     );
     let args = ["deploy", other.to_str().unwrap()];
     let err = failed(&args, &agent.miren(&args));
@@ -389,10 +386,11 @@ fn limits_api_inputs_file_modes_and_secrets() {
     assert_private(&state);
 
     // `ports edit` cannot publish more node ports per service than the ports limit (2 here).
-    let game = app_dir(
+    let game = write_app(
         dir.path(),
         "game",
         "name = \"game\"\n[services.server]\ncommand = \"x\"\nconcurrency = { mode = \"auto\" }\nports = [{ name = \"game\", port = 27015, type = \"udp\", node_port = 27015 }]\n",
+        &[],
     );
     ok(&agent, &["deploy", game.to_str().unwrap()]);
     let edit = |n: &'static str| {
@@ -427,7 +425,7 @@ fn an_app_over_the_limits_in_the_store_is_skipped_at_start() {
     let dir = TempDir::new("limits-restart");
     let raised = "max-services-per-app = 10000\nmax-instances-per-node = 10000\n";
     let mut agent = start_agent(dir.path(), raised);
-    let big = app_dir(dir.path(), "big", &services(10_000));
+    let big = write_app(dir.path(), "big", &services(10_000), &[]);
     let started = Instant::now();
     ok(&agent, &["deploy", big.to_str().unwrap()]);
     println!(

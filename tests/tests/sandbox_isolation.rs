@@ -9,10 +9,9 @@
 use std::{
     collections::BTreeSet,
     fs::File,
-    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use miren_agent::sandbox::{
@@ -21,6 +20,7 @@ use miren_agent::sandbox::{
     isolation::{Isolation, IsolationSettings, Member},
 };
 use miren_tests::{
+    apps::{self, HttpClient, WEB_PY, kill9_netns, sandbox_netns, wait_until_logging},
     ingress::ok,
     on_both_planes,
     process::AgentProcess,
@@ -37,9 +37,9 @@ const METRICS_PORT: u16 = 9464;
 /// A TCP port the test listens on in the node namespace (like ssh): nothing of the instances.
 const NODE_SERVICE_PORT: u16 = 2222;
 
-/// An HTTP server on `PORT` answering the instance's address, and a UDP echo on 9000
-/// answering `ADDR MESSAGE` and logging `udp MESSAGE`.
-const SERVE_PY: &str = r#"import os, socket, threading, http.server
+/// Put before [`WEB_PY`] (the HTTP server on `PORT` answering the instance's address): a UDP
+/// echo on 9000 answering `ADDR MESSAGE` and logging `udp MESSAGE`.
+const UDP_ECHO_PY: &str = r#"import os, socket, threading
 addr = os.environ["MIREN_ADDR"]
 def echo():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -49,16 +49,6 @@ def echo():
         print("udp", data.decode(errors="replace"), flush=True)
         s.sendto(addr.encode() + b" " + data, peer)
 threading.Thread(target=echo, daemon=True).start()
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = addr.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
 "#;
 
 /// Sends one IPv4/UDP packet from `SRC` to `DST:PORT` carrying `MESSAGE` through a raw
@@ -84,58 +74,22 @@ fn app_toml(name: &str) -> String {
 
 /// Writes app `name` and deploys it.
 fn deploy(world: &World, agent: &AgentProcess, name: &str) {
-    let dir = world.dir().join(name);
-    std::fs::create_dir_all(dir.join(".miren")).unwrap();
-    std::fs::write(dir.join(".miren/app.toml"), app_toml(name)).unwrap();
-    std::fs::write(dir.join("serve.py"), SERVE_PY).unwrap();
-    ok(agent, &["deploy", dir.to_str().unwrap()]);
+    apps::deploy(
+        world.dir(),
+        agent,
+        name,
+        &app_toml(name),
+        &[("serve.py", &format!("{UDP_ECHO_PY}{WEB_PY}"))],
+    );
 }
 
 /// Addresses of `app`'s ready `web` instances on port `port_name`.
 fn endpoints(agent: &AgentProcess, app: &str, port_name: &str) -> Vec<SocketAddr> {
-    let text = ok(agent, &["endpoints", app, "web", "--output", "json"]);
-    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let list = value[0]["endpoints"][port_name]
-        .as_array()
-        .cloned()
-        .or_else(|| value["endpoints"][port_name].as_array().cloned())
-        .unwrap_or_default();
-    list.iter()
-        .filter_map(|v| v.as_str()?.parse().ok())
-        .collect()
+    apps::endpoints(agent, app, "web", port_name)
 }
 
-/// Waits up to 60 s until `check` holds.
-fn wait_until(agent: &AgentProcess, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The namespace of `agent`'s instance with address `ip` (namespaces are `miren-sPIDxN`).
-fn sandbox_netns(agent: &AgentProcess, ip: Ipv4Addr) -> String {
-    let prefix = format!("miren-s{:x}x", agent.pid());
-    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|name| name.starts_with(&prefix))
-        .find(|name| {
-            let addrs = Command::new("ip")
-                .args(["-n", name, "-4", "addr", "show", "eth0"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&addrs.stdout).contains(&format!("inet {ip}/"))
-        })
-        .map(str::to_owned)
-        .unwrap_or_else(|| panic!("no sandbox namespace holds {ip}"))
-}
+/// How long to wait for the agent to get somewhere.
+const WAIT: Duration = Duration::from_secs(60);
 
 /// Runs `f` on a thread inside the network namespace `/run/netns/NETNS`.
 fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
@@ -151,28 +105,11 @@ fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// `GET /` with `host` to `addr` (from the calling thread's namespace): the status and body,
-/// or why it failed. A connection the rules drop fails after 3 s.
-fn http_get(addr: SocketAddr, host: &str) -> Result<(u16, String), std::io::Error> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
+/// `GET /` from the calling thread's namespace: a connection the rules drop fails after 3 s.
+const HTTP: HttpClient = HttpClient {
+    connect_timeout: Some(Duration::from_secs(3)),
+    read_timeout: Duration::from_secs(30),
+};
 
 /// Whether a TCP connection to `addr` opens within 3 s.
 fn tcp_connects(addr: SocketAddr) -> bool {
@@ -261,15 +198,15 @@ fn apps_are_isolated_from_each_other_and_from_the_node(plane: Plane) {
             "web",
         ],
     );
-    wait_until(&agent, "2 ready instances of each app", || {
+    wait_until_logging(&agent, "2 ready instances of each app", WAIT, || {
         ["alpha", "beta"].iter().all(|app| {
             endpoints(&agent, app, "http").len() == 2 && endpoints(&agent, app, "echo").len() == 2
         })
     });
     let alpha = ips(&endpoints(&agent, "alpha", "http"));
     let beta = ips(&endpoints(&agent, "beta", "http"));
-    let alpha_ns = sandbox_netns(&agent, alpha[0]);
-    let beta_ns = sandbox_netns(&agent, beta[0]);
+    let alpha_ns = sandbox_netns(agent.pid(), alpha[0]);
+    let beta_ns = sandbox_netns(agent.pid(), beta[0]);
     let http = |ip: Ipv4Addr| SocketAddr::from((ip, 8080));
     let udp = |ip: Ipv4Addr| SocketAddr::from((ip, 9000));
     let gateway: Ipv4Addr = GATEWAY.parse().unwrap();
@@ -286,7 +223,10 @@ fn apps_are_isolated_from_each_other_and_from_the_node(plane: Plane) {
         .node
         .run(|| {
             for ip in alpha.iter().chain(&beta) {
-                assert_eq!(http_get(http(*ip), "x").unwrap(), (200, ip.to_string()));
+                assert_eq!(
+                    HTTP.get(http(*ip), "x", "/").unwrap(),
+                    (200, ip.to_string())
+                );
                 let reply = udp_exchange(udp(*ip), b"hi", Duration::from_secs(10));
                 assert_eq!(reply, Some(format!("{ip} hi").into_bytes()));
             }
@@ -307,7 +247,7 @@ fn apps_are_isolated_from_each_other_and_from_the_node(plane: Plane) {
     in_netns(&alpha_ns, || {
         // Within the app: TCP and UDP.
         assert_eq!(
-            http_get(http(alpha[1]), "x").unwrap(),
+            HTTP.get(http(alpha[1]), "x", "/").unwrap(),
             (200, alpha[1].to_string())
         );
         let reply = udp_exchange(udp(alpha[1]), b"sibling", Duration::from_secs(10));
@@ -329,7 +269,9 @@ fn apps_are_isolated_from_each_other_and_from_the_node(plane: Plane) {
         )
         .expect("a DNS answer from the bridge address");
         assert_eq!(a_records(&reply), alpha.iter().copied().collect());
-        let (status, body) = http_get((node_ip, 80).into(), "beta.example.com").unwrap();
+        let (status, body) = HTTP
+            .get((node_ip, 80).into(), "beta.example.com", "/")
+            .unwrap();
         assert_eq!(status, 200);
         assert!(beta.iter().any(|ip| body == ip.to_string()), "{body}");
 
@@ -391,7 +333,7 @@ fn apps_are_isolated_from_each_other_and_from_the_node(plane: Plane) {
         })
         .unwrap();
     for app in ["alpha", "beta"] {
-        wait_until(&agent, "the markers in the logs", || {
+        wait_until_logging(&agent, "the markers in the logs", WAIT, || {
             ok(&agent, &["logs", app]).matches("udp marker").count() == 2
         });
         let logs = ok(&agent, &["logs", app]);
@@ -449,7 +391,7 @@ fn assert_reaches_only(from_ns: &str, sibling: Ipv4Addr, others: &[Ipv4Addr]) {
     in_netns(from_ns, || {
         let web = |ip: Ipv4Addr| SocketAddr::from((ip, 8080));
         assert_eq!(
-            http_get(web(sibling), "x").unwrap(),
+            HTTP.get(web(sibling), "x", "/").unwrap(),
             (200, sibling.to_string())
         );
         for ip in others {
@@ -468,11 +410,16 @@ fn adopted_instances_stay_isolated_across_a_kill_9_of_the_agent(plane: Plane) {
             endpoints(agent, app, "http").len() == 2 && endpoints(agent, app, "echo").len() == 2
         })
     };
-    wait_until(&agent, "2 ready instances of each app", || ready(&agent));
+    wait_until_logging(&agent, "2 ready instances of each app", WAIT, || {
+        ready(&agent)
+    });
     let alpha = ips(&endpoints(&agent, "alpha", "http"));
     let beta = ips(&endpoints(&agent, "beta", "http"));
-    let alpha_ns: Vec<String> = alpha.iter().map(|ip| sandbox_netns(&agent, *ip)).collect();
-    let beta_ns = sandbox_netns(&agent, beta[0]);
+    let alpha_ns: Vec<String> = alpha
+        .iter()
+        .map(|ip| sandbox_netns(agent.pid(), *ip))
+        .collect();
+    let beta_ns = sandbox_netns(agent.pid(), beta[0]);
     assert_reaches_only(&alpha_ns[0], alpha[1], &beta);
     let members = world.node.run(app_ids).unwrap();
     assert_eq!(members.len(), 4, "{members:?}");
@@ -484,7 +431,7 @@ fn adopted_instances_stay_isolated_across_a_kill_9_of_the_agent(plane: Plane) {
 
     // The next agent adopts the instances and keeps them members, with their apps.
     let agent = world.start_agent_keeping_instances(plane, &[]);
-    wait_until(&agent, "the adopted endpoints", || {
+    wait_until_logging(&agent, "the adopted endpoints", WAIT, || {
         ips(&endpoints(&agent, "alpha", "http")) == alpha
             && ips(&endpoints(&agent, "beta", "http")) == beta
     });
@@ -493,14 +440,8 @@ fn adopted_instances_stay_isolated_across_a_kill_9_of_the_agent(plane: Plane) {
     assert_reaches_only(&beta_ns, beta[1], &alpha);
 
     // An instance it starts itself joins its app's adopted instances, and no other app.
-    let pids = Command::new("ip")
-        .args(["netns", "pids", &alpha_ns[1]])
-        .output()
-        .unwrap();
-    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-        let _ = Command::new("kill").args(["-9", pid]).status();
-    }
-    wait_until(&agent, "a replacement alpha instance", || {
+    kill9_netns(&alpha_ns[1]);
+    wait_until_logging(&agent, "a replacement alpha instance", WAIT, || {
         let now = ips(&endpoints(&agent, "alpha", "http"));
         now.len() == 2 && now.contains(&alpha[0]) && !now.contains(&alpha[1])
     });
@@ -508,7 +449,7 @@ fn adopted_instances_stay_isolated_across_a_kill_9_of_the_agent(plane: Plane) {
         .iter()
         .find(|ip| **ip != alpha[0])
         .unwrap();
-    let replacement_ns = sandbox_netns(&agent, replacement);
+    let replacement_ns = sandbox_netns(agent.pid(), replacement);
     assert_reaches_only(&alpha_ns[0], replacement, &beta);
     assert_reaches_only(&replacement_ns, alpha[0], &beta);
     assert_reaches_only(&beta_ns, beta[1], &[alpha[0], replacement]);

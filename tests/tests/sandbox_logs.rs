@@ -10,11 +10,12 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use miren_agent::api::types::LogChunk;
 use miren_tests::{
+    apps::{deploy, wait_until},
     ingress::ok,
     process::binary,
     world::{Plane, World},
@@ -56,15 +57,6 @@ command = "exec python3 chatty.py"
 mode = "fixed"
 num_instances = 1
 "#;
-
-/// Waits up to `timeout` until `check` holds.
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// The text after `INSTANCE | ` of every line `miren logs` printed.
 fn texts(output: &str) -> Vec<String> {
@@ -119,15 +111,14 @@ fn logs_rotate_at_the_cap_and_miren_logs_reads_across_the_files() {
     let world = World::new(0);
     let flags = ["--instance-log-max", "1MiB"];
     let agent = world.start_agent_running_sandboxes(Plane::Nft, &flags);
-    let app_dir = world.dir().join("chatty");
-    std::fs::create_dir_all(app_dir.join(".miren")).unwrap();
-    std::fs::write(app_dir.join(".miren/app.toml"), APP).unwrap();
-    std::fs::write(
-        app_dir.join("chatty.py"),
-        CHATTY_PY.replace("TOTAL", &TOTAL.to_string()),
-    )
-    .unwrap();
-    ok(&agent, &["deploy", app_dir.to_str().unwrap()]);
+    let chatty = CHATTY_PY.replace("TOTAL", &TOTAL.to_string());
+    let app_dir = deploy(
+        world.dir(),
+        &agent,
+        "chatty",
+        APP,
+        &[("chatty.py", &chatty)],
+    );
 
     // 50 MB later: at most 3 files of at most 1 MiB each, and the newest just rotated.
     let last = bulk_line(TOTAL - 1);

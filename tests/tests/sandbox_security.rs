@@ -4,72 +4,22 @@
 //! drained before they stop (requests in flight finish, the app's own SIGTERM handler runs).
 //! Real agent, CLI, runc, clients.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
-use miren_agent::api::types::AppDetail;
 use miren_tests::{
+    apps::{HttpClient, WEB_PY, app_detail, deploy, wait_until, web_app_toml},
     ingress::ok,
-    process::AgentProcess,
-    world::{NODE_IP, Plane, World},
+    world::{Plane, World},
 };
 
-/// Writes app `name` (its app.toml and `files`) and deploys it.
-fn deploy(world: &World, agent: &AgentProcess, name: &str, toml: &str, files: &[(&str, &str)]) {
-    let dir = world.dir().join(name);
-    std::fs::create_dir_all(dir.join(".miren")).unwrap();
-    std::fs::write(dir.join(".miren/app.toml"), toml).unwrap();
-    for (file, text) in files {
-        std::fs::write(dir.join(file), text).unwrap();
-    }
-    ok(agent, &["deploy", dir.to_str().unwrap()]);
-}
+/// How long to wait for the agent or an instance to get somewhere.
+const WAIT: Duration = Duration::from_secs(60);
 
-/// Waits up to 60 s until `check` holds.
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn app_detail(agent: &AgentProcess, app: &str) -> AppDetail {
-    serde_json::from_str(&ok(agent, &["app", "show", app, "--output", "json"])).unwrap()
-}
-
-/// GET `path` with `host` from the client through the node's ingress: (status, body).
-fn http_get(world: &World, host: &str, path: &str) -> (u16, String) {
-    let mut stream = world
-        .client
-        .run(|| TcpStream::connect((NODE_IP, 80)))
-        .unwrap()
-        .expect("connect to the ingress");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
+/// Requests to the ingress: a response may take 60 s.
+const HTTP: HttpClient = HttpClient {
+    connect_timeout: None,
+    read_timeout: Duration::from_secs(60),
+};
 
 /// Prints what an instance can see and do, then serves HTTP.
 fn probe_script(state_dir: &Path, other_app: &Path) -> String {
@@ -93,19 +43,6 @@ exec python3 -m http.server "$PORT"
     )
 }
 
-const SERVE_TOML: &str = r#"name = "NAME"
-[services.web]
-command = "COMMAND"
-port = 8080
-[services.web.concurrency]
-mode = "fixed"
-num_instances = 1
-"#;
-
-fn app_toml(name: &str, command: &str) -> String {
-    SERVE_TOML.replace("NAME", name).replace("COMMAND", command)
-}
-
 #[test]
 fn an_instance_is_contained_and_held_by_its_limits() {
     let world = World::new(0);
@@ -115,24 +52,24 @@ fn an_instance_is_contained_and_held_by_its_limits() {
     );
     // Another app with a file the probe must not see.
     deploy(
-        &world,
+        world.dir(),
         &agent,
         "other",
-        &app_toml("other", "exec python3 -m http.server $PORT"),
+        &web_app_toml("other", "exec python3 -m http.server $PORT"),
         &[("secret.txt", "other app's secret\n")],
     );
     let probe = probe_script(&world.dir().join("state"), &world.dir().join("other"));
     deploy(
-        &world,
+        world.dir(),
         &agent,
         "probe",
-        &app_toml("probe", "sh probe.sh"),
+        &web_app_toml("probe", "sh probe.sh"),
         &[("probe.sh", &probe)],
     );
     ok(&agent, &["route", "set", "probe.test", "probe"]);
     ok(&agent, &["route", "set", "other.test", "other"]);
     let mut logs = String::new();
-    wait_until("the probe's report", || {
+    wait_until("the probe's report", WAIT, || {
         logs = ok(&agent, &["logs", "probe"]);
         logs.contains("probe done")
     });
@@ -162,23 +99,23 @@ fn an_instance_is_contained_and_held_by_its_limits() {
     ] {
         assert!(logs.contains(line), "{line}: {logs}");
     }
-    wait_until("the probe serving", || {
-        http_get(&world, "probe.test", "/").0 == 200
+    wait_until("the probe serving", WAIT, || {
+        HTTP.get_via_ingress(&world, "probe.test", "/").0 == 200
     });
 
     // A fork bomb stops at the pids limit; the node and the other app stay responsive.
     deploy(
-        &world,
+        world.dir(),
         &agent,
         "bomb",
-        &app_toml("bomb", "f() { f | f & }; f; sleep 1000"),
+        &web_app_toml("bomb", "f() { f | f & }; f; sleep 1000"),
         &[],
     );
     // This agent's containers are `<agent pid in hex>x<n>`; the bomb's is the one whose forks
     // were refused at the limit.
     let prefix = format!("{:x}x", agent.pid());
     let mut refused = 0;
-    wait_until("forks refused at the pids limit", || {
+    wait_until("forks refused at the pids limit", WAIT, || {
         refused = std::fs::read_dir("/sys/fs/cgroup/pids/miren")
             .unwrap()
             .flatten()
@@ -198,18 +135,18 @@ fn an_instance_is_contained_and_held_by_its_limits() {
         refused > 0
     });
     ok(&agent, &["status"]);
-    assert_eq!(http_get(&world, "other.test", "/").0, 200);
+    assert_eq!(HTTP.get_via_ingress(&world, "other.test", "/").0, 200);
     ok(&agent, &["app", "rm", "bomb"]);
 
     // 2 GiB in an instance limited to 128 MiB: OOM-killed, and `miren app show` says so.
     deploy(
-        &world,
+        world.dir(),
         &agent,
         "hog",
-        &app_toml("hog", "python3 -c 'x = bytearray(2 * 1024**3)'"),
+        &web_app_toml("hog", "python3 -c 'x = bytearray(2 * 1024**3)'"),
         &[],
     );
-    wait_until("the OOM kill in app show", || {
+    wait_until("the OOM kill in app show", WAIT, || {
         app_detail(&agent, "hog").services[0]
             .instances
             .as_ref()
@@ -230,14 +167,14 @@ fn exhausting_the_subnet_is_one_status_line_and_sigterm_still_stops_the_agent() 
     let mut agent =
         world.start_agent_running_sandboxes(Plane::Xdp, &["--sandbox-subnet", "10.66.0.0/28"]);
     deploy(
-        &world,
+        world.dir(),
         &agent,
         "many",
-        &app_toml("many", "exec python3 -m http.server $PORT")
+        &web_app_toml("many", "exec python3 -m http.server $PORT")
             .replace("num_instances = 1", "num_instances = 20"),
         &[],
     );
-    wait_until("the subnet exhausted", || {
+    wait_until("the subnet exhausted", WAIT, || {
         app_detail(&agent, "many").services[0]
             .instances
             .as_ref()
@@ -268,26 +205,13 @@ fn exhausting_the_subnet_is_one_status_line_and_sigterm_still_stops_the_agent() 
     );
 }
 
-/// An HTTP server whose `/slow` answers after 3 s and whose SIGTERM handler logs, finishes
-/// and exits.
-const SLOW_PY: &str = r#"import os, signal, sys, time, http.server
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path == "/slow":
-            time.sleep(3)
-        body = os.environ["MIREN_ADDR"].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
+/// Put before [`WEB_PY`] (whose `/slow` answers after 3 s): a SIGTERM handler that logs,
+/// finishes and exits.
+const ON_SIGTERM_PY: &str = r#"import signal, sys
 def on_term(signum, frame):
     print("SIGTERM received; shutting down", flush=True)
     sys.exit(0)
 signal.signal(signal.SIGTERM, on_term)
-print("slow server listening", flush=True)
-http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
 "#;
 
 fn slow_toml(version: &str) -> String {
@@ -312,38 +236,38 @@ fn an_instance_being_replaced_finishes_its_requests_and_gets_sigterm() {
     let world = World::new(0);
     let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
     deploy(
-        &world,
+        world.dir(),
         &agent,
         "slow",
         &slow_toml("1"),
-        &[("slow.py", SLOW_PY)],
+        &[("slow.py", &format!("{ON_SIGTERM_PY}{WEB_PY}"))],
     );
     ok(&agent, &["route", "set", "slow.test", "slow"]);
-    wait_until("the first instance", || {
-        http_get(&world, "slow.test", "/").0 == 200
+    wait_until("the first instance", WAIT, || {
+        HTTP.get_via_ingress(&world, "slow.test", "/").0 == 200
     });
-    let (_, old_addr) = http_get(&world, "slow.test", "/");
+    let (_, old_addr) = HTTP.get_via_ingress(&world, "slow.test", "/");
     let world = std::sync::Arc::new(world);
     let requests: Vec<_> = (0..6)
         .map(|_| {
             let world = std::sync::Arc::clone(&world);
-            std::thread::spawn(move || http_get(&world, "slow.test", "/slow"))
+            std::thread::spawn(move || HTTP.get_via_ingress(&world, "slow.test", "/slow"))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     // A redeploy that changes the instance's environment replaces it: the new one starts,
     // the old one leaves the endpoints and is stopped while its 6 requests are in flight.
-    deploy(&world, &agent, "slow", &slow_toml("2"), &[]);
+    deploy(world.dir(), &agent, "slow", &slow_toml("2"), &[]);
     for request in requests {
         let (status, body) = request.join().unwrap();
         assert_eq!(status, 200, "{body}");
         assert_eq!(body, old_addr, "a request went to the new instance");
     }
-    wait_until("the old instance's SIGTERM handler", || {
+    wait_until("the old instance's SIGTERM handler", WAIT, || {
         ok(&agent, &["logs", "slow"]).contains("SIGTERM received; shutting down")
     });
-    wait_until("the new instance serving", || {
-        let (status, body) = http_get(&world, "slow.test", "/");
+    wait_until("the new instance serving", WAIT, || {
+        let (status, body) = HTTP.get_via_ingress(&world, "slow.test", "/");
         status == 200 && body != old_addr
     });
 }

@@ -5,20 +5,22 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     process::Command,
     time::{Duration, Instant},
 };
 
-use miren_agent::api::types::AppDetail;
 use miren_tests::{
+    apps::{
+        self, HttpClient, WEB_PY, app_detail, endpoints, kill9_netns, netns_pids, sandbox_netns,
+        wait_until, web_app_toml,
+    },
     ingress::ok,
     process::AgentProcess,
     world::{NODE_IP, Plane, World, wait_for_status_ok},
 };
 
-/// A UDP echo server answering `ADDR MESSAGE`, and an HTTP server answering its address.
+/// A UDP echo server answering `ADDR MESSAGE`.
 const ECHO_PY: &str = r#"import os, socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", int(os.environ["PORT"])))
@@ -27,76 +29,15 @@ while True:
     data, peer = s.recvfrom(2048)
     s.sendto(os.environ["MIREN_ADDR"].encode() + b" " + data, peer)
 "#;
-const WEB_PY: &str = r#"import os, http.server
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = os.environ["MIREN_ADDR"].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-print("web listening", flush=True)
-http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
-"#;
 
 /// Writes app `name` (app.toml plus the two scripts) and deploys it.
 fn deploy(world: &World, agent: &AgentProcess, name: &str, toml: &str) {
-    let dir = world.dir().join(name);
-    std::fs::create_dir_all(dir.join(".miren")).unwrap();
-    std::fs::write(dir.join(".miren/app.toml"), toml).unwrap();
-    std::fs::write(dir.join("echo.py"), ECHO_PY).unwrap();
-    std::fs::write(dir.join("web.py"), WEB_PY).unwrap();
-    ok(agent, &["deploy", dir.to_str().unwrap()]);
+    let files = [("echo.py", ECHO_PY), ("web.py", WEB_PY)];
+    apps::deploy(world.dir(), agent, name, toml, &files);
 }
 
-/// Endpoint addresses of `app`'s `service` port `port_name`.
-fn endpoints(agent: &AgentProcess, app: &str, service: &str, port_name: &str) -> Vec<SocketAddr> {
-    let text = ok(agent, &["endpoints", app, service, "--output", "json"]);
-    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let list = value[0]["endpoints"][port_name]
-        .as_array()
-        .cloned()
-        .or_else(|| value["endpoints"][port_name].as_array().cloned())
-        .unwrap_or_default();
-    list.iter()
-        .filter_map(|v| v.as_str()?.parse().ok())
-        .collect()
-}
-
-/// Waits up to 30 s until `check` holds.
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn app_detail(agent: &AgentProcess, app: &str) -> AppDetail {
-    serde_json::from_str(&ok(agent, &["app", "show", app, "--output", "json"])).unwrap()
-}
-
-/// The namespace of the sandbox with address `ip` that the agent with pid `agent_pid` started
-/// (namespaces are `miren-sPIDxN`).
-fn sandbox_netns(agent_pid: u32, ip: &str) -> String {
-    let prefix = format!("miren-s{agent_pid:x}x");
-    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|name| name.starts_with(&prefix))
-        .find(|name| {
-            let addrs = Command::new("ip")
-                .args(["-n", name, "-4", "addr", "show", "eth0"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&addrs.stdout).contains(&format!("inet {ip}/"))
-        })
-        .map(str::to_owned)
-        .unwrap_or_else(|| panic!("no sandbox namespace holds {ip}"))
-}
+/// How long to wait for the agent to get somewhere.
+const WAIT: Duration = Duration::from_secs(30);
 
 /// One UDP round trip through the node port from a fresh client socket: (reply source, the
 /// instance address that answered).
@@ -126,34 +67,11 @@ fn client_socket(world: &World) -> UdpSocket {
     socket
 }
 
-/// GET / with `host` from the client through the node's ingress: (status, body).
-fn http_get(world: &World, host: &str) -> (u16, String) {
-    let mut stream = world
-        .client
-        .run(|| TcpStream::connect((NODE_IP, 80)))
-        .unwrap()
-        .expect("connect to the ingress");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
+/// Requests to the ingress: a response may take 30 s (an instance starting from zero).
+const HTTP: HttpClient = HttpClient {
+    connect_timeout: None,
+    read_timeout: Duration::from_secs(30),
+};
 
 const GAME: &str = r#"name = "game"
 [services.udp]
@@ -191,7 +109,7 @@ fn deployed_instances_serve_node_port_and_route_and_are_restarted_when_killed() 
             "web",
         ],
     );
-    wait_until("2 udp and 1 web endpoints", || {
+    wait_until("2 udp and 1 web endpoints", WAIT, || {
         endpoints(&agent, "game", "udp", "game").len() == 2
             && endpoints(&agent, "game", "web", "http").len() == 1
     });
@@ -216,21 +134,14 @@ fn deployed_instances_serve_node_port_and_route_and_are_restarted_when_killed() 
     // Route: the web instance answers through the ingress.
     let web = endpoints(&agent, "game", "web", "http")[0];
     assert_eq!(
-        http_get(&world, "game.example.com"),
+        HTTP.get_via_ingress(&world, "game.example.com", "/"),
         (200, web.ip().to_string())
     );
 
     // Kill one udp instance: it is replaced, endpoints follow, traffic continues.
     let victim = udp[0].ip().to_string();
-    let netns = sandbox_netns(agent.pid(), &victim);
-    let pids = Command::new("ip")
-        .args(["netns", "pids", &netns])
-        .output()
-        .unwrap();
-    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-        let _ = Command::new("kill").args(["-9", pid]).status();
-    }
-    wait_until("a restarted instance", || {
+    kill9_netns(&sandbox_netns(agent.pid(), &victim));
+    wait_until("a restarted instance", WAIT, || {
         let now = endpoints(&agent, "game", "udp", "game");
         now.len() == 2
             && !now.contains(&udp[0])
@@ -279,7 +190,7 @@ scale_down_delay = "3s"
     let clients: Vec<_> = (0..20)
         .map(|_| {
             let world = world.clone();
-            std::thread::spawn(move || http_get(&world, "lazy.example.com"))
+            std::thread::spawn(move || HTTP.get_via_ingress(&world, "lazy.example.com", "/"))
         })
         .collect();
     let results: Vec<(u16, String)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
@@ -290,7 +201,7 @@ scale_down_delay = "3s"
     let log = agent.log_text();
     assert_eq!(log.matches("instance started").count(), 1, "{log}");
 
-    wait_until("scale down to zero", || {
+    wait_until("scale down to zero", WAIT, || {
         endpoints(&agent, "lazy", "web", "http").is_empty()
             && app_detail(&agent, "lazy").services[0]
                 .instances
@@ -317,10 +228,9 @@ fn dns_answers_within_the_app_and_not_across_apps() {
         &world,
         &agent,
         "beta",
-        "name = \"beta\"\n[services.web]\ncommand = \"exec python3 web.py\"\nport = 8080\n\
-         [services.web.concurrency]\nmode = \"fixed\"\nnum_instances = 1\n",
+        &web_app_toml("beta", "exec python3 web.py"),
     );
-    wait_until("all endpoints", || {
+    wait_until("all endpoints", WAIT, || {
         endpoints(&agent, "alpha", "web", "http").len() == 1
             && endpoints(&agent, "alpha", "api", "http").len() == 1
             && endpoints(&agent, "beta", "web", "http").len() == 1
@@ -370,7 +280,7 @@ fn redeploy_keeps_established_flows_to_instances_it_does_not_replace() {
     let world = World::new(0);
     let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
     deploy(&world, &agent, "game", GAME);
-    wait_until("2 udp endpoints", || {
+    wait_until("2 udp endpoints", WAIT, || {
         endpoints(&agent, "game", "udp", "game").len() == 2
             && endpoints(&agent, "game", "web", "http").len() == 1
     });
@@ -388,7 +298,7 @@ fn redeploy_keeps_established_flows_to_instances_it_does_not_replace() {
         "command = \"exec python3 web.py\"\nenv = [{ key = \"COLOR\", value = \"blue\" }]",
     );
     deploy(&world, &agent, "game", &changed);
-    wait_until("the web instance replaced", || {
+    wait_until("the web instance replaced", WAIT, || {
         let now = endpoints(&agent, "game", "web", "http");
         now.len() == 1 && now != web_before
     });
@@ -401,15 +311,7 @@ fn redeploy_keeps_established_flows_to_instances_it_does_not_replace() {
 
 /// Pids of the processes in the namespace of the sandbox with address `ip`.
 fn sandbox_pids(agent_pid: u32, ip: &str) -> Vec<String> {
-    let netns = sandbox_netns(agent_pid, ip);
-    let out = Command::new("ip")
-        .args(["netns", "pids", &netns])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
+    netns_pids(&sandbox_netns(agent_pid, ip))
 }
 
 #[test]
@@ -419,7 +321,7 @@ fn a_udp_stream_survives_kill_9_and_a_restart_of_the_agent_with_default_flags() 
     let world = World::new(0);
     let agent = world.start_agent_keeping_instances(Plane::Xdp, &[]);
     deploy(&world, &agent, "game", GAME);
-    wait_until("endpoints", || {
+    wait_until("endpoints", WAIT, || {
         endpoints(&agent, "game", "udp", "game").len() == 2
     });
     wait_for_status_ok(&agent);
@@ -461,7 +363,7 @@ fn a_udp_stream_survives_kill_9_and_a_restart_of_the_agent_with_default_flags() 
     std::thread::sleep(Duration::from_secs(1));
     agent.kill9();
     let agent = world.start_agent_keeping_instances(Plane::Xdp, &[]);
-    wait_until("adopted endpoints", || {
+    wait_until("adopted endpoints", WAIT, || {
         endpoints(&agent, "game", "udp", "game") == before
     });
     sender.join().unwrap();
@@ -495,7 +397,7 @@ fn instances_outlive_a_stopped_agent_and_the_next_one_adopts_them() {
     let world = World::new(0);
     let mut agent = world.start_agent_keeping_instances(Plane::Xdp, &[]);
     deploy(&world, &agent, "game", GAME);
-    wait_until("endpoints", || {
+    wait_until("endpoints", WAIT, || {
         endpoints(&agent, "game", "udp", "game").len() == 2
     });
     wait_for_status_ok(&agent);
@@ -518,7 +420,7 @@ fn instances_outlive_a_stopped_agent_and_the_next_one_adopts_them() {
     assert_eq!(during, first);
 
     let agent = world.start_agent_keeping_instances(Plane::Xdp, &[]);
-    wait_until("adopted endpoints", || {
+    wait_until("adopted endpoints", WAIT, || {
         endpoints(&agent, "game", "udp", "game") == before
     });
     let log = agent.log_text();
@@ -548,7 +450,7 @@ fn instances_outlive_a_stopped_agent_and_the_next_one_adopts_them() {
     drop(agent);
     // An agent with --stop-instances-on-exit takes over and removes everything when it stops.
     let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
-    wait_until("new endpoints", || {
+    wait_until("new endpoints", WAIT, || {
         endpoints(&agent, "game", "udp", "game").len() == 2
     });
     drop(agent);
@@ -567,10 +469,9 @@ fn a_crash_looping_service_shows_in_app_show_with_its_output_in_logs() {
         &world,
         &agent,
         "broken",
-        "name = \"broken\"\n[services.web]\ncommand = \"echo boom; exit 3\"\nport = 8080\n\
-         [services.web.concurrency]\nmode = \"fixed\"\nnum_instances = 1\n",
+        &web_app_toml("broken", "echo boom; exit 3"),
     );
-    wait_until("a crash loop", || {
+    wait_until("a crash loop", WAIT, || {
         app_detail(&agent, "broken").services[0]
             .instances
             .as_ref()
