@@ -21,13 +21,13 @@ use crate::{
 };
 
 /// A Python HTTP server on `PORT` answering every `GET` with its instance's address
-/// (`MIREN_ADDR`), `/slow` after 3 s; prints `web listening` once it is about to serve. Code
+/// (`MIREN_ADDR`), `/slow` after `SLOW_SECONDS` (env, default 3) seconds; prints `web listening` once it is about to serve. Code
 /// put before it (e.g. a signal handler, another server on a thread) runs first.
 pub const WEB_PY: &str = r#"import os, time, http.server
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/slow":
-            time.sleep(3)
+            time.sleep(float(os.environ.get("SLOW_SECONDS", "3")))
         body = os.environ["MIREN_ADDR"].encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))

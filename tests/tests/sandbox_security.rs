@@ -220,6 +220,9 @@ fn slow_toml(version: &str) -> String {
 [[env]]
 key = "VERSION"
 value = "{version}"
+[[env]]
+key = "SLOW_SECONDS"
+value = "15"
 [services.web]
 command = "python3 slow.py"
 port = 8080
@@ -258,16 +261,33 @@ fn an_instance_being_replaced_finishes_its_requests_and_gets_sigterm() {
     // A redeploy that changes the instance's environment replaces it: the new one starts,
     // the old one leaves the endpoints and is stopped while its 6 requests are in flight.
     deploy(world.dir(), &agent, "slow", &slow_toml("2"), &[]);
+    wait_until("the new instance serving", WAIT, || {
+        let (status, body) = HTTP.get_via_ingress(&world, "slow.test", "/");
+        status == 200 && body != old_addr
+    });
+    if requests.iter().any(|r| r.is_finished()) {
+        let ended: Vec<_> = requests
+            .into_iter()
+            .filter(|r| r.is_finished())
+            .map(|r| r.join().unwrap())
+            .collect();
+        panic!(
+            "slow requests ended before the old instance was replaced: {ended:?}\n{}",
+            agent.log_text()
+        );
+    }
     for request in requests {
         let (status, body) = request.join().unwrap();
-        assert_eq!(status, 200, "{body}");
+        assert_eq!(status, 200, "{body}\n{}", ok(&agent, &["logs", "slow"]));
         assert_eq!(body, old_addr, "a request went to the new instance");
     }
     wait_until("the old instance's SIGTERM handler", WAIT, || {
         ok(&agent, &["logs", "slow"]).contains("SIGTERM received; shutting down")
     });
-    wait_until("the new instance serving", WAIT, || {
-        let (status, body) = HTTP.get_via_ingress(&world, "slow.test", "/");
-        status == 200 && body != old_addr
-    });
+    eprintln!(
+        "DEBUG done at {:?}\n{}\n{}",
+        std::time::SystemTime::now(),
+        ok(&agent, &["logs", "slow", "-t"]),
+        agent.log_text()
+    );
 }

@@ -43,6 +43,9 @@ pub struct ServiceUpstreams {
     pub backends: Vec<Backend>,
     /// Requests in flight to this service (shared across snapshots).
     pub in_flight: Arc<AtomicUsize>,
+    /// Requests in flight to each backend's address, in the order of `backends` (shared with
+    /// [`LoadTracker`], which an instance being stopped drains).
+    backend_in_flight: Vec<Arc<AtomicUsize>>,
     next: AtomicUsize,
 }
 
@@ -73,13 +76,6 @@ impl LoadTracker {
     fn backend_counter(&self, ip: IpAddr) -> Arc<AtomicUsize> {
         let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(backends.entry(ip).or_default())
-    }
-
-    /// Counts one request sent to the backend at `ip` until the guard is dropped.
-    pub fn to_backend(&self, ip: IpAddr) -> InFlight {
-        let counter = self.backend_counter(ip);
-        counter.fetch_add(1, Ordering::Relaxed);
-        InFlight(counter)
     }
 
     /// Requests in flight to the backend at `ip` now.
@@ -117,7 +113,7 @@ pub struct Backend {
 }
 
 impl ServiceUpstreams {
-    fn new(app: &str, service: &str, addrs: &[SocketAddr], in_flight: Arc<AtomicUsize>) -> Self {
+    fn new(app: &str, service: &str, addrs: &[SocketAddr], load: &LoadTracker) -> Self {
         let backends = addrs
             .iter()
             .map(|&addr| Backend {
@@ -129,9 +125,21 @@ impl ServiceUpstreams {
             app: app.to_owned(),
             service: service.to_owned(),
             backends,
-            in_flight,
+            in_flight: load.counter(app, service),
+            backend_in_flight: addrs
+                .iter()
+                .map(|addr| load.backend_counter(addr.ip()))
+                .collect(),
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// Counts one request sent to the backend at `addr` until the guard is dropped.
+    pub fn count_to(&self, addr: SocketAddr) -> Option<InFlight> {
+        let slot = self.backends.iter().position(|b| b.addr == addr)?;
+        let counter = Arc::clone(&self.backend_in_flight[slot]);
+        counter.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(counter))
     }
 
     /// True when the backends are exactly `addrs`, in order.
@@ -201,7 +209,7 @@ impl RoutingSnapshot {
                         &record.app,
                         &record.service,
                         &route.endpoints,
-                        load.counter(&record.app, &record.service),
+                        load,
                     )),
                 })
                 .clone();
@@ -259,11 +267,6 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// The in-flight request counters.
-    pub fn load(&self) -> &LoadTracker {
-        &self.load
-    }
-
     /// An empty routing state counting requests in `load`; call [`Routing::refresh`] or
     /// [`Routing::follow`] to fill it.
     pub fn new(default_timeout: Duration, load: Arc<LoadTracker>) -> Self {
@@ -392,6 +395,23 @@ mod tests {
     }
 
     #[test]
+    fn requests_are_counted_per_backend_address_until_they_end() {
+        let load = LoadTracker::default();
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let upstreams = ServiceUpstreams::new("shop", "web", &[a, b], &load);
+        let first = upstreams.count_to(a).unwrap();
+        let second = upstreams.count_to(a).unwrap();
+        assert_eq!(load.in_flight_to(a.ip()), 2);
+        assert_eq!(load.in_flight_to(b.ip()), 0);
+        assert!(upstreams.count_to("10.0.0.9:80".parse().unwrap()).is_none());
+        drop(first);
+        assert_eq!(load.in_flight_to(a.ip()), 1);
+        drop(second);
+        assert_eq!(load.in_flight_to(a.ip()), 0);
+    }
+
+    #[test]
     fn pick_rotates_and_avoids_a_failed_backend() {
         let upstreams = ServiceUpstreams::new(
             "a",
@@ -401,7 +421,7 @@ mod tests {
                 "10.0.0.2:80".parse().unwrap(),
                 "10.0.0.3:80".parse().unwrap(),
             ],
-            Arc::default(),
+            &LoadTracker::default(),
         );
         let picked: Vec<_> = (0..6)
             .map(|_| upstreams.pick(None).unwrap().addr.to_string())
@@ -421,17 +441,17 @@ mod tests {
         for _ in 0..6 {
             assert_ne!(upstreams.pick(Some(failed)).unwrap().addr, failed);
         }
-        let single = ServiceUpstreams::new("a", "web", &[failed], Arc::default());
+        let single = ServiceUpstreams::new("a", "web", &[failed], &LoadTracker::default());
         assert_eq!(single.pick(Some(failed)).unwrap().addr, failed);
     }
 
     #[test]
     fn pool_keys_differ_per_app_for_the_same_address() {
         let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        let a = ServiceUpstreams::new("a", "web", &[addr], Arc::default());
-        let b = ServiceUpstreams::new("b", "web", &[addr], Arc::default());
+        let a = ServiceUpstreams::new("a", "web", &[addr], &LoadTracker::default());
+        let b = ServiceUpstreams::new("b", "web", &[addr], &LoadTracker::default());
         assert_ne!(a.backends[0].pool_key, b.backends[0].pool_key);
-        let a_again = ServiceUpstreams::new("a", "web", &[addr], Arc::default());
+        let a_again = ServiceUpstreams::new("a", "web", &[addr], &LoadTracker::default());
         assert_eq!(a.backends[0].pool_key, a_again.backends[0].pool_key);
     }
 }

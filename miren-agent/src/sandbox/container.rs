@@ -300,7 +300,36 @@ impl Runtime {
     /// # Errors
     /// [`SandboxError::Runtime`] when runc fails (e.g. the container is gone).
     pub fn signal_all(&self, id: &str, signal: &str) -> Result<(), SandboxError> {
-        self.runc(&["kill", "--all", id, signal])
+        self.runc(&["kill", "--all", id, signal]).map(drop)
+    }
+
+    /// Sends SIGTERM to the app's processes in container `id`: every process but the
+    /// container's first (`tini`, host pid `init`) and the `/bin/sh -c` wrapper tini started.
+    /// Were the wrapper terminated, tini would exit with it and the kernel would SIGKILL the
+    /// whole pid namespace before the app's own SIGTERM handler ran; this way the wrapper
+    /// exits once the app did.
+    ///
+    /// # Errors
+    /// [`SandboxError::Runtime`] when runc cannot list the container's processes.
+    pub fn terminate_app(&self, id: &str, init: u32) -> Result<(), SandboxError> {
+        let listed = self.runc(&["ps", "--format", "json", id])?;
+        let pids: Vec<u32> = serde_json::from_str(&listed).map_err(|e| SandboxError::Runtime {
+            op: format!("listing the processes of container {id}"),
+            detail: format!("runc ps printed {listed:?}: {e}"),
+        })?;
+        for pid in pids {
+            if pid == init || is_wrapper_shell(pid, init) {
+                continue;
+            }
+            if let Ok(raw) = i32::try_from(pid) {
+                // Gone meanwhile (ESRCH) is fine.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(raw),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        Ok(())
     }
 
     /// True when the memory cgroup of container `id` recorded an OOM kill (read it before
@@ -341,11 +370,17 @@ impl Runtime {
         }
     }
 
-    fn runc(&self, args: &[&str]) -> Result<(), SandboxError> {
-        self.runc_with(args, Stdio::null(), Stdio::piped())
+    /// Runs runc with `args`: what it printed on stdout.
+    fn runc(&self, args: &[&str]) -> Result<String, SandboxError> {
+        self.runc_with(args, Stdio::piped(), Stdio::piped())
     }
 
-    fn runc_with(&self, args: &[&str], stdout: Stdio, stderr: Stdio) -> Result<(), SandboxError> {
+    fn runc_with(
+        &self,
+        args: &[&str],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<String, SandboxError> {
         let mut command = Command::new(&self.runc);
         command
             .arg("--root")
@@ -371,7 +406,7 @@ impl Runtime {
             .output()
             .map_err(|e| failed(format!("could not run {}: {e}", self.runc.display())))?;
         if out.status.success() {
-            return Ok(());
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
         }
         let mut detail = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         if detail.is_empty() {
@@ -391,6 +426,20 @@ fn last_runc_error(log: &Path) -> Option<String> {
         .strip_prefix('"')
         .map_or(msg, |m| m.rsplit_once('"').map_or(m, |(m, _)| m));
     Some(msg.replace("\\\"", "\""))
+}
+
+/// True when `pid` is a child of `init` running `/bin/sh -c …` (the wrapper of the app's
+/// command; an app that was `exec`ed in its place runs something else).
+fn is_wrapper_shell(pid: u32, init: u32) -> bool {
+    let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(") ")?;
+            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+        });
+    parent == Some(init)
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmdline| cmdline.starts_with(b"/bin/sh\0-c\0"))
 }
 
 /// How the container's first process ended, waiting without blocking (polls every 100 ms).

@@ -1,6 +1,6 @@
 //! One running instance: its container (see [`super::container`]), how it ended, and its stop:
-//! SIGTERM to every process of the container (the app's own processes, not only the shell),
-//! SIGKILL after the shutdown timeout, then the container is deleted.
+//! SIGTERM to the app's own processes (not to the shell wrapping its command), SIGKILL to every
+//! process of the container after the shutdown timeout, then the container is deleted.
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -71,10 +71,16 @@ impl Process {
         self.remove(how).await
     }
 
-    /// SIGTERM to every process of the container, SIGKILL to what is left after `timeout`,
-    /// then removes the container.
+    /// SIGTERM to the app's processes ([`Runtime::terminate_app`]), SIGKILL to every process
+    /// of the container when it still runs after `timeout`, then removes the container.
     pub async fn stop(self, timeout: Duration) {
-        self.signal("TERM").await;
+        let (runtime, container, init) =
+            (Arc::clone(&self.runtime), self.container.clone(), self.pid);
+        let sent =
+            tokio::task::spawn_blocking(move || runtime.terminate_app(&container, init)).await;
+        if let Ok(Err(error)) = sent {
+            tracing::debug!(%error, "sending SIGTERM to an instance");
+        }
         let deadline = Instant::now() + timeout;
         let exited = tokio::time::timeout_at(deadline.into(), wait_exit(self.pid)).await;
         if exited.is_err() {
