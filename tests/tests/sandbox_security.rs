@@ -215,6 +215,11 @@ signal.signal(signal.SIGTERM, on_term)
 "#;
 
 fn slow_toml(version: &str) -> String {
+    slow_toml_with(version, 1)
+}
+
+/// The slow app with `instances` fixed instances.
+fn slow_toml_with(version: &str, instances: u32) -> String {
     format!(
         r#"name = "slow"
 [[env]]
@@ -228,7 +233,7 @@ command = "python3 slow.py"
 port = 8080
 [services.web.concurrency]
 mode = "fixed"
-num_instances = 1
+num_instances = {instances}
 shutdown_timeout = "20s"
 "#
     )
@@ -290,4 +295,69 @@ fn an_instance_being_replaced_finishes_its_requests_and_gets_sigterm() {
         ok(&agent, &["logs", "slow", "-t"]),
         agent.log_text()
     );
+}
+
+#[test]
+fn scaling_down_lets_the_stopped_instance_finish_its_requests() {
+    let world = World::new(0);
+    let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
+    let script = format!("{ON_SIGTERM_PY}{WEB_PY}");
+    deploy(
+        world.dir(),
+        &agent,
+        "slow",
+        &slow_toml_with("1", 2),
+        &[("slow.py", &script)],
+    );
+    ok(&agent, &["route", "set", "slow.test", "slow"]);
+    wait_until("two ready instances", WAIT, || {
+        app_detail(&agent, "slow").services[0]
+            .instances
+            .as_ref()
+            .is_some_and(|i| i.ready == 2)
+    });
+    // 12 slow requests, balanced round-robin: 6 to each instance.
+    let world = std::sync::Arc::new(world);
+    let requests: Vec<_> = (0..12)
+        .map(|_| {
+            let world = std::sync::Arc::clone(&world);
+            let request =
+                std::thread::spawn(move || HTTP.get_via_ingress(&world, "slow.test", "/slow"));
+            std::thread::sleep(Duration::from_millis(50));
+            request
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // The same app with one instance: the newest is stopped while its 6 requests run.
+    deploy(
+        world.dir(),
+        &agent,
+        "slow",
+        &slow_toml_with("1", 2).replace("num_instances = 2", "num_instances = 1"),
+        &[],
+    );
+    wait_until("one instance left", WAIT, || {
+        app_detail(&agent, "slow").services[0]
+            .instances
+            .as_ref()
+            .is_some_and(|i| i.ready == 1)
+    });
+    assert!(
+        requests.iter().all(|r| !r.is_finished()),
+        "slow requests ended before the scale-down"
+    );
+    let mut by_instance = std::collections::BTreeMap::<String, usize>::new();
+    for request in requests {
+        let (status, body) = request.join().unwrap();
+        assert_eq!(status, 200, "{body}\n{}", ok(&agent, &["logs", "slow"]));
+        *by_instance.entry(body).or_default() += 1;
+    }
+    assert_eq!(
+        by_instance.values().copied().collect::<Vec<_>>(),
+        [6, 6],
+        "{by_instance:?}"
+    );
+    wait_until("the stopped instance's SIGTERM handler", WAIT, || {
+        ok(&agent, &["logs", "slow"]).contains("SIGTERM received; shutting down")
+    });
 }
