@@ -127,7 +127,10 @@ pub struct Inherited {
 
 impl Inherited {
     /// The sockets systemd passed to this process (none when `LISTEN_PID` is not this
-    /// process). The `LISTEN_*` variables are removed either way, so instances never see them.
+    /// process). The `LISTEN_*` variables stay (changing the environment of a process that
+    /// already runs threads is unsound); children see a `LISTEN_PID` that is not theirs, which
+    /// the protocol says to ignore, and the sockets are close-on-exec. Instances get only the
+    /// environment of their container.
     ///
     /// # Errors
     /// [`ListenerError::Env`] for malformed variables; [`ListenerError::Descriptor`] when a
@@ -135,11 +138,6 @@ impl Inherited {
     pub fn from_systemd() -> Result<Self, ListenerError> {
         let pid = std::env::var("LISTEN_PID").ok();
         let fds = std::env::var("LISTEN_FDS").ok();
-        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-            // SAFETY: the agent calls this first thing at startup, before it starts anything
-            // that reads the environment on another thread (`agent::run`).
-            unsafe { std::env::remove_var(var) };
-        }
         let (Some(pid), Some(fds)) = (pid, fds) else {
             return Ok(Self::default());
         };
