@@ -5,6 +5,8 @@
 /// Apps deployed with the CLI for tests whose agent runs instances: deploying, waiting, HTTP
 /// requests, instance namespaces.
 pub mod apps;
+/// Cluster topologies: node namespaces on one bridge and a real etcd cluster across them.
+pub mod cluster;
 pub mod ingress;
 pub mod packet;
 pub mod process;

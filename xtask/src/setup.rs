@@ -37,6 +37,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "the reverse-proxy baseline of the ingress benchmark",
     ),
     ("wrk", "load generator of the ingress benchmark"),
+    (
+        "etcd-server",
+        "the real etcd (3.4) the cluster-mode tests run, one member per node namespace",
+    ),
+    (
+        "protobuf-compiler",
+        "protoc, which the etcd-client crate's build needs",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
