@@ -11,6 +11,7 @@
 //! (`/v3/kv/put`, `/v3/kv/range`, `/v3/kv/txn` on the client port; keys and values base64),
 //! with [`EtcdCluster::v3`] and the small key-value helpers built on it.
 
+use base64::{Engine as _, prelude::BASE64_STANDARD};
 use std::{
     io::{self, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -650,66 +651,19 @@ fn first_value(range: &Value) -> Result<Option<String>, String> {
         .map_err(|_| format!("value is not UTF-8 in {range}"))
 }
 
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 /// Standard base64 with padding (how the gateway encodes `bytes` fields).
 pub fn base64_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for (k, shift) in [18, 12, 6, 0].into_iter().enumerate() {
-            if k <= chunk.len() {
-                out.push(char::from(BASE64[(n >> shift & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    BASE64_STANDARD.encode(bytes)
 }
 
-/// Decodes standard base64 (padding optional); `None` if `text` is not base64.
+/// Decodes standard base64; `None` if `text` is not base64.
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim_end_matches('=');
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes() {
-        let digit = BASE64.iter().position(|&b| b == c)?;
-        acc = acc << 6 | u32::try_from(digit).ok()?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push(u8::try_from(acc >> bits & 0xff).ok()?);
-        }
-    }
-    Some(out)
+    BASE64_STANDARD.decode(text).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_round_trips() {
-        for (plain, encoded) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("nodeports/udp/7000", "bm9kZXBvcnRzL3VkcC83MDAw"),
-        ] {
-            assert_eq!(base64_encode(plain.as_bytes()), encoded);
-            assert_eq!(base64_decode(encoded).unwrap(), plain.as_bytes());
-        }
-        assert_eq!(base64_decode("Zm9v!"), None);
-    }
 
     #[test]
     fn node_addresses_are_on_the_fabric_subnet() {
