@@ -33,6 +33,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("runc", "the OCI runtime the agent runs every instance in"),
     ("tini", "the first process of every instance's container"),
     (
+        "systemd",
+        "systemd-socket-activate for the socket-activation test",
+    ),
+    (
         "nginx-light",
         "the reverse-proxy baseline of the ingress benchmark",
     ),
