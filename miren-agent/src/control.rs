@@ -434,7 +434,7 @@ impl ControlPlane {
             .clone();
         let desired = self.lock();
         let status = |np: &NodePortRecord| match &report {
-            Some(report) => report.port_status(&np.key(), desired.revision),
+            Some(report) => report.port_status(&NodePortKey::from(np), desired.revision),
             None => "pending: no node-port data plane is running".to_owned(),
         };
         if let Some(app) = app {
@@ -690,7 +690,7 @@ impl ControlPlane {
                         SocketAddr::V6(_) => None,
                     })
                     .collect();
-                (np.key(), endpoints)
+                (NodePortKey::from(np), endpoints)
             })
             .collect();
         let snapshot = crate::dataplane::Snapshot {

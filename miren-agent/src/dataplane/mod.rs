@@ -27,6 +27,16 @@ pub struct NodePortKey {
     pub protocol: Protocol,
 }
 
+impl From<&crate::store::NodePortRecord> for NodePortKey {
+    /// The (port, protocol) the data planes match for a published node port.
+    fn from(record: &crate::store::NodePortRecord) -> Self {
+        Self {
+            port: record.node_port,
+            protocol: record.protocol,
+        }
+    }
+}
+
 impl std::fmt::Display for NodePortKey {
     /// `7000/udp`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -48,16 +48,6 @@ pub struct NodePortRecord {
     pub port_name: String,
 }
 
-impl NodePortRecord {
-    /// The (port, protocol) the data planes match.
-    pub fn key(&self) -> crate::dataplane::NodePortKey {
-        crate::dataplane::NodePortKey {
-            port: self.node_port,
-            protocol: self.protocol,
-        }
-    }
-}
-
 /// A route: normalized host → app service.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RouteRecord {
