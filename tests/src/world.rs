@@ -321,28 +321,32 @@ impl World {
 }
 
 impl Drop for World {
-    /// Removes the containers agents of this world left running (instances outlive the
-    /// agent by default).
+    /// Removes the instances agents of this world left running (instances outlive the agent
+    /// by default).
     fn drop(&mut self) {
-        remove_containers(&self.dir.path().join("state/sandbox/runc"));
+        remove_instances(&self.dir.path().join("state"));
     }
 }
 
-/// Force-deletes every runc container whose state is under `root`.
-pub fn remove_containers(root: &Path) {
+/// Removes every instance an agent with state dir `state_dir` left running: its runc
+/// container (force-deleted) and its network namespace (`miren-s<container id>`).
+pub fn remove_instances(state_dir: &Path) {
+    let root = state_dir.join("sandbox/runc");
     if !root.exists() {
         return;
     }
     let runc = |args: &[&str]| {
         Command::new("runc")
             .arg("--root")
-            .arg(root)
+            .arg(&root)
             .args(args)
             .output()
     };
     if let Ok(out) = runc(&["list", "--quiet"]) {
         for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             let _ = runc(&["delete", "--force", id]);
+            let netns = format!("{}{id}", miren_agent::sandbox::net::NETNS_PREFIX);
+            let _ = Command::new("ip").args(["netns", "del", &netns]).output();
         }
     }
 }

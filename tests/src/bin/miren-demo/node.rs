@@ -14,7 +14,7 @@ use miren_agent::{cli::Client, sandbox::net::NETNS_PREFIX};
 use miren_tests::{
     process::{AgentProcess, BpfPinDir, TempDir, miren},
     topology::Netns,
-    world::{CLIENT_IP, NODE_IP, agent_command, client_and_node, remove_containers},
+    world::{CLIENT_IP, NODE_IP, agent_command, client_and_node, remove_instances},
 };
 
 use crate::Stop;
@@ -147,7 +147,7 @@ impl DemoNode {
             ),
         }
         let left = remove_leftover_sandboxes(pid);
-        remove_containers(&self.dir.path().join("state/sandbox/runc"));
+        remove_instances(&self.dir.path().join("state"));
         if left > 0 {
             println!("removed {left} sandbox namespace(s) the agent left behind");
         }
