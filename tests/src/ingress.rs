@@ -86,26 +86,38 @@ impl IngressWorld {
 
     /// Starts the agent in the namespace (no node-port data plane) with `extra` flags.
     pub fn start_agent(&self, extra: &[&str]) -> AgentProcess {
-        let socket = self.dir.path().join("agent.sock");
         let mut command: Command = self.ns.command(binary("miren-agent").to_str().unwrap());
-        command
-            .args([
-                "run",
-                "--http-addr",
-                "127.0.0.1:80",
-                "--https-addr",
-                "127.0.0.1:443",
-                "--metrics-addr",
-                "127.0.0.1:9464",
-                "--no-sandboxes",
-            ])
-            .args(extra)
-            .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .arg("--api-socket")
-            .arg(&socket);
+        command.args(self.agent_args(extra));
         let log = self.dir.path().join("agent.log");
-        AgentProcess::start(command, &socket, &log)
+        AgentProcess::start(command, &self.api_socket(), &log)
+    }
+
+    /// The arguments of `miren-agent` that [`IngressWorld::start_agent`] runs: loopback
+    /// listeners, no sandboxes, state and API socket in the world's directory, then `extra`.
+    pub fn agent_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "run",
+            "--http-addr",
+            "127.0.0.1:80",
+            "--https-addr",
+            "127.0.0.1:443",
+            "--metrics-addr",
+            "127.0.0.1:9464",
+            "--no-sandboxes",
+            "--state-dir",
+        ]
+        .map(String::from)
+        .into();
+        args.push(self.dir.path().join("state").display().to_string());
+        args.push("--api-socket".into());
+        args.push(self.api_socket().display().to_string());
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    }
+
+    /// The agent's API socket.
+    pub fn api_socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("agent.sock")
     }
 
     /// Deploys app `name` with one http service `web`.

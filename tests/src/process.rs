@@ -32,6 +32,22 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// `miren-agent run` in the caller's namespaces with its state in `dir/state`, its API on
+/// `dir/agent.sock` (also returned) and its settings in `dir/agent.toml`.
+pub fn agent_in_dir(dir: &Path) -> (Command, PathBuf) {
+    let socket = dir.join("agent.sock");
+    let mut command = Command::new(binary("miren-agent"));
+    command
+        .arg("run")
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("--config")
+        .arg(dir.join("agent.toml"));
+    (command, socket)
+}
+
 /// A directory under the system temp dir, removed on drop.
 #[derive(Debug)]
 pub struct TempDir(PathBuf);

@@ -28,37 +28,11 @@ use nix::{
     unistd::Pid,
 };
 
-/// `miren-agent run` with the flags of [`IngressWorld::start_agent`] and `extra`.
-fn agent_args(world: &IngressWorld, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "run",
-        "--http-addr",
-        "127.0.0.1:80",
-        "--https-addr",
-        "127.0.0.1:443",
-        "--metrics-addr",
-        "127.0.0.1:9464",
-        "--no-sandboxes",
-        "--state-dir",
-    ]
-    .map(String::from)
-    .into();
-    args.push(world.dir().join("state").display().to_string());
-    args.push("--api-socket".into());
-    args.push(api_socket(world).display().to_string());
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    args
-}
-
-fn api_socket(world: &IngressWorld) -> std::path::PathBuf {
-    world.dir().join("agent.sock")
-}
-
 /// Starts another agent in the world's namespace with `extra` flags, logging to `log_name`.
 fn start_agent(world: &IngressWorld, extra: &[&str], log_name: &str) -> AgentProcess {
     let mut command: Command = world.ns.command(binary("miren-agent").to_str().unwrap());
-    command.args(agent_args(world, extra));
-    AgentProcess::start(command, &api_socket(world), &world.dir().join(log_name))
+    command.args(world.agent_args(extra));
+    AgentProcess::start(command, &world.api_socket(), &world.dir().join(log_name))
 }
 
 /// One `GET /` for `host` on a fresh connection to `ingress`: the status and body, or why
@@ -165,7 +139,7 @@ fn upgrade_in_place_loses_no_request() {
     world.route(&new, "two.test", "web", &[]);
     assert_eq!(world.get("two.test", "/", &[]).status, 200);
     assert!(
-        api_socket(&world).exists(),
+        world.api_socket().exists(),
         "the old agent removed the handed-over API socket"
     );
 }
@@ -252,7 +226,7 @@ fn upgrade_of_an_agent_running_instances_adopts_them_and_loses_no_request() {
 #[test]
 fn serves_on_sockets_from_systemd_socket_activation() {
     let world = IngressWorld::new("sockact");
-    let socket = api_socket(&world);
+    let socket = world.api_socket();
     // systemd-socket-activate binds both sockets, waits for a first connection (the test's
     // readiness probe on the API socket), then execs the agent with them as fds 3 and 4.
     let mut command = world.ns.command("systemd-socket-activate");
@@ -260,7 +234,7 @@ fn serves_on_sockets_from_systemd_socket_activation() {
         .args(["-l", "127.0.0.1:80", "-l"])
         .arg(&socket)
         .arg(binary("miren-agent"))
-        .args(agent_args(&world, &[]));
+        .args(world.agent_args(&[]));
     let mut agent = AgentProcess::start(command, &socket, &world.dir().join("agent.log"));
     let backend = Backend::start(&world.ns, "web", BackendMode::Normal);
     world.serve(&agent, "web", &[backend.addr], "app.test", &[]);
@@ -305,7 +279,7 @@ fn start_socket_activated(
             targets.len()
         ))
         .arg(binary("miren-agent"))
-        .args(agent_args(world, &[]));
+        .args(world.agent_args(&[]));
     // SAFETY: only dup2 (async-signal-safe) runs between fork and exec.
     unsafe {
         command.pre_exec(move || {
@@ -317,7 +291,7 @@ fn start_socket_activated(
             Ok(())
         });
     }
-    let agent = AgentProcess::start(command, &api_socket(world), &world.dir().join(log));
+    let agent = AgentProcess::start(command, &world.api_socket(), &world.dir().join(log));
     drop(sources);
     agent
 }
@@ -331,7 +305,7 @@ fn a_restart_with_sockets_kept_by_the_service_manager_refuses_nothing() {
         .run(|| std::net::TcpListener::bind("127.0.0.1:80"))
         .unwrap()
         .unwrap();
-    let api = std::os::unix::net::UnixListener::bind(api_socket(&world)).unwrap();
+    let api = std::os::unix::net::UnixListener::bind(world.api_socket()).unwrap();
     let sockets = [http.as_fd(), api.as_fd()];
     let mut agent = start_socket_activated(&world, &sockets, "agent.log");
     let backend = Backend::start(&world.ns, "web", BackendMode::Normal);

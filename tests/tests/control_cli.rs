@@ -2,22 +2,13 @@
 //! conflicting node port without changing anything, edit published ports, supply endpoints,
 //! then `kill -9` the agent, restart it, and find everything intact.
 
-use std::{collections::BTreeMap, path::Path, process::Command};
+use std::{collections::BTreeMap, path::Path};
 
 use miren_agent::{api::types::ServiceEndpoints, cli::Client};
-use miren_tests::process::{AgentProcess, TempDir, binary};
+use miren_tests::process::{AgentProcess, TempDir, agent_in_dir};
 
 fn start_agent(dir: &Path) -> AgentProcess {
-    let socket = dir.join("agent.sock");
-    let mut command = Command::new(binary("miren-agent"));
-    command
-        .arg("run")
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--api-socket")
-        .arg(&socket)
-        .arg("--config")
-        .arg(dir.join("agent.toml"));
+    let (command, socket) = agent_in_dir(dir);
     AgentProcess::start(
         command,
         &socket,

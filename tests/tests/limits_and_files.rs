@@ -17,7 +17,7 @@ use std::{
 use miren_agent::api::types::ErrorBody;
 use miren_tests::{
     apps::write_app,
-    process::{AgentProcess, TempDir, binary},
+    process::{AgentProcess, TempDir, agent_in_dir, binary},
 };
 
 /// Starts the agent without sandboxes, loopback listeners and `limits` (agent.toml lines).
@@ -27,16 +27,7 @@ fn start_agent(dir: &Path, limits: &str) -> AgentProcess {
         format!("http-addr = \"127.0.0.1:0\"\nhttps-addr = \"127.0.0.1:0\"\nmetrics-addr = \"127.0.0.1:0\"\nno-sandboxes = true\n{limits}"),
     )
     .unwrap();
-    let socket = dir.join("agent.sock");
-    let mut command = Command::new(binary("miren-agent"));
-    command
-        .arg("run")
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--api-socket")
-        .arg(&socket)
-        .arg("--config")
-        .arg(dir.join("agent.toml"));
+    let (command, socket) = agent_in_dir(dir);
     AgentProcess::start(command, &socket, &dir.join("agent.log"))
 }
 

@@ -315,7 +315,7 @@ impl ProxyHttp for MirenProxy {
         peer.options.read_timeout = timeout;
         peer.options.write_timeout = timeout;
         peer.options.idle_timeout = Some(Duration::from_secs(60));
-        ctx.backend_in_flight = route.upstreams.count_to(backend.addr);
+        ctx.backend_in_flight = route.upstreams.count_to(&backend);
         ctx.backend = Some(backend);
         Ok(Box::new(peer))
     }

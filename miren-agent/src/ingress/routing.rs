@@ -110,15 +110,19 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Pool key: hash of (app, service, address).
     pub pool_key: u64,
+    /// Its place in its service's backends (and in-flight counters).
+    slot: usize,
 }
 
 impl ServiceUpstreams {
     fn new(app: &str, service: &str, addrs: &[SocketAddr], load: &LoadTracker) -> Self {
         let backends = addrs
             .iter()
-            .map(|&addr| Backend {
+            .enumerate()
+            .map(|(slot, &addr)| Backend {
                 addr,
                 pool_key: pool_key(app, service, addr),
+                slot,
             })
             .collect();
         Self {
@@ -134,10 +138,10 @@ impl ServiceUpstreams {
         }
     }
 
-    /// Counts one request sent to the backend at `addr` until the guard is dropped.
-    pub fn count_to(&self, addr: SocketAddr) -> Option<InFlight> {
-        let slot = self.backends.iter().position(|b| b.addr == addr)?;
-        let counter = Arc::clone(&self.backend_in_flight[slot]);
+    /// Counts one request sent to `backend` (one of these upstreams') until the guard is
+    /// dropped.
+    pub fn count_to(&self, backend: &Backend) -> Option<InFlight> {
+        let counter = Arc::clone(self.backend_in_flight.get(backend.slot)?);
         counter.fetch_add(1, Ordering::Relaxed);
         Some(InFlight(counter))
     }
@@ -400,11 +404,11 @@ mod tests {
         let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
         let upstreams = ServiceUpstreams::new("shop", "web", &[a, b], &load);
-        let first = upstreams.count_to(a).unwrap();
-        let second = upstreams.count_to(a).unwrap();
+        let to_a = upstreams.backends[0];
+        let first = upstreams.count_to(&to_a).unwrap();
+        let second = upstreams.count_to(&to_a).unwrap();
         assert_eq!(load.in_flight_to(a.ip()), 2);
         assert_eq!(load.in_flight_to(b.ip()), 0);
-        assert!(upstreams.count_to("10.0.0.9:80".parse().unwrap()).is_none());
         drop(first);
         assert_eq!(load.in_flight_to(a.ip()), 1);
         drop(second);
