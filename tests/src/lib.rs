@@ -7,6 +7,7 @@
 pub mod apps;
 /// Cluster topologies: node namespaces on one bridge and a real etcd cluster across them.
 pub mod cluster;
+pub mod etcd_local;
 pub mod ingress;
 pub mod packet;
 pub mod process;

@@ -49,6 +49,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "protobuf-compiler",
         "protoc, which the etcd-client crate's build needs",
     ),
+    (
+        "libprotobuf-dev",
+        "protobuf's well-known .proto files (google/protobuf/descriptor.proto) the etcd-client build imports",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
