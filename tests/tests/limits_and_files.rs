@@ -121,14 +121,20 @@ fn mode(path: &Path) -> u32 {
 }
 
 /// Every directory under (and including) `dir` is 0700, every regular file 0600, and
-/// nothing else there (sockets) is open to group or others.
+/// nothing else there (sockets) is open to group or others — but the unpacked app code
+/// bundles (`bundles/<sha256>/`), which the instances' users read through their `/app`
+/// mount: only the agent reaches them, through the 0700 `bundles` directory.
 fn assert_private(dir: &Path) {
     assert_eq!(mode(dir), 0o700, "{}", dir.display());
     for entry in std::fs::read_dir(dir).unwrap() {
         let entry = entry.unwrap();
         let path = entry.path();
         let kind = entry.file_type().unwrap();
-        if kind.is_dir() {
+        let bundle_tree =
+            dir.file_name().is_some_and(|name| name == "bundles") && entry.file_name().len() == 64;
+        if kind.is_dir() && bundle_tree {
+            assert_eq!(mode(&path), 0o755, "{}", path.display());
+        } else if kind.is_dir() {
             assert_private(&path);
         } else if kind.is_file() {
             assert_eq!(mode(&path), 0o600, "{}", path.display());

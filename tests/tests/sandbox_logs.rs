@@ -15,7 +15,7 @@ use std::{
 
 use miren_agent::api::types::LogChunk;
 use miren_tests::{
-    apps::{deploy, wait_until},
+    apps::{deploy, netns_pids, wait_until},
     ingress::ok,
     process::binary,
     world::{Plane, World},
@@ -29,9 +29,10 @@ const PER_FILE: usize = (CAP / 140) as usize;
 /// 48 full files and 2 records more (50.3 MB): the last rotation happened 2 lines ago.
 const TOTAL: usize = PER_FILE * 48 + 2;
 
+/// Waits for files the test puts in its private `/tmp` ([`instance_tmp`]).
 const CHATTY_PY: &str = r#"import os, sys, time
 def wait_for(name):
-    while not os.path.exists(name):
+    while not os.path.exists("/tmp/" + name):
         time.sleep(0.05)
 out = sys.stdout
 for i in range(TOTAL):
@@ -91,6 +92,24 @@ fn api_get(socket: &Path, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The private `/tmp` of the only instance of the agent with pid `agent_pid`, as the node
+/// sees it (`/proc/PID/root/tmp` of the instance's first process): the app's code is a
+/// read-only copy, so the test signals the instance with files there.
+fn instance_tmp(agent_pid: u32) -> PathBuf {
+    let prefix = format!("miren-s{agent_pid:x}x");
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    let netns: Vec<&str> = list
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with(&prefix))
+        .collect();
+    assert_eq!(netns.len(), 1, "{list}");
+    let pids = netns_pids(netns[0]);
+    let pid = pids.first().expect("a process of the instance");
+    PathBuf::from(format!("/proc/{pid}/root/tmp"))
+}
+
 /// The app's log files: (path, size, lines).
 fn log_files(dir: &Path) -> Vec<(PathBuf, u64, usize)> {
     let mut files: Vec<(PathBuf, u64, usize)> = std::fs::read_dir(dir)
@@ -112,7 +131,7 @@ fn logs_rotate_at_the_cap_and_miren_logs_reads_across_the_files() {
     let flags = ["--instance-log-max", "1MiB"];
     let agent = world.start_agent_running_sandboxes(Plane::Nft, &flags);
     let chatty = CHATTY_PY.replace("TOTAL", &TOTAL.to_string());
-    let app_dir = deploy(
+    deploy(
         world.dir(),
         &agent,
         "chatty",
@@ -133,6 +152,7 @@ fn logs_rotate_at_the_cap_and_miren_logs_reads_across_the_files() {
         .map(|(path, _, _)| path.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     let instance = names[0].strip_suffix(".log").unwrap().to_owned();
+    let tmp = instance_tmp(agent.pid());
     assert_eq!(
         names,
         [
@@ -170,7 +190,7 @@ fn logs_rotate_at_the_cap_and_miren_logs_reads_across_the_files() {
 
     // --since: the bulk was written more than 4 s before the late line.
     std::thread::sleep(Duration::from_secs(4));
-    std::fs::write(app_dir.join("go-late"), "").unwrap();
+    std::fs::write(tmp.join("go-late"), "").unwrap();
     wait_until("the late line", Duration::from_secs(30), || {
         texts(&ok(&agent, &["logs", "chatty", "--tail", "1"])) == ["late line"]
     });
@@ -232,7 +252,7 @@ fn logs_rotate_at_the_cap_and_miren_logs_reads_across_the_files() {
             .expect("a line from `miren logs -f`")
     };
     assert_eq!(next(&rx), format!("{instance} | late line"));
-    std::fs::write(app_dir.join("go-more"), "").unwrap();
+    std::fs::write(tmp.join("go-more"), "").unwrap();
     for i in 0..10000 {
         assert_eq!(
             next(&rx),
@@ -249,7 +269,7 @@ fn logs_rotate_at_the_cap_and_miren_logs_reads_across_the_files() {
     // The shim is not the agent's: with the agent killed, the instance's lines still reach
     // the file, and the next agent shows them.
     agent.kill9();
-    std::fs::write(app_dir.join("go-alone"), "").unwrap();
+    std::fs::write(tmp.join("go-alone"), "").unwrap();
     let newest = logs_dir.join(format!("{instance}.log"));
     wait_until(
         "the line written without an agent",

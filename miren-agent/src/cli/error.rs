@@ -85,6 +85,10 @@ pub enum CliError {
         /// Why reading failed (not UTF-8 shows as invalid data).
         source: io::Error,
     },
+    /// The app directory cannot be packed into a bundle (too large, a symlink leaving it,
+    /// unreadable files).
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
     /// `miren validate` found problems (already rendered rustc-style).
     #[error("{0}")]
     InvalidConfig(#[from] ConfigError),

@@ -70,7 +70,12 @@ pub fn encode_component(text: &str) -> String {
     out
 }
 
-/// Sends one request to the HTTP server on `socket` and reads the whole response.
+/// A request body: its content type and bytes.
+pub type RequestBody<'a> = (&'a str, &'a [u8]);
+
+/// Sends one request to the HTTP server on `socket` and reads the whole response. A server
+/// that answers before it has read the whole body (e.g. 413 for an upload over its limit)
+/// and closes the connection is still heard: its response is read after the failed write.
 ///
 /// # Errors
 /// [`CliError::Connect`] when the socket cannot be connected, [`CliError::Io`] when the
@@ -80,7 +85,7 @@ pub fn request(
     timeout: Duration,
     method: Method,
     path: &str,
-    body: Option<&[u8]>,
+    body: Option<RequestBody<'_>>,
 ) -> Result<Response, CliError> {
     let mut stream = UnixStream::connect(socket).map_err(|source| CliError::Connect {
         socket: socket.to_owned(),
@@ -92,28 +97,39 @@ pub fn request(
     };
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
-    stream
-        .write_all(&encode_request(method, path, body))
-        .map_err(io_err)?;
-    read_response(&mut stream, socket)
+    let (head, bytes) = match body {
+        Some((content_type, bytes)) => (
+            encode_head(method, path, Some((content_type, bytes.len()))),
+            bytes,
+        ),
+        None => (encode_head(method, path, None), &[][..]),
+    };
+    let sent = stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(bytes));
+    match (sent, read_response(&mut stream, socket)) {
+        (Ok(()), response) | (Err(_), response @ Ok(_)) => response,
+        (Err(source), Err(_)) => Err(io_err(source)),
+    }
 }
 
-/// The bytes of a request: head with `Host`, `Connection: close` and `Content-Length`, then
-/// the body (JSON) if any.
-fn encode_request(method: Method, path: &str, body: Option<&[u8]>) -> Vec<u8> {
-    let body = body.unwrap_or_default();
+/// The head of a request: `Host`, `Connection: close`, `Content-Length` and, with a body
+/// (content type, length), its `Content-Type`.
+fn encode_head(method: Method, path: &str, body: Option<(&str, usize)>) -> String {
     let mut head = format!(
         "{} {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: miren/{}\r\nAccept: application/json\r\nConnection: close\r\n",
         method.as_str(),
         env!("CARGO_PKG_VERSION"),
     );
-    if !body.is_empty() {
-        head.push_str("Content-Type: application/json\r\n");
-    }
-    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    let mut bytes = head.into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
+    let length = match body {
+        Some((content_type, length)) => {
+            head.push_str(&format!("Content-Type: {content_type}\r\n"));
+            length
+        }
+        None => 0,
+    };
+    head.push_str(&format!("Content-Length: {length}\r\n\r\n"));
+    head
 }
 
 /// Reads until a complete response has been parsed or the server closes the connection.
@@ -267,14 +283,12 @@ mod tests {
     }
 
     #[test]
-    fn request_bytes() {
-        let bytes = encode_request(Method::Post, "/v1/apps", Some(b"{}"));
-        let text = String::from_utf8(bytes).expect("utf-8");
+    fn request_heads() {
+        let text = encode_head(Method::Post, "/v1/apps", Some(("application/json", 2)));
         assert!(text.starts_with("POST /v1/apps HTTP/1.1\r\nHost: localhost\r\n"));
         assert!(text.contains("\r\nConnection: close\r\n"));
-        assert!(text.ends_with("Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"));
-        let text =
-            String::from_utf8(encode_request(Method::Get, "/v1/status", None)).expect("utf-8");
+        assert!(text.ends_with("Content-Type: application/json\r\nContent-Length: 2\r\n\r\n"));
+        let text = encode_head(Method::Get, "/v1/status", None);
         assert!(!text.contains("Content-Type"));
         assert!(text.ends_with("Content-Length: 0\r\n\r\n"));
     }

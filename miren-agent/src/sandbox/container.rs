@@ -1,7 +1,7 @@
 //! Instances as OCI containers, run by `runc` (Debian's package): the instance's network
 //! namespace (made by [`super::net`]) plus its own mount, pid, ipc and uts namespaces; a per-app
 //! unprivileged uid, no capabilities, `no_new_privs` and a seccomp filter; the host's `/usr` and
-//! `/etc` read-only, the app's directory read-only at `/app`, a private writable `/tmp`; cgroup
+//! `/etc` read-only, the app's code read-only at `/app`, a private writable `/tmp`; cgroup
 //! limits for memory, pids and CPU; `tini` as the first process, so the app gets its signals.
 //! Containers are started detached, so they outlive the agent;
 //! the agent is the child subreaper of their first process and collects its exit status.
@@ -21,8 +21,10 @@ use super::SandboxError;
 
 /// PATH given to every instance.
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// The app's directory inside the container (its working directory).
+/// The app's code inside the container (its working directory).
 pub const APP_DIR: &str = "/app";
+/// The working directory of an instance without app code (its private, writable `/tmp`).
+const NO_APP_DIR_CWD: &str = "/tmp";
 /// Host directories visible (read-only) in every container; symlinks (merged /usr) are
 /// recreated as symlinks.
 const HOST_DIRS: &[&str] = &[
@@ -71,8 +73,9 @@ pub struct ContainerSpec<'a> {
     pub command: &'a str,
     /// Environment besides PATH and HOME.
     pub env: &'a BTreeMap<String, String>,
-    /// The app's files, mounted read-only at [`APP_DIR`].
-    pub app_dir: &'a Path,
+    /// The app's files (the unpacked code bundle), mounted read-only at [`APP_DIR`]; without
+    /// them there is no [`APP_DIR`].
+    pub app_dir: Option<&'a Path>,
     /// The network namespace to join (`/run/netns/NAME`).
     pub netns_path: PathBuf,
     /// The resolver the instance uses.
@@ -184,7 +187,9 @@ impl Runtime {
             &self.bundle(spec.id).join("resolv.conf"),
             "/etc/resolv.conf",
         ));
-        mounts.push(read_only_bind(spec.app_dir, APP_DIR));
+        if let Some(app_dir) = spec.app_dir {
+            mounts.push(read_only_bind(app_dir, APP_DIR));
+        }
         for dir in PRIVATE_DIRS {
             mounts.push(
                 json!({"destination": dir, "type": "tmpfs", "source": "tmpfs",
@@ -199,7 +204,7 @@ impl Runtime {
                 "user": {"uid": uid, "gid": uid},
                 "args": [self.init.to_string_lossy(), "--", "/bin/sh", "-c", spec.command],
                 "env": env,
-                "cwd": APP_DIR,
+                "cwd": if spec.app_dir.is_some() { APP_DIR } else { NO_APP_DIR_CWD },
                 "capabilities": {"bounding": [], "effective": [], "inheritable": [],
                                  "permitted": [], "ambient": []},
                 "noNewPrivileges": true,
@@ -635,7 +640,7 @@ mod tests {
             hostname: "web-1x2",
             command: "python3 app.py",
             env: &env,
-            app_dir: Path::new("/srv/shop"),
+            app_dir: Some(Path::new("/srv/shop")),
             netns_path: "/run/netns/miren-s1x2".into(),
             nameserver: "10.88.0.1".parse().unwrap(),
             limits: InstanceLimits {
@@ -681,6 +686,16 @@ mod tests {
         let app = mounts.iter().find(|m| m["destination"] == APP_DIR).unwrap();
         assert_eq!(app["source"], json!("/srv/shop"));
         assert!(app["options"].as_array().unwrap().contains(&json!("ro")));
+        assert_eq!(process["cwd"], json!(APP_DIR));
+
+        // Without app code: no /app, and the instance starts in its private /tmp.
+        let config = runtime().config(&ContainerSpec {
+            app_dir: None,
+            ..spec
+        });
+        let mounts = config["mounts"].as_array().unwrap();
+        assert!(!mounts.iter().any(|m| m["destination"] == APP_DIR));
+        assert_eq!(config["process"]["cwd"], json!("/tmp"));
         let tmp = mounts.iter().find(|m| m["destination"] == "/tmp").unwrap();
         assert_eq!(tmp["type"], json!("tmpfs"));
         // Nothing of the host's /var, /run or /root.
