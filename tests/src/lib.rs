@@ -10,6 +10,8 @@ pub mod cluster;
 pub mod etcd_local;
 pub mod ingress;
 pub mod packet;
+/// A real ACME server (Pebble and its DNS) for tests.
+pub mod pebble;
 pub mod process;
 pub mod tls;
 pub mod topology;

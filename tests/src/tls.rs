@@ -4,6 +4,7 @@
 use std::{
     io,
     net::{SocketAddr, TcpStream},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
@@ -23,6 +24,23 @@ pub struct Pem {
     pub cert: String,
     /// The private key, PEM.
     pub key: String,
+}
+
+impl Pem {
+    /// Writes the pair as `NAME.crt` and `NAME.key` in `dir`; returns both paths.
+    ///
+    /// # Panics
+    /// If a file cannot be written.
+    pub fn write(&self, dir: &Path, name: &str) -> (String, String) {
+        let cert = dir.join(format!("{name}.crt"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, &self.cert).expect("write the certificate");
+        std::fs::write(&key, &self.key).expect("write the key");
+        (
+            cert.to_string_lossy().into_owned(),
+            key.to_string_lossy().into_owned(),
+        )
+    }
 }
 
 fn params(names: &[&str]) -> rcgen::CertificateParams {

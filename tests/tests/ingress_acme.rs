@@ -16,22 +16,19 @@
 //! Root is needed for the namespace. A missing pebble binary fails the test with the reason.
 
 use std::{
-    net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
-    process::Stdio,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use miren_agent::api::types::{CertInfo, CertSource};
 use miren_tests::{
+    pebble::Pebble,
     process::{AgentProcess, TempDir, binary},
-    tls::{TestCa, served_leaf},
-    topology::{ChildGuard, Netns},
+    tls::served_leaf,
+    topology::Netns,
 };
 
-const PEBBLE: &str = "/usr/bin/pebble";
-const CHALLTESTSRV: &str = "/usr/bin/pebble-challtestsrv";
-const DIRECTORY: &str = "https://127.0.0.1:14000/dir";
 const ROUTED: &str = "app.example.com";
 const UNROUTED: &str = "other.example.com";
 const HTTPS: &str = "127.0.0.1:443";
@@ -42,8 +39,7 @@ const APP: &str = "name = \"web\"\n\n[services.web]\ncommand = \"./web\"\nport =
 struct AcmeWorld {
     // Field order is drop order: processes before the namespace.
     agent: Option<AgentProcess>,
-    _pebble: ChildGuard,
-    _dns: ChildGuard,
+    pebble: Pebble,
     netns: Netns,
     dir: TempDir,
 }
@@ -51,83 +47,21 @@ struct AcmeWorld {
 impl AcmeWorld {
     /// Starts pebble (with `pebble_env`) and its DNS in a new namespace, then the agent.
     fn new(tag: &str, pebble_env: &[(&str, &str)]) -> Self {
-        for tool in [PEBBLE, CHALLTESTSRV] {
-            assert!(
-                Path::new(tool).is_file(),
-                "{tool} is missing: this test needs the Debian package `pebble` (cargo xtask setup installs it)"
-            );
-        }
         let dir = TempDir::new(tag);
         let netns = Netns::new(tag).expect("create the test namespace (run as root)");
-
-        // Pebble serves its directory over HTTPS with a certificate from a CA made here.
-        let ca = TestCa::new("miren test ACME server CA");
-        let pebble_cert = ca.issue(&["127.0.0.1", "localhost"]);
-        std::fs::write(dir.path().join("acme-ca.pem"), ca.cert_pem()).unwrap();
-        std::fs::write(dir.path().join("pebble.crt"), &pebble_cert.cert).unwrap();
-        std::fs::write(dir.path().join("pebble.key"), &pebble_cert.key).unwrap();
-        let config = serde_json::json!({
-            "pebble": {
-                "listenAddress": "127.0.0.1:14000",
-                "managementListenAddress": "127.0.0.1:15000",
-                "certificate": dir.path().join("pebble.crt"),
-                "privateKey": dir.path().join("pebble.key"),
-                "httpPort": 80,
-                "tlsPort": 5001,
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": false,
-            }
-        });
-        std::fs::write(
-            dir.path().join("pebble.json"),
-            serde_json::to_vec_pretty(&config).unwrap(),
-        )
-        .unwrap();
-
-        let log = |name: &str| {
-            Stdio::from(std::fs::File::create(dir.path().join(name)).expect("create log"))
-        };
-        let mut dns = netns.command(CHALLTESTSRV);
-        dns.args([
-            "-dns01",
-            "127.0.0.1:8053",
-            "-defaultIPv4",
-            "127.0.0.1",
-            "-defaultIPv6",
-            "",
-            "-http01",
-            "",
-            "-https01",
-            "",
-            "-tlsalpn01",
-            "",
-            "-management",
-            "127.0.0.1:8055",
-        ])
-        .stdout(log("challtestsrv.log"))
-        .stderr(log("challtestsrv.err"));
-        let dns = netns.spawn(&mut dns).expect("start pebble-challtestsrv");
-        let mut pebble = netns.command(PEBBLE);
-        pebble
-            .arg("-config")
-            .arg(dir.path().join("pebble.json"))
-            .args(["-dnsserver", "127.0.0.1:8053"])
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .envs(pebble_env.iter().copied())
-            .stdout(log("pebble.log"))
-            .stderr(log("pebble.err"));
-        let pebble = netns.spawn(&mut pebble).expect("start pebble");
-
+        let pebble = Pebble::start(
+            &netns,
+            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::LOCALHOST,
+            dir.path(),
+            pebble_env,
+        );
         let mut world = Self {
             agent: None,
-            _pebble: pebble,
-            _dns: dns,
+            pebble,
             netns,
             dir,
         };
-        world.wait_for_port("127.0.0.1:14000".parse().unwrap(), "pebble");
-        world.wait_for_port("127.0.0.1:8055".parse().unwrap(), "pebble-challtestsrv");
         world.start_agent();
         world
     }
@@ -149,12 +83,12 @@ impl AcmeWorld {
                 "--metrics-addr",
                 "127.0.0.1:9464",
                 "--acme-directory",
-                DIRECTORY,
+                &self.pebble.directory(),
                 "--acme-email",
                 "ops@example.com",
             ])
             .arg("--acme-ca-file")
-            .arg(self.dir.path().join("acme-ca.pem"))
+            .arg(self.pebble.ca_file())
             .env("RUST_LOG", "info");
         self.agent = None;
         self.agent = Some(AgentProcess::start(
@@ -170,34 +104,8 @@ impl AcmeWorld {
 
     /// The logs of everything, for failure messages.
     fn logs(&self) -> String {
-        ["agent.log", "pebble.log", "pebble.err", "challtestsrv.err"]
-            .iter()
-            .map(|name| {
-                let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-                format!("--- {name} ---\n{text}")
-            })
-            .collect()
-    }
-
-    fn wait_for_port(&self, addr: SocketAddr, what: &str) {
-        let up = self
-            .netns
-            .run(|| {
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while Instant::now() < deadline {
-                    if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                        return true;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                false
-            })
-            .unwrap();
-        assert!(
-            up,
-            "{what} did not listen on {addr} within 20 s\n{}",
-            self.logs()
-        );
+        let agent = std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();
+        format!("--- agent.log ---\n{agent}{}", self.pebble.logs())
     }
 
     /// Deploys a one-service app and routes ROUTED to it.

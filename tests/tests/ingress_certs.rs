@@ -1,14 +1,15 @@
 //! `miren cert set` and `miren cert list` through the real CLI and agent: a stored certificate
 //! is listed (text and JSON) and survives a `kill -9` restart; a key that does not match its
 //! certificate, or a certificate that does not cover the host, is refused with a message
-//! naming the file, and nothing is stored.
+//! naming the file, and nothing is stored. Certificates live in the agent's store, not in
+//! files; the files an earlier agent left in `<state-dir>/certs` are imported once.
 
 use std::{path::Path, process::Command};
 
 use miren_agent::api::types::{CertInfo, CertSource};
 use miren_tests::{
     process::{AgentProcess, TempDir, binary},
-    tls::{Pem, self_signed},
+    tls::self_signed,
 };
 
 fn start_agent(dir: &Path) -> AgentProcess {
@@ -34,18 +35,6 @@ fn start_agent(dir: &Path) -> AgentProcess {
     AgentProcess::start(command, &socket, &dir.join("agent.log"))
 }
 
-/// Writes `pem` as `NAME.crt` and `NAME.key` in `dir`; returns both paths as strings.
-fn write_pair(dir: &Path, name: &str, pem: &Pem) -> (String, String) {
-    let cert = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
-    std::fs::write(&cert, &pem.cert).unwrap();
-    std::fs::write(&key, &pem.key).unwrap();
-    (
-        cert.to_str().unwrap().to_owned(),
-        key.to_str().unwrap().to_owned(),
-    )
-}
-
 fn run(agent: &AgentProcess, args: &[&str]) -> (bool, String, String) {
     let out = agent.miren(args);
     (
@@ -61,11 +50,12 @@ fn list_json(agent: &AgentProcess) -> Vec<CertInfo> {
     serde_json::from_str(&stdout).unwrap()
 }
 
-/// Files in the agent's certificate directory.
-fn stored_files(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir.join("state/certs"))
+/// The entries of the agent's state directory whose name starts with `prefix`.
+fn state_entries(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("state"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.starts_with(prefix))
         .collect();
     names.sort();
     names
@@ -81,7 +71,7 @@ fn cert_set_list_refuse_and_survive_restart() {
     assert_eq!(stdout, "no certificates\n");
 
     let shop = self_signed(&["shop.example.com", "www.shop.example.com"]);
-    let (cert, key) = write_pair(dir.path(), "shop", &shop);
+    let (cert, key) = shop.write(dir.path(), "shop");
     let (ok, stdout, stderr) = run(
         &agent,
         &[
@@ -118,19 +108,15 @@ fn cert_set_list_refuse_and_survive_restart() {
         "{}",
         listed[0].not_after
     );
-    let files_before = stored_files(dir.path());
     assert_eq!(
-        files_before,
-        [
-            "shop.example.com.crt",
-            "shop.example.com.json",
-            "shop.example.com.key"
-        ]
+        state_entries(dir.path(), "certs"),
+        Vec::<String>::new(),
+        "certificates are kept in the store, not in files"
     );
 
     // A key from another pair: refused, naming the key file; nothing stored.
     let other = self_signed(&["blog.example.com"]);
-    let (other_cert, other_key) = write_pair(dir.path(), "other", &other);
+    let (other_cert, other_key) = other.write(dir.path(), "other");
     let refusals = [
         (
             "blog.example.com",
@@ -165,14 +151,59 @@ fn cert_set_list_refuse_and_survive_restart() {
         assert!(stderr.contains(expected.as_str()), "{stderr}");
     }
     assert_eq!(list_json(&agent), listed, "a refused pair changed the list");
-    assert_eq!(
-        stored_files(dir.path()),
-        files_before,
-        "a refused pair left files"
-    );
 
     // kill -9 and restart: the certificate is loaded again.
     agent.kill9();
     let agent = start_agent(dir.path());
     assert_eq!(list_json(&agent), listed);
+}
+
+#[test]
+fn certificate_files_of_an_earlier_agent_are_imported_once() {
+    let dir = TempDir::new("certs-import");
+    // What an earlier agent left: HOST.crt, HOST.key, HOST.json (source), wildcards as
+    // _wildcard.PARENT.*, and a pair that does not load.
+    let legacy = dir.path().join("state/certs");
+    std::fs::create_dir_all(&legacy).unwrap();
+    let shop = self_signed(&["shop.example.com"]);
+    let wild = self_signed(&["*.example.net"]);
+    for (stem, pem, source) in [
+        ("shop.example.com", &shop, "user"),
+        ("_wildcard.example.net", &wild, "acme"),
+        ("broken.example.org", &shop, "user"),
+    ] {
+        pem.write(&legacy, stem);
+        std::fs::write(
+            legacy.join(format!("{stem}.json")),
+            format!("{{\"source\":\"{source}\"}}"),
+        )
+        .unwrap();
+    }
+
+    let agent = start_agent(dir.path());
+    let listed: Vec<(String, CertSource)> = list_json(&agent)
+        .into_iter()
+        .map(|c| (c.host, c.source))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("*.example.net".to_owned(), CertSource::Acme),
+            ("shop.example.com".to_owned(), CertSource::User),
+        ],
+        "{}",
+        agent.log_text()
+    );
+    let log = agent.log_text();
+    assert!(log.contains("not importing a certificate file"), "{log}");
+    let renamed = state_entries(dir.path(), "certs");
+    assert_eq!(renamed.len(), 1, "{renamed:?}");
+    assert!(renamed[0].starts_with("certs.imported-"), "{renamed:?}");
+
+    // The store is the source of truth now: a restart lists the same and imports nothing.
+    agent.kill9();
+    let agent = start_agent(dir.path());
+    assert_eq!(list_json(&agent).len(), 2);
+    let log = agent.log_text();
+    assert!(!log.contains("imported a certificate file"), "{log}");
 }

@@ -302,7 +302,7 @@ pub enum CertApiError {
 }
 
 impl CertApiError {
-    /// Classifies a [`CertStore::set`] failure, prefixing input errors with the file name.
+    /// Classifies a [`CertStore::put`] failure, prefixing input errors with the file name.
     fn from_set(err: CertError, req: &CertRequest) -> Self {
         let file = match err.part() {
             None => return Self::Store(err),
@@ -320,6 +320,9 @@ impl CertApiError {
 
 impl IntoResponse for CertApiError {
     fn into_response(self) -> Response {
+        if let Self::Store(CertError::Store { source, .. }) = self {
+            return source.into_response();
+        }
         let (status, kind) = match &self {
             Self::Host(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_certificate"),
@@ -596,18 +599,17 @@ async fn set_cert(
     Body(req): Body<CertRequest>,
 ) -> Result<Json<CertInfo>, CertApiError> {
     let host = Host::parse(&host)?;
-    // Validation parses keys and certificates and the store writes files: off the runtime.
-    let store = Arc::clone(&state.certs);
-    let Json(info) = blocking(move || {
-        let result = store.set(
+    // Stored for every node's ingress; served here before the answer.
+    let info = state
+        .certs
+        .put(
             &host,
-            req.cert_pem.as_bytes(),
-            req.key_pem.as_bytes(),
+            req.cert_pem.clone(),
+            req.key_pem.clone(),
             CertSource::User,
-        );
-        result.map_err(|err| CertApiError::from_set(err, &req))
-    })
-    .await?;
+        )
+        .await
+        .map_err(|err| CertApiError::from_set(err, &req))?;
     tracing::info!(host = %info.host, not_after = %info.not_after, "certificate set by the operator");
     Ok(Json(info))
 }

@@ -1,12 +1,18 @@
 //! Automatic certificates: ACME (RFC 8555) HTTP-01 with `instant-acme`.
 //!
-//! [`run`] keeps a certificate for every exact routed host: it orders one when a host has none
-//! or its certificate is close to expiry, publishes the HTTP-01 key authorization in
-//! [`Http01Tokens`] (the ingress answers `GET /.well-known/acme-challenge/TOKEN` on the HTTP
-//! listener from it), and stores the issued chain with [`CertStore::set`] so the next handshake
-//! serves it. Hosts covered by an operator's certificate are left alone; hosts without a route
-//! are never requested; wildcard routes cannot be validated over HTTP-01 and are skipped.
-//! Failures back off per host, 30 s doubling to 1 h.
+//! One node at a time orders: the holder of the `acme` role ([`ControlPlane::lead`], tried
+//! every round, so another node takes over when the holder's lease ends). [`run`] keeps a
+//! certificate for every exact routed host: it orders one when a host has none or its
+//! certificate is close to expiry, publishes the HTTP-01 key authorization in the shared state
+//! ([`ControlPlane::publish_challenge`], under this node's lease) so whichever node's ingress
+//! the ACME server reaches answers `GET /.well-known/acme-challenge/TOKEN`
+//! ([`ControlPlane::challenge`]), and stores the issued chain with [`CertStore::put`] for every
+//! node. Hosts covered by an operator's certificate are left alone; hosts without a route are
+//! never requested; wildcard routes cannot be validated over HTTP-01 and are skipped. Failures
+//! back off per host, 30 s doubling to 1 h.
+//!
+//! The account credentials are kept per node (`<state-dir>/acme/account.json`): a node that
+//! takes the role over uses its own account (created then if it has none).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -14,7 +20,7 @@ use std::{
     io::Write as _,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -26,9 +32,10 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    control::ControlPlane,
+    control::{ControlError, ControlPlane},
     ingress::certs::{CertError, CertSource, CertStore, StoredCert},
     routes::Host,
+    store::records::ACME,
 };
 
 /// Renew when less than this is left (and always with a third of the lifetime left).
@@ -47,52 +54,10 @@ const ORDER_POLL: RetryPolicy = RetryPolicy::new()
 /// The account credentials file in [`AcmeSettings::account_dir`].
 const ACCOUNT_FILE: &str = "account.json";
 
-/// Pending HTTP-01 challenges: token → key authorization. The ingress answers
-/// `GET /.well-known/acme-challenge/TOKEN` on the HTTP listener from this (any Host).
-#[derive(Debug, Default)]
-pub struct Http01Tokens {
-    pending: RwLock<HashMap<String, String>>,
-}
-
-impl Http01Tokens {
-    /// The body to answer for `token`, `None` when no challenge with that token is pending.
-    pub fn key_authorization(&self, token: &str) -> Option<String> {
-        self.pending
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(token)
-            .cloned()
-    }
-
-    /// Publishes `token` until the returned guard is dropped.
-    fn publish(self: &Arc<Self>, token: String, key_authorization: String) -> TokenGuard {
-        self.pending
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(token.clone(), key_authorization);
-        TokenGuard {
-            tokens: Arc::clone(self),
-            token,
-        }
-    }
-}
-
-/// Withdraws a published token when the order is over, whatever its outcome.
-#[derive(Debug)]
-struct TokenGuard {
-    tokens: Arc<Http01Tokens>,
-    token: String,
-}
-
-impl Drop for TokenGuard {
-    fn drop(&mut self) {
-        self.tokens
-            .pending
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&self.token);
-    }
-}
+/// How long a published challenge is given to reach the other nodes' views (they follow the
+/// same store watch as this one, which already has it) before the ACME server is told to
+/// validate: it may ask any node.
+const CHALLENGE_SETTLE: Duration = Duration::from_millis(500);
 
 /// Where and how to get certificates.
 #[derive(Debug, Clone)]
@@ -141,7 +106,7 @@ pub enum AcmeError {
     },
     /// The server did not validate the host.
     #[error(
-        "the ACME server did not validate {host}: {reason}; check that {host} resolves to this node and that port 80 (--http-addr) is reachable from the ACME server"
+        "the ACME server did not validate {host}: {reason}; check that {host} resolves to a node of this cluster and that port 80 (--http-addr) is reachable from the ACME server"
     )]
     Invalid {
         /// The host.
@@ -149,6 +114,9 @@ pub enum AcmeError {
         /// The server's problem details, or the final status.
         reason: String,
     },
+    /// The challenge could not be published in (or withdrawn from) the shared state.
+    #[error("publishing the HTTP-01 challenge in the shared state: {0}")]
+    Challenge(#[from] ControlError),
     /// The issued certificate was refused by the store.
     #[error("storing the issued certificate: {0}")]
     Store(#[from] CertError),
@@ -173,88 +141,68 @@ struct Backoff {
     delay: Duration,
 }
 
-/// Runs until `shutdown` turns true: for every routed host ([`ControlPlane::routes`], exact
-/// hosts only — HTTP-01 cannot issue wildcards; logged once per wildcard route) without a
-/// valid certificate or close to expiry (30 days, or a third of the lifetime for short-lived
-/// certificates), orders one, answers HTTP-01 through `tokens`, and stores it via
-/// [`CertStore::set`] with [`CertSource::Acme`]. Re-checks on every control revision
-/// ([`ControlPlane::subscribe`]) and hourly. Failures per host back off exponentially (30 s
-/// doubling to 1 h) and are logged with the reason; hosts without a route are never
-/// requested; operator-provided certificates are never replaced.
+/// Runs until `shutdown` turns true. Each round it takes the `acme` role if free
+/// ([`ControlPlane::lead`]); a node that does not hold it orders nothing. The holder, for
+/// every routed host ([`ControlPlane::routes`], exact hosts only — HTTP-01 cannot issue
+/// wildcards; logged once per wildcard route) without a valid certificate or close to expiry
+/// (30 days, or a third of the lifetime for short-lived certificates), orders one, answers
+/// HTTP-01 through the shared state, and stores it via [`CertStore::put`] with
+/// [`CertSource::Acme`]. Rounds run on every control revision ([`ControlPlane::subscribe`],
+/// which includes the role's holder leaving) and hourly. Failures per host back off
+/// exponentially (30 s doubling to 1 h) and are logged with the reason; hosts without a route
+/// are never requested; operator-provided certificates are never replaced.
 pub async fn run(
     settings: AcmeSettings,
     control: Arc<ControlPlane>,
     certs: Arc<CertStore>,
-    tokens: Arc<Http01Tokens>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut revisions = control.subscribe();
-    let Some(account) = connect_account(&settings, &mut shutdown).await else {
-        return;
-    };
-    tracing::info!(directory = %settings.directory, account = account.id(), "ACME account ready");
+    let mut account: Option<Account> = None;
+    let mut holder_logged: Option<String> = None;
     let mut backoff: HashMap<String, Backoff> = HashMap::new();
     let mut wildcards_logged: HashSet<String> = HashSet::new();
     while !*shutdown.borrow() {
         revisions.borrow_and_update();
         let mut wake = Instant::now() + RECHECK;
-        let routed: Vec<String> = control.routes().into_iter().map(|r| r.host).collect();
-        backoff.retain(|host, _| routed.contains(host));
-        wildcards_logged.retain(|host| routed.contains(host));
-        for host in routed {
-            if *shutdown.borrow() {
-                return;
+        match control.lead(ACME).await {
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in_secs = FIRST_BACKOFF.as_secs(), "cannot tell which node orders ACME certificates");
+                wake = Instant::now() + FIRST_BACKOFF;
             }
-            if host.starts_with("*.") {
-                if wildcards_logged.insert(host.clone()) {
-                    tracing::warn!(
-                        host,
-                        "no automatic certificate for a wildcard route: ACME http-01 cannot validate wildcards; set one with `miren cert set`"
-                    );
-                }
-                continue;
+            Ok(false) => {
+                log_holder(&control, false, &mut holder_logged);
+                // A later takeover starts afresh: the account is read again and nothing
+                // waits on failures seen while this node held the role before.
+                account = None;
+                backoff.clear();
             }
-            let due = match certs.covering(&host) {
-                Some(StoredCert {
-                    source: CertSource::User,
-                    ..
-                }) => continue,
-                Some(stored) => renewal_time(&stored),
-                None => SystemTime::now(),
-            };
-            if let Ok(wait) = due.duration_since(SystemTime::now()) {
-                wake = wake.min(Instant::now() + wait);
-                continue;
-            }
-            if let Some(retry) = backoff.get(&host)
-                && retry.next_attempt > Instant::now()
-            {
-                wake = wake.min(retry.next_attempt);
-                continue;
-            }
-            let result = tokio::select! {
-                result = issue(&account, &host, &certs, &tokens) => result,
-                _ = shutdown.wait_for(|stop| *stop) => return,
-            };
-            match result {
-                Ok(not_after) => {
-                    backoff.remove(&host);
-                    tracing::info!(host, %not_after, "ACME certificate issued");
-                }
-                Err(err) => {
-                    let delay = backoff
-                        .get(&host)
-                        .map_or(FIRST_BACKOFF, |b| (b.delay * 2).min(MAX_BACKOFF));
-                    let next_attempt = Instant::now() + delay;
-                    tracing::warn!(host, error = %err, retry_in_secs = delay.as_secs(), "ACME certificate failed");
-                    backoff.insert(
-                        host,
-                        Backoff {
-                            next_attempt,
-                            delay,
-                        },
-                    );
-                    wake = wake.min(next_attempt);
+            Ok(true) => {
+                log_holder(&control, true, &mut holder_logged);
+                let active = match account.take() {
+                    Some(active) => active,
+                    None => {
+                        let Some(connected) = connect_account(&settings, &mut shutdown).await
+                        else {
+                            return;
+                        };
+                        tracing::info!(directory = %settings.directory, account = connected.id(), "ACME account ready");
+                        connected
+                    }
+                };
+                let next = order_due(
+                    &active,
+                    &control,
+                    &certs,
+                    &mut backoff,
+                    &mut wildcards_logged,
+                    &mut shutdown,
+                )
+                .await;
+                account = Some(active);
+                match next {
+                    Some(next) => wake = wake.min(next),
+                    None => return,
                 }
             }
         }
@@ -264,6 +212,100 @@ pub async fn run(
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
+}
+
+/// Logs which node holds the `acme` role when that changed since `logged`.
+fn log_holder(control: &ControlPlane, leading: bool, logged: &mut Option<String>) {
+    let holder = control.holder(ACME);
+    if holder.is_none() || *logged == holder {
+        return;
+    }
+    if leading {
+        tracing::info!(
+            node = holder.as_deref(),
+            "this node orders the cluster's ACME certificates (acme role)"
+        );
+    } else {
+        tracing::info!(
+            node = holder.as_deref(),
+            "another node orders the cluster's ACME certificates (acme role)"
+        );
+    }
+    *logged = holder;
+}
+
+/// One round of the role's holder: orders what is due; returns when to look again, `None` on
+/// shutdown.
+async fn order_due(
+    account: &Account,
+    control: &Arc<ControlPlane>,
+    certs: &CertStore,
+    backoff: &mut HashMap<String, Backoff>,
+    wildcards_logged: &mut HashSet<String>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Instant> {
+    let mut wake = Instant::now() + RECHECK;
+    let routed: Vec<String> = control.routes().into_iter().map(|r| r.host).collect();
+    backoff.retain(|host, _| routed.contains(host));
+    wildcards_logged.retain(|host| routed.contains(host));
+    for host in routed {
+        if *shutdown.borrow() {
+            return None;
+        }
+        if host.starts_with("*.") {
+            if wildcards_logged.insert(host.clone()) {
+                tracing::warn!(
+                    host,
+                    "no automatic certificate for a wildcard route: ACME http-01 cannot validate wildcards; set one with `miren cert set`"
+                );
+            }
+            continue;
+        }
+        let due = match certs.covering(&host) {
+            Some(StoredCert {
+                source: CertSource::User,
+                ..
+            }) => continue,
+            Some(stored) => renewal_time(&stored),
+            None => SystemTime::now(),
+        };
+        if let Ok(wait) = due.duration_since(SystemTime::now()) {
+            wake = wake.min(Instant::now() + wait);
+            continue;
+        }
+        if let Some(retry) = backoff.get(&host)
+            && retry.next_attempt > Instant::now()
+        {
+            wake = wake.min(retry.next_attempt);
+            continue;
+        }
+        let result = tokio::select! {
+            result = issue(account, &host, control, certs) => result,
+            _ = shutdown.wait_for(|stop| *stop) => return None,
+        };
+        match result {
+            Ok(not_after) => {
+                backoff.remove(&host);
+                tracing::info!(host, %not_after, "ACME certificate issued");
+            }
+            Err(err) => {
+                let delay = backoff
+                    .get(&host)
+                    .map_or(FIRST_BACKOFF, |b| (b.delay * 2).min(MAX_BACKOFF));
+                let next_attempt = Instant::now() + delay;
+                tracing::warn!(host, error = %err, retry_in_secs = delay.as_secs(), "ACME certificate failed");
+                backoff.insert(
+                    host,
+                    Backoff {
+                        next_attempt,
+                        delay,
+                    },
+                );
+                wake = wake.min(next_attempt);
+            }
+        }
+    }
+    Some(wake)
 }
 
 /// When a certificate should be renewed: 30 days before expiry, or earlier when a third of a
@@ -393,17 +435,39 @@ fn write_account(dir: &Path, path: &Path, stored: &StoredAccount) -> Result<(), 
 async fn issue(
     account: &Account,
     host: &str,
-    certs: &Arc<CertStore>,
-    tokens: &Arc<Http01Tokens>,
+    control: &Arc<ControlPlane>,
+    certs: &CertStore,
 ) -> Result<String, AcmeError> {
     tracing::info!(host, "ordering an ACME certificate");
+    let mut published = Published {
+        control: Arc::clone(control),
+        tokens: Vec::new(),
+    };
+    let ordered = order(account, host, &mut published).await;
+    published.withdraw().await;
+    let (cert_pem, key_pem) = ordered?;
+    let host = Host::parse(host).map_err(|e| AcmeError::Invalid {
+        host: host.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let stored = certs
+        .put(&host, cert_pem, key_pem, CertSource::Acme)
+        .await?;
+    Ok(stored.not_after)
+}
+
+/// Runs the order for `host` up to the issued chain and its key (both PEM), publishing its
+/// challenges in `published`.
+async fn order(
+    account: &Account,
+    host: &str,
+    published: &mut Published,
+) -> Result<(String, String), AcmeError> {
     let identifiers = [Identifier::Dns(host.to_owned())];
     let mut order = account
         .new_order(&NewOrder::new(&identifiers))
         .await
         .map_err(protocol("creating the ACME order"))?;
-    // Published until the order is done, whatever the outcome.
-    let mut published = Vec::new();
     {
         let mut authorizations = order.authorizations();
         while let Some(authorization) = authorizations.next().await {
@@ -425,10 +489,10 @@ async fn issue(
                     .ok_or_else(|| AcmeError::NoHttp01 {
                         host: host.to_owned(),
                     })?;
-            published.push(tokens.publish(
-                challenge.token.clone(),
-                challenge.key_authorization().as_str().to_owned(),
-            ));
+            published
+                .publish(&challenge.token, challenge.key_authorization().as_str())
+                .await?;
+            tokio::time::sleep(CHALLENGE_SETTLE).await;
             challenge
                 .set_ready()
                 .await
@@ -455,23 +519,51 @@ async fn issue(
         .poll_certificate(&ORDER_POLL)
         .await
         .map_err(protocol("downloading the ACME certificate"))?;
-    drop(published);
-    let host = Host::parse(host).map_err(|e| AcmeError::Invalid {
-        host: host.to_owned(),
-        reason: e.to_string(),
-    })?;
-    let certs = Arc::clone(certs);
-    let stored = tokio::task::spawn_blocking(move || {
-        certs.set(
-            &host,
-            cert_pem.as_bytes(),
-            key_pem.as_bytes(),
-            CertSource::Acme,
-        )
-    })
-    .await
-    .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?;
-    Ok(stored.not_after)
+    Ok((cert_pem, key_pem))
+}
+
+/// The challenges an order published in the shared state. [`Published::withdraw`] removes
+/// them when the order is over; an order cut short (shutdown) has them removed by a task
+/// spawned on drop. Either way they also vanish with this node's lease.
+struct Published {
+    control: Arc<ControlPlane>,
+    tokens: Vec<String>,
+}
+
+impl Published {
+    /// Publishes `token` for every node's ingress.
+    async fn publish(&mut self, token: &str, key_authorization: &str) -> Result<(), ControlError> {
+        // Kept before the write: a commit whose answer was lost is withdrawn too.
+        self.tokens.push(token.to_owned());
+        self.control
+            .publish_challenge(token, key_authorization)
+            .await
+    }
+
+    /// Withdraws every published token (a failure is logged: the lease ends it later).
+    async fn withdraw(&mut self) {
+        for token in std::mem::take(&mut self.tokens) {
+            if let Err(err) = self.control.withdraw_challenge(&token).await {
+                tracing::warn!(token, error = %err, "withdrawing an ACME challenge failed");
+            }
+        }
+    }
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        if self.tokens.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut rest = Self {
+            control: Arc::clone(&self.control),
+            tokens: std::mem::take(&mut self.tokens),
+        };
+        runtime.spawn(async move { rest.withdraw().await });
+    }
 }
 
 /// The servers' explanations of failed challenges of an order, if it gave any.
@@ -496,17 +588,59 @@ async fn challenge_problems(order: &mut instant_acme::Order) -> Option<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tokens_are_withdrawn_when_the_order_ends() {
-        let tokens = Arc::new(Http01Tokens::default());
-        let guard = tokens.publish("tok".into(), "tok.thumb".into());
-        assert_eq!(
-            tokens.key_authorization("tok").as_deref(),
-            Some("tok.thumb")
-        );
-        assert_eq!(tokens.key_authorization("other"), None);
-        drop(guard);
-        assert_eq!(tokens.key_authorization("tok"), None);
+    async fn plane(store: &crate::store::SqliteStore, node: &str) -> Arc<ControlPlane> {
+        Arc::new(
+            ControlPlane::open(
+                Arc::new(store.clone()),
+                crate::control::ControlSettings {
+                    validation: crate::config::ValidationContext::default(),
+                    port_range: 20000..=20999,
+                    node: node.into(),
+                    lease_ttl: Duration::from_secs(10),
+                },
+            )
+            .await
+            .unwrap(),
+        )
+    }
+
+    /// Waits up to 5 s for `node` to see `token`'s challenge as `expected`.
+    async fn sees(node: &ControlPlane, token: &str, expected: Option<&str>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while node.challenge(token).as_deref() != expected {
+            assert!(Instant::now() < deadline, "{token}: never {expected:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn challenges_reach_every_node_and_are_withdrawn_when_the_order_ends() {
+        let dir =
+            std::env::temp_dir().join(format!("miren-acme-challenges-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = crate::store::SqliteStore::open(&dir, "n1").unwrap();
+        let (orderer, other) = (plane(&store, "n1").await, plane(&store, "n2").await);
+        let mut published = Published {
+            control: Arc::clone(&orderer),
+            tokens: Vec::new(),
+        };
+        published.publish("tok", "tok.thumb").await.unwrap();
+        sees(&other, "tok", Some("tok.thumb")).await;
+        assert_eq!(other.challenge("other"), None);
+        published.withdraw().await;
+        sees(&other, "tok", None).await;
+
+        // An order cut short: dropping its challenges withdraws them.
+        let mut cut = Published {
+            control: Arc::clone(&orderer),
+            tokens: Vec::new(),
+        };
+        cut.publish("cut", "cut.thumb").await.unwrap();
+        sees(&other, "cut", Some("cut.thumb")).await;
+        drop(cut);
+        sees(&other, "cut", None).await;
+        drop((orderer, other, store));
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,21 +1,25 @@
 //! The certificate store behind the HTTPS listener.
 //!
-//! Certificates are PEM files under the agent's `<state-dir>/certs`: `<host>.crt` (the chain,
-//! leaf first), `<host>.key` (mode 0600) and `<host>.json` (where it came from), wildcards as
-//! `_wildcard.<parent>.*`. [`CertStore::set`] validates a pair completely before anything is
-//! written, writes each file to a temporary name and renames it into place, then swaps the
-//! in-memory table so the next handshake sees the new certificate without a restart.
+//! The certificates are those of the shared state (`certs/HOST` records,
+//! [`ControlPlane::certs`]): one set for the whole cluster, so every node's ingress serves the
+//! same ones. [`CertStore::follow`] rebuilds the SNI table after every change of the state;
+//! a record that does not validate is logged (once) and skipped. [`CertStore::put`] validates
+//! a pair completely before it is stored ([`ControlPlane::put_cert`]) and swaps it in on this
+//! node before it returns, so the next handshake here sees it.
 //!
 //! [`CertStore::resolver`] picks a certificate by SNI on every handshake: the exact host, then
 //! the one-label wildcard `*.parent`, then a self-signed fallback generated at
 //! [`CertStore::open`], so clients with an unknown or missing SNI still complete the handshake
 //! and get the ingress's 404. A lookup is one atomic load and at most two hash lookups.
+//!
+//! Agents before the shared state kept certificates as files in `<state-dir>/certs`
+//! (`HOST.crt`, `HOST.key`, `HOST.json` with the source; wildcards as `_wildcard.PARENT.*`).
+//! [`CertStore::open`] imports those the store lacks once, then renames the directory to
+//! `certs.imported-UNIXTIME`; files are no longer read or written after that.
 
 use std::{
-    fmt,
-    fs::{self, OpenOptions},
-    io::Write as _,
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    collections::BTreeMap,
+    fmt, fs,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -29,8 +33,13 @@ use rustls::{
     sign::CertifiedKey,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use crate::routes::{Host, RouteTable};
+use crate::{
+    control::{ControlError, ControlPlane},
+    routes::{Host, RouteTable},
+    store::records::CertRecord,
+};
 
 /// The name in the self-signed certificate served for unknown SNI.
 const FALLBACK_NAME: &str = "unknown-host.miren.invalid";
@@ -45,12 +54,26 @@ pub enum CertSource {
     Acme,
 }
 
-impl fmt::Display for CertSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl CertSource {
+    /// The name stored in [`CertRecord::source`].
+    pub fn as_str(self) -> &'static str {
+        match self {
             Self::User => "user",
             Self::Acme => "acme",
-        })
+        }
+    }
+
+    /// The source named `name` in a [`CertRecord`].
+    fn parse(name: &str) -> Option<Self> {
+        [Self::User, Self::Acme]
+            .into_iter()
+            .find(|source| source.as_str() == name)
+    }
+}
+
+impl fmt::Display for CertSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -67,7 +90,7 @@ pub struct CertInfo {
     pub sans: Vec<String>,
 }
 
-/// Which input of [`CertStore::set`] an error is about.
+/// Which input of [`CertStore::put`] an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CertPart {
     /// The certificate chain PEM.
@@ -79,7 +102,7 @@ pub enum CertPart {
 /// Errors of the certificate store.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
-    /// The certificate directory or a file in it could not be created, read or written.
+    /// A certificate file of an earlier agent could not be read, or its directory renamed.
     #[error("{op} {path}: {source}; check that the agent can write its state directory")]
     Io {
         /// What was being done.
@@ -165,6 +188,24 @@ pub enum CertError {
         /// Its start of validity, RFC 3339.
         not_before: String,
     },
+    /// A stored record names a host that is not a valid route host.
+    #[error("the stored certificate record for {host:?} does not name a valid host ({reason})")]
+    InvalidHost {
+        /// The host as stored.
+        host: String,
+        /// Why it is not a host.
+        reason: String,
+    },
+    /// A stored record names a source other than `user` and `acme`.
+    #[error(
+        "the stored certificate for {host} has an unknown source {source_name:?} (expected user or acme)"
+    )]
+    UnknownSource {
+        /// Host of the certificate.
+        host: String,
+        /// The source as stored.
+        source_name: String,
+    },
     /// An automatic certificate would replace one the operator provided.
     #[error(
         "{host} has a certificate set by the operator; automatic certificates never replace it"
@@ -173,13 +214,22 @@ pub enum CertError {
         /// Host of the certificate.
         host: String,
     },
+    /// The shared state refused or failed to store the certificate.
+    #[error("storing the certificate for {host}: {source}")]
+    Store {
+        /// Host of the certificate.
+        host: String,
+        /// What the control plane said.
+        #[source]
+        source: ControlError,
+    },
     /// The self-signed fallback certificate could not be generated.
     #[error("generating the self-signed fallback certificate: {0}")]
     Fallback(String),
 }
 
 impl CertError {
-    /// Which input of [`CertStore::set`] the error is about, if one: lets callers name the file.
+    /// Which input of [`CertStore::put`] the error is about, if one: lets callers name the file.
     pub fn part(&self) -> Option<CertPart> {
         match self {
             Self::CertificatePem { .. }
@@ -190,7 +240,12 @@ impl CertError {
             Self::KeyPem { .. } | Self::UnsupportedKey { .. } | Self::KeyMismatch { .. } => {
                 Some(CertPart::Key)
             }
-            Self::Io { .. } | Self::UserCertificatePresent { .. } | Self::Fallback(_) => None,
+            Self::Io { .. }
+            | Self::InvalidHost { .. }
+            | Self::UnknownSource { .. }
+            | Self::UserCertificatePresent { .. }
+            | Self::Store { .. }
+            | Self::Fallback(_) => None,
         }
     }
 }
@@ -212,89 +267,124 @@ struct Entry {
     key: Arc<CertifiedKey>,
     info: CertInfo,
     stored: StoredCert,
+    /// The record it was built from: an unchanged record is not parsed again.
+    record: CertRecord,
 }
 
 /// Stored certificates by host (exact, then the one-label wildcard), swapped as a whole on
 /// every change.
 type Table = RouteTable<Arc<Entry>>;
 
-/// The certificate store: stored certificates by host plus the self-signed fallback.
+/// The certificate store: the shared state's certificates by host plus the self-signed
+/// fallback.
 pub struct CertStore {
-    dir: PathBuf,
+    control: Arc<ControlPlane>,
     table: ArcSwap<Table>,
     fallback: Arc<CertifiedKey>,
-    /// Serializes writers so two `set`s of one host cannot interleave their renames.
-    writer: Mutex<()>,
+    /// Held while the table is rebuilt, so an older listing never replaces a newer one; holds
+    /// the records already logged as invalid (by host), so each is logged once.
+    rebuild: Mutex<BTreeMap<String, CertRecord>>,
 }
 
 impl fmt::Debug for CertStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let table = self.table.load();
         f.debug_struct("CertStore")
-            .field("dir", &self.dir)
             .field("certificates", &table.len())
             .finish_non_exhaustive()
     }
 }
 
-/// Stored metadata next to a certificate.
-#[derive(Debug, Serialize, Deserialize)]
+/// The source file next to a certificate of an earlier agent.
+#[derive(Debug, Deserialize)]
 struct Meta {
     source: CertSource,
 }
 
 impl CertStore {
-    /// Loads every stored certificate from `dir` (created if missing, mode 0700; keys written
-    /// 0600) and generates the self-signed fallback. A stored pair that no longer loads is
-    /// skipped with an error logged, so one bad file does not stop the agent.
+    /// Imports the certificate files an earlier agent left in `legacy_dir` (see the module
+    /// documentation), generates the self-signed fallback and loads the shared state's
+    /// certificates. [`CertStore::follow`] keeps them current.
     ///
     /// # Errors
-    /// [`CertError::Io`] when the directory cannot be created or listed,
-    /// [`CertError::Fallback`] when the fallback cannot be generated.
-    pub fn open(dir: &Path) -> Result<Arc<Self>, CertError> {
-        let io = |op| {
-            move |source| CertError::Io {
-                op,
-                path: dir.to_owned(),
-                source,
+    /// [`CertError::Io`] when `legacy_dir` cannot be read or renamed, [`CertError::Store`]
+    /// when an imported certificate cannot be stored (the files are then kept for the next
+    /// start), [`CertError::Fallback`] when the fallback cannot be generated.
+    pub async fn open(
+        legacy_dir: &Path,
+        control: Arc<ControlPlane>,
+    ) -> Result<Arc<Self>, CertError> {
+        import_files(legacy_dir, &control).await?;
+        let store = Arc::new(Self {
+            control,
+            table: ArcSwap::from_pointee(Table::default()),
+            fallback: fallback_certificate()?,
+            rebuild: Mutex::new(BTreeMap::new()),
+        });
+        store.refresh();
+        Ok(store)
+    }
+
+    /// Rebuilds the table after every change of the shared state until `stop` turns true.
+    pub async fn follow(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut revisions = self.control.subscribe();
+        loop {
+            self.refresh();
+            tokio::select! {
+                changed = revisions.changed() => if changed.is_err() { return },
+                _ = stop.wait_for(|stop| *stop) => return,
             }
-        };
-        fs::create_dir_all(dir).map_err(io("creating the certificate directory"))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(io("restricting the certificate directory"))?;
-        let mut table = Table::default();
-        for item in fs::read_dir(dir).map_err(io("listing the certificate directory"))? {
-            let path = item
-                .map_err(io("listing the certificate directory"))?
-                .path();
-            let Some(stem) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".crt"))
-                .filter(|n| !n.starts_with('.'))
-            else {
+        }
+    }
+
+    /// Rebuilds the table from [`ControlPlane::certs`]: unchanged records keep their entry,
+    /// new or changed ones are validated (expired ones are kept, to be listed and renewed), an
+    /// invalid one is logged once and skipped.
+    fn refresh(&self) {
+        let mut rejected = self
+            .rebuild
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let records = self.control.certs();
+        let old = self.table.load();
+        let mut table = Table::with_capacity(records.len());
+        let mut still_rejected = BTreeMap::new();
+        for record in records {
+            if let Some(known) = rejected.remove(&record.host)
+                && known == record
+            {
+                still_rejected.insert(record.host.clone(), record);
                 continue;
+            }
+            let host = match Host::parse(&record.host) {
+                Ok(host) => host,
+                Err(err) => {
+                    let err = CertError::InvalidHost {
+                        host: record.host.clone(),
+                        reason: err.to_string(),
+                    };
+                    tracing::error!(%err, "skipping a stored certificate");
+                    still_rejected.insert(record.host.clone(), record);
+                    continue;
+                }
             };
-            let host = host_of_stem(stem);
-            let Ok(key) = Host::parse(&host) else {
-                tracing::error!(host, "skipping a stored certificate not named after a host");
+            if let Some(entry) = old.get(&host).filter(|entry| entry.record == record) {
+                table.insert(host, Arc::clone(entry));
                 continue;
-            };
-            match load_entry(dir, &host) {
+            }
+            match entry_of(&host, record.clone()) {
                 Ok(entry) => {
-                    table.insert(key, Arc::new(entry));
+                    tracing::debug!(host = %host, source = %entry.info.source, not_after = %entry.info.not_after, "serving a stored certificate");
+                    table.insert(host, Arc::new(entry));
                 }
                 Err(err) => {
-                    tracing::error!(host, %err, "skipping a stored certificate that does not load")
+                    tracing::error!(%err, "skipping a stored certificate that does not load");
+                    still_rejected.insert(record.host.clone(), record);
                 }
             }
         }
-        Ok(Arc::new(Self {
-            dir: dir.to_owned(),
-            table: ArcSwap::from_pointee(table),
-            fallback: fallback_certificate()?,
-            writer: Mutex::new(()),
-        }))
+        *rejected = still_rejected;
+        self.table.store(Arc::new(table));
     }
 
     /// rustls resolver: SNI exact host → `*.parent` wildcard cert → the self-signed fallback
@@ -313,77 +403,58 @@ impl CertStore {
     }
 
     /// Validates the PEM pair (parses, key matches cert, cert covers host incl. wildcard SANs,
-    /// not expired) and stores it atomically (write temp + rename), then swaps it in for the
-    /// next handshake. Nothing changes on error.
+    /// valid now), stores it in the shared state for every node and serves it here before
+    /// returning. Nothing changes on error.
     ///
     /// # Errors
     /// A [`CertError`] saying what is wrong with the pair ([`CertError::part`] tells which
     /// input), [`CertError::UserCertificatePresent`] when an ACME certificate would replace an
-    /// operator's, or [`CertError::Io`] when it cannot be written.
-    pub fn set(
+    /// operator's, or [`CertError::Store`] when the shared state cannot store it.
+    pub async fn put(
         &self,
         host: &Host,
-        cert_pem: &[u8],
-        key_pem: &[u8],
+        cert_pem: String,
+        key_pem: String,
         source: CertSource,
     ) -> Result<CertInfo, CertError> {
-        let key = host;
-        let host = host.as_str();
-        let entry = validate(host, cert_pem, key_pem, source)?;
-        check_validity_now(host, &entry.stored)?;
-        let _writing = self
-            .writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let record = CertRecord {
+            host: host.as_str().to_owned(),
+            cert_pem,
+            key_pem,
+            source: source.as_str().to_owned(),
+        };
+        // Parsing keys and certificates is CPU work: off the runtime.
+        let (record, info) = {
+            let host = host.clone();
+            tokio::task::spawn_blocking(move || {
+                let entry = entry_of(&host, record)?;
+                check_validity_now(host.as_str(), &entry.stored)?;
+                Ok::<_, CertError>((entry.record, entry.info))
+            })
+            .await
+            .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?
+        };
+        // The shared state's record decides (this node's table may skip an invalid one).
         if source == CertSource::Acme
-            && self
-                .table
-                .load()
-                .get(key)
-                .is_some_and(|e| e.info.source == CertSource::User)
+            && self.control.certs().iter().any(|stored| {
+                stored.host == record.host && stored.source == CertSource::User.as_str()
+            })
         {
-            return Err(CertError::UserCertificatePresent {
-                host: host.to_owned(),
-            });
+            return Err(CertError::UserCertificatePresent { host: record.host });
         }
-        let stem = stem_of_host(host);
-        let meta = serde_json::to_vec(&Meta { source }).expect("metadata serializes");
-        let files = [
-            (format!("{stem}.key"), key_pem, 0o600),
-            (format!("{stem}.crt"), cert_pem, 0o644),
-            (format!("{stem}.json"), meta.as_slice(), 0o644),
-        ];
-        let mut temps = Vec::with_capacity(files.len());
-        for (name, bytes, mode) in &files {
-            let temp = self.dir.join(format!(".{name}.tmp"));
-            if let Err(err) = write_file(&temp, bytes, *mode) {
-                for written in temps.iter().chain([&temp]) {
-                    let _ = fs::remove_file(written);
-                }
-                return Err(err);
-            }
-            temps.push(temp);
-        }
-        for (temp, (name, _, _)) in temps.iter().zip(&files) {
-            let path = self.dir.join(name);
-            fs::rename(temp, &path).map_err(|source| CertError::Io {
-                op: "storing",
-                path,
+        self.control
+            .put_cert(record)
+            .await
+            .map_err(|source| CertError::Store {
+                host: info.host.clone(),
                 source,
             })?;
-        }
-        if let Ok(dir) = fs::File::open(&self.dir) {
-            let _ = dir.sync_all();
-        }
-        let info = entry.info.clone();
-        let mut table = Table::clone(&self.table.load());
-        table.insert(key.clone(), Arc::new(entry));
-        self.table.store(Arc::new(table));
-        tracing::info!(host, %source, not_after = %info.not_after, "certificate stored");
+        self.refresh();
+        tracing::info!(host = %info.host, %source, not_after = %info.not_after, "certificate stored");
         Ok(info)
     }
 
-    /// Every stored certificate, sorted by host.
+    /// Every stored certificate that validates, sorted by host.
     pub fn list(&self) -> Vec<CertInfo> {
         let table = self.table.load();
         let mut all: Vec<CertInfo> = table.iter().map(|(_, entry)| entry.info.clone()).collect();
@@ -413,40 +484,128 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// `*.example.com` ↔ `_wildcard.example.com` (a `*` in a file name invites shell accidents).
-fn stem_of_host(host: &str) -> String {
-    match host.strip_prefix("*.") {
-        Some(parent) => format!("_wildcard.{parent}"),
-        None => host.to_owned(),
+/// Imports the certificates of an earlier agent's `dir` that the shared state lacks (source
+/// kept; a pair that does not load is logged and left out), then renames `dir` to
+/// `<dir>.imported-UNIXTIME` so it is imported once. Nothing to do when `dir` does not exist.
+async fn import_files(dir: &Path, control: &ControlPlane) -> Result<(), CertError> {
+    let io = |op, path: &Path| {
+        let path = path.to_owned();
+        move |source| CertError::Io { op, path, source }
+    };
+    let items = match fs::read_dir(dir) {
+        Ok(items) => items,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(io("listing the certificate directory", dir)(err)),
+    };
+    let stored: Vec<String> = control.certs().into_iter().map(|c| c.host).collect();
+    for item in items {
+        let path = item
+            .map_err(io("listing the certificate directory", dir))?
+            .path();
+        let Some(stem) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".crt"))
+            .filter(|n| !n.starts_with('.'))
+        else {
+            continue;
+        };
+        let name = match stem.strip_prefix("_wildcard.") {
+            Some(parent) => format!("*.{parent}"),
+            None => stem.to_owned(),
+        };
+        let Ok(host) = Host::parse(&name) else {
+            tracing::error!(file = %path.display(), "not importing a certificate file not named after a host");
+            continue;
+        };
+        if stored.iter().any(|h| h == host.as_str()) {
+            tracing::info!(host = %host, "not importing the certificate file: the shared state has one");
+            continue;
+        }
+        let record = match read_files(dir, stem, &host) {
+            Ok(record) => record,
+            Err(err) => {
+                tracing::error!(file = %path.display(), %err, "not importing a certificate file that does not load");
+                continue;
+            }
+        };
+        let source = record.source.clone();
+        control
+            .put_cert(record)
+            .await
+            .map_err(|source| CertError::Store {
+                host: host.as_str().to_owned(),
+                source,
+            })?;
+        tracing::info!(host = %host, source, "imported a certificate file into the shared state");
     }
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    // A name not taken yet (an earlier import in the same second).
+    let imported = (0..)
+        .map(|n| {
+            let mut name = dir.as_os_str().to_owned();
+            name.push(format!(".imported-{unix}"));
+            if n > 0 {
+                name.push(format!("-{n}"));
+            }
+            PathBuf::from(name)
+        })
+        .find(|path| !path.exists())
+        .expect("an unused name");
+    fs::rename(dir, &imported).map_err(io("renaming the imported certificate directory", dir))?;
+    tracing::info!(
+        from = %dir.display(),
+        to = %imported.display(),
+        "certificate files imported; the shared state holds the certificates now (the old files may be deleted)"
+    );
+    Ok(())
 }
 
-fn host_of_stem(stem: &str) -> String {
-    match stem.strip_prefix("_wildcard.") {
-        Some(parent) => format!("*.{parent}"),
-        None => stem.to_owned(),
-    }
-}
-
-/// Reads and validates the stored files of `host` (expired certificates are loaded too so
-/// they can be listed and renewed).
-fn load_entry(dir: &Path, host: &str) -> Result<Entry, CertError> {
-    let stem = stem_of_host(host);
+/// The record of an earlier agent's files `STEM.crt`, `STEM.key`, `STEM.json` (no JSON:
+/// `user`), validated (expired ones included).
+fn read_files(dir: &Path, stem: &str, host: &Host) -> Result<CertRecord, CertError> {
     let read = |ext: &str| {
         let path = dir.join(format!("{stem}.{ext}"));
-        fs::read(&path).map_err(|source| CertError::Io {
+        fs::read_to_string(&path).map_err(|source| CertError::Io {
             op: "reading",
             path,
             source,
         })
     };
-    let source = match read("json") {
-        Ok(bytes) => serde_json::from_slice::<Meta>(&bytes)
-            .map(|m| m.source)
-            .unwrap_or(CertSource::User),
-        Err(_) => CertSource::User,
+    let source = read("json")
+        .ok()
+        .and_then(|json| serde_json::from_str::<Meta>(&json).ok())
+        .map_or(CertSource::User, |meta| meta.source);
+    let record = CertRecord {
+        host: host.as_str().to_owned(),
+        cert_pem: read("crt")?,
+        key_pem: read("key")?,
+        source: source.as_str().to_owned(),
     };
-    validate(host, &read("crt")?, &read("key")?, source)
+    Ok(entry_of(host, record)?.record)
+}
+
+/// Validates a stored record for `host` (everything but the validity period).
+fn entry_of(host: &Host, record: CertRecord) -> Result<Entry, CertError> {
+    let source = CertSource::parse(&record.source).ok_or_else(|| CertError::UnknownSource {
+        host: record.host.clone(),
+        source_name: record.source.clone(),
+    })?;
+    let (key, info, stored) = validate(
+        host.as_str(),
+        record.cert_pem.as_bytes(),
+        record.key_pem.as_bytes(),
+        source,
+    )?;
+    Ok(Entry {
+        key,
+        info,
+        stored,
+        record,
+    })
 }
 
 /// Parses and checks a PEM pair for `host` (everything but the validity period).
@@ -455,7 +614,7 @@ fn validate(
     cert_pem: &[u8],
     key_pem: &[u8],
     source: CertSource,
-) -> Result<Entry, CertError> {
+) -> Result<(Arc<CertifiedKey>, CertInfo, StoredCert), CertError> {
     let owned = || host.to_owned();
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
@@ -503,15 +662,12 @@ fn validate(
         not_after: rfc3339(leaf.not_after),
         sans: leaf.sans,
     };
-    Ok(Entry {
-        key: Arc::new(certified),
-        info,
-        stored: StoredCert {
-            source,
-            not_before: leaf.not_before,
-            not_after: leaf.not_after,
-        },
-    })
+    let stored = StoredCert {
+        source,
+        not_before: leaf.not_before,
+        not_after: leaf.not_after,
+    };
+    Ok((Arc::new(certified), info, stored))
 }
 
 /// Refuses a certificate outside its validity period.
@@ -607,23 +763,6 @@ pub(crate) fn rfc3339(at: SystemTime) -> String {
         .unwrap_or_else(|| format!("@{unix}"))
 }
 
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertError> {
-    let io = |source| CertError::Io {
-        op: "writing",
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)
-}
-
 /// A fresh self-signed certificate for clients whose SNI matches nothing.
 fn fallback_certificate() -> Result<Arc<CertifiedKey>, CertError> {
     let generated = rcgen::generate_simple_self_signed(vec![FALLBACK_NAME.to_owned()])
@@ -639,6 +778,11 @@ fn fallback_certificate() -> Result<Arc<CertifiedKey>, CertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        config::ValidationContext,
+        control::ControlSettings,
+        store::{SqliteStore, Store},
+    };
 
     /// A self-signed certificate for `names` valid from `from` to `until` (days from now).
     fn generate(names: &[&str], from: i64, until: i64) -> (String, String) {
@@ -668,6 +812,7 @@ mod tests {
                 std::thread::current().id()
             ));
             let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
             Self(dir)
         }
     }
@@ -678,17 +823,54 @@ mod tests {
         }
     }
 
+    /// The shared state of a test: SQLite in `dir/store`.
+    fn sqlite(dir: &TempDir) -> SqliteStore {
+        SqliteStore::open(&dir.0.join("store"), "n1").unwrap()
+    }
+
+    /// The control plane and certificate store of node `node` on `store`; `dir/certs` is the
+    /// earlier agent's directory.
+    async fn node(
+        dir: &TempDir,
+        store: &SqliteStore,
+        node: &str,
+    ) -> (Arc<ControlPlane>, Arc<CertStore>) {
+        let control = Arc::new(
+            ControlPlane::open(
+                Arc::new(store.clone()) as Arc<dyn Store>,
+                ControlSettings {
+                    validation: ValidationContext::default(),
+                    port_range: 20000..=20999,
+                    node: node.into(),
+                    lease_ttl: Duration::from_secs(10),
+                },
+            )
+            .await
+            .unwrap(),
+        );
+        let certs = CertStore::open(&dir.0.join("certs"), Arc::clone(&control))
+            .await
+            .unwrap();
+        (control, certs)
+    }
+
     fn host(name: &str) -> Host {
         Host::parse(name).unwrap()
     }
 
-    fn set(store: &CertStore, name: &str, pair: &(String, String)) -> Result<CertInfo, CertError> {
-        store.set(
-            &host(name),
-            pair.0.as_bytes(),
-            pair.1.as_bytes(),
-            CertSource::User,
-        )
+    async fn set(
+        store: &CertStore,
+        name: &str,
+        pair: &(String, String),
+    ) -> Result<CertInfo, CertError> {
+        store
+            .put(
+                &host(name),
+                pair.0.clone(),
+                pair.1.clone(),
+                CertSource::User,
+            )
+            .await
     }
 
     /// The leaf's first DNS name the store would hand to a client sending `sni`.
@@ -705,12 +887,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn exact_then_wildcard_then_fallback() {
+    #[tokio::test]
+    async fn exact_then_wildcard_then_fallback() {
         let dir = TempDir::new("select");
-        let store = CertStore::open(&dir.0).unwrap();
-        set(&store, "app.example.com", &valid(&["app.example.com"])).unwrap();
-        set(&store, "*.example.com", &valid(&["*.example.com"])).unwrap();
+        let (_control, store) = node(&dir, &sqlite(&dir), "n1").await;
+        set(&store, "app.example.com", &valid(&["app.example.com"]))
+            .await
+            .unwrap();
+        set(&store, "*.example.com", &valid(&["*.example.com"]))
+            .await
+            .unwrap();
         assert_eq!(served(&store, Some("app.example.com")), "app.example.com");
         assert_eq!(served(&store, Some("other.example.com")), "*.example.com");
         // A wildcard covers one label only and never the bare domain.
@@ -725,137 +911,188 @@ mod tests {
         assert_eq!(hosts, ["*.example.com", "app.example.com"]);
     }
 
-    #[test]
-    fn a_wildcard_certificate_covers_an_exact_host() {
+    #[tokio::test]
+    async fn a_wildcard_certificate_covers_an_exact_host() {
         let dir = TempDir::new("wildcard-san");
-        let store = CertStore::open(&dir.0).unwrap();
-        let info = set(&store, "shop.example.org", &valid(&["*.example.org"])).unwrap();
+        let (_control, store) = node(&dir, &sqlite(&dir), "n1").await;
+        let info = set(&store, "shop.example.org", &valid(&["*.example.org"]))
+            .await
+            .unwrap();
         assert_eq!(info.sans, ["*.example.org"]);
         assert_eq!(info.source, CertSource::User);
         assert!(store.has_certificate("shop.example.org"));
         assert!(!store.has_certificate("blog.example.org"));
     }
 
-    #[test]
-    fn invalid_pairs_are_refused_and_change_nothing() {
+    #[tokio::test]
+    async fn invalid_pairs_are_refused_and_change_nothing() {
         let dir = TempDir::new("refuse");
-        let store = CertStore::open(&dir.0).unwrap();
+        let (control, store) = node(&dir, &sqlite(&dir), "n1").await;
         let good = valid(&["a.example.com"]);
         let other = valid(&["a.example.com"]);
-        let err = set(&store, "a.example.com", &(good.0.clone(), other.1)).unwrap_err();
+        let err = set(&store, "a.example.com", &(good.0.clone(), other.1))
+            .await
+            .unwrap_err();
         assert!(matches!(err, CertError::KeyMismatch { .. }), "{err}");
         assert_eq!(err.part(), Some(CertPart::Key));
 
-        let err = set(&store, "b.example.com", &good).unwrap_err();
+        let err = set(&store, "b.example.com", &good).await.unwrap_err();
         assert!(matches!(err, CertError::NotCovered { .. }), "{err}");
         assert!(err.to_string().contains("a.example.com"), "{err}");
-        let err = set(&store, "*.example.com", &valid(&["a.example.com"])).unwrap_err();
+        let err = set(&store, "*.example.com", &valid(&["a.example.com"]))
+            .await
+            .unwrap_err();
         assert!(matches!(err, CertError::NotCovered { .. }), "{err}");
 
-        let err = set(
-            &store,
-            "a.example.com",
-            &generate(&["a.example.com"], -30, -1),
-        )
-        .unwrap_err();
+        let expired = generate(&["a.example.com"], -30, -1);
+        let err = set(&store, "a.example.com", &expired).await.unwrap_err();
         assert!(matches!(err, CertError::Expired { .. }), "{err}");
-        let err = set(
-            &store,
-            "a.example.com",
-            &generate(&["a.example.com"], 2, 30),
-        )
-        .unwrap_err();
+        let early = generate(&["a.example.com"], 2, 30);
+        let err = set(&store, "a.example.com", &early).await.unwrap_err();
         assert!(matches!(err, CertError::NotYetValid { .. }), "{err}");
 
-        let err = set(&store, "a.example.com", &("junk".into(), good.1.clone())).unwrap_err();
+        let err = set(&store, "a.example.com", &("junk".into(), good.1.clone()))
+            .await
+            .unwrap_err();
         assert_eq!(err.part(), Some(CertPart::Certificate), "{err}");
-        let err = set(&store, "a.example.com", &(good.0.clone(), "junk".into())).unwrap_err();
+        let err = set(&store, "a.example.com", &(good.0.clone(), "junk".into()))
+            .await
+            .unwrap_err();
         assert!(matches!(err, CertError::KeyPem { .. }), "{err}");
 
         assert!(store.list().is_empty());
         assert!(!store.has_certificate("a.example.com"));
-        assert_eq!(fs::read_dir(&dir.0).unwrap().count(), 0, "nothing written");
+        assert!(control.certs().is_empty(), "nothing stored");
     }
 
-    #[test]
-    fn acme_never_replaces_a_user_certificate() {
+    #[tokio::test]
+    async fn acme_never_replaces_a_user_certificate() {
         let dir = TempDir::new("acme-user");
-        let store = CertStore::open(&dir.0).unwrap();
+        let (control, store) = node(&dir, &sqlite(&dir), "n1").await;
         let pair = valid(&["a.example.com"]);
-        set(&store, "a.example.com", &pair).unwrap();
+        set(&store, "a.example.com", &pair).await.unwrap();
         let err = store
-            .set(
-                &host("a.example.com"),
-                pair.0.as_bytes(),
-                pair.1.as_bytes(),
-                CertSource::Acme,
-            )
+            .put(&host("a.example.com"), pair.0, pair.1, CertSource::Acme)
+            .await
             .unwrap_err();
         assert!(
             matches!(err, CertError::UserCertificatePresent { .. }),
             "{err}"
         );
         assert_eq!(store.list()[0].source, CertSource::User);
+        assert_eq!(control.certs()[0].source, "user");
     }
 
-    #[test]
-    fn store_survives_reopen_and_swaps_in_place() {
-        let dir = TempDir::new("reopen");
-        {
-            let store = CertStore::open(&dir.0).unwrap();
-            set(&store, "a.example.com", &valid(&["a.example.com"])).unwrap();
-            let pair = valid(&["*.example.net"]);
-            store
-                .set(
-                    &host("*.example.net"),
-                    pair.0.as_bytes(),
-                    pair.1.as_bytes(),
-                    CertSource::Acme,
-                )
-                .unwrap();
+    #[tokio::test]
+    async fn every_node_serves_the_shared_certificates_and_skips_invalid_records() {
+        let dir = TempDir::new("shared");
+        let shared = sqlite(&dir);
+        let (_one, first) = node(&dir, &shared, "n1").await;
+        let (two, second) = node(&dir, &shared, "n2").await;
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(Arc::clone(&second).follow(stop));
+
+        set(&first, "a.example.com", &valid(&["a.example.com"]))
+            .await
+            .unwrap();
+        // Written by another node with no validation: skipped, the rest still served.
+        let (cert_pem, _) = valid(&["bad.example.com"]);
+        two.put_cert(CertRecord {
+            host: "bad.example.com".into(),
+            cert_pem,
+            key_pem: "junk".into(),
+            source: "acme".into(),
+        })
+        .await
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !second.has_certificate("a.example.com") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node 2 never served it"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let mode =
-            |name: &str| fs::metadata(dir.0.join(name)).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode("a.example.com.key"), 0o600);
-        assert_eq!(mode("_wildcard.example.net.key"), 0o600);
-        assert_eq!(
-            fs::metadata(&dir.0).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        assert_eq!(served(&second, Some("a.example.com")), "a.example.com");
+        assert_eq!(served(&second, Some("bad.example.com")), FALLBACK_NAME);
+        let hosts: Vec<_> = second.list().into_iter().map(|i| i.host).collect();
+        assert_eq!(hosts, ["a.example.com"]);
+        stop_tx.send(true).unwrap();
+    }
 
-        let store = CertStore::open(&dir.0).unwrap();
-        let list = store.list();
-        assert_eq!(list.len(), 2);
-        assert_eq!(list[0].host, "*.example.net");
-        assert_eq!(list[0].source, CertSource::Acme);
-        assert_eq!(list[1].host, "a.example.com");
-        assert_eq!(list[1].source, CertSource::User);
-        // Stored under exactly the host (a wildcard covers x.example.net but is not its own).
-        let not_after = |host: &str| {
-            let table = store.table.load();
-            table
-                .get(&Host::parse(host).unwrap())
-                .map(|entry| entry.stored.not_after)
+    #[tokio::test]
+    async fn files_of_an_earlier_agent_are_imported_once() {
+        let dir = TempDir::new("import");
+        let legacy = dir.0.join("certs");
+        fs::create_dir_all(&legacy).unwrap();
+        let write = |stem: &str, pair: &(String, String), meta: Option<&str>| {
+            fs::write(legacy.join(format!("{stem}.crt")), &pair.0).unwrap();
+            fs::write(legacy.join(format!("{stem}.key")), &pair.1).unwrap();
+            if let Some(meta) = meta {
+                fs::write(legacy.join(format!("{stem}.json")), meta).unwrap();
+            }
         };
-        assert!(not_after("a.example.com").unwrap() > SystemTime::now());
-        assert!(not_after("b.example.com").is_none());
-        assert!(not_after("x.example.net").is_none());
-        let covering = store.covering("x.example.net").unwrap();
-        assert_eq!(covering.source, CertSource::Acme);
-        assert!(covering.not_before < SystemTime::now());
-        assert!(store.covering("example.net").is_none());
+        write(
+            "a.example.com",
+            &valid(&["a.example.com"]),
+            Some(r#"{"source":"user"}"#),
+        );
+        write(
+            "_wildcard.example.net",
+            &valid(&["*.example.net"]),
+            Some(r#"{"source":"acme"}"#),
+        );
+        // No metadata: an operator's; expired: imported all the same (to be renewed).
+        write(
+            "old.example.org",
+            &generate(&["old.example.org"], -30, -1),
+            None,
+        );
+        write("broken.example.org", &("junk".into(), "junk".into()), None);
+        fs::write(legacy.join(".a.example.com.key.tmp"), "partial").unwrap();
 
-        // Replacing swaps the served certificate with no reopen.
-        let before = Arc::clone(&store.table.load().lookup("a.example.com").unwrap().key);
-        set(
-            &store,
+        let (control, store) = node(&dir, &sqlite(&dir), "n1").await;
+        let listed: Vec<_> = store
+            .list()
+            .into_iter()
+            .map(|i| (i.host, i.source))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("*.example.net".to_owned(), CertSource::Acme),
+                ("a.example.com".to_owned(), CertSource::User),
+                ("old.example.org".to_owned(), CertSource::User),
+            ]
+        );
+        assert_eq!(control.certs().len(), 3);
+        assert!(!legacy.exists(), "the directory is renamed");
+        let renamed: Vec<PathBuf> = fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("certs.imported-"))
+            .collect();
+        assert_eq!(renamed.len(), 1, "{renamed:?}");
+        assert!(
+            renamed[0].join("broken.example.org.crt").exists(),
+            "files are left as they were"
+        );
+        drop((control, store));
+
+        // Files that reappear do not replace what the shared state holds.
+        fs::create_dir_all(&legacy).unwrap();
+        write(
             "a.example.com",
             &valid(&["a.example.com", "www.a.example.com"]),
-        )
-        .unwrap();
-        let after = Arc::clone(&store.table.load().lookup("a.example.com").unwrap().key);
-        assert_ne!(before.cert, after.cert);
-        assert_eq!(store.list()[1].sans, ["a.example.com", "www.a.example.com"]);
+            Some(r#"{"source":"user"}"#),
+        );
+        let (_control, store) = node(&dir, &sqlite(&dir), "n1").await;
+        let a = store
+            .list()
+            .into_iter()
+            .find(|i| i.host == "a.example.com")
+            .unwrap();
+        assert_eq!(a.sans, ["a.example.com"]);
     }
 
     #[test]
