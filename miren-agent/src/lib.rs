@@ -14,6 +14,7 @@ pub mod ingress;
 pub mod listeners;
 pub mod metrics;
 pub mod nft_cli;
+pub mod peer_routes;
 pub mod reconcile;
 pub mod routes;
 pub mod sandbox;

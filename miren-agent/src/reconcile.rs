@@ -1,15 +1,18 @@
 //! The reconciler: makes the active data plane match the control plane's desired state (the
-//! apps' node ports plus their live endpoints) after every change and every
+//! apps' node ports plus their live endpoints on every node, and the other nodes' subnets for
+//! the cross-node masquerade) after every change and every
 //! [`RESYNC_INTERVAL`], retries failures with exponential backoff, and records the outcome per
 //! node port ([`DataplaneReport`]) and in the reconcile metrics.
 
 use std::{
+    collections::BTreeSet,
     net::Ipv4Addr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use crate::{
+    config::Subnet,
     control::{ControlPlane, DataplaneReport},
     dataplane::{ActiveDataplane, Dataplane, Snapshot},
     metrics::Metrics,
@@ -131,10 +134,19 @@ impl Reconciler {
         let mut refresh = false;
         loop {
             let (revision, desired) = self.control.dataplane_snapshot(&self.node_addrs);
+            let peer_subnets: BTreeSet<Subnet> = self
+                .control
+                .peers()
+                .iter()
+                .map(|peer| peer.subnet)
+                .collect();
             let started = Instant::now();
             let dataplane = Arc::clone(&self.dataplane);
             let previous = applied.clone();
             let outcome = tokio::task::spawn_blocking(move || {
+                // First, so a new flow to another node's instance is masqueraded from its first
+                // packet on (conntrack keeps a flow's NAT as its first packet set it).
+                let peers = dataplane.set_peer_subnets(&peer_subnets);
                 let mut plane = dataplane.lock();
                 if refresh && let Err(err) = plane.refresh() {
                     return Outcome {
@@ -143,7 +155,13 @@ impl Reconciler {
                         port_errors: Default::default(),
                     };
                 }
-                apply_keeping_previous(&mut **plane, &desired, &previous)
+                let mut outcome = apply_keeping_previous(&mut **plane, &desired, &previous);
+                if let Err(err) = peers {
+                    outcome.failure.get_or_insert_with(|| {
+                        format!("masquerading flows to other nodes' instances: {err}")
+                    });
+                }
+                outcome
             })
             .await
             .unwrap_or_else(|join| Outcome {

@@ -27,6 +27,11 @@ pub const BACKEND_STATS_MAP: &str = "MIREN_BACKEND_STATS";
 pub const GLOBAL_STATS_MAP: &str = "MIREN_GLOBAL_STATS";
 /// `Array<Config>` with one entry.
 pub const CONFIG_MAP: &str = "MIREN_CONFIG";
+/// `HashMap<BackendAddr, u32 1>`: the address, port and protocol of every backend. A packet
+/// from one of them is never a new node-port flow: it is the reply to a flow this node sent to
+/// a backend on another node, masqueraded to this node's address (so its destination port can
+/// be any port, a node port too), which the kernel's conntrack translates back.
+pub const BACKEND_ADDRS_MAP: &str = "MIREN_BACKEND_ADDRS";
 
 /// Most node ports (service ids are `0..MAX_SERVICES`).
 pub const MAX_SERVICES: u32 = 16_384;
@@ -98,6 +103,20 @@ pub struct Backend {
     pub port_be: u16,
     /// Zero.
     pub pad: u16,
+}
+
+/// Key of [`BACKEND_ADDRS_MAP`]: a backend as the source of its packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    /// Sandbox address, network byte order.
+    pub addr_be: u32,
+    /// Target port, network byte order.
+    pub port_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub protocol: u8,
+    /// Zero.
+    pub pad: u8,
 }
 
 /// Key of [`CONNTRACK_MAP`]: the packet's own 5-tuple as it arrives.
@@ -244,6 +263,7 @@ const _: () = {
     assert!(core::mem::size_of::<Service>() == 16);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
     assert!(core::mem::size_of::<Backend>() == 8);
+    assert!(core::mem::size_of::<BackendAddr>() == 8);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<Flow>() == 24);
     assert!(core::mem::size_of::<PortStats>() == 56);
@@ -259,6 +279,7 @@ mod pod {
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for BackendAddr {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for PortStats {}

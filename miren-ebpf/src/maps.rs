@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use miren_common::nodeport::{
-    Backend, BackendStats, CONNTRACK_ENTRIES, Config, Flow, FlowKey, GLOBAL_STATS, GlobalStat,
-    MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, MaglevKey, PortStats, Service, ServiceKey,
+    Backend, BackendAddr, BackendStats, CONNTRACK_ENTRIES, Config, Flow, FlowKey, GLOBAL_STATS,
+    GlobalStat, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, MaglevKey, PortStats, Service,
+    ServiceKey,
 };
 
 /// Upper bound on node addresses.
@@ -25,6 +26,9 @@ pub static MAGLEV: HashMap<MaglevKey, u32> =
 
 #[map(name = "MIREN_BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "MIREN_BACKEND_ADDRS")]
+pub static BACKEND_ADDRS: HashMap<BackendAddr, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);
 
 #[map(name = "MIREN_CT")]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> =

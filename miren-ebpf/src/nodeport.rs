@@ -3,12 +3,13 @@
 //! IPv4 TCP/UDP to one of the node's addresses (`MIREN_NODE_ADDRS`) and a configured
 //! (protocol, node port) is rewritten to a backend chosen by the node port's Maglev table and
 //! pinned by conntrack; everything else passes untouched. Fragments pass untouched (the kernel
-//! reassembles them; they are not load-balanced).
+//! reassembles them; they are not load-balanced), and so do packets from a backend's own
+//! address and port (replies of flows masqueraded to a backend on another node).
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use miren_common::nodeport::{
-    Config, FLOW_CLOSING, FLOW_REVERSE, Flow, FlowKey, GlobalStat, MaglevKey, PROTO_TCP, PROTO_UDP,
-    Service, ServiceKey, flow_hash,
+    BackendAddr, Config, FLOW_CLOSING, FLOW_REVERSE, Flow, FlowKey, GlobalStat, MaglevKey,
+    PROTO_TCP, PROTO_UDP, Service, ServiceKey, flow_hash,
 };
 
 use crate::{
@@ -17,8 +18,8 @@ use crate::{
         ETH_LEN, ETH_P_IP_BE, EthHdr, IP_FRAG_MASK, Ipv4Hdr, TCP_FIN, TCP_RST, TcpHdr, UdpHdr,
     },
     maps::{
-        BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, NODE_ADDRS, SERVICES, config, count, now_ns,
-        port_stats,
+        BACKEND_ADDRS, BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, NODE_ADDRS, SERVICES, config,
+        count, now_ns, port_stats,
     },
 };
 
@@ -108,10 +109,6 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     let service: Service = unsafe { *service };
     // Bytes are IP bytes (header and payload), as nftables counts them.
     let ip_bytes = tot_len as u64;
-    port_stats(service.id, |s| {
-        s.rx_packets += 1;
-        s.rx_bytes += ip_bytes;
-    });
 
     let key = FlowKey {
         src_addr: saddr,
@@ -125,8 +122,22 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     let config = config();
     let now = now_ns(&config);
     let Some(flow) = established(&key, &config, now, tcp_flags) else {
+        // A backend's own address and port is never a client: this is the reply to a flow
+        // sent to a backend on another node and masqueraded to this node's address, whose
+        // port the kernel picked (it may equal a node port). Conntrack translates it back.
+        let source = BackendAddr {
+            addr_be: saddr,
+            port_be: sport,
+            protocol,
+            pad: 0,
+        };
+        if BACKEND_ADDRS.get_ptr(source).is_some() {
+            return pass();
+        }
+        count_rx(&service, ip_bytes);
         return new_flow(ctx, ip, l4, &key, &service, now, ip_bytes);
     };
+    count_rx(&service, ip_bytes);
     count(GlobalStat::ConntrackHit);
     if tcp_flags & TCP_RST != 0 {
         forget(&key, &flow);
@@ -156,6 +167,15 @@ fn established(key: &FlowKey, config: &Config, now: u64, tcp_flags: u8) -> Optio
         flow.flags |= FLOW_CLOSING;
     }
     Some(*flow)
+}
+
+/// Counts a received packet of `service`.
+#[inline(always)]
+fn count_rx(service: &Service, ip_bytes: u64) {
+    port_stats(service.id, |s| {
+        s.rx_packets += 1;
+        s.rx_bytes += ip_bytes;
+    });
 }
 
 /// Picks a backend for a new flow, records the forward and reverse entries, and rewrites.

@@ -5,8 +5,9 @@
 
 use std::{
     fmt::Display,
+    fs::File,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -266,4 +267,40 @@ pub fn kill9_netns(netns: &str) {
     for pid in netns_pids(netns) {
         let _ = Command::new("kill").args(["-9", &pid]).status();
     }
+}
+
+/// Runs `f` on a thread inside the network namespace `/run/netns/NETNS` (as an instance
+/// would: the network rules are what is tested, not the container's privileges).
+///
+/// # Panics
+/// When the namespace cannot be entered, or as `f` panics.
+pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let file = File::open(format!("/run/netns/{netns}")).unwrap();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Whether a TCP connection to `addr` opens within 3 s (from the calling thread's namespace).
+pub fn tcp_connects(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
+}
+
+/// One UDP exchange with `addr` from a fresh socket: the reply, or `None` when none came
+/// within `wait`.
+pub fn udp_exchange(addr: SocketAddr, message: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.set_read_timeout(Some(wait)).unwrap();
+    socket.send_to(message, addr).unwrap();
+    let mut buf = [0u8; 2048];
+    socket
+        .recv_from(&mut buf)
+        .ok()
+        .map(|(n, _)| buf[..n].to_vec())
 }

@@ -821,6 +821,46 @@ fn replies_are_reverse_nated_exactly() {
     }
 }
 
+/// A flow this node sent to a backend on another node was masqueraded to the node's address
+/// with a port the kernel picked, possibly a node port's: the backend's reply to it must pass
+/// to the kernel (whose conntrack translates it back), never start a node-port flow.
+#[test]
+fn packets_from_a_backends_own_address_and_port_are_never_node_port_flows() {
+    let remote = backend(2);
+    let mut dp = load(&[(UDP_PORT, &[remote]), (TCP_PORT, &[remote])]);
+    let from = sandbox(remote);
+    let pass = |what: &str, frame| Row::untouched(what, frame, XDP_PASS);
+    let rows = [
+        pass(
+            "UDP reply to the node address and a node port",
+            FrameBuilder::udp(from, node(PORT)).payload(b"pong").build(),
+        ),
+        pass(
+            "TCP SYN-ACK to the node address and a node port",
+            FrameBuilder::tcp(from, node(PORT), TCP_SYN | TCP_ACK, 5000, 1001).build(),
+        ),
+    ];
+    run_table(&rows, |frame| run_xdp(&dp, frame));
+    assert_no_port_counted(
+        &dp,
+        GlobalCounters {
+            passed: rows.len() as u64,
+            ..GlobalCounters::default()
+        },
+    );
+
+    // Another port of the same sandbox is a client like any other.
+    let other_port = sandbox(SocketAddrV4::new(*remote.ip(), 8001));
+    let datagram = FrameBuilder::udp(other_port, node(PORT)).build();
+    assert_eq!(forward(&dp, &datagram), remote);
+    // Once it is no backend any more, the sandbox's port is a client too.
+    apply(
+        &mut dp,
+        &[(UDP_PORT, &[backend(3)]), (TCP_PORT, &[backend(3)])],
+    );
+    assert_eq!(forward(&dp, &rows[0].input), backend(3));
+}
+
 #[test]
 fn a_node_port_without_endpoints_drops_and_counts() {
     let empty = key(9000, Protocol::Udp);

@@ -8,8 +8,7 @@
 
 use std::{
     collections::BTreeSet,
-    fs::File,
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
     process::Command,
     time::Duration,
 };
@@ -17,17 +16,19 @@ use std::{
 use miren_agent::sandbox::{
     SandboxError,
     ipam::Subnet,
-    isolation::{Isolation, IsolationSettings, Member},
+    isolation::{Isolation, IsolationSettings, Member, PeerInstances},
 };
 use miren_tests::{
-    apps::{self, HttpClient, WEB_PY, kill9_netns, sandbox_netns, wait_until_logging},
+    apps::{
+        self, HttpClient, WEB_PY, in_netns, kill9_netns, sandbox_netns, tcp_connects, udp_exchange,
+        wait_until_logging,
+    },
     ingress::ok,
     on_both_planes,
     process::AgentProcess,
     topology::Netns,
     world::{CLIENT_IP, NODE_IP, Plane, World},
 };
-use nix::sched::{CloneFlags, setns};
 
 /// The sandbox bridge's address (`World::start_agent_running_sandboxes` uses 10.77.0.0/16).
 const GATEWAY: &str = "10.77.0.1";
@@ -91,42 +92,11 @@ fn endpoints(agent: &AgentProcess, app: &str, port_name: &str) -> Vec<SocketAddr
 /// How long to wait for the agent to get somewhere.
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Runs `f` on a thread inside the network namespace `/run/netns/NETNS`.
-fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let file = File::open(format!("/run/netns/{netns}")).unwrap();
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
 /// `GET /` from the calling thread's namespace: a connection the rules drop fails after 3 s.
 const HTTP: HttpClient = HttpClient {
     connect_timeout: Some(Duration::from_secs(3)),
     read_timeout: Duration::from_secs(30),
 };
-
-/// Whether a TCP connection to `addr` opens within 3 s.
-fn tcp_connects(addr: SocketAddr) -> bool {
-    TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
-}
-
-/// One UDP exchange with `addr`: the reply, or `None` when none came within `wait`.
-fn udp_exchange(addr: SocketAddr, message: &[u8], wait: Duration) -> Option<Vec<u8>> {
-    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-    socket.set_read_timeout(Some(wait)).unwrap();
-    socket.send_to(message, addr).unwrap();
-    let mut buf = [0u8; 2048];
-    socket
-        .recv_from(&mut buf)
-        .ok()
-        .map(|(n, _)| buf[..n].to_vec())
-}
 
 /// The answer to a DNS query for `name` type A.
 fn dns_query(name: &str) -> Vec<u8> {
@@ -461,10 +431,11 @@ on_both_planes!(
     adopted_instances_stay_isolated_across_a_kill_9_of_the_agent,
 );
 
-/// Members of the bridge table's `veth_app` map in the calling thread's namespace: veth → id.
-fn app_ids() -> Vec<(String, u64)> {
+/// The elements (key, value) of the map `FAMILY miren_sandbox NAME` in the calling thread's
+/// namespace.
+fn map_elements(family: &str, name: &str) -> Vec<(serde_json::Value, u64)> {
     let out = Command::new("nft")
-        .args(["-j", "list", "map", "bridge", "miren_sandbox", "veth_app"])
+        .args(["-j", "list", "map", family, "miren_sandbox", name])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -474,7 +445,15 @@ fn app_ids() -> Vec<(String, u64)> {
         .cloned()
         .unwrap_or_default()
         .iter()
-        .map(|e| (e[0].as_str().unwrap().to_owned(), e[1].as_u64().unwrap()))
+        .map(|e| (e[0].clone(), e[1].as_u64().unwrap()))
+        .collect()
+}
+
+/// Members of the bridge table's `veth_app` map in the calling thread's namespace: veth → id.
+fn app_ids() -> Vec<(String, u64)> {
+    map_elements("bridge", "veth_app")
+        .into_iter()
+        .map(|(veth, id)| (veth.as_str().unwrap().to_owned(), id))
         .collect()
 }
 
@@ -559,6 +538,82 @@ fn isolation_keeps_members_across_a_reopen_and_applies_each_change_whole() {
         })
         .unwrap_err();
         assert!(err.to_string().contains("not an interface name"), "{err}");
+    })
+    .unwrap();
+}
+
+/// The `addr_app` map of `inet miren_sandbox`: address → app id.
+fn addr_app() -> std::collections::BTreeMap<Ipv4Addr, u64> {
+    map_elements("inet", "addr_app")
+        .into_iter()
+        .map(|(addr, id)| (addr.as_str().unwrap().parse().unwrap(), id))
+        .collect()
+}
+
+/// The `peer_subnets` set of `inet miren_sandbox`.
+fn peer_subnets() -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "set", "inet", "miren_sandbox", "peer_subnets"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    miren_agent::nft_cli::set_prefixes(&listing)
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn isolation_maps_other_nodes_instances_of_local_apps_only_and_keeps_peer_subnets() {
+    let ns = Netns::new("isolation-peers").unwrap();
+    ns.run(|| {
+        let settings = IsolationSettings {
+            bridge: "mrn0".to_owned(),
+            subnet: Subnet::parse("10.77.0.0/24").unwrap(),
+            listener_ports: vec![80, 443],
+        };
+        let isolation = Isolation::open(&settings).unwrap();
+        isolation
+            .admit(&member("mvs1", "10.77.0.2", "alpha"))
+            .unwrap();
+        let peers = PeerInstances {
+            subnets: [Subnet::parse("10.77.1.0/24").unwrap()].into(),
+            apps: [
+                ("alpha", &["10.77.0.2", "10.77.1.5"][..]),
+                ("beta", &["10.77.1.6"][..]),
+            ]
+            .iter()
+            .map(|(app, addrs)| {
+                let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
+                ((*app).to_owned(), addrs)
+            })
+            .collect(),
+        };
+        isolation.set_peers(&peers).unwrap();
+        let alpha = addr_app()[&"10.77.0.2".parse().unwrap()];
+        // beta has no instance here: its remote instance is in no set, so it reaches nothing.
+        assert_eq!(
+            addr_app(),
+            [("10.77.0.2", alpha), ("10.77.1.5", alpha)]
+                .iter()
+                .map(|(a, id)| (a.parse().unwrap(), *id))
+                .collect()
+        );
+        assert_eq!(peer_subnets(), ["10.77.1.0/24"]);
+        // An instance of beta arrives: beta's remote instance joins it, in the same change.
+        isolation
+            .admit(&member("mvs2", "10.77.0.3", "beta"))
+            .unwrap();
+        let beta = addr_app()[&"10.77.0.3".parse().unwrap()];
+        assert_eq!(addr_app()[&"10.77.1.6".parse().unwrap()], beta);
+        // The last alpha instance here goes: so does alpha's remote instance.
+        isolation.remove("mvs1").unwrap();
+        assert!(!addr_app().contains_key(&"10.77.1.5".parse().unwrap()));
+        // A restarted agent keeps restricting the peer subnets until it names them again.
+        let _reopened = Isolation::open(&settings).unwrap();
+        assert_eq!(peer_subnets(), ["10.77.1.0/24"]);
     })
     .unwrap();
 }

@@ -5,18 +5,19 @@
 mod hygiene;
 pub mod maglev;
 pub mod nft;
+pub mod peer_nat;
 mod pins;
 pub mod select;
 pub mod xdp;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     sync::{Mutex, MutexGuard},
 };
 
-use crate::config::Protocol;
+use crate::config::{Protocol, Subnet};
 
 /// A node port as the kernel sees it: (port, protocol).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -190,12 +191,14 @@ pub trait Dataplane: Send + std::fmt::Debug {
     fn counters(&self) -> Result<Counters, DataplaneError>;
 }
 
-/// The data plane the agent runs, shared by the reconciler (which applies snapshots), the API
-/// and `/metrics` (which read counters), with the mode and why it was chosen.
+/// The data plane the agent runs, shared by the reconciler (which applies snapshots and the
+/// other nodes' subnets), the API and `/metrics` (which read counters), with the mode and why
+/// it was chosen.
 pub struct ActiveDataplane {
     mode: &'static str,
     reason: String,
     plane: Mutex<Box<dyn Dataplane>>,
+    peer_nat: peer_nat::PeerNat,
 }
 
 impl std::fmt::Debug for ActiveDataplane {
@@ -208,13 +211,24 @@ impl std::fmt::Debug for ActiveDataplane {
 }
 
 impl ActiveDataplane {
-    /// Wraps the chosen data plane; `reason` says why it was chosen (shown by `miren status`).
-    pub fn new(plane: Box<dyn Dataplane>, reason: String) -> Self {
+    /// Wraps the data plane [`select::select`] started (its reason is shown by `miren
+    /// status`).
+    pub fn new(selected: select::Selected) -> Self {
         Self {
-            mode: plane.mode(),
-            reason,
-            plane: Mutex::new(plane),
+            mode: selected.dataplane.mode(),
+            reason: selected.reason,
+            plane: Mutex::new(selected.dataplane),
+            peer_nat: selected.peer_nat,
         }
+    }
+
+    /// Makes `subnets` the other nodes' sandbox subnets: node-port flows leaving toward them
+    /// are masqueraded to this node's address ([`peer_nat`]).
+    ///
+    /// # Errors
+    /// [`DataplaneError`] when `nft` refuses or cannot run.
+    pub fn set_peer_subnets(&self, subnets: &BTreeSet<Subnet>) -> Result<(), DataplaneError> {
+        self.peer_nat.set_peer_subnets(subnets)
     }
 
     /// `xdp` or `nft`.

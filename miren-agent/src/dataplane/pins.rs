@@ -25,6 +25,7 @@ const PINNED_MAPS: &[&str] = &[
     np::SERVICES_MAP,
     np::MAGLEV_MAP,
     np::BACKENDS_MAP,
+    np::BACKEND_ADDRS_MAP,
     np::CONNTRACK_MAP,
     np::PORT_STATS_MAP,
     np::BACKEND_STATS_MAP,

@@ -9,6 +9,7 @@ use std::{collections::BTreeSet, path::Path, time::Duration};
 use super::{
     Dataplane, DataplaneError, hygiene,
     nft::NftDataplane,
+    peer_nat::{Masquerade, PeerNat},
     pins,
     xdp::{self, XdpDataplane},
 };
@@ -49,11 +50,13 @@ pub struct SelectSettings<'a> {
     pub udp_timeout: Duration,
 }
 
-/// The started data plane and why it was chosen.
+/// The started data plane, its cross-node masquerade, and why it was chosen.
 #[derive(Debug)]
 pub struct Selected {
     /// The data plane.
     pub dataplane: Box<dyn Dataplane>,
+    /// The masquerade of its flows to other nodes' instances.
+    pub peer_nat: PeerNat,
     /// Why (shown by `miren status`).
     pub reason: String,
 }
@@ -109,8 +112,8 @@ pub fn select(settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError>
 /// Loads XDP (adopting pinned state; mounting a bpffs at `/sys/fs/bpf` for the default pin
 /// directory when there is none), detaches stale programs of miren's from every interface,
 /// attaches to every interface in native mode or, with `generic`, generic mode (interfaces
-/// already attached through this pin directory's links are adopted), and removes a leftover
-/// nft table.
+/// already attached through this pin directory's links are adopted), removes a leftover
+/// nft table, and sets the cross-node masquerade up for packets arriving on the interfaces.
 fn start_xdp(settings: &SelectSettings<'_>, generic: bool) -> Result<Selected, DataplaneError> {
     let mounted = pins::prepare(settings.bpf_pin_dir)?;
     let mut dataplane = XdpDataplane::load_pinned(settings.bpf_pin_dir)?;
@@ -140,15 +143,17 @@ fn start_xdp(settings: &SelectSettings<'_>, generic: bool) -> Result<Selected, D
     if NftDataplane::remove_table()? {
         tracing::info!("removed the nft table of an earlier nftables data plane");
     }
+    let peer_nat = PeerNat::open(&Masquerade::ArrivedOn(settings.ifaces.to_vec()))?;
     Ok(Selected {
         dataplane: Box::new(dataplane),
+        peer_nat,
         reason: with_notes(format!("XDP on {}", modes.join(", ")), &notes),
     })
 }
 
 /// Detaches every program of miren's from the interfaces (whatever pin directory holds their
 /// links), removes XDP leftovers under the pin directory (pinned maps and links), and opens
-/// the nftables data plane.
+/// the nftables data plane with the cross-node masquerade of the flows it DNATs.
 fn start_nft(reason: String, settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError> {
     let mut notes = Vec::new();
     for iface in settings.ifaces {
@@ -166,6 +171,7 @@ fn start_nft(reason: String, settings: &SelectSettings<'_>) -> Result<Selected, 
     }
     Ok(Selected {
         dataplane: Box::new(NftDataplane::open()?),
+        peer_nat: PeerNat::open(&Masquerade::Dnated)?,
         reason: with_notes(format!("nftables ({reason})"), &notes),
     })
 }

@@ -21,8 +21,8 @@ use aya::{
     util::nr_cpus,
 };
 use miren_common::nodeport::{
-    self as np, Backend, BackendStats, Config, Flow, FlowKey, GlobalStat, MaglevKey, PortStats,
-    Service, ServiceKey,
+    self as np, Backend, BackendAddr, BackendStats, Config, Flow, FlowKey, GlobalStat, MaglevKey,
+    PortStats, Service, ServiceKey,
 };
 
 use super::{
@@ -115,6 +115,8 @@ pub struct XdpDataplane {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
     node_addrs: BTreeSet<Ipv4Addr>,
+    /// Every backend's address, port and protocol, as `MIREN_BACKEND_ADDRS` holds them.
+    backend_addrs: BTreeSet<BackendAddr>,
     services: BTreeMap<NodePortKey, ServiceState>,
     service_ids: Ids,
     backend_ids: Ids,
@@ -174,6 +176,7 @@ impl XdpDataplane {
             ebpf,
             pin_dir,
             node_addrs: BTreeSet::new(),
+            backend_addrs: BTreeSet::new(),
             services: BTreeMap::new(),
             service_ids: Ids::new(np::MAX_SERVICES),
             backend_ids: Ids::new(np::MAX_BACKENDS),
@@ -199,6 +202,10 @@ impl XdpDataplane {
             .filter_map(Result::ok)
             .map(|a| Ipv4Addr::from(u32::from_be(a)))
             .collect();
+        let backend_addrs: HashMap<_, BackendAddr, u32> =
+            HashMap::try_from(self.map(np::BACKEND_ADDRS_MAP)?)
+                .map_err(map_err("opening the backend address map"))?;
+        self.backend_addrs = backend_addrs.keys().filter_map(Result::ok).collect();
         let services: HashMap<_, ServiceKey, Service> =
             HashMap::try_from(self.map(np::SERVICES_MAP)?)
                 .map_err(map_err("opening the service map"))?;
@@ -439,6 +446,29 @@ impl XdpDataplane {
         Ok(())
     }
 
+    /// Makes `MIREN_BACKEND_ADDRS` hold exactly the backends of `snapshot`.
+    fn apply_backend_addrs(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
+        let wanted: BTreeSet<BackendAddr> = snapshot
+            .node_ports
+            .iter()
+            .flat_map(|(key, endpoints)| endpoints.iter().map(|e| backend_addr(key.protocol, *e)))
+            .collect();
+        let current = std::mem::take(&mut self.backend_addrs);
+        let mut map: HashMap<_, BackendAddr, u32> =
+            HashMap::try_from(self.map_mut(np::BACKEND_ADDRS_MAP)?)
+                .map_err(map_err("opening the backend address map"))?;
+        for addr in wanted.difference(&current) {
+            map.insert(addr, 1, 0)
+                .map_err(map_err("adding a backend address"))?;
+        }
+        for addr in current.difference(&wanted) {
+            map.remove(addr)
+                .map_err(map_err("removing a backend address"))?;
+        }
+        self.backend_addrs = wanted;
+        Ok(())
+    }
+
     /// Zeroes the per-CPU stats slot `id` of `map` (ids are reused).
     fn zero_stats<T: aya::Pod + Default>(
         &mut self,
@@ -475,14 +505,27 @@ fn not_classifier(source: aya::programs::ProgramError) -> BpfError {
     }
 }
 
-fn service_key(key: NodePortKey) -> ServiceKey {
-    let protocol = match key.protocol {
+/// The IP protocol number of `protocol`.
+fn protocol_number(protocol: Protocol) -> u8 {
+    match protocol {
         Protocol::Tcp => np::PROTO_TCP,
         Protocol::Udp => np::PROTO_UDP,
-    };
+    }
+}
+
+fn service_key(key: NodePortKey) -> ServiceKey {
     ServiceKey {
         port_be: key.port.to_be(),
-        protocol,
+        protocol: protocol_number(key.protocol),
+        pad: 0,
+    }
+}
+
+fn backend_addr(protocol: Protocol, addr: SocketAddrV4) -> BackendAddr {
+    BackendAddr {
+        addr_be: u32::from(*addr.ip()).to_be(),
+        port_be: addr.port().to_be(),
+        protocol: protocol_number(protocol),
         pad: 0,
     }
 }
@@ -506,6 +549,7 @@ impl Dataplane for XdpDataplane {
 
     fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
         self.apply_node_addrs(&snapshot.node_addrs)?;
+        self.apply_backend_addrs(snapshot)?;
         let mut retired: Vec<MaglevKey> = Vec::new();
         let mut dead_backends: HashSet<u32> = HashSet::new();
         let mut dead_services: HashSet<u32> = HashSet::new();

@@ -25,23 +25,36 @@
 //!     node-port traffic the nft data plane DNATed (`ct status dnat`) and traffic within one
 //!     app (`meta mark set ip saddr map @addr_app`, then `ip daddr . meta mark @addr_app_set`);
 //!     everything else is dropped.
+//!   - the other nodes' instances (sources in `@peer_subnets`, routed in from another node):
+//!     to local instances only from the same app (`addr_app` also maps their addresses, for
+//!     the apps that have instances here) or on a node-port flow the nft data plane DNATed;
+//!     to the node only the public TCP listeners and replies. The other nodes' own addresses
+//!     (their ingress, node-port flows they masqueraded) are not restricted.
 //!
 //! Traffic from the host to instances (the ingress, node ports, readiness checks) is not
 //! restricted beyond the destination check. Every change is one `nft -f -` transaction covering
 //! both tables, so nothing is ever half-applied. [`Isolation::open`] replaces both tables
-//! (rules from this code) but keeps the members an earlier agent left in them, so instances
-//! that outlive the agent stay reachable and isolated while it restarts.
+//! (rules from this code) but keeps the members and peer subnets an earlier agent left in
+//! them, so instances that outlive the agent stay reachable and isolated while it restarts.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, sync::Mutex};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr},
+    sync::Mutex,
+};
 
 use serde_json::Value;
 
 use super::{SandboxError, ipam::Subnet, net};
+use crate::control::ControlPlane;
 
 /// Name of both tables (families `bridge` and `inet`).
 const TABLE: &str = "miren_sandbox";
 /// Most elements per `add element` line.
 const ELEMENTS_PER_LINE: usize = 512;
+/// The set of the other nodes' sandbox subnets (table `inet miren_sandbox`).
+const PEER_SUBNETS: &str = "peer_subnets";
 /// Conditions that make an ARP match read Ethernet/IPv4 addresses at the right offsets.
 const ARP_IPV4: &str = "arp htype 1 arp ptype ip arp hlen 6 arp plen 4";
 
@@ -69,6 +82,37 @@ pub struct Member {
     pub app: String,
 }
 
+/// The other nodes' instances, as the isolation rules see them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerInstances {
+    /// The other nodes' sandbox subnets: traffic from them is checked like an instance's.
+    pub subnets: BTreeSet<Subnet>,
+    /// Instance addresses by app, on any node (only those inside `subnets` are used).
+    pub apps: BTreeMap<String, BTreeSet<Ipv4Addr>>,
+}
+
+impl PeerInstances {
+    /// The other nodes' subnets and every app's ready instances, as `control` sees them.
+    pub fn of_cluster(control: &ControlPlane) -> Self {
+        let subnets = control.peers().iter().map(|peer| peer.subnet).collect();
+        let apps = control
+            .app_addresses()
+            .into_iter()
+            .map(|(app, addrs)| {
+                let v4 = addrs
+                    .into_iter()
+                    .filter_map(|addr| match addr {
+                        IpAddr::V4(v4) => Some(v4),
+                        IpAddr::V6(_) => None,
+                    })
+                    .collect();
+                (app, v4)
+            })
+            .collect();
+        Self { subnets, apps }
+    }
+}
+
 /// A member as held in the tables: its address and app id (the packet mark used for it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
@@ -79,17 +123,68 @@ struct Entry {
     app: Option<String>,
 }
 
+/// What the tables hold.
+#[derive(Debug, Default)]
+struct Tables {
+    /// Members by veth.
+    members: BTreeMap<String, Entry>,
+    /// The other nodes' instances, as last set (the subnets are `peer_subnets`).
+    peers: PeerInstances,
+    /// The other nodes' instances in `addr_app`: address → the id of their app here.
+    remote: BTreeMap<Ipv4Addr, u32>,
+}
+
+impl Tables {
+    /// The script that turns these tables into `next`'s, deletions first; `retain` flushed
+    /// every member set (the remote entries with them) before.
+    fn peer_changes(&self, next: &Self, flushed: bool) -> String {
+        let mut script = String::new();
+        let empty = BTreeMap::new();
+        let remote = if flushed { &empty } else { &self.remote };
+        let gone_subnets = self.peers.subnets.difference(&next.peers.subnets);
+        let gone_remote = remote
+            .iter()
+            .filter(|(a, id)| next.remote.get(a) != Some(id));
+        elements_line(&mut script, "delete", PEER_SUBNETS, gone_subnets);
+        elements_line(
+            &mut script,
+            "delete",
+            "addr_app",
+            gone_remote.map(remote_elem),
+        );
+        let new_subnets = next.peers.subnets.difference(&self.peers.subnets);
+        let new_remote = next
+            .remote
+            .iter()
+            .filter(|(a, id)| remote.get(a) != Some(id));
+        elements_line(&mut script, "add", PEER_SUBNETS, new_subnets);
+        elements_line(&mut script, "add", "addr_app", new_remote.map(remote_elem));
+        script
+    }
+
+    /// These tables with `members` and `peers`, and the remote entries they imply.
+    fn with(&self, members: BTreeMap<String, Entry>, peers: PeerInstances) -> Self {
+        let remote = remote_entries(&members, &peers);
+        Self {
+            members,
+            peers,
+            remote,
+        }
+    }
+}
+
 /// The sandbox firewall: both `miren_sandbox` tables and what they hold.
 #[derive(Debug)]
 pub struct Isolation {
-    /// Members by veth, as the tables hold them.
-    members: Mutex<BTreeMap<String, Entry>>,
+    tables: Mutex<Tables>,
 }
 
 impl Isolation {
     /// Creates both tables with the rules for `settings`, replacing any earlier version of them
-    /// in the same transaction and keeping the members they held (with their app ids), so an
-    /// earlier agent's instances stay reachable until [`Isolation::retain`] sets the exact set.
+    /// in the same transaction and keeping the members (with their app ids) and peer subnets
+    /// they held, so an earlier agent's instances stay reachable until [`Isolation::retain`]
+    /// sets the exact set, and the other nodes' instances stay restricted until
+    /// [`Isolation::set_peers`] names them again.
     ///
     /// # Errors
     /// [`SandboxError::Firewall`] when a name is not an interface name or `nft` fails (then
@@ -97,37 +192,38 @@ impl Isolation {
     pub fn open(settings: &IsolationSettings) -> Result<Self, SandboxError> {
         let op = "creating the sandbox firewall (nftables tables miren_sandbox)";
         check_ifname(op, &settings.bridge)?;
-        let kept = match nft(op, &["-j", "list", "table", "bridge", TABLE], None)? {
-            Ok(listing) => parse_members(&listing).map_err(|detail| SandboxError::Firewall {
-                op: op.to_owned(),
-                detail,
-            })?,
-            // No table yet.
-            Err(stderr) if stderr.contains("No such file or directory") => BTreeMap::new(),
-            Err(detail) => {
-                return Err(SandboxError::Firewall {
-                    op: op.to_owned(),
-                    detail,
-                });
-            }
-        };
+        let kept = list(op, &["table", "bridge", TABLE], parse_members)?;
+        let subnets = list(
+            op,
+            &["set", "inet", TABLE, PEER_SUBNETS],
+            crate::nft_cli::set_prefixes,
+        )?;
+        let tables = Tables::default().with(
+            kept,
+            PeerInstances {
+                subnets,
+                apps: BTreeMap::new(),
+            },
+        );
         let mut script = tables_script(settings);
-        script.push_str(&add_elements(kept.iter()));
+        script.push_str(&add_elements(tables.members.iter()));
+        script.push_str(&Tables::default().peer_changes(&tables, false));
         apply(op, &script)?;
-        if !kept.is_empty() {
+        if !tables.members.is_empty() {
             tracing::info!(
-                members = kept.len(),
+                members = tables.members.len(),
                 "kept the sandbox firewall members of an earlier agent"
             );
         }
         Ok(Self {
-            members: Mutex::new(kept),
+            tables: Mutex::new(tables),
         })
     }
 
-    /// Lets `member` talk to its app's other instances and nothing else (call before its
-    /// process starts; until then its veth passes nothing). Admitting a member again
-    /// replaces its address and app.
+    /// Lets `member` talk to its app's other instances (on this node and, once
+    /// [`Isolation::set_peers`] named them, on the others) and nothing else (call before its
+    /// process starts; until then its veth passes nothing). Admitting a member again replaces
+    /// its address and app.
     ///
     /// # Errors
     /// [`SandboxError::Firewall`] for a bad veth name or when `nft` fails (nothing changed);
@@ -138,19 +234,23 @@ impl Isolation {
             member.veth, member.addr
         );
         check_ifname(&op, &member.veth)?;
-        let mut members = lock(&self.members);
+        let mut tables = lock(&self.tables);
         let entry = Entry {
             addr: member.addr,
-            id: app_id(&members, &member.veth, &member.app),
+            id: app_id(&tables.members, &member.veth, &member.app),
             app: Some(member.app.clone()),
         };
         let mut script = String::new();
-        if let Some(old) = members.get(&member.veth) {
+        if let Some(old) = tables.members.get(&member.veth) {
             script.push_str(&delete_elements(&member.veth, old));
         }
         script.push_str(&add_elements([(&member.veth, &entry)].into_iter()));
-        apply(&op, &script)?;
+        let mut members = tables.members.clone();
         members.insert(member.veth.clone(), entry);
+        let next = tables.with(members, tables.peers.clone());
+        script.push_str(&tables.peer_changes(&next, false));
+        apply(&op, &script)?;
+        *tables = next;
         Ok(())
     }
 
@@ -161,15 +261,20 @@ impl Isolation {
     /// [`SandboxError::Firewall`] when `nft` fails (nothing changed); [`SandboxError::Io`] when
     /// `nft` cannot run.
     pub fn remove(&self, veth: &str) -> Result<(), SandboxError> {
-        let mut members = lock(&self.members);
-        let Some(old) = members.get(veth) else {
+        let mut tables = lock(&self.tables);
+        let Some(old) = tables.members.get(veth) else {
             return Ok(());
         };
+        let mut script = delete_elements(veth, old);
+        let mut members = tables.members.clone();
+        members.remove(veth);
+        let next = tables.with(members, tables.peers.clone());
+        script.push_str(&tables.peer_changes(&next, false));
         apply(
             &format!("removing {veth} from the sandbox firewall"),
-            &delete_elements(veth, old),
+            &script,
         )?;
-        members.remove(veth);
+        *tables = next;
         Ok(())
     }
 
@@ -184,7 +289,8 @@ impl Isolation {
         for member in members {
             check_ifname(op, &member.veth)?;
         }
-        let exact = assign_ids(members);
+        let mut tables = lock(&self.tables);
+        let next = tables.with(assign_ids(members), tables.peers.clone());
         let mut script = String::new();
         for set in ELEMENT_SETS {
             let _ = writeln!(
@@ -193,10 +299,34 @@ impl Isolation {
                 set.kind, set.family, set.name
             );
         }
-        script.push_str(&add_elements(exact.iter()));
-        let mut current = lock(&self.members);
+        script.push_str(&add_elements(next.members.iter()));
+        script.push_str(&tables.peer_changes(&next, true));
         apply(op, &script)?;
-        *current = exact;
+        *tables = next;
+        Ok(())
+    }
+
+    /// Sets the other nodes' sandbox subnets and instances: instances of an app with members
+    /// here may reach them, other traffic from those subnets only the public listeners. One
+    /// transaction, none when nothing changed.
+    ///
+    /// # Errors
+    /// [`SandboxError::Firewall`] when `nft` fails (nothing changed); [`SandboxError::Io`] when
+    /// `nft` cannot run.
+    pub fn set_peers(&self, peers: &PeerInstances) -> Result<(), SandboxError> {
+        let mut tables = lock(&self.tables);
+        if tables.peers == *peers {
+            return Ok(());
+        }
+        let next = tables.with(tables.members.clone(), peers.clone());
+        let script = tables.peer_changes(&next, false);
+        if !script.is_empty() {
+            apply(
+                "setting the other nodes' instances in the sandbox firewall",
+                &script,
+            )?;
+        }
+        *tables = next;
         Ok(())
     }
 
@@ -205,9 +335,9 @@ impl Isolation {
     /// # Errors
     /// [`SandboxError::Firewall`] when `nft` fails; [`SandboxError::Io`] when it cannot run.
     pub fn teardown(&self) -> Result<(), SandboxError> {
-        let mut members = lock(&self.members);
+        let mut tables = lock(&self.tables);
         apply("deleting the sandbox firewall", &teardown_script())?;
-        members.clear();
+        *tables = Tables::default();
         Ok(())
     }
 }
@@ -311,9 +441,11 @@ fn tables_script(settings: &IsolationSettings) -> String {
          table inet {TABLE} {{\n\
          \tmap addr_app {{ type ipv4_addr : mark; }}\n\
          \tset addr_app_set {{ type ipv4_addr . mark; }}\n\
+         \tset {PEER_SUBNETS} {{ type ipv4_addr; flags interval; }}\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority 0; policy accept;\n\
          \t\tiifname \"{bridge}\" jump from_instances\n\
+         \t\tip saddr @{PEER_SUBNETS} jump from_peer_instances\n\
          \t}}\n\
          \tchain from_instances {{\n\
          \t\tct state established,related accept\n\
@@ -321,11 +453,22 @@ fn tables_script(settings: &IsolationSettings) -> String {
          {listeners}\
          \t\tdrop\n\
          \t}}\n\
+         \tchain from_peer_instances {{\n\
+         \t\tct state established,related accept\n\
+         {listeners}\
+         \t\tdrop\n\
+         \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority 0; policy accept;\n\
          \t\tiifname \"{bridge}\" oifname \"{bridge}\" jump hairpin\n\
+         \t\toifname \"{bridge}\" ip saddr @{PEER_SUBNETS} jump from_peers\n\
          \t}}\n\
          \tchain hairpin {{\n\
+         \t\tct status dnat accept\n\
+         \t\tmeta mark set ip saddr map @addr_app ip daddr . meta mark @addr_app_set accept\n\
+         \t\tdrop\n\
+         \t}}\n\
+         \tchain from_peers {{\n\
          \t\tct status dnat accept\n\
          \t\tmeta mark set ip saddr map @addr_app ip daddr . meta mark @addr_app_set accept\n\
          \t\tdrop\n\
@@ -353,6 +496,47 @@ fn add_elements<'a>(members: impl Iterator<Item = (&'a String, &'a Entry)> + Clo
         }
     }
     script
+}
+
+/// `VERB element inet miren_sandbox SET { … }` lines for `elements` (none when empty).
+fn elements_line<T: std::fmt::Display>(
+    script: &mut String,
+    verb: &str,
+    set: &str,
+    elements: impl Iterator<Item = T>,
+) {
+    let elements: Vec<String> = elements.map(|e| e.to_string()).collect();
+    for chunk in elements.chunks(ELEMENTS_PER_LINE) {
+        let _ = writeln!(
+            script,
+            "{verb} element inet {TABLE} {set} {{ {} }}",
+            chunk.join(", ")
+        );
+    }
+}
+
+/// An `addr_app` element of another node's instance.
+fn remote_elem((addr, id): (&Ipv4Addr, &u32)) -> String {
+    format!("{addr} : {id}")
+}
+
+/// The `addr_app` entries of the other nodes' instances: those inside a peer subnet, of the
+/// apps that have members here, with their app's id.
+fn remote_entries(
+    members: &BTreeMap<String, Entry>,
+    peers: &PeerInstances,
+) -> BTreeMap<Ipv4Addr, u32> {
+    let ids: BTreeMap<&str, u32> = members
+        .values()
+        .filter_map(|e| Some((e.app.as_deref()?, e.id)))
+        .collect();
+    peers
+        .apps
+        .iter()
+        .filter_map(|(app, addrs)| Some((ids.get(app.as_str())?, addrs)))
+        .flat_map(|(id, addrs)| addrs.iter().map(move |addr| (*addr, *id)))
+        .filter(|(addr, _)| peers.subnets.iter().any(|s| s.contains(*addr)))
+        .collect()
 }
 
 /// `delete element` lines taking the member on `veth` out of every set.
@@ -468,21 +652,31 @@ fn parse_members(listing: &str) -> Result<BTreeMap<String, Entry>, String> {
         .collect())
 }
 
-/// Refuses names that are not Linux interface names (1 to 15 of `A-Z a-z 0-9 _ . -`), which
-/// also keeps them from breaking out of the quotes in an nft script.
+/// `nft -j list ARGS…` read by `parse`; the default when the table or set does not exist.
+fn list<T: Default>(
+    op: &str,
+    args: &[&str],
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, SandboxError> {
+    let firewall = |detail| SandboxError::Firewall {
+        op: op.to_owned(),
+        detail,
+    };
+    let listing = crate::nft_cli::list_json(args)
+        .map_err(|e| SandboxError::io(format!("{op}: {}", e.what), e.source))?
+        .map_err(firewall)?;
+    listing.map_or_else(
+        || Ok(T::default()),
+        |listing| parse(&listing).map_err(firewall),
+    )
+}
+
+/// Refuses names that are not Linux interface names (see [`crate::nft_cli::check_ifname`]).
 fn check_ifname(op: &str, name: &str) -> Result<(), SandboxError> {
-    let valid = (1..=15).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if valid {
-        Ok(())
-    } else {
-        Err(SandboxError::Firewall {
-            op: op.to_owned(),
-            detail: format!("\"{name}\" is not an interface name (1 to 15 of A-Z a-z 0-9 _ . -)"),
-        })
-    }
+    crate::nft_cli::check_ifname(name).map_err(|detail| SandboxError::Firewall {
+        op: op.to_owned(),
+        detail,
+    })
 }
 
 /// Runs `script` as one `nft -f -` transaction.
@@ -558,6 +752,8 @@ mod tests {
             "iifname \"miren0\" oifname \"miren0\" jump hairpin",
             "ct status dnat accept",
             "meta mark set ip saddr map @addr_app ip daddr . meta mark @addr_app_set accept",
+            "ip saddr @peer_subnets jump from_peer_instances",
+            "oifname \"miren0\" ip saddr @peer_subnets jump from_peers",
         ] {
             assert!(
                 script.contains(&format!("\t\t{line}\n")),
@@ -570,7 +766,9 @@ mod tests {
             "between_instances",
             "to_instance",
             "from_instances",
+            "from_peer_instances",
             "hairpin",
+            "from_peers",
         ] {
             let body = script
                 .split(&format!("chain {chain} {{\n"))
@@ -709,6 +907,87 @@ mod tests {
         for good in ["miren0", "mvs1a2bx3", "br-x.1_2"] {
             check_ifname("op", good).unwrap();
         }
+    }
+
+    fn peers(subnets: &[&str], apps: &[(&str, &[&str])]) -> PeerInstances {
+        PeerInstances {
+            subnets: subnets.iter().map(|s| Subnet::parse(s).unwrap()).collect(),
+            apps: apps
+                .iter()
+                .map(|(app, addrs)| {
+                    let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
+                    ((*app).to_owned(), addrs)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn other_nodes_instances_get_the_id_of_their_app_here_and_only_inside_peer_subnets() {
+        let members = assign_ids(&[
+            member("mvs1", "10.88.0.2", "alpha"),
+            member("mvs2", "10.88.0.3", "beta"),
+        ]);
+        let peers = peers(
+            &["10.88.1.0/24", "10.88.2.0/24"],
+            &[
+                // 10.88.0.2 is the local member itself; 10.99.0.9 is in no peer subnet.
+                (
+                    "alpha",
+                    &["10.88.0.2", "10.88.1.5", "10.88.2.7", "10.99.0.9"],
+                ),
+                ("beta", &["10.88.1.6"]),
+                // No members here: nothing of it may reach local instances.
+                ("gamma", &["10.88.1.8"]),
+            ],
+        );
+        let remote = remote_entries(&members, &peers);
+        let expected: BTreeMap<Ipv4Addr, u32> =
+            [("10.88.1.5", 1), ("10.88.2.7", 1), ("10.88.1.6", 2)]
+                .iter()
+                .map(|(a, id)| (a.parse().unwrap(), *id))
+                .collect();
+        assert_eq!(remote, expected);
+    }
+
+    #[test]
+    fn peer_changes_delete_before_they_add_and_follow_id_changes() {
+        let tables = Tables::default().with(
+            assign_ids(&[member("mvs1", "10.88.0.2", "alpha")]),
+            peers(&["10.88.1.0/24"], &[("alpha", &["10.88.1.5"])]),
+        );
+        assert_eq!(
+            Tables::default().peer_changes(&tables, false),
+            "add element inet miren_sandbox peer_subnets { 10.88.1.0/24 }\n\
+             add element inet miren_sandbox addr_app { 10.88.1.5 : 1 }\n"
+        );
+        assert_eq!(tables.peer_changes(&tables, false), "");
+        // A new app takes id 1 (sorted first): alpha's remote entry moves to id 2.
+        let next = tables.with(
+            assign_ids(&[
+                member("mvs1", "10.88.0.2", "alpha"),
+                member("mvs2", "10.88.0.3", "aardvark"),
+            ]),
+            peers(&["10.88.2.0/24"], &[("alpha", &["10.88.2.5"])]),
+        );
+        assert_eq!(
+            tables.peer_changes(&next, false),
+            "delete element inet miren_sandbox peer_subnets { 10.88.1.0/24 }\n\
+             delete element inet miren_sandbox addr_app { 10.88.1.5 : 1 }\n\
+             add element inet miren_sandbox peer_subnets { 10.88.2.0/24 }\n\
+             add element inet miren_sandbox addr_app { 10.88.2.5 : 2 }\n"
+        );
+        // After a flush (retain) every remote entry is added again, none deleted.
+        assert_eq!(
+            tables.peer_changes(&tables, true),
+            "add element inet miren_sandbox addr_app { 10.88.1.5 : 1 }\n"
+        );
+        // The last member of an app leaves: its remote entries go with it.
+        let empty = tables.with(BTreeMap::new(), tables.peers.clone());
+        assert_eq!(
+            tables.peer_changes(&empty, false),
+            "delete element inet miren_sandbox addr_app { 10.88.1.5 : 1 }\n"
+        );
     }
 
     #[test]

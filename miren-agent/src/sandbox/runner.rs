@@ -22,7 +22,7 @@ use super::{
     dns::DnsDirectory,
     instance::{Process, accepts_connections},
     ipam::Ipam,
-    isolation::{Isolation, IsolationSettings, Member},
+    isolation::{Isolation, IsolationSettings, Member, PeerInstances},
     logs,
     net::{self, SandboxNet},
 };
@@ -181,6 +181,7 @@ impl Runner {
         })?;
         let members: Vec<Member> = adopt.iter().map(InstanceRecord::member).collect();
         isolation.retain(&members)?;
+        isolation.set_peers(&PeerInstances::of_cluster(&control))?;
         let mut adopted: HashMap<Key, Vec<InstanceRecord>> = HashMap::new();
         for record in &adopt {
             tracing::info!(instance = %record.instance, addr = %record.net.addr, pid = record.pid, "adopting an instance of an earlier agent");
@@ -248,8 +249,13 @@ impl Runner {
         }
     }
 
-    /// Starts, updates and stops supervisors to match the deployed services.
+    /// Starts, updates and stops supervisors to match the deployed services, and tells the
+    /// sandbox firewall the other nodes' instances.
     fn sync(&self) {
+        let peers = PeerInstances::of_cluster(&self.shared.control);
+        if let Err(error) = self.shared.isolation.set_peers(&peers) {
+            tracing::warn!(%error, "the sandbox firewall does not know the other nodes' instances yet");
+        }
         let deployed = self.shared.control.deployed_services();
         let mut supervisors = lock(&self.supervisors);
         let keys: Vec<Key> = deployed
@@ -347,17 +353,26 @@ impl DnsDirectory for Runner {
             .map(|(app, _)| app.clone())
     }
 
+    /// The service's ready instances here first, then its endpoints on the other nodes.
     fn service_addrs(&self, app: &str, service: &str) -> Option<Vec<Ipv4Addr>> {
         let key = (app.to_owned(), service.to_owned());
         if !lock(&self.supervisors).contains_key(&key) {
             return None;
         }
-        Some(
-            lock(&self.shared.ready)
-                .get(&key)
-                .cloned()
-                .unwrap_or_default(),
-        )
+        let mut addrs = lock(&self.shared.ready)
+            .get(&key)
+            .cloned()
+            .unwrap_or_default();
+        let cluster = self.shared.control.endpoints(app, Some(service));
+        let endpoints = cluster.iter().flatten().flat_map(|s| s.endpoints.values());
+        for addr in endpoints.flatten() {
+            if let IpAddr::V4(v4) = addr.ip()
+                && !addrs.contains(&v4)
+            {
+                addrs.push(v4);
+            }
+        }
+        Some(addrs)
     }
 }
 
