@@ -3,7 +3,7 @@
 //! [`Reconciler`] keeping it in line with the desired state, until SIGINT or SIGTERM.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::{
         Arc,
@@ -19,14 +19,16 @@ use tokio::{
 
 use crate::{
     api::{self, ApiError, ApiState},
-    control::{ControlError, ControlPlane, ControlSettings},
+    bundle::{self, BundleError, BundleStore, BundleUsers},
+    cluster_link::{self, ClusterLinkError, ClusterToken, PeerClient},
+    control::{ControlError, ControlPlane, ControlSettings, Registration, SubnetPlan},
     dataplane::{
         ActiveDataplane, DataplaneError,
         select::{SelectSettings, select},
     },
     ingress::{
         Ingress, IngressError, IngressHooks,
-        acme::{self, AcmeSettings, Http01Tokens},
+        acme::{self, AcmeSettings},
         activation::{Activations, Activator, NoActivator},
         certs::{CertError, CertStore},
         routing::{LoadTracker, Routing},
@@ -40,8 +42,8 @@ use crate::{
         ipam::Subnet,
         runner::Runner,
     },
-    settings::AgentSettings,
-    store::{SqliteStore, StoreError},
+    settings::{AgentSettings, StoreChoice},
+    store::{EtcdOptions, EtcdStore, SqliteStore, Store, StoreError},
 };
 
 /// Errors that stop the agent.
@@ -53,12 +55,18 @@ pub enum AgentError {
     /// The stored state could not be loaded.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The cluster token or listener is unusable.
+    #[error(transparent)]
+    ClusterLink(#[from] ClusterLinkError),
     /// The API socket could not be bound.
     #[error(transparent)]
     Api(#[from] ApiError),
     /// The certificate store could not be opened.
     #[error(transparent)]
     Certs(#[from] CertError),
+    /// The app code bundle store could not be opened.
+    #[error("opening the app code bundles: {0}")]
+    Bundles(#[from] BundleError),
     /// The metrics listener could not be bound.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -91,6 +99,48 @@ pub enum AgentError {
     },
 }
 
+/// The address other agents reach the cluster listener bound at `addr` on: `addr` itself,
+/// or with an unspecified address the node's first IPv4 address.
+fn advertised(addr: SocketAddr, node_ips: &[IpAddr]) -> Option<SocketAddr> {
+    if !addr.ip().is_unspecified() {
+        return Some(addr);
+    }
+    let ip = node_ips.iter().find(|ip| ip.is_ipv4()).copied();
+    if ip.is_none() {
+        tracing::warn!(%addr, "the cluster listener has no address other nodes can use: give --node-ip or a specific --cluster-addr");
+    }
+    Some(SocketAddr::new(ip?, addr.port()))
+}
+
+/// How long one request to etcd may take before the store counts as unavailable.
+const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The store `--store` chose.
+async fn open_store(settings: &AgentSettings) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match &settings.store {
+        StoreChoice::Sqlite => {
+            Arc::new(SqliteStore::open(&settings.state_dir, &settings.node_name)?)
+        }
+        StoreChoice::Etcd {
+            endpoints,
+            prefix,
+            ca,
+            cert,
+            key,
+        } => Arc::new(
+            EtcdStore::connect(EtcdOptions {
+                endpoints: endpoints.clone(),
+                prefix: prefix.clone(),
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                request_timeout: ETCD_REQUEST_TIMEOUT,
+            })
+            .await?,
+        ),
+    })
+}
+
 /// Runs the agent until SIGINT or SIGTERM (then drains the ingress for up to
 /// `--shutdown-grace`), or until an agent started with `--upgrade` took over.
 ///
@@ -120,14 +170,54 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     } else {
         None
     };
-    let store = SqliteStore::open(&settings.state_dir)?;
-    let control = Arc::new(ControlPlane::open(
-        Box::new(store),
-        ControlSettings {
-            validation: settings.validation_context(),
-            port_range: settings.port_range.clone(),
+    // Before the store: a cluster token others may read stops the agent at once.
+    let cluster_token = settings
+        .cluster_link
+        .as_ref()
+        .map(|link| ClusterToken::load(&link.token_file))
+        .transpose()?;
+    let store = open_store(&settings).await?;
+    tracing::info!(store = %store.describe(), node = %settings.node_name, "opened the store");
+    let control = Arc::new(
+        ControlPlane::open(
+            store,
+            ControlSettings {
+                validation: settings.validation_context(),
+                port_range: settings.port_range.clone(),
+                node: settings.node_name.clone(),
+                lease_ttl: settings.node_lease_ttl,
+            },
+        )
+        .await?,
+    );
+    let plan = match settings.store {
+        StoreChoice::Sqlite => SubnetPlan::Whole(settings.sandbox_subnet),
+        StoreChoice::Etcd { .. } => SubnetPlan::Carve {
+            cluster: settings.sandbox_subnet,
+            prefix: settings.node_subnet_size,
         },
-    )?);
+    };
+    let node_subnet = control
+        .register_node(&Registration {
+            addresses: settings.node_ips.clone(),
+            runs_instances: settings.run_sandboxes,
+            cluster_addr: settings
+                .cluster_link
+                .as_ref()
+                .and_then(|link| advertised(link.addr, &settings.node_ips)),
+            subnet: plan,
+        })
+        .await?;
+    tracing::info!(node = %settings.node_name, subnet = %node_subnet, "registered the node");
+    tokio::spawn(Arc::clone(&control).run_scheduler());
+    if matches!(settings.store, StoreChoice::Etcd { .. }) {
+        // Instances on other nodes reach this node's instances through it.
+        enable_forwarding()?;
+    }
+    tokio::spawn(crate::peer_routes::follow(
+        Arc::clone(&control),
+        quiesce_rx.clone(),
+    ));
     let io = |op| move |source| AgentError::Io { op, source };
     // A socket from systemd stays systemd's: its file is not removed on exit.
     let (api_listener, api_socket_ours) = match inherited.take_unix(&settings.api_socket) {
@@ -151,7 +241,12 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         );
     }
     let upgrade_listener = UpgradeListener::bind(&settings.state_dir)?;
-    let certs = CertStore::open(&settings.state_dir.join("certs"))?;
+    let certs = CertStore::open(&settings.state_dir.join("certs"), Arc::clone(&control)).await?;
+    tokio::spawn(Arc::clone(&certs).follow(stop_rx.clone()));
+    let bundles = Arc::new(BundleStore::open(
+        &settings.state_dir.join("bundles"),
+        settings.max_bundle_bytes,
+    )?);
     let dataplane = start_dataplane(&settings)?;
     let metrics = Arc::new(Metrics::new(
         dataplane.active.as_ref().map_or("none", |a| a.mode()),
@@ -180,9 +275,10 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     let runner = if settings.run_sandboxes {
         Some(Runner::new(
             Arc::clone(&control),
+            Arc::clone(&bundles),
             SandboxSettings {
                 bridge: settings.sandbox_bridge.clone(),
-                subnet: Subnet::parse(&settings.sandbox_subnet)?,
+                subnet: node_subnet,
                 state_dir: settings.state_dir.join("sandbox"),
                 keep_running: settings.keep_sandboxes,
                 limits: settings.instance_limits,
@@ -207,7 +303,32 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         ingress_revision: routing.subscribe(),
         certs: Arc::clone(&certs),
         runner: runner.clone(),
+        bundles: Arc::clone(&bundles),
     });
+    if let (Some(link), Some(token)) = (&settings.cluster_link, cluster_token) {
+        cluster_link::serve(
+            link.addr,
+            token.clone(),
+            Arc::clone(&bundles),
+            stop_rx.clone(),
+        )
+        .await?;
+        tokio::spawn(cluster_link::follow_bundles(
+            Arc::clone(&control),
+            Arc::clone(&bundles),
+            PeerClient::new(token),
+        ));
+    }
+    let bundle_users: Arc<dyn BundleUsers> = match &runner {
+        Some(runner) => Arc::clone(runner) as Arc<dyn BundleUsers>,
+        None => Arc::clone(&control) as Arc<dyn BundleUsers>,
+    };
+    tokio::spawn(bundle::collect_unused(
+        bundles,
+        bundle_users,
+        control.subscribe(),
+        quiesce_rx.clone(),
+    ));
     let ingress_metrics = Arc::clone(&metrics);
     let metrics_state = Arc::new(MetricsState {
         metrics,
@@ -223,12 +344,10 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         Arc::clone(&routing),
         settings.boot_timeout,
     ));
-    // HTTP-01 challenges in flight; the ingress's HTTP listener answers them.
-    let acme_tokens = Arc::new(Http01Tokens::default());
     let hooks = IngressHooks {
         acme_challenge: {
-            let tokens = Arc::clone(&acme_tokens);
-            Box::new(move |token| tokens.key_authorization(token))
+            let control = Arc::clone(&control);
+            Box::new(move |token| control.challenge(token))
         },
         has_certificate: {
             let certs = Arc::clone(&certs);
@@ -249,7 +368,6 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             },
             control,
             Arc::clone(&certs),
-            acme_tokens,
             stop_rx.clone(),
         ));
     }
@@ -262,7 +380,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         "miren-agent ready"
     );
     let dns = match &runner {
-        Some(runner) => Some((start_dns(&settings).await?, Arc::clone(runner))),
+        Some(runner) => Some((start_dns(node_subnet).await?, Arc::clone(runner))),
         None => None,
     };
     // The parts that change state (API, supervisors, DNS) end first on a handover
@@ -467,8 +585,8 @@ async fn hand_over(
 }
 
 /// Binds the sandboxes' resolver on the bridge address, forwarding to the host's resolvers.
-async fn start_dns(settings: &AgentSettings) -> Result<DnsServer, AgentError> {
-    let gateway = Subnet::parse(&settings.sandbox_subnet)?.gateway();
+async fn start_dns(subnet: Subnet) -> Result<DnsServer, AgentError> {
+    let gateway = subnet.gateway();
     let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     DnsServer::bind((gateway, 53).into(), resolvers_from(&resolv_conf))
         .await
@@ -518,10 +636,7 @@ fn start_dataplane(settings: &AgentSettings) -> Result<RunningDataplane, AgentEr
     .map_err(Box::new)?;
     tracing::info!(mode = selected.dataplane.mode(), reason = %selected.reason, "node-port data plane started");
     Ok(RunningDataplane {
-        active: Some(Arc::new(ActiveDataplane::new(
-            selected.dataplane,
-            selected.reason,
-        ))),
+        active: Some(Arc::new(ActiveDataplane::new(selected))),
         node_addrs,
         reason: String::new(),
     })

@@ -6,7 +6,9 @@
 pub mod agent;
 pub mod api;
 pub mod bpf;
+pub mod bundle;
 pub mod cli;
+pub mod cluster_link;
 pub mod config;
 pub mod control;
 pub mod dataplane;

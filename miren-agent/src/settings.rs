@@ -170,6 +170,68 @@ pub struct SettingsLayer {
     /// all (the written one and 2 rotated ones) [default: 10M].
     #[arg(long, value_name = "SIZE")]
     pub instance_log_max: Option<String>,
+    /// Largest app code bundle (tar) a deploy may upload, e.g. "256M", "1G" [default: 256M].
+    #[arg(long, value_name = "SIZE")]
+    pub max_bundle_size: Option<String>,
+    /// Where the cluster's shared state lives: sqlite (this node alone, in --state-dir) or
+    /// etcd (a cluster, at --etcd-endpoints) [default: sqlite].
+    #[arg(long, value_name = "sqlite|etcd")]
+    pub store: Option<String>,
+    /// etcd client URL, e.g. http://10.0.0.1:2379 (repeatable, or comma-separated).
+    #[arg(long = "etcd-endpoints", value_delimiter = ',', value_name = "URL")]
+    #[serde(default)]
+    pub etcd_endpoints: Vec<String>,
+    /// PEM CA certificate that signed etcd's server certificates (enables TLS to etcd).
+    #[arg(long, value_name = "PATH")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --etcd-key).
+    #[arg(long, value_name = "PATH")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, value_name = "PATH")]
+    pub etcd_key: Option<PathBuf>,
+    /// Prefix of every key the cluster keeps in etcd [default: /miren].
+    #[arg(long, value_name = "PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// This node's name in the cluster [default: the hostname].
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Prefix length of the sandbox subnet each node claims out of --sandbox-subnet in
+    /// cluster mode (a single node uses all of it) [default: 24].
+    #[arg(long, value_name = "BITS")]
+    pub node_subnet_size: Option<u8>,
+    /// Listener for the other agents of the cluster (app code bundles, node-port counters),
+    /// used with --store etcd [default: 0.0.0.0:7474].
+    #[arg(long, value_name = "ADDR")]
+    pub cluster_addr: Option<SocketAddr>,
+    /// File holding the cluster's shared secret (mode 0600): the agents of one cluster
+    /// present it to each other; needed with --store etcd.
+    #[arg(long, value_name = "PATH")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// How long this node's registration and ready endpoints outlive the agent when it stops
+    /// renewing them, e.g. "10s" [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub node_lease_ttl: Option<String>,
+}
+
+/// Where the shared state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// The embedded SQLite store in the state directory (single node).
+    Sqlite,
+    /// An etcd cluster.
+    Etcd {
+        /// Client URLs.
+        endpoints: Vec<String>,
+        /// Key prefix.
+        prefix: String,
+        /// CA certificate for TLS.
+        ca: Option<PathBuf>,
+        /// Client certificate.
+        cert: Option<PathBuf>,
+        /// Client key.
+        key: Option<PathBuf>,
+    },
 }
 
 /// Resolved settings with every default applied.
@@ -195,8 +257,10 @@ pub struct AgentSettings {
     pub metrics_addr: SocketAddr,
     /// Sandbox bridge name.
     pub sandbox_bridge: String,
-    /// Sandbox subnet.
-    pub sandbox_subnet: String,
+    /// The cluster's sandbox subnet; each node's is carved out of it.
+    pub sandbox_subnet: crate::config::Subnet,
+    /// Prefix length of each node's sandbox subnet in cluster mode.
+    pub node_subnet_size: u8,
     /// ACME directory URL.
     pub acme_directory: Option<String>,
     /// ACME contact.
@@ -231,6 +295,25 @@ pub struct AgentSettings {
     pub instance_limits: crate::sandbox::container::InstanceLimits,
     /// Size cap of each instance log file (3 files are kept).
     pub instance_log_max: u64,
+    /// Largest app code bundle accepted, in bytes.
+    pub max_bundle_bytes: u64,
+    /// Where the shared state lives.
+    pub store: StoreChoice,
+    /// This node's name.
+    pub node_name: String,
+    /// TTL of this node's lease.
+    pub node_lease_ttl: std::time::Duration,
+    /// The cluster listener and its token, in cluster mode.
+    pub cluster_link: Option<ClusterLinkSettings>,
+}
+
+/// The listener the agents of a cluster talk to each other on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterLinkSettings {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The token file (read when the agent starts).
+    pub token_file: PathBuf,
 }
 
 impl SettingsLayer {
@@ -247,6 +330,26 @@ impl SettingsLayer {
             }
             None => SettingsLayer::default(),
         };
+        let store = store_choice(&self, &file)?;
+        let sandbox_subnet = crate::config::Subnet::parse(
+            &self
+                .sandbox_subnet
+                .clone()
+                .or(file.sandbox_subnet.clone())
+                .unwrap_or_else(|| "10.88.0.0/16".into()),
+        )
+        .map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        let node_subnet_size = self
+            .node_subnet_size
+            .or(file.node_subnet_size)
+            .unwrap_or(24);
+        if store != StoreChoice::Sqlite && !(sandbox_subnet.prefix..=28).contains(&node_subnet_size)
+        {
+            return Err(SettingsError::Invalid(format!(
+                "--node-subnet-size {node_subnet_size} does not fit --sandbox-subnet {sandbox_subnet}; use a prefix length from {} to 28",
+                sandbox_subnet.prefix
+            )));
+        }
         let dataplane = self
             .dataplane
             .or(file.dataplane)
@@ -260,7 +363,45 @@ impl SettingsLayer {
             .port_range
             .or(file.port_range)
             .unwrap_or_else(|| "20000-29999".into());
+        let node_name = node_name(self.node_name.or(file.node_name))?;
+        let node_lease_ttl = duration_setting(
+            "--node-lease-ttl",
+            self.node_lease_ttl.or(file.node_lease_ttl),
+            std::time::Duration::from_secs(10),
+        )?;
+        if node_lease_ttl < std::time::Duration::from_secs(2) {
+            return Err(SettingsError::Invalid(
+                "--node-lease-ttl must be at least 2s".into(),
+            ));
+        }
+        let cluster_link = match (&store, self.cluster_token_file.or(file.cluster_token_file)) {
+            (StoreChoice::Sqlite, _) => None,
+            (StoreChoice::Etcd { .. }, Some(token_file)) => Some(ClusterLinkSettings {
+                addr: self
+                    .cluster_addr
+                    .or(file.cluster_addr)
+                    .unwrap_or(([0, 0, 0, 0], 7474).into()),
+                token_file,
+            }),
+            (StoreChoice::Etcd { .. }, None) => {
+                return Err(SettingsError::Invalid(
+                    "--store etcd needs --cluster-token-file: a file (mode 0600) with the secret every agent of the cluster shares, e.g. made with `head -c 32 /dev/urandom | base64 > /etc/miren/cluster-token; chmod 600 /etc/miren/cluster-token`".into(),
+                ));
+            }
+        };
         Ok(AgentSettings {
+            max_bundle_bytes: match self.max_bundle_size.or(file.max_bundle_size) {
+                None => crate::bundle::DEFAULT_MAX_BUNDLE_BYTES,
+                Some(text) => parse_size(&text).filter(|bytes| *bytes > 0).ok_or_else(|| {
+                    SettingsError::Invalid(format!(
+                        "--max-bundle-size \"{text}\" is not a size; use e.g. 256M or 1G"
+                    ))
+                })?,
+            },
+            cluster_link,
+            store,
+            node_name,
+            node_lease_ttl,
             state_dir: self
                 .state_dir
                 .or(file.state_dir)
@@ -292,10 +433,8 @@ impl SettingsLayer {
                 .sandbox_bridge
                 .or(file.sandbox_bridge)
                 .unwrap_or_else(|| "miren0".into()),
-            sandbox_subnet: self
-                .sandbox_subnet
-                .or(file.sandbox_subnet)
-                .unwrap_or_else(|| "10.88.0.0/16".into()),
+            sandbox_subnet,
+            node_subnet_size,
             acme_directory: self.acme_directory.or(file.acme_directory),
             acme_email: self.acme_email.or(file.acme_email),
             acme_ca_file: self.acme_ca_file.or(file.acme_ca_file),
@@ -422,9 +561,94 @@ impl AgentSettings {
                     self.metrics_addr.port(),
                     "the agent's metrics listener (--metrics-addr)".into(),
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(self.cluster_link.as_ref().map(|link| {
+                (
+                    link.addr.port(),
+                    "the agent's cluster listener (--cluster-addr)".into(),
+                )
+            }))
+            .collect(),
             limits: self.limits,
         }
+    }
+}
+
+/// The store flags of the command line (`flags`) over the config file.
+fn store_choice(flags: &SettingsLayer, file: &SettingsLayer) -> Result<StoreChoice, SettingsError> {
+    let kind = flags
+        .store
+        .clone()
+        .or_else(|| file.store.clone())
+        .unwrap_or_else(|| "sqlite".into());
+    let endpoints = prefer_flags(flags.etcd_endpoints.clone(), file.etcd_endpoints.clone());
+    match kind.as_str() {
+        "sqlite" => {
+            if !endpoints.is_empty() {
+                return Err(SettingsError::Invalid(
+                    "--etcd-endpoints is set but the store is sqlite; add --store etcd to use etcd"
+                        .into(),
+                ));
+            }
+            Ok(StoreChoice::Sqlite)
+        }
+        "etcd" => {
+            if endpoints.is_empty() {
+                return Err(SettingsError::Invalid(
+                    "--store etcd needs --etcd-endpoints, e.g. --etcd-endpoints http://10.0.0.1:2379,http://10.0.0.2:2379".into(),
+                ));
+            }
+            let prefix = flags
+                .etcd_prefix
+                .clone()
+                .or_else(|| file.etcd_prefix.clone())
+                .unwrap_or_else(|| "/miren".into());
+            if !prefix.starts_with('/') || prefix.len() < 2 {
+                return Err(SettingsError::Invalid(format!(
+                    "--etcd-prefix \"{prefix}\" must start with '/' and name something, e.g. /miren"
+                )));
+            }
+            Ok(StoreChoice::Etcd {
+                endpoints,
+                prefix: prefix.trim_end_matches('/').to_owned(),
+                ca: flags.etcd_ca.clone().or_else(|| file.etcd_ca.clone()),
+                cert: flags.etcd_cert.clone().or_else(|| file.etcd_cert.clone()),
+                key: flags.etcd_key.clone().or_else(|| file.etcd_key.clone()),
+            })
+        }
+        other => Err(SettingsError::Invalid(format!(
+            "unknown store \"{other}\"; use sqlite or etcd"
+        ))),
+    }
+}
+
+/// `--node-name`, else the hostname, lowercased: letters, digits, '-' and '.'.
+fn node_name(name: Option<String>) -> Result<String, SettingsError> {
+    let name = match name {
+        Some(name) => name,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .ok_or_else(|| {
+                SettingsError::Invalid(
+                    "cannot read the hostname for the node name; give --node-name".into(),
+                )
+            })?,
+    }
+    .to_ascii_lowercase();
+    let valid = (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.']);
+    if valid {
+        Ok(name)
+    } else {
+        Err(SettingsError::Invalid(format!(
+            "node name \"{name}\" is not valid; use --node-name with letters, digits, '-' and '.' (like a hostname)"
+        )))
     }
 }
 

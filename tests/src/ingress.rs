@@ -145,6 +145,7 @@ impl IngressWorld {
         let endpoints = miren_agent::api::types::ServiceEndpoints {
             service: "web".into(),
             endpoints: [("http".to_owned(), backends.to_vec())].into(),
+            ..Default::default()
         };
         client
             .set_endpoints(app, "web", &endpoints)

@@ -7,6 +7,8 @@
 pub mod apps;
 /// Cluster topologies: node namespaces on one bridge and a real etcd cluster across them.
 pub mod cluster;
+/// Real agents in cluster mode, one per node namespace, on a real etcd cluster.
+pub mod cluster_agents;
 pub mod etcd_local;
 pub mod ingress;
 pub mod packet;

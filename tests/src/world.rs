@@ -257,6 +257,7 @@ impl World {
                 ("udp-echo".to_owned(), addrs.clone()),
                 ("tcp-echo".to_owned(), addrs),
             ]),
+            ..ServiceEndpoints::default()
         };
         self.client_api()
             .set_endpoints("echo", "echo", &endpoints)

@@ -168,6 +168,7 @@ fn deploy_reject_edit_and_survive_kill_9() {
                 "10.88.0.3:27015".parse().unwrap(),
             ],
         )]),
+        ..ServiceEndpoints::default()
     };
     client
         .set_endpoints("game", "server", &endpoints)

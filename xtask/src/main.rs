@@ -29,7 +29,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build in release mode, then run a benchmark (`dataplane` or `ingress`).
+    /// Set up, build in release mode, then run a benchmark (`dataplane`, `ingress` or `cluster`).
     Bench {
         /// Which benchmark.
         #[arg(default_value = "dataplane")]

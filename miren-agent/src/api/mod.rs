@@ -6,6 +6,8 @@
 //! reads run on the blocking pool. Request bodies and query strings that do not fit are 400s
 //! whose [`ErrorBody`] names the field.
 
+mod bundles;
+mod nodes;
 pub mod traffic;
 pub mod types;
 
@@ -30,6 +32,7 @@ use crate::{
     dataplane::ActiveDataplane,
     ingress::certs::{CertError, CertPart, CertSource, CertStore},
     routes::{Host, HostError},
+    store::StoreError,
 };
 use types::{
     AppDetail, AppSummary, CertInfo, CertRequest, DataplaneStatus, DeployRequest, ErrorBody,
@@ -58,6 +61,8 @@ pub struct ApiState {
     pub certs: Arc<CertStore>,
     /// The sandbox runner, when this agent runs instances.
     pub runner: Option<Arc<crate::sandbox::runner::Runner>>,
+    /// The app code bundles on this node.
+    pub bundles: Arc<crate::bundle::BundleStore>,
 }
 
 impl ApiState {
@@ -121,6 +126,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/ports", get(ports))
         .route("/v1/certs", get(certs))
         .route("/v1/certs/{host}", put(set_cert).post(set_cert))
+        .merge(nodes::routes())
+        .merge(bundles::routes())
         .with_state(state)
 }
 
@@ -277,6 +284,8 @@ impl IntoResponse for ControlError {
             ControlError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ControlError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ControlError::Store(StoreError::Unavailable { .. })
+            | ControlError::ViewBehind { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ControlError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         error_response(status, kind, &self)
@@ -342,6 +351,9 @@ async fn status(State(state): State<Arc<ApiState>>) -> ApiResult<Status> {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_secs: state.started.elapsed().as_secs(),
             state_dir: state.state_dir.display().to_string(),
+            node: state.control.node_name().to_owned(),
+            store: state.control.store_description(),
+            scheduler: state.control.scheduler(),
             apps,
             routes,
             node_ports,
@@ -355,6 +367,7 @@ async fn status(State(state): State<Arc<ApiState>>) -> ApiResult<Status> {
                     reason: state.no_dataplane_reason.clone(),
                 },
             },
+            max_bundle_bytes: state.bundles.max_bytes(),
         })
     })
     .await
@@ -368,10 +381,18 @@ async fn deploy(
     State(state): State<Arc<ApiState>>,
     Body(req): Body<DeployRequest>,
 ) -> ApiResult<AppDetail> {
-    let control = Arc::clone(&state.control);
-    let Json(mut detail) =
-        blocking(move || control.deploy(&req.source_name, &req.toml, req.directory.as_deref()))
-            .await?;
+    let bundle = match req.bundle.as_deref() {
+        Some(text) => Some(bundles::for_deploy(&state.bundles, text).await?),
+        None => None,
+    };
+    let mut detail = state
+        .control
+        .deploy(
+            &req.source_name,
+            &req.toml,
+            bundle.as_ref().map(crate::bundle::BundleHash::as_str),
+        )
+        .await?;
     state.ingress_caught_up().await;
     tracing::info!(app = %detail.name, version = detail.version, "deployed");
     detail.mask_secrets();
@@ -494,8 +515,7 @@ async fn remove_app(
     State(state): State<Arc<ApiState>>,
     UrlPath(app): UrlPath<String>,
 ) -> ApiResult<AppDetail> {
-    let control = Arc::clone(&state.control);
-    let Json(mut detail) = blocking(move || control.remove_app(&app)).await?;
+    let mut detail = state.control.remove_app(&app).await?;
     state.ingress_caught_up().await;
     tracing::info!(app = %detail.name, "removed");
     detail.mask_secrets();
@@ -507,7 +527,7 @@ async fn edit_ports(
     UrlPath(app): UrlPath<String>,
     Body(req): Body<PortsEditRequest>,
 ) -> ApiResult<Vec<NodePortInfo>> {
-    blocking(move || state.control.edit_node_ports(&app, &req)).await
+    Ok(Json(state.control.edit_node_ports(&app, &req).await?))
 }
 
 async fn app_endpoints(
@@ -535,8 +555,12 @@ async fn set_endpoints(
     Body(req): Body<ServiceEndpoints>,
 ) -> ApiResult<ServiceEndpoints> {
     check_endpoint_ports(&req)?;
-    let control = Arc::clone(&state.control);
-    let endpoints = blocking(move || control.set_endpoints(&app, &service, req.endpoints)).await?;
+    let endpoints = Json(
+        state
+            .control
+            .set_endpoints(&app, &service, req.endpoints)
+            .await?,
+    );
     state.ingress_caught_up().await;
     Ok(endpoints)
 }
@@ -551,11 +575,12 @@ async fn set_route(
     Body(req): Body<RouteRequest>,
 ) -> ApiResult<RouteInfo> {
     check_route_timeout(req.timeout_ms)?;
-    let control = Arc::clone(&state.control);
-    let route = blocking(move || {
-        control.set_route(&host, &req.app, req.service.as_deref(), req.timeout_ms)
-    })
-    .await?;
+    let route = Json(
+        state
+            .control
+            .set_route(&host, &req.app, req.service.as_deref(), req.timeout_ms)
+            .await?,
+    );
     state.ingress_caught_up().await;
     Ok(route)
 }
@@ -564,8 +589,7 @@ async fn remove_route(
     State(state): State<Arc<ApiState>>,
     UrlPath(host): UrlPath<String>,
 ) -> ApiResult<RouteInfo> {
-    let control = Arc::clone(&state.control);
-    let route = blocking(move || control.remove_route(&host)).await?;
+    let route = Json(state.control.remove_route(&host).await?);
     state.ingress_caught_up().await;
     Ok(route)
 }

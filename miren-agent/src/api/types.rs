@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub use super::nodes::NodeInfo;
 pub use crate::ingress::certs::{CertInfo, CertSource};
 
 /// `GET /v1/status`.
@@ -17,6 +18,15 @@ pub struct Status {
     pub uptime_secs: u64,
     /// State directory holding the store.
     pub state_dir: String,
+    /// This node's name.
+    #[serde(default)]
+    pub node: String,
+    /// Where the shared state lives (`sqlite at PATH`, `etcd at URLS`).
+    #[serde(default)]
+    pub store: String,
+    /// The node that places instances now, if any.
+    #[serde(default)]
+    pub scheduler: Option<String>,
     /// Number of deployed apps.
     pub apps: usize,
     /// Number of routes.
@@ -25,6 +35,9 @@ pub struct Status {
     pub node_ports: usize,
     /// Active data plane and why it was chosen.
     pub dataplane: DataplaneStatus,
+    /// The largest app code bundle the agent accepts, in bytes (`--max-bundle-size`).
+    #[serde(default)]
+    pub max_bundle_bytes: u64,
 }
 
 /// Which data plane forwards node ports.
@@ -43,9 +56,21 @@ pub struct DeployRequest {
     pub source_name: String,
     /// The app.toml text.
     pub toml: String,
-    /// Absolute path of the app directory on this node: instances run there.
+    /// The SHA-256 (hex) of the app's code bundle, uploaded before with
+    /// `PUT /v1/bundles/{sha256}`: instances run from the agent's unpacked copy of it. An app
+    /// deployed without one runs without `/app`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub directory: Option<String>,
+    pub bundle: Option<String>,
+}
+
+/// `GET /v1/bundles/{sha256}` (also `HEAD`) and the answer to `PUT /v1/bundles/{sha256}`
+/// (body: the tar): a code bundle this agent has.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BundleInfo {
+    /// The SHA-256 of the tar, 64 lowercase hex digits.
+    pub sha256: String,
+    /// Size of the tar in bytes.
+    pub size: u64,
 }
 
 /// `GET /v1/apps` items.
@@ -130,6 +155,9 @@ pub struct ServiceDetail {
     /// Its instances, when this agent runs them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<InstanceStatus>,
+    /// Where the scheduler placed a fixed service's instances: a node name per instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placed_on: Vec<String>,
 }
 
 /// The instances of a service run by the agent.
@@ -358,6 +386,9 @@ pub struct ServiceEndpoints {
     pub service: String,
     /// Port name → instance addresses (`ip:target_port`).
     pub endpoints: BTreeMap<String, Vec<SocketAddr>>,
+    /// The node each instance address runs on (answers only; ignored in `PUT`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_of: BTreeMap<std::net::IpAddr, String>,
 }
 
 /// Error body of every non-2xx response.
@@ -366,7 +397,7 @@ pub struct ErrorBody {
     /// The full, user-facing message (may span lines, e.g. config diagnostics).
     pub error: String,
     /// Machine-readable kind: `invalid_config`, `not_found`, `conflict`, `bad_request`,
-    /// `internal`.
+    /// `too_large`, `internal`.
     pub kind: String,
 }
 

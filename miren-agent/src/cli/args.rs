@@ -100,6 +100,43 @@ pub enum Command {
     },
     /// Show the agent's status.
     Status,
+    /// List the nodes of the cluster: address, status (ready, cordoned, lost), instances,
+    /// sandbox subnet and last heartbeat.
+    Nodes,
+    /// Show or change one node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+/// `miren node …`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Show one node.
+    Show {
+        /// Node name.
+        name: String,
+    },
+    /// Keep new instances off a node.
+    Cordon {
+        /// Node name.
+        name: String,
+    },
+    /// Move a node's instances to other nodes, one at a time (each replacement is ready
+    /// before the old instance stops), and keep new ones off it.
+    Drain {
+        /// Node name.
+        name: String,
+    },
+    /// Let a cordoned or drained node take new instances again.
+    Uncordon {
+        /// Node name.
+        name: String,
+    },
+    /// Remove a lost node (its agent is gone) with its subnet and endpoints.
+    Rm {
+        /// Node name.
+        name: String,
+    },
 }
 
 /// Where to find an app's `.miren/app.toml`.

@@ -9,12 +9,15 @@ use super::{
     http::{self, Method, encode_component as enc},
 };
 use crate::api::types::{
-    AppDetail, AppSummary, CertInfo, CertRequest, DeployRequest, ErrorBody, LogChunk, NodePortInfo,
-    PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
+    AppDetail, AppSummary, BundleInfo, CertInfo, CertRequest, DeployRequest, ErrorBody, LogChunk,
+    NodeInfo, NodePortInfo, PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
 };
+use crate::bundle::BundleHash;
 
 /// How long one read or write on the socket may block.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the answer to a bundle upload may take.
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Which lines [`Client::logs`] asks for (the query of `GET /v1/apps/{app}/logs`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,6 +64,32 @@ impl Client {
     /// See [`Client::status`].
     pub fn apps(&self) -> Result<Vec<AppSummary>, CliError> {
         self.call(Method::Get, "/v1/apps", None::<&()>)
+    }
+
+    /// `GET /v1/bundles/{sha256}`: the agent's copy of the bundle, `None` when it has none.
+    ///
+    /// # Errors
+    /// See [`Client::status`].
+    pub fn bundle(&self, hash: &BundleHash) -> Result<Option<BundleInfo>, CliError> {
+        match self.call(Method::Get, &format!("/v1/bundles/{hash}"), None::<&()>) {
+            Ok(info) => Ok(Some(info)),
+            Err(CliError::Agent { status: 404, .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// `PUT /v1/bundles/{sha256}` with the tar of a packed app directory. The answer may take
+    /// up to [`UPLOAD_TIMEOUT`] (the agent unpacks the bundle before it answers).
+    ///
+    /// # Errors
+    /// See [`Client::status`]; a bundle over the agent's limit comes back as
+    /// [`CliError::Agent`] with status 413 naming the limit.
+    pub fn upload_bundle(&self, hash: &BundleHash, tar: &[u8]) -> Result<BundleInfo, CliError> {
+        let path = format!("/v1/bundles/{hash}");
+        let timeout = self.timeout.max(UPLOAD_TIMEOUT);
+        let body = Some(("application/x-tar", tar));
+        let response = http::request(&self.socket, timeout, Method::Put, &path, body)?;
+        decode(Method::Put, &path, response)
     }
 
     /// `POST /v1/apps`: deploy an app.toml.
@@ -129,6 +158,35 @@ impl Client {
         self.call(
             Method::Delete,
             &format!("/v1/routes/{}", enc(host)),
+            None::<&()>,
+        )
+    }
+
+    /// `GET /v1/nodes`.
+    ///
+    /// # Errors
+    /// See [`Client::status`].
+    pub fn nodes(&self) -> Result<Vec<NodeInfo>, CliError> {
+        self.call(Method::Get, "/v1/nodes", None::<&()>)
+    }
+
+    /// `GET /v1/nodes/{name}`, or `DELETE` it with `remove`.
+    ///
+    /// # Errors
+    /// See [`Client::status`].
+    pub fn node(&self, name: &str, remove: bool) -> Result<NodeInfo, CliError> {
+        let method = if remove { Method::Delete } else { Method::Get };
+        self.call(method, &format!("/v1/nodes/{}", enc(name)), None::<&()>)
+    }
+
+    /// `POST /v1/nodes/{name}/ACTION` with `cordon`, `drain` or `uncordon`.
+    ///
+    /// # Errors
+    /// See [`Client::status`].
+    pub fn node_action(&self, name: &str, action: &str) -> Result<NodeInfo, CliError> {
+        self.call(
+            Method::Post,
+            &format!("/v1/nodes/{}/{action}", enc(name)),
             None::<&()>,
         )
     }
@@ -242,8 +300,7 @@ impl Client {
         self.call(Method::Put, &path, Some(endpoints))
     }
 
-    /// Sends `body` as JSON and decodes a 2xx answer as `T`; a non-2xx answer becomes
-    /// [`CliError::Agent`] (or [`CliError::UnexpectedStatus`] without an [`ErrorBody`]).
+    /// Sends `body` as JSON and decodes the answer ([`decode`]).
     fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
@@ -254,28 +311,39 @@ impl Client {
             .map(serde_json::to_vec)
             .transpose()
             .map_err(CliError::Encode)?;
-        let response = http::request(&self.socket, self.timeout, method, path, body.as_deref())?;
-        if (200..300).contains(&response.status) {
-            return serde_json::from_slice(&response.body).map_err(|source| CliError::Decode {
-                method: method.as_str(),
-                path: path.to_owned(),
-                source,
-            });
-        }
-        Err(match serde_json::from_slice::<ErrorBody>(&response.body) {
-            Ok(ErrorBody { error, kind }) => CliError::Agent {
-                status: response.status,
-                message: error,
-                kind,
-            },
-            Err(_) => CliError::UnexpectedStatus {
-                method: method.as_str(),
-                path: path.to_owned(),
-                status: response.status,
-                body: String::from_utf8_lossy(&response.body).trim().to_owned(),
-            },
-        })
+        let body = body.as_deref().map(|bytes| ("application/json", bytes));
+        let response = http::request(&self.socket, self.timeout, method, path, body)?;
+        decode(method, path, response)
     }
+}
+
+/// Decodes a 2xx answer as `T`; a non-2xx answer becomes [`CliError::Agent`] (or
+/// [`CliError::UnexpectedStatus`] without an [`ErrorBody`]).
+fn decode<T: DeserializeOwned>(
+    method: Method,
+    path: &str,
+    response: http::Response,
+) -> Result<T, CliError> {
+    if (200..300).contains(&response.status) {
+        return serde_json::from_slice(&response.body).map_err(|source| CliError::Decode {
+            method: method.as_str(),
+            path: path.to_owned(),
+            source,
+        });
+    }
+    Err(match serde_json::from_slice::<ErrorBody>(&response.body) {
+        Ok(ErrorBody { error, kind }) => CliError::Agent {
+            status: response.status,
+            message: error,
+            kind,
+        },
+        Err(_) => CliError::UnexpectedStatus {
+            method: method.as_str(),
+            path: path.to_owned(),
+            status: response.status,
+            body: String::from_utf8_lossy(&response.body).trim().to_owned(),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -443,7 +511,7 @@ mod tests {
             .deploy(&DeployRequest {
                 source_name: "./.miren/app.toml".to_owned(),
                 toml: "name = \"x\"\n".to_owned(),
-                directory: None,
+                bundle: None,
             })
             .expect_err("conflict");
         server.join().expect("server thread");

@@ -20,13 +20,14 @@ use std::{
 use serde::Serialize;
 
 pub use args::{
-    AppCommand, AppDirArgs, CertCommand, Cli, Command, DEFAULT_SOCKET, OutputFormat, PortsArgs,
-    PortsCommand, PortsEditArgs, RouteCommand, SOCKET_ENV,
+    AppCommand, AppDirArgs, CertCommand, Cli, Command, DEFAULT_SOCKET, NodeCommand, OutputFormat,
+    PortsArgs, PortsCommand, PortsEditArgs, RouteCommand, SOCKET_ENV,
 };
 pub use client::{Client, DEFAULT_TIMEOUT, LogsRequest};
 pub use error::{CliError, HttpError};
 
 use crate::api::types::{CertRequest, DeployRequest, LogChunk, PortsEditRequest, RouteRequest};
+use crate::bundle::{self, BundleHash};
 use crate::config::{Source, ValidationContext, parse_deployable};
 
 /// How often `miren ports --watch` redraws.
@@ -56,14 +57,12 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Deploy(AppDirArgs { dir }) => {
             let (source_name, toml) = read_app_config(dir)?;
-            let directory = std::fs::canonicalize(dir)
-                .ok()
-                .map(|d| d.display().to_string());
+            let bundle = upload_bundle(&client, dir)?;
             out.print(
                 &client.deploy(&DeployRequest {
                     source_name,
                     toml,
-                    directory,
+                    bundle: Some(bundle.to_string()),
                 })?,
                 render::deployed,
             )
@@ -100,6 +99,22 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         }
         Command::Route(RouteCommand::List) => {
             out.print(&client.routes()?, |routes| render::routes(routes))
+        }
+        Command::Nodes => out.print(&client.nodes()?, |nodes| render::nodes(nodes)),
+        Command::Node(NodeCommand::Show { name }) => {
+            out.print(&client.node(name, false)?, render::node_detail)
+        }
+        Command::Node(NodeCommand::Cordon { name }) => {
+            out.print(&client.node_action(name, "cordon")?, render::node_detail)
+        }
+        Command::Node(NodeCommand::Drain { name }) => {
+            out.print(&client.node_action(name, "drain")?, render::node_detail)
+        }
+        Command::Node(NodeCommand::Uncordon { name }) => {
+            out.print(&client.node_action(name, "uncordon")?, render::node_detail)
+        }
+        Command::Node(NodeCommand::Rm { name }) => {
+            out.print(&client.node(name, true)?, render::node_removed)
         }
         Command::Cert(CertCommand::Set { host, cert, key }) => {
             let request = CertRequest {
@@ -240,6 +255,32 @@ fn print_logs(
         out.print(&all, |c| render::log_lines(c, timestamps))?;
     }
     Ok(())
+}
+
+/// `miren deploy`: packs `dir` into a bundle within the agent's size limit and uploads it
+/// unless the agent has it already; its hash. Files a bundle cannot hold (sockets, fifos,
+/// devices) are named on stderr.
+fn upload_bundle(client: &Client, dir: &Path) -> Result<BundleHash, CliError> {
+    let limit = match client.status()?.max_bundle_bytes {
+        0 => bundle::DEFAULT_MAX_BUNDLE_BYTES,
+        limit => limit,
+    };
+    let packed = bundle::pack(dir, limit)?;
+    if !packed.skipped.is_empty() {
+        let skipped: Vec<String> = packed
+            .skipped
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect();
+        eprintln!(
+            "note: left out of the bundle (not a file, directory or symlink): {}",
+            skipped.join(", ")
+        );
+    }
+    if client.bundle(&packed.hash)?.is_none() {
+        client.upload_bundle(&packed.hash, &packed.tar)?;
+    }
+    Ok(packed.hash)
 }
 
 /// `DIR/.miren/app.toml` → (name to show in diagnostics, text).

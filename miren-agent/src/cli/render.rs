@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use crate::api::types::{
-    AppDetail, AppSummary, CertInfo, LogChunk, NodePortInfo, PortTraffic, RouteInfo, SECRET_MASK,
-    ServiceDetail, ServiceEndpoints, Status, is_secret_key,
+    AppDetail, AppSummary, CertInfo, LogChunk, NodeInfo, NodePortInfo, PortTraffic, RouteInfo,
+    SECRET_MASK, ServiceDetail, ServiceEndpoints, Status, is_secret_key,
 };
 use crate::config::AppConfig;
 
@@ -89,6 +89,12 @@ pub fn status(status: &Status) -> String {
         (
             "agent",
             format!("{}, up {}", status.version, duration(status.uptime_secs)),
+        ),
+        ("node", status.node.clone()),
+        ("store", status.store.clone()),
+        (
+            "scheduler",
+            status.scheduler.clone().unwrap_or_else(|| "none".into()),
         ),
         ("state dir", status.state_dir.clone()),
         (
@@ -178,6 +184,9 @@ fn service_block(service: &ServiceDetail, with_env: bool) -> String {
         let _ = write!(out, ", command: {command}");
     }
     out.push_str(")\n");
+    if !service.placed_on.is_empty() {
+        let _ = writeln!(out, "  placed on: {}", service.placed_on.join(", "));
+    }
     if let Some(instances) = &service.instances {
         let _ = write!(
             out,
@@ -238,6 +247,46 @@ pub fn routes(routes: &[RouteInfo]) -> String {
         ("TIMEOUT", |r| route_timeout(r.timeout_ms)),
     ];
     listing(COLUMNS, routes, "no routes")
+}
+
+/// `miren nodes`.
+pub fn nodes(nodes: &[NodeInfo]) -> String {
+    const COLUMNS: &[Column<NodeInfo>] = &[
+        ("NAME", |n| n.name.clone()),
+        ("ADDRESS", |n| dash_if_empty(n.addresses.join(","))),
+        ("STATUS", |n| n.status.clone()),
+        ("INSTANCES", |n| n.instances.to_string()),
+        ("SUBNET", |n| n.subnet.clone()),
+        ("LAST HEARTBEAT", |n| {
+            n.last_heartbeat.map_or("-".into(), unix_time)
+        }),
+    ];
+    listing(COLUMNS, nodes, "no nodes")
+}
+
+/// `miren node show|cordon|uncordon`.
+pub fn node_detail(node: &NodeInfo) -> String {
+    Table::fields([
+        ("node", node.name.clone()),
+        ("addresses", dash_if_empty(node.addresses.join(", "))),
+        ("status", node.status.clone()),
+        ("instances", node.instances.to_string()),
+        ("subnet", node.subnet.clone()),
+        (
+            "last heartbeat",
+            node.last_heartbeat.map_or("-".into(), unix_time),
+        ),
+    ])
+    .render("")
+}
+
+/// `miren node rm`.
+pub fn node_removed(node: &NodeInfo) -> String {
+    format!("removed node {} (subnet {})\n", node.name, node.subnet)
+}
+
+fn dash_if_empty(text: String) -> String {
+    if text.is_empty() { "-".into() } else { text }
 }
 
 /// `miren cert list`.
@@ -365,27 +414,36 @@ pub fn log_lines(chunk: &LogChunk, timestamps: bool) -> String {
 pub fn endpoints(services: &[ServiceEndpoints]) -> String {
     let mut table = Table::default();
     table.row(
-        ["SERVICE", "PORT_NAME", "ENDPOINT"]
+        ["SERVICE", "PORT_NAME", "ENDPOINT", "NODE"]
             .map(str::to_owned)
             .to_vec(),
     );
+    let dash = || "-".to_owned();
     for service in services {
         if service.endpoints.is_empty() {
-            table.row(vec![
-                service.service.clone(),
-                "-".to_owned(),
-                "-".to_owned(),
-            ]);
+            table.row(vec![service.service.clone(), dash(), dash(), dash()]);
         }
         for (port_name, addrs) in &service.endpoints {
-            let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-            let addrs = if addrs.is_empty() {
-                vec!["-".to_owned()]
-            } else {
-                addrs
-            };
+            if addrs.is_empty() {
+                table.row(vec![
+                    service.service.clone(),
+                    port_name.clone(),
+                    dash(),
+                    dash(),
+                ]);
+            }
             for addr in addrs {
-                table.row(vec![service.service.clone(), port_name.clone(), addr]);
+                let node = service
+                    .node_of
+                    .get(&addr.ip())
+                    .cloned()
+                    .unwrap_or_else(dash);
+                table.row(vec![
+                    service.service.clone(),
+                    port_name.clone(),
+                    addr.to_string(),
+                    node,
+                ]);
             }
         }
     }
@@ -554,6 +612,7 @@ NODE_PORT/PROTO  APP  SERVICE   PORT_NAME  TARGET  ENDPOINTS  RX           RX_BY
                 command: Some("./server".to_owned()),
                 concurrency: "fixed 1".to_owned(),
                 instances: None,
+                placed_on: Vec::new(),
                 ports: vec![
                     PortInfo {
                         name: "admin".to_owned(),
@@ -620,6 +679,7 @@ routes:
                     ("LOG_LEVEL".to_owned(), "info".to_owned()),
                 ]),
                 instances: None,
+                placed_on: Vec::new(),
             }],
             routes: vec![],
         };
@@ -648,6 +708,9 @@ routes:
             version: "0.1.0".to_owned(),
             uptime_secs: 7_500,
             state_dir: "/var/lib/miren".to_owned(),
+            node: "vm1".to_owned(),
+            store: "sqlite at /var/lib/miren/store.db".to_owned(),
+            scheduler: Some("vm1".to_owned()),
             apps: 3,
             routes: 1,
             node_ports: 4,
@@ -655,8 +718,11 @@ routes:
                 mode: "nft".to_owned(),
                 reason: "XDP unavailable".to_owned(),
             },
+            max_bundle_bytes: 256 << 20,
         });
-        assert!(text.starts_with("agent       0.1.0, up 2h 5m\nstate dir   /var/lib/miren\n"));
+        assert!(text.starts_with(
+            "agent       0.1.0, up 2h 5m\nnode        vm1\nstore       sqlite at /var/lib/miren/store.db\nscheduler   vm1\nstate dir   /var/lib/miren\n"
+        ));
         assert!(text.contains("\ndataplane   nft (XDP unavailable)\n"));
         assert_eq!(unix_time(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(unix_time(951_782_400), "2000-02-29 00:00:00 UTC");
@@ -674,15 +740,16 @@ routes:
                     "http".to_owned(),
                     vec!["10.88.0.2:3000".parse().expect("addr")],
                 )]),
+                node_of: BTreeMap::from([("10.88.0.2".parse().expect("ip"), "n1".to_owned())]),
             },
             ServiceEndpoints {
                 service: "worker".to_owned(),
-                endpoints: BTreeMap::new(),
+                ..ServiceEndpoints::default()
             },
         ];
         assert_eq!(
             endpoints(&services),
-            "SERVICE  PORT_NAME  ENDPOINT\nweb      http       10.88.0.2:3000\nworker   -          -\n"
+            "SERVICE  PORT_NAME  ENDPOINT        NODE\nweb      http       10.88.0.2:3000  n1\nworker   -          -               -\n"
         );
     }
 

@@ -15,6 +15,7 @@ mod diagnostic;
 mod duration;
 mod keys;
 mod raw;
+mod subnet;
 mod types;
 mod validate;
 
@@ -27,6 +28,7 @@ pub use deploy::{
 };
 pub use diagnostic::{ConfigError, Diagnostic, Source, Span};
 pub use duration::parse_duration;
+pub use subnet::{Subnet, SubnetError};
 pub use types::{
     AppConfig, Concurrency, ConcurrencyMode, DEFAULT_REQUESTS_PER_INSTANCE,
     DEFAULT_SCALE_DOWN_DELAY, DEFAULT_SHUTDOWN_TIMEOUT, EnvVar, PortKind, PortSpec, Protocol,

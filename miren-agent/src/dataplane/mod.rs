@@ -28,9 +28,9 @@ pub struct NodePortKey {
     pub protocol: Protocol,
 }
 
-impl From<&crate::store::NodePortRecord> for NodePortKey {
+impl From<&crate::store::records::NodePortRecord> for NodePortKey {
     /// The (port, protocol) the data planes match for a published node port.
-    fn from(record: &crate::store::NodePortRecord) -> Self {
+    fn from(record: &crate::store::records::NodePortRecord) -> Self {
         Self {
             port: record.node_port,
             protocol: record.protocol,

@@ -139,7 +139,9 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::{control::IngressRoute, ingress::routing::RoutingSnapshot, store::RouteRecord};
+    use crate::{
+        control::IngressRoute, ingress::routing::RoutingSnapshot, store::records::RouteRecord,
+    };
 
     #[derive(Debug, Default)]
     struct CountingActivator {

@@ -331,7 +331,7 @@ impl Routing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RouteRecord;
+    use crate::store::records::RouteRecord;
 
     fn route(host: &str, app: &str, timeout_ms: Option<u64>, endpoints: &[&str]) -> IngressRoute {
         IngressRoute {

@@ -9,48 +9,7 @@ use std::{
 };
 
 use super::SandboxError;
-
-/// An IPv4 subnet such as 10.88.0.0/16.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subnet {
-    /// Network address.
-    pub network: Ipv4Addr,
-    /// Prefix length (8 to 30).
-    pub prefix: u8,
-}
-
-impl Subnet {
-    /// Parses `A.B.C.D/N` with 8 ≤ N ≤ 30.
-    ///
-    /// # Errors
-    /// [`SandboxError::Subnet`] saying what is wrong.
-    pub fn parse(text: &str) -> Result<Self, SandboxError> {
-        let invalid = || SandboxError::Subnet(text.to_owned());
-        let (addr, prefix) = text.split_once('/').ok_or_else(invalid)?;
-        let addr: Ipv4Addr = addr.trim().parse().map_err(|_| invalid())?;
-        let prefix: u8 = prefix.trim().parse().map_err(|_| invalid())?;
-        if !(8..=30).contains(&prefix) {
-            return Err(invalid());
-        }
-        let mask = u32::MAX << (32 - prefix);
-        Ok(Self {
-            network: Ipv4Addr::from(u32::from(addr) & mask),
-            prefix,
-        })
-    }
-
-    /// The bridge's address (the first host address).
-    pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network) + 1)
-    }
-
-    /// Host addresses for sandboxes: after the gateway, before the broadcast address.
-    fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
-        let first = u32::from(self.network) + 2;
-        let last = u32::from(self.network) + (1u32 << (32 - self.prefix)) - 2;
-        (first..=last).map(Ipv4Addr::from)
-    }
-}
+pub use crate::config::Subnet;
 
 /// Allocated addresses, owner by address, persisted.
 #[derive(Debug)]
@@ -140,16 +99,6 @@ impl Ipam {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn subnet_parses_and_rejects() {
-        let subnet = Subnet::parse("10.88.1.7/16").unwrap();
-        assert_eq!(subnet.network, Ipv4Addr::new(10, 88, 0, 0));
-        assert_eq!(subnet.gateway(), Ipv4Addr::new(10, 88, 0, 1));
-        for bad in ["10.88.0.0", "10.88.0.0/31", "10.88.0.0/4", "x/16"] {
-            assert!(Subnet::parse(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn allocations_survive_reopen_and_are_never_handed_out_twice() {

@@ -28,10 +28,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     /// `--sandbox-subnet` is not usable.
-    #[error(
-        "sandbox subnet \"{0}\" is not an IPv4 CIDR with a prefix from /8 to /30, e.g. 10.88.0.0/16"
-    )]
-    Subnet(String),
+    #[error(transparent)]
+    Subnet(#[from] crate::config::SubnetError),
     /// Every address of the subnet is taken.
     #[error("no free sandbox address left in the /{0} subnet; pass a larger --sandbox-subnet")]
     SubnetFull(u8),
@@ -43,6 +41,9 @@ pub enum SandboxError {
         /// What it printed.
         stderr: String,
     },
+    /// The app's code bundle (named by its short hash) is not on this node.
+    #[error("the app's code bundle {0} is not on this node")]
+    MissingBundle(String),
     /// The node runs as many instances as it may.
     #[error(
         "the node already runs its limit of {0} instances; raise --max-instances-per-node or remove apps"
@@ -88,7 +89,7 @@ pub struct SandboxSettings {
     pub bridge: String,
     /// Address range (`--sandbox-subnet`); its first address is the bridge's.
     pub subnet: ipam::Subnet,
-    /// `<state-dir>/sandbox`: addresses, logs, default app directories.
+    /// `<state-dir>/sandbox`: addresses, logs, containers.
     pub state_dir: PathBuf,
     /// Leave instances running when the agent stops, and adopt them when it starts (the
     /// default; `--stop-instances-on-exit` turns it off).

@@ -4,7 +4,7 @@
 //! the ready ones as the service's endpoints, which the data planes and the ingress follow.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{
@@ -28,6 +28,7 @@ use super::{
 };
 use crate::{
     api::types::{InstanceStatus, LogChunk},
+    bundle::{BundleHash, BundleStore, BundleUsers},
     config::{ConcurrencyMode, PortKind},
     control::{ControlPlane, DeployedService},
     ingress::{activation::Activator, routing::LoadTracker},
@@ -47,6 +48,8 @@ const CONCURRENT_STARTS: usize = 2;
 #[derive(Debug)]
 struct Shared {
     control: Arc<ControlPlane>,
+    /// The app code bundles instances run from.
+    bundles: Arc<BundleStore>,
     settings: SandboxSettings,
     runtime: Arc<Runtime>,
     /// The sandbox firewall: which instance may talk to which.
@@ -83,6 +86,9 @@ struct InstanceRecord {
     net: SandboxNetRecord,
     pid: u32,
     generation: u64,
+    /// The code bundle the instance runs from (its `/app`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bundle: Option<String>,
 }
 
 /// [`SandboxNet`] as persisted.
@@ -137,12 +143,14 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// A runner creating sandboxes on `settings.bridge` (which it sets up now).
+    /// A runner creating sandboxes on `settings.bridge` (which it sets up now), whose
+    /// instances run from the unpacked bundles of `bundles`.
     ///
     /// # Errors
     /// [`SandboxError`] when the bridge or the address file cannot be set up.
     pub fn new(
         control: Arc<ControlPlane>,
+        bundles: Arc<BundleStore>,
         settings: SandboxSettings,
         load: Arc<LoadTracker>,
         ingress_revision: watch::Receiver<u64>,
@@ -193,6 +201,7 @@ impl Runner {
         let keep_instances = std::sync::atomic::AtomicBool::new(settings.keep_running);
         let shared = Shared {
             control,
+            bundles,
             settings,
             runtime,
             isolation,
@@ -346,6 +355,20 @@ impl Runner {
     }
 }
 
+impl BundleUsers for Runner {
+    /// The bundles of the deployed apps and of every running instance (an instance of a
+    /// replaced bundle keeps its `/app` until it has stopped).
+    fn bundles_in_use(&self) -> HashSet<BundleHash> {
+        let mut in_use = self.shared.control.bundles_in_use();
+        in_use.extend(
+            lock(&self.shared.records)
+                .values()
+                .filter_map(|record| record.bundle.as_deref()?.parse().ok()),
+        );
+        in_use
+    }
+}
+
 impl DnsDirectory for Runner {
     fn app_of(&self, ip: Ipv4Addr) -> Option<String> {
         lock(&self.shared.addresses)
@@ -461,15 +484,38 @@ impl From<&SandboxNetRecord> for SandboxNet {
 }
 
 /// What an instance runs: a redeploy replaces the instances of a service only when this
-/// changes (command, environment, directory, ports), not for other services of the app.
+/// changes (command, environment, code bundle or directory, ports), not for other services of
+/// the app.
 fn generation(spec: &DeployedService) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     (&spec.command, &spec.env, &spec.directory).hash(&mut hasher);
+    // Hashed only when there is one: instances started before bundles keep their generation.
+    if let Some(bundle) = &spec.bundle {
+        bundle.hash(&mut hasher);
+    }
     for port in &spec.service.ports {
         (&port.name, port.port, port.kind == PortKind::Udp).hash(&mut hasher);
     }
     hasher.finish()
+}
+
+/// What an instance of `spec` sees at `/app`: the unpacked tree of its code bundle, the
+/// directory of an app deployed by an agent before bundles, or nothing.
+///
+/// # Errors
+/// [`SandboxError::MissingBundle`] when the bundle is not on this node.
+fn app_dir(bundles: &BundleStore, spec: &DeployedService) -> Result<Option<PathBuf>, SandboxError> {
+    match (&spec.bundle, &spec.directory) {
+        (Some(bundle), _) => bundle
+            .parse::<BundleHash>()
+            .ok()
+            .and_then(|hash| bundles.path(&hash))
+            .map(Some)
+            .ok_or_else(|| SandboxError::MissingBundle(bundle.chars().take(12).collect())),
+        (None, Some(directory)) => Ok(Some(PathBuf::from(directory))),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Resolves once `stop` turns true (without holding its borrow guard).
@@ -786,15 +832,12 @@ impl ServiceSupervisor {
         if shared.running.load(Ordering::SeqCst) >= limit {
             return Err(SandboxError::NodeFull(limit));
         }
+        let dir = app_dir(&shared.bundles, spec)?;
         let n = shared.next_id.fetch_add(1, Ordering::Relaxed);
         // Unique among agents (pid) and short enough for a veth name (mvs + 12).
         let id = format!("{:x}x{:x}", std::process::id(), n % 0x1_0000);
         let instance_name = format!("{service}-{id}");
         let addr = lock(&shared.ipam).allocate(&format!("{app}/{instance_name}"))?;
-        let dir = spec.directory.clone().map_or_else(
-            || shared.settings.state_dir.join("apps").join(&app),
-            PathBuf::from,
-        );
         let log = shared
             .settings
             .state_dir
@@ -813,16 +856,6 @@ impl ServiceSupervisor {
         let created = tokio::task::spawn_blocking(move || {
             let shared = blocking;
             let settings = &shared.settings;
-            if !dir.exists() {
-                // An app deployed without a directory gets an empty one, readable by its user
-                // (the agent's umask would make it 0700).
-                use std::os::unix::fs::PermissionsExt as _;
-                std::fs::create_dir_all(&dir)
-                    .and_then(|()| {
-                        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
-                    })
-                    .map_err(|e| SandboxError::io(format!("creating {}", dir.display()), e))?;
-            }
             let net = SandboxNet::create(&id, &settings.bridge, settings.subnet, addr)?;
             let member = Member {
                 veth: net.host_veth.clone(),
@@ -839,7 +872,7 @@ impl ServiceSupervisor {
                 hostname: &name,
                 command: &command,
                 env: &env,
-                app_dir: &dir,
+                app_dir: dir.as_deref(),
                 netns_path: net.netns_path(),
                 nameserver: settings.subnet.gateway(),
                 limits: settings.limits,
@@ -883,6 +916,7 @@ impl ServiceSupervisor {
             net: SandboxNetRecord::from(&net),
             pid: process.pid(),
             generation: generation(spec),
+            bundle: spec.bundle.clone(),
         };
         self.watch(process, record);
         Ok(())
@@ -1001,6 +1035,7 @@ impl ServiceSupervisor {
             .shared
             .control
             .set_endpoints(app, service, endpoints.clone())
+            .await
         {
             Ok(_) => {
                 self.published = Some(endpoints);

@@ -1,151 +1,240 @@
-//! Persistent desired state: apps (with their app.toml text), assigned target ports, published
-//! node ports, routes and externally supplied endpoints.
+//! The shared state of the cluster as a revisioned key-value store, with two backends: the
+//! embedded [`SqliteStore`] (single node, the default) and [`EtcdStore`] (cluster mode).
 //!
-//! [`Store`] is deliberately small — read everything, commit a batch atomically with a
-//! revision check — so a distributed backend can replace [`SqliteStore`] without touching
-//! callers.
+//! The interface is the one etcd v3 offers, so both backends behave alike:
+//! - [`Store::list`] reads every key at one revision (a consistent snapshot);
+//! - [`Store::watch`] streams every change after a revision, in order, or says the history is
+//!   gone ([`WatchMessage::Compacted`]) so the reader lists again;
+//! - [`Store::commit`] applies a [`Txn`]: all its puts and deletes if every [`Compare`] on a
+//!   key's mod revision holds, else nothing ([`StoreError::Conflict`] names the key);
+//! - leases make keys vanish with the node that wrote them.
+//!
+//! What the keys mean and how values are encoded is [`records`].
 
+mod etcd;
+pub mod records;
 mod sqlite;
 
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use sqlite::SqliteStore;
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
+use std::{path::PathBuf, time::Duration};
 
-use crate::config::Protocol;
+use tokio::sync::mpsc;
 
-/// A deployed app as stored.
+/// A store revision: increases with every committed transaction; 0 means "before anything".
+pub type Revision = u64;
+
+/// A lease: keys written under it are deleted when it expires or is revoked.
+pub type LeaseId = i64;
+
+/// One key with its value and the revision of its last change.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppRecord {
-    /// App name (primary key).
-    pub name: String,
-    /// File name shown in diagnostics, as the deploying client named it.
-    pub source_name: String,
-    /// The app.toml text as deployed.
-    pub toml: String,
-    /// Deploy counter, starting at 1.
-    pub version: u64,
-    /// Unix time of the deploy.
-    pub deployed_at: u64,
-    /// The deployed app directory on this node (instances run there), if the client sent it.
-    pub directory: Option<String>,
-    /// Target ports the agent assigned to ports that app.toml left without `port`, keyed by
-    /// (service, port name).
-    pub assigned_ports: BTreeMap<(String, String), u16>,
+pub struct KeyValue {
+    /// Key, relative to the store's prefix (e.g. `apps/web`).
+    pub key: String,
+    /// Encoded value.
+    pub value: Vec<u8>,
+    /// Revision of the transaction that last wrote the key.
+    pub mod_revision: Revision,
 }
 
-/// A published node port: `(node_port, protocol)` is unique across all apps.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NodePortRecord {
-    /// Port on the node's addresses.
-    pub node_port: u16,
-    /// Transport protocol.
-    pub protocol: Protocol,
-    /// Owning app.
-    pub app: String,
-    /// Owning service.
-    pub service: String,
-    /// The service port it forwards to.
-    pub port_name: String,
-}
-
-/// A route: normalized host → app service.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct RouteRecord {
-    /// Normalized host.
-    pub host: String,
-    /// Target app.
-    pub app: String,
-    /// Target service.
-    pub service: String,
-    /// Upstream timeout in milliseconds; `None` means the ingress default.
-    pub timeout_ms: Option<u64>,
-}
-
-/// Endpoints of one service supplied through the API, per port name.
-pub type EndpointMap = BTreeMap<String, Vec<SocketAddr>>;
-
-/// Everything in the store at one revision.
+/// Every key at one revision.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StoreState {
-    /// Increases with every commit.
-    pub revision: u64,
-    /// Apps by name.
-    pub apps: BTreeMap<String, AppRecord>,
-    /// Published node ports, sorted.
-    pub node_ports: Vec<NodePortRecord>,
-    /// Routes, sorted by host.
-    pub routes: Vec<RouteRecord>,
-    /// Externally supplied endpoints by (app, service).
-    pub endpoints: BTreeMap<(String, String), EndpointMap>,
+pub struct Listing {
+    /// The revision the keys were read at.
+    pub revision: Revision,
+    /// The keys, sorted.
+    pub kvs: Vec<KeyValue>,
 }
 
-/// One change inside an atomic [`Store::commit`].
+/// One change seen by a watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
-    /// Create or replace an app and set its published node ports to `node_ports`.
-    PutApp {
-        /// The app.
-        app: AppRecord,
-        /// All node ports of this app after the write.
-        node_ports: Vec<NodePortRecord>,
-    },
-    /// Remove an app with its node ports, routes and endpoints.
-    RemoveApp(String),
-    /// Replace the published node ports of an app.
-    SetNodePorts {
-        /// The app.
-        app: String,
-        /// All node ports of this app after the write.
-        node_ports: Vec<NodePortRecord>,
-    },
-    /// Create or replace a route.
-    PutRoute(RouteRecord),
-    /// Remove the route for a host.
-    RemoveRoute(String),
-    /// Replace the endpoints of one service (empty map: none).
-    SetEndpoints {
-        /// The app.
-        app: String,
-        /// The service.
-        service: String,
-        /// Port name → addresses.
-        endpoints: EndpointMap,
+pub enum Event {
+    /// A key was created or replaced.
+    Put(KeyValue),
+    /// A key was deleted (also by lease expiry).
+    Delete {
+        /// The key.
+        key: String,
+        /// Revision of the deleting transaction.
+        mod_revision: Revision,
     },
 }
 
-/// Errors from a store backend.
+/// What a watch delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchMessage {
+    /// The changes of one or more transactions, in order, complete up to `revision`.
+    Changes {
+        /// The store's revision after these changes.
+        revision: Revision,
+        /// The changes.
+        events: Vec<Event>,
+    },
+    /// The changes since the requested revision are no longer available: list again.
+    Compacted,
+}
+
+/// A stream of [`WatchMessage`]s; it ends (`None`) when the watch is lost.
+#[derive(Debug)]
+pub struct Watch {
+    receiver: mpsc::Receiver<WatchMessage>,
+}
+
+impl Watch {
+    /// A watch fed through `receiver`.
+    fn new(receiver: mpsc::Receiver<WatchMessage>) -> Self {
+        Self { receiver }
+    }
+
+    /// The next message, or `None` once the watch is lost (list again).
+    pub async fn next(&mut self) -> Option<WatchMessage> {
+        self.receiver.recv().await
+    }
+}
+
+/// A condition of a [`Txn`]: `key`'s mod revision is `mod_revision` (0: the key is absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compare {
+    /// The key.
+    pub key: String,
+    /// Its expected mod revision; 0 means it must not exist.
+    pub mod_revision: Revision,
+}
+
+/// A change in a [`Txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create or replace a key, optionally tied to a lease.
+    Put {
+        /// The key.
+        key: String,
+        /// Encoded value.
+        value: Vec<u8>,
+        /// Lease that owns the key, if any.
+        lease: Option<LeaseId>,
+    },
+    /// Delete a key (no error if it is absent).
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Delete every key that starts with `prefix`.
+    DeletePrefix {
+        /// The prefix.
+        prefix: String,
+    },
+}
+
+/// An atomic change: `ops` are applied if and only if every compare holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    /// Conditions on mod revisions.
+    pub compares: Vec<Compare>,
+    /// Changes, in order.
+    pub ops: Vec<Op>,
+}
+
+impl Txn {
+    /// Requires `key` to be at `mod_revision` (0: absent).
+    pub fn compare(&mut self, key: impl Into<String>, mod_revision: Revision) -> &mut Self {
+        self.compares.push(Compare {
+            key: key.into(),
+            mod_revision,
+        });
+        self
+    }
+
+    /// Writes `value` at `key`.
+    pub fn put(&mut self, key: impl Into<String>, value: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::Put {
+            key: key.into(),
+            value,
+            lease: None,
+        });
+        self
+    }
+
+    /// Writes `value` at `key`, owned by `lease` (if any).
+    pub fn put_leased(
+        &mut self,
+        key: impl Into<String>,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> &mut Self {
+        self.ops.push(Op::Put {
+            key: key.into(),
+            value,
+            lease,
+        });
+        self
+    }
+
+    /// Deletes `key`.
+    pub fn delete(&mut self, key: impl Into<String>) -> &mut Self {
+        self.ops.push(Op::Delete { key: key.into() });
+        self
+    }
+
+    /// Deletes every key under `prefix`.
+    pub fn delete_prefix(&mut self, prefix: impl Into<String>) -> &mut Self {
+        self.ops.push(Op::DeletePrefix {
+            prefix: prefix.into(),
+        });
+        self
+    }
+}
+
+/// The source of a backend error, whatever the backend.
+pub type BackendSource = Box<dyn std::error::Error + Send + Sync>;
+
+/// Errors from a store backend; the same for every backend.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database could not be opened or migrated.
-    #[error("opening the store at {path}: {source}")]
-    Open {
-        /// Database file.
-        path: PathBuf,
+    /// The backend cannot be reached or has no quorum; nothing was changed.
+    #[error("store unavailable ({backend}): {source}")]
+    Unavailable {
+        /// Which backend, e.g. `etcd at https://10.0.0.1:2379`.
+        backend: String,
         /// Cause.
         #[source]
-        source: rusqlite::Error,
+        source: BackendSource,
     },
-    /// The state directory could not be created.
-    #[error("creating the state directory {path}: {source}")]
-    StateDir {
-        /// Directory.
-        path: PathBuf,
-        /// Cause.
+    /// A compare of the transaction failed: `key` changed since it was read.
+    #[error("{key} changed concurrently (the store is at revision {revision}); retry")]
+    Conflict {
+        /// The first key whose compare failed.
+        key: String,
+        /// The store's revision when the transaction was refused.
+        revision: Revision,
+    },
+    /// The lease expired or was revoked.
+    #[error("lease {lease:x} has expired")]
+    LeaseExpired {
+        /// The lease.
+        lease: LeaseId,
+    },
+    /// A stored value could not be decoded.
+    #[error("the store holds an invalid {what} at {key}: {reason}")]
+    Corrupt {
+        /// What the value should have been.
+        what: &'static str,
+        /// Its key.
+        key: String,
+        /// Why it could not be decoded.
+        reason: String,
+    },
+    /// The store's files or settings are unusable; the message says what to do.
+    #[error("{message}")]
+    Setup {
+        /// What is wrong and what to do.
+        message: String,
+        /// Cause, if any.
         #[source]
-        source: std::io::Error,
+        source: Option<BackendSource>,
     },
-    /// The state directory or a store file could not be made private to the agent's user.
-    #[error("making {path} private (mode {mode:o}): {source}")]
-    Permissions {
-        /// Directory or file.
-        path: PathBuf,
-        /// The mode it should have had.
-        mode: u32,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The database was written by a newer agent.
+    /// The store was written by a newer agent.
     #[error(
         "the store at {path} has schema version {found}, newer than this agent's {supported}; upgrade miren-agent"
     )]
@@ -157,45 +246,58 @@ pub enum StoreError {
         /// Newest version this agent knows.
         supported: i64,
     },
-    /// Someone else committed since the state this change was based on.
-    #[error("the store changed concurrently (expected revision {expected}, found {found}); retry")]
-    Conflict {
-        /// Revision the caller read.
-        expected: u64,
-        /// Revision found.
-        found: u64,
-    },
-    /// A query failed.
+    /// Any other failure of the backend while doing `op`.
     #[error("store {op}: {source}")]
-    Query {
+    Backend {
         /// What was being done.
         op: &'static str,
         /// Cause.
         #[source]
-        source: rusqlite::Error,
-    },
-    /// A stored value could not be decoded.
-    #[error("store holds an invalid {what}: {value}")]
-    Corrupt {
-        /// Which field.
-        what: &'static str,
-        /// The value found.
-        value: String,
+        source: BackendSource,
     },
 }
 
-/// A backend for the desired state.
-pub trait Store: Send + Sync {
-    /// Reads the whole state.
+/// A backend for the cluster's shared state.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Every key at the current revision.
     ///
     /// # Errors
-    /// [`StoreError`] when the backend cannot be read.
-    fn load(&self) -> Result<StoreState, StoreError>;
+    /// [`StoreError::Unavailable`] or another backend error.
+    async fn list(&self) -> Result<Listing, StoreError>;
 
-    /// Applies `writes` atomically if the store is still at `expected_revision`; returns the
-    /// new revision. Nothing is written on any error.
+    /// Every change after `after` (exclusive), in order. When those changes are gone the
+    /// first message is [`WatchMessage::Compacted`].
     ///
     /// # Errors
-    /// [`StoreError::Conflict`] when the revision moved; other [`StoreError`]s from the backend.
-    fn commit(&self, expected_revision: u64, writes: &[Write]) -> Result<u64, StoreError>;
+    /// [`StoreError::Unavailable`] or another backend error.
+    async fn watch(&self, after: Revision) -> Result<Watch, StoreError>;
+
+    /// Applies `txn` atomically; returns the revision it committed at. Nothing is written on
+    /// any error.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when a compare failed; other [`StoreError`]s from the backend.
+    async fn commit(&self, txn: Txn) -> Result<Revision, StoreError>;
+
+    /// A new lease that lives `ttl` unless kept alive.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or another backend error.
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
+
+    /// Renews `lease` for its full TTL.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseExpired`] when it is gone; other backend errors.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// Ends `lease` now, deleting its keys.
+    ///
+    /// # Errors
+    /// Backend errors.
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// What the store is, for messages: `sqlite at PATH`, `etcd at ENDPOINTS`.
+    fn describe(&self) -> String;
 }

@@ -1,16 +1,27 @@
 //! [`Store`] on an embedded SQLite database (`STATE_DIR/store.db`, WAL, synchronous=FULL), so
-//! state survives restarts and `kill -9`. Schema changes are numbered migrations tracked in
+//! state survives restarts and `kill -9`: one `kv` table of keys with their mod revisions, and
+//! the store's revision in `meta`. Schema changes are numbered migrations tracked in
 //! `PRAGMA user_version`.
+//!
+//! The watch is in-process: every commit's changes go to the open watches in commit order,
+//! and the last [`HISTORY`] commits are kept so a watch can start a little in the past.
+//! Single node: a lease lives until it is revoked (the only node cannot be lost while its own
+//! store is open), so leased keys survive an agent restart, like every other key; each grant
+//! is a new lease, so several views of one store (tests) can each have their own.
 
 use std::{
+    collections::VecDeque,
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
+use tokio::sync::{broadcast, mpsc};
 
-use super::{AppRecord, NodePortRecord, RouteRecord, Store, StoreError, StoreState, Write};
-use crate::config::Protocol;
+use super::{
+    Event, KeyValue, LeaseId, Listing, Op, Revision, Store, StoreError, Txn, Watch, WatchMessage,
+};
 
 /// Schema migrations; entry N brings the schema from version N to N+1.
 const MIGRATIONS: &[&str] = &[
@@ -58,16 +69,93 @@ const MIGRATIONS: &[&str] = &[
     r"
     ALTER TABLE apps ADD COLUMN directory TEXT;
 ",
+    // The relational tables become keys of the shared layout (`store::records`); endpoints
+    // become this node's (`:node` is bound to the node name).
+    r"
+    CREATE TABLE kv (
+        key TEXT PRIMARY KEY,
+        value BLOB NOT NULL,
+        mod_revision INTEGER NOT NULL,
+        lease INTEGER
+    );
+    INSERT INTO kv (key, value, mod_revision)
+        SELECT 'apps/' || name,
+            CAST(json_object(
+                'name', name, 'source_name', source_name, 'toml', toml, 'version', version,
+                'deployed_at', deployed_at, 'directory', directory,
+                'assigned_ports', (
+                    SELECT json_group_array(json_object(
+                        'service', service, 'port_name', port_name, 'port', port))
+                    FROM assigned_ports WHERE assigned_ports.app = apps.name)
+            ) AS BLOB),
+            (SELECT value FROM meta WHERE key = 'revision')
+        FROM apps;
+    INSERT INTO kv (key, value, mod_revision)
+        SELECT 'nodeports/' || protocol || '/' || node_port,
+            CAST(json_object('node_port', node_port, 'protocol', protocol, 'app', app,
+                'service', service, 'port_name', port_name) AS BLOB),
+            (SELECT value FROM meta WHERE key = 'revision')
+        FROM node_ports;
+    INSERT INTO kv (key, value, mod_revision)
+        SELECT 'routes/' || host,
+            CAST(json_object('host', host, 'app', app, 'service', service,
+                'timeout_ms', timeout_ms) AS BLOB),
+            (SELECT value FROM meta WHERE key = 'revision')
+        FROM routes;
+    INSERT INTO kv (key, value, mod_revision)
+        SELECT 'endpoints/' || app || '/' || service || '/' || :node,
+            CAST(json_group_object(port_name, json(addresses)) AS BLOB),
+            (SELECT value FROM meta WHERE key = 'revision')
+        FROM (
+            SELECT app, service, port_name, json_group_array(address) AS addresses
+            FROM (SELECT * FROM endpoints ORDER BY app, service, port_name, address)
+            GROUP BY app, service, port_name
+        )
+        GROUP BY app, service;
+    DROP TABLE endpoints;
+    DROP TABLE routes;
+    DROP TABLE node_ports;
+    DROP TABLE assigned_ports;
+    DROP TABLE apps;
+",
+    // Leases: one per agent start; keys of a revoked lease go with it.
+    r"
+    CREATE TABLE leases (id INTEGER PRIMARY KEY);
+    INSERT INTO leases (id) SELECT DISTINCT lease FROM kv WHERE lease IS NOT NULL;
+",
 ];
 
-/// The SQLite store. One connection, serialized by a mutex: the agent is the only writer.
-#[derive(Debug)]
+/// How many recent commits a new watch can start from.
+const HISTORY: usize = 4096;
+/// Commits buffered per watch before it is told to list again.
+const WATCH_BUFFER: usize = 1024;
+
+/// The changes of one commit.
+type Batch = Arc<(Revision, Vec<Event>)>;
+
+/// The SQLite store. One connection, serialized by a mutex.
+#[derive(Debug, Clone)]
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    state: Mutex<State>,
+    events: broadcast::Sender<Batch>,
+}
+
+#[derive(Debug)]
+struct State {
+    conn: Connection,
+    /// The last [`HISTORY`] commits, oldest first.
+    history: VecDeque<Batch>,
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) `state_dir/store.db` and migrates it to the current schema.
+    /// Opens (creating if needed) `state_dir/store.db` and migrates it to the current schema;
+    /// endpoints stored by an agent before the key layout are taken over as `node`'s.
     ///
     /// The store holds the apps' environment (secrets among it), so the state directory is
     /// made 0700 and the database with its `-wal` and `-shm` files 0600, also when an older
@@ -75,19 +163,15 @@ impl SqliteStore {
     /// the database).
     ///
     /// # Errors
-    /// [`StoreError::StateDir`], [`StoreError::Permissions`], [`StoreError::Open`], or
-    /// [`StoreError::TooNew`].
-    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::StateDir {
-            path: state_dir.to_owned(),
-            source,
+    /// [`StoreError::Setup`] or [`StoreError::TooNew`].
+    pub fn open(state_dir: &Path, node: &str) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Setup {
+            message: format!("creating the state directory {}", state_dir.display()),
+            source: Some(source.into()),
         })?;
         make_private(state_dir, 0o700)?;
         let path = state_dir.join("store.db");
-        let open_err = |source| StoreError::Open {
-            path: path.clone(),
-            source,
-        };
+        let open_err = |source: rusqlite::Error| open_error(&path, source);
         let mut conn = Connection::open(&path).map_err(open_err)?;
         for file in ["store.db", "store.db-wal", "store.db-shm"] {
             let file = state_dir.join(file);
@@ -99,18 +183,62 @@ impl SqliteStore {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )
         .map_err(open_err)?;
-        migrate(&mut conn, &path)?;
+        migrate(&mut conn, &path, node)?;
+        let (events, _) = broadcast::channel(WATCH_BUFFER);
         Ok(Self {
-            conn: Mutex::new(conn),
+            inner: Arc::new(Inner {
+                path,
+                state: Mutex::new(State {
+                    conn,
+                    history: VecDeque::new(),
+                }),
+                events,
+            }),
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    /// Runs `f` on the connection in the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner, &mut State) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut state = inner.lock();
+            f(&inner, &mut state)
+        })
+        .await
+        .map_err(|err| StoreError::Backend {
+            op: "run a store operation",
+            source: err.into(),
+        })?
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave a half-applied transaction (it rolls
         // back on drop), so the connection is still usable.
-        self.conn
+        self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn open_error(path: &Path, source: rusqlite::Error) -> StoreError {
+    StoreError::Setup {
+        message: format!(
+            "opening the store at {}; check the file, or move it away to start empty",
+            path.display()
+        ),
+        source: Some(source.into()),
+    }
+}
+
+fn query(op: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Backend {
+        op,
+        source: source.into(),
     }
 }
 
@@ -118,19 +246,15 @@ impl SqliteStore {
 fn make_private(path: &Path, mode: u32) -> Result<(), StoreError> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
-        StoreError::Permissions {
-            path: path.to_owned(),
-            mode,
-            source,
+        StoreError::Setup {
+            message: format!("making {} private (mode {mode:o})", path.display()),
+            source: Some(source.into()),
         }
     })
 }
 
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let open_err = |source| StoreError::Open {
-        path: PathBuf::from(path),
-        source,
-    };
+fn migrate(conn: &mut Connection, path: &Path, node: &str) -> Result<(), StoreError> {
+    let open_err = |source| open_error(path, source);
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(open_err)?;
@@ -144,477 +268,283 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     }
     let tx = conn.transaction().map_err(open_err)?;
     for migration in &MIGRATIONS[version as usize..] {
-        tx.execute_batch(migration).map_err(open_err)?;
+        if migration.contains(":node") {
+            // execute_batch cannot bind parameters: run the statements one by one.
+            for statement in migration.split(';').filter(|s| !s.trim().is_empty()) {
+                let mut stmt = tx.prepare(statement).map_err(open_err)?;
+                if stmt.parameter_count() > 0 {
+                    stmt.execute(rusqlite::named_params! { ":node": node })
+                } else {
+                    stmt.execute([])
+                }
+                .map_err(open_err)?;
+            }
+        } else {
+            tx.execute_batch(migration).map_err(open_err)?;
+        }
     }
     tx.pragma_update(None, "user_version", supported)
         .map_err(open_err)?;
     tx.commit().map_err(open_err)
 }
 
-impl Store for SqliteStore {
-    fn load(&self) -> Result<StoreState, StoreError> {
-        let mut conn = self.conn();
-        let q = |op| move |source| StoreError::Query { op, source };
-        // One read transaction: a consistent snapshot.
-        let tx = conn.transaction().map_err(q("begin read"))?;
-        let mut state = StoreState {
-            revision: revision(&tx)?,
-            ..StoreState::default()
-        };
-
-        let mut stmt = tx
-            .prepare("SELECT name, source_name, toml, version, deployed_at, directory FROM apps")
-            .map_err(q("read apps"))?;
-        let apps = stmt
-            .query_map([], |row| {
-                Ok(AppRecord {
-                    name: row.get(0)?,
-                    source_name: row.get(1)?,
-                    directory: row.get(5)?,
-                    toml: row.get(2)?,
-                    version: row.get(3)?,
-                    deployed_at: row.get(4)?,
-                    assigned_ports: Default::default(),
-                })
-            })
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .map_err(q("read apps"))?;
-        state.apps = apps
-            .into_iter()
-            .map(|app| (app.name.clone(), app))
-            .collect();
-        drop(stmt);
-
-        let mut stmt = tx
-            .prepare("SELECT app, service, port_name, port FROM assigned_ports")
-            .map_err(q("read assigned ports"))?;
-        let rows = stmt
-            .query_map([], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get(1)?,
-                    row.get(2)?,
-                    row.get::<_, u16>(3)?,
-                ))
-            })
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .map_err(q("read assigned ports"))?;
-        for (app, service, port_name, port) in rows {
-            if let Some(app) = state.apps.get_mut(&app) {
-                app.assigned_ports.insert((service, port_name), port);
-            }
-        }
-        drop(stmt);
-
-        let mut stmt = tx
-            .prepare(
-                "SELECT node_port, protocol, app, service, port_name FROM node_ports
-                 ORDER BY node_port, protocol",
-            )
-            .map_err(q("read node ports"))?;
-        let rows = stmt
-            .query_map([], |row| {
-                Ok((
-                    row.get::<_, u16>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get(2)?,
-                    row.get(3)?,
-                    row.get(4)?,
-                ))
-            })
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .map_err(q("read node ports"))?;
-        for (node_port, protocol, app, service, port_name) in rows {
-            let protocol = parse_protocol(&protocol)?;
-            state.node_ports.push(NodePortRecord {
-                node_port,
-                protocol,
-                app,
-                service,
-                port_name,
-            });
-        }
-        drop(stmt);
-
-        let mut stmt = tx
-            .prepare("SELECT host, app, service, timeout_ms FROM routes ORDER BY host")
-            .map_err(q("read routes"))?;
-        state.routes = stmt
-            .query_map([], |row| {
-                Ok(RouteRecord {
-                    host: row.get(0)?,
-                    app: row.get(1)?,
-                    service: row.get(2)?,
-                    timeout_ms: row.get(3)?,
-                })
-            })
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .map_err(q("read routes"))?;
-        drop(stmt);
-
-        let mut stmt = tx
-            .prepare("SELECT app, service, port_name, address FROM endpoints ORDER BY 1, 2, 3, 4")
-            .map_err(q("read endpoints"))?;
-        let rows = stmt
-            .query_map([], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, String>(2)?,
-                    row.get::<_, String>(3)?,
-                ))
-            })
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .map_err(q("read endpoints"))?;
-        for (app, service, port_name, address) in rows {
-            let address = address.parse().map_err(|_| StoreError::Corrupt {
-                what: "endpoint address",
-                value: address.clone(),
-            })?;
-            state
-                .endpoints
-                .entry((app, service))
-                .or_default()
-                .entry(port_name)
-                .or_default()
-                .push(address);
-        }
-        Ok(state)
-    }
-
-    fn commit(&self, expected_revision: u64, writes: &[Write]) -> Result<u64, StoreError> {
-        let mut conn = self.conn();
-        let q = |op| move |source| StoreError::Query { op, source };
-        let tx = conn.transaction().map_err(q("begin"))?;
-        let found = revision(&tx)?;
-        if found != expected_revision {
-            return Err(StoreError::Conflict {
-                expected: expected_revision,
-                found,
-            });
-        }
-        for write in writes {
-            apply(&tx, write)?;
-        }
-        let next = found + 1;
-        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'revision'", [next])
-            .map_err(q("bump revision"))?;
-        tx.commit().map_err(q("commit"))?;
-        Ok(next)
-    }
-}
-
-fn revision(tx: &Transaction<'_>) -> Result<u64, StoreError> {
+fn revision(tx: &Transaction<'_>) -> Result<Revision, StoreError> {
     tx.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |row| {
         row.get(0)
     })
     .optional()
-    .map_err(|source| StoreError::Query {
-        op: "read revision",
-        source,
-    })
+    .map_err(query("read the revision"))
     .map(Option::unwrap_or_default)
 }
 
-fn apply(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
-    let q = |op| move |source| StoreError::Query { op, source };
-    match write {
-        Write::PutApp { app, node_ports } => {
-            tx.execute(
-                "INSERT INTO apps (name, source_name, toml, version, deployed_at, directory)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (name) DO UPDATE SET source_name = ?2, toml = ?3, version = ?4,
-                    deployed_at = ?5, directory = ?6",
-                params![
-                    app.name,
-                    app.source_name,
-                    app.toml,
-                    app.version,
-                    app.deployed_at,
-                    app.directory
-                ],
-            )
-            .map_err(q("write app"))?;
-            tx.execute("DELETE FROM assigned_ports WHERE app = ?1", [&app.name])
-                .map_err(q("clear assigned ports"))?;
-            for ((service, port_name), port) in &app.assigned_ports {
+fn mod_revision(tx: &Transaction<'_>, key: &str) -> Result<Revision, StoreError> {
+    tx.query_row("SELECT mod_revision FROM kv WHERE key = ?1", [key], |row| {
+        row.get(0)
+    })
+    .optional()
+    .map_err(query("read a key"))
+    .map(Option::unwrap_or_default)
+}
+
+/// Applies `ops` at revision `next`; returns the changes (deleting an absent key is none).
+fn apply(tx: &Transaction<'_>, next: Revision, ops: &[Op]) -> Result<Vec<Event>, StoreError> {
+    let mut events = Vec::new();
+    for op in ops {
+        match op {
+            Op::Put { key, value, lease } => {
                 tx.execute(
-                    "INSERT INTO assigned_ports (app, service, port_name, port) VALUES (?1, ?2, ?3, ?4)",
-                    params![app.name, service, port_name, port],
+                    "INSERT INTO kv (key, value, mod_revision, lease) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (key) DO UPDATE SET value = ?2, mod_revision = ?3, lease = ?4",
+                    params![key, value, next, lease],
                 )
-                .map_err(q("write assigned port"))?;
+                .map_err(query("write a key"))?;
+                events.push(Event::Put(KeyValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                    mod_revision: next,
+                }));
             }
-            set_node_ports(tx, &app.name, node_ports)
-        }
-        Write::RemoveApp(name) => tx
-            .execute("DELETE FROM apps WHERE name = ?1", [name])
-            .map(drop)
-            .map_err(q("remove app")),
-        Write::SetNodePorts { app, node_ports } => set_node_ports(tx, app, node_ports),
-        Write::PutRoute(route) => tx
-            .execute(
-                "INSERT INTO routes (host, app, service, timeout_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (host) DO UPDATE SET app = ?2, service = ?3, timeout_ms = ?4",
-                params![route.host, route.app, route.service, route.timeout_ms],
-            )
-            .map(drop)
-            .map_err(q("write route")),
-        Write::RemoveRoute(host) => tx
-            .execute("DELETE FROM routes WHERE host = ?1", [host])
-            .map(drop)
-            .map_err(q("remove route")),
-        Write::SetEndpoints {
-            app,
-            service,
-            endpoints,
-        } => {
-            tx.execute(
-                "DELETE FROM endpoints WHERE app = ?1 AND service = ?2",
-                [app, service],
-            )
-            .map_err(q("clear endpoints"))?;
-            for (port_name, addresses) in endpoints {
-                for address in addresses {
-                    tx.execute(
-                        "INSERT OR IGNORE INTO endpoints (app, service, port_name, address)
-                         VALUES (?1, ?2, ?3, ?4)",
-                        params![app, service, port_name, address.to_string()],
-                    )
-                    .map_err(q("write endpoint"))?;
+            Op::Delete { key } => {
+                let deleted = tx
+                    .execute("DELETE FROM kv WHERE key = ?1", [key])
+                    .map_err(query("delete a key"))?;
+                if deleted > 0 {
+                    events.push(Event::Delete {
+                        key: key.clone(),
+                        mod_revision: next,
+                    });
                 }
             }
-            Ok(())
+            Op::DeletePrefix { prefix } => {
+                let mut stmt = tx
+                    .prepare("DELETE FROM kv WHERE substr(key, 1, length(?1)) = ?1 RETURNING key")
+                    .map_err(query("delete keys"))?;
+                let keys = stmt
+                    .query_map([prefix], |row| row.get::<_, String>(0))
+                    .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                    .map_err(query("delete keys"))?;
+                events.extend(keys.into_iter().map(|key| Event::Delete {
+                    key,
+                    mod_revision: next,
+                }));
+            }
         }
     }
+    Ok(events)
 }
 
-fn set_node_ports(
-    tx: &Transaction<'_>,
-    app: &str,
-    node_ports: &[NodePortRecord],
-) -> Result<(), StoreError> {
-    let q = |op| move |source| StoreError::Query { op, source };
-    tx.execute("DELETE FROM node_ports WHERE app = ?1", [app])
-        .map_err(q("clear node ports"))?;
-    for np in node_ports {
-        tx.execute(
-            "INSERT INTO node_ports (node_port, protocol, app, service, port_name)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                np.node_port,
-                np.protocol.as_str(),
-                np.app,
-                np.service,
-                np.port_name
-            ],
-        )
-        .map_err(q("write node port"))?;
+impl Inner {
+    /// Commits `events` at `next` and announces them to the watches (under the lock, so in
+    /// commit order).
+    fn publish(&self, state: &mut State, next: Revision, events: Vec<Event>) {
+        let batch: Batch = Arc::new((next, events));
+        if state.history.len() == HISTORY {
+            state.history.pop_front();
+        }
+        state.history.push_back(Arc::clone(&batch));
+        // No receiver is fine: nobody watches yet.
+        let _ = self.events.send(batch);
     }
-    Ok(())
+
+    fn commit(&self, state: &mut State, txn: &Txn) -> Result<Revision, StoreError> {
+        let tx = state.conn.transaction().map_err(query("begin"))?;
+        let current = revision(&tx)?;
+        for compare in &txn.compares {
+            if mod_revision(&tx, &compare.key)? != compare.mod_revision {
+                return Err(StoreError::Conflict {
+                    key: compare.key.clone(),
+                    revision: current,
+                });
+            }
+        }
+        let next = current + 1;
+        let events = apply(&tx, next, &txn.ops)?;
+        if events.is_empty() {
+            return Ok(current);
+        }
+        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'revision'", [next])
+            .map_err(query("bump the revision"))?;
+        tx.commit().map_err(query("commit"))?;
+        self.publish(state, next, events);
+        Ok(next)
+    }
 }
 
-fn parse_protocol(value: &str) -> Result<Protocol, StoreError> {
-    Protocol::from_name(value).ok_or_else(|| StoreError::Corrupt {
-        what: "protocol",
-        value: value.to_owned(),
-    })
+fn list(state: &mut State) -> Result<Listing, StoreError> {
+    // One read transaction: a consistent snapshot.
+    let tx = state.conn.transaction().map_err(query("begin a read"))?;
+    let revision = revision(&tx)?;
+    let mut stmt = tx
+        .prepare("SELECT key, value, mod_revision FROM kv ORDER BY key")
+        .map_err(query("list keys"))?;
+    let kvs = stmt
+        .query_map([], |row| {
+            Ok(KeyValue {
+                key: row.get(0)?,
+                value: row.get(1)?,
+                mod_revision: row.get(2)?,
+            })
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(query("list keys"))?;
+    Ok(Listing { revision, kvs })
+}
+
+/// Forwards the commits after `after` to a new watch: first from the history, then live.
+fn start_watch(inner: &Inner, state: &mut State, after: Revision) -> Result<Watch, StoreError> {
+    let current = {
+        let tx = state.conn.transaction().map_err(query("begin a read"))?;
+        revision(&tx)?
+    };
+    let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
+    let mut live = inner.events.subscribe();
+    let covered = after >= current
+        || state
+            .history
+            .front()
+            .is_some_and(|oldest| oldest.0 <= after + 1);
+    let replay: Vec<Batch> = state
+        .history
+        .iter()
+        .filter(|batch| batch.0 > after)
+        .cloned()
+        .collect();
+    tokio::spawn(async move {
+        if !covered {
+            let _ = sender.send(WatchMessage::Compacted).await;
+            return;
+        }
+        for batch in replay {
+            if sender.send(changes(&batch)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let message = match live.recv().await {
+                Ok(batch) if batch.0 <= after => continue,
+                Ok(batch) => changes(&batch),
+                Err(broadcast::error::RecvError::Lagged(_)) => WatchMessage::Compacted,
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let compacted = message == WatchMessage::Compacted;
+            if sender.send(message).await.is_err() || compacted {
+                return;
+            }
+        }
+    });
+    Ok(Watch::new(receiver))
+}
+
+fn changes(batch: &Batch) -> WatchMessage {
+    WatchMessage::Changes {
+        revision: batch.0,
+        events: batch.1.clone(),
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn list(&self) -> Result<Listing, StoreError> {
+        self.blocking(|_, state| list(state)).await
+    }
+
+    async fn watch(&self, after: Revision) -> Result<Watch, StoreError> {
+        // Subscribing and reading the history under the store lock: no commit falls between.
+        let mut state = self.inner.lock();
+        start_watch(&self.inner, &mut state, after)
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<Revision, StoreError> {
+        self.blocking(move |inner, state| inner.commit(state, &txn))
+            .await
+    }
+
+    async fn grant_lease(&self, _ttl: Duration) -> Result<LeaseId, StoreError> {
+        self.blocking(|_, state| {
+            state
+                .conn
+                .query_row(
+                    "INSERT INTO leases (id) VALUES (NULL) RETURNING id",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(query("grant a lease"))
+        })
+        .await
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.blocking(move |_, state| {
+            let found: Option<LeaseId> = state
+                .conn
+                .query_row("SELECT id FROM leases WHERE id = ?1", [lease], |row| {
+                    row.get(0)
+                })
+                .optional()
+                .map_err(query("renew a lease"))?;
+            found.map(drop).ok_or(StoreError::LeaseExpired { lease })
+        })
+        .await
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.blocking(move |inner, state| {
+            let tx = state.conn.transaction().map_err(query("begin"))?;
+            let next = revision(&tx)? + 1;
+            let mut stmt = tx
+                .prepare("DELETE FROM kv WHERE lease = ?1 RETURNING key")
+                .map_err(query("revoke a lease"))?;
+            let keys = stmt
+                .query_map([lease], |row| row.get::<_, String>(0))
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .map_err(query("revoke a lease"))?;
+            drop(stmt);
+            tx.execute("DELETE FROM leases WHERE id = ?1", [lease])
+                .map_err(query("revoke a lease"))?;
+            if keys.is_empty() {
+                tx.commit().map_err(query("commit"))?;
+                return Ok(());
+            }
+            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'revision'", [next])
+                .map_err(query("bump the revision"))?;
+            tx.commit().map_err(query("commit"))?;
+            let events = keys
+                .into_iter()
+                .map(|key| Event::Delete {
+                    key,
+                    mod_revision: next,
+                })
+                .collect();
+            inner.publish(state, next, events);
+            Ok(())
+        })
+        .await
+    }
+
+    fn describe(&self) -> String {
+        format!("sqlite at {}", self.inner.path.display())
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-
-    fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("miren-store-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
-    }
-
-    fn app(name: &str, version: u64) -> AppRecord {
-        AppRecord {
-            name: name.into(),
-            source_name: format!("{name}/.miren/app.toml"),
-            directory: None,
-            toml: format!("name = \"{name}\"\n"),
-            version,
-            deployed_at: 1_700_000_000 + version,
-            assigned_ports: BTreeMap::from([(("main".into(), "admin".into()), 20001)]),
-        }
-    }
-
-    fn node_port(app: &str, node_port: u16, protocol: Protocol) -> NodePortRecord {
-        NodePortRecord {
-            node_port,
-            protocol,
-            app: app.into(),
-            service: "main".into(),
-            port_name: "game".into(),
-        }
-    }
-
-    #[test]
-    fn state_round_trips_and_survives_reopen() {
-        let dir = temp_dir("roundtrip");
-        let store = SqliteStore::open(&dir).unwrap();
-        let writes = [
-            Write::PutApp {
-                app: app("game", 1),
-                node_ports: vec![node_port("game", 27015, Protocol::Udp)],
-            },
-            Write::PutRoute(RouteRecord {
-                host: "game.example.com".into(),
-                app: "game".into(),
-                service: "main".into(),
-                timeout_ms: Some(1500),
-            }),
-            Write::SetEndpoints {
-                app: "game".into(),
-                service: "main".into(),
-                endpoints: BTreeMap::from([(
-                    "game".into(),
-                    vec!["10.88.0.2:27015".parse().unwrap()],
-                )]),
-            },
-        ];
-        assert_eq!(store.commit(0, &writes).unwrap(), 1);
-        let before = store.load().unwrap();
-        drop(store);
-        let after = SqliteStore::open(&dir).unwrap().load().unwrap();
-        assert_eq!(before, after);
-        assert_eq!(after.revision, 1);
-        assert_eq!(after.apps["game"], app("game", 1));
-        assert_eq!(
-            after.node_ports,
-            vec![node_port("game", 27015, Protocol::Udp)]
-        );
-        assert_eq!(after.routes.len(), 1);
-        assert_eq!(
-            after.endpoints[&("game".into(), "main".into())]["game"].len(),
-            1
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn state_dir_and_store_files_are_private_also_after_an_older_install() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
-        let chmod = |path: &Path, mode: u32| {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-        };
-        let dir = temp_dir("modes");
-        let store = SqliteStore::open(&dir).unwrap();
-        store
-            .commit(
-                0,
-                &[Write::PutApp {
-                    app: app("game", 1),
-                    node_ports: vec![],
-                }],
-            )
-            .unwrap();
-        let files = ["store.db", "store.db-wal", "store.db-shm"].map(|f| dir.join(f));
-        assert_eq!(mode(&dir), 0o700);
-        for file in &files {
-            assert_eq!(mode(file), 0o600, "{}", file.display());
-        }
-        // An older agent left everything world-readable (the store still open, so the WAL
-        // and shared-memory files exist when the next agent opens it).
-        chmod(&dir, 0o755);
-        for file in &files {
-            chmod(file, 0o644);
-        }
-        let reopened = SqliteStore::open(&dir).unwrap();
-        assert_eq!(mode(&dir), 0o700);
-        for file in &files {
-            assert_eq!(mode(file), 0o600, "{}", file.display());
-        }
-        drop((store, reopened));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_failing_batch_writes_nothing() {
-        let dir = temp_dir("atomic");
-        let store = SqliteStore::open(&dir).unwrap();
-        store
-            .commit(
-                0,
-                &[Write::PutApp {
-                    app: app("a", 1),
-                    node_ports: vec![node_port("a", 7000, Protocol::Tcp)],
-                }],
-            )
-            .unwrap();
-        // b's first write is fine, its node port collides with a's: the whole batch fails.
-        let err = store
-            .commit(
-                1,
-                &[Write::PutApp {
-                    app: app("b", 1),
-                    node_ports: vec![node_port("b", 7000, Protocol::Tcp)],
-                }],
-            )
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                StoreError::Query {
-                    op: "write node port",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        let state = store.load().unwrap();
-        assert_eq!(state.revision, 1);
-        assert!(!state.apps.contains_key("b"));
-        // Same number, other protocol: fine.
-        store
-            .commit(
-                1,
-                &[Write::PutApp {
-                    app: app("b", 1),
-                    node_ports: vec![node_port("b", 7000, Protocol::Udp)],
-                }],
-            )
-            .unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn stale_revision_is_a_conflict_and_removing_an_app_cascades() {
-        let dir = temp_dir("cascade");
-        let store = SqliteStore::open(&dir).unwrap();
-        store
-            .commit(
-                0,
-                &[
-                    Write::PutApp {
-                        app: app("a", 1),
-                        node_ports: vec![node_port("a", 7000, Protocol::Tcp)],
-                    },
-                    Write::PutRoute(RouteRecord {
-                        host: "a.example.com".into(),
-                        app: "a".into(),
-                        service: "main".into(),
-                        timeout_ms: None,
-                    }),
-                ],
-            )
-            .unwrap();
-        assert!(matches!(
-            store.commit(0, &[]),
-            Err(StoreError::Conflict {
-                expected: 0,
-                found: 1
-            })
-        ));
-        store.commit(1, &[Write::RemoveApp("a".into())]).unwrap();
-        let state = store.load().unwrap();
-        assert!(state.apps.is_empty() && state.node_ports.is_empty() && state.routes.is_empty());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
+mod tests;

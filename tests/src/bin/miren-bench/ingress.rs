@@ -480,7 +480,7 @@ impl Agent {
             .deploy(&DeployRequest {
                 source_name: "bench/.miren/app.toml".into(),
                 toml: APP.into(),
-                directory: None,
+                bundle: None,
             })
             .context("deploying the bench app")?;
         self.api
@@ -490,6 +490,7 @@ impl Agent {
                 &ServiceEndpoints {
                     service: String::new(),
                     endpoints: BTreeMap::from([("http".to_owned(), vec![backend])]),
+                    ..ServiceEndpoints::default()
                 },
             )
             .context("setting the bench app's endpoint")?;

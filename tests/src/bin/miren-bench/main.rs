@@ -13,7 +13,9 @@
 //!    for both data planes.
 //!
 //! `cargo xtask bench ingress` (see `ingress.rs`): the HTTP ingress against nginx.
+//! `cargo xtask bench cluster` (see `cluster.rs`): cluster mode on a real etcd cluster.
 
+mod cluster;
 mod ingress;
 mod update_latency;
 
@@ -57,6 +59,7 @@ fn main() -> Result<()> {
             update_latency::run()
         }
         Some("ingress") => ingress::run(),
+        Some("cluster") => cluster::run(),
         // Started by `ingress` as the Pingora floor row's proxy.
         Some("pingora-floor") => {
             let addr = |n: usize| -> Result<std::net::SocketAddr> {
@@ -68,7 +71,9 @@ fn main() -> Result<()> {
             };
             ingress::serve_pingora_floor(addr(2)?, addr(3)?)
         }
-        Some(other) => bail!("unknown benchmark {other:?}; available: dataplane, ingress"),
+        Some(other) => {
+            bail!("unknown benchmark {other:?}; available: dataplane, ingress, cluster")
+        }
     }
 }
 

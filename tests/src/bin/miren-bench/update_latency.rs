@@ -135,7 +135,7 @@ fn deploy_bulk(world: &World) -> Result<()> {
     api.deploy(&DeployRequest {
         source_name: "bulk/.miren/app.toml".into(),
         toml,
-        directory: None,
+        bundle: None,
     })
     .context("deploying 10,000 node ports")?;
     eprintln!("deployed 10,000 node ports in {:?}", started.elapsed());
@@ -152,6 +152,7 @@ fn deploy_bulk(world: &World) -> Result<()> {
             &ServiceEndpoints {
                 service: String::new(),
                 endpoints,
+                ..ServiceEndpoints::default()
             },
         )?;
     }

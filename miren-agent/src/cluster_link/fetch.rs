@@ -1,0 +1,137 @@
+//! Fetching what this node lacks from the other agents of the cluster: the code bundles of
+//! the deployed apps, verified against their hash before they are kept.
+
+use std::{sync::Arc, time::Duration};
+
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+use super::{AUTHORIZATION, ClusterLinkError, ClusterToken};
+use crate::{
+    bundle::{BundleHash, BundleStore, BundleUsers as _},
+    control::{ControlPlane, Peer},
+};
+
+/// How long connecting to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one bundle download may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often missing bundles are looked for again without a change.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// A client of the other agents' cluster listeners.
+#[derive(Debug, Clone)]
+pub struct PeerClient {
+    token: ClusterToken,
+}
+
+impl PeerClient {
+    /// A client presenting `token`.
+    pub fn new(token: ClusterToken) -> Self {
+        Self { token }
+    }
+
+    /// Downloads bundle `hash` from `peer` into `bundles` (verified and unpacked there).
+    ///
+    /// # Errors
+    /// [`ClusterLinkError::Peer`] when the peer cannot be reached, does not have it, or sends
+    /// something else.
+    pub async fn fetch_bundle(
+        &self,
+        peer: &Peer,
+        hash: &BundleHash,
+        bundles: &Arc<BundleStore>,
+    ) -> Result<(), ClusterLinkError> {
+        let addr = peer.cluster_addr.ok_or_else(|| ClusterLinkError::Peer {
+            peer: peer.name.clone(),
+            addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            what: format!("bundle {}", hash.short()),
+            problem: "it has no cluster listener".into(),
+        })?;
+        let fail = |problem: String| ClusterLinkError::Peer {
+            peer: peer.name.clone(),
+            addr,
+            what: format!("bundle {}", hash.short()),
+            problem,
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| fail("no connection within 5 s".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let driver = tokio::spawn(connection);
+        let request = hyper::Request::get(format!("/cluster/v1/bundles/{}", hash.as_str()))
+            .header("host", addr.to_string())
+            .header(AUTHORIZATION, self.token.header())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| fail(e.to_string()))?;
+        let download = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if response.status() != hyper::StatusCode::OK {
+                return Err(fail(format!("it answered {}", response.status())));
+            }
+            let mut incoming = bundles
+                .receive(hash.clone())
+                .map_err(|e| fail(e.to_string()))?;
+            let mut body = response.into_body();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| fail(e.to_string()))?;
+                if let Some(chunk) = frame.data_ref() {
+                    incoming.write(chunk).map_err(|e| fail(e.to_string()))?;
+                }
+            }
+            let bundles = Arc::clone(bundles);
+            tokio::task::spawn_blocking(move || bundles.put_verified(incoming))
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(e.to_string()))
+        };
+        let result = tokio::time::timeout(FETCH_TIMEOUT, download)
+            .await
+            .map_err(|_| fail("the download took longer than 5 minutes".into()))?;
+        driver.abort();
+        result.map(drop)
+    }
+}
+
+/// Keeps every deployed app's bundle on this node: after every change of the desired state
+/// and every [`RETRY`], each missing bundle is fetched from the first peer that has it.
+/// Runs until aborted.
+pub async fn follow_bundles(
+    control: Arc<ControlPlane>,
+    bundles: Arc<BundleStore>,
+    client: PeerClient,
+) {
+    let mut revisions = control.subscribe();
+    loop {
+        let missing: Vec<BundleHash> = control
+            .bundles_in_use()
+            .into_iter()
+            .filter(|hash| bundles.path(hash).is_none())
+            .collect();
+        for hash in missing {
+            let mut problems = Vec::new();
+            let mut fetched = false;
+            for peer in control.peers() {
+                match client.fetch_bundle(&peer, &hash, &bundles).await {
+                    Ok(()) => {
+                        tracing::info!(bundle = hash.short(), peer = %peer.name, "fetched an app's code bundle");
+                        fetched = true;
+                        break;
+                    }
+                    Err(error) => problems.push(error.to_string()),
+                }
+            }
+            if !fetched {
+                tracing::warn!(bundle = hash.short(), problems = ?problems, "no peer could send an app's code bundle; retrying");
+            }
+        }
+        let _ = tokio::time::timeout(RETRY, revisions.changed()).await;
+    }
+}
