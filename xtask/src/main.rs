@@ -23,7 +23,8 @@ enum Task {
     Setup,
     /// Set up, then build the agent (with its embedded eBPF object) and the CLI.
     Build,
-    /// Set up, then build and run every unit and integration test, then `demo --once`.
+    /// Set up, then build and run every unit and integration test, then `demo --once` and
+    /// `demo --once --cluster`.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -40,6 +41,9 @@ enum Task {
         /// Exit after the showcase instead of waiting for Ctrl-C.
         #[arg(long)]
         once: bool,
+        /// Run the 3-node cluster showcase (etcd, one agent per node) instead of one node.
+        #[arg(long)]
+        cluster: bool,
     },
 }
 
@@ -71,8 +75,9 @@ fn main() -> Result<()> {
             }
             cmd::cargo(&root, &test)?;
             if args.is_empty() {
-                // The whole product end to end: the demo's showcase fails on any wrong step.
+                // The whole product end to end: the demos' showcases fail on any wrong step.
                 cmd::cargo(&root, &[&DEMO_RUN[..], &["--once"]].concat())?;
+                cmd::cargo(&root, &[&DEMO_RUN[..], &["--once", "--cluster"]].concat())?;
             }
             Ok(())
         }
@@ -93,12 +98,15 @@ fn main() -> Result<()> {
                 ],
             )
         }
-        Task::Demo { once } => {
+        Task::Demo { once, cluster } => {
             // The demo starts the agent and the CLI binaries.
             cmd::cargo(&root, &["build", "--bins"])?;
             let mut demo = DEMO_RUN.to_vec();
             if once {
                 demo.push("--once");
+            }
+            if cluster {
+                demo.push("--cluster");
             }
             // Replaced by cargo, which replaces itself by the demo: Ctrl-C reaches only the
             // demo, which then cleans up before the shell prompt returns.

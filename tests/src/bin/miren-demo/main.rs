@@ -8,7 +8,11 @@
 //! excerpt. It stays up until Ctrl-C (`--once`: exits after the showcase, non-zero if a step
 //! failed). Everything it creates is removed on exit, also on failure or Ctrl-C: the agent gets
 //! SIGTERM (so it removes its sandboxes), then the namespaces are deleted.
+//!
+//! `--cluster` (`cargo xtask demo --cluster`) runs the 3-node showcase of `cluster.rs`
+//! instead.
 
+mod cluster;
 mod node;
 mod showcase;
 
@@ -27,6 +31,7 @@ use crate::node::DemoNode;
 
 fn main() -> ExitCode {
     let once = std::env::args().any(|arg| arg == "--once");
+    let cluster = std::env::args().any(|arg| arg == "--cluster");
     let stop = match Stop::on_signals() {
         Ok(stop) => stop,
         Err(e) => {
@@ -34,7 +39,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let failures = match run(once, &stop) {
+    let result = if cluster {
+        cluster::run(once, &stop)
+    } else {
+        run(once, &stop)
+    };
+    let failures = match result {
         Ok(failures) => failures,
         Err(e) => {
             eprintln!("\ndemo failed: {e:#}");
@@ -138,7 +148,7 @@ impl Stop {
     }
 
     /// Blocks until a signal arrives.
-    fn wait(&self) {
+    pub fn wait(&self) {
         if !self.requested() {
             let _ = self.signalled.recv();
         }

@@ -212,7 +212,7 @@ pub fn heading(title: &str) {
 }
 
 /// Prints what a command wrote; its stdout if it succeeded.
-fn shown(out: Output, program: &str) -> Result<String> {
+pub fn shown(out: Output, program: &str) -> Result<String> {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     print!("{stdout}");

@@ -18,9 +18,9 @@ use crate::{
 };
 
 /// The route to the HTTP example.
-const HOST: &str = "hello.example.com";
+pub const HOST: &str = "hello.example.com";
 /// The UDP example's node port (examples/udp-echo/.miren/app.toml).
-const UDP_NODE_PORT: u16 = 7777;
+pub const UDP_NODE_PORT: u16 = 7777;
 /// Client sockets and datagrams per socket in the UDP showcase.
 const UDP_SOCKETS: usize = 8;
 const UDP_ROUNDS: usize = 2;
@@ -30,7 +30,7 @@ const HTTP_REQUESTS: usize = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// `examples/NAME` of this repository.
-fn example(name: &str) -> Result<PathBuf> {
+pub fn example(name: &str) -> Result<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples")
         .join(name);
@@ -197,7 +197,7 @@ fn udp(node: &DemoNode) -> Result<()> {
 }
 
 /// Sends `message` from `socket` to `to`; the reply's source and the reply.
-fn round_trip(socket: &UdpSocket, message: &str, to: SocketAddr) -> Result<(SocketAddr, String)> {
+pub fn round_trip(socket: &UdpSocket, message: &str, to: SocketAddr) -> Result<(SocketAddr, String)> {
     socket.send_to(message.as_bytes(), to)?;
     let mut buf = [0u8; 1500];
     let (len, from) = socket
