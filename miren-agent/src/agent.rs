@@ -302,6 +302,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         traffic: api::traffic::TrafficSampler::default(),
         ingress_revision: routing.subscribe(),
         certs: Arc::clone(&certs),
+        peers: cluster_token.clone().map(PeerClient::new),
         runner: runner.clone(),
         bundles: Arc::clone(&bundles),
     });
@@ -310,6 +311,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             link.addr,
             token.clone(),
             Arc::clone(&bundles),
+            Arc::clone(&api_state) as Arc<dyn cluster_link::LocalPorts>,
             stop_rx.clone(),
         )
         .await?;

@@ -365,6 +365,7 @@ mod tests {
             endpoints: vec![],
             status: "ok".into(),
             traffic: None,
+            by_node: Default::default(),
         }
     }
 

@@ -273,6 +273,7 @@ mod tests {
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
             subnet: subnet(net),
             cluster_addr: None,
+            alive: true,
         }
     }
 

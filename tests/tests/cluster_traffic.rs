@@ -370,6 +370,37 @@ fn every_node_serves_every_instance(plane: Plane) {
         })
         .unwrap();
 
+    // `miren ports` on any node sums every node's counters; `by_node` keeps each node's own.
+    let out = cluster.agents.miren(1, &["--output", "json", "ports"]);
+    assert!(out.status.success(), "{out:?}");
+    let ports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let udp = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node_port"] == UDP_NODE_PORT && p["protocol"] == "udp")
+        .unwrap_or_else(|| panic!("no UDP node port in {ports}"));
+    let by_node = udp["by_node"].as_object().expect("by_node");
+    assert_eq!(by_node.len(), NODES, "{udp}");
+    let per_node: Vec<u64> = by_node
+        .values()
+        .map(|t| t["rx_packets"].as_u64().unwrap())
+        .collect();
+    assert!(
+        per_node.iter().all(|rx| *rx > 0),
+        "every node received UDP: {udp}"
+    );
+    assert_eq!(
+        udp["traffic"]["rx_packets"].as_u64().unwrap(),
+        per_node.iter().sum::<u64>(),
+        "{udp}"
+    );
+    let text = cluster.ok(0, &["ports", "--by-node"]);
+    assert!(
+        text.contains("by node:") && text.contains("node2"),
+        "{text}"
+    );
+
     // The route answers on every node's ingress, from every instance.
     client
         .run(|| {

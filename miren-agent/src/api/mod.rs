@@ -59,6 +59,8 @@ pub struct ApiState {
     pub ingress_revision: tokio::sync::watch::Receiver<u64>,
     /// TLS certificates of the ingress (`miren cert`).
     pub certs: Arc<CertStore>,
+    /// The other agents of the cluster (cluster mode), for their node-port counters.
+    pub peers: Option<crate::cluster_link::PeerClient>,
     /// The sandbox runner, when this agent runs instances.
     pub runner: Option<Arc<crate::sandbox::runner::Runner>>,
     /// The app code bundles on this node.
@@ -603,14 +605,76 @@ async fn ports(
     State(state): State<Arc<ApiState>>,
     Params(query): Params<PortsQuery>,
 ) -> ApiResult<Vec<NodePortInfo>> {
-    let control = Arc::clone(&state.control);
-    let Json(mut ports) = blocking(move || control.node_ports(query.app.as_deref())).await?;
+    let mut ports = state.control.node_ports(query.app.as_deref())?;
     if let Some(dataplane) = &state.dataplane
         && let Err(err) = state.traffic.fill(dataplane, &mut ports).await
     {
         tracing::warn!(%err, "node-port counters unavailable");
     }
+    if let Some(client) = &state.peers {
+        add_peer_traffic(&state.control, client, &mut ports).await;
+    }
     Ok(Json(ports))
+}
+
+/// Adds every live peer's counters to `ports`: each node's own under `by_node`, the sum as
+/// `traffic`. A peer that does not answer in time is left out (and logged).
+async fn add_peer_traffic(
+    control: &ControlPlane,
+    client: &crate::cluster_link::PeerClient,
+    ports: &mut [NodePortInfo],
+) {
+    let mut asked = tokio::task::JoinSet::new();
+    for peer in control.peers().into_iter().filter(|peer| peer.alive) {
+        let client = client.clone();
+        asked.spawn(async move { (peer.name.clone(), client.ports(&peer).await) });
+    }
+    let node = control.node_name().to_owned();
+    for port in ports.iter_mut() {
+        if let Some(traffic) = &port.traffic {
+            port.by_node.insert(node.clone(), traffic.clone());
+        }
+    }
+    while let Some(Ok((peer, answer))) = asked.join_next().await {
+        let theirs = match answer {
+            Ok(theirs) => theirs,
+            Err(err) => {
+                tracing::warn!(%err, "a node's node-port counters are missing from this answer");
+                continue;
+            }
+        };
+        for their in theirs {
+            let Some(traffic) = their.traffic else {
+                continue;
+            };
+            if let Some(port) = ports
+                .iter_mut()
+                .find(|p| p.node_port == their.node_port && p.protocol == their.protocol)
+            {
+                port.by_node.insert(peer.clone(), traffic);
+            }
+        }
+    }
+    for port in ports.iter_mut().filter(|p| !p.by_node.is_empty()) {
+        let mut sum = types::PortTraffic::default();
+        for traffic in port.by_node.values() {
+            sum.add(traffic);
+        }
+        port.traffic = Some(sum);
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::cluster_link::LocalPorts for ApiState {
+    async fn local_ports(&self) -> Vec<NodePortInfo> {
+        let mut ports = self.control.node_ports(None).unwrap_or_default();
+        if let Some(dataplane) = &self.dataplane
+            && let Err(err) = self.traffic.fill(dataplane, &mut ports).await
+        {
+            tracing::warn!(%err, "node-port counters unavailable for a peer");
+        }
+        ports
+    }
 }
 
 async fn certs(State(state): State<Arc<ApiState>>) -> Json<Vec<CertInfo>> {

@@ -270,10 +270,13 @@ pub struct NodePortInfo {
     pub endpoints: Vec<SocketAddr>,
     /// `ok`, `pending: …` or `error: reason` from the data plane.
     pub status: String,
-    /// Traffic from the data plane's kernel counters; absent without a data plane or before
-    /// the node port is applied.
+    /// Traffic from the data plane's kernel counters (in a cluster: summed over the nodes
+    /// that answered); absent without a data plane or before the node port is applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<PortTraffic>,
+    /// Each node's own counts, when the agent asked the other nodes of a cluster.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_node: BTreeMap<String, PortTraffic>,
 }
 
 /// Counts since the node port was created and per-second rates over the last sampling
@@ -300,6 +303,22 @@ pub struct PortTraffic {
     pub tx_pps: f64,
     /// Sent bytes per second.
     pub tx_bps: f64,
+}
+
+impl PortTraffic {
+    /// Adds another node's counts and rates.
+    pub fn add(&mut self, other: &Self) {
+        self.rx_packets += other.rx_packets;
+        self.rx_bytes += other.rx_bytes;
+        self.tx_packets += other.tx_packets;
+        self.tx_bytes += other.tx_bytes;
+        self.flows += other.flows;
+        self.drops += other.drops;
+        self.rx_pps += other.rx_pps;
+        self.rx_bps += other.rx_bps;
+        self.tx_pps += other.tx_pps;
+        self.tx_bps += other.tx_bps;
+    }
 }
 
 /// `POST /v1/apps/{app}/ports`: publish or unpublish node ports without redeploying.

@@ -253,6 +253,9 @@ pub struct PortsArgs {
     /// Redraw every 2 seconds until Ctrl-C.
     #[arg(long)]
     pub watch: bool,
+    /// Also show each node's own counts (in a cluster the table shows their sum).
+    #[arg(long)]
+    pub by_node: bool,
     /// `edit`.
     #[command(subcommand)]
     pub command: Option<PortsCommand>,

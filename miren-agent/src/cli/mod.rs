@@ -141,11 +141,14 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
             out.print(&ports, |ports| render::node_ports(ports))
         }
         Command::Ports(PortsArgs {
-            app, watch: true, ..
-        }) => watch_ports(&client, app.as_deref(), out),
-        Command::Ports(PortsArgs { app, .. }) => out
+            app,
+            watch: true,
+            by_node,
+            ..
+        }) => watch_ports(&client, app.as_deref(), *by_node, out),
+        Command::Ports(PortsArgs { app, by_node, .. }) => out
             .print(&client.ports(app.as_deref())?, |ports| {
-                render::node_ports(ports)
+                ports_table(ports, *by_node)
             }),
         Command::Endpoints {
             app,
@@ -328,11 +331,25 @@ fn validate(dir: &Path, out: Output) -> Result<(), CliError> {
 /// `miren ports --watch`: redraws every [`WATCH_INTERVAL`] until interrupted. A failure of
 /// the first fetch ends the command; later ones are shown and retried (e.g. while the agent
 /// restarts).
-fn watch_ports(client: &Client, app: Option<&str>, out: Output) -> Result<(), CliError> {
+/// The `miren ports` table, with each node's counts after it when `by_node`.
+fn ports_table(ports: &[crate::api::types::NodePortInfo], by_node: bool) -> String {
+    if by_node {
+        render::node_ports_by_node(ports)
+    } else {
+        render::node_ports(ports)
+    }
+}
+
+fn watch_ports(
+    client: &Client,
+    app: Option<&str>,
+    by_node: bool,
+    out: Output,
+) -> Result<(), CliError> {
     let mut first = true;
     loop {
         let frame = match client.ports(app) {
-            Ok(ports) => out.format(&ports, |ports| render::node_ports(ports))?,
+            Ok(ports) => out.format(&ports, |ports| ports_table(ports, by_node))?,
             Err(err) if first => return Err(err),
             Err(err) => match out.0 {
                 OutputFormat::Text => err.report() + "\n",

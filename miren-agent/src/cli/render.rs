@@ -396,6 +396,49 @@ pub fn node_ports(ports: &[NodePortInfo]) -> String {
     listing(NODE_PORT_COLUMNS, ports, "no published node ports")
 }
 
+/// `miren ports --by-node`: the table, then each node's own counts of every node port.
+pub fn node_ports_by_node(ports: &[NodePortInfo]) -> String {
+    /// One node's counts of one node port.
+    struct NodeRow {
+        port: String,
+        node: String,
+        traffic: PortTraffic,
+    }
+    const COLUMNS: &[Column<NodeRow>] = &[
+        ("NODE_PORT/PROTO", |r| r.port.clone()),
+        ("NODE", |r| r.node.clone()),
+        ("RX", |r| rate(r.traffic.rx_packets, r.traffic.rx_pps)),
+        ("RX_BYTES", |r| {
+            rate_bytes(r.traffic.rx_bytes, r.traffic.rx_bps)
+        }),
+        ("TX", |r| rate(r.traffic.tx_packets, r.traffic.tx_pps)),
+        ("TX_BYTES", |r| {
+            rate_bytes(r.traffic.tx_bytes, r.traffic.tx_bps)
+        }),
+        ("FLOWS", |r| r.traffic.flows.to_string()),
+        ("DROPS", |r| r.traffic.drops.to_string()),
+    ];
+    let rows: Vec<NodeRow> = ports
+        .iter()
+        .flat_map(|port| {
+            port.by_node.iter().map(|(node, traffic)| NodeRow {
+                port: format!("{}/{}", port.node_port, port.protocol),
+                node: node.clone(),
+                traffic: traffic.clone(),
+            })
+        })
+        .collect();
+    format!(
+        "{}\nby node:\n{}",
+        node_ports(ports),
+        listing(
+            COLUMNS,
+            &rows,
+            "no counts from the nodes (no data plane, or not a cluster)"
+        )
+    )
+}
+
 /// `miren logs`: `INSTANCE | LINE`, with `timestamps` `TIME INSTANCE | LINE` (`-` for lines
 /// written before logs had timestamps).
 pub fn log_lines(chunk: &LogChunk, timestamps: bool) -> String {
@@ -563,6 +606,7 @@ mod tests {
             endpoints: endpoints.iter().map(|e| e.parse().expect("addr")).collect(),
             status: "ok".to_owned(),
             traffic: None,
+            by_node: BTreeMap::new(),
         }
     }
 

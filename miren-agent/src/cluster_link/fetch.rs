@@ -1,7 +1,7 @@
 //! Fetching what this node lacks from the other agents of the cluster: the code bundles of
 //! the deployed apps, verified against their hash before they are kept.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
@@ -9,6 +9,7 @@ use hyper_util::rt::TokioIo;
 
 use super::{AUTHORIZATION, ClusterLinkError, ClusterToken};
 use crate::{
+    api::types::NodePortInfo,
     bundle::{BundleHash, BundleStore, BundleUsers as _},
     control::{ControlPlane, Peer},
 };
@@ -19,6 +20,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often missing bundles are looked for again without a change.
 const RETRY: Duration = Duration::from_secs(5);
+/// How long a peer gets to send its node-port counters.
+pub const PORTS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A client of the other agents' cluster listeners.
 #[derive(Debug, Clone)]
@@ -45,7 +48,7 @@ impl PeerClient {
     ) -> Result<(), ClusterLinkError> {
         let addr = peer.cluster_addr.ok_or_else(|| ClusterLinkError::Peer {
             peer: peer.name.clone(),
-            addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             what: format!("bundle {}", hash.short()),
             problem: "it has no cluster listener".into(),
         })?;
@@ -55,27 +58,12 @@ impl PeerClient {
             what: format!("bundle {}", hash.short()),
             problem,
         };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| fail("no connection within 5 s".into()))?
-            .map_err(|e| fail(e.to_string()))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let driver = tokio::spawn(connection);
-        let request = hyper::Request::get(format!("/cluster/v1/bundles/{}", hash.as_str()))
-            .header("host", addr.to_string())
-            .header(AUTHORIZATION, self.token.header())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| fail(e.to_string()))?;
         let download = async {
-            let response = sender
-                .send_request(request)
+            let (response, driver) = self
+                .get(addr, &format!("/cluster/v1/bundles/{}", hash.as_str()))
                 .await
-                .map_err(|e| fail(e.to_string()))?;
-            if response.status() != hyper::StatusCode::OK {
-                return Err(fail(format!("it answered {}", response.status())));
-            }
+                .map_err(&fail)?;
+            let _driver = AbortOnDrop(driver);
             let mut incoming = bundles
                 .receive(hash.clone())
                 .map_err(|e| fail(e.to_string()))?;
@@ -92,11 +80,92 @@ impl PeerClient {
                 .map_err(|e| fail(e.to_string()))?
                 .map_err(|e| fail(e.to_string()))
         };
-        let result = tokio::time::timeout(FETCH_TIMEOUT, download)
+        tokio::time::timeout(FETCH_TIMEOUT, download)
             .await
-            .map_err(|_| fail("the download took longer than 5 minutes".into()))?;
-        driver.abort();
-        result.map(drop)
+            .map_err(|_| fail("the download took longer than 5 minutes".into()))?
+            .map(drop)
+    }
+
+    /// `peer`'s node ports with its own counters.
+    ///
+    /// # Errors
+    /// [`ClusterLinkError::Peer`] when the peer cannot be reached in [`PORTS_TIMEOUT`] or
+    /// answers something else.
+    pub async fn ports(&self, peer: &Peer) -> Result<Vec<NodePortInfo>, ClusterLinkError> {
+        let addr = peer
+            .cluster_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let fail = |problem: String| ClusterLinkError::Peer {
+            peer: peer.name.clone(),
+            addr,
+            what: "its node-port counters".into(),
+            problem,
+        };
+        if peer.cluster_addr.is_none() {
+            return Err(fail("it has no cluster listener".into()));
+        }
+        let fetch = async {
+            let (response, driver) = self.get(addr, "/cluster/v1/ports").await.map_err(&fail)?;
+            let _driver = AbortOnDrop(driver);
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .to_bytes();
+            serde_json::from_slice(&body).map_err(|e| fail(e.to_string()))
+        };
+        tokio::time::timeout(PORTS_TIMEOUT, fetch)
+            .await
+            .map_err(|_| fail(format!("no answer within {} s", PORTS_TIMEOUT.as_secs())))?
+    }
+
+    /// Sends `GET path` with the token to `addr`; an answer other than 200 is an error. The
+    /// returned task drives the connection until the body is read.
+    async fn get(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Result<
+        (
+            hyper::Response<hyper::body::Incoming>,
+            tokio::task::JoinHandle<()>,
+        ),
+        String,
+    > {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| "no connection within 5 s".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let request = hyper::Request::get(path)
+            .header("host", addr.to_string())
+            .header(AUTHORIZATION, self.token.header())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status() != hyper::StatusCode::OK {
+            driver.abort();
+            return Err(format!("it answered {}", response.status()));
+        }
+        Ok((response, driver))
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -1,5 +1,6 @@
 //! The cluster listener (`--cluster-addr`): what the agents of a cluster ask each other for
-//! — app code bundles a node lacks, each node's node-port counters. Every request carries the
+//! — app code bundles a node lacks, each node's node-port counters (`miren ports` on any node
+//! sums them). Every request carries the
 //! cluster's shared token (`--cluster-token-file`, mode 0600); without it nothing is served
 //! (401, logged).
 
@@ -8,6 +9,13 @@ mod server;
 
 pub use fetch::{PeerClient, follow_bundles};
 pub use server::serve;
+
+/// This node's own node-port counters, which the other nodes' `miren ports` add up.
+#[async_trait::async_trait]
+pub trait LocalPorts: Send + Sync + std::fmt::Debug {
+    /// The node ports with this node's traffic filled in.
+    async fn local_ports(&self) -> Vec<crate::api::types::NodePortInfo>;
+}
 
 use std::{
     os::unix::fs::PermissionsExt as _,

@@ -13,7 +13,7 @@ use axum::{
 };
 use tokio::sync::watch;
 
-use super::{AUTHORIZATION, ClusterLinkError, ClusterToken};
+use super::{AUTHORIZATION, ClusterLinkError, ClusterToken, LocalPorts};
 use crate::bundle::{BundleHash, BundleStore};
 
 /// What the routes share.
@@ -21,6 +21,7 @@ use crate::bundle::{BundleHash, BundleStore};
 struct LinkState {
     token: ClusterToken,
     bundles: Arc<BundleStore>,
+    ports: Arc<dyn LocalPorts>,
 }
 
 /// Binds `addr` and serves the other agents of the cluster until `shutdown` turns true.
@@ -31,14 +32,20 @@ pub async fn serve(
     addr: SocketAddr,
     token: ClusterToken,
     bundles: Arc<BundleStore>,
+    ports: Arc<dyn LocalPorts>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, ClusterLinkError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ClusterLinkError::Bind { addr, source })?;
-    let state = Arc::new(LinkState { token, bundles });
+    let state = Arc::new(LinkState {
+        token,
+        bundles,
+        ports,
+    });
     let router = Router::new()
         .route("/cluster/v1/bundles/{hash}", get(bundle))
+        .route("/cluster/v1/ports", get(node_ports))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             authorize,
@@ -103,4 +110,9 @@ async fn bundle(State(state): State<Arc<LinkState>>, UrlPath(hash): UrlPath<Stri
             (StatusCode::NOT_FOUND, "no such bundle on this node\n").into_response()
         }
     }
+}
+
+/// `GET /cluster/v1/ports`: this node's node ports with its own counters.
+async fn node_ports(State(state): State<Arc<LinkState>>) -> Response {
+    axum::Json(state.ports.local_ports().await).into_response()
 }

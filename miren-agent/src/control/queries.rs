@@ -37,6 +37,8 @@ pub struct Peer {
     pub subnet: crate::config::Subnet,
     /// Its cluster listener.
     pub cluster_addr: Option<SocketAddr>,
+    /// Whether its lease is alive (false: lost).
+    pub alive: bool,
 }
 
 /// A service to run: what the sandbox runner needs.
@@ -299,6 +301,7 @@ impl ControlPlane {
                     addresses: node.value.addresses.clone(),
                     subnet: crate::config::Subnet::parse(&node.value.subnet).ok()?,
                     cluster_addr: node.value.cluster_addr,
+                    alive: state.alive.contains_key(&node.value.name),
                 })
             })
             .collect()
@@ -445,5 +448,6 @@ fn node_port_info(state: &State, np: &NodePortRecord, status: String) -> NodePor
         endpoints: state.endpoints_of(&np.app, &np.service, &np.port_name),
         status,
         traffic: None,
+        by_node: BTreeMap::new(),
     }
 }

@@ -41,7 +41,11 @@ struct Cluster {
 impl Cluster {
     /// `miren ARGS` against node `i`, printed with its output.
     fn miren(&self, i: usize, args: &[&str]) -> Result<String> {
-        println!("\n{}$ miren {}", node_name(i), quote_all(args.iter().copied()));
+        println!(
+            "\n{}$ miren {}",
+            node_name(i),
+            quote_all(args.iter().copied())
+        );
         shown(
             miren(&self.agents.node_dir(i).join("agent.sock"), args),
             "miren",
@@ -73,6 +77,9 @@ impl Cluster {
             .sum())
     }
 }
+
+/// One showcase step.
+type Step = fn(&mut Cluster, &Stop) -> Result<()>;
 
 /// Sets up, shows, waits (unless `once`) and cleans up; returns the failed steps.
 ///
@@ -111,9 +118,11 @@ pub fn run(once: bool, stop: &Stop) -> Result<Vec<String>> {
     };
     deploy(&cluster, stop)?;
     let mut failures = Vec::new();
-    let steps: [(&str, fn(&mut Cluster, &Stop) -> Result<()>); 3] = [
+    let steps: [(&str, Step); 3] = [
         ("UDP through every node's address", |c, _| udp_everywhere(c)),
-        ("HTTP through every node's ingress", |c, _| http_everywhere(c)),
+        ("HTTP through every node's ingress", |c, _| {
+            http_everywhere(c)
+        }),
         ("a node dies", failover),
     ];
     for (name, step) in steps {
@@ -154,7 +163,10 @@ fn deploy(cluster: &Cluster, stop: &Stop) -> Result<()> {
     while cluster.ready(0, "udp-echo")? < 2 || cluster.ready(0, "hello-web")? < 1 {
         stop.check()?;
         if started.elapsed() > WAIT {
-            bail!("the instances were not ready in time:\n{}", cluster.agents.logs());
+            bail!(
+                "the instances were not ready in time:\n{}",
+                cluster.agents.logs()
+            );
         }
         stop.sleep(Duration::from_millis(200));
     }
@@ -235,9 +247,8 @@ fn failover(cluster: &mut Cluster, stop: &Stop) -> Result<()> {
     let killed = Instant::now();
     loop {
         stop.check()?;
-        let placed = cluster.json(0, &["app", "show", "udp-echo"])?["services"][0]
-            ["placed_on"]
-            .to_string();
+        let placed =
+            cluster.json(0, &["app", "show", "udp-echo"])?["services"][0]["placed_on"].to_string();
         if !placed.contains(&node_name(victim)) && cluster.ready(0, "udp-echo")? >= 2 {
             break;
         }

@@ -197,7 +197,11 @@ fn udp(node: &DemoNode) -> Result<()> {
 }
 
 /// Sends `message` from `socket` to `to`; the reply's source and the reply.
-pub fn round_trip(socket: &UdpSocket, message: &str, to: SocketAddr) -> Result<(SocketAddr, String)> {
+pub fn round_trip(
+    socket: &UdpSocket,
+    message: &str,
+    to: SocketAddr,
+) -> Result<(SocketAddr, String)> {
     socket.send_to(message.as_bytes(), to)?;
     let mut buf = [0u8; 1500];
     let (len, from) = socket
