@@ -337,4 +337,11 @@ fn one_node_orders_acme_certificates_and_another_answers_the_challenge() {
         assert_eq!(cluster.orders_logged(i, host), 0);
     }
     assert_eq!(cluster.pebble().created("orders in the db"), 2);
+    // The successor ordered with the cluster's account from the store: still one account.
+    assert_eq!(
+        cluster.pebble().created("accounts in memory"),
+        1,
+        "the new holder created an account of its own\n{}",
+        cluster.logs()
+    );
 }

@@ -11,7 +11,7 @@
 //! - `acme_orders_routed_hosts_only_and_reuses_its_account`: pebble with
 //!   `PEBBLE_VA_ALWAYS_VALID=1` (no challenge fetch), so it exercises the ACME client alone:
 //!   the routed host gets an `acme` certificate, the unrouted one is never ordered, and a
-//!   restarted agent reuses its stored account.
+//!   restarted agent reuses the account it stored in the cluster's store.
 //!
 //! Root is needed for the namespace. A missing pebble binary fails the test with the reason.
 
@@ -145,9 +145,16 @@ impl AcmeWorld {
         self.agent().log_text()
     }
 
-    fn account_file(&self) -> PathBuf {
-        self.dir.path().join("state/acme/account.json")
+    fn account_dir(&self) -> PathBuf {
+        self.dir.path().join("state/acme")
     }
+}
+
+/// The account URL of the agent's "ACME account ready" log line.
+fn account_id(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains("ACME account ready"))?;
+    let rest = &line[line.find("account=")? + "account=".len()..];
+    Some(rest.split_whitespace().next()?.to_owned())
 }
 
 fn assert_only_routed(world: &AcmeWorld, info: &CertInfo) {
@@ -168,8 +175,8 @@ fn acme_orders_routed_hosts_only_and_reuses_its_account() {
     world.route();
     let info = world.wait_for_acme_cert();
     assert_only_routed(&world, &info);
-    let account = std::fs::read(world.account_file()).expect("account stored");
     let log = world.agent_log();
+    let account = account_id(&log).unwrap_or_else(|| panic!("no account in the log:\n{log}"));
     assert!(log.contains("ACME certificate issued"), "{log}");
 
     // A restart keeps the certificate and the account: nothing new is ordered or created.
@@ -180,7 +187,12 @@ fn acme_orders_routed_hosts_only_and_reuses_its_account() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(world.certs(), vec![info]);
-    assert_eq!(std::fs::read(world.account_file()).unwrap(), account);
+    // The account is the cluster's, in the store: the restarted agent uses the same one.
+    assert_eq!(account_id(&world.agent_log()), Some(account));
+    assert!(
+        !world.account_dir().join("account.json").exists(),
+        "the account is kept in the store, not in a file"
+    );
     std::thread::sleep(Duration::from_secs(1));
     let log = world.agent_log();
     assert!(!log.contains("ordering an ACME certificate"), "{log}");

@@ -5,7 +5,7 @@
 use super::{ControlError, ControlPlane};
 use crate::store::{
     Txn,
-    records::{CertRecord, Challenge, RecordKey, encode},
+    records::{ACME, AcmeAccount, CertRecord, Challenge, RecordKey, encode},
 };
 
 impl ControlPlane {
@@ -81,6 +81,44 @@ impl ControlPlane {
         let mut txn = Txn::default();
         txn.delete(RecordKey::Challenge(token.to_owned()));
         self.run(|_| Ok((txn.clone(), ()))).await
+    }
+
+    /// The cluster's ACME account, if one was stored.
+    pub fn acme_account(&self) -> Option<AcmeAccount> {
+        self.view
+            .lock()
+            .acme_account
+            .as_ref()
+            .map(|account| account.value.clone())
+    }
+
+    /// Stores the cluster's ACME account; only while this node holds the `acme` role (the
+    /// write compares the role's key, so a former holder cannot overwrite it).
+    ///
+    /// # Errors
+    /// [`ControlError::Conflict`] when this node does not hold the role; store errors.
+    pub async fn put_acme_account(&self, account: AcmeAccount) -> Result<(), ControlError> {
+        let node = &self.settings.node;
+        self.run(|state| {
+            let role = state
+                .leaders
+                .get(ACME)
+                .filter(|leader| leader.value.node == *node)
+                .ok_or_else(|| {
+                    ControlError::Conflict(format!(
+                        "node \"{node}\" does not hold the acme role; another node orders certificates"
+                    ))
+                })?;
+            let mut txn = Txn::default();
+            txn.compare(RecordKey::Leader(ACME.into()), role.mod_revision)
+                .compare(
+                    RecordKey::AcmeAccount,
+                    state.acme_account.as_ref().map_or(0, |a| a.mod_revision),
+                )
+                .put(RecordKey::AcmeAccount, encode(&account));
+            Ok((txn, ()))
+        })
+        .await
     }
 
     /// The key authorization to answer for `token`, if a challenge with it is pending.

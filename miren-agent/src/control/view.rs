@@ -17,8 +17,8 @@ use crate::{
     store::{
         Event, KeyValue, Listing, Revision, Store, WatchMessage,
         records::{
-            AppRecord, CertRecord, EndpointMap, Heartbeat, Leader, NodePortRecord, NodeRecord,
-            Placement, Record, RecordKey, RouteRecord,
+            AcmeAccount, AppRecord, CertRecord, EndpointMap, Heartbeat, Leader, NodePortRecord,
+            NodeRecord, Placement, Record, RecordKey, RouteRecord,
         },
     },
 };
@@ -73,6 +73,8 @@ pub struct State {
     pub certs: BTreeMap<String, Versioned<CertRecord>>,
     /// Pending ACME challenges: token → key authorization.
     pub challenges: BTreeMap<String, String>,
+    /// The cluster's ACME account.
+    pub acme_account: Option<Versioned<AcmeAccount>>,
 }
 
 impl State {
@@ -235,6 +237,12 @@ impl State {
             (RecordKey::Challenge(token), Record::Challenge(challenge)) => {
                 self.challenges.insert(token, challenge.key_authorization);
             }
+            (RecordKey::AcmeAccount, Record::AcmeAccount(value)) => {
+                self.acme_account = Some(Versioned {
+                    value,
+                    mod_revision,
+                });
+            }
             (key, _) => tracing::error!(%key, "record of the wrong kind; ignored"),
         }
     }
@@ -281,6 +289,7 @@ impl State {
             Some(RecordKey::Challenge(token)) => {
                 self.challenges.remove(&token);
             }
+            Some(RecordKey::AcmeAccount) => self.acme_account = None,
             None => {}
         }
     }

@@ -11,14 +11,13 @@
 //! never requested; wildcard routes cannot be validated over HTTP-01 and are skipped. Failures
 //! back off per host, 30 s doubling to 1 h.
 //!
-//! The account credentials are kept per node (`<state-dir>/acme/account.json`): a node that
-//! takes the role over uses its own account (created then if it has none).
+//! The account is the cluster's (`acme/account` in the store, written only by the role's
+//! holder): a node that takes the role over orders with the same account. An account file an
+//! earlier agent kept in `<state-dir>/acme/account.json` is moved into the store once.
 
 use std::{
     collections::{HashMap, HashSet},
     fs,
-    io::Write as _,
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -28,14 +27,13 @@ use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
     NewOrder, OrderStatus, RetryPolicy,
 };
-use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
     control::{ControlError, ControlPlane},
     ingress::certs::{CertError, CertSource, CertStore, StoredCert},
     routes::Host,
-    store::records::ACME,
+    store::records::{ACME, AcmeAccount},
 };
 
 /// Renew when less than this is left (and always with a third of the lifetime left).
@@ -51,8 +49,9 @@ const ORDER_POLL: RetryPolicy = RetryPolicy::new()
     .initial_delay(Duration::from_millis(250))
     .backoff(1.5)
     .timeout(Duration::from_secs(90));
-/// The account credentials file in [`AcmeSettings::account_dir`].
-const ACCOUNT_FILE: &str = "account.json";
+/// The account file in [`AcmeSettings::account_dir`] of agents before the cluster's shared
+/// account (moved into the store when found).
+const LEGACY_ACCOUNT_FILE: &str = "account.json";
 
 /// How long a published challenge is given to reach the other nodes' views (they follow the
 /// same store watch as this one, which already has it) before the ACME server is told to
@@ -85,8 +84,8 @@ pub enum AcmeError {
         #[source]
         source: instant_acme::Error,
     },
-    /// The account credentials could not be read or written.
-    #[error("{op} {path}: {source}; check that the agent can write its state directory")]
+    /// An earlier agent's account file could not be read.
+    #[error("{op} {path}: {source}; check that the agent can read its state directory")]
     AccountFile {
         /// What was being done.
         op: &'static str,
@@ -96,6 +95,9 @@ pub enum AcmeError {
         #[source]
         source: std::io::Error,
     },
+    /// The cluster's account could not be read from or written to the store.
+    #[error("the cluster's ACME account: {0}")]
+    Account(String),
     /// The server offered no HTTP-01 challenge.
     #[error(
         "the ACME server offers no http-01 challenge for {host}; this agent can only answer http-01"
@@ -125,13 +127,6 @@ pub enum AcmeError {
 /// `op` → an [`AcmeError::Protocol`] mapper.
 fn protocol(op: &'static str) -> impl FnOnce(instant_acme::Error) -> AcmeError {
     move |source| AcmeError::Protocol { op, source }
-}
-
-/// Account credentials as stored, with the directory they belong to.
-#[derive(Serialize, Deserialize)]
-struct StoredAccount {
-    directory: String,
-    credentials: AccountCredentials,
 }
 
 /// Per-host retry state after failures.
@@ -182,7 +177,8 @@ pub async fn run(
                 let active = match account.take() {
                     Some(active) => active,
                     None => {
-                        let Some(connected) = connect_account(&settings, &mut shutdown).await
+                        let Some(connected) =
+                            connect_account(&settings, &control, &mut shutdown).await
                         else {
                             return;
                         };
@@ -322,11 +318,12 @@ fn renewal_time(stored: &StoredCert) -> SystemTime {
 /// answers; `None` on shutdown.
 async fn connect_account(
     settings: &AcmeSettings,
+    control: &ControlPlane,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Account> {
     let mut delay = FIRST_BACKOFF;
     loop {
-        match load_or_create_account(settings).await {
+        match load_or_create_account(settings, control).await {
             Ok(account) => return Some(account),
             Err(err) => tracing::warn!(
                 directory = %settings.directory,
@@ -343,24 +340,37 @@ async fn connect_account(
     }
 }
 
-async fn load_or_create_account(settings: &AcmeSettings) -> Result<Account, AcmeError> {
-    let path = settings.account_dir.join(ACCOUNT_FILE);
+/// The cluster's account from the store; else the account an agent before the shared
+/// account kept in `<state-dir>/acme/account.json` (moved into the store, then the file is
+/// removed); else a new one, stored for the next holder of the role.
+async fn load_or_create_account(
+    settings: &AcmeSettings,
+    control: &ControlPlane,
+) -> Result<Account, AcmeError> {
     let builder = || match &settings.ca_file {
         Some(ca) => Account::builder_with_root(ca).map_err(protocol("reading --acme-ca-file")),
         None => Account::builder().map_err(protocol("setting up the ACME HTTP client")),
     };
-    if let Some(stored) = read_account(&path)? {
-        if stored.directory == settings.directory {
-            return builder()?
-                .from_credentials(stored.credentials)
-                .await
-                .map_err(protocol("restoring the stored ACME account"));
+    let legacy = settings.account_dir.join(LEGACY_ACCOUNT_FILE);
+    let stored = match control.acme_account() {
+        Some(shared) => Some(shared),
+        None => read_legacy_account(&legacy)?,
+    };
+    if let Some(stored) = stored
+        && stored.directory == settings.directory
+    {
+        let credentials: AccountCredentials = serde_json::from_value(stored.credentials.clone())
+            .map_err(|err| AcmeError::Account(err.to_string()))?;
+        let account = builder()?
+            .from_credentials(credentials)
+            .await
+            .map_err(protocol("restoring the stored ACME account"))?;
+        if control.acme_account().is_none() {
+            share_account(control, stored).await?;
+            let _ = fs::remove_file(&legacy);
+            tracing::info!(path = %legacy.display(), "moved this node's ACME account into the cluster's store");
         }
-        tracing::info!(
-            old = %stored.directory,
-            new = %settings.directory,
-            "ACME directory changed; creating a new account"
-        );
+        return Ok(account);
     }
     let contact = settings
         .email
@@ -379,18 +389,28 @@ async fn load_or_create_account(settings: &AcmeSettings) -> Result<Account, Acme
         )
         .await
         .map_err(protocol("creating the ACME account"))?;
-    write_account(
-        &settings.account_dir,
-        &path,
-        &StoredAccount {
+    share_account(
+        control,
+        AcmeAccount {
             directory: settings.directory.clone(),
-            credentials,
+            credentials: serde_json::to_value(&credentials).expect("credentials serialize"),
         },
-    )?;
+    )
+    .await?;
     Ok(account)
 }
 
-fn read_account(path: &Path) -> Result<Option<StoredAccount>, AcmeError> {
+/// Stores `account` as the cluster's.
+async fn share_account(control: &ControlPlane, account: AcmeAccount) -> Result<(), AcmeError> {
+    control
+        .put_acme_account(account)
+        .await
+        .map_err(|err| AcmeError::Account(err.to_string()))
+}
+
+/// The account file an agent before the shared account wrote (`{directory, credentials}`),
+/// if any.
+fn read_legacy_account(path: &Path) -> Result<Option<AcmeAccount>, AcmeError> {
     match fs::read(path) {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
             Ok(stored) => Ok(Some(stored)),
@@ -406,29 +426,6 @@ fn read_account(path: &Path) -> Result<Option<StoredAccount>, AcmeError> {
             source,
         }),
     }
-}
-
-/// Writes the credentials (mode 0600) through a temporary file and a rename.
-fn write_account(dir: &Path, path: &Path, stored: &StoredAccount) -> Result<(), AcmeError> {
-    let io = |op, path: &Path| {
-        let path = path.to_owned();
-        move |source| AcmeError::AccountFile { op, path, source }
-    };
-    fs::create_dir_all(dir).map_err(io("creating", dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io("restricting", dir))?;
-    let temp = dir.join(format!(".{ACCOUNT_FILE}.tmp"));
-    let json = serde_json::to_vec(stored).expect("account credentials serialize");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .map_err(io("writing", &temp))?;
-    file.write_all(&json)
-        .and_then(|()| file.sync_all())
-        .map_err(io("writing", &temp))?;
-    fs::rename(&temp, path).map_err(io("storing", path))
 }
 
 /// Orders, validates and stores a certificate for `host`; returns its expiry (RFC 3339).

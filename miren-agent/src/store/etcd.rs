@@ -271,7 +271,14 @@ impl EtcdStore {
         for attempt in 0..count {
             let index = (first + attempt) % count;
             let client = self.inner.members[index].clone();
-            let err = match tokio::time::timeout_at(deadline, request(client)).await {
+            // A member that lost its leader holds a request until a new one is elected (or
+            // its own timeout, longer than ours): give one member at most half the time, then
+            // try the next. A request that timed out may still be applied later; sending it
+            // again is safe for the agent's transactions (guarded by compares, or writing
+            // what it wrote before) and leases (an extra one expires unused).
+            let attempt_deadline =
+                deadline.min(tokio::time::Instant::now() + self.inner.timeout / 2);
+            let err = match tokio::time::timeout_at(attempt_deadline, request(client)).await {
                 Ok(Ok(answer)) => {
                     self.inner.preferred.store(index, Ordering::Relaxed);
                     return Ok(answer);
@@ -279,7 +286,10 @@ impl EtcdStore {
                 Ok(Err(err)) => err,
                 Err(_) => {
                     self.pass_over(index);
-                    return Err(self.timed_out(op));
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(self.timed_out(op));
+                    }
+                    continue;
                 }
             };
             let mapped = self.error(op, &err);

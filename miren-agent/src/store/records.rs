@@ -14,6 +14,7 @@
 //! | `leader/ROLE`                        | [`Leader`]             | the elected (leased)  |
 //! | `certs/HOST`                         | [`CertRecord`]         | `miren cert`, ACME    |
 //! | `challenges/TOKEN`                   | [`Challenge`]          | the ACME node (leased)|
+//! | `acme/account`                       | [`AcmeAccount`]        | the ACME node         |
 //!
 //! A node port is claimed by creating its key in the transaction that writes its app, so two
 //! apps can never hold the same `(node_port, protocol)`.
@@ -142,6 +143,15 @@ pub struct Challenge {
     pub key_authorization: String,
 }
 
+/// The cluster's ACME account: whichever node holds the `acme` role orders with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeAccount {
+    /// The ACME directory URL the account belongs to.
+    pub directory: String,
+    /// The account's credentials as the ACME client stores them (private key included).
+    pub credentials: serde_json::Value,
+}
+
 /// The holder of an elected role (e.g. the scheduler), under its lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Leader {
@@ -200,6 +210,8 @@ pub enum RecordKey {
     Cert(String),
     /// `challenges/TOKEN`.
     Challenge(String),
+    /// `acme/account`.
+    AcmeAccount,
 }
 
 impl RecordKey {
@@ -228,6 +240,7 @@ impl RecordKey {
             ["leader", role] => Some(Self::Leader((*role).to_owned())),
             ["certs", host] => Some(Self::Cert((*host).to_owned())),
             ["challenges", token] => Some(Self::Challenge((*token).to_owned())),
+            ["acme", "account"] => Some(Self::AcmeAccount),
             _ => None,
         }
     }
@@ -254,6 +267,7 @@ impl fmt::Display for RecordKey {
             Self::Leader(role) => write!(f, "leader/{role}"),
             Self::Cert(host) => write!(f, "certs/{host}"),
             Self::Challenge(token) => write!(f, "challenges/{token}"),
+            Self::AcmeAccount => f.write_str("acme/account"),
         }
     }
 }
@@ -304,6 +318,8 @@ pub enum Record {
     Cert(CertRecord),
     /// A pending ACME challenge.
     Challenge(Challenge),
+    /// The ACME account.
+    AcmeAccount(AcmeAccount),
 }
 
 impl Record {
@@ -327,6 +343,7 @@ impl Record {
             RecordKey::Leader(_) => Self::Leader(decode(kv, "leader")?),
             RecordKey::Cert(_) => Self::Cert(decode(kv, "certificate")?),
             RecordKey::Challenge(_) => Self::Challenge(decode(kv, "ACME challenge")?),
+            RecordKey::AcmeAccount => Self::AcmeAccount(decode(kv, "ACME account")?),
         };
         Ok(Some((key, record)))
     }
@@ -425,6 +442,7 @@ mod tests {
             RecordKey::Leader(SCHEDULER.into()),
             RecordKey::Cert("*.example.com".into()),
             RecordKey::Challenge("abc-DEF_123".into()),
+            RecordKey::AcmeAccount,
         ];
         for key in keys {
             assert_eq!(RecordKey::parse(&key.to_string()), Some(key));
