@@ -206,9 +206,11 @@ fn propagation(clients: &[Client]) -> Result<Vec<f64>> {
     std::thread::sleep(Duration::from_secs(3));
     let mut latencies = Vec::with_capacity(CHANGES);
     for change in 0..CHANGES {
-        let addrs: Vec<SocketAddr> = (0..2)
+        let mut addrs: Vec<SocketAddr> = (0..2)
             .map(|k| format!("10.88.0.{}:9000", 2 + (change + k) % 50).parse())
             .collect::<Result<_, _>>()?;
+        // The agents list endpoints sorted.
+        addrs.sort();
         let sent = Instant::now();
         clients[0].set_endpoints(
             "flip",
