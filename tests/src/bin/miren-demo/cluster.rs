@@ -65,6 +65,18 @@ impl Cluster {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// A fresh UDP socket in the client namespace (3 s read timeout).
+    fn client_socket(&self) -> Result<UdpSocket> {
+        let socket = self
+            .fabric
+            .client()
+            .context("the client namespace")?
+            .run(|| UdpSocket::bind((CLIENT_IP, 0)))
+            .context("entering the client namespace")??;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(socket)
+    }
+
     /// Ready endpoints of `app`, as node `i` lists them.
     fn ready(&self, i: usize, app: &str) -> Result<usize> {
         let services = self.json(i, &["endpoints", app])?;
@@ -184,13 +196,7 @@ fn udp_everywhere(cluster: &mut Cluster) -> Result<()> {
     for i in 0..NODES {
         let to: SocketAddr = (node_ip(i), UDP_NODE_PORT).into();
         for k in 1..=3 {
-            let socket = cluster
-                .fabric
-                .client()
-                .context("the client namespace")?
-                .run(|| UdpSocket::bind((CLIENT_IP, 0)))
-                .context("entering the client namespace")??;
-            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let socket = cluster.client_socket()?;
             let message = format!("ping {k} via {}", node_name(i));
             let (from, reply) = round_trip(&socket, &message, to)?;
             println!("client -> {to} {message:?}   reply from {from}: {reply:?}");
@@ -266,13 +272,7 @@ fn failover(cluster: &mut Cluster, stop: &Stop) -> Result<()> {
     let survivors: Vec<usize> = (0..NODES).filter(|i| *i != victim).collect();
     for i in survivors {
         let to: SocketAddr = (node_ip(i), UDP_NODE_PORT).into();
-        let socket = cluster
-            .fabric
-            .client()
-            .context("the client namespace")?
-            .run(|| UdpSocket::bind((CLIENT_IP, 0)))
-            .context("entering the client namespace")??;
-        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let socket = cluster.client_socket()?;
         let (from, reply) = round_trip(&socket, "after the failover", to)?;
         println!("client -> {to} \"after the failover\"   reply from {from}: {reply:?}");
         ensure!(from == to, "the reply came from {from}, not from {to}");
