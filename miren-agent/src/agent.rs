@@ -29,8 +29,9 @@ use crate::{
     ingress::{
         Ingress, IngressError, IngressHooks,
         acme::{self, AcmeSettings},
-        activation::{Activations, Activator, NoActivator},
+        activation::Activations,
         certs::{CertError, CertStore},
+        demand::DemandReporter,
         routing::{LoadTracker, Routing},
     },
     listeners::{Inherited, ListenerError, Upgrade, UpgradeListener, upgrade_socket},
@@ -287,7 +288,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
                 listener_ports: vec![http_addr.port(), https_addr.port()],
                 log_max: settings.instance_log_max,
             },
-            load,
+            Arc::clone(&load),
             routing.subscribe(),
         )?)
     } else {
@@ -337,12 +338,10 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         control: Arc::clone(&control),
         dataplane: dataplane.active,
     });
-    let activator: Arc<dyn Activator> = match &runner {
-        Some(runner) => Arc::clone(runner) as Arc<dyn Activator>,
-        None => Arc::new(NoActivator),
-    };
+    let demand = DemandReporter::new(Arc::clone(&control), Arc::clone(&load));
+    tokio::spawn(Arc::clone(&demand).run(quiesce_rx.clone()));
     let activations = Arc::new(Activations::new(
-        activator,
+        demand,
         Arc::clone(&routing),
         settings.boot_timeout,
     ));

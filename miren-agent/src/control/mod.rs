@@ -10,10 +10,12 @@
 //!   returns once the view has reached its commit (read-your-writes).
 //!
 //! Desired state (apps, node-port claims, routes) is shared by every node; observed state
-//! (this node's ready endpoints) is written under this node's lease ([`lease`]).
+//! (this node's ready endpoints, its ingress's demand for auto services ([`demand`])) is
+//! written under this node's lease ([`lease`]).
 
 mod certs;
 mod commands;
+mod demand;
 mod lease;
 mod nodes;
 mod placement;
@@ -100,6 +102,8 @@ pub struct ControlPlane {
     view: Arc<view::View>,
     lease: Arc<lease::NodeLease>,
     dataplane_report: Mutex<Option<DataplaneReport>>,
+    /// The scheduler's memory of idle auto services.
+    autoscaler: Mutex<demand::AutoScaler>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -150,6 +154,7 @@ impl ControlPlane {
             view,
             lease,
             dataplane_report: Mutex::new(None),
+            autoscaler: Mutex::default(),
             tasks,
         })
     }

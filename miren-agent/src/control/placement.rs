@@ -1,4 +1,5 @@
-//! Where fixed services' instances should run: a pure function of the view, used by the
+//! Where services' instances should run: a pure function of the view (and, for auto
+//! services, of the instance counts [`super::demand::AutoScaler`] asks for), used by the
 //! elected scheduler.
 //!
 //! - Instances on nodes whose lease ended (lost) are placed again elsewhere.
@@ -38,19 +39,23 @@ fn ready_on(state: &State, app: &str, service: &str, node: &str) -> usize {
     ready.len()
 }
 
-/// The changes that bring every fixed service to its wanted placement.
-pub fn plan(state: &State) -> PlacementChanges {
+/// The changes that bring every service to its wanted placement: fixed services to their
+/// `num_instances`, auto services to their count in `auto` (absent or 0: no placement).
+pub fn plan(state: &State, auto: &BTreeMap<(String, String), usize>) -> PlacementChanges {
     // (instances, whether readiness shows in endpoints) by (app, service).
     let mut wanted: BTreeMap<(String, String), (usize, bool)> = BTreeMap::new();
     for (record, config) in state.valid_apps() {
         for service in config.services.values() {
-            if let (Some(_), ConcurrencyMode::Fixed { num_instances }) =
-                (&service.command, &service.concurrency.mode)
-            {
-                wanted.insert(
-                    (record.name.clone(), service.name.clone()),
-                    (*num_instances as usize, !service.ports.is_empty()),
-                );
+            if service.command.is_none() {
+                continue;
+            }
+            let key = (record.name.clone(), service.name.clone());
+            let count = match service.concurrency.mode {
+                ConcurrencyMode::Fixed { num_instances } => num_instances as usize,
+                ConcurrencyMode::Auto { .. } => auto.get(&key).copied().unwrap_or(0),
+            };
+            if count > 0 {
+                wanted.insert(key, (count, !service.ports.is_empty()));
             }
         }
     }

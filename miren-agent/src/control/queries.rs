@@ -58,9 +58,8 @@ pub struct DeployedService {
     pub env: std::collections::BTreeMap<String, String>,
     /// The validated service (ports with numbers, concurrency).
     pub service: ServiceConfig,
-    /// The most instances the service may run (`--max-instances-per-service`): an auto
-    /// service scales up to it at most.
-    pub max_instances: u32,
+    /// The instances the scheduler placed on this node.
+    pub instances: usize,
 }
 
 impl ControlPlane {
@@ -253,22 +252,17 @@ impl ControlPlane {
                 let Some(command) = service.command.clone() else {
                     continue;
                 };
-                let mut service = service.clone();
-                if let ConcurrencyMode::Fixed { num_instances } = &mut service.concurrency.mode {
-                    // This node runs the instances placed on it.
-                    let placed = state
-                        .placements
-                        .get(&(record.name.clone(), service.name.clone()))
-                        .map_or(0, |p| {
-                            p.value
-                                .nodes
-                                .iter()
-                                .filter(|n| **n == self.settings.node)
-                                .count()
-                        });
-                    *num_instances = u32::try_from(placed).unwrap_or(u32::MAX);
-                }
-                let service = &service;
+                // This node runs the instances placed on it.
+                let placed = state
+                    .placements
+                    .get(&(record.name.clone(), service.name.clone()))
+                    .map_or(0, |p| {
+                        p.value
+                            .nodes
+                            .iter()
+                            .filter(|n| **n == self.settings.node)
+                            .count()
+                    });
                 let Ok(env) = instance_env(config, service) else {
                     continue;
                 };
@@ -280,7 +274,7 @@ impl ControlPlane {
                     command,
                     env,
                     service: service.clone(),
-                    max_instances: self.settings.validation.limits.instances_per_service,
+                    instances: placed,
                 });
             }
         }

@@ -2,7 +2,11 @@
 //! [`placement::plan`] asks for, each write fenced by a compare on the role's key. When the
 //! holder's lease ends the key vanishes and the next agent to see that takes over.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use super::{ControlError, ControlPlane, placement, view::State};
 use crate::store::{
@@ -27,15 +31,21 @@ impl ControlPlane {
             return Ok(false);
         }
         let node = self.settings.node.clone();
-        self.run(|state| Ok((placement_txn(state, &node), ())))
+        let max_instances = self.settings.validation.limits.instances_per_service as usize;
+        let auto = self
+            .autoscaler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .targets(&self.view.lock(), max_instances, Instant::now());
+        self.run(|state| Ok((placement_txn(state, &node, &auto), ())))
             .await?;
         Ok(true)
     }
 }
 
-/// The transaction writing the plan's placements, fenced on `node` still holding the role
-/// (empty when it does not, or when nothing changes).
-fn placement_txn(state: &State, node: &str) -> Txn {
+/// The transaction writing the plan's placements (auto services sized as `auto` says),
+/// fenced on `node` still holding the role (empty when it does not, or when nothing changes).
+fn placement_txn(state: &State, node: &str, auto: &BTreeMap<(String, String), usize>) -> Txn {
     let mut txn = Txn::default();
     let Some(leader) = state
         .leaders
@@ -44,7 +54,7 @@ fn placement_txn(state: &State, node: &str) -> Txn {
     else {
         return txn;
     };
-    let changes = placement::plan(state);
+    let changes = placement::plan(state, auto);
     if changes.is_empty() {
         return txn;
     }

@@ -357,7 +357,7 @@ fn local_instances(planes: &[ControlPlane], app: &str) -> Vec<u64> {
             p.deployed_services()
                 .iter()
                 .find(|d| d.app == app)
-                .map_or(0, |d| d.service.concurrency.mode.fixed_instances())
+                .map_or(0, |d| d.instances as u64)
         })
         .collect()
 }
@@ -476,4 +476,85 @@ async fn a_drain_moves_one_instance_at_a_time_once_its_replacement_is_ready() {
     deploy(&planes[0], &fixed("c", 3)).await.unwrap();
     settle(&store, &planes).await;
     assert_eq!(local_instances(&planes, "c"), [1, 1, 1]);
+}
+
+fn auto(name: &str, requests_per_instance: u32) -> String {
+    format!(
+        "name = \"{name}\"\n[services.main]\ncommand = \"sleep 1000\"\nport = 9000\n[services.main.concurrency]\nmode = \"auto\"\nrequests_per_instance = {requests_per_instance}\nscale_down_delay = \"1m\"\n"
+    )
+}
+
+#[tokio::test]
+async fn an_auto_service_is_sized_by_the_demand_of_every_node() {
+    let dir = TempDir::new("auto");
+    let store = SqliteStore::open(&dir.0, "n0").unwrap();
+    let planes = cluster(&store).await;
+    deploy(&planes[0], &auto("lazy", 100)).await.unwrap();
+    settle(&store, &planes).await;
+    assert_eq!(local_instances(&planes, "lazy"), [0, 0, 0]);
+    // First requests on two nodes at once: one instance in the whole cluster.
+    planes[1]
+        .report_demand("lazy", "main", Some(40))
+        .await
+        .unwrap();
+    planes[2]
+        .report_demand("lazy", "main", Some(55))
+        .await
+        .unwrap();
+    settle(&store, &planes).await;
+    assert_eq!(local_instances(&planes, "lazy").iter().sum::<u64>(), 1);
+    // More requests in flight over the cluster: one instance per 100, spread.
+    planes[0]
+        .report_demand("lazy", "main", Some(120))
+        .await
+        .unwrap();
+    settle(&store, &planes).await;
+    assert_eq!(local_instances(&planes, "lazy"), [1, 1, 1]);
+    // Less demand never scales down while there is any.
+    planes[0].report_demand("lazy", "main", None).await.unwrap();
+    planes[2].report_demand("lazy", "main", None).await.unwrap();
+    settle(&store, &planes).await;
+    assert_eq!(local_instances(&planes, "lazy"), [1, 1, 1]);
+    assert_eq!(planes[0].view.lock().demand.len(), 1);
+    // A node's demand ends with its lease.
+    store.revoke_lease(planes[1].lease.id()).await.unwrap();
+    settle(&store, &planes[..1]).await;
+    assert!(planes[0].view.lock().demand.is_empty());
+}
+
+#[tokio::test]
+async fn an_idle_auto_service_loses_one_instance_per_scale_down_delay() {
+    let dir = TempDir::new("idle");
+    let store = SqliteStore::open(&dir.0, "n0").unwrap();
+    let planes = cluster(&store).await;
+    deploy(&planes[0], &auto("lazy", 1)).await.unwrap();
+    planes[0]
+        .report_demand("lazy", "main", Some(3))
+        .await
+        .unwrap();
+    settle(&store, &planes).await;
+    assert_eq!(local_instances(&planes, "lazy"), [1, 1, 1]);
+    planes[0].report_demand("lazy", "main", None).await.unwrap();
+    let revision = store.list().await.unwrap().revision;
+    planes[0].caught_up(revision).await.unwrap();
+    let key = ("lazy".to_owned(), "main".to_owned());
+    let mut scaler = demand::AutoScaler::default();
+    let start = std::time::Instant::now();
+    let minute = Duration::from_secs(60);
+    let mut targets_at = |at| scaler.targets(&planes[0].view.lock(), 64, at)[&key];
+    // No node has demand: one fewer at once, the next only a scale_down_delay later.
+    assert_eq!(targets_at(start), 2);
+    assert_eq!(targets_at(start + minute / 2), 3);
+    assert_eq!(targets_at(start + minute), 2);
+    // Limits hold over demand.
+    planes[0]
+        .report_demand("lazy", "main", Some(500))
+        .await
+        .unwrap();
+    let revision = store.list().await.unwrap().revision;
+    planes[0].caught_up(revision).await.unwrap();
+    assert_eq!(
+        scaler.targets(&planes[0].view.lock(), 5, start + minute)[&key],
+        5
+    );
 }

@@ -17,8 +17,8 @@ use crate::{
     store::{
         Event, KeyValue, Listing, Revision, Store, WatchMessage,
         records::{
-            AcmeAccount, AppRecord, CertRecord, EndpointMap, Heartbeat, Leader, NodePortRecord,
-            NodeRecord, Placement, Record, RecordKey, RouteRecord,
+            AcmeAccount, AppRecord, CertRecord, Demand, EndpointMap, Heartbeat, Leader,
+            NodePortRecord, NodeRecord, Placement, Record, RecordKey, RouteRecord,
         },
     },
 };
@@ -65,7 +65,9 @@ pub struct State {
     pub last_heartbeat: BTreeMap<String, u64>,
     /// Sandbox subnet claims: subnet (`A.B.C.D/N`) → holder.
     pub subnets: BTreeMap<String, Versioned<String>>,
-    /// Placements of fixed services by (app, service).
+    /// Each node's requests for auto services, by (app, service), then by node.
+    pub demand: BTreeMap<(String, String), BTreeMap<String, Demand>>,
+    /// Placements of services by (app, service).
     pub placements: BTreeMap<(String, String), Versioned<Placement>>,
     /// Holders of elected roles by role.
     pub leaders: BTreeMap<String, Versioned<Leader>>,
@@ -207,6 +209,12 @@ impl State {
                     },
                 );
             }
+            (RecordKey::Demand { app, service, node }, Record::Demand(demand)) => {
+                self.demand
+                    .entry((app, service))
+                    .or_default()
+                    .insert(node, demand);
+            }
             (RecordKey::Placement { app, service }, Record::Placement(value)) => {
                 self.placements.insert(
                     (app, service),
@@ -277,6 +285,15 @@ impl State {
             Some(RecordKey::Subnet(subnet)) => {
                 self.subnets.remove(&subnet);
             }
+            Some(RecordKey::Demand { app, service, node }) => {
+                let key = (app, service);
+                if let Some(nodes) = self.demand.get_mut(&key) {
+                    nodes.remove(&node);
+                    if nodes.is_empty() {
+                        self.demand.remove(&key);
+                    }
+                }
+            }
             Some(RecordKey::Placement { app, service }) => {
                 self.placements.remove(&(app, service));
             }
@@ -296,13 +313,13 @@ impl State {
 }
 
 /// Whether an event changes what the data planes, the ingress or the runner follow
-/// (heartbeats do not).
+/// (heartbeats and demand, which only the scheduler reads, do not).
 fn followed(event: &Event) -> bool {
     let key = match event {
         Event::Put(kv) => kv.key.as_str(),
         Event::Delete { key, .. } => key.as_str(),
     };
-    !key.starts_with("alive/")
+    !key.starts_with("alive/") && !key.starts_with("demand/")
 }
 
 /// Validates a stored app as this agent would at deploy, filling in its assigned ports.
@@ -362,12 +379,13 @@ impl View {
     }
 
     /// A receiver of the revision after every change the consumers follow (all but
-    /// heartbeats).
+    /// heartbeats and demand).
     pub fn subscribe(&self) -> watch::Receiver<Revision> {
         self.revision.subscribe()
     }
 
-    /// A receiver of the revision after every change, heartbeats and lease ends included.
+    /// A receiver of the revision after every change, heartbeats, demand and lease ends
+    /// included.
     pub fn subscribe_all(&self) -> watch::Receiver<Revision> {
         self.applied.subscribe()
     }

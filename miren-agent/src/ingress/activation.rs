@@ -1,6 +1,6 @@
 //! Scale from zero: when a request finds its service without a ready endpoint, the ingress
-//! asks the agent to start an instance and waits (up to the boot deadline) for one to become
-//! ready. Concurrent requests for the same service share one activation; the activation runs
+//! asks the cluster for an instance (its demand, [`super::demand`]) and waits (up to the boot
+//! deadline) for one to become ready, on whichever node it was placed. Concurrent requests for the same service share one activation; the activation runs
 //! in its own task, so clients that give up or disconnect leave nothing behind.
 
 use std::{
@@ -13,23 +13,13 @@ use tokio::sync::watch;
 
 use super::routing::Routing;
 
-/// Starts instances on demand (the sandbox runner).
+/// Asks for instances on demand ([`super::demand::DemandReporter`]).
 pub trait Activator: Send + Sync + std::fmt::Debug {
-    /// Makes sure an instance of `app`'s `service` is starting.
+    /// Makes sure an instance of `app`'s `service` is asked for.
     ///
     /// # Errors
     /// Why no instance can be started; the requests waiting for it get a 503 saying so.
     fn ensure_starting(&self, app: &str, service: &str) -> Result<(), String>;
-}
-
-/// The activator of an agent that does not run sandboxes: nothing can be started.
-#[derive(Debug, Default)]
-pub struct NoActivator;
-
-impl Activator for NoActivator {
-    fn ensure_starting(&self, _app: &str, _service: &str) -> Result<(), String> {
-        Err("none are set and this agent does not start instances on demand".into())
-    }
 }
 
 /// How an activation ended.
@@ -224,22 +214,5 @@ mod tests {
         );
         assert_eq!(activator.calls.load(Ordering::SeqCst), 1);
         assert!(activations.in_flight.lock().unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn no_activator_reports_no_endpoints() {
-        let routing = Arc::new(Routing::new(Duration::from_secs(60), Arc::default()));
-        routing.publish(snapshot(1, &[]));
-        let activations = Arc::new(Activations::new(
-            Arc::new(NoActivator),
-            routing,
-            Duration::from_secs(120),
-        ));
-        assert_eq!(
-            activations.wait_ready("a", "web").await,
-            Activation::Failed(
-                "none are set and this agent does not start instances on demand".into()
-            )
-        );
     }
 }

@@ -11,6 +11,7 @@
 pub mod acme;
 pub mod activation;
 pub mod certs;
+pub mod demand;
 mod framing;
 mod head_guard;
 mod listen;

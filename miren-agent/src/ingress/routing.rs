@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -43,16 +43,20 @@ pub struct ServiceUpstreams {
     pub backends: Vec<Backend>,
     /// Requests in flight to this service (shared across snapshots).
     pub in_flight: Arc<AtomicUsize>,
+    /// Requests to this service so far (shared across snapshots).
+    requests: Arc<AtomicU64>,
     /// Requests in flight to each backend's address, in the order of `backends` (shared with
     /// [`LoadTracker`], which an instance being stopped drains).
     backend_in_flight: Vec<Arc<AtomicUsize>>,
     next: AtomicUsize,
 }
 
-/// Requests in flight per app service, kept by the ingress and read by the autoscaler.
+/// Requests per app service (in flight, and so far), kept by the ingress and reported to the
+/// cluster as demand for auto services.
 #[derive(Debug, Default)]
 pub struct LoadTracker {
     counters: std::sync::Mutex<HashMap<(String, String), Arc<AtomicUsize>>>,
+    requests: std::sync::Mutex<HashMap<(String, String), Arc<AtomicU64>>>,
     /// Requests in flight per backend address (an instance being stopped drains these).
     backends: std::sync::Mutex<HashMap<IpAddr, Arc<AtomicUsize>>>,
 }
@@ -73,6 +77,20 @@ impl LoadTracker {
         self.counter(app, service).load(Ordering::Relaxed)
     }
 
+    fn requests_counter(&self, app: &str, service: &str) -> Arc<AtomicU64> {
+        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            requests
+                .entry((app.to_owned(), service.to_owned()))
+                .or_default(),
+        )
+    }
+
+    /// Requests to `app`'s `service` since the agent started.
+    pub fn requests(&self, app: &str, service: &str) -> u64 {
+        self.requests_counter(app, service).load(Ordering::Relaxed)
+    }
+
     fn backend_counter(&self, ip: IpAddr) -> Arc<AtomicUsize> {
         let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(backends.entry(ip).or_default())
@@ -91,6 +109,7 @@ pub struct InFlight(Arc<AtomicUsize>);
 impl InFlight {
     /// Counts a request to `upstreams`.
     pub fn new(upstreams: &ServiceUpstreams) -> Self {
+        upstreams.requests.fetch_add(1, Ordering::Relaxed);
         upstreams.in_flight.fetch_add(1, Ordering::Relaxed);
         Self(Arc::clone(&upstreams.in_flight))
     }
@@ -130,6 +149,7 @@ impl ServiceUpstreams {
             service: service.to_owned(),
             backends,
             in_flight: load.counter(app, service),
+            requests: load.requests_counter(app, service),
             backend_in_flight: addrs
                 .iter()
                 .map(|addr| load.backend_counter(addr.ip()))

@@ -1,7 +1,8 @@
-//! The sandbox runner: one supervisor task per deployed service keeps its instances in line
-//! with the app config — fixed count with restarts and backoff, or on demand (started by the
-//! ingress's activation hook, scaled by in-flight requests, stopped when idle) — and publishes
-//! the ready ones as the service's endpoints, which the data planes and the ingress follow.
+//! The sandbox runner: one supervisor task per deployed service keeps as many instances as
+//! the scheduler placed on this node (a fixed count, or for auto services the count the
+//! cluster's demand asks for), with readiness, restarts, backoff and rolling replacement, and
+//! publishes the ready ones as the service's endpoints, which the data planes and the
+//! ingress follow.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -14,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     SandboxError, SandboxSettings,
@@ -29,9 +30,9 @@ use super::{
 use crate::{
     api::types::{InstanceStatus, LogChunk},
     bundle::{BundleHash, BundleStore, BundleUsers},
-    config::{ConcurrencyMode, PortKind},
+    config::PortKind,
     control::{ControlPlane, DeployedService},
-    ingress::{activation::Activator, routing::LoadTracker},
+    ingress::routing::LoadTracker,
 };
 
 type Key = (String, String);
@@ -130,7 +131,6 @@ impl Shared {
 #[derive(Debug)]
 struct Supervisor {
     spec: watch::Sender<DeployedService>,
-    activate: Arc<Notify>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -308,19 +308,13 @@ impl Runner {
                 None => {
                     let (spec_tx, spec_rx) = watch::channel(spec);
                     let (stop_tx, stop_rx) = watch::channel(false);
-                    let activate = Arc::new(Notify::new());
-                    let service = ServiceSupervisor::new(
-                        Arc::clone(&self.shared),
-                        key.clone(),
-                        spec_rx,
-                        Arc::clone(&activate),
-                    );
+                    let service =
+                        ServiceSupervisor::new(Arc::clone(&self.shared), key.clone(), spec_rx);
                     let task = tokio::spawn(service.run(stop_rx));
                     supervisors.insert(
                         key,
                         Supervisor {
                             spec: spec_tx,
-                            activate,
                             stop: stop_tx,
                             task,
                         },
@@ -396,18 +390,6 @@ impl DnsDirectory for Runner {
             }
         }
         Some(addrs)
-    }
-}
-
-impl Activator for Runner {
-    fn ensure_starting(&self, app: &str, service: &str) -> Result<(), String> {
-        match lock(&self.supervisors).get(&(app.to_owned(), service.to_owned())) {
-            Some(supervisor) => {
-                supervisor.activate.notify_one();
-                Ok(())
-            }
-            None => Err(format!("app {app} has no service {service} to start")),
-        }
     }
 }
 
@@ -557,11 +539,10 @@ struct ServiceSupervisor {
     shared: Arc<Shared>,
     key: Key,
     spec: watch::Receiver<DeployedService>,
-    activate: Arc<Notify>,
     instances: Vec<Instance>,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
-    /// Desired number of instances.
+    /// Desired number of instances: as many as are placed on this node.
     target: usize,
     /// Instances in a row that exited soon after starting.
     failures: u32,
@@ -570,27 +551,17 @@ struct ServiceSupervisor {
     /// The service left the desired state: its instances are being stopped.
     removed: bool,
     next_start: Instant,
-    last_busy: Instant,
     published: Option<BTreeMap<String, Vec<SocketAddr>>>,
 }
 
 impl ServiceSupervisor {
-    fn new(
-        shared: Arc<Shared>,
-        key: Key,
-        spec: watch::Receiver<DeployedService>,
-        activate: Arc<Notify>,
-    ) -> Self {
+    fn new(shared: Arc<Shared>, key: Key, spec: watch::Receiver<DeployedService>) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
-        let target = match spec.borrow().service.concurrency.mode {
-            ConcurrencyMode::Fixed { num_instances } => num_instances as usize,
-            ConcurrencyMode::Auto { .. } => 0,
-        };
+        let target = spec.borrow().instances;
         Self {
             shared,
             key,
             spec,
-            activate,
             instances: Vec::new(),
             events_tx,
             events,
@@ -599,7 +570,6 @@ impl ServiceSupervisor {
             start_failures: 0,
             removed: false,
             next_start: Instant::now(),
-            last_busy: Instant::now(),
             published: None,
         }
     }
@@ -620,16 +590,9 @@ impl ServiceSupervisor {
             }
         }
         let mut tick = tokio::time::interval(TICK);
-        let activate = Arc::clone(&self.activate);
         loop {
             tokio::select! {
                 Some(event) = self.events.recv() => self.on_event(event),
-                _ = activate.notified() => {
-                    self.last_busy = Instant::now();
-                    if self.target == 0 {
-                        self.target = 1;
-                    }
-                }
                 changed = self.spec.changed() => {
                     if changed.is_err() { break }
                     self.on_spec_change();
@@ -666,11 +629,7 @@ impl ServiceSupervisor {
     }
 
     fn on_spec_change(&mut self) {
-        if let ConcurrencyMode::Fixed { num_instances } =
-            self.spec.borrow().service.concurrency.mode
-        {
-            self.target = num_instances as usize;
-        }
+        self.target = self.spec.borrow().instances;
     }
 
     fn on_event(&mut self, event: Event) {
@@ -746,7 +705,6 @@ impl ServiceSupervisor {
                 instance.ready = true;
             }
         }
-        self.autoscale(&spec);
         // Rolling replacement and scaling: start one when short, stop one when over.
         let generation = generation(&spec);
         let current = |i: &&Instance| i.generation == generation && i.stop.is_some();
@@ -797,29 +755,6 @@ impl ServiceSupervisor {
         }
         self.publish().await;
         self.report();
-    }
-
-    /// Auto mode: one instance per `requests_per_instance` in-flight requests; down by one
-    /// after `scale_down_delay` without requests.
-    fn autoscale(&mut self, spec: &DeployedService) {
-        let ConcurrencyMode::Auto {
-            requests_per_instance,
-            scale_down_delay,
-        } = spec.service.concurrency.mode
-        else {
-            return;
-        };
-        let in_flight = self.shared.load.in_flight(&self.key.0, &self.key.1);
-        if in_flight > 0 {
-            self.last_busy = Instant::now();
-            let wanted = in_flight.div_ceil(requests_per_instance.max(1) as usize);
-            self.target = self.target.max(wanted).min(spec.max_instances as usize);
-        } else if self.target > 0 && self.last_busy.elapsed() >= scale_down_delay {
-            self.target -= 1;
-            self.last_busy = Instant::now();
-            let (app, service) = &self.key;
-            tracing::info!(app, service, instances = self.target, "idle; scaling down");
-        }
     }
 
     /// Creates one instance: an address, its network namespace, its container (waiting for a

@@ -10,6 +10,7 @@
 //! | `nodes/NODE`                         | [`NodeRecord`]         | the node, `miren node`|
 //! | `alive/NODE`                         | [`Heartbeat`]          | the node (leased)     |
 //! | `subnets/A.B.C.D_N`                  | [`SubnetClaim`]        | the node (the claim)  |
+//! | `demand/APP/SERVICE/NODE`            | [`Demand`]             | the node (leased)     |
 //! | `placements/APP/SERVICE`             | [`Placement`]          | the scheduler         |
 //! | `leader/ROLE`                        | [`Leader`]             | the elected (leased)  |
 //! | `certs/HOST`                         | [`CertRecord`]         | `miren cert`, ACME    |
@@ -116,7 +117,15 @@ pub struct NodeRecord {
     pub registered_at: u64,
 }
 
-/// Where a fixed service's instances run: one node name per instance.
+/// The requests one node's ingress has for an auto service, under the node's lease: present
+/// while the node saw a request for the service within its `scale_down_delay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Demand {
+    /// Requests in flight (waiting for an instance included) when last sampled.
+    pub in_flight: u32,
+}
+
+/// Where a service's instances run: one node name per instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {
     /// A node per instance (a node may appear several times), sorted.
@@ -197,6 +206,15 @@ pub enum RecordKey {
     Alive(String),
     /// `subnets/A.B.C.D_N` (the subnet `A.B.C.D/N`).
     Subnet(String),
+    /// `demand/APP/SERVICE/NODE`.
+    Demand {
+        /// App.
+        app: String,
+        /// Service.
+        service: String,
+        /// The node whose ingress has the requests.
+        node: String,
+    },
     /// `placements/APP/SERVICE`.
     Placement {
         /// App.
@@ -233,6 +251,11 @@ impl RecordKey {
             ["nodes", node] => Some(Self::Node((*node).to_owned())),
             ["alive", node] => Some(Self::Alive((*node).to_owned())),
             ["subnets", subnet] => Some(Self::Subnet(subnet.replacen('_', "/", 1))),
+            ["demand", app, service, node] => Some(Self::Demand {
+                app: (*app).to_owned(),
+                service: (*service).to_owned(),
+                node: (*node).to_owned(),
+            }),
             ["placements", app, service] => Some(Self::Placement {
                 app: (*app).to_owned(),
                 service: (*service).to_owned(),
@@ -263,6 +286,7 @@ impl fmt::Display for RecordKey {
             Self::Node(node) => write!(f, "nodes/{node}"),
             Self::Alive(node) => write!(f, "alive/{node}"),
             Self::Subnet(subnet) => write!(f, "subnets/{}", subnet.replacen('/', "_", 1)),
+            Self::Demand { app, service, node } => write!(f, "demand/{app}/{service}/{node}"),
             Self::Placement { app, service } => write!(f, "placements/{app}/{service}"),
             Self::Leader(role) => write!(f, "leader/{role}"),
             Self::Cert(host) => write!(f, "certs/{host}"),
@@ -310,6 +334,8 @@ pub enum Record {
     Alive(Heartbeat),
     /// A subnet's holder.
     Subnet(SubnetClaim),
+    /// One node's requests for an auto service.
+    Demand(Demand),
     /// Where a service's instances run.
     Placement(Placement),
     /// The holder of a role.
@@ -339,6 +365,7 @@ impl Record {
             RecordKey::Node(_) => Self::Node(decode(kv, "node")?),
             RecordKey::Alive(_) => Self::Alive(decode(kv, "heartbeat")?),
             RecordKey::Subnet(_) => Self::Subnet(decode(kv, "subnet claim")?),
+            RecordKey::Demand { .. } => Self::Demand(decode(kv, "demand")?),
             RecordKey::Placement { .. } => Self::Placement(decode(kv, "placement")?),
             RecordKey::Leader(_) => Self::Leader(decode(kv, "leader")?),
             RecordKey::Cert(_) => Self::Cert(decode(kv, "certificate")?),
@@ -438,6 +465,11 @@ mod tests {
             RecordKey::Placement {
                 app: "web".into(),
                 service: "main".into(),
+            },
+            RecordKey::Demand {
+                app: "web".into(),
+                service: "main".into(),
+                node: "n2".into(),
             },
             RecordKey::Leader(SCHEDULER.into()),
             RecordKey::Cert("*.example.com".into()),
