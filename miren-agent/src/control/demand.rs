@@ -115,7 +115,10 @@ impl ControlPlane {
     }
 }
 
-/// The scheduler's memory for auto services: when each idle one may next lose an instance.
+/// The scheduler's memory for auto services: when each may next lose an instance once idle.
+/// A service it has not seen yet (a new scheduler) waits a whole `scale_down_delay` first; a
+/// service whose demand just ended may lose one at once (its nodes already waited that long
+/// before withdrawing their demand).
 #[derive(Debug, Default)]
 pub struct AutoScaler {
     next_step: HashMap<Key, Instant>,
@@ -150,7 +153,7 @@ impl AutoScaler {
                     .map_or(0, |p| p.value.nodes.len());
                 let demand = state.demand.get(&key).filter(|nodes| !nodes.is_empty());
                 let target = if let Some(nodes) = demand {
-                    self.next_step.remove(&key);
+                    self.next_step.insert(key.clone(), now);
                     let in_flight: usize = nodes.values().map(|d| d.in_flight as usize).sum();
                     let wanted = in_flight
                         .div_ceil((*requests_per_instance).max(1) as usize)
@@ -159,18 +162,25 @@ impl AutoScaler {
                 } else if placed == 0 {
                     self.next_step.remove(&key);
                     0
-                } else if self.next_step.get(&key).is_some_and(|at| now < *at) {
-                    placed
                 } else {
-                    // No node saw a request for a whole scale_down_delay.
-                    self.next_step.insert(key.clone(), now + *scale_down_delay);
-                    tracing::info!(
-                        app = %key.0,
-                        service = %key.1,
-                        instances = placed - 1,
-                        "idle; scaling down"
-                    );
-                    placed - 1
+                    match self.next_step.get(&key).copied() {
+                        None => {
+                            self.next_step.insert(key.clone(), now + *scale_down_delay);
+                            placed
+                        }
+                        Some(at) if now < at => placed,
+                        Some(_) => {
+                            // No node saw a request for a whole scale_down_delay.
+                            self.next_step.insert(key.clone(), now + *scale_down_delay);
+                            tracing::info!(
+                                app = %key.0,
+                                service = %key.1,
+                                instances = placed - 1,
+                                "idle; scaling down"
+                            );
+                            placed - 1
+                        }
+                    }
                 };
                 targets.insert(key, target);
             }

@@ -534,18 +534,26 @@ async fn an_idle_auto_service_loses_one_instance_per_scale_down_delay() {
         .unwrap();
     settle(&store, &planes).await;
     assert_eq!(local_instances(&planes, "lazy"), [1, 1, 1]);
-    planes[0].report_demand("lazy", "main", None).await.unwrap();
-    let revision = store.list().await.unwrap().revision;
-    planes[0].caught_up(revision).await.unwrap();
     let key = ("lazy".to_owned(), "main".to_owned());
-    let mut scaler = demand::AutoScaler::default();
     let start = std::time::Instant::now();
     let minute = Duration::from_secs(60);
+    let at = |seconds| start + Duration::from_secs(seconds);
+    // A scheduler that saw the demand end: one fewer at once, the next only a
+    // scale_down_delay later.
+    let mut scaler = demand::AutoScaler::default();
+    assert_eq!(scaler.targets(&planes[0].view.lock(), 64, start)[&key], 3);
+    planes[0].report_demand("lazy", "main", None).await.unwrap();
     let mut targets_at = |at| scaler.targets(&planes[0].view.lock(), 64, at)[&key];
-    // No node has demand: one fewer at once, the next only a scale_down_delay later.
-    assert_eq!(targets_at(start), 2);
-    assert_eq!(targets_at(start + minute / 2), 3);
-    assert_eq!(targets_at(start + minute), 2);
+    assert_eq!(targets_at(at(1)), 2);
+    assert_eq!(targets_at(at(30)), 3);
+    assert_eq!(targets_at(at(61)), 2);
+    // A new scheduler first waits a whole scale_down_delay.
+    let mut fresh = demand::AutoScaler::default();
+    assert_eq!(fresh.targets(&planes[0].view.lock(), 64, start)[&key], 3);
+    assert_eq!(
+        fresh.targets(&planes[0].view.lock(), 64, start + minute)[&key],
+        2
+    );
     // Limits hold over demand.
     planes[0]
         .report_demand("lazy", "main", Some(500))
