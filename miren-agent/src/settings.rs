@@ -17,6 +17,9 @@ use crate::{
 /// The config file read when `--config` is not given (if it exists).
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/miren/agent.toml";
 
+/// Port of the cluster listener when `--cluster-addr` is not given.
+pub const DEFAULT_CLUSTER_PORT: u16 = 7946;
+
 /// Errors reading the settings.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -201,9 +204,22 @@ pub struct SettingsLayer {
     #[arg(long, value_name = "BITS")]
     pub node_subnet_size: Option<u8>,
     /// Listener for the other agents of the cluster (app code bundles, node-port counters),
-    /// used with --store etcd [default: 0.0.0.0:7474].
+    /// used with --store etcd [default: the first --node-ip, port 7946; 0.0.0.0:7946 without
+    /// --node-ip].
     #[arg(long, value_name = "ADDR")]
     pub cluster_addr: Option<SocketAddr>,
+    /// PEM CA certificate that signed every node's --cluster-cert: with --cluster-cert and
+    /// --cluster-key, the cluster listener serves HTTPS, wants a client certificate signed by
+    /// it, and the agent verifies its peers' certificates (IP SANs) against it.
+    #[arg(long, value_name = "PATH")]
+    pub cluster_ca: Option<PathBuf>,
+    /// PEM certificate of this node for the cluster listener, signed by --cluster-ca with
+    /// this node's address as IP SAN; also presented to the peers as client certificate.
+    #[arg(long, value_name = "PATH")]
+    pub cluster_cert: Option<PathBuf>,
+    /// PEM private key of --cluster-cert.
+    #[arg(long, value_name = "PATH")]
+    pub cluster_key: Option<PathBuf>,
     /// File holding the cluster's shared secret (mode 0600): the agents of one cluster
     /// present it to each other; needed with --store etcd.
     #[arg(long, value_name = "PATH")]
@@ -314,6 +330,19 @@ pub struct ClusterLinkSettings {
     pub addr: SocketAddr,
     /// The token file (read when the agent starts).
     pub token_file: PathBuf,
+    /// Mutual TLS between the agents, when configured.
+    pub tls: Option<ClusterTlsFiles>,
+}
+
+/// The PEM files of the cluster listener's mutual TLS (`--cluster-ca/--cluster-cert/--cluster-key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterTlsFiles {
+    /// CA certificate(s) the nodes' certificates are signed by.
+    pub ca: PathBuf,
+    /// This node's certificate (chain).
+    pub cert: PathBuf,
+    /// The certificate's private key.
+    pub key: PathBuf,
 }
 
 impl SettingsLayer {
@@ -374,14 +403,26 @@ impl SettingsLayer {
                 "--node-lease-ttl must be at least 2s".into(),
             ));
         }
+        let cluster_tls = cluster_tls_files(
+            self.cluster_ca.or(file.cluster_ca),
+            self.cluster_cert.or(file.cluster_cert),
+            self.cluster_key.or(file.cluster_key),
+        )?;
+        let node_ips = prefer_flags(self.node_ip, file.node_ip);
         let cluster_link = match (&store, self.cluster_token_file.or(file.cluster_token_file)) {
             (StoreChoice::Sqlite, _) => None,
             (StoreChoice::Etcd { .. }, Some(token_file)) => Some(ClusterLinkSettings {
-                addr: self
-                    .cluster_addr
-                    .or(file.cluster_addr)
-                    .unwrap_or(([0, 0, 0, 0], 7474).into()),
+                addr: self.cluster_addr.or(file.cluster_addr).unwrap_or_else(|| {
+                    SocketAddr::new(
+                        node_ips
+                            .first()
+                            .copied()
+                            .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                        DEFAULT_CLUSTER_PORT,
+                    )
+                }),
                 token_file,
+                tls: cluster_tls,
             }),
             (StoreChoice::Etcd { .. }, None) => {
                 return Err(SettingsError::Invalid(
@@ -407,7 +448,7 @@ impl SettingsLayer {
                 .or(file.state_dir)
                 .unwrap_or_else(|| "/var/lib/miren".into()),
             ifaces: prefer_flags(self.iface, file.iface),
-            node_ips: prefer_flags(self.node_ip, file.node_ip),
+            node_ips,
             dataplane,
             bpf_pin_dir: self
                 .bpf_pin_dir
@@ -530,6 +571,11 @@ impl SettingsLayer {
 }
 
 impl AgentSettings {
+    /// The files of the cluster listener's mutual TLS, when configured (cluster mode only).
+    pub fn cluster_tls(&self) -> Option<&ClusterTlsFiles> {
+        self.cluster_link.as_ref()?.tls.as_ref()
+    }
+
     /// The ingress's part of the settings.
     pub fn ingress_settings(&self) -> crate::ingress::IngressSettings {
         crate::ingress::IngressSettings {
@@ -571,6 +617,32 @@ impl AgentSettings {
             }))
             .collect(),
             limits: self.limits,
+        }
+    }
+}
+
+/// `--cluster-ca`, `--cluster-cert` and `--cluster-key`: all three or none.
+fn cluster_tls_files(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<ClusterTlsFiles>, SettingsError> {
+    match (ca, cert, key) {
+        (None, None, None) => Ok(None),
+        (Some(ca), Some(cert), Some(key)) => Ok(Some(ClusterTlsFiles { ca, cert, key })),
+        (ca, cert, key) => {
+            let missing: Vec<&str> = [
+                (ca.is_none(), "--cluster-ca"),
+                (cert.is_none(), "--cluster-cert"),
+                (key.is_none(), "--cluster-key"),
+            ]
+            .into_iter()
+            .filter_map(|(absent, flag)| absent.then_some(flag))
+            .collect();
+            Err(SettingsError::Invalid(format!(
+                "TLS on the cluster listener needs --cluster-ca, --cluster-cert and --cluster-key together; {} missing: give the CA that signed every node's certificate, this node's certificate (with its node address as IP SAN) and its key, or none of the three",
+                missing.join(" and ")
+            )))
         }
     }
 }
@@ -948,6 +1020,79 @@ mod tests {
         };
         let err = layer.resolve().unwrap_err().to_string();
         assert!(err.contains("\"not-an-ip\" is not an address"), "{err}");
+    }
+
+    #[test]
+    fn cluster_tls_takes_all_three_files_or_none_and_the_listener_defaults_to_the_node_ip() {
+        let etcd = |tls: [Option<&str>; 3], node_ip: Vec<IpAddr>| SettingsLayer {
+            config: Some(PathBuf::from("/dev/null")),
+            store: Some("etcd".into()),
+            etcd_endpoints: vec!["http://10.0.0.1:2379".into()],
+            cluster_token_file: Some("/etc/miren/cluster-token".into()),
+            node_name: Some("node0".into()),
+            node_ip,
+            cluster_ca: tls[0].map(PathBuf::from),
+            cluster_cert: tls[1].map(PathBuf::from),
+            cluster_key: tls[2].map(PathBuf::from),
+            ..SettingsLayer::default()
+        };
+        let link = |layer: SettingsLayer| layer.resolve().unwrap().cluster_link.unwrap();
+
+        let plain = link(etcd([None; 3], vec!["10.0.0.7".parse().unwrap()]));
+        assert_eq!(plain.addr, "10.0.0.7:7946".parse().unwrap());
+        assert_eq!(plain.tls, None);
+        let anywhere = link(etcd([None; 3], Vec::new()));
+        assert_eq!(anywhere.addr, "0.0.0.0:7946".parse().unwrap());
+
+        let all = link(etcd(
+            [Some("ca.pem"), Some("n.pem"), Some("n.key")],
+            Vec::new(),
+        ));
+        assert_eq!(
+            all.tls,
+            Some(ClusterTlsFiles {
+                ca: "ca.pem".into(),
+                cert: "n.pem".into(),
+                key: "n.key".into(),
+            })
+        );
+
+        let err = etcd([Some("ca.pem"), Some("n.pem"), None], Vec::new())
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "--cluster-ca, --cluster-cert and --cluster-key together; --cluster-key missing"
+            ),
+            "{err}"
+        );
+        let dir = std::env::temp_dir().join(format!("miren-cluster-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        std::fs::write(
+            &file,
+            "cluster-cert = \"/etc/miren/node.pem\"\ncluster-key = \"/etc/miren/node.key\"\n",
+        )
+        .unwrap();
+        let from_file = link(SettingsLayer {
+            config: Some(file),
+            ..etcd([Some("/etc/miren/ca.pem"), None, None], Vec::new())
+        });
+        assert_eq!(
+            from_file.tls.map(|tls| tls.key),
+            Some(PathBuf::from("/etc/miren/node.key"))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let err = etcd([Some("ca.pem"), None, None], Vec::new())
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--cluster-cert and --cluster-key missing"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,8 +12,12 @@ use std::{
 use crate::{
     cluster::{EtcdCluster, Fabric, node_ip},
     process::{AgentProcess, BpfPinDir, TempDir, binary},
+    tls::TestCa,
     world::remove_instances,
 };
+
+/// The cluster token file's name in the test's directory.
+const TOKEN_FILE: &str = "cluster-token";
 
 /// The TTL of the nodes' leases in tests: short, so lost nodes are noticed quickly.
 pub const TEST_LEASE_TTL: &str = "3s";
@@ -42,7 +46,7 @@ impl ClusterAgents {
     /// # Panics
     /// If an agent does not start (with its log).
     pub fn start(fabric: &Fabric, etcd: &EtcdCluster, nodes: usize, extra: &[&str]) -> Self {
-        Self::launch(fabric, etcd, nodes, Vec::new(), extra)
+        Self::launch(fabric, etcd, nodes, Vec::new(), None, extra)
     }
 
     /// [`ClusterAgents::start`] with a node-port data plane on every node (`--iface eth0
@@ -57,23 +61,56 @@ impl ClusterAgents {
         dataplane: &str,
         extra: &[&str],
     ) -> Self {
+        Self::launch_with_dataplane(fabric, etcd, nodes, dataplane, None, extra)
+    }
+
+    /// [`ClusterAgents::start_with_dataplane`] with mutual TLS on the cluster listener: every
+    /// node gets `--cluster-ca` (the certificate of `ca`), and node `i` a `--cluster-cert` and
+    /// `--cluster-key` issued by `ca` for its fabric address (as IP SAN), in its directory as
+    /// `cluster.crt` and `cluster.key`.
+    ///
+    /// # Panics
+    /// As [`ClusterAgents::start_with_dataplane`], or if a certificate cannot be written.
+    pub fn start_with_cluster_tls(
+        fabric: &Fabric,
+        etcd: &EtcdCluster,
+        nodes: usize,
+        dataplane: &str,
+        ca: &TestCa,
+        extra: &[&str],
+    ) -> Self {
+        Self::launch_with_dataplane(fabric, etcd, nodes, dataplane, Some(ca), extra)
+    }
+
+    /// Starts the agents with a data plane (each with a bpffs of its own) and, with `tls`,
+    /// certificates from that CA.
+    fn launch_with_dataplane(
+        fabric: &Fabric,
+        etcd: &EtcdCluster,
+        nodes: usize,
+        dataplane: &str,
+        tls: Option<&TestCa>,
+        extra: &[&str],
+    ) -> Self {
         let pins = (0..nodes).map(|i| BpfPinDir::new(&node_name(i))).collect();
         let mut flags = vec!["--iface", "eth0", "--dataplane", dataplane];
         flags.extend(extra);
-        Self::launch(fabric, etcd, nodes, pins, &flags)
+        Self::launch(fabric, etcd, nodes, pins, tls, &flags)
     }
 
-    /// Starts the agents; with `pins`, node `i`'s gets `--bpf-pin-dir` `pins[i]`.
+    /// Starts the agents; with `pins`, node `i`'s gets `--bpf-pin-dir` `pins[i]`; with `tls`,
+    /// node `i`'s gets the cluster listener's TLS flags with a certificate from that CA.
     fn launch(
         fabric: &Fabric,
         etcd: &EtcdCluster,
         nodes: usize,
         pins: Vec<BpfPinDir>,
+        tls: Option<&TestCa>,
         extra: &[&str],
     ) -> Self {
         let dir = TempDir::new("cluster-agents");
         let endpoints = etcd.endpoints().join(",");
-        let token = dir.path().join("cluster-token");
+        let token = dir.path().join(TOKEN_FILE);
         std::fs::write(
             &token,
             format!("test-token-{}-0123456789", std::process::id()),
@@ -116,6 +153,21 @@ impl ClusterAgents {
                 args.push(flag.into());
                 args.push(path.to_string_lossy().into_owned());
             }
+            if let Some(ca) = tls {
+                let ca_file = node_dir.join("cluster-ca.crt");
+                std::fs::write(&ca_file, ca.cert_pem()).expect("write the cluster CA");
+                let (cert, key) = ca
+                    .issue(&[&node_ip(i).to_string()])
+                    .write(&node_dir, "cluster");
+                args.extend([
+                    "--cluster-ca".into(),
+                    ca_file.to_string_lossy().into_owned(),
+                    "--cluster-cert".into(),
+                    cert,
+                    "--cluster-key".into(),
+                    key,
+                ]);
+            }
             if let Some(pins) = agents.pins.get(i) {
                 args.push("--bpf-pin-dir".into());
                 args.push(pins.path().to_string_lossy().into_owned());
@@ -142,6 +194,11 @@ impl ClusterAgents {
     /// Node `i`'s directory: `state/`, `agent.sock`, `agent.log`.
     pub fn node_dir(&self, i: usize) -> PathBuf {
         self.dir.path().join(node_name(i))
+    }
+
+    /// The cluster token file every agent was given (mode 0600).
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join(TOKEN_FILE)
     }
 
     /// The temporary directory of the whole test (for app directories).

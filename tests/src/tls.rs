@@ -1,5 +1,6 @@
-//! TLS helpers for the ingress tests: certificates made on the spot (self-signed or from a
-//! throwaway CA) and a client that reports which certificate a server presents for an SNI.
+//! TLS helpers for the ingress and cluster tests: certificates made on the spot (self-signed
+//! or from a throwaway CA; names that parse as IP addresses become IP SANs) and a client that
+//! reports which certificate a server presents for an SNI.
 
 use std::{
     io,

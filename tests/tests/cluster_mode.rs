@@ -296,7 +296,7 @@ fn bundles_travel_between_nodes_and_the_cluster_listener_wants_the_token() {
             .node(1)
             .run(|| {
                 use std::io::{Read as _, Write as _};
-                let mut stream = std::net::TcpStream::connect(("10.95.0.1", 7474)).unwrap();
+                let mut stream = std::net::TcpStream::connect(("10.95.0.1", 7946)).unwrap();
                 stream.write_all(request.as_bytes()).unwrap();
                 let mut answer = String::new();
                 let _ = stream.read_to_string(&mut answer);
@@ -521,5 +521,204 @@ fn deploys_survive_one_lost_etcd_member_and_fail_clearly_without_quorum() {
                 String::from_utf8_lossy(&agents.miren(node, &["ports"]).stdout).contains("fourth")
             })
         },
+    );
+}
+
+/// With `--cluster-ca/--cluster-cert/--cluster-key` the cluster listener (on its default
+/// address, NODE_IP:7946) speaks only mutual TLS: an app deployed through node0 runs on node1
+/// from the bundle node1 fetched over it, and `miren ports` on node0 sums node1's counters it
+/// asked for over it. From node1's namespace, a plain HTTP request, a TLS request without a
+/// client certificate and one with a certificate of another CA are refused at the handshake
+/// (which node0 logs); node1's own certificate without the token gets 401.
+#[test]
+fn the_cluster_listener_speaks_mutual_tls_and_still_wants_the_token() {
+    use miren_tests::{
+        apps::{udp_exchange, wait_until},
+        cluster::{CLIENT_IP, node_ip},
+        tls::TestCa,
+    };
+    use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+    const UDP_NODE_PORT: u16 = 30100;
+    const FLOWS: usize = 16;
+    // A UDP echo answering `INSTANCE_ADDRESS MESSAGE`, one instance per node.
+    const ECHO_PY: &str = r#"import os, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9000))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(os.environ["MIREN_ADDR"].encode() + b" " + data, peer)
+"#;
+
+    let fabric = Fabric::new("ctls", 2, true).expect("fabric");
+    let etcd = EtcdCluster::start(&fabric, 1);
+    let ca = TestCa::new("miren cluster test CA");
+    let agents = ClusterAgents::start_with_cluster_tls(
+        &fabric,
+        &etcd,
+        2,
+        "nft",
+        &ca,
+        &["--stop-instances-on-exit"],
+    );
+    let dir = write_app(
+        agents.dir(),
+        "tlsecho",
+        &format!(
+            "name = \"tlsecho\"\n[services.echo]\ncommand = \"exec python3 echo.py\"\n\
+             [services.echo.concurrency]\nmode = \"fixed\"\nnum_instances = 2\n\
+             [[services.echo.ports]]\nname = \"udp\"\nport = 9000\ntype = \"udp\"\n\
+             node_port = {UDP_NODE_PORT}\n"
+        ),
+        &[("echo.py", ECHO_PY)],
+    );
+    let out = agents.miren(0, &["deploy", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // node1 runs the app from the bundle it fetched from node0 over TLS.
+    wait(
+        &agents,
+        "instances running on both nodes",
+        Duration::from_secs(120),
+        || running_on(&agents, 0, "tlsecho") >= 1 && running_on(&agents, 1, "tlsecho") >= 1,
+    );
+    assert!(
+        agents
+            .agent(1)
+            .log_text()
+            .contains("fetched an app's code bundle"),
+        "{}",
+        agents.logs()
+    );
+
+    // UDP through each node's address reaches the instances of both nodes.
+    let client = fabric.client().expect("client namespace");
+    let through = |node: usize| -> BTreeSet<std::net::Ipv4Addr> {
+        client
+            .run(|| {
+                let target = SocketAddr::from((node_ip(node), UDP_NODE_PORT));
+                (0..FLOWS)
+                    .filter_map(|k| {
+                        let message = format!("flow {k} from {CLIENT_IP}");
+                        let reply =
+                            udp_exchange(target, message.as_bytes(), Duration::from_secs(2))?;
+                        let reply = String::from_utf8_lossy(&reply).into_owned();
+                        let (instance, echoed) = reply.split_once(' ')?;
+                        assert_eq!(echoed, message, "{reply}");
+                        instance.parse().ok()
+                    })
+                    .collect()
+            })
+            .unwrap()
+    };
+    for node in 0..2 {
+        wait_until(
+            &format!("UDP through node{node} reaching instances on both nodes"),
+            Duration::from_secs(60),
+            || through(node).len() >= 2,
+        );
+    }
+
+    // node0 sums its own counters and node1's, which it asked node1 for over TLS.
+    let ports = json(&agents, 0, &["ports"]);
+    let udp = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node_port"] == UDP_NODE_PORT && p["protocol"] == "udp")
+        .unwrap_or_else(|| panic!("no UDP node port in {ports}"))
+        .clone();
+    let by_node = udp["by_node"].as_object().expect("by_node");
+    assert_eq!(
+        by_node.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["node0", "node1"],
+        "{udp}\n{}",
+        agents.logs()
+    );
+    let per_node: Vec<u64> = by_node
+        .values()
+        .map(|t| t["rx_packets"].as_u64().unwrap())
+        .collect();
+    assert!(per_node.iter().all(|rx| *rx > 0), "{udp}");
+    assert_eq!(
+        udp["traffic"]["rx_packets"].as_u64().unwrap(),
+        per_node.iter().sum::<u64>(),
+        "{udp}"
+    );
+
+    // What node0's listener says to other clients, asked from node1's namespace.
+    let token = std::fs::read_to_string(agents.token_file()).unwrap();
+    let bearer = format!("Authorization: Bearer {}", token.trim());
+    let node1 = agents.node_dir(1);
+    let path = |name: &str| node1.join(name).to_string_lossy().into_owned();
+    let foreign = TestCa::new("another CA")
+        .issue(&[&node_ip(1).to_string()])
+        .write(agents.dir(), "foreign");
+    let curl = |args: &[&str]| -> (bool, String, String) {
+        let out = fabric
+            .node(1)
+            .command("curl")
+            .args(["-sS", "-m", "10", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .expect("run curl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let https = format!("https://{}:7946/cluster/v1/ports", node_ip(0));
+    let (ca_file, cert, key) = (
+        path("cluster-ca.crt"),
+        path("cluster.crt"),
+        path("cluster.key"),
+    );
+
+    // (a) Plain HTTP, with the token: no answer.
+    let plain = curl(&[
+        "-H",
+        &bearer,
+        &format!("http://{}:7946/cluster/v1/ports", node_ip(0)),
+    ]);
+    assert!(!plain.0 && !plain.1.contains("node_port"), "{plain:?}");
+    // (b) TLS trusting the cluster's CA, with the token, but no client certificate.
+    let anonymous = curl(&["--cacert", &ca_file, "-H", &bearer, &https]);
+    assert!(
+        !anonymous.0 && anonymous.2.contains("certificate required"),
+        "{anonymous:?}"
+    );
+    // A client certificate of another CA.
+    let stranger = curl(&[
+        "--cacert", &ca_file, "--cert", &foreign.0, "--key", &foreign.1, "-H", &bearer, &https,
+    ]);
+    assert!(
+        !stranger.0 && stranger.2.contains("unknown ca"),
+        "{stranger:?}"
+    );
+    wait(
+        &agents,
+        "node0 logging a failed TLS handshake",
+        Duration::from_secs(5),
+        || {
+            agents
+                .agent(0)
+                .log_text()
+                .contains("refused a cluster connection whose TLS handshake failed")
+        },
+    );
+    // (c) node1's own certificate without the token: 401.
+    let tokenless = curl(&["--cacert", &ca_file, "--cert", &cert, "--key", &key, &https]);
+    assert!(
+        tokenless.0 && tokenless.1.ends_with("\n401"),
+        "{tokenless:?}"
+    );
+    // With both: the counters.
+    let member = curl(&[
+        "--cacert", &ca_file, "--cert", &cert, "--key", &key, "-H", &bearer, &https,
+    ]);
+    assert!(
+        member.0 && member.1.ends_with("\n200") && member.1.contains("node_port"),
+        "{member:?}"
     );
 }

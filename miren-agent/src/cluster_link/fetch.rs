@@ -6,12 +6,15 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{AUTHORIZATION, ClusterLinkError, ClusterToken};
+use super::{AUTHORIZATION, AbortOnDrop, ClusterLinkError, ClusterToken};
 use crate::{
     api::types::NodePortInfo,
     bundle::{BundleHash, BundleStore, BundleUsers as _},
     control::{ControlPlane, Peer},
+    settings::ClusterTlsFiles,
 };
 
 /// How long connecting to a peer may take.
@@ -23,16 +26,46 @@ const RETRY: Duration = Duration::from_secs(5);
 /// How long a peer gets to send its node-port counters.
 pub const PORTS_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A peer's answer (status 200) and the task driving its connection until the body is read.
+type Answer = (
+    hyper::Response<hyper::body::Incoming>,
+    tokio::task::JoinHandle<()>,
+);
+
 /// A client of the other agents' cluster listeners.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PeerClient {
     token: ClusterToken,
+    /// With the cluster's TLS: verifies the peers and presents this node's certificate.
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("token", &self.token)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl PeerClient {
-    /// A client presenting `token`.
-    pub fn new(token: ClusterToken) -> Self {
-        Self { token }
+    /// A client presenting `token`; with `tls`, over mutual TLS (each peer's certificate must
+    /// be signed by the cluster's CA and name the peer's IP address).
+    ///
+    /// # Errors
+    /// [`ClusterLinkError::Tls`] when a TLS file is unusable.
+    pub fn new(
+        token: ClusterToken,
+        tls: Option<&ClusterTlsFiles>,
+    ) -> Result<Self, ClusterLinkError> {
+        Ok(Self {
+            token,
+            tls: tls
+                .map(super::tls::client_config)
+                .transpose()?
+                .map(tokio_rustls::TlsConnector::from),
+        })
     }
 
     /// Downloads bundle `hash` from `peer` into `bundles` (verified and unpacked there).
@@ -120,24 +153,35 @@ impl PeerClient {
             .map_err(|_| fail(format!("no answer within {} s", PORTS_TIMEOUT.as_secs())))?
     }
 
-    /// Sends `GET path` with the token to `addr`; an answer other than 200 is an error. The
-    /// returned task drives the connection until the body is read.
-    async fn get(
-        &self,
-        addr: SocketAddr,
-        path: &str,
-    ) -> Result<
-        (
-            hyper::Response<hyper::body::Incoming>,
-            tokio::task::JoinHandle<()>,
-        ),
-        String,
-    > {
+    /// Sends `GET path` with the token to `addr` (over TLS when the cluster has it); an answer
+    /// other than 200 is an error. The returned task drives the connection until the body is
+    /// read.
+    async fn get(&self, addr: SocketAddr, path: &str) -> Result<Answer, String> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
             .await
             .map_err(|_| "no connection within 5 s".to_owned())?
             .map_err(|e| e.to_string())?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let Some(connector) = &self.tls else {
+            return self.send(stream, addr, path).await;
+        };
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            connector.connect(ServerName::IpAddress(addr.ip().into()), stream),
+        )
+        .await
+        .map_err(|_| "no TLS handshake within 5 s".to_owned())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        self.send(stream, addr, path).await
+    }
+
+    /// Sends `GET path` with the token over the connection `io` to `addr`.
+    async fn send(
+        &self,
+        io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Result<Answer, String> {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| e.to_string())?;
         let driver = tokio::spawn(async move {
@@ -157,15 +201,6 @@ impl PeerClient {
             return Err(format!("it answered {}", response.status()));
         }
         Ok((response, driver))
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

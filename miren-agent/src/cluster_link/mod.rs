@@ -2,10 +2,12 @@
 //! — app code bundles a node lacks, each node's node-port counters (`miren ports` on any node
 //! sums them). Every request carries the
 //! cluster's shared token (`--cluster-token-file`, mode 0600); without it nothing is served
-//! (401, logged).
+//! (401, logged). With `--cluster-ca/--cluster-cert/--cluster-key` the listener speaks mutual
+//! TLS only (the token is still required inside it).
 
 mod fetch;
 mod server;
+mod tls;
 
 pub use fetch::{PeerClient, follow_bundles};
 pub use server::serve;
@@ -46,6 +48,14 @@ pub enum ClusterLinkError {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// A file of the cluster's TLS is unusable; the message says what to do.
+    #[error("cluster TLS file {path}: {problem}")]
+    Tls {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        problem: String,
     },
     /// A request to a peer failed.
     #[error("asking node {peer} ({addr}) for {what}: {problem}")]
@@ -117,6 +127,15 @@ impl ClusterToken {
     /// The `Authorization` header value presenting this token.
     fn header(&self) -> String {
         format!("Bearer {}", self.0)
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
