@@ -171,11 +171,16 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     } else {
         None
     };
-    // Before the store: a cluster token others may read stops the agent at once.
+    // Before the store: a cluster token others may read, or unusable cluster TLS files, stop
+    // the agent at once.
     let cluster_token = settings
         .cluster_link
         .as_ref()
         .map(|link| ClusterToken::load(&link.token_file))
+        .transpose()?;
+    let peer_client = cluster_token
+        .clone()
+        .map(|token| PeerClient::new(token, settings.cluster_tls()))
         .transpose()?;
     let store = open_store(&settings).await?;
     tracing::info!(store = %store.describe(), node = %settings.node_name, "opened the store");
@@ -303,14 +308,17 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         traffic: api::traffic::TrafficSampler::default(),
         ingress_revision: routing.subscribe(),
         certs: Arc::clone(&certs),
-        peers: cluster_token.clone().map(PeerClient::new),
+        peers: peer_client.clone(),
         runner: runner.clone(),
         bundles: Arc::clone(&bundles),
     });
-    if let (Some(link), Some(token)) = (&settings.cluster_link, cluster_token) {
+    if let (Some(link), Some(token), Some(peer_client)) =
+        (&settings.cluster_link, cluster_token, peer_client)
+    {
         cluster_link::serve(
             link.addr,
             token.clone(),
+            link.tls.as_ref(),
             Arc::clone(&bundles),
             Arc::clone(&api_state) as Arc<dyn cluster_link::LocalPorts>,
             stop_rx.clone(),
@@ -319,7 +327,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         tokio::spawn(cluster_link::follow_bundles(
             Arc::clone(&control),
             Arc::clone(&bundles),
-            PeerClient::new(token),
+            peer_client,
         ));
     }
     let bundle_users: Arc<dyn BundleUsers> = match &runner {

@@ -37,6 +37,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Handshaken connections waiting for the server to take them.
 const HANDSHAKEN_QUEUE: usize = 64;
+/// TLS handshakes in progress at once; further connections wait to be accepted.
+const CONCURRENT_HANDSHAKES: usize = 128;
 
 /// What the routes share.
 #[derive(Debug)]
@@ -176,11 +178,16 @@ async fn accept_tls(
     handshaken: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
     let failures = Arc::new(Mutex::new(FailedHandshakes::default()));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HANDSHAKES));
     loop {
+        let Ok(turn) = Arc::clone(&handshakes).acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = Listener::accept(&mut listener).await;
         let (acceptor, handshaken, failures) =
             (acceptor.clone(), handshaken.clone(), Arc::clone(&failures));
         tokio::spawn(async move {
+            let _turn = turn;
             let problem =
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
