@@ -9,6 +9,8 @@ pub mod apps;
 pub mod cluster;
 /// Real agents in cluster mode, one per node namespace, on a real etcd cluster.
 pub mod cluster_agents;
+/// A 3-node cluster with data planes and an echo app, for tests that send traffic through it.
+pub mod cluster_checks;
 pub mod etcd_local;
 pub mod ingress;
 pub mod packet;

@@ -10,8 +10,7 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr},
     process::Command,
     time::Duration,
 };
@@ -24,240 +23,35 @@ use miren_tests::{
     },
     cluster::{CLIENT_IP, EtcdCluster, Fabric, node_ip},
     cluster_agents::ClusterAgents,
+    cluster_checks::{
+        Cluster, ECHO_PY, FLOWS, NODES, WAIT, app_toml, parse_echo, tcp_via, udp_via,
+    },
     ingress::ok,
     on_both_planes,
     world::Plane,
 };
 
-/// Nodes (and etcd members).
-const NODES: usize = 3;
 /// The app's UDP and TCP node ports.
 const UDP_NODE_PORT: u16 = 30000;
 const TCP_NODE_PORT: u16 = 30001;
 /// The route to the app's HTTP port.
 const HOST: &str = "echo.cluster.test";
-/// How long the cluster may take to get somewhere (instances start on three nodes).
-const WAIT: Duration = Duration::from_secs(120);
-/// Flows per node address and protocol: with 3 instances, the chance that Maglev leaves one
-/// out of 48 flows is 3·(2/3)^48 ≈ 1e-8.
-const FLOWS: u16 = 48;
 /// Extra client addresses for flows whose source port is the node port itself.
 const EXTRA_CLIENTS: u8 = 10;
-
-/// Put before [`WEB_PY`]: a UDP echo on 9000 and a TCP echo on 9001 answering `ADDR PEER
-/// MESSAGE`, PEER being the address the instance sees the message come from.
-const ECHO_PY: &str = r#"import os, socket, threading
-addr = os.environ["MIREN_ADDR"]
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 9000))
-    while True:
-        data, peer = s.recvfrom(2048)
-        s.sendto(("%s %s " % (addr, peer[0])).encode() + data, peer)
-def tcp_client(conn, peer):
-    with conn, conn.makefile("rb") as lines:
-        for line in lines:
-            conn.sendall(("%s %s " % (addr, peer[0])).encode() + line)
-def tcp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 9001))
-    s.listen(64)
-    while True:
-        conn, peer = s.accept()
-        threading.Thread(target=tcp_client, args=(conn, peer), daemon=True).start()
-threading.Thread(target=udp, daemon=True).start()
-threading.Thread(target=tcp, daemon=True).start()
-"#;
-
-/// App `name` running [`ECHO_PY`] and [`WEB_PY`] in 3 fixed instances, with `node_ports`
-/// (UDP, TCP) when given.
-fn app_toml(name: &str, node_ports: Option<(u16, u16)>) -> String {
-    let (udp, tcp) = node_ports.map_or((String::new(), String::new()), |(udp, tcp)| {
-        (
-            format!("node_port = {udp}\n"),
-            format!("node_port = {tcp}\n"),
-        )
-    });
-    format!(
-        "name = \"{name}\"\n\
-         [services.echo]\ncommand = \"exec python3 serve.py\"\n\
-         [services.echo.concurrency]\nmode = \"fixed\"\nnum_instances = 3\n\
-         [[services.echo.ports]]\nname = \"http\"\nport = 8080\ntype = \"http\"\n\
-         [[services.echo.ports]]\nname = \"udp\"\nport = 9000\ntype = \"udp\"\n{udp}\
-         [[services.echo.ports]]\nname = \"tcp\"\nport = 9001\ntype = \"tcp\"\n{tcp}"
-    )
-}
-
-/// The cluster under test.
-struct Cluster {
-    // Dropped in this order: agents (and their instances), etcd, then the namespaces.
-    agents: ClusterAgents,
-    _etcd: EtcdCluster,
-    fabric: Fabric,
-}
-
-impl Cluster {
-    fn start(tag: &str, plane: Plane) -> Self {
-        let fabric = Fabric::new(tag, NODES, true).expect("fabric");
-        let etcd = EtcdCluster::start(&fabric, NODES);
-        let agents = ClusterAgents::start_with_dataplane(
-            &fabric,
-            &etcd,
-            NODES,
-            plane.flag(),
-            &["--stop-instances-on-exit"],
-        );
-        Self {
-            agents,
-            _etcd: etcd,
-            fabric,
-        }
-    }
-
-    /// `miren ARGS` on node `i`, asserting success: its stdout.
-    fn ok(&self, i: usize, args: &[&str]) -> String {
-        ok(self.agents.agent(i), args)
-    }
-
-    /// `miren --output json nodes` on node `i`.
-    fn nodes(&self, i: usize) -> Vec<serde_json::Value> {
-        serde_json::from_str(&self.ok(i, &["--output", "json", "nodes"])).expect("nodes JSON")
-    }
-
-    /// Each node's sandbox subnet, as node 0 sees them.
-    fn subnets(&self) -> Vec<Subnet> {
-        let nodes = self.nodes(0);
-        (0..NODES)
-            .map(|i| {
-                let node = nodes
-                    .iter()
-                    .find(|n| n["name"] == format!("node{i}"))
-                    .unwrap_or_else(|| panic!("node{i} is not registered: {nodes:?}"));
-                Subnet::parse(node["subnet"].as_str().unwrap()).unwrap()
-            })
-            .collect()
-    }
-
-    /// The addresses of `app`'s ready instances on `port_name`, as node `i` sees them.
-    fn endpoints(&self, i: usize, app: &str, port_name: &str) -> BTreeSet<Ipv4Addr> {
-        miren_tests::apps::endpoints(self.agents.agent(i), app, "echo", port_name)
-            .iter()
-            .map(|addr| match addr.ip() {
-                std::net::IpAddr::V4(v4) => v4,
-                std::net::IpAddr::V6(v6) => panic!("IPv6 endpoint {v6}"),
-            })
-            .collect()
-    }
-
-    /// The routes of protocol 109 (the agent's) in node `i`'s namespace.
-    fn peer_routes(&self, i: usize) -> String {
-        routes_of(&self.fabric, i)
-    }
-
-    /// Waits until every node sees `app`'s 3 instances, one in each node's subnet, on each of
-    /// its ports, and every node's data plane applied what it sees; returns the instances in
-    /// node order.
-    fn wait_for_instances(&self, app: &str, subnets: &[Subnet]) -> Vec<Ipv4Addr> {
-        let one_per_node = |addrs: &BTreeSet<Ipv4Addr>| {
-            addrs.len() == NODES
-                && subnets
-                    .iter()
-                    .all(|s| addrs.iter().filter(|a| s.contains(**a)).count() == 1)
-        };
-        wait_until(&format!("{app}: one ready instance per node"), WAIT, || {
-            (0..NODES).all(|i| {
-                ["http", "udp", "tcp"]
-                    .iter()
-                    .all(|port| one_per_node(&self.endpoints(i, app, port)))
-            })
-        });
-        let addrs = self.endpoints(0, app, "udp");
-        subnets
-            .iter()
-            .map(|s| *addrs.iter().find(|a| s.contains(**a)).unwrap())
-            .collect()
-    }
-
-    /// Waits until every node reports its node ports applied.
-    fn wait_for_dataplanes(&self) {
-        wait_until("every node's data plane applied", WAIT, || {
-            (0..NODES).all(|i| {
-                let ports = self.ok(i, &["ports"]);
-                let mut lines = ports.lines().skip(1).peekable();
-                lines.peek().is_some() && lines.all(|l| l.trim_end().ends_with("ok"))
-            })
-        });
-    }
-}
-
-/// A reply `ADDR PEER MESSAGE` of an echo: the instance and the peer it saw.
-fn parse_echo(reply: &str, message: &str) -> (Ipv4Addr, Ipv4Addr) {
-    let mut parts = reply.trim_end().splitn(3, ' ');
-    let (Some(addr), Some(peer), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
-        panic!("unexpected echo {reply:?}");
-    };
-    assert_eq!(rest, message, "echo of {message:?}: {reply:?}");
-    (addr.parse().unwrap(), peer.parse().unwrap())
-}
-
-/// Which instance a node-port flow through node `node` from `client` reached, checking the
-/// address the instance saw: the client's for an instance on `node`, `node`'s own address
-/// (masqueraded) for an instance on another node.
-fn check_source(
-    subnets: &[Subnet],
-    node: usize,
-    client: Ipv4Addr,
-    (instance, peer): (Ipv4Addr, Ipv4Addr),
-) -> Ipv4Addr {
-    let expected = if subnets[node].contains(instance) {
-        client
-    } else {
-        node_ip(node)
-    };
-    assert_eq!(
-        peer, expected,
-        "instance {instance} saw the flow through node{node} from {peer}"
-    );
-    instance
-}
+/// How long one flow may wait for its answer.
+const FLOW_WAIT: Duration = Duration::from_secs(5);
 
 /// One UDP exchange from `from` to node `node`'s UDP node port: the reply must come from the
 /// address and port the client used. Returns the instance that answered.
 fn udp_flow(subnets: &[Subnet], node: usize, from: SocketAddr, message: &str) -> Ipv4Addr {
-    let socket = UdpSocket::bind(from).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let target = SocketAddr::from((node_ip(node), UDP_NODE_PORT));
-    socket.send_to(message.as_bytes(), target).unwrap();
-    let mut buf = [0u8; 2048];
-    let (len, replier) = socket
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("no UDP reply through node{node} to {from}: {e}"));
-    assert_eq!(replier, target, "the reply to {from} came from {replier}");
-    let reply = String::from_utf8_lossy(&buf[..len]).into_owned();
-    let client = match from.ip() {
-        std::net::IpAddr::V4(v4) => v4,
-        std::net::IpAddr::V6(_) => unreachable!(),
-    };
-    check_source(subnets, node, client, parse_echo(&reply, message))
+    udp_via(subnets, node, UDP_NODE_PORT, from, message, FLOW_WAIT)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One TCP connection to node `node`'s TCP node port, one line echoed. Returns the instance
 /// that answered.
 fn tcp_flow(subnets: &[Subnet], node: usize, message: &str) -> Ipv4Addr {
-    let target = SocketAddr::from((node_ip(node), TCP_NODE_PORT));
-    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("TCP through node{node}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    assert_eq!(stream.peer_addr().unwrap(), target);
-    writeln!(stream, "{message}").unwrap();
-    let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply).unwrap();
-    check_source(subnets, node, CLIENT_IP, parse_echo(&reply, message))
+    tcp_via(subnets, node, TCP_NODE_PORT, message, FLOW_WAIT).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The addresses `getent ahostsv4 NAME` gives inside the container at `addr` on node `node`.
@@ -316,10 +110,10 @@ fn every_node_serves_every_instance(plane: Plane) {
 
     // Every node routes the other two nodes' subnets via their addresses, and only those.
     wait_until("routes to the other nodes' subnets", WAIT, || {
-        (0..NODES).all(|i| cluster.peer_routes(i).lines().count() == NODES - 1)
+        (0..NODES).all(|i| routes_of(&cluster.fabric, i).lines().count() == NODES - 1)
     });
     for i in 0..NODES {
-        let routes = cluster.peer_routes(i);
+        let routes = routes_of(&cluster.fabric, i);
         assert_eq!(routes.lines().count(), NODES - 1, "node{i}: {routes}");
         for j in (0..NODES).filter(|j| *j != i) {
             let line = format!("{} via {} dev eth0", subnets[j], node_ip(j));
