@@ -142,6 +142,65 @@ async fn open_store(settings: &AgentSettings) -> Result<Arc<dyn Store>, StoreErr
     })
 }
 
+/// First and longest wait between attempts to reach an unavailable store at start.
+const STORE_RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(5));
+
+/// Opens the store, the control plane and registers this node, waiting (with backoff, logged)
+/// while the store is unavailable: a node may start before its cluster's etcd has a leader
+/// (the cluster booting together, or the node's own member rejoining after an outage).
+async fn join(settings: &AgentSettings) -> Result<(Arc<ControlPlane>, Subnet), AgentError> {
+    let mut delay = STORE_RETRY.0;
+    loop {
+        match try_join(settings).await {
+            Err(AgentError::Store(err @ StoreError::Unavailable { .. }))
+            | Err(AgentError::Control(ControlError::Store(err @ StoreError::Unavailable { .. }))) =>
+            {
+                tracing::warn!(%err, retry_in = ?delay, "the store is unavailable; the agent starts once it answers");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(STORE_RETRY.1);
+            }
+            joined => return joined,
+        }
+    }
+}
+
+/// One attempt of [`join`].
+async fn try_join(settings: &AgentSettings) -> Result<(Arc<ControlPlane>, Subnet), AgentError> {
+    let store = open_store(settings).await?;
+    tracing::info!(store = %store.describe(), node = %settings.node_name, "opened the store");
+    let control = Arc::new(
+        ControlPlane::open(
+            store,
+            ControlSettings {
+                validation: settings.validation_context(),
+                port_range: settings.port_range.clone(),
+                node: settings.node_name.clone(),
+                lease_ttl: settings.node_lease_ttl,
+            },
+        )
+        .await?,
+    );
+    let plan = match settings.store {
+        StoreChoice::Sqlite => SubnetPlan::Whole(settings.sandbox_subnet),
+        StoreChoice::Etcd { .. } => SubnetPlan::Carve {
+            cluster: settings.sandbox_subnet,
+            prefix: settings.node_subnet_size,
+        },
+    };
+    let node_subnet = control
+        .register_node(&Registration {
+            addresses: settings.node_ips.clone(),
+            runs_instances: settings.run_sandboxes,
+            cluster_addr: settings
+                .cluster_link
+                .as_ref()
+                .and_then(|link| advertised(link.addr, &settings.node_ips)),
+            subnet: plan,
+        })
+        .await?;
+    Ok((control, node_subnet))
+}
+
 /// Runs the agent until SIGINT or SIGTERM (then drains the ingress for up to
 /// `--shutdown-grace`), or until an agent started with `--upgrade` took over.
 ///
@@ -182,38 +241,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         .clone()
         .map(|token| PeerClient::new(token, settings.cluster_tls()))
         .transpose()?;
-    let store = open_store(&settings).await?;
-    tracing::info!(store = %store.describe(), node = %settings.node_name, "opened the store");
-    let control = Arc::new(
-        ControlPlane::open(
-            store,
-            ControlSettings {
-                validation: settings.validation_context(),
-                port_range: settings.port_range.clone(),
-                node: settings.node_name.clone(),
-                lease_ttl: settings.node_lease_ttl,
-            },
-        )
-        .await?,
-    );
-    let plan = match settings.store {
-        StoreChoice::Sqlite => SubnetPlan::Whole(settings.sandbox_subnet),
-        StoreChoice::Etcd { .. } => SubnetPlan::Carve {
-            cluster: settings.sandbox_subnet,
-            prefix: settings.node_subnet_size,
-        },
-    };
-    let node_subnet = control
-        .register_node(&Registration {
-            addresses: settings.node_ips.clone(),
-            runs_instances: settings.run_sandboxes,
-            cluster_addr: settings
-                .cluster_link
-                .as_ref()
-                .and_then(|link| advertised(link.addr, &settings.node_ips)),
-            subnet: plan,
-        })
-        .await?;
+    let (control, node_subnet) = join(&settings).await?;
     tracing::info!(node = %settings.node_name, subnet = %node_subnet, "registered the node");
     tokio::spawn(Arc::clone(&control).run_scheduler());
     if matches!(settings.store, StoreChoice::Etcd { .. }) {

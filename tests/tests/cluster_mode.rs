@@ -722,3 +722,43 @@ while True:
         "{member:?}"
     );
 }
+
+/// An agent that starts while its etcd has no quorum (the cluster booting together, or the
+/// node's own member rejoining) waits for the store, saying so, and starts once it answers.
+#[test]
+fn an_agent_started_without_etcd_quorum_waits_for_the_store() {
+    let fabric = Fabric::new("wait", 3, false).expect("fabric");
+    let etcd = EtcdCluster::start(&fabric, 3);
+    // Two members frozen: the third has no leader, and answers nothing.
+    let frozen: Vec<String> = [1, 2]
+        .iter()
+        .map(|i| etcd.member_pid(*i).expect("member pid").to_string())
+        .collect();
+    let signal = |signal: &str, pids: &[String]| {
+        let status = Command::new("kill")
+            .arg(signal)
+            .args(pids)
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pids:?}");
+    };
+    signal("-STOP", &frozen);
+    let thaw = {
+        let frozen = frozen.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(7));
+            signal("-CONT", &frozen);
+        })
+    };
+    let agents = ClusterAgents::start(&fabric, &etcd, 1, &["--no-sandboxes"]);
+    thaw.join().unwrap();
+    let logs = agents.logs();
+    assert!(
+        logs.contains("the store is unavailable; the agent starts once it answers"),
+        "{logs}"
+    );
+    assert_eq!(
+        node_states(&agents, 0),
+        [("node0".into(), "ready".into(), "10.88.0.0/24".into())]
+    );
+}
