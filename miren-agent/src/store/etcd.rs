@@ -155,6 +155,17 @@ enum Retry {
     NotApplied,
 }
 
+/// How a member failed a request, least telling first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Failure {
+    /// It could not be reached.
+    Unreachable,
+    /// It did not answer in time (e.g. waiting for a leader).
+    Silent,
+    /// It answered with an error (e.g. "no leader").
+    Said,
+}
+
 /// The cause of a failed etcd request, as text (the client's own errors print gRPC metadata
 /// and hide their causes).
 #[derive(Debug, thiserror::Error)]
@@ -267,17 +278,29 @@ impl EtcdStore {
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
         let count = self.inner.members.len();
         let first = self.inner.preferred.load(Ordering::Relaxed) % count;
-        let mut last = None;
+        // The most telling failure so far: what a member said (e.g. "no leader") over a member
+        // that did not answer in time over one that could not be reached.
+        let mut worst: Option<(StoreError, Failure)> = None;
+        let mut note = |err: StoreError, failure: Failure| {
+            if worst.as_ref().is_none_or(|(_, was)| failure > *was) {
+                worst = Some((err, failure));
+            }
+        };
         for attempt in 0..count {
             let index = (first + attempt) % count;
             let client = self.inner.members[index].clone();
             // A member that lost its leader holds a request until a new one is elected (or
             // its own timeout, longer than ours): give one member at most half the time, then
-            // try the next. A request that timed out may still be applied later; sending it
-            // again is safe for the agent's transactions (guarded by compares, or writing
-            // what it wrote before) and leases (an extra one expires unused).
-            let attempt_deadline =
-                deadline.min(tokio::time::Instant::now() + self.inner.timeout / 2);
+            // try the next (the last one gets what is left). A request that timed out may
+            // still be applied later; sending it again is safe for the agent's transactions
+            // (guarded by compares, or writing what it wrote before) and leases (an extra one
+            // expires unused).
+            let started = tokio::time::Instant::now();
+            let attempt_deadline = if attempt + 1 < count {
+                deadline.min(started + self.inner.timeout / 2)
+            } else {
+                deadline
+            };
             let err = match tokio::time::timeout_at(attempt_deadline, request(client)).await {
                 Ok(Ok(answer)) => {
                     self.inner.preferred.store(index, Ordering::Relaxed);
@@ -286,8 +309,9 @@ impl EtcdStore {
                 Ok(Err(err)) => err,
                 Err(_) => {
                     self.pass_over(index);
+                    note(self.timed_out(op, started.elapsed()), Failure::Silent);
                     if tokio::time::Instant::now() >= deadline {
-                        return Err(self.timed_out(op));
+                        break;
                     }
                     continue;
                 }
@@ -300,17 +324,14 @@ impl EtcdStore {
             if retry == Retry::NotApplied && !not_applied(&err) {
                 return Err(mapped);
             }
-            // Report what a member said (e.g. "no leader") rather than that another one
-            // could not be reached.
-            let unreachable = connect_failed(&err);
-            if last
-                .as_ref()
-                .is_none_or(|(_, was_unreachable)| *was_unreachable && !unreachable)
-            {
-                last = Some((mapped, unreachable));
-            }
+            let failure = if connect_failed(&err) {
+                Failure::Unreachable
+            } else {
+                Failure::Said
+            };
+            note(mapped, failure);
         }
-        Err(last.map_or_else(|| self.timed_out(op), |(err, _)| err))
+        Err(worst.map_or_else(|| self.timed_out(op, self.inner.timeout), |(err, _)| err))
     }
 
     /// Makes the member after `index` the preferred one, unless another request did already.
@@ -324,12 +345,13 @@ impl EtcdStore {
         );
     }
 
-    fn timed_out(&self, op: &str) -> StoreError {
+    /// A member gave no answer to `op` within `waited`.
+    fn timed_out(&self, op: &str, waited: Duration) -> StoreError {
         StoreError::Unavailable {
             backend: self.describe(),
             source: Box::new(EtcdFailure(format!(
-                "no answer within {:?} to {op} (no member reachable, or no quorum)",
-                self.inner.timeout
+                "no answer within {:.1}s to {op} (no member reachable, or no quorum)",
+                waited.as_secs_f64()
             ))),
         }
     }
