@@ -40,6 +40,18 @@ print("web listening", flush=True)
 http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
 "#;
 
+/// The app.toml of app `lazy`: an auto service `web` (running [`WEB_PY`] as `web.py`, after a
+/// second) on port 8080, one instance per 100 requests in flight, idle after 3 s.
+pub const LAZY_APP_TOML: &str = r#"name = "lazy"
+[services.web]
+command = "sleep 1; exec python3 web.py"
+port = 8080
+[services.web.concurrency]
+mode = "auto"
+requests_per_instance = 100
+scale_down_delay = "3s"
+"#;
+
 /// The app.toml of app `name` with one service `web` on port 8080, one instance, running
 /// `command` (a shell command line without `"` or `\`).
 pub fn web_app_toml(name: &str, command: &str) -> String {

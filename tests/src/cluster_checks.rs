@@ -276,16 +276,23 @@ pub fn udp_via(
         .recv_from(&mut buf)
         .map_err(|e| format!("no UDP reply through node{node} to {from}: {e}"))?;
     assert_eq!(replier, target, "the reply to {from} came from {replier}");
-    let reply = String::from_utf8_lossy(&buf[..len]).into_owned();
-    let IpAddr::V4(client) = from.ip() else {
-        unreachable!()
+    let reply = String::from_utf8_lossy(&buf[..len]);
+    Ok(answered_by(subnets, node, from.ip(), &reply, message))
+}
+
+/// The instance an echo `reply` to `message` names, with [`check_source`] checked for the
+/// client at `client`.
+fn answered_by(
+    subnets: &[Subnet],
+    node: usize,
+    client: IpAddr,
+    reply: &str,
+    message: &str,
+) -> Ipv4Addr {
+    let IpAddr::V4(client) = client else {
+        unreachable!("the client is IPv4")
     };
-    Ok(check_source(
-        subnets,
-        node,
-        client,
-        parse_echo(&reply, message),
-    ))
+    check_source(subnets, node, client, parse_echo(reply, message))
 }
 
 /// One TCP connection from the calling thread's namespace (the client, [`CLIENT_IP`]) to node
@@ -319,13 +326,6 @@ pub fn tcp_via(
     if read == 0 {
         return Err(format!("TCP through node{node}: closed without a reply"));
     }
-    let IpAddr::V4(client) = stream.local_addr().unwrap().ip() else {
-        unreachable!()
-    };
-    Ok(check_source(
-        subnets,
-        node,
-        client,
-        parse_echo(&reply, message),
-    ))
+    let client = stream.local_addr().unwrap().ip();
+    Ok(answered_by(subnets, node, client, &reply, message))
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use miren_tests::{
-    apps::{HttpClient, WEB_PY, wait_until, write_app},
+    apps::{HttpClient, LAZY_APP_TOML, WEB_PY, wait_until, write_app},
     cluster::node_ip,
     cluster_checks::{Cluster, NODES, WAIT},
     world::Plane,
@@ -21,16 +21,6 @@ const HOST: &str = "lazy.cluster.test";
 const FIRST_REQUESTS: usize = 8;
 /// How long the service stays busy through the nodes that do not run it.
 const BUSY: Duration = Duration::from_secs(8);
-
-const LAZY_TOML: &str = r#"name = "lazy"
-[services.web]
-command = "sleep 1; exec python3 web.py"
-port = 8080
-[services.web.concurrency]
-mode = "auto"
-requests_per_instance = 100
-scale_down_delay = "3s"
-"#;
 
 const HTTP: HttpClient = HttpClient {
     connect_timeout: Some(Duration::from_secs(5)),
@@ -62,7 +52,7 @@ fn first_requests_on_every_node_start_one_instance_and_cluster_wide_idleness_sto
     let dir = write_app(
         cluster.agents.dir(),
         "lazy",
-        LAZY_TOML,
+        LAZY_APP_TOML,
         &[("web.py", WEB_PY)],
     );
     cluster.ok(0, &["deploy", dir.to_str().unwrap()]);

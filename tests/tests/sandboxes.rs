@@ -12,8 +12,8 @@ use std::{
 
 use miren_tests::{
     apps::{
-        self, HttpClient, WEB_PY, app_detail, endpoints, kill9_netns, netns_pids, sandbox_netns,
-        wait_until, web_app_toml,
+        self, HttpClient, LAZY_APP_TOML, WEB_PY, app_detail, endpoints, kill9_netns, netns_pids,
+        sandbox_netns, wait_until, web_app_toml,
     },
     ingress::ok,
     process::AgentProcess,
@@ -169,20 +169,7 @@ fn deployed_instances_serve_node_port_and_route_and_are_restarted_when_killed() 
 fn first_requests_start_one_instance_and_idle_scales_to_zero() {
     let world = World::new(0);
     let agent = world.start_agent_running_sandboxes(Plane::Xdp, &[]);
-    deploy(
-        &world,
-        &agent,
-        "lazy",
-        r#"name = "lazy"
-[services.web]
-command = "sleep 1; exec python3 web.py"
-port = 8080
-[services.web.concurrency]
-mode = "auto"
-requests_per_instance = 100
-scale_down_delay = "3s"
-"#,
-    );
+    deploy(&world, &agent, "lazy", LAZY_APP_TOML);
     ok(&agent, &["route", "set", "lazy.example.com", "lazy"]);
     assert!(endpoints(&agent, "lazy", "web", "http").is_empty());
 

@@ -55,21 +55,27 @@ pub struct ServiceUpstreams {
 /// cluster as demand for auto services.
 #[derive(Debug, Default)]
 pub struct LoadTracker {
+    /// Requests in flight per app service.
     counters: std::sync::Mutex<HashMap<(String, String), Arc<AtomicUsize>>>,
+    /// Requests so far per app service.
     requests: std::sync::Mutex<HashMap<(String, String), Arc<AtomicU64>>>,
     /// Requests in flight per backend address (an instance being stopped drains these).
     backends: std::sync::Mutex<HashMap<IpAddr, Arc<AtomicUsize>>>,
 }
 
+/// The counter of `key` in `counters` (created at zero).
+fn shared_counter<K: Eq + Hash, T: Default>(
+    counters: &std::sync::Mutex<HashMap<K, Arc<T>>>,
+    key: K,
+) -> Arc<T> {
+    let mut counters = counters.lock().unwrap_or_else(|p| p.into_inner());
+    Arc::clone(counters.entry(key).or_default())
+}
+
 impl LoadTracker {
     /// The counter of `app`'s `service` (created at zero).
     pub fn counter(&self, app: &str, service: &str) -> Arc<AtomicUsize> {
-        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(
-            counters
-                .entry((app.to_owned(), service.to_owned()))
-                .or_default(),
-        )
+        shared_counter(&self.counters, (app.to_owned(), service.to_owned()))
     }
 
     /// Requests in flight to `app`'s `service` now.
@@ -78,12 +84,7 @@ impl LoadTracker {
     }
 
     fn requests_counter(&self, app: &str, service: &str) -> Arc<AtomicU64> {
-        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(
-            requests
-                .entry((app.to_owned(), service.to_owned()))
-                .or_default(),
-        )
+        shared_counter(&self.requests, (app.to_owned(), service.to_owned()))
     }
 
     /// Requests to `app`'s `service` since the agent started.
@@ -92,8 +93,7 @@ impl LoadTracker {
     }
 
     fn backend_counter(&self, ip: IpAddr) -> Arc<AtomicUsize> {
-        let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(backends.entry(ip).or_default())
+        shared_counter(&self.backends, ip)
     }
 
     /// Requests in flight to the backend at `ip` now.
