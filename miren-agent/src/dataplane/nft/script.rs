@@ -1,0 +1,232 @@
+//! [`transaction`]: the `nft -f` script that turns one [`TableState`] into another.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+};
+
+use super::{
+    schema::{SETS, TABLE, chain_def, fingerprint},
+    state::TableState,
+};
+use crate::{config::Protocol, dataplane::NodePortKey};
+
+/// Most elements per `add element` / `delete element` line.
+const ELEMENTS_PER_LINE: usize = 512;
+
+fn proto(protocol: Protocol) -> &'static str {
+    protocol.as_str()
+}
+
+fn port_elem(key: &NodePortKey) -> String {
+    format!("{} . {}", proto(key.protocol), key.port)
+}
+
+fn backend_elem((key, endpoint): &(NodePortKey, SocketAddrV4)) -> String {
+    format!("{} . {} . {}", key.port, endpoint.ip(), endpoint.port())
+}
+
+/// A transaction being built, in sections that run in this order.
+#[derive(Default)]
+struct Script {
+    /// Deleting the table or chains that must be recreated.
+    teardown: Vec<String>,
+    /// Idempotent declarations of the table, its sets, maps and chains.
+    declare: Vec<String>,
+    /// Element deletions (maps first, so no chain is referenced by a stale jump).
+    delete: Vec<String>,
+    /// Chains whose rules are rewritten.
+    rules: Vec<String>,
+    /// Element additions.
+    add: Vec<String>,
+    /// Chains no longer used, once nothing jumps to them.
+    retire: Vec<String>,
+}
+
+impl Script {
+    fn elements(out: &mut Vec<String>, verb: &str, set: &str, elems: Vec<String>) {
+        for chunk in elems.chunks(ELEMENTS_PER_LINE) {
+            out.push(format!(
+                "{verb} element {TABLE} {set} {{ {} }}",
+                chunk.join(", ")
+            ));
+        }
+    }
+
+    /// Adds and deletes the difference between two sets of elements of `set`.
+    fn diff_set<T: Ord>(
+        &mut self,
+        set: &str,
+        current: &BTreeSet<T>,
+        desired: &BTreeSet<T>,
+        render: impl Fn(&T) -> String,
+    ) {
+        let gone = current.difference(desired).map(&render).collect();
+        Self::elements(&mut self.delete, "delete", set, gone);
+        let new = desired.difference(current).map(&render).collect();
+        Self::elements(&mut self.add, "add", set, new);
+    }
+
+    /// Adds, deletes and replaces (delete, then add) map elements.
+    fn diff_map<K: Ord, V: PartialEq>(
+        &mut self,
+        map: &str,
+        current: &BTreeMap<K, V>,
+        desired: &BTreeMap<K, V>,
+        key: impl Fn(&K) -> String,
+        value: impl Fn(&V) -> String,
+    ) {
+        let gone = current
+            .iter()
+            .filter(|(k, v)| desired.get(k) != Some(v))
+            .map(|(k, _)| key(k))
+            .collect();
+        Self::elements(&mut self.delete, "delete", map, gone);
+        let new = desired
+            .iter()
+            .filter(|(k, v)| current.get(k) != Some(v))
+            .map(|(k, v)| format!("{} : {}", key(k), value(v)))
+            .collect();
+        Self::elements(&mut self.add, "add", map, new);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.teardown.is_empty()
+            && self.delete.is_empty()
+            && self.rules.is_empty()
+            && self.add.is_empty()
+            && self.retire.is_empty()
+    }
+
+    fn render(self) -> String {
+        let mut text = String::new();
+        for line in [
+            self.teardown,
+            self.declare,
+            self.delete,
+            self.rules,
+            self.add,
+            self.retire,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    }
+}
+
+/// The transaction that turns `current` into `desired`; `None` when they are equal.
+pub(super) fn transaction(current: &TableState, desired: &TableState) -> Option<String> {
+    let mut script = Script::default();
+    let empty = TableState::default();
+    let current = if current.exists && current.incompatible {
+        script.teardown.push(format!("delete table {TABLE}"));
+        &empty
+    } else {
+        current
+    };
+
+    script.declare.push(format!("add table {TABLE}"));
+    for set in SETS {
+        let kind = if set.map { "map" } else { "set" };
+        script.declare.push(format!(
+            "add {kind} {TABLE} {} {{ {} }}",
+            set.name, set.declaration
+        ));
+    }
+    for (name, wanted) in &desired.chains {
+        let def = chain_def(name).expect("desired chains have definitions");
+        let existing = current.chains.get(name);
+        if existing.is_some_and(|chain| chain.base != wanted.base) {
+            script.teardown.push(format!("flush chain {TABLE} {name}"));
+            script.teardown.push(format!("delete chain {TABLE} {name}"));
+        }
+        script.declare.push(match &def.base {
+            Some(base) => format!(
+                "add chain {TABLE} {name} {{ type {} hook {} priority {}; policy {}; }}",
+                base.kind, base.hook, base.priority, base.policy
+            ),
+            None => format!("add chain {TABLE} {name}"),
+        });
+        if existing != Some(wanted) {
+            script.rules.push(format!("flush chain {TABLE} {name}"));
+            for rule in &def.rules {
+                script.rules.push(format!(
+                    "add rule {TABLE} {name} {rule} comment \"{}\"",
+                    fingerprint(rule)
+                ));
+            }
+        }
+    }
+    for name in current.chains.keys() {
+        if !desired.chains.contains_key(name) {
+            script.retire.push(format!("flush chain {TABLE} {name}"));
+            script.retire.push(format!("delete chain {TABLE} {name}"));
+        }
+    }
+
+    script.diff_map("nat", &current.nat, &desired.nat, port_elem, |chain| {
+        format!("goto {chain}")
+    });
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let of = |endpoints: &BTreeMap<(NodePortKey, u32), SocketAddrV4>| -> BTreeMap<_, _> {
+            endpoints
+                .iter()
+                .filter(|((k, _), _)| k.protocol == protocol)
+                .map(|((k, slot), endpoint)| ((k.port, *slot), *endpoint))
+                .collect()
+        };
+        script.diff_map(
+            &format!("endpoints_{}", proto(protocol)),
+            &of(&current.endpoints),
+            &of(&desired.endpoints),
+            |(port, slot)| format!("{port} . {slot}"),
+            |endpoint| format!("{} . {}", endpoint.ip(), endpoint.port()),
+        );
+    }
+    script.diff_set(
+        "node_addrs",
+        &current.node_addrs,
+        &desired.node_addrs,
+        |a| a.to_string(),
+    );
+    for (set, current_keys, desired_keys) in [
+        ("rx", &current.rx, &desired.rx),
+        ("flows", &current.flows, &desired.flows),
+        ("drops", &current.drops, &desired.drops),
+    ] {
+        script.diff_set(set, current_keys, desired_keys, port_elem);
+    }
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let of = |keys: &BTreeSet<NodePortKey>| -> BTreeSet<u16> {
+            keys.iter()
+                .filter(|k| k.protocol == protocol)
+                .map(|k| k.port)
+                .collect()
+        };
+        script.diff_set(
+            &format!("tx_{}", proto(protocol)),
+            &of(&current.tx),
+            &of(&desired.tx),
+            u16::to_string,
+        );
+        let of = |backends: &BTreeSet<(NodePortKey, SocketAddrV4)>| -> BTreeSet<_> {
+            backends
+                .iter()
+                .filter(|(k, _)| k.protocol == protocol)
+                .copied()
+                .collect()
+        };
+        script.diff_set(
+            &format!("backend_{}", proto(protocol)),
+            &of(&current.backends),
+            &of(&desired.backends),
+            backend_elem,
+        );
+    }
+    // Nothing to write when only the idempotent declarations remain.
+    (!script.is_empty()).then(|| script.render())
+}
