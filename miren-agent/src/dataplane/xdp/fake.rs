@@ -1,0 +1,256 @@
+//! [`FakeMaps`]: the node-port maps in memory, for unit tests of [`super::apply`] without root.
+//!
+//! It keeps the kernel semantics the logic relies on: a full hash map refuses a new key with
+//! `E2BIG`, deleting a missing key fails with `ENOENT`, a missing hash key reads as
+//! [`MapError::KeyNotFound`], an array index past `max_entries` is
+//! [`MapError::OutOfBounds`], per-CPU slots hold one value per CPU. Every successful write is
+//! counted in [`FakeMaps::writes`].
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use aya::{maps::MapError, sys::SyscallError};
+use miren_common::nodeport::{
+    self as np, Backend, BackendAddr, BackendStats, Config, Flow, FlowKey, GlobalStat, MaglevKey,
+    PortStats, Service, ServiceKey,
+};
+
+use super::maps::{Entries, NodePortMaps};
+
+/// `max_entries` of `MIREN_NODE_ADDRS` in the eBPF program.
+const MAX_NODE_ADDRS: usize = 256;
+
+/// The node-port maps in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct FakeMaps {
+    /// `MIREN_NODE_ADDRS`.
+    pub(super) node_addrs: BTreeSet<Ipv4Addr>,
+    /// `MIREN_BACKEND_ADDRS`.
+    pub(super) backend_addrs: BTreeSet<BackendAddr>,
+    /// `MIREN_SERVICES`.
+    pub(super) services: HashMap<ServiceKey, Service>,
+    /// `MIREN_MAGLEV`.
+    pub(super) maglev: HashMap<MaglevKey, u32>,
+    /// `MIREN_BACKENDS`, indexed by backend id.
+    pub(super) backends: Vec<Backend>,
+    /// `MIREN_CT`.
+    pub(super) conntrack: HashMap<FlowKey, Flow>,
+    /// `MIREN_PORT_STATS`: `[service id][cpu]`.
+    pub(super) port_stats: Vec<Vec<PortStats>>,
+    /// `MIREN_BACKEND_STATS`: `[backend id][cpu]`.
+    pub(super) backend_stats: Vec<Vec<BackendStats>>,
+    /// `MIREN_GLOBAL_STATS`: `[stat][cpu]`.
+    pub(super) global_stats: Vec<Vec<u64>>,
+    /// `MIREN_CONFIG`.
+    pub(super) config: Config,
+    /// Successful writes and deletes so far.
+    pub(super) writes: usize,
+}
+
+impl FakeMaps {
+    /// Empty maps with room for `services` node ports and `backends` backends, on `cpus` CPUs.
+    pub(super) fn new(services: u32, backends: u32, cpus: usize) -> Self {
+        Self {
+            node_addrs: BTreeSet::new(),
+            backend_addrs: BTreeSet::new(),
+            services: HashMap::new(),
+            maglev: HashMap::new(),
+            backends: vec![Backend::default(); backends as usize],
+            conntrack: HashMap::new(),
+            port_stats: vec![vec![PortStats::default(); cpus]; services as usize],
+            backend_stats: vec![vec![BackendStats::default(); cpus]; backends as usize],
+            global_stats: vec![vec![0; cpus]; np::GLOBAL_STATS as usize],
+            config: Config::default(),
+            writes: 0,
+        }
+    }
+
+    fn wrote<T>(&mut self, result: Result<T, MapError>) -> Result<T, MapError> {
+        if result.is_ok() {
+            self.writes += 1;
+        }
+        result
+    }
+}
+
+/// The error of a failed `bpf()` map command.
+fn syscall(call: &'static str, errno: i32) -> MapError {
+    MapError::SyscallError(SyscallError {
+        call,
+        io_error: std::io::Error::from_raw_os_error(errno),
+    })
+}
+
+/// `BPF_MAP_UPDATE_ELEM` with `BPF_ANY` on a hash map of `max_entries`.
+fn hash_insert<K: Eq + std::hash::Hash, V>(
+    map: &mut HashMap<K, V>,
+    max_entries: usize,
+    key: K,
+    value: V,
+) -> Result<(), MapError> {
+    if !map.contains_key(&key) && map.len() >= max_entries {
+        return Err(syscall("bpf_map_update_elem", libc::E2BIG));
+    }
+    map.insert(key, value);
+    Ok(())
+}
+
+/// [`hash_insert`] for a hash map whose values are all 1 (a set).
+fn set_insert<K: Ord>(set: &mut BTreeSet<K>, max_entries: usize, key: K) -> Result<(), MapError> {
+    if !set.contains(&key) && set.len() >= max_entries {
+        return Err(syscall("bpf_map_update_elem", libc::E2BIG));
+    }
+    set.insert(key);
+    Ok(())
+}
+
+/// `BPF_MAP_DELETE_ELEM`.
+fn deleted(found: bool) -> Result<(), MapError> {
+    if found {
+        Ok(())
+    } else {
+        Err(syscall("bpf_map_delete_elem", libc::ENOENT))
+    }
+}
+
+/// Slot `index` of an array map.
+fn slot<T>(array: &[T], index: u32) -> Result<&T, MapError> {
+    array.get(index as usize).ok_or(MapError::OutOfBounds {
+        index,
+        max_entries: array.len() as u32,
+    })
+}
+
+/// Slot `index` of an array map, mutably.
+fn slot_mut<T>(array: &mut [T], index: u32) -> Result<&mut T, MapError> {
+    let max_entries = array.len() as u32;
+    array
+        .get_mut(index as usize)
+        .ok_or(MapError::OutOfBounds { index, max_entries })
+}
+
+/// Entries of a map as `Ok`s.
+fn entries<'a, T: 'a>(items: impl Iterator<Item = T> + 'a) -> Entries<'a, T> {
+    Box::new(items.map(Ok))
+}
+
+impl NodePortMaps for FakeMaps {
+    fn service_capacity(&self) -> u32 {
+        self.port_stats.len() as u32
+    }
+
+    fn backend_capacity(&self) -> u32 {
+        self.backends.len() as u32
+    }
+
+    fn node_addrs(&self) -> Entries<'_, Ipv4Addr> {
+        entries(self.node_addrs.iter().copied())
+    }
+
+    fn insert_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError> {
+        let result = set_insert(&mut self.node_addrs, MAX_NODE_ADDRS, addr);
+        self.wrote(result)
+    }
+
+    fn remove_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError> {
+        let result = deleted(self.node_addrs.remove(&addr));
+        self.wrote(result)
+    }
+
+    fn backend_addrs(&self) -> Entries<'_, BackendAddr> {
+        entries(self.backend_addrs.iter().copied())
+    }
+
+    fn insert_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError> {
+        let max_entries = self.backend_capacity() as usize;
+        let result = set_insert(&mut self.backend_addrs, max_entries, *addr);
+        self.wrote(result)
+    }
+
+    fn remove_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError> {
+        let result = deleted(self.backend_addrs.remove(addr));
+        self.wrote(result)
+    }
+
+    fn services(&self) -> Entries<'_, (ServiceKey, Service)> {
+        entries(self.services.iter().map(|(k, v)| (*k, *v)))
+    }
+
+    fn insert_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), MapError> {
+        let max_entries = self.service_capacity() as usize;
+        let result = hash_insert(&mut self.services, max_entries, *key, *service);
+        self.wrote(result)
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        let result = deleted(self.services.remove(key).is_some());
+        self.wrote(result)
+    }
+
+    fn maglev_slot(&self, key: &MaglevKey) -> Result<u32, MapError> {
+        self.maglev.get(key).copied().ok_or(MapError::KeyNotFound)
+    }
+
+    fn insert_maglev_slot(&mut self, key: &MaglevKey, backend_id: u32) -> Result<(), MapError> {
+        let result = hash_insert(
+            &mut self.maglev,
+            np::MAGLEV_ENTRIES as usize,
+            *key,
+            backend_id,
+        );
+        self.wrote(result)
+    }
+
+    fn remove_maglev_slot(&mut self, key: &MaglevKey) -> Result<(), MapError> {
+        let result = deleted(self.maglev.remove(key).is_some());
+        self.wrote(result)
+    }
+
+    fn backend(&self, id: u32) -> Result<Backend, MapError> {
+        slot(&self.backends, id).copied()
+    }
+
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {
+        let result = slot_mut(&mut self.backends, id).map(|slot| *slot = *backend);
+        self.wrote(result)
+    }
+
+    fn flows(&self) -> Entries<'_, (FlowKey, Flow)> {
+        entries(self.conntrack.iter().map(|(k, v)| (*k, *v)))
+    }
+
+    fn remove_flow(&mut self, key: &FlowKey) -> Result<(), MapError> {
+        let result = deleted(self.conntrack.remove(key).is_some());
+        self.wrote(result)
+    }
+
+    fn port_stats(&self, id: u32) -> Result<Vec<PortStats>, MapError> {
+        slot(&self.port_stats, id).cloned()
+    }
+
+    fn zero_port_stats(&mut self, id: u32) -> Result<(), MapError> {
+        let result = slot_mut(&mut self.port_stats, id).map(|cpus| cpus.fill(PortStats::default()));
+        self.wrote(result)
+    }
+
+    fn backend_stats(&self, id: u32) -> Result<Vec<BackendStats>, MapError> {
+        slot(&self.backend_stats, id).cloned()
+    }
+
+    fn zero_backend_stats(&mut self, id: u32) -> Result<(), MapError> {
+        let result =
+            slot_mut(&mut self.backend_stats, id).map(|cpus| cpus.fill(BackendStats::default()));
+        self.wrote(result)
+    }
+
+    fn global_stat(&self, stat: GlobalStat) -> Result<Vec<u64>, MapError> {
+        slot(&self.global_stats, stat as u32).cloned()
+    }
+
+    fn set_config(&mut self, config: &Config) -> Result<(), MapError> {
+        self.config = *config;
+        self.wrote(Ok(()))
+    }
+}

@@ -1,0 +1,282 @@
+//! The node-port maps as one typed interface, [`NodePortMaps`], and its kernel implementation
+//! [`KernelMaps`], which takes each map out of the loaded object once. No other file names a
+//! map.
+//!
+//! Keys and values are the kernel layouts of [`miren_common::nodeport`] (network byte order),
+//! except node addresses, which are [`Ipv4Addr`]s. Errors are aya's [`MapError`]s, as the kernel
+//! reports them; callers say what they were doing.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf, Pod,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
+use miren_common::nodeport::{
+    self as np, Backend, BackendAddr, BackendStats, Config, Flow, FlowKey, GlobalStat, MaglevKey,
+    PortStats, Service, ServiceKey,
+};
+
+use super::super::DataplaneError;
+use crate::bpf::BpfError;
+
+/// An iterator over a map's entries; an entry that cannot be read is an `Err`.
+pub(super) type Entries<'a, T> = Box<dyn Iterator<Item = Result<T, MapError>> + 'a>;
+
+/// Typed operations on the node-port maps: what applying snapshots and reading counters needs.
+pub(super) trait NodePortMaps: Send + std::fmt::Debug {
+    /// Number of service ids (`max_entries` of the per-service arrays).
+    fn service_capacity(&self) -> u32;
+
+    /// Number of backend ids (`max_entries` of the per-backend arrays).
+    fn backend_capacity(&self) -> u32;
+
+    /// The node's addresses (`MIREN_NODE_ADDRS`).
+    fn node_addrs(&self) -> Entries<'_, Ipv4Addr>;
+
+    /// Adds a node address.
+    fn insert_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError>;
+
+    /// Removes a node address; an error if it is not there.
+    fn remove_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError>;
+
+    /// Every backend's address, port and protocol.
+    fn backend_addrs(&self) -> Entries<'_, BackendAddr>;
+
+    /// Adds a backend address.
+    fn insert_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError>;
+
+    /// Removes a backend address; an error if it is not there.
+    fn remove_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError>;
+
+    /// The configured node ports.
+    fn services(&self) -> Entries<'_, (ServiceKey, Service)>;
+
+    /// Adds or replaces a node port (one atomic map update).
+    fn insert_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), MapError>;
+
+    /// Removes a node port; an error if it is not there.
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapError>;
+
+    /// The backend id in one Maglev slot; [`MapError::KeyNotFound`] if the slot is empty.
+    fn maglev_slot(&self, key: &MaglevKey) -> Result<u32, MapError>;
+
+    /// Writes one Maglev slot.
+    fn insert_maglev_slot(&mut self, key: &MaglevKey, backend_id: u32) -> Result<(), MapError>;
+
+    /// Deletes one Maglev slot; an error if it is not there.
+    fn remove_maglev_slot(&mut self, key: &MaglevKey) -> Result<(), MapError>;
+
+    /// The backend with id `id`.
+    fn backend(&self, id: u32) -> Result<Backend, MapError>;
+
+    /// Writes the backend with id `id`.
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError>;
+
+    /// The conntrack entries (forward and reverse).
+    fn flows(&self) -> Entries<'_, (FlowKey, Flow)>;
+
+    /// Deletes a conntrack entry; an error if it is not there.
+    fn remove_flow(&mut self, key: &FlowKey) -> Result<(), MapError>;
+
+    /// The counters of service `id`, one per possible CPU.
+    fn port_stats(&self, id: u32) -> Result<Vec<PortStats>, MapError>;
+
+    /// Zeroes the counters of service `id` on every CPU.
+    fn zero_port_stats(&mut self, id: u32) -> Result<(), MapError>;
+
+    /// The counters of backend `id`, one per possible CPU.
+    fn backend_stats(&self, id: u32) -> Result<Vec<BackendStats>, MapError>;
+
+    /// Zeroes the counters of backend `id` on every CPU.
+    fn zero_backend_stats(&mut self, id: u32) -> Result<(), MapError>;
+
+    /// A global counter, one value per possible CPU.
+    fn global_stat(&self, stat: GlobalStat) -> Result<Vec<u64>, MapError>;
+
+    /// Writes the data plane's configuration.
+    fn set_config(&mut self, config: &Config) -> Result<(), MapError>;
+}
+
+/// The node-port maps of a loaded object, each taken out of it once.
+pub(super) struct KernelMaps {
+    node_addrs: HashMap<MapData, u32, u32>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    maglev: HashMap<MapData, MaglevKey, u32>,
+    backends: Array<MapData, Backend>,
+    backend_addrs: HashMap<MapData, BackendAddr, u32>,
+    conntrack: HashMap<MapData, FlowKey, Flow>,
+    port_stats: PerCpuArray<MapData, PortStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    global_stats: PerCpuArray<MapData, u64>,
+    config: Array<MapData, Config>,
+    /// Number of possible CPUs (the length of per-CPU values).
+    cpus: usize,
+}
+
+impl std::fmt::Debug for KernelMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelMaps")
+            .field("cpus", &self.cpus)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KernelMaps {
+    /// Takes the node-port maps out of `ebpf` (after its programs are loaded).
+    ///
+    /// # Errors
+    /// [`BpfError::Missing`] when the object lacks a map, [`BpfError::Map`] when one has
+    /// another type or layout, [`DataplaneError::Io`] when the CPUs cannot be counted.
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let cpus = nr_cpus().map_err(|(_, source)| DataplaneError::Io {
+            op: "counting possible CPUs".into(),
+            source,
+        })?;
+        Ok(Self {
+            node_addrs: take(ebpf, np::NODE_ADDRS_MAP, "the node address map")?,
+            services: take(ebpf, np::SERVICES_MAP, "the service map")?,
+            maglev: take(ebpf, np::MAGLEV_MAP, "the Maglev map")?,
+            backends: take(ebpf, np::BACKENDS_MAP, "the backend map")?,
+            backend_addrs: take(ebpf, np::BACKEND_ADDRS_MAP, "the backend address map")?,
+            conntrack: take(ebpf, np::CONNTRACK_MAP, "conntrack")?,
+            port_stats: take(ebpf, np::PORT_STATS_MAP, "port stats")?,
+            backend_stats: take(ebpf, np::BACKEND_STATS_MAP, "backend stats")?,
+            global_stats: take(ebpf, np::GLOBAL_STATS_MAP, "global stats")?,
+            config: take(ebpf, np::CONFIG_MAP, "the config map")?,
+            cpus,
+        })
+    }
+
+    /// `cpus` default values, to zero a per-CPU slot.
+    fn zeros<T: Pod + Default>(&self) -> Result<PerCpuValues<T>, MapError> {
+        PerCpuValues::try_from(vec![T::default(); self.cpus]).map_err(MapError::IoError)
+    }
+}
+
+/// Takes the map `name` out of `ebpf` as a typed map.
+fn take<M: TryFrom<Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    what: &str,
+) -> Result<M, DataplaneError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(BpfError::Missing { kind: "map", name })?;
+    M::try_from(map).map_err(|source| {
+        DataplaneError::Bpf(BpfError::Map {
+            op: format!("opening {what}"),
+            source,
+        })
+    })
+}
+
+/// The values of a per-CPU slot.
+fn per_cpu<T: Pod>(values: PerCpuValues<T>) -> Vec<T> {
+    values.iter().copied().collect()
+}
+
+impl NodePortMaps for KernelMaps {
+    fn service_capacity(&self) -> u32 {
+        np::MAX_SERVICES
+    }
+
+    fn backend_capacity(&self) -> u32 {
+        np::MAX_BACKENDS
+    }
+
+    fn node_addrs(&self) -> Entries<'_, Ipv4Addr> {
+        Box::new(
+            self.node_addrs
+                .keys()
+                .map(|key| key.map(|a| Ipv4Addr::from(u32::from_be(a)))),
+        )
+    }
+
+    fn insert_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError> {
+        self.node_addrs.insert(u32::from(addr).to_be(), 1, 0)
+    }
+
+    fn remove_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError> {
+        self.node_addrs.remove(&u32::from(addr).to_be())
+    }
+
+    fn backend_addrs(&self) -> Entries<'_, BackendAddr> {
+        Box::new(self.backend_addrs.keys())
+    }
+
+    fn insert_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError> {
+        self.backend_addrs.insert(addr, 1, 0)
+    }
+
+    fn remove_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError> {
+        self.backend_addrs.remove(addr)
+    }
+
+    fn services(&self) -> Entries<'_, (ServiceKey, Service)> {
+        Box::new(self.services.iter())
+    }
+
+    fn insert_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), MapError> {
+        self.services.insert(key, service, 0)
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        self.services.remove(key)
+    }
+
+    fn maglev_slot(&self, key: &MaglevKey) -> Result<u32, MapError> {
+        self.maglev.get(key, 0)
+    }
+
+    fn insert_maglev_slot(&mut self, key: &MaglevKey, backend_id: u32) -> Result<(), MapError> {
+        self.maglev.insert(key, backend_id, 0)
+    }
+
+    fn remove_maglev_slot(&mut self, key: &MaglevKey) -> Result<(), MapError> {
+        self.maglev.remove(key)
+    }
+
+    fn backend(&self, id: u32) -> Result<Backend, MapError> {
+        self.backends.get(&id, 0)
+    }
+
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {
+        self.backends.set(id, backend, 0)
+    }
+
+    fn flows(&self) -> Entries<'_, (FlowKey, Flow)> {
+        Box::new(self.conntrack.iter())
+    }
+
+    fn remove_flow(&mut self, key: &FlowKey) -> Result<(), MapError> {
+        self.conntrack.remove(key)
+    }
+
+    fn port_stats(&self, id: u32) -> Result<Vec<PortStats>, MapError> {
+        self.port_stats.get(&id, 0).map(per_cpu)
+    }
+
+    fn zero_port_stats(&mut self, id: u32) -> Result<(), MapError> {
+        let zeros = self.zeros()?;
+        self.port_stats.set(id, zeros, 0)
+    }
+
+    fn backend_stats(&self, id: u32) -> Result<Vec<BackendStats>, MapError> {
+        self.backend_stats.get(&id, 0).map(per_cpu)
+    }
+
+    fn zero_backend_stats(&mut self, id: u32) -> Result<(), MapError> {
+        let zeros = self.zeros()?;
+        self.backend_stats.set(id, zeros, 0)
+    }
+
+    fn global_stat(&self, stat: GlobalStat) -> Result<Vec<u64>, MapError> {
+        self.global_stats.get(&(stat as u32), 0).map(per_cpu)
+    }
+
+    fn set_config(&mut self, config: &Config) -> Result<(), MapError> {
+        self.config.set(0, config, 0)
+    }
+}
