@@ -313,6 +313,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             SandboxSettings {
                 bridge: settings.sandbox_bridge.clone(),
                 subnet: node_subnet,
+                dual_stack: settings.dual_stack(),
                 state_dir: settings.state_dir.join("sandbox"),
                 keep_running: settings.keep_sandboxes,
                 limits: settings.instance_limits,

@@ -17,6 +17,9 @@ use crate::{
 /// The config file read when `--config` is not given (if it exists).
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/miren/agent.toml";
 
+/// `--sandbox-subnet6` when not given: a ULA /64 ("mir" "en").
+pub const DEFAULT_SANDBOX_SUBNET6: &str = "fd6d:6972:656e::/64";
+
 /// Port of the cluster listener when `--cluster-addr` is not given.
 pub const DEFAULT_CLUSTER_PORT: u16 = 7946;
 
@@ -90,6 +93,11 @@ pub struct SettingsLayer {
     /// Subnet sandbox addresses come from [default: 10.88.0.0/16].
     #[arg(long)]
     pub sandbox_subnet: Option<String>,
+    /// IPv6 subnet (/48 to /64) sandbox addresses come from, each mirroring the sandbox's IPv4
+    /// address; in cluster mode each node uses the /80 matching its IPv4 subnet
+    /// [default: fd6d:6972:656e::/64].
+    #[arg(long, value_name = "CIDR")]
+    pub sandbox_subnet6: Option<String>,
     /// ACME directory URL; enables automatic certificates.
     #[arg(long)]
     pub acme_directory: Option<String>,
@@ -277,6 +285,8 @@ pub struct AgentSettings {
     pub sandbox_subnet: crate::config::Subnet,
     /// Prefix length of each node's sandbox subnet in cluster mode.
     pub node_subnet_size: u8,
+    /// The cluster's IPv6 sandbox subnet, mirroring the IPv4 one.
+    pub sandbox_subnet6: crate::config::Subnet6,
     /// ACME directory URL.
     pub acme_directory: Option<String>,
     /// ACME contact.
@@ -366,6 +376,14 @@ impl SettingsLayer {
                 .clone()
                 .or(file.sandbox_subnet.clone())
                 .unwrap_or_else(|| "10.88.0.0/16".into()),
+        )
+        .map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        let sandbox_subnet6 = crate::config::Subnet6::parse(
+            &self
+                .sandbox_subnet6
+                .clone()
+                .or(file.sandbox_subnet6.clone())
+                .unwrap_or_else(|| DEFAULT_SANDBOX_SUBNET6.into()),
         )
         .map_err(|e| SettingsError::Invalid(e.to_string()))?;
         let node_subnet_size = self
@@ -476,6 +494,7 @@ impl SettingsLayer {
                 .unwrap_or_else(|| "miren0".into()),
             sandbox_subnet,
             node_subnet_size,
+            sandbox_subnet6,
             acme_directory: self.acme_directory.or(file.acme_directory),
             acme_email: self.acme_email.or(file.acme_email),
             acme_ca_file: self.acme_ca_file.or(file.acme_ca_file),
@@ -571,6 +590,19 @@ impl SettingsLayer {
 }
 
 impl AgentSettings {
+    /// How sandboxes get their IPv6 addresses (one node takes the whole sandbox subnet, a
+    /// cluster's nodes one /`--node-subnet-size` each).
+    pub fn dual_stack(&self) -> crate::config::DualStack {
+        crate::config::DualStack {
+            v4: self.sandbox_subnet,
+            node_prefix: match self.store {
+                StoreChoice::Sqlite => self.sandbox_subnet.prefix,
+                StoreChoice::Etcd { .. } => self.node_subnet_size,
+            },
+            v6: self.sandbox_subnet6,
+        }
+    }
+
     /// The files of the cluster listener's mutual TLS, when configured (cluster mode only).
     pub fn cluster_tls(&self) -> Option<&ClusterTlsFiles> {
         self.cluster_link.as_ref()?.tls.as_ref()

@@ -217,13 +217,14 @@ impl IngressWorld {
     }
 }
 
-/// Runs the CLI, asserting success; returns stdout.
+/// Runs the CLI, asserting success (else failing with the agent's log); returns stdout.
 pub fn ok(agent: &AgentProcess, args: &[&str]) -> String {
     let out = agent.miren(args);
     assert!(
         out.status.success(),
-        "miren {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "miren {args:?} failed:\n{}\nthe agent's log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log_text()
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -473,6 +473,17 @@ fn member(veth: &str, addr: &str, app: &str) -> Member {
     }
 }
 
+/// The IPv6 addressing of a single node whose sandbox subnet is `subnet`.
+fn dual_stack(subnet: &str) -> miren_agent::config::DualStack {
+    let v4 = Subnet::parse(subnet).unwrap();
+    miren_agent::config::DualStack {
+        v4,
+        node_prefix: v4.prefix,
+        v6: miren_agent::config::Subnet6::parse(miren_agent::settings::DEFAULT_SANDBOX_SUBNET6)
+            .unwrap(),
+    }
+}
+
 #[test]
 fn isolation_keeps_members_across_a_reopen_and_applies_each_change_whole() {
     let ns = Netns::new("isolation").unwrap();
@@ -480,6 +491,7 @@ fn isolation_keeps_members_across_a_reopen_and_applies_each_change_whole() {
         let settings = IsolationSettings {
             bridge: "mrn0".to_owned(),
             subnet: Subnet::parse("10.77.0.0/16").unwrap(),
+            dual_stack: Some(dual_stack("10.77.0.0/16")),
             listener_ports: vec![80, 443],
         };
         let isolation = Isolation::open(&settings).unwrap();
@@ -572,6 +584,7 @@ fn isolation_maps_other_nodes_instances_of_local_apps_only_and_keeps_peer_subnet
         let settings = IsolationSettings {
             bridge: "mrn0".to_owned(),
             subnet: Subnet::parse("10.77.0.0/24").unwrap(),
+            dual_stack: Some(dual_stack("10.77.0.0/24")),
             listener_ports: vec![80, 443],
         };
         let isolation = Isolation::open(&settings).unwrap();

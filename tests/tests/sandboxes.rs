@@ -392,8 +392,11 @@ fn a_udp_stream_survives_kill_9_and_a_restart_of_the_agent_with_default_flags() 
             rcvbuf_errors(std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap_or_default())
         })
         .unwrap();
+    // Every lost datagram must be one a starved process's full socket buffer dropped (on a
+    // loaded machine the echo instance falls behind): none may be lost in forwarding.
+    let overflowed = instances.iter().sum::<u64>() + client;
     assert_eq!(
-        lost,
+        lost.saturating_sub(overflowed),
         0,
         "{lost} of {PACKETS} packets got no reply, in runs {:?}; UDP RcvbufErrors: instances {instances:?}, client {client}\n{}",
         &runs[..runs.len().min(20)],

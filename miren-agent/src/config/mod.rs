@@ -28,7 +28,7 @@ pub use deploy::{
 };
 pub use diagnostic::{ConfigError, Diagnostic, Source, Span};
 pub use duration::parse_duration;
-pub use subnet::{Subnet, SubnetError};
+pub use subnet::{DualStack, NODE_PREFIX6, Subnet, Subnet6, Subnet6Error, SubnetError};
 pub use types::{
     AppConfig, Concurrency, ConcurrencyMode, DEFAULT_REQUESTS_PER_INSTANCE,
     DEFAULT_SCALE_DOWN_DELAY, DEFAULT_SHUTDOWN_TIMEOUT, EnvVar, PortKind, PortSpec, Protocol,

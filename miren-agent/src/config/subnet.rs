@@ -1,6 +1,10 @@
-//! IPv4 subnets: `--sandbox-subnet` and the per-node subnets carved out of it.
+//! Sandbox subnets: `--sandbox-subnet` (IPv4) and the per-node subnets carved out of it, and
+//! `--sandbox-subnet6`, whose addresses mirror the IPv4 ones ([`DualStack`]).
 
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 /// `--sandbox-subnet` (or a subnet derived from it) is not usable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +82,102 @@ impl fmt::Display for Subnet {
     }
 }
 
+/// `--sandbox-subnet6` is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "sandbox subnet \"{0}\" is not an IPv6 CIDR with a prefix from /48 to /64, e.g. fd6d:6972:656e::/64"
+)]
+pub struct Subnet6Error(pub String);
+
+/// An IPv6 subnet such as `fd6d:6972:656e::/64` or a node's `/80` of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Subnet6 {
+    /// Network address.
+    pub network: Ipv6Addr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Subnet6 {
+    /// Parses `ADDR/N` with 48 ≤ N ≤ 64 (room for a /80 per node).
+    ///
+    /// # Errors
+    /// [`Subnet6Error`] naming the text.
+    pub fn parse(text: &str) -> Result<Self, Subnet6Error> {
+        let invalid = || Subnet6Error(text.to_owned());
+        let (addr, prefix) = text.split_once('/').ok_or_else(invalid)?;
+        let addr: Ipv6Addr = addr.trim().parse().map_err(|_| invalid())?;
+        let prefix: u8 = prefix.trim().parse().map_err(|_| invalid())?;
+        if !(48..=64).contains(&prefix) {
+            return Err(invalid());
+        }
+        Ok(Self {
+            network: Ipv6Addr::from(u128::from(addr) & (u128::MAX << (128 - prefix))),
+            prefix,
+        })
+    }
+
+    /// The bridge's address (the first host address).
+    pub fn gateway(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.network) + 1)
+    }
+
+    /// Whether `addr` is inside the subnet.
+    pub fn contains(&self, addr: Ipv6Addr) -> bool {
+        let mask = u128::MAX << (128 - self.prefix);
+        u128::from(addr) & mask == u128::from(self.network)
+    }
+}
+
+impl fmt::Display for Subnet6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// Prefix length of a node's share of `--sandbox-subnet6`.
+pub const NODE_PREFIX6: u8 = 80;
+
+/// How sandboxes get their IPv6 addresses: each mirrors its IPv4 one. The IPv4 sandbox subnet
+/// is split into node subnets (/`--node-subnet-size`; one node: all of it); node subnet
+/// number K gets the /80 number K of `--sandbox-subnet6`, and an instance the address with the
+/// same host part as its IPv4 address. Every agent of a cluster (same subnets, same node
+/// size) so knows every instance's IPv6 address from its IPv4 one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DualStack {
+    /// `--sandbox-subnet`.
+    pub v4: Subnet,
+    /// Prefix length of a node's IPv4 subnet.
+    pub node_prefix: u8,
+    /// `--sandbox-subnet6`.
+    pub v6: Subnet6,
+}
+
+impl DualStack {
+    /// The IPv6 address of the sandbox at `addr`; `None` outside `--sandbox-subnet`.
+    pub fn addr6(&self, addr: Ipv4Addr) -> Option<Ipv6Addr> {
+        if !self.v4.contains(addr) {
+            return None;
+        }
+        let offset = u32::from(addr) - u32::from(self.v4.network);
+        let host_bits = 32 - u32::from(self.node_prefix);
+        let node = u128::from(offset.checked_shr(host_bits).unwrap_or(0));
+        let host = u128::from(offset & (u32::MAX.checked_shr(32 - host_bits).unwrap_or(0)));
+        Some(Ipv6Addr::from(
+            u128::from(self.v6.network) | node << (128 - NODE_PREFIX6) | host,
+        ))
+    }
+
+    /// The /80 of the node whose IPv4 sandbox subnet is `node`.
+    pub fn node_subnet6(&self, node: Subnet) -> Subnet6 {
+        let network = self.addr6(node.network).unwrap_or(self.v6.network);
+        Subnet6 {
+            network,
+            prefix: NODE_PREFIX6,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +204,47 @@ mod tests {
         assert_eq!(cluster.split(8).count(), 0);
         assert!(cluster.contains(Ipv4Addr::new(10, 88, 9, 9)));
         assert!(!cluster.contains(Ipv4Addr::new(10, 89, 0, 1)));
+    }
+
+    #[test]
+    fn ipv6_addresses_mirror_the_ipv4_ones_in_a_slash_80_per_node() {
+        let v6 = Subnet6::parse("fd6d:6972:656e:0:1::/64").unwrap();
+        assert_eq!(v6.to_string(), "fd6d:6972:656e::/64");
+        for bad in ["fd00::/47", "fd00::/65", "10.0.0.0/16", "fd00::"] {
+            assert!(Subnet6::parse(bad).is_err(), "{bad}");
+        }
+        let cluster = DualStack {
+            v4: Subnet::parse("10.88.0.0/16").unwrap(),
+            node_prefix: 24,
+            v6,
+        };
+        let node3 = Subnet::parse("10.88.3.0/24").unwrap();
+        assert_eq!(
+            cluster.node_subnet6(node3).to_string(),
+            "fd6d:6972:656e:0:3::/80"
+        );
+        assert_eq!(
+            cluster.addr6(Ipv4Addr::new(10, 88, 3, 17)),
+            Some("fd6d:6972:656e:0:3::11".parse().unwrap())
+        );
+        assert!(
+            cluster
+                .node_subnet6(node3)
+                .contains(cluster.addr6(Ipv4Addr::new(10, 88, 3, 254)).unwrap())
+        );
+        assert_eq!(cluster.addr6(Ipv4Addr::new(10, 89, 0, 1)), None);
+        // One node: the whole IPv4 subnet is node 0's, and its /80 is the first.
+        let single = DualStack {
+            node_prefix: 16,
+            ..cluster
+        };
+        assert_eq!(
+            single.addr6(Ipv4Addr::new(10, 88, 3, 17)),
+            Some("fd6d:6972:656e::311".parse().unwrap())
+        );
+        assert_eq!(
+            single.node_subnet6(cluster.v4).to_string(),
+            "fd6d:6972:656e::/80"
+        );
     }
 }

@@ -201,10 +201,34 @@ pub struct Ingress {
     listening: Vec<OwnedFd>,
 }
 
+/// An ingress thread's event loop, shut down without waiting when dropped: an ingress dropped
+/// before it ran (the agent stopping on a later startup error, inside its own runtime) must
+/// not block, which would panic and hide the error.
+#[derive(Debug)]
+struct ThreadRuntime(Option<tokio::runtime::Runtime>);
+
+impl ThreadRuntime {
+    /// Runs `future` to completion on the event loop.
+    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.0
+            .as_ref()
+            .expect("taken only when dropped")
+            .block_on(future)
+    }
+}
+
+impl Drop for ThreadRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// One ingress thread's runtime with both listeners registered in its event loop.
 #[derive(Debug)]
 struct IngressThread {
-    runtime: tokio::runtime::Runtime,
+    runtime: ThreadRuntime,
     http: BoundListener,
     https: BoundListener,
 }
@@ -246,7 +270,7 @@ impl Ingress {
                     (http.register()?, https.register()?)
                 };
                 Ok(IngressThread {
-                    runtime,
+                    runtime: ThreadRuntime(Some(runtime)),
                     http,
                     https,
                 })

@@ -1,15 +1,16 @@
 //! Internal DNS: the resolver every sandbox's resolv.conf points to (on the bridge address).
 //!
-//! `<service>.app.miren` answers with the A records of the service's ready instances, but only
-//! to sandboxes of the same app: any other asker, or a name in `app.miren` that is not a service
-//! of the asker's app, gets NXDOMAIN. Other names are relayed byte for byte to the host's
+//! `<service>.app.miren` answers with the A and AAAA records of the service's ready instances,
+//! but only to sandboxes of the same app: any other asker, or a name in `app.miren` that is not
+//! a service of the asker's app, gets NXDOMAIN. An answer without records (NODATA, NXDOMAIN)
+//! carries the zone's SOA, so resolvers cache it as negative and fall back to the other family. Other names are relayed byte for byte to the host's
 //! resolvers (over UDP for UDP clients, over TCP for TCP clients) with the client's query ID
 //! restored. Only the header and the first question of a query are read; the wire format is
 //! parsed and built here by hand.
 
 use std::hash::{BuildHasher, RandomState};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -26,6 +27,8 @@ pub trait DnsDirectory: Send + Sync + std::fmt::Debug {
     fn app_of(&self, ip: Ipv4Addr) -> Option<String>;
     /// Ready instance addresses of `app`'s `service`; `None` when the app has no such service.
     fn service_addrs(&self, app: &str, service: &str) -> Option<Vec<Ipv4Addr>>;
+    /// The IPv6 address of the instance at `addr`, if it has one.
+    fn addr6(&self, addr: Ipv4Addr) -> Option<Ipv6Addr>;
 }
 
 /// Why the resolver could not start.
@@ -69,10 +72,14 @@ const HEADER_LEN: usize = 12;
 const MAX_NAME: usize = 255;
 /// An A record that points to the question's name: pointer, type, class, TTL, length, address.
 const A_RECORD_LEN: usize = 16;
+/// The same with an IPv6 address.
+const AAAA_RECORD_LEN: usize = 28;
 /// Compression pointer to offset 12, where the question's name starts.
 const POINTER_TO_QUESTION: [u8; 2] = [0xC0, 0x0C];
 
 const TYPE_A: u16 = 1;
+const TYPE_SOA: u16 = 6;
+const TYPE_AAAA: u16 = 28;
 const TYPE_ANY: u16 = 255;
 const CLASS_IN: u16 = 1;
 const CLASS_ANY: u16 = 255;
@@ -206,10 +213,15 @@ fn classify(labels: &[Vec<u8>]) -> Zone<'_> {
     }
 }
 
-/// A header: ID, flags and the four counts.
+/// A header: ID, flags and the question and answer counts (no other records).
 fn header(id: u16, flags: u16, qdcount: u16, ancount: u16) -> Vec<u8> {
+    header_with_authority(id, flags, qdcount, ancount, 0)
+}
+
+/// A header with `nscount` records in the authority section.
+fn header_with_authority(id: u16, flags: u16, qdcount: u16, ancount: u16, nscount: u16) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN);
-    for field in [id, flags, qdcount, ancount, 0, 0] {
+    for field in [id, flags, qdcount, ancount, nscount, 0] {
         out.extend_from_slice(&field.to_be_bytes());
     }
     out
@@ -231,34 +243,90 @@ fn bare_response(id: u16, rd: bool, rcode: Rcode) -> Vec<u8> {
     header(id, response_flags(rd, false, rcode), 0, 0)
 }
 
-/// A response to `question` (read from `packet`, echoed as asked) with `addrs` as A records,
-/// as many as fit in `limit` bytes (TC set when some do not).
+/// A response to `question` (read from `packet`, echoed as asked) with `addrs` as A and AAAA
+/// records, as many as fit in `limit` bytes (TC set when some do not). With `zone` (the offset
+/// of the zone's name in the packet) and no records, the zone's SOA goes in the authority
+/// section.
 fn response(
     packet: &[u8],
     question: &Question,
     rcode: Rcode,
-    authoritative: bool,
-    addrs: &[Ipv4Addr],
+    zone: Option<u16>,
+    addrs: &[IpAddr],
     limit: usize,
 ) -> Vec<u8> {
-    let fit = (limit.saturating_sub(question.end) / A_RECORD_LEN).min(addrs.len());
-    let mut flags = response_flags(question.rd, authoritative, rcode);
+    let mut room = limit.saturating_sub(question.end);
+    let fit = addrs
+        .iter()
+        .take_while(|addr| {
+            let len = if addr.is_ipv4() {
+                A_RECORD_LEN
+            } else {
+                AAAA_RECORD_LEN
+            };
+            let fits = len <= room;
+            room = room.saturating_sub(len);
+            fits
+        })
+        .count();
+    let mut flags = response_flags(question.rd, zone.is_some(), rcode);
     if fit < addrs.len() {
         flags |= FLAG_TC;
     }
+    let soa = zone.filter(|_| addrs.is_empty());
     // `fit` ≤ limit / 16 ≤ 65535 / 16.
     let ancount = u16::try_from(fit).unwrap_or(u16::MAX);
-    let mut out = header(question.id, flags, 1, ancount);
+    let mut out = header_with_authority(question.id, flags, 1, ancount, u16::from(soa.is_some()));
     out.extend_from_slice(&packet[HEADER_LEN..question.end]);
     for addr in &addrs[..fit] {
         out.extend_from_slice(&POINTER_TO_QUESTION);
-        out.extend_from_slice(&TYPE_A.to_be_bytes());
-        out.extend_from_slice(&CLASS_IN.to_be_bytes());
-        out.extend_from_slice(&ANSWER_TTL.to_be_bytes());
-        out.extend_from_slice(&4u16.to_be_bytes());
-        out.extend_from_slice(&addr.octets());
+        let (kind, data) = match addr {
+            IpAddr::V4(v4) => (TYPE_A, v4.octets().to_vec()),
+            IpAddr::V6(v6) => (TYPE_AAAA, v6.octets().to_vec()),
+        };
+        record_head(&mut out, kind, data.len());
+        out.extend_from_slice(&data);
+    }
+    if let Some(zone) = soa {
+        soa_record(&mut out, zone);
     }
     out
+}
+
+/// Type, class, TTL and data length of a record whose name was just written.
+fn record_head(out: &mut Vec<u8>, kind: u16, data_len: usize) {
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&CLASS_IN.to_be_bytes());
+    out.extend_from_slice(&ANSWER_TTL.to_be_bytes());
+    // Record data here is at most 16 bytes (an address) or the SOA's 38.
+    out.extend_from_slice(&u16::try_from(data_len).unwrap_or(u16::MAX).to_be_bytes());
+}
+
+/// The zone's SOA record (`ns.app.miren. hostmaster.app.miren.`, negative answers cached for
+/// [`ANSWER_TTL`]), its names compressed to the zone's name at offset `zone`.
+fn soa_record(out: &mut Vec<u8>, zone: u16) {
+    let pointer = (0xC000 | zone).to_be_bytes();
+    let mut data = Vec::new();
+    for label in [&b"ns"[..], b"hostmaster"] {
+        data.push(label.len() as u8);
+        data.extend_from_slice(label);
+        data.extend_from_slice(&pointer);
+    }
+    // Serial, refresh, retry, expire, minimum (the negative-caching TTL).
+    for field in [1, 3600, 600, 86400, ANSWER_TTL] {
+        data.extend_from_slice(&u32::to_be_bytes(field));
+    }
+    out.extend_from_slice(&pointer);
+    record_head(out, TYPE_SOA, data.len());
+    out.extend_from_slice(&data);
+}
+
+/// The offset in the packet of the zone's name (`app.miren`) inside the question's name.
+fn zone_offset(question: &Question) -> u16 {
+    let inside = question.labels.len().saturating_sub(ZONE.len());
+    let skipped: usize = question.labels[..inside].iter().map(|l| l.len() + 1).sum();
+    // A name is at most 255 bytes.
+    u16::try_from(HEADER_LEN + skipped).unwrap_or(HEADER_LEN as u16)
 }
 
 /// The answer to a question about `app.miren` from `asker` (`None`: not an IPv4 client), or
@@ -279,30 +347,40 @@ fn answer_internal(
             .and_then(|app| directory.service_addrs(&app, service)),
         Zone::Unknown => None,
     };
-    let Some(mut addrs) = found else {
+    let zone = Some(zone_offset(question));
+    let Some(mut found) = found else {
         return Some(response(
             packet,
             question,
             Rcode::NxDomain,
-            true,
+            zone,
             &[],
             limit,
         ));
     };
-    let wants_a = matches!(question.qtype, TYPE_A | TYPE_ANY)
-        && matches!(question.qclass, CLASS_IN | CLASS_ANY);
-    if !wants_a {
-        addrs.clear();
+    if !found.is_empty() {
+        let len = found.len();
+        found.rotate_left(rotation % len);
     }
-    if !addrs.is_empty() {
-        let len = addrs.len();
-        addrs.rotate_left(rotation % len);
+    let class_in = matches!(question.qclass, CLASS_IN | CLASS_ANY);
+    let wants = |kind| class_in && (question.qtype == kind || question.qtype == TYPE_ANY);
+    let mut addrs: Vec<IpAddr> = Vec::new();
+    if wants(TYPE_A) {
+        addrs.extend(found.iter().map(|a| IpAddr::V4(*a)));
+    }
+    if wants(TYPE_AAAA) {
+        addrs.extend(
+            found
+                .iter()
+                .filter_map(|a| directory.addr6(*a))
+                .map(IpAddr::V6),
+        );
     }
     Some(response(
         packet,
         question,
         Rcode::NoError,
-        true,
+        zone,
         &addrs,
         limit,
     ))
@@ -571,8 +649,7 @@ impl Resolver {
         }
         let reply = self.forward(packet, question.end, transport).await;
         Some(
-            reply
-                .unwrap_or_else(|| response(packet, &question, Rcode::ServFail, false, &[], limit)),
+            reply.unwrap_or_else(|| response(packet, &question, Rcode::ServFail, None, &[], limit)),
         )
     }
 

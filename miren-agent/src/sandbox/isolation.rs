@@ -66,6 +66,9 @@ pub struct IsolationSettings {
     /// The sandbox subnet (`--sandbox-subnet`); its gateway is the bridge's address, where the
     /// DNS resolver listens.
     pub subnet: Subnet,
+    /// How the instances' IPv6 addresses (and the other nodes' IPv6 subnets) mirror their
+    /// IPv4 ones; `None` where the node has IPv6 off (then instances send no IPv6).
+    pub dual_stack: Option<crate::config::DualStack>,
     /// TCP ports of the node's public listeners that instances may reach (the ingress's HTTP
     /// and HTTPS ports).
     pub listener_ports: Vec<u16>,
@@ -712,6 +715,12 @@ mod tests {
         IsolationSettings {
             bridge: "miren0".to_owned(),
             subnet: Subnet::parse("10.88.0.0/16").unwrap(),
+            dual_stack: Some(crate::config::DualStack {
+                v4: Subnet::parse("10.88.0.0/16").unwrap(),
+                node_prefix: 16,
+                v6: crate::config::Subnet6::parse(crate::settings::DEFAULT_SANDBOX_SUBNET6)
+                    .unwrap(),
+            }),
             listener_ports: vec![443, 80, 80],
         }
     }

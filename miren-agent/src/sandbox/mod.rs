@@ -30,6 +30,12 @@ pub enum SandboxError {
     /// `--sandbox-subnet` is not usable.
     #[error(transparent)]
     Subnet(#[from] crate::config::SubnetError),
+    /// A node's sandbox address outside the cluster's `--sandbox-subnet` (the node's subnet
+    /// was claimed with other settings).
+    #[error(
+        "sandbox address {0} is outside --sandbox-subnet; every agent of a cluster needs the same --sandbox-subnet and --node-subnet-size"
+    )]
+    OutsideSubnet(std::net::Ipv4Addr),
     /// Every address of the subnet is taken.
     #[error("no free sandbox address left in the /{0} subnet; pass a larger --sandbox-subnet")]
     SubnetFull(u8),
@@ -87,8 +93,12 @@ impl SandboxError {
 pub struct SandboxSettings {
     /// Bridge name (`--sandbox-bridge`).
     pub bridge: String,
-    /// Address range (`--sandbox-subnet`); its first address is the bridge's.
+    /// This node's IPv4 sandbox subnet; its first address is the bridge's.
     pub subnet: ipam::Subnet,
+    /// How sandboxes' IPv6 addresses mirror their IPv4 ones (this node's /80 of
+    /// `--sandbox-subnet6`: `dual_stack.node_subnet6(subnet)`), used unless the node has
+    /// IPv6 off.
+    pub dual_stack: crate::config::DualStack,
     /// `<state-dir>/sandbox`: addresses, logs, containers.
     pub state_dir: PathBuf,
     /// Leave instances running when the agent stops, and adopt them when it starts (the

@@ -1,11 +1,19 @@
-//! Sandbox networking with iproute2: the agent's bridge (`--sandbox-bridge`, holding the
-//! subnet's first address) and one network namespace per instance, joined to the bridge by a
-//! veth pair, with a default route via the bridge. The instance's container joins the namespace
-//! (see [`super::container`]).
+//! Sandbox networking with iproute2: the agent's bridge (`--sandbox-bridge`, holding the first
+//! address of the node's IPv4 subnet and of its IPv6 /80) and one network namespace per
+//! instance, joined to the bridge by a veth pair, with both addresses and default routes via
+//! the bridge. The instance's container joins the namespace (see [`super::container`]).
+//! IPv6 addresses skip duplicate address detection (`nodad`): the agent hands each one out
+//! once, and an instance must not wait a second for its address. Where the node has IPv6
+//! turned off ([`ipv6_enabled`]), sandboxes get IPv4 only.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::Command};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    process::Command,
+};
 
 use super::{SandboxError, ipam::Subnet};
+use crate::config::Subnet6;
 
 /// Prefix of every namespace the agent creates (`miren-s<id>`).
 pub const NETNS_PREFIX: &str = "miren-s";
@@ -27,16 +35,33 @@ fn ip(args: &[&str]) -> Result<(), SandboxError> {
     }
 }
 
-/// Creates the bridge if needed and gives it the gateway address.
+/// Whether IPv6 is on in the agent's network namespace (`net.ipv6.conf.{all,default}.
+/// disable_ipv6` are 0; a kernel booted with `ipv6.disable=1` has neither).
+pub fn ipv6_enabled() -> bool {
+    ["all", "default"].iter().all(|conf| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"))
+            .is_ok_and(|value| value.trim() == "0")
+    })
+}
+
+/// Creates the bridge if needed and gives it the gateway addresses (IPv6 with `subnet6`).
 ///
 /// # Errors
 /// [`SandboxError::Command`] when `ip` fails.
-pub fn ensure_bridge(bridge: &str, subnet: Subnet) -> Result<(), SandboxError> {
+pub fn ensure_bridge(
+    bridge: &str,
+    subnet: Subnet,
+    subnet6: Option<Subnet6>,
+) -> Result<(), SandboxError> {
     if ip(&["link", "show", bridge]).is_err() {
         ip(&["link", "add", bridge, "type", "bridge"])?;
     }
     let gateway = format!("{}/{}", subnet.gateway(), subnet.prefix);
     ip(&["addr", "replace", &gateway, "dev", bridge])?;
+    if let Some(subnet6) = subnet6 {
+        let gateway6 = format!("{}/{}", subnet6.gateway(), subnet6.prefix);
+        ip(&["-6", "addr", "replace", &gateway6, "dev", bridge, "nodad"])?;
+    }
     ip(&["link", "set", bridge, "up"])
 }
 
@@ -56,22 +81,28 @@ pub struct SandboxNet {
     pub addr: Ipv4Addr,
 }
 
+/// Where a sandbox is put on the bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// The node's IPv4 sandbox subnet.
+    pub subnet: Subnet,
+    /// The sandbox's IPv4 address in it.
+    pub addr: Ipv4Addr,
+    /// The node's IPv6 /80 and the sandbox's address in it (none where IPv6 is off).
+    pub v6: Option<(Subnet6, Ipv6Addr)>,
+}
+
 impl SandboxNet {
-    /// Creates namespace, veth and routes for sandbox `id` with `addr`; on failure removes
-    /// what it created.
+    /// Creates namespace, veth, addresses and routes for sandbox `id` at `at`; on failure
+    /// removes what it created.
     ///
     /// # Errors
     /// [`SandboxError::Command`] or [`SandboxError::Io`].
-    pub fn create(
-        id: &str,
-        bridge: &str,
-        subnet: Subnet,
-        addr: Ipv4Addr,
-    ) -> Result<Self, SandboxError> {
+    pub fn create(id: &str, bridge: &str, at: Placement) -> Result<Self, SandboxError> {
         let net = Self {
             netns: format!("{NETNS_PREFIX}{id}"),
             host_veth: format!("{VETH_PREFIX}{id}"),
-            addr,
+            addr: at.addr,
         };
         let build = || -> Result<(), SandboxError> {
             ip(&["netns", "add", &net.netns])?;
@@ -89,12 +120,23 @@ impl SandboxNet {
             ])?;
             ip(&["link", "set", &net.host_veth, "master", bridge, "up"])?;
             let ns = &net.netns;
-            let cidr = format!("{addr}/{}", subnet.prefix);
+            let cidr = format!("{}/{}", at.addr, at.subnet.prefix);
             ip(&["-n", ns, "addr", "add", &cidr, "dev", "eth0"])?;
+            if let Some((subnet6, addr6)) = at.v6 {
+                let cidr6 = format!("{addr6}/{}", subnet6.prefix);
+                ip(&[
+                    "-n", ns, "-6", "addr", "add", &cidr6, "dev", "eth0", "nodad",
+                ])?;
+            }
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            let gateway = subnet.gateway().to_string();
-            ip(&["-n", ns, "route", "add", "default", "via", &gateway])
+            let gateway = at.subnet.gateway().to_string();
+            ip(&["-n", ns, "route", "add", "default", "via", &gateway])?;
+            if let Some((subnet6, _)) = at.v6 {
+                let gateway6 = subnet6.gateway().to_string();
+                ip(&["-n", ns, "-6", "route", "add", "default", "via", &gateway6])?;
+            }
+            Ok(())
         };
         match build() {
             Ok(()) => Ok(net),

@@ -55,6 +55,8 @@ struct Shared {
     runtime: Arc<Runtime>,
     /// The sandbox firewall: which instance may talk to which.
     isolation: Isolation,
+    /// How instances get IPv6 addresses; `None` where the node has IPv6 off.
+    dual_stack: Option<crate::config::DualStack>,
     starts: tokio::sync::Semaphore,
     ipam: Mutex<Ipam>,
     load: Arc<LoadTracker>,
@@ -181,10 +183,21 @@ impl Runner {
             }
         }
         remove_leftovers(&mut ipam, &keep);
-        net::ensure_bridge(&settings.bridge, settings.subnet)?;
+        let dual_stack = net::ipv6_enabled().then_some(settings.dual_stack);
+        if dual_stack.is_none() {
+            tracing::warn!(
+                "IPv6 is off in the agent's network namespace (net.ipv6.conf.all/default.disable_ipv6): sandboxes get IPv4 addresses only"
+            );
+        }
+        net::ensure_bridge(
+            &settings.bridge,
+            settings.subnet,
+            dual_stack.map(|dual| dual.node_subnet6(settings.subnet)),
+        )?;
         let isolation = Isolation::open(&IsolationSettings {
             bridge: settings.bridge.clone(),
             subnet: settings.subnet,
+            dual_stack,
             listener_ports: settings.listener_ports.clone(),
         })?;
         let members: Vec<Member> = adopt.iter().map(InstanceRecord::member).collect();
@@ -205,6 +218,7 @@ impl Runner {
             settings,
             runtime,
             isolation,
+            dual_stack,
             starts: tokio::sync::Semaphore::new(CONCURRENT_STARTS),
             ipam: Mutex::new(ipam),
             load,
@@ -368,6 +382,10 @@ impl DnsDirectory for Runner {
         lock(&self.shared.addresses)
             .get(&ip)
             .map(|(app, _)| app.clone())
+    }
+
+    fn addr6(&self, addr: Ipv4Addr) -> Option<std::net::Ipv6Addr> {
+        self.shared.dual_stack?.addr6(addr)
     }
 
     /// The service's ready instances here first, then its endpoints on the other nodes.
@@ -791,7 +809,19 @@ impl ServiceSupervisor {
         let created = tokio::task::spawn_blocking(move || {
             let shared = blocking;
             let settings = &shared.settings;
-            let net = SandboxNet::create(&id, &settings.bridge, settings.subnet, addr)?;
+            let v6 = match shared.dual_stack {
+                Some(dual) => Some((
+                    dual.node_subnet6(settings.subnet),
+                    dual.addr6(addr).ok_or(SandboxError::OutsideSubnet(addr))?,
+                )),
+                None => None,
+            };
+            let at = net::Placement {
+                subnet: settings.subnet,
+                addr,
+                v6,
+            };
+            let net = SandboxNet::create(&id, &settings.bridge, at)?;
             let member = Member {
                 veth: net.host_veth.clone(),
                 addr,

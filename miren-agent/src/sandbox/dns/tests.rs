@@ -4,7 +4,6 @@ use std::time::Instant;
 
 use super::*;
 
-const TYPE_AAAA: u16 = 28;
 const TYPE_MX: u16 = 15;
 const SHOP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const BLOG: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -45,6 +44,10 @@ impl DnsDirectory for Directory {
             .find(|((a, s), _)| *a == app && *s == service)
             .map(|(_, v)| v.clone())
     }
+
+    fn addr6(&self, addr: Ipv4Addr) -> Option<Ipv6Addr> {
+        (addr != WEB_2).then(|| addr.to_ipv6_mapped())
+    }
 }
 
 /// A query for `name` (text, trailing dot optional) with RD set.
@@ -76,23 +79,56 @@ fn rcode_of(reply: &[u8]) -> u16 {
     flags_of(reply) & 0xF
 }
 
-/// The A records of a response whose answers point to its question (this resolver's and the
-/// fake upstream's), checking each record's fixed fields.
-fn addrs_of(reply: &[u8], question_end: usize) -> Vec<Ipv4Addr> {
+/// The A and AAAA records of a response whose answers point to its question (this resolver's
+/// and the fake upstream's), checking each record's fixed fields, and whether the authority
+/// section holds the zone's SOA (checked whole).
+fn records_of(reply: &[u8], question_end: usize) -> (Vec<IpAddr>, bool) {
     let count = usize::from(read_u16(reply, 6).unwrap());
-    assert_eq!(
-        reply.len(),
-        question_end + count * A_RECORD_LEN,
-        "{reply:?}"
-    );
-    reply[question_end..]
-        .chunks(A_RECORD_LEN)
-        .map(|record| {
-            assert_eq!(record[..2], POINTER_TO_QUESTION);
-            assert_eq!(read_u16(record, 2), Some(TYPE_A));
-            assert_eq!(read_u16(record, 4), Some(CLASS_IN));
-            assert_eq!(read_u16(record, 10), Some(4));
-            Ipv4Addr::new(record[12], record[13], record[14], record[15])
+    let mut at = question_end;
+    let mut addrs = Vec::new();
+    for _ in 0..count {
+        let record = &reply[at..];
+        assert_eq!(record[..2], POINTER_TO_QUESTION);
+        assert_eq!(read_u16(record, 4), Some(CLASS_IN));
+        let addr = match (read_u16(record, 2), read_u16(record, 10)) {
+            (Some(TYPE_A), Some(4)) => IpAddr::from(<[u8; 4]>::try_from(&record[12..16]).unwrap()),
+            (Some(TYPE_AAAA), Some(16)) => {
+                IpAddr::from(<[u8; 16]>::try_from(&record[12..28]).unwrap())
+            }
+            other => panic!("not an address record: {other:?} in {reply:?}"),
+        };
+        at += if addr.is_ipv4() {
+            A_RECORD_LEN
+        } else {
+            AAAA_RECORD_LEN
+        };
+        addrs.push(addr);
+    }
+    let soa = read_u16(reply, 8) == Some(1);
+    if soa {
+        let record = &reply[at..];
+        // Owner and the two names point to the zone's name: `app.miren`.
+        let zone = usize::from(read_u16(record, 0).unwrap() & 0x3FFF);
+        assert_eq!(&reply[zone..zone + 11], b"\x03app\x05miren\x00");
+        assert_eq!(read_u16(record, 2), Some(TYPE_SOA));
+        assert_eq!(read_u16(record, 10), Some(38));
+        assert_eq!(&record[12..15], b"\x02ns");
+        // Negative answers are cached as briefly as positive ones.
+        assert_eq!(record[46..50], ANSWER_TTL.to_be_bytes());
+        at += 50;
+    }
+    assert_eq!(reply.len(), at, "{reply:?}");
+    (addrs, soa)
+}
+
+/// The A records of a response (see [`records_of`]).
+fn addrs_of(reply: &[u8], question_end: usize) -> Vec<Ipv4Addr> {
+    records_of(reply, question_end)
+        .0
+        .into_iter()
+        .filter_map(|addr| match addr {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
         })
         .collect()
 }
@@ -255,19 +291,37 @@ fn service_answers_its_apps_ready_instances() {
 }
 
 #[test]
-fn other_types_of_a_service_get_no_data() {
-    for qtype in [TYPE_AAAA, TYPE_MX] {
-        let packet = query(3, "web.app.miren", qtype);
+fn aaaa_answers_the_instances_ipv6_addresses_and_other_types_get_no_data_with_the_soa() {
+    let aaaa = query(3, "web.app.miren", TYPE_AAAA);
+    let (addrs, soa) = records_of(&internal(&aaaa, SHOP, 0).unwrap(), aaaa.len());
+    assert_eq!(addrs, [IpAddr::V6(WEB_1.to_ipv6_mapped())]);
+    assert!(!soa);
+    // A service without instances (so without IPv6 ones), and a type nothing answers: NODATA
+    // with the zone's SOA, so resolvers cache it and use the other family.
+    for (name, qtype) in [("worker.app.miren", TYPE_AAAA), ("web.app.miren", TYPE_MX)] {
+        let packet = query(3, name, qtype);
         let reply = internal(&packet, SHOP, 0).unwrap();
         assert_eq!(rcode_of(&reply), Rcode::NoError as u16);
         assert_eq!(flags_of(&reply) & FLAG_AA, FLAG_AA);
-        assert!(addrs_of(&reply, packet.len()).is_empty());
+        assert_eq!(
+            records_of(&reply, packet.len()),
+            (Vec::new(), true),
+            "{name}"
+        );
     }
-    let any = query(3, "web.app.miren", TYPE_ANY);
+    // NXDOMAIN carries it too; at the apex the SOA points to the question's name itself.
+    let unknown = query(3, "nope.app.miren", TYPE_A);
+    let reply = internal(&unknown, SHOP, 0).unwrap();
+    assert_eq!(rcode_of(&reply), Rcode::NxDomain as u16);
+    assert_eq!(records_of(&reply, unknown.len()), (Vec::new(), true));
+    let apex = query(3, "app.miren", TYPE_A);
     assert_eq!(
-        addrs_of(&internal(&any, SHOP, 0).unwrap(), any.len()).len(),
-        2
+        records_of(&internal(&apex, SHOP, 0).unwrap(), apex.len()),
+        (Vec::new(), true)
     );
+    let any = query(3, "web.app.miren", TYPE_ANY);
+    let (addrs, _) = records_of(&internal(&any, SHOP, 0).unwrap(), any.len());
+    assert_eq!(addrs.len(), 3, "{addrs:?}");
 }
 
 #[test]
@@ -317,16 +371,32 @@ fn zone_apex_exists_and_other_names_are_not_internal() {
 #[test]
 fn answers_over_the_udp_limit_are_truncated() {
     let many: Vec<Ipv4Addr> = (0..100).map(|i| Ipv4Addr::new(10, 88, 1, i)).collect();
+    let records: Vec<IpAddr> = many.iter().map(|a| IpAddr::V4(*a)).collect();
     let packet = query(8, "web.app.miren", TYPE_A);
     let question = parse_query(&packet).unwrap();
-    let udp = response(&packet, &question, Rcode::NoError, true, &many, UDP_LIMIT);
+    let zone = Some(zone_offset(&question));
+    let udp = response(
+        &packet,
+        &question,
+        Rcode::NoError,
+        zone,
+        &records,
+        UDP_LIMIT,
+    );
     assert!(udp.len() <= UDP_LIMIT);
     assert_eq!(flags_of(&udp) & FLAG_TC, FLAG_TC);
     assert_eq!(
         addrs_of(&udp, packet.len()),
         many[..(UDP_LIMIT - packet.len()) / 16]
     );
-    let tcp = response(&packet, &question, Rcode::NoError, true, &many, MAX_MESSAGE);
+    let tcp = response(
+        &packet,
+        &question,
+        Rcode::NoError,
+        zone,
+        &records,
+        MAX_MESSAGE,
+    );
     assert_eq!(flags_of(&tcp) & FLAG_TC, 0);
     assert_eq!(addrs_of(&tcp, packet.len()), many);
 }
@@ -479,8 +549,8 @@ impl Upstream {
             query,
             &question,
             Rcode::NoError,
-            false,
-            &[UPSTREAM_ANSWER],
+            None,
+            &[IpAddr::V4(UPSTREAM_ANSWER)],
             MAX_MESSAGE,
         )
     }
@@ -511,7 +581,7 @@ async fn udp_answers_services_only_within_the_app() {
     let stranger = ask_udp(running.addr, STRANGER, &query(3, "web.app.miren", TYPE_A)).await;
     assert_eq!(flags_of(&stranger) & (FLAG_AA | 0xF), FLAG_AA | 3);
     let aaaa = ask_udp(running.addr, SHOP, &query(4, "web.app.miren", TYPE_AAAA)).await;
-    assert_eq!((rcode_of(&aaaa), read_u16(&aaaa, 6)), (0, Some(0)));
+    assert_eq!((rcode_of(&aaaa), read_u16(&aaaa, 6)), (0, Some(1)));
 }
 
 #[tokio::test]
