@@ -32,6 +32,8 @@ struct ServiceState {
     generation: u32,
     table: Vec<u32>,
     backends: BTreeMap<SocketAddrV4, u32>,
+    /// Whether `MIREN_SERVICES` holds its entry (not yet when it did not fit).
+    written: bool,
 }
 
 impl ServiceState {
@@ -65,6 +67,16 @@ impl Ids {
                 self.next += 1;
                 self.next - 1
             })
+        })
+    }
+
+    /// An id for a node port, or [`DataplaneError::Capacity`] for it when all `what` are
+    /// taken.
+    fn take_for(&mut self, port: NodePortKey, what: &str) -> Result<u32, DataplaneError> {
+        let max = self.max;
+        self.take().ok_or_else(|| DataplaneError::Capacity {
+            port,
+            limit: format!("more than {max} {what}"),
         })
     }
 
@@ -169,6 +181,7 @@ impl<M: NodePortMaps> NodePorts<M> {
             let mut state = ServiceState {
                 id: service.id,
                 generation: service.generation,
+                written: true,
                 ..ServiceState::default()
             };
             for index in 0..service.table_size {
@@ -284,12 +297,15 @@ impl<M: NodePortMaps> NodePorts<M> {
             let Some(state) = self.services.remove(&key) else {
                 continue;
             };
-            self.maps
-                .remove_service(&service_key(key))
-                .map_err(map_err(format!(
-                    "removing node port {}/{}",
-                    key.port, key.protocol
-                )))?;
+            // A node port that did not fit was never written.
+            if state.written {
+                self.maps
+                    .remove_service(&service_key(key))
+                    .map_err(map_err(format!(
+                        "removing node port {}/{}",
+                        key.port, key.protocol
+                    )))?;
+            }
             retired.extend(state.slots());
             for id in state.backends.values() {
                 dead_backends.insert(*id);
@@ -299,37 +315,17 @@ impl<M: NodePortMaps> NodePorts<M> {
             self.service_ids.give_back(state.id);
         }
 
+        // A node port that does not fit stops the loop, but what was removed is still
+        // cleaned up, so no freed id keeps old slots or flows.
+        let mut result = Ok(());
         for (key, endpoints) in &snapshot.node_ports {
-            let mut state = match self.services.remove(key) {
-                Some(state) => state,
-                None => {
-                    let id = self
-                        .service_ids
-                        .take()
-                        .ok_or_else(|| DataplaneError::Capacity {
-                            port: *key,
-                            limit: format!("more than {} node ports", self.maps.service_capacity()),
-                        })?;
-                    self.maps
-                        .zero_port_stats(id)
-                        .map_err(map_err(format!("zeroing port stats[{id}]")))?;
-                    ServiceState {
-                        id,
-                        ..ServiceState::default()
-                    }
-                }
-            };
-            let result = self.apply_service(
-                *key,
-                &mut state,
-                endpoints,
-                &mut retired,
-                &mut dead_backends,
-            );
-            self.services.insert(*key, state);
-            result?;
+            result = self.apply_node_port(*key, endpoints, &mut retired, &mut dead_backends);
+            if result.is_err() {
+                break;
+            }
         }
 
+        self.keep_reused_slots(&mut retired, &dead_services);
         if !retired.is_empty() {
             std::thread::sleep(GENERATION_GRACE);
             for key in retired {
@@ -340,7 +336,54 @@ impl<M: NodePortMaps> NodePorts<M> {
             self.forget_flows(&dead_backends, &dead_services);
         }
         self.release_drained_backends();
-        Ok(())
+        result
+    }
+
+    /// Applies one node port of the snapshot, taking an id for it if it is new.
+    fn apply_node_port(
+        &mut self,
+        key: NodePortKey,
+        endpoints: &[SocketAddrV4],
+        retired: &mut Vec<MaglevKey>,
+        dead_backends: &mut HashSet<u32>,
+    ) -> Result<(), DataplaneError> {
+        let mut state = match self.services.remove(&key) {
+            Some(state) => state,
+            None => {
+                let id = self.service_ids.take_for(key, "node ports")?;
+                self.maps
+                    .zero_port_stats(id)
+                    .map_err(map_err(format!("zeroing port stats[{id}]")))?;
+                ServiceState {
+                    id,
+                    ..ServiceState::default()
+                }
+            }
+        };
+        let result = self.apply_service(key, &mut state, endpoints, retired, dead_backends);
+        // Kept even when unwritten: it holds its ids until applied or removed.
+        self.services.insert(key, state);
+        result
+    }
+
+    /// Takes out of `retired` the slots of a removed node port whose id went to a new one in
+    /// the same apply: they hold the new table now.
+    fn keep_reused_slots(&self, retired: &mut Vec<MaglevKey>, removed: &HashSet<u32>) {
+        let reused: BTreeMap<u32, (u32, usize)> = self
+            .services
+            .values()
+            .filter(|state| state.written && removed.contains(&state.id))
+            .map(|state| (state.id, (state.generation, state.table.len())))
+            .collect();
+        if reused.is_empty() {
+            return;
+        }
+        retired.retain(|key| {
+            let (generation, index) = (key.slot >> 31, key.slot & !(1 << 31));
+            reused
+                .get(&key.service_id)
+                .is_none_or(|(live, len)| *live != generation || index as usize >= *len)
+        });
     }
 
     /// Reads the counters of every node port and backend, and the global ones, summed over
@@ -419,13 +462,7 @@ impl<M: NodePortMaps> NodePorts<M> {
             if state.backends.contains_key(addr) {
                 continue;
             }
-            let id = self
-                .backend_ids
-                .take()
-                .ok_or_else(|| DataplaneError::Capacity {
-                    port: key,
-                    limit: format!("more than {} backends", self.maps.backend_capacity()),
-                })?;
+            let id = self.backend_ids.take_for(key, "backends")?;
             self.maps
                 .zero_backend_stats(id)
                 .map_err(map_err(format!("zeroing backend stats[{id}]")))?;
@@ -437,8 +474,7 @@ impl<M: NodePortMaps> NodePorts<M> {
 
         let ids: Vec<u32> = state.backends.values().copied().collect();
         let table = maglev::build(&ids, maglev::table_size(ids.len()));
-        let first_write = state.table.is_empty() && ids.is_empty();
-        if table == state.table && !first_write {
+        if table == state.table && state.written {
             return Ok(());
         }
         let generation = if state.table.is_empty() {
@@ -470,6 +506,7 @@ impl<M: NodePortMaps> NodePorts<M> {
                 key.port, key.protocol
             )))?;
         retired.extend(state.slots());
+        state.written = true;
         state.generation = generation;
         state.table = table;
         Ok(())
@@ -558,6 +595,7 @@ mod tests {
     use miren_common::nodeport::{BackendStats, Flow, FlowKey, PortStats};
 
     use super::{super::fake::FakeMaps, *};
+    use crate::{dataplane::Dataplane, reconcile};
 
     const CPUS: usize = 3;
 
@@ -657,7 +695,11 @@ mod tests {
     #[test]
     fn applying_the_same_snapshot_twice_writes_nothing() {
         let mut ports = open(8, 16);
-        let snap = snapshot(&[(tcp(7000), &[ep(1), ep(2)]), (udp(7000), &[ep(3)])]);
+        let snap = snapshot(&[
+            (tcp(7000), &[ep(1), ep(2)]),
+            (udp(7000), &[ep(3)]),
+            (tcp(7001), &[]),
+        ]);
         ports.apply(&snap).unwrap();
         let before = ports.maps().clone();
         ports.apply(&snap).unwrap();
@@ -831,6 +873,94 @@ mod tests {
         // No endpoints: an entry with an empty table (traffic dropped).
         ports.apply(&snapshot(&[(key, &[])])).unwrap();
         check(ports.maps(), &[]);
+    }
+
+    #[test]
+    fn a_node_port_replaced_in_one_apply_gets_a_whole_table() {
+        let mut ports = open(1, 4);
+        ports.apply(&snapshot(&[(udp(7000), &[ep(1)])])).unwrap();
+        add_flow(ports.maps_mut(), udp(7000), 40000, 0);
+        // The new node port takes the freed service id, and so the old table's slots.
+        ports.apply(&snapshot(&[(tcp(7001), &[ep(2)])])).unwrap();
+        let maps = ports.maps();
+        let (_, table) = lookup(maps, tcp(7001)).expect("every slot of the table is there");
+        assert_eq!(table, vec![ep(2); 101]);
+        assert_eq!(maps.maglev.len(), 101);
+        assert!(maps.conntrack.is_empty());
+        assert!(lookup(maps, udp(7000)).is_none());
+    }
+
+    #[test]
+    fn a_node_port_that_does_not_fit_still_lets_removals_be_cleaned_up() {
+        let mut ports = open(4, 3);
+        ports
+            .apply(&snapshot(&[(udp(7000), &[ep(1)]), (tcp(7002), &[ep(1)])]))
+            .unwrap();
+        add_flow(ports.maps_mut(), udp(7000), 40000, 0);
+        // 5 backend ids wanted, 3 exist.
+        let result = ports.apply(&snapshot(&[
+            (tcp(7001), &[ep(1), ep(2)]),
+            (tcp(7002), &[ep(1)]),
+            (tcp(7003), &[ep(1), ep(2)]),
+        ]));
+        assert!(matches!(
+            result,
+            Err(DataplaneError::Capacity { port, .. }) if port == tcp(7003)
+        ));
+        let maps = ports.maps();
+        assert!(maps.conntrack.is_empty(), "flows of the removed node port");
+        assert!(lookup(maps, udp(7000)).is_none());
+        assert!(lookup(maps, tcp(7001)).is_some());
+        assert!(lookup(maps, tcp(7003)).is_none());
+        assert_eq!(maps.maglev.len(), 211 + 101, "the removed table is deleted");
+    }
+
+    /// A data plane over the fake maps, for the reconciler.
+    #[derive(Debug)]
+    struct FakePlane(NodePorts<FakeMaps>);
+
+    impl Dataplane for FakePlane {
+        fn mode(&self) -> &'static str {
+            "fake"
+        }
+
+        fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
+            self.0.apply(snapshot)
+        }
+
+        fn refresh(&mut self) -> Result<(), DataplaneError> {
+            self.0.adopt()
+        }
+
+        fn counters(&self) -> Result<Counters, DataplaneError> {
+            self.0.counters()
+        }
+    }
+
+    #[test]
+    fn a_node_port_over_capacity_is_reported_and_the_others_are_applied() {
+        // Room for 4 backend ids; the same endpoint on two node ports takes two.
+        let mut plane = FakePlane(open(8, 4));
+        let previous = snapshot(&[(tcp(7000), &[ep(1)])]);
+        plane.apply(&previous).unwrap();
+        let desired = snapshot(&[
+            (tcp(7000), &[ep(1), ep(2)]),
+            (tcp(7001), &[ep(1), ep(2), ep(3)]),
+            (tcp(7002), &[ep(3)]),
+        ]);
+        let outcome = reconcile::apply_keeping_previous(&mut plane, &desired, &previous);
+        assert_eq!(outcome.failure, None);
+        assert_eq!(
+            outcome.port_errors.keys().copied().collect::<Vec<_>>(),
+            vec![tcp(7001)]
+        );
+        let maps = plane.0.maps();
+        assert_eq!(lookup(maps, tcp(7000)).unwrap().1.len(), 211);
+        assert!(lookup(maps, tcp(7001)).is_none());
+        assert_eq!(lookup(maps, tcp(7002)).unwrap().1, vec![ep(3); 101]);
+        let mut expected = desired.clone();
+        expected.node_ports.remove(&tcp(7001));
+        assert_eq!(outcome.applied, expected);
     }
 
     #[test]
