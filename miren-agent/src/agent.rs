@@ -3,7 +3,7 @@
 //! [`Reconciler`] keeping it in line with the desired state, until SIGINT or SIGTERM.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::{
         Arc,
@@ -289,7 +289,12 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         let reconciler = Reconciler::new(
             Arc::clone(&control),
             Arc::clone(active),
-            dataplane.node_addrs.clone(),
+            settings.node_ips.clone(),
+            settings
+                .node_ips
+                .iter()
+                .any(IpAddr::is_ipv6)
+                .then(|| settings.dual_stack()),
             Arc::clone(&metrics),
         );
         // Ends with the handover too: the new agent's reconciler takes over the data plane.
@@ -637,7 +642,6 @@ const ROUTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// The running data plane (if any), or why there is none.
 struct RunningDataplane {
     active: Option<Arc<ActiveDataplane>>,
-    node_addrs: Vec<Ipv4Addr>,
     reason: String,
 }
 
@@ -646,19 +650,10 @@ fn start_dataplane(settings: &AgentSettings) -> Result<RunningDataplane, AgentEr
     if settings.ifaces.is_empty() {
         return Ok(RunningDataplane {
             active: None,
-            node_addrs: Vec::new(),
             reason: "no --iface given".into(),
         });
     }
-    let node_addrs: Vec<Ipv4Addr> = settings
-        .node_ips
-        .iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    if node_addrs.is_empty() {
+    if !settings.node_ips.iter().any(IpAddr::is_ipv4) {
         return Err(AgentError::Settings(
             "node ports need the node's own IPv4 addresses; pass --node-ip ADDR (repeatable)"
                 .into(),
@@ -675,7 +670,6 @@ fn start_dataplane(settings: &AgentSettings) -> Result<RunningDataplane, AgentEr
     tracing::info!(mode = selected.dataplane.mode(), reason = %selected.reason, "node-port data plane started");
     Ok(RunningDataplane {
         active: Some(Arc::new(ActiveDataplane::new(selected))),
-        node_addrs,
         reason: String::new(),
     })
 }

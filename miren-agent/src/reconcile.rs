@@ -6,13 +6,13 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use crate::{
-    config::Subnet,
+    config::{DualStack, Subnet},
     control::{ControlPlane, DataplaneReport},
     dataplane::{ActiveDataplane, Dataplane, Snapshot},
     metrics::Metrics,
@@ -105,22 +105,28 @@ impl Backoff {
 pub struct Reconciler {
     control: Arc<ControlPlane>,
     dataplane: Arc<ActiveDataplane>,
-    node_addrs: Vec<Ipv4Addr>,
+    node_addrs: Vec<IpAddr>,
+    /// How instances' IPv6 endpoints mirror their IPv4 ones, when the node has IPv6 node
+    /// addresses.
+    dual_stack: Option<DualStack>,
     metrics: Arc<Metrics>,
 }
 
 impl Reconciler {
-    /// A reconciler for `dataplane` serving the node addresses `node_addrs`.
+    /// A reconciler for `dataplane` serving the node addresses `node_addrs` (with IPv6
+    /// endpoints mirrored by `dual_stack`).
     pub fn new(
         control: Arc<ControlPlane>,
         dataplane: Arc<ActiveDataplane>,
-        node_addrs: Vec<Ipv4Addr>,
+        node_addrs: Vec<IpAddr>,
+        dual_stack: Option<DualStack>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             control,
             dataplane,
             node_addrs,
+            dual_stack,
             metrics,
         }
     }
@@ -133,7 +139,9 @@ impl Reconciler {
         let mut backoff = Backoff::default();
         let mut refresh = false;
         loop {
-            let (revision, desired) = self.control.dataplane_snapshot(&self.node_addrs);
+            let (revision, desired) = self
+                .control
+                .dataplane_snapshot(&self.node_addrs, self.dual_stack);
             let peer_subnets: BTreeSet<Subnet> = self
                 .control
                 .peers()
@@ -202,16 +210,19 @@ impl Reconciler {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, net::SocketAddrV4};
+    use std::{
+        collections::BTreeMap,
+        net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    };
 
     use super::*;
     use crate::{
         config::Protocol,
-        dataplane::{Counters, DataplaneError, NodePortKey},
+        dataplane::{Counters, DataplaneError, NodePortKey, Snapshot4},
     };
 
     /// The fake's rule for refusing one node port.
-    type Refuse = Box<dyn Fn(NodePortKey, &[SocketAddrV4]) -> bool + Send>;
+    type Refuse = Box<dyn Fn(NodePortKey, &[SocketAddr]) -> bool + Send>;
 
     /// An in-memory data plane that refuses chosen node ports or everything.
     #[derive(Default)]
@@ -280,13 +291,14 @@ mod tests {
     }
 
     fn snapshot(ports: &[(u16, u8)]) -> Snapshot {
-        Snapshot {
+        Snapshot4 {
             node_addrs: vec![Ipv4Addr::new(10, 0, 0, 1)],
             node_ports: ports
                 .iter()
                 .map(|&(port, last)| (key(port), vec![endpoint(last)]))
                 .collect(),
         }
+        .into()
     }
 
     #[test]
@@ -306,7 +318,9 @@ mod tests {
         let previous = snapshot(&[(7000, 2), (7001, 3)]);
         plane.apply(&previous).unwrap();
         // Endpoint .9 does not fit: 7000 keeps .2, the new 7002 is left out.
-        plane.refuse_port = Some(Box::new(|_, endpoints| endpoints.contains(&endpoint(9))));
+        plane.refuse_port = Some(Box::new(|_, endpoints| {
+            endpoints.contains(&SocketAddr::V4(endpoint(9)))
+        }));
         let desired = snapshot(&[(7000, 9), (7001, 4), (7002, 9), (7003, 5)]);
         let outcome = apply_keeping_previous(&mut plane, &desired, &previous);
         assert_eq!(outcome.failure, None);

@@ -11,7 +11,7 @@ use std::{
 
 use miren_agent::{
     config::Protocol,
-    dataplane::{Counters, Dataplane, NodePortKey, Snapshot, nft::NftDataplane},
+    dataplane::{Counters, Dataplane, NodePortKey, Snapshot, Snapshot4, nft::NftDataplane},
 };
 use miren_tests::{
     topology::{Netns, veth},
@@ -119,13 +119,14 @@ fn nft(ns: &Netns, args: &[&str]) -> String {
 
 /// A snapshot with the node's address and `ports`.
 fn snapshot(ports: &[(NodePortKey, &[usize])]) -> Snapshot {
-    Snapshot {
+    Snapshot4 {
         node_addrs: vec![NODE_IP.parse().unwrap()],
         node_ports: ports
             .iter()
             .map(|(key, sandboxes)| (*key, sandboxes.iter().map(|i| sandbox(*i)).collect()))
             .collect(),
     }
+    .into()
 }
 
 fn echo_servers(ns: &Netns, index: usize) -> Arc<Mutex<Vec<SocketAddr>>> {

@@ -18,6 +18,7 @@ use miren_agent::{
     config::Protocol,
     dataplane::{
         BackendCounters, Counters, Dataplane, GlobalCounters, NodePortKey, PortCounters, Snapshot,
+        Snapshot4,
         xdp::{TCP_CLOSING_TIMEOUT, XdpDataplane},
     },
 };
@@ -109,10 +110,11 @@ fn destination(frame: &[u8]) -> SocketAddrV4 {
 }
 
 fn snapshot(ports: &[(NodePortKey, &[SocketAddrV4])]) -> Snapshot {
-    Snapshot {
+    Snapshot4 {
         node_addrs: vec![NODE],
         node_ports: ports.iter().map(|(k, e)| (*k, e.to_vec())).collect(),
     }
+    .into()
 }
 
 /// A freshly loaded data plane (fresh counters) serving `ports`.

@@ -180,23 +180,27 @@ impl ControlPlane {
     }
 
     /// The data plane's view of the desired state (node ports with their endpoints on every
-    /// node) and the revision it reflects.
+    /// node, each IPv4 endpoint with its IPv6 twin when `dual_stack` is given) and the
+    /// revision it reflects.
     pub fn dataplane_snapshot(
         &self,
-        node_addrs: &[std::net::Ipv4Addr],
+        node_addrs: &[std::net::IpAddr],
+        dual_stack: Option<crate::config::DualStack>,
     ) -> (u64, crate::dataplane::Snapshot) {
         let state = self.view.lock();
         let node_ports = state
             .live_node_ports()
             .map(|np| {
-                let endpoints = state
-                    .endpoints_of(&np.app, &np.service, &np.port_name)
-                    .into_iter()
-                    .filter_map(|addr| match addr {
-                        SocketAddr::V4(v4) => Some(v4),
+                let v4 = state.endpoints_of(&np.app, &np.service, &np.port_name);
+                let v6 = dual_stack.into_iter().flat_map(|dual| {
+                    v4.iter().filter_map(move |endpoint| match endpoint {
+                        SocketAddr::V4(v4) => dual
+                            .addr6(*v4.ip())
+                            .map(|addr6| SocketAddr::new(addr6.into(), v4.port())),
                         SocketAddr::V6(_) => None,
                     })
-                    .collect();
+                });
+                let endpoints = v4.iter().copied().chain(v6).collect();
                 (NodePortKey::from(np), endpoints)
             })
             .collect();

@@ -212,7 +212,7 @@ async fn endpoints_of_every_node_reach_the_data_plane_and_the_ingress() {
             .wait_for(*two.subscribe().borrow(), Duration::from_secs(5))
             .await
     );
-    let (_, snapshot) = one.dataplane_snapshot(&[]);
+    let (_, snapshot) = one.dataplane_snapshot(&[], None);
     let backends: Vec<_> = snapshot
         .node_ports
         .values()

@@ -12,7 +12,7 @@ pub mod xdp;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     sync::{Mutex, MutexGuard},
 };
@@ -45,13 +45,68 @@ impl std::fmt::Display for NodePortKey {
     }
 }
 
-/// Everything a data plane needs: the node's addresses and each node port's endpoints.
+/// Everything a data plane needs: the node's addresses and each node port's endpoints, in
+/// both families (an instance's IPv6 endpoint serves the IPv6 clients its IPv4 one serves for
+/// IPv4). The data planes apply the IPv4 part ([`Snapshot::v4`]); IPv6 node ports are being
+/// built (issue 15).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// The node's own IPv4 addresses; only traffic to these is load-balanced.
-    pub node_addrs: Vec<Ipv4Addr>,
+    /// The node's own addresses; only traffic to these is load-balanced.
+    pub node_addrs: Vec<IpAddr>,
     /// Node port → its endpoints (sandbox address and target port). No endpoints: dropped.
+    pub node_ports: BTreeMap<NodePortKey, Vec<SocketAddr>>,
+}
+
+/// The IPv4 part of a [`Snapshot`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot4 {
+    /// The node's own IPv4 addresses.
+    pub node_addrs: Vec<Ipv4Addr>,
+    /// Node port → its IPv4 endpoints.
     pub node_ports: BTreeMap<NodePortKey, Vec<SocketAddrV4>>,
+}
+
+impl Snapshot {
+    /// The IPv4 addresses and endpoints (every node port, also one with none).
+    pub fn v4(&self) -> Snapshot4 {
+        Snapshot4 {
+            node_addrs: self
+                .node_addrs
+                .iter()
+                .filter_map(|addr| match addr {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
+            node_ports: self
+                .node_ports
+                .iter()
+                .map(|(key, endpoints)| {
+                    let v4 = endpoints
+                        .iter()
+                        .filter_map(|addr| match addr {
+                            SocketAddr::V4(v4) => Some(*v4),
+                            SocketAddr::V6(_) => None,
+                        })
+                        .collect();
+                    (*key, v4)
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<Snapshot4> for Snapshot {
+    fn from(v4: Snapshot4) -> Self {
+        Self {
+            node_addrs: v4.node_addrs.into_iter().map(IpAddr::V4).collect(),
+            node_ports: v4
+                .node_ports
+                .into_iter()
+                .map(|(key, endpoints)| (key, endpoints.into_iter().map(SocketAddr::V4).collect()))
+                .collect(),
+        }
+    }
 }
 
 /// Counters of one node port (summed over CPUs); the kernel's own layout.

@@ -54,6 +54,7 @@ pub(super) struct TableState {
 impl TableState {
     /// What the kernel must hold for `snapshot`.
     pub(super) fn desired(snapshot: &Snapshot) -> Self {
+        let snapshot = &snapshot.v4();
         let mut state = Self {
             exists: true,
             node_addrs: snapshot.node_addrs.iter().copied().collect(),

@@ -10,7 +10,7 @@ use std::{
 use super::{listing::parse_listing, script::transaction, state::TableState};
 use crate::{
     config::Protocol,
-    dataplane::{BackendCounters, GlobalCounters, NodePortKey, PortCounters, Snapshot},
+    dataplane::{BackendCounters, GlobalCounters, NodePortKey, PortCounters, Snapshot, Snapshot4},
 };
 
 /// `nft -j list table inet miren` after the first apply of [`snapshot`] (nft 1.0.6),
@@ -66,13 +66,14 @@ fn ep(s: &str) -> SocketAddrV4 {
 
 /// Node address 10.1.0.2; UDP 7000 → `udp_endpoints`; TCP 7001 without endpoints.
 fn snapshot(udp_endpoints: &[&str]) -> Snapshot {
-    Snapshot {
+    Snapshot4 {
         node_addrs: vec![Ipv4Addr::new(10, 1, 0, 2)],
         node_ports: BTreeMap::from([
             (UDP_7000, udp_endpoints.iter().map(|e| ep(e)).collect()),
             (TCP_7001, Vec::new()),
         ]),
     }
+    .into()
 }
 
 /// The lines of a transaction that change something (not the idempotent declarations).

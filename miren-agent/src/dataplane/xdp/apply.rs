@@ -16,7 +16,7 @@ use miren_common::nodeport::{
 use super::{
     super::{
         BackendCounters, Counters, DataplaneError, GlobalCounters, NodePortKey, PortCounters,
-        Snapshot, maglev,
+        Snapshot, Snapshot4, maglev,
     },
     maps::NodePortMaps,
 };
@@ -254,7 +254,7 @@ impl<M: NodePortMaps> NodePorts<M> {
     }
 
     /// Makes `MIREN_BACKEND_ADDRS` hold exactly the backends of `snapshot`.
-    fn apply_backend_addrs(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
+    fn apply_backend_addrs(&mut self, snapshot: &Snapshot4) -> Result<(), DataplaneError> {
         let wanted: BTreeSet<BackendAddr> = snapshot
             .node_ports
             .iter()
@@ -281,6 +281,7 @@ impl<M: NodePortMaps> NodePorts<M> {
     /// [`DataplaneError::Capacity`] when a node port does not fit (the node ports before it
     /// are applied); [`DataplaneError::Bpf`] when a map refuses a change.
     pub(super) fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
+        let snapshot = &snapshot.v4();
         self.apply_node_addrs(&snapshot.node_addrs)?;
         self.apply_backend_addrs(snapshot)?;
         let mut retired: Vec<MaglevKey> = Vec::new();
@@ -619,10 +620,11 @@ mod tests {
     }
 
     fn snapshot(ports: &[(NodePortKey, &[SocketAddrV4])]) -> Snapshot {
-        Snapshot {
+        Snapshot4 {
             node_addrs: vec![Ipv4Addr::new(192, 0, 2, 1)],
             node_ports: ports.iter().map(|(k, e)| (*k, e.to_vec())).collect(),
         }
+        .into()
     }
 
     fn open(services: u32, backends: u32) -> NodePorts<FakeMaps> {
@@ -821,10 +823,10 @@ mod tests {
             last.iter().map(|l| Ipv4Addr::new(192, 0, 2, *l)).collect()
         };
         for wanted in [addrs(&[1, 2]), addrs(&[2, 3]), addrs(&[]), addrs(&[4])] {
-            let snap = Snapshot {
+            let snap = Snapshot::from(Snapshot4 {
                 node_addrs: wanted.clone(),
-                ..Snapshot::default()
-            };
+                ..Snapshot4::default()
+            });
             ports.apply(&snap).unwrap();
             assert_eq!(
                 ports.maps().node_addrs,
@@ -835,10 +837,10 @@ mod tests {
         ports.maps_mut().node_addrs.clear();
         ports.adopt().unwrap();
         ports
-            .apply(&Snapshot {
+            .apply(&Snapshot::from(Snapshot4 {
                 node_addrs: addrs(&[4]),
-                ..Snapshot::default()
-            })
+                ..Snapshot4::default()
+            }))
             .unwrap();
         assert_eq!(ports.maps().node_addrs, BTreeSet::from([addrs(&[4])[0]]));
     }

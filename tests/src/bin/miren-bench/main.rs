@@ -34,7 +34,9 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use miren_agent::{
     bpf::PacketCounter,
     config::Protocol,
-    dataplane::{Dataplane, NodePortKey, Snapshot, nft::NftDataplane, xdp::XdpDataplane},
+    dataplane::{
+        Dataplane, NodePortKey, Snapshot, Snapshot4, nft::NftDataplane, xdp::XdpDataplane,
+    },
 };
 use miren_tests::{
     packet::{Endpoint, FrameBuilder},
@@ -109,10 +111,11 @@ fn udp_node_port(backend: SocketAddrV4) -> Snapshot {
         port: 7000,
         protocol: Protocol::Udp,
     };
-    Snapshot {
+    Snapshot4 {
         node_addrs: vec![NODE_IP],
         node_ports: BTreeMap::from([(key, vec![backend])]),
     }
+    .into()
 }
 
 /// Average kernel-measured ns per run of `program` on `frame`.
