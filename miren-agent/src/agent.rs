@@ -246,7 +246,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     tokio::spawn(Arc::clone(&control).run_scheduler());
     if matches!(settings.store, StoreChoice::Etcd { .. }) {
         // Instances on other nodes reach this node's instances through it.
-        enable_forwarding()?;
+        enable_forwarding(&settings.node_ips)?;
     }
     tokio::spawn(crate::peer_routes::follow(
         Arc::clone(&control),
@@ -659,7 +659,7 @@ fn start_dataplane(settings: &AgentSettings) -> Result<RunningDataplane, AgentEr
                 .into(),
         ));
     }
-    enable_forwarding()?;
+    enable_forwarding(&settings.node_ips)?;
     let selected = select(&SelectSettings {
         choice: settings.dataplane,
         ifaces: &settings.ifaces,
@@ -674,11 +674,23 @@ fn start_dataplane(settings: &AgentSettings) -> Result<RunningDataplane, AgentEr
     })
 }
 
-/// Turns on IPv4 forwarding in the agent's network namespace: DNATed packets are routed on
-/// to the sandboxes by the kernel.
-fn enable_forwarding() -> Result<(), AgentError> {
+/// Turns on forwarding in the agent's network namespace: DNATed packets are routed on to the
+/// sandboxes by the kernel. IPv6 forwarding only when the node has an IPv6 `--node-ip` (IPv6
+/// node ports): with it on, the kernel ignores router advertisements on interfaces whose
+/// `accept_ra` is 1 (a node configured by SLAAC needs `accept_ra=2`, which the agent does not
+/// set).
+fn enable_forwarding(node_ips: &[IpAddr]) -> Result<(), AgentError> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|source| AgentError::Io {
         op: "enabling net.ipv4.ip_forward",
         source,
-    })
+    })?;
+    if node_ips.iter().any(IpAddr::is_ipv6) && crate::sandbox::net::ipv6_enabled() {
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").map_err(|source| {
+            AgentError::Io {
+                op: "enabling net.ipv6.conf.all.forwarding",
+                source,
+            }
+        })?;
+    }
+    Ok(())
 }
