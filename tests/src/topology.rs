@@ -80,6 +80,19 @@ impl Netns {
         Ok(netns)
     }
 
+    /// Like [`Netns::new`] but with IPv6 left on (for tests of IPv6 itself): interfaces created
+    /// in it get link-local addresses and send neighbor discovery, MLD and router
+    /// solicitations like on a normal host, so exact packet counts are not for these.
+    ///
+    /// # Errors
+    /// As [`Netns::new`].
+    pub fn new_with_ipv6(tag: &str) -> Result<Self> {
+        let netns = Self::new(tag)?;
+        netns.sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
+        netns.sysctl("net.ipv6.conf.default.disable_ipv6", "0")?;
+        Ok(netns)
+    }
+
     /// The namespace's name (as in `ip netns list`).
     pub fn name(&self) -> &str {
         &self.name

@@ -4,11 +4,12 @@
 //! metrics port nor other listeners); a packet with a spoofed source never leaves the
 //! instance's veth. Acting "from inside an instance" means entering its network namespace as
 //! root from the test: the network rules are what is tested, not the container's privileges.
-//! Plus the [`Isolation`] API itself against nftables in a namespace of its own.
+//! Plus the [`Isolation`] API itself against nftables in a namespace of its own, and its IPv6
+//! rules with real traffic between namespaces that have IPv6 on.
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
     process::Command,
     time::Duration,
 };
@@ -511,9 +512,21 @@ fn isolation_keeps_members_across_a_reopen_and_applies_each_change_whole() {
         assert_eq!(ids[0].1, ids[1].1);
         assert_ne!(ids[0].1, ids[2].1);
 
-        // A restarted agent keeps them (the rules are rewritten, the members stay).
+        // A restarted agent keeps them (the rules are rewritten, the members stay), and
+        // rebuilds their IPv6 elements from the IPv4 ones.
         let isolation = Isolation::open(&settings).unwrap();
         assert_eq!(app_ids(), ids);
+        let dual = settings.dual_stack.unwrap();
+        let mirrored: std::collections::BTreeMap<String, u64> = addr_app()
+            .into_iter()
+            .map(|(addr, id)| (dual.addr6(addr).unwrap().to_string(), id))
+            .collect();
+        let addr_app6: std::collections::BTreeMap<String, u64> = map_elements("inet", "addr_app6")
+            .into_iter()
+            .map(|(addr, id)| (addr.as_str().unwrap().to_owned(), id))
+            .collect();
+        assert_eq!(addr_app6.len(), 3);
+        assert_eq!(addr_app6, mirrored);
         // A new app does not get an id that an earlier agent's member holds.
         isolation
             .admit(&member("mvs4", "10.77.0.5", "gamma"))
@@ -629,4 +642,262 @@ fn isolation_maps_other_nodes_instances_of_local_apps_only_and_keeps_peer_subnet
         assert_eq!(peer_subnets(), ["10.77.1.0/24"]);
     })
     .unwrap();
+}
+
+/// The sandbox bridge of the IPv6 test.
+const BRIDGE6: &str = "mrn0";
+/// A public listener port of the IPv6 test's node (the ingress's, for the rules).
+const LISTENER6: u16 = 8443;
+
+/// Sends, from the calling namespace, an unsolicited neighbor advertisement (override flag,
+/// hop limit 255) from `SRC` to all nodes on `eth0`, saying `TARGET` is at `MAC`. The kernel
+/// fills in the ICMPv6 checksum.
+const SEND_NA_PY: &str = r#"import socket, struct, sys
+src, target, mac = sys.argv[1], sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.bind((src, 0))
+na = struct.pack("!BBHI", 136, 0, 0, 0x20000000) + socket.inet_pton(socket.AF_INET6, target)
+na += bytes([2, 1]) + bytes.fromhex(mac.replace(":", ""))
+s.sendto(na, ("ff02::1", 0, 0, socket.if_nametoindex("eth0")))
+"#;
+
+/// An instance of the IPv6 test: a namespace with IPv6 on, its `eth0` on the node's bridge
+/// through host veth `veth`, with `addr6/80` (nodad, as the agent does) and a default route
+/// via the bridge's address. It ignores redirects, so a route via the node stays one.
+fn instance6(node: &Netns, tag: &str, veth: &str, addr6: Ipv6Addr, gateway6: Ipv6Addr) -> Netns {
+    let ns = Netns::new_with_ipv6(tag).unwrap();
+    miren_tests::topology::veth(node, veth, &ns, "eth0").unwrap();
+    node.attach_to_bridge(veth, BRIDGE6).unwrap();
+    ns.sysctl("net.ipv6.conf.eth0.accept_redirects", "0")
+        .unwrap();
+    let cidr = format!("{addr6}/80");
+    ns.ip(&["-6", "addr", "add", &cidr, "dev", "eth0", "nodad"])
+        .unwrap();
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &gateway6.to_string(),
+    ])
+    .unwrap();
+    ns
+}
+
+/// Whether a TCP connection to `addr` opens within 1.5 s from the calling thread's namespace
+/// (a dropped SYN times out; every port tried here has a listener).
+fn tcp6_connects(addr: SocketAddr) -> bool {
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(1500)).is_ok()
+}
+
+/// `ip -6 neigh show ADDR` in `ns`.
+fn neighbor(ns: &Netns, addr: Ipv6Addr) -> String {
+    ns.ip(&["-6", "neigh", "show", &addr.to_string()]).unwrap()
+}
+
+#[test]
+fn isolation_applies_to_ipv6_instances_with_real_traffic() {
+    let node = Netns::new_with_ipv6("iso6-node").unwrap();
+    let dual = dual_stack("10.77.0.0/24");
+    let subnet = Subnet::parse("10.77.0.0/24").unwrap();
+    let gateway6 = dual.node_subnet6(subnet).gateway();
+    node.bridge(BRIDGE6).unwrap();
+    node.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{gateway6}/80"),
+        "dev",
+        BRIDGE6,
+        "nodad",
+    ])
+    .unwrap();
+    node.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    let members = [
+        member("mvs1", "10.77.0.2", "alpha"),
+        member("mvs2", "10.77.0.3", "alpha"),
+        member("mvs3", "10.77.0.4", "beta"),
+    ];
+    let addr6: Vec<Ipv6Addr> = members
+        .iter()
+        .map(|m| dual.addr6(m.addr).unwrap())
+        .collect();
+    let [alpha1, alpha2, beta] = [0, 1, 2].map(|i| {
+        let tag = format!("iso6-{}", members[i].veth);
+        instance6(&node, &tag, &members[i].veth, addr6[i], gateway6)
+    });
+    let isolation = node
+        .run(|| {
+            let isolation = Isolation::open(&IsolationSettings {
+                bridge: BRIDGE6.to_owned(),
+                subnet,
+                dual_stack: Some(dual),
+                listener_ports: vec![LISTENER6],
+            })?;
+            isolation.retain(&members)?;
+            Ok::<_, SandboxError>(isolation)
+        })
+        .unwrap()
+        .unwrap();
+    // Listeners everywhere: an instance's web port, the node's public listener and another
+    // service of the node (like ssh).
+    let web = |i: usize| SocketAddr::from((addr6[i], 8080));
+    let _webs: Vec<TcpListener> = [&alpha1, &alpha2, &beta]
+        .iter()
+        .map(|ns| ns.run(|| TcpListener::bind("[::]:8080")).unwrap().unwrap())
+        .collect();
+    let _node_listeners: Vec<TcpListener> = [LISTENER6, NODE_SERVICE_PORT]
+        .iter()
+        .map(|port| {
+            node.run(|| TcpListener::bind(("::", *port)))
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+
+    // Within the app, bridged: the first exchange needs neighbor discovery both ways.
+    assert!(
+        alpha1.run(|| tcp6_connects(web(1))).unwrap(),
+        "alpha -> alpha"
+    );
+    let mac2 = alpha2.mac("eth0").unwrap();
+    assert!(
+        neighbor(&alpha1, addr6[1]).contains(&mac2),
+        "{}",
+        neighbor(&alpha1, addr6[1])
+    );
+    // The node reaches every instance (and so learns their addresses).
+    for addr in &addr6 {
+        let to = SocketAddr::from((*addr, 8080));
+        assert!(node.run(|| tcp6_connects(to)).unwrap(), "node -> {addr}");
+    }
+    // Across apps: neither way.
+    assert!(
+        !beta.run(|| tcp6_connects(web(0))).unwrap(),
+        "beta reached alpha"
+    );
+    assert!(
+        !alpha1.run(|| tcp6_connects(web(2))).unwrap(),
+        "alpha reached beta"
+    );
+    // Routed through the node instead of bridged: within the app yes, across apps no.
+    for i in [1, 2] {
+        let route = format!("{}/128", addr6[i]);
+        alpha1
+            .ip(&["-6", "route", "add", &route, "via", &gateway6.to_string()])
+            .unwrap();
+    }
+    assert!(
+        alpha1.run(|| tcp6_connects(web(1))).unwrap(),
+        "alpha -> alpha via the node"
+    );
+    assert!(
+        !alpha1.run(|| tcp6_connects(web(2))).unwrap(),
+        "alpha reached beta through the node"
+    );
+    // The node: its public listener only.
+    let on_node = |port: u16| SocketAddr::from((gateway6, port));
+    assert!(alpha1.run(|| tcp6_connects(on_node(LISTENER6))).unwrap());
+    assert!(
+        !alpha1
+            .run(|| tcp6_connects(on_node(NODE_SERVICE_PORT)))
+            .unwrap(),
+        "alpha reached the node's port {NODE_SERVICE_PORT} over IPv6"
+    );
+
+    // Spoofing: alpha1 sends to its sibling and to a client beyond the node from its own
+    // address, from an address nobody has and from beta's; only its own arrive (the
+    // neighbors are known by then, so the spoofed ones do leave alpha1). Beyond the node
+    // only the bridge's source check stops them.
+    let client = Netns::new_with_ipv6("iso6-client").unwrap();
+    miren_tests::topology::veth(&node, "eth1", &client, "eth0").unwrap();
+    node.ip(&["-6", "addr", "add", "fd00:77::1/64", "dev", "eth1", "nodad"])
+        .unwrap();
+    client
+        .ip(&["-6", "addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad"])
+        .unwrap();
+    client
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd6d:6972:656e::/80",
+            "via",
+            "fd00:77::1",
+        ])
+        .unwrap();
+    let client_addr: Ipv6Addr = "fd00:77::2".parse().unwrap();
+    let spoofed: Ipv6Addr = "fd6d:6972:656e::99".parse().unwrap();
+    for extra in [spoofed, addr6[2]] {
+        let cidr = format!("{extra}/80");
+        alpha1
+            .ip(&["-6", "addr", "add", &cidr, "dev", "eth0", "nodad"])
+            .unwrap();
+    }
+    let inboxes = [(&alpha2, addr6[1]), (&client, client_addr)].map(|(ns, addr)| {
+        let inbox = ns.run(|| UdpSocket::bind("[::]:9001")).unwrap().unwrap();
+        inbox
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (inbox, addr)
+    });
+    let send_from = |src: Ipv6Addr, message: &str| {
+        alpha1
+            .run(|| {
+                let socket = UdpSocket::bind((src, 0)).unwrap();
+                for (_, to) in &inboxes {
+                    socket.send_to(message.as_bytes(), (*to, 9001)).unwrap();
+                }
+            })
+            .unwrap();
+    };
+    let mut received = [Vec::new(), Vec::new()];
+    let mut receive = |until: &str| {
+        for ((inbox, _), received) in inboxes.iter().zip(&mut received) {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = inbox.recv_from(&mut buf) {
+                received.push((from.ip(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+                if received.last().is_some_and(|(_, m)| m == until) {
+                    break;
+                }
+            }
+        }
+    };
+    send_from(addr6[0], "genuine-1");
+    receive("genuine-1");
+    send_from(spoofed, "spoofed");
+    send_from(addr6[2], "spoofed-as-beta");
+    send_from(addr6[0], "genuine-2");
+    receive("genuine-2");
+    let own = std::net::IpAddr::V6(addr6[0]);
+    let genuine = [(own, "genuine-1".to_owned()), (own, "genuine-2".to_owned())];
+    assert_eq!(received, [genuine.clone(), genuine]);
+
+    // Neighbor advertisements: beta may not announce alpha2's address (the node keeps
+    // alpha2's MAC), but may announce its own (the same packet then changes the node's entry).
+    let mac3 = beta.mac("eth0").unwrap();
+    let before = neighbor(&node, addr6[1]);
+    assert!(before.contains(&mac2), "{before}");
+    let announce = |target: Ipv6Addr, mac: &str| {
+        let args = [
+            "-c",
+            SEND_NA_PY,
+            &addr6[2].to_string(),
+            &target.to_string(),
+            mac,
+        ];
+        beta.exec("python3", &args).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    announce(addr6[1], &mac3);
+    let after = neighbor(&node, addr6[1]);
+    assert!(after.contains(&mac2) && !after.contains(&mac3), "{after}");
+    let fake_mac = "02:00:00:00:00:99";
+    assert!(!neighbor(&node, addr6[2]).contains(fake_mac));
+    announce(addr6[2], fake_mac);
+    let own_entry = neighbor(&node, addr6[2]);
+    assert!(own_entry.contains(fake_mac), "{own_entry}");
+    drop(isolation);
 }

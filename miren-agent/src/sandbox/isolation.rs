@@ -11,7 +11,8 @@
 //!   - `forward` (bridged from one instance to another): accepted only when both belong to the
 //!     same app: the ingress port's app id goes into the packet mark
 //!     (`meta mark set iifname map @veth_app`) and the pair `oifname . meta mark` must be in
-//!     `@veth_app_set`. Elements grow with the instances, not with their pairs.
+//!     `@veth_app_set`. Elements grow with the instances, not with their pairs. The rule does
+//!     not look at the ethertype, so it covers IPv4, ARP and IPv6 alike.
 //!   - `postrouting` (frames to an instance, bridged or from the host): IPv4 only to the
 //!     instance's own address (or a broadcast/multicast address), ARP only asking for it, so
 //!     an instance that takes over another one's MAC address in the bridge's forwarding table
@@ -31,23 +32,51 @@
 //!     to the node only the public TCP listeners and replies. The other nodes' own addresses
 //!     (their ingress, node-port flows they masqueraded) are not restricted.
 //!
+//! With IPv6 ([`IsolationSettings::dual_stack`] set) the same policy holds for IPv6, with sets
+//! of their own that mirror the IPv4 ones (an instance's IPv6 address is derived from its IPv4
+//! one, [`crate::config::DualStack::addr6`]; without IPv6 neither these sets nor these rules
+//! exist and instances' IPv6 is dropped as above):
+//! - bridge `prerouting`: IPv6 only from the instance's own address
+//!   (`iifname . ip6 saddr @veth_addr6`). Neighbor discovery (router and neighbor
+//!   solicitations, neighbor advertisements) goes to `neighbor_discovery` first: hop limit 255,
+//!   from the instance's own address or a link-local one (`fe80::/10`), and an advertisement
+//!   only for the instance's own address (its target, read as raw payload `@th,64,128` since
+//!   nft 1.0.6 has no `icmpv6 taddr`, must be in `veth_nd_target`). Router advertisements,
+//!   redirects and MLD (queries and reports: no instance becomes the bridge's multicast
+//!   querier; without one the bridge floods multicast) are dropped.
+//! - bridge `postrouting`: IPv6 only to the instance's own address, a link-local address (its
+//!   own; the bridge forward rule keeps other apps' frames away), all-nodes `ff02::1` or a
+//!   solicited-node group `ff02::1:ff00:0/104`; a neighbor solicitation only asking for the
+//!   instance's own address.
+//! - inet `input`: from instances also neighbor discovery to the host (hop limit 255); DNS
+//!   stays on the IPv4 bridge address (AAAA questions travel over IPv4), the listener ports
+//!   and replies are family-independent rules. `forward`: within one app via `addr_app6` and
+//!   `addr_app_set6`, bridged neighbor discovery (hop limit 255, so never routed; the bridge
+//!   table already checked its ports' app), node-port flows (`ct status dnat`). The other
+//!   nodes' /80s are in `peer_subnets6` ([`crate::config::DualStack::node_subnet6`] of each
+//!   peer subnet), their instances of the apps that have instances here in `addr_app6`.
+//!
 //! Traffic from the host to instances (the ingress, node ports, readiness checks) is not
 //! restricted beyond the destination check. Every change is one `nft -f -` transaction covering
 //! both tables, so nothing is ever half-applied. [`Isolation::open`] replaces both tables
 //! (rules from this code) but keeps the members and peer subnets an earlier agent left in
-//! them, so instances that outlive the agent stay reachable and isolated while it restarts.
+//! them, so instances that outlive the agent stay reachable and isolated while it restarts
+//! (the IPv6 elements are rebuilt from the IPv4 ones read back).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Mutex,
 };
 
 use serde_json::Value;
 
 use super::{SandboxError, ipam::Subnet, net};
-use crate::control::ControlPlane;
+use crate::{
+    config::{DualStack, Subnet6},
+    control::ControlPlane,
+};
 
 /// Name of both tables (families `bridge` and `inet`).
 const TABLE: &str = "miren_sandbox";
@@ -55,6 +84,14 @@ const TABLE: &str = "miren_sandbox";
 const ELEMENTS_PER_LINE: usize = 512;
 /// The set of the other nodes' sandbox subnets (table `inet miren_sandbox`).
 const PEER_SUBNETS: &str = "peer_subnets";
+/// The set of the other nodes' IPv6 /80s (with IPv6 only).
+const PEER_SUBNETS6: &str = "peer_subnets6";
+/// The ICMPv6 neighbor discovery an instance sends (and the host answers).
+const NEIGHBOR_DISCOVERY: &str =
+    "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }";
+/// The target address of a neighbor solicitation or advertisement (nft 1.0.6 has no
+/// `icmpv6 taddr`): 16 bytes after the 8-byte ICMPv6 header.
+const ND_TARGET: &str = "@th,64,128";
 /// Conditions that make an ARP match read Ethernet/IPv4 addresses at the right offsets.
 const ARP_IPV4: &str = "arp htype 1 arp ptype ip arp hlen 6 arp plen 4";
 
@@ -68,7 +105,7 @@ pub struct IsolationSettings {
     pub subnet: Subnet,
     /// How the instances' IPv6 addresses (and the other nodes' IPv6 subnets) mirror their
     /// IPv4 ones; `None` where the node has IPv6 off (then instances send no IPv6).
-    pub dual_stack: Option<crate::config::DualStack>,
+    pub dual_stack: Option<DualStack>,
     /// TCP ports of the node's public listeners that instances may reach (the ingress's HTTP
     /// and HTTPS ports).
     pub listener_ports: Vec<u16>,
@@ -129,6 +166,8 @@ struct Entry {
 /// What the tables hold.
 #[derive(Debug, Default)]
 struct Tables {
+    /// The IPv6 addressing; `None`: the tables have no IPv6 sets.
+    dual: Option<DualStack>,
     /// Members by veth.
     members: BTreeMap<String, Entry>,
     /// The other nodes' instances, as last set (the subnets are `peer_subnets`).
@@ -155,13 +194,34 @@ impl Tables {
             "addr_app",
             gone_remote.map(remote_elem),
         );
+        if let Some(dual) = &next.dual {
+            let gone_subnets = self.peers.subnets.difference(&next.peers.subnets);
+            let gone_remote = remote
+                .iter()
+                .filter(|(a, id)| next.remote.get(a) != Some(id));
+            let gone_subnets6 = gone_subnets.filter_map(|s| subnet6(dual, s));
+            elements_line(&mut script, "delete", PEER_SUBNETS6, gone_subnets6);
+            let gone_remote6 = gone_remote.filter_map(|e| remote_elem6(dual, e));
+            elements_line(&mut script, "delete", "addr_app6", gone_remote6);
+        }
         let new_subnets = next.peers.subnets.difference(&self.peers.subnets);
         let new_remote = next
             .remote
             .iter()
             .filter(|(a, id)| remote.get(a) != Some(id));
-        elements_line(&mut script, "add", PEER_SUBNETS, new_subnets);
-        elements_line(&mut script, "add", "addr_app", new_remote.map(remote_elem));
+        elements_line(&mut script, "add", PEER_SUBNETS, new_subnets.clone());
+        elements_line(
+            &mut script,
+            "add",
+            "addr_app",
+            new_remote.clone().map(remote_elem),
+        );
+        if let Some(dual) = &next.dual {
+            let new_subnets6 = new_subnets.filter_map(|s| subnet6(dual, s));
+            elements_line(&mut script, "add", PEER_SUBNETS6, new_subnets6);
+            let new_remote6 = new_remote.filter_map(|e| remote_elem6(dual, e));
+            elements_line(&mut script, "add", "addr_app6", new_remote6);
+        }
         script
     }
 
@@ -169,6 +229,7 @@ impl Tables {
     fn with(&self, members: BTreeMap<String, Entry>, peers: PeerInstances) -> Self {
         let remote = remote_entries(&members, &peers);
         Self {
+            dual: self.dual,
             members,
             peers,
             remote,
@@ -201,7 +262,11 @@ impl Isolation {
             &["set", "inet", TABLE, PEER_SUBNETS],
             crate::nft_cli::set_prefixes,
         )?;
-        let tables = Tables::default().with(
+        let empty = Tables {
+            dual: settings.dual_stack,
+            ..Tables::default()
+        };
+        let tables = empty.with(
             kept,
             PeerInstances {
                 subnets,
@@ -209,8 +274,8 @@ impl Isolation {
             },
         );
         let mut script = tables_script(settings);
-        script.push_str(&add_elements(tables.members.iter()));
-        script.push_str(&Tables::default().peer_changes(&tables, false));
+        script.push_str(&add_elements(tables.dual.as_ref(), tables.members.iter()));
+        script.push_str(&empty.peer_changes(&tables, false));
         apply(op, &script)?;
         if !tables.members.is_empty() {
             tracing::info!(
@@ -243,11 +308,15 @@ impl Isolation {
             id: app_id(&tables.members, &member.veth, &member.app),
             app: Some(member.app.clone()),
         };
+        let dual = tables.dual;
         let mut script = String::new();
         if let Some(old) = tables.members.get(&member.veth) {
-            script.push_str(&delete_elements(&member.veth, old));
+            script.push_str(&delete_elements(dual.as_ref(), &member.veth, old));
         }
-        script.push_str(&add_elements([(&member.veth, &entry)].into_iter()));
+        script.push_str(&add_elements(
+            dual.as_ref(),
+            [(&member.veth, &entry)].into_iter(),
+        ));
         let mut members = tables.members.clone();
         members.insert(member.veth.clone(), entry);
         let next = tables.with(members, tables.peers.clone());
@@ -268,7 +337,7 @@ impl Isolation {
         let Some(old) = tables.members.get(veth) else {
             return Ok(());
         };
-        let mut script = delete_elements(veth, old);
+        let mut script = delete_elements(tables.dual.as_ref(), veth, old);
         let mut members = tables.members.clone();
         members.remove(veth);
         let next = tables.with(members, tables.peers.clone());
@@ -295,14 +364,14 @@ impl Isolation {
         let mut tables = lock(&self.tables);
         let next = tables.with(assign_ids(members), tables.peers.clone());
         let mut script = String::new();
-        for set in ELEMENT_SETS {
+        for set in element_sets(next.dual.as_ref()) {
             let _ = writeln!(
                 script,
                 "flush {} {} {TABLE} {}",
                 set.kind, set.family, set.name
             );
         }
-        script.push_str(&add_elements(next.members.iter()));
+        script.push_str(&add_elements(next.dual.as_ref(), next.members.iter()));
         script.push_str(&tables.peer_changes(&next, true));
         apply(op, &script)?;
         *tables = next;
@@ -340,7 +409,10 @@ impl Isolation {
     pub fn teardown(&self) -> Result<(), SandboxError> {
         let mut tables = lock(&self.tables);
         apply("deleting the sandbox firewall", &teardown_script())?;
-        *tables = Tables::default();
+        *tables = Tables {
+            dual: tables.dual,
+            ..Tables::default()
+        };
         Ok(())
     }
 }
@@ -351,42 +423,155 @@ struct ElementSet {
     /// `set` or `map`.
     kind: &'static str,
     name: &'static str,
-    element: fn(&str, &Entry) -> String,
+    /// Whether it exists only with IPv6 ([`IsolationSettings::dual_stack`]).
+    v6: bool,
+    /// The member's element; `None` when it has none here (no IPv6 address).
+    element: fn(&str, &Entry, Option<&DualStack>) -> Option<String>,
+}
+
+/// The IPv6 address of the member `entry`, with IPv6.
+fn addr6(entry: &Entry, dual: Option<&DualStack>) -> Option<Ipv6Addr> {
+    dual?.addr6(entry.addr)
 }
 
 /// Every set and map holding members.
-const ELEMENT_SETS: [ElementSet; 5] = [
+const ELEMENT_SETS: [ElementSet; 9] = [
     ElementSet {
         family: "bridge",
         kind: "set",
         name: "veth_addr",
-        element: |veth, e| format!("\"{veth}\" . {}", e.addr),
+        v6: false,
+        element: |veth, e, _| Some(format!("\"{veth}\" . {}", e.addr)),
+    },
+    ElementSet {
+        family: "bridge",
+        kind: "set",
+        name: "veth_addr6",
+        v6: true,
+        element: |veth, e, dual| Some(format!("\"{veth}\" . {}", addr6(e, dual)?)),
+    },
+    ElementSet {
+        family: "bridge",
+        kind: "set",
+        name: "veth_nd_target",
+        v6: true,
+        element: |veth, e, dual| {
+            let addr = u128::from(addr6(e, dual)?);
+            Some(format!("\"{veth}\" . 0x{addr:032x}"))
+        },
     },
     ElementSet {
         family: "bridge",
         kind: "map",
         name: "veth_app",
-        element: |veth, e| format!("\"{veth}\" : {}", e.id),
+        v6: false,
+        element: |veth, e, _| Some(format!("\"{veth}\" : {}", e.id)),
     },
     ElementSet {
         family: "bridge",
         kind: "set",
         name: "veth_app_set",
-        element: |veth, e| format!("\"{veth}\" . {}", e.id),
+        v6: false,
+        element: |veth, e, _| Some(format!("\"{veth}\" . {}", e.id)),
     },
     ElementSet {
         family: "inet",
         kind: "map",
         name: "addr_app",
-        element: |_, e| format!("{} : {}", e.addr, e.id),
+        v6: false,
+        element: |_, e, _| Some(format!("{} : {}", e.addr, e.id)),
     },
     ElementSet {
         family: "inet",
         kind: "set",
         name: "addr_app_set",
-        element: |_, e| format!("{} . {}", e.addr, e.id),
+        v6: false,
+        element: |_, e, _| Some(format!("{} . {}", e.addr, e.id)),
+    },
+    ElementSet {
+        family: "inet",
+        kind: "map",
+        name: "addr_app6",
+        v6: true,
+        element: |_, e, dual| Some(format!("{} : {}", addr6(e, dual)?, e.id)),
+    },
+    ElementSet {
+        family: "inet",
+        kind: "set",
+        name: "addr_app_set6",
+        v6: true,
+        element: |_, e, dual| Some(format!("{} . {}", addr6(e, dual)?, e.id)),
     },
 ];
+
+/// The sets and maps holding members that exist with `dual` (the IPv6 ones only with it).
+fn element_sets(dual: Option<&DualStack>) -> impl Iterator<Item = &'static ElementSet> {
+    ELEMENT_SETS
+        .iter()
+        .filter(move |set| !set.v6 || dual.is_some())
+}
+
+/// The IPv6 pieces of the tables (see the module doc), each empty or whole lines; all empty
+/// without IPv6, which leaves the IPv4-only tables.
+#[derive(Default)]
+struct V6Rules {
+    bridge_sets: String,
+    from_instance: String,
+    neighbor_discovery: String,
+    to_instance: String,
+    inet_sets: String,
+    input: String,
+    from_instances: String,
+    forward: String,
+    hairpin: String,
+    same_app: String,
+}
+
+impl V6Rules {
+    fn new(bridge: &str) -> Self {
+        Self {
+            bridge_sets: format!(
+                "\tset veth_addr6 {{ type ifname . ipv6_addr; }}\n\
+                 \tset veth_nd_target {{ typeof iifname . {ND_TARGET}; }}\n"
+            ),
+            from_instance: format!(
+                "\t\t{NEIGHBOR_DISCOVERY} jump neighbor_discovery\n\
+                 \t\ticmpv6 type {{ nd-router-advert, nd-redirect, mld-listener-query, \
+                 mld-listener-report, mld-listener-done, mld2-listener-report }} drop\n\
+                 \t\tiifname . ip6 saddr @veth_addr6 accept\n"
+            ),
+            neighbor_discovery: format!(
+                "\tchain neighbor_discovery {{\n\
+                 \t\tip6 hoplimit != 255 drop\n\
+                 \t\ticmpv6 type nd-neighbor-advert iifname . {ND_TARGET} != @veth_nd_target drop\n\
+                 \t\tip6 saddr fe80::/10 accept\n\
+                 \t\tiifname . ip6 saddr @veth_addr6 accept\n\
+                 \t\tdrop\n\
+                 \t}}\n"
+            ),
+            to_instance: format!(
+                "\t\ticmpv6 type nd-neighbor-solicit oifname . {ND_TARGET} @veth_nd_target accept\n\
+                 \t\ticmpv6 type nd-neighbor-solicit drop\n\
+                 \t\toifname . ip6 daddr @veth_addr6 accept\n\
+                 \t\tip6 daddr {{ fe80::/10, ff02::1, ff02::1:ff00:0/104 }} accept\n"
+            ),
+            inet_sets: format!(
+                "\tmap addr_app6 {{ type ipv6_addr : mark; }}\n\
+                 \tset addr_app_set6 {{ type ipv6_addr . mark; }}\n\
+                 \tset {PEER_SUBNETS6} {{ type ipv6_addr; flags interval; }}\n"
+            ),
+            input: format!("\t\tip6 saddr @{PEER_SUBNETS6} jump from_peer_instances\n"),
+            from_instances: format!("\t\t{NEIGHBOR_DISCOVERY} ip6 hoplimit 255 accept\n"),
+            forward: format!(
+                "\t\toifname \"{bridge}\" ip6 saddr @{PEER_SUBNETS6} jump from_peers\n"
+            ),
+            hairpin: format!("\t\t{NEIGHBOR_DISCOVERY} ip6 hoplimit 255 accept\n"),
+            same_app: "\t\tmeta mark set ip6 saddr map @addr_app6 \
+                       ip6 daddr . meta mark @addr_app_set6 accept\n"
+                .to_owned(),
+        }
+    }
+}
 
 /// The transaction that replaces (or creates) both tables with their rules and empty sets.
 fn tables_script(settings: &IsolationSettings) -> String {
@@ -404,6 +589,21 @@ fn tables_script(settings: &IsolationSettings) -> String {
         let list: Vec<String> = ports.iter().map(u16::to_string).collect();
         format!("\t\ttcp dport {{ {} }} accept\n", list.join(", "))
     };
+    let v6 = settings
+        .dual_stack
+        .map_or_else(V6Rules::default, |_| V6Rules::new(bridge));
+    let V6Rules {
+        bridge_sets,
+        from_instance,
+        neighbor_discovery,
+        to_instance,
+        inet_sets,
+        input,
+        from_instances,
+        forward,
+        hairpin,
+        same_app,
+    } = &v6;
     format!(
         "table bridge {TABLE}\n\
          delete table bridge {TABLE}\n\
@@ -411,6 +611,7 @@ fn tables_script(settings: &IsolationSettings) -> String {
          \tset veth_addr {{ type ifname . ipv4_addr; }}\n\
          \tmap veth_app {{ type ifname : mark; }}\n\
          \tset veth_app_set {{ type ifname . mark; }}\n\
+         {bridge_sets}\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority -200; policy accept;\n\
          \t\tiifname {instances} jump from_instance\n\
@@ -418,8 +619,10 @@ fn tables_script(settings: &IsolationSettings) -> String {
          \tchain from_instance {{\n\
          \t\tiifname . ip saddr @veth_addr accept\n\
          \t\t{ARP_IPV4} iifname . arp saddr ip @veth_addr accept\n\
+         {from_instance}\
          \t\tdrop\n\
          \t}}\n\
+         {neighbor_discovery}\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority -200; policy accept;\n\
          \t\tiifname {instances} jump between_instances\n\
@@ -436,6 +639,7 @@ fn tables_script(settings: &IsolationSettings) -> String {
          \t\toifname . ip daddr @veth_addr accept\n\
          \t\tip daddr {{ 255.255.255.255, {broadcast}, 224.0.0.0/4 }} accept\n\
          \t\t{ARP_IPV4} oifname . arp daddr ip @veth_addr accept\n\
+         {to_instance}\
          \t\tdrop\n\
          \t}}\n\
          }}\n\
@@ -445,14 +649,17 @@ fn tables_script(settings: &IsolationSettings) -> String {
          \tmap addr_app {{ type ipv4_addr : mark; }}\n\
          \tset addr_app_set {{ type ipv4_addr . mark; }}\n\
          \tset {PEER_SUBNETS} {{ type ipv4_addr; flags interval; }}\n\
+         {inet_sets}\
          \tchain input {{\n\
          \t\ttype filter hook input priority 0; policy accept;\n\
          \t\tiifname \"{bridge}\" jump from_instances\n\
          \t\tip saddr @{PEER_SUBNETS} jump from_peer_instances\n\
+         {input}\
          \t}}\n\
          \tchain from_instances {{\n\
          \t\tct state established,related accept\n\
          \t\tip daddr {gateway} meta l4proto {{ tcp, udp }} th dport 53 accept\n\
+         {from_instances}\
          {listeners}\
          \t\tdrop\n\
          \t}}\n\
@@ -465,28 +672,35 @@ fn tables_script(settings: &IsolationSettings) -> String {
          \t\ttype filter hook forward priority 0; policy accept;\n\
          \t\tiifname \"{bridge}\" oifname \"{bridge}\" jump hairpin\n\
          \t\toifname \"{bridge}\" ip saddr @{PEER_SUBNETS} jump from_peers\n\
+         {forward}\
          \t}}\n\
          \tchain hairpin {{\n\
          \t\tct status dnat accept\n\
          \t\tmeta mark set ip saddr map @addr_app ip daddr . meta mark @addr_app_set accept\n\
+         {same_app}\
+         {hairpin}\
          \t\tdrop\n\
          \t}}\n\
          \tchain from_peers {{\n\
          \t\tct status dnat accept\n\
          \t\tmeta mark set ip saddr map @addr_app ip daddr . meta mark @addr_app_set accept\n\
+         {same_app}\
          \t\tdrop\n\
          \t}}\n\
          }}\n"
     )
 }
 
-/// `add element` lines putting `members` into every set.
-fn add_elements<'a>(members: impl Iterator<Item = (&'a String, &'a Entry)> + Clone) -> String {
+/// `add element` lines putting `members` into every set (those of `dual`).
+fn add_elements<'a>(
+    dual: Option<&DualStack>,
+    members: impl Iterator<Item = (&'a String, &'a Entry)> + Clone,
+) -> String {
     let mut script = String::new();
-    for set in ELEMENT_SETS {
+    for set in element_sets(dual) {
         let elements: Vec<String> = members
             .clone()
-            .map(|(veth, entry)| (set.element)(veth, entry))
+            .filter_map(|(veth, entry)| (set.element)(veth, entry, dual))
             .collect();
         for chunk in elements.chunks(ELEMENTS_PER_LINE) {
             let _ = writeln!(
@@ -523,6 +737,19 @@ fn remote_elem((addr, id): (&Ipv4Addr, &u32)) -> String {
     format!("{addr} : {id}")
 }
 
+/// The `addr_app6` element of another node's instance (`None` outside the sandbox subnet).
+fn remote_elem6(dual: &DualStack, (addr, id): (&Ipv4Addr, &u32)) -> Option<String> {
+    Some(format!("{} : {id}", dual.addr6(*addr)?))
+}
+
+/// The IPv6 /80 of the node whose IPv4 subnet is `subnet` (`None` outside the sandbox subnet,
+/// which has none).
+fn subnet6(dual: &DualStack, subnet: &Subnet) -> Option<Subnet6> {
+    dual.v4
+        .contains(subnet.network)
+        .then(|| dual.node_subnet6(*subnet))
+}
+
 /// The `addr_app` entries of the other nodes' instances: those inside a peer subnet, of the
 /// apps that have members here, with their app's id.
 fn remote_entries(
@@ -542,17 +769,17 @@ fn remote_entries(
         .collect()
 }
 
-/// `delete element` lines taking the member on `veth` out of every set.
-fn delete_elements(veth: &str, entry: &Entry) -> String {
+/// `delete element` lines taking the member on `veth` out of every set (those of `dual`).
+fn delete_elements(dual: Option<&DualStack>, veth: &str, entry: &Entry) -> String {
     let mut script = String::new();
-    for set in ELEMENT_SETS {
-        let _ = writeln!(
-            script,
-            "delete element {} {TABLE} {} {{ {} }}",
-            set.family,
-            set.name,
-            (set.element)(veth, entry)
-        );
+    for set in element_sets(dual) {
+        if let Some(element) = (set.element)(veth, entry, dual) {
+            let _ = writeln!(
+                script,
+                "delete element {} {TABLE} {} {{ {element} }}",
+                set.family, set.name,
+            );
+        }
     }
     script
 }
@@ -763,6 +990,21 @@ mod tests {
             "meta mark set ip saddr map @addr_app ip daddr . meta mark @addr_app_set accept",
             "ip saddr @peer_subnets jump from_peer_instances",
             "oifname \"miren0\" ip saddr @peer_subnets jump from_peers",
+            // IPv6: the same policy.
+            "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } jump neighbor_discovery",
+            "icmpv6 type { nd-router-advert, nd-redirect, mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report } drop",
+            "iifname . ip6 saddr @veth_addr6 accept",
+            "ip6 hoplimit != 255 drop",
+            "icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @veth_nd_target drop",
+            "ip6 saddr fe80::/10 accept",
+            "icmpv6 type nd-neighbor-solicit oifname . @th,64,128 @veth_nd_target accept",
+            "icmpv6 type nd-neighbor-solicit drop",
+            "oifname . ip6 daddr @veth_addr6 accept",
+            "ip6 daddr { fe80::/10, ff02::1, ff02::1:ff00:0/104 } accept",
+            "ip6 saddr @peer_subnets6 jump from_peer_instances",
+            "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept",
+            "oifname \"miren0\" ip6 saddr @peer_subnets6 jump from_peers",
+            "meta mark set ip6 saddr map @addr_app6 ip6 daddr . meta mark @addr_app_set6 accept",
         ] {
             assert!(
                 script.contains(&format!("\t\t{line}\n")),
@@ -772,6 +1014,7 @@ mod tests {
         // Every filtering chain ends in a drop.
         for chain in [
             "from_instance",
+            "neighbor_discovery",
             "between_instances",
             "to_instance",
             "from_instances",
@@ -786,6 +1029,66 @@ mod tests {
                 .unwrap();
             assert!(body.ends_with("\t\tdrop\n"), "{chain}: {body}");
         }
+        // The IPv6 sets, next to the IPv4 ones.
+        for set in [
+            "\tset veth_addr6 { type ifname . ipv6_addr; }\n",
+            "\tset veth_nd_target { typeof iifname . @th,64,128; }\n",
+            "\tmap addr_app6 { type ipv6_addr : mark; }\n",
+            "\tset addr_app_set6 { type ipv6_addr . mark; }\n",
+            "\tset peer_subnets6 { type ipv6_addr; flags interval; }\n",
+        ] {
+            assert!(script.contains(set), "{set}\n{script}");
+        }
+        // DNS stays on the IPv4 bridge address: no IPv6 rule opens port 53.
+        assert_eq!(script.matches("dport 53").count(), 1, "{script}");
+        // Neighbor discovery is checked before the general own-source rule.
+        let from_instance = script.split("chain from_instance {\n").nth(1).unwrap();
+        assert!(
+            from_instance.find("jump neighbor_discovery").unwrap()
+                < from_instance.find("@veth_addr6 accept").unwrap()
+        );
+    }
+
+    #[test]
+    fn without_ipv6_the_tables_are_the_ipv4_only_ones() {
+        let ipv4_only = tables_script(&IsolationSettings {
+            dual_stack: None,
+            ..settings()
+        });
+        let v6_names = [
+            "ip6",
+            "ipv6",
+            "icmpv6",
+            "addr6",
+            "app6",
+            "set6",
+            "nd_target",
+        ];
+        for v6 in v6_names {
+            assert!(!ipv4_only.contains(v6), "{v6}\n{ipv4_only}");
+        }
+        // IPv6 adds lines (and one chain), changes none: without it, what remains.
+        let dual = tables_script(&settings());
+        let (before, rest) = dual.split_once("\tchain neighbor_discovery {\n").unwrap();
+        let (_, after) = rest.split_once("\t}\n").unwrap();
+        let stripped: String = format!("{before}{after}")
+            .lines()
+            .filter(|line| !v6_names.iter().any(|v6| line.contains(v6)))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        assert_eq!(stripped, ipv4_only);
+        // The IPv4-only tables still drop IPv6: from an instance, only IPv4 and ARP pass.
+        let from_instance = ipv4_only
+            .split("chain from_instance {\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\t}").next())
+            .unwrap();
+        assert_eq!(
+            from_instance,
+            "\t\tiifname . ip saddr @veth_addr accept\n\
+             \t\tarp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . arp saddr ip @veth_addr accept\n\
+             \t\tdrop\n"
+        );
     }
 
     #[test]
@@ -806,14 +1109,29 @@ mod tests {
         ]);
         assert_eq!(exact.values().map(|e| e.id).collect::<Vec<_>>(), [2, 1, 2]);
         assert_eq!(
-            add_elements(exact.iter()),
+            add_elements(None, exact.iter()),
             "add element bridge miren_sandbox veth_addr { \"mvs1\" . 10.88.0.2, \"mvs2\" . 10.88.0.3, \"mvs3\" . 10.88.0.4 }\n\
              add element bridge miren_sandbox veth_app { \"mvs1\" : 2, \"mvs2\" : 1, \"mvs3\" : 2 }\n\
              add element bridge miren_sandbox veth_app_set { \"mvs1\" . 2, \"mvs2\" . 1, \"mvs3\" . 2 }\n\
              add element inet miren_sandbox addr_app { 10.88.0.2 : 2, 10.88.0.3 : 1, 10.88.0.4 : 2 }\n\
              add element inet miren_sandbox addr_app_set { 10.88.0.2 . 2, 10.88.0.3 . 1, 10.88.0.4 . 2 }\n"
         );
-        assert_eq!(add_elements(BTreeMap::new().iter()), "");
+        // With IPv6, the mirrored addresses too (the ND target as the raw 128-bit integer).
+        let dual = settings().dual_stack;
+        assert_eq!(
+            add_elements(dual.as_ref(), exact.iter()),
+            "add element bridge miren_sandbox veth_addr { \"mvs1\" . 10.88.0.2, \"mvs2\" . 10.88.0.3, \"mvs3\" . 10.88.0.4 }\n\
+             add element bridge miren_sandbox veth_addr6 { \"mvs1\" . fd6d:6972:656e::2, \"mvs2\" . fd6d:6972:656e::3, \"mvs3\" . fd6d:6972:656e::4 }\n\
+             add element bridge miren_sandbox veth_nd_target { \"mvs1\" . 0xfd6d6972656e00000000000000000002, \"mvs2\" . 0xfd6d6972656e00000000000000000003, \"mvs3\" . 0xfd6d6972656e00000000000000000004 }\n\
+             add element bridge miren_sandbox veth_app { \"mvs1\" : 2, \"mvs2\" : 1, \"mvs3\" : 2 }\n\
+             add element bridge miren_sandbox veth_app_set { \"mvs1\" . 2, \"mvs2\" . 1, \"mvs3\" . 2 }\n\
+             add element inet miren_sandbox addr_app { 10.88.0.2 : 2, 10.88.0.3 : 1, 10.88.0.4 : 2 }\n\
+             add element inet miren_sandbox addr_app_set { 10.88.0.2 . 2, 10.88.0.3 . 1, 10.88.0.4 . 2 }\n\
+             add element inet miren_sandbox addr_app6 { fd6d:6972:656e::2 : 2, fd6d:6972:656e::3 : 1, fd6d:6972:656e::4 : 2 }\n\
+             add element inet miren_sandbox addr_app_set6 { fd6d:6972:656e::2 . 2, fd6d:6972:656e::3 . 1, fd6d:6972:656e::4 . 2 }\n"
+        );
+        assert_eq!(add_elements(None, BTreeMap::new().iter()), "");
+        assert_eq!(add_elements(dual.as_ref(), BTreeMap::new().iter()), "");
     }
 
     #[test]
@@ -827,8 +1145,11 @@ mod tests {
                 )
             })
             .collect();
-        let script = add_elements(assign_ids(&members).iter());
+        let script = add_elements(None, assign_ids(&members).iter());
         assert_eq!(script.lines().count(), 10);
+        let dual = settings().dual_stack;
+        let script = add_elements(dual.as_ref(), assign_ids(&members).iter());
+        assert_eq!(script.lines().count(), 18);
         assert!(script.lines().all(|l| l.matches(", ").count() < 512));
     }
 
@@ -840,12 +1161,24 @@ mod tests {
             app: Some("a".to_owned()),
         };
         assert_eq!(
-            delete_elements("mvs9", &entry),
+            delete_elements(None, "mvs9", &entry),
             "delete element bridge miren_sandbox veth_addr { \"mvs9\" . 10.88.0.9 }\n\
              delete element bridge miren_sandbox veth_app { \"mvs9\" : 3 }\n\
              delete element bridge miren_sandbox veth_app_set { \"mvs9\" . 3 }\n\
              delete element inet miren_sandbox addr_app { 10.88.0.9 : 3 }\n\
              delete element inet miren_sandbox addr_app_set { 10.88.0.9 . 3 }\n"
+        );
+        assert_eq!(
+            delete_elements(settings().dual_stack.as_ref(), "mvs9", &entry),
+            "delete element bridge miren_sandbox veth_addr { \"mvs9\" . 10.88.0.9 }\n\
+             delete element bridge miren_sandbox veth_addr6 { \"mvs9\" . fd6d:6972:656e::9 }\n\
+             delete element bridge miren_sandbox veth_nd_target { \"mvs9\" . 0xfd6d6972656e00000000000000000009 }\n\
+             delete element bridge miren_sandbox veth_app { \"mvs9\" : 3 }\n\
+             delete element bridge miren_sandbox veth_app_set { \"mvs9\" . 3 }\n\
+             delete element inet miren_sandbox addr_app { 10.88.0.9 : 3 }\n\
+             delete element inet miren_sandbox addr_app_set { 10.88.0.9 . 3 }\n\
+             delete element inet miren_sandbox addr_app6 { fd6d:6972:656e::9 : 3 }\n\
+             delete element inet miren_sandbox addr_app_set6 { fd6d:6972:656e::9 . 3 }\n"
         );
     }
 
@@ -996,6 +1329,50 @@ mod tests {
         assert_eq!(
             tables.peer_changes(&empty, false),
             "delete element inet miren_sandbox addr_app { 10.88.1.5 : 1 }\n"
+        );
+    }
+
+    #[test]
+    fn with_ipv6_peer_changes_mirror_the_other_nodes_subnets_and_instances() {
+        // Nodes of /24: node 1's /80 is number 1.
+        let dual = crate::config::DualStack {
+            node_prefix: 24,
+            ..settings().dual_stack.unwrap()
+        };
+        let empty = Tables {
+            dual: Some(dual),
+            ..Tables::default()
+        };
+        let tables = empty.with(
+            assign_ids(&[member("mvs1", "10.88.0.2", "alpha")]),
+            peers(
+                &["10.88.1.0/24", "10.99.0.0/24"],
+                &[("alpha", &["10.88.1.5", "10.99.0.7"])],
+            ),
+        );
+        // 10.99.0.0/24 is outside the sandbox subnet: no IPv6 counterpart.
+        assert_eq!(
+            empty.peer_changes(&tables, false),
+            "add element inet miren_sandbox peer_subnets { 10.88.1.0/24, 10.99.0.0/24 }\n\
+             add element inet miren_sandbox addr_app { 10.88.1.5 : 1, 10.99.0.7 : 1 }\n\
+             add element inet miren_sandbox peer_subnets6 { fd6d:6972:656e:0:1::/80 }\n\
+             add element inet miren_sandbox addr_app6 { fd6d:6972:656e:0:1::5 : 1 }\n"
+        );
+        assert_eq!(tables.peer_changes(&tables, false), "");
+        let next = tables.with(
+            tables.members.clone(),
+            peers(&["10.88.2.0/24"], &[("alpha", &["10.88.2.5"])]),
+        );
+        assert_eq!(
+            tables.peer_changes(&next, false),
+            "delete element inet miren_sandbox peer_subnets { 10.88.1.0/24, 10.99.0.0/24 }\n\
+             delete element inet miren_sandbox addr_app { 10.88.1.5 : 1, 10.99.0.7 : 1 }\n\
+             delete element inet miren_sandbox peer_subnets6 { fd6d:6972:656e:0:1::/80 }\n\
+             delete element inet miren_sandbox addr_app6 { fd6d:6972:656e:0:1::5 : 1 }\n\
+             add element inet miren_sandbox peer_subnets { 10.88.2.0/24 }\n\
+             add element inet miren_sandbox addr_app { 10.88.2.5 : 1 }\n\
+             add element inet miren_sandbox peer_subnets6 { fd6d:6972:656e:0:2::/80 }\n\
+             add element inet miren_sandbox addr_app6 { fd6d:6972:656e:0:2::5 : 1 }\n"
         );
     }
 
