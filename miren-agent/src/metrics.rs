@@ -246,10 +246,7 @@ fn node_port_families(
             let with_reason: Vec<&str> = labels.iter().copied().chain([reason]).collect();
             drops.with_label_values(&with_reason).inc_by(value);
         }
-        for ((_, backend), b) in counters
-            .backends
-            .range((key, min_addr())..=(key, max_addr()))
-        {
+        for (backend, b) in counters.backends_of(key) {
             let backend = backend.to_string();
             let with_backend: Vec<&str> = labels.iter().copied().chain([&*backend]).collect();
             backend_rx
@@ -265,14 +262,6 @@ fn node_port_families(
     // The text encoder refuses families without series (e.g. no backends right now).
     .filter(|family| !family.get_metric().is_empty())
     .collect())
-}
-
-fn min_addr() -> std::net::SocketAddrV4 {
-    std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0)
-}
-
-fn max_addr() -> std::net::SocketAddrV4 {
-    std::net::SocketAddrV4::new(std::net::Ipv4Addr::BROADCAST, u16::MAX)
 }
 
 /// What the `/metrics` handler reads.
@@ -396,6 +385,14 @@ mod tests {
                 bytes: 288,
             },
         );
+        counters.insert_backend(
+            key,
+            "[fd6d:6972:656e::2]:8080".parse().unwrap(),
+            crate::dataplane::BackendCounters {
+                packets: 4,
+                bytes: 200,
+            },
+        );
         let metrics = Metrics::new("xdp").unwrap();
         metrics.observe_reconcile(Duration::from_millis(3), true);
         metrics.observe_reconcile(Duration::from_millis(3), false);
@@ -413,6 +410,7 @@ mod tests {
             r#"miren_nodeport_drops_total{app="game",node_port="7000",port_name="play",protocol="udp",reason="no_endpoints",service="server"} 1"#.to_owned(),
             r#"miren_nodeport_drops_total{app="game",node_port="7000",port_name="play",protocol="udp",reason="table_miss",service="server"} 0"#.to_owned(),
             r#"miren_backend_rx_packets_total{app="game",backend="10.88.0.2:8080",node_port="7000",port_name="play",protocol="udp",service="server"} 9"#.to_owned(),
+            r#"miren_backend_rx_packets_total{app="game",backend="[fd6d:6972:656e::2]:8080",node_port="7000",port_name="play",protocol="udp",service="server"} 4"#.to_owned(),
             "miren_dataplane_info{mode=\"xdp\"} 1".to_owned(),
             "miren_reconcile_errors_total 1".to_owned(),
             "miren_reconcile_duration_seconds_count 2".to_owned(),

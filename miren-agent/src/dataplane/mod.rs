@@ -12,7 +12,7 @@ pub mod xdp;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     sync::{Mutex, MutexGuard},
 };
@@ -133,10 +133,46 @@ pub struct GlobalCounters {
 pub struct Counters {
     /// Per node port.
     pub ports: BTreeMap<NodePortKey, PortCounters>,
-    /// Per (node port, backend).
+    /// Per (node port, IPv4 backend).
     pub backends: BTreeMap<(NodePortKey, SocketAddrV4), BackendCounters>,
+    /// Per (node port, IPv6 backend).
+    pub backends6: BTreeMap<(NodePortKey, SocketAddrV6), BackendCounters>,
     /// Global.
     pub global: GlobalCounters,
+}
+
+impl Counters {
+    /// Records the counters of `backend` of `port`, in [`Counters::backends`] or
+    /// [`Counters::backends6`] by its family.
+    pub fn insert_backend(
+        &mut self,
+        port: NodePortKey,
+        backend: SocketAddr,
+        counters: BackendCounters,
+    ) {
+        match backend {
+            SocketAddr::V4(v4) => self.backends.insert((port, v4), counters),
+            SocketAddr::V6(v6) => self.backends6.insert((port, v6), counters),
+        };
+    }
+
+    /// The counters of each backend of `port`, both families (IPv4 first).
+    pub fn backends_of(
+        &self,
+        port: NodePortKey,
+    ) -> impl Iterator<Item = (SocketAddr, &BackendCounters)> {
+        let v4 = self
+            .backends
+            .range((port, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))..)
+            .take_while(move |((key, _), _)| *key == port)
+            .map(|((_, addr), c)| (SocketAddr::V4(*addr), c));
+        let v6 = self
+            .backends6
+            .range((port, SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0))..)
+            .take_while(move |((key, _), _)| *key == port)
+            .map(|((_, addr), c)| (SocketAddr::V6(*addr), c));
+        v4.chain(v6)
+    }
 }
 
 /// Errors of a data plane.

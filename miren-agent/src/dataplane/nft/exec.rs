@@ -1,7 +1,7 @@
 //! Running `nft` (through `nft_cli::run`) and `conntrack`: the edge of the data plane that
 //! touches the kernel.
 
-use std::{net::SocketAddrV4, process::Command};
+use std::{net::SocketAddr, process::Command};
 
 use super::listing::{Listing, parse_listing};
 use crate::dataplane::{DataplaneError, NodePortKey};
@@ -60,14 +60,16 @@ pub(super) fn list_table(op: &str) -> Result<Listing, DataplaneError> {
     list(op, &[vec!["table", "inet", "miren"]])
 }
 
-/// Deletes the conntrack entries of UDP flows from `key` to `endpoint`; none matching is fine.
+/// Deletes the conntrack entries of UDP flows from `key` to `endpoint` (of either family);
+/// none matching is fine.
 pub(super) fn purge_conntrack(
     key: NodePortKey,
-    endpoint: SocketAddrV4,
+    endpoint: SocketAddr,
 ) -> Result<(), DataplaneError> {
     let op = format!("deleting conntrack entries of {key} to {endpoint}");
+    let family = if endpoint.is_ipv4() { "ipv4" } else { "ipv6" };
     let out = Command::new("conntrack")
-        .args(["-D", "-p", "udp", "--orig-port-dst"])
+        .args(["-D", "-f", family, "-p", "udp", "--orig-port-dst"])
         .arg(key.port.to_string())
         .arg("--reply-src")
         .arg(endpoint.ip().to_string())

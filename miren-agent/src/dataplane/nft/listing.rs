@@ -3,13 +3,13 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 use serde_json::Value;
 
 use super::{
-    schema::{BaseChain, SETS, SetDef},
+    schema::{BaseChain, Family, SETS, SetDef, SetKind},
     state::{ChainState, TableState},
 };
 use crate::{
@@ -57,8 +57,10 @@ fn parse_port(value: &Value) -> Option<u16> {
     parse_u32(value)?.try_into().ok()
 }
 
-fn parse_addr(value: &Value) -> Option<Ipv4Addr> {
-    value.as_str()?.parse().ok()
+/// An address of `family`.
+fn parse_addr(value: &Value, family: Family) -> Option<IpAddr> {
+    let addr: IpAddr = value.as_str()?.parse().ok()?;
+    (Family::of(addr) == family).then_some(addr)
 }
 
 /// The parts of a concatenation (`{"concat": [...]}`), or the value itself.
@@ -79,8 +81,11 @@ fn parse_key(value: &Value) -> Option<NodePortKey> {
     }
 }
 
-fn parse_endpoint(addr: &Value, port: &Value) -> Option<SocketAddrV4> {
-    Some(SocketAddrV4::new(parse_addr(addr)?, parse_port(port)?))
+fn parse_endpoint(addr: &Value, port: &Value, family: Family) -> Option<SocketAddr> {
+    Some(SocketAddr::new(
+        parse_addr(addr, family)?,
+        parse_port(port)?,
+    ))
 }
 
 /// The elements of a set: each value with its counter (when the set has counters).
@@ -161,7 +166,7 @@ pub(super) fn parse_listing(documents: &[&str]) -> Result<Listing, String> {
                 state.incompatible = true;
                 continue;
             }
-            if !parse_elements(state, &mut listing.counters, &mut port_counters, name, set) {
+            if !parse_elements(state, &mut listing.counters, &mut port_counters, def, set) {
                 state.incompatible = true;
             }
         } else if let Some(chain) = object.get("chain") {
@@ -210,24 +215,27 @@ pub(super) fn parse_listing(documents: &[&str]) -> Result<Listing, String> {
             .ports
             .insert(*key, port_counters.remove(key).unwrap_or_default());
     }
-    listing
-        .counters
+    let counters = &mut listing.counters;
+    counters
         .backends
+        .retain(|(key, _), _| state.rx.contains(key));
+    counters
+        .backends6
         .retain(|(key, _), _| state.rx.contains(key));
     Ok(listing)
 }
 
-/// Reads the elements of the set or map `name` into `state` and their counters into
+/// Reads the elements of the set or map `def` into `state` and their counters into
 /// `counters`; `false` if an element is not one this code writes.
 fn parse_elements(
     state: &mut TableState,
     counters: &mut Counters,
     ports: &mut BTreeMap<NodePortKey, PortCounters>,
-    name: &str,
+    def: &SetDef,
     set: &Value,
 ) -> bool {
     let mut ok = true;
-    if let Some(def) = SETS.iter().find(|def| def.name == name && def.map) {
+    if def.is_map() {
         for elem in set
             .get("elem")
             .and_then(Value::as_array)
@@ -239,97 +247,93 @@ fn parse_elements(
                 _ => None,
             });
             ok &= parsed
-                .and_then(|(key, value)| {
-                    if def.name == "nat" {
-                        let target = value.get("goto")?.get("target")?.as_str()?;
-                        state.nat.insert(parse_key(key)?, target.to_owned());
-                    } else {
-                        let [port, slot] = concat(key)[..] else {
-                            return None;
-                        };
-                        let [addr, endpoint_port] = concat(value)[..] else {
-                            return None;
-                        };
-                        let protocol = if def.name == "endpoints_tcp" {
-                            Protocol::Tcp
-                        } else {
-                            Protocol::Udp
-                        };
-                        let key = NodePortKey {
-                            protocol,
-                            port: parse_port(port)?,
-                        };
-                        state.endpoints.insert(
-                            (key, parse_u32(slot)?),
-                            parse_endpoint(addr, endpoint_port)?,
-                        );
-                    }
-                    Some(())
-                })
+                .and_then(|(key, value)| parse_map_element(state, def.kind, key, value))
                 .is_some();
         }
         return ok;
     }
     for (value, counter) in set_elements(set) {
-        let parsed = match name {
-            "node_addrs" => parse_addr(value).map(|addr| {
+        let parsed = match def.kind {
+            SetKind::NodeAddrs(family) => parse_addr(value, family).map(|addr| {
                 state.node_addrs.insert(addr);
             }),
-            "rx" | "flows" | "drops" => parse_key(value).map(|key| {
+            SetKind::Rx => parse_key(value).map(|key| {
+                state.rx.insert(key);
                 let entry = ports.entry(key).or_default();
-                match name {
-                    "rx" => {
-                        state.rx.insert(key);
-                        entry.rx_packets = counter.packets;
-                        entry.rx_bytes = counter.bytes;
-                    }
-                    "flows" => {
-                        state.flows.insert(key);
-                        entry.flows = counter.packets;
-                    }
-                    _ => {
-                        state.drops.insert(key);
-                        entry.drop_no_backend = counter.packets;
-                    }
-                }
+                entry.rx_packets = counter.packets;
+                entry.rx_bytes = counter.bytes;
             }),
-            "tx_tcp" | "tx_udp" => parse_port(value).map(|port| {
-                let protocol = if name == "tx_tcp" {
-                    Protocol::Tcp
-                } else {
-                    Protocol::Udp
-                };
+            SetKind::Flows => parse_key(value).map(|key| {
+                state.flows.insert(key);
+                ports.entry(key).or_default().flows = counter.packets;
+            }),
+            SetKind::Drops => parse_key(value).map(|key| {
+                state.drops.insert(key);
+                ports.entry(key).or_default().drop_no_backend = counter.packets;
+            }),
+            SetKind::Tx(protocol) => parse_port(value).map(|port| {
                 let key = NodePortKey { port, protocol };
                 state.tx.insert(key);
                 let entry = ports.entry(key).or_default();
                 entry.tx_packets = counter.packets;
                 entry.tx_bytes = counter.bytes;
             }),
-            _ => {
-                let protocol = if name == "backend_tcp" {
-                    Protocol::Tcp
-                } else {
-                    Protocol::Udp
-                };
-                match concat(value)[..] {
-                    [port, addr, endpoint_port] => parse_port(port)
-                        .zip(parse_endpoint(addr, endpoint_port))
-                        .map(|(port, endpoint)| {
-                            let key = NodePortKey { port, protocol };
-                            state.backends.insert((key, endpoint));
-                            counters.backends.insert(
-                                (key, endpoint),
-                                BackendCounters {
-                                    packets: counter.packets,
-                                    bytes: counter.bytes,
-                                },
-                            );
-                        }),
-                    _ => None,
-                }
-            }
+            SetKind::Backend(protocol, family) => match concat(value)[..] {
+                [port, addr, endpoint_port] => parse_port(port)
+                    .zip(parse_endpoint(addr, endpoint_port, family))
+                    .map(|(port, endpoint)| {
+                        let key = NodePortKey { port, protocol };
+                        state.backends.insert((key, endpoint));
+                        counters.insert_backend(
+                            key,
+                            endpoint,
+                            BackendCounters {
+                                packets: counter.packets,
+                                bytes: counter.bytes,
+                            },
+                        );
+                    }),
+                _ => None,
+            },
+            SetKind::Nat(_) | SetKind::Endpoints(..) => None,
         };
         ok &= parsed.is_some();
     }
     ok
+}
+
+/// Reads one element of the map `kind` into `state`; `None` if it is not one this code
+/// writes.
+fn parse_map_element(
+    state: &mut TableState,
+    kind: SetKind,
+    key: &Value,
+    value: &Value,
+) -> Option<()> {
+    match kind {
+        SetKind::Nat(family) => {
+            let target = value.get("goto")?.get("target")?.as_str()?;
+            state
+                .nat
+                .insert((family, parse_key(key)?), target.to_owned());
+        }
+        SetKind::Endpoints(protocol, family) => {
+            let [port, slot] = concat(key)[..] else {
+                return None;
+            };
+            let [addr, endpoint_port] = concat(value)[..] else {
+                return None;
+            };
+            let key = NodePortKey {
+                protocol,
+                port: parse_port(port)?,
+            };
+            state.endpoints.insert(
+                (family, key, parse_u32(slot)?),
+                parse_endpoint(addr, endpoint_port, family)?,
+            );
+        }
+        _ => return None,
+    }
+    Some(())
 }

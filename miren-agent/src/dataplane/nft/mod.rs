@@ -5,15 +5,24 @@
 //! map elements, and the only chains that come and go are `endpoints_N`, one per distinct
 //! endpoint count N:
 //!
-//! - `nat_in` / `nat_local` (nat, prerouting / output): traffic to a node address and a
-//!   configured `(protocol, port)` jumps through the verdict map `nat` to `endpoints_N`, or to
-//!   `no_endpoints`, which counts and drops.
+//! - `nat_in` / `nat_local` (nat, prerouting / output): traffic to a node address (set
+//!   `node_addrs`, IPv4, or `node_addrs6`, IPv6) and a configured `(protocol, port)` jumps
+//!   through the verdict map of its family (`nat`, `nat6`) to `endpoints_N`, N being the node
+//!   port's endpoint count in that family, or to `no_endpoints`, which counts and drops.
 //! - `endpoints_N` counts the new flow and DNATs it to slot `jhash(client addr, client port)
-//!   mod N` of the node port in the map `endpoints_tcp` or `endpoints_udp`. Kernel conntrack
-//!   keeps the flow on that endpoint; the client's address is kept (no masquerade).
+//!   mod N` of the node port in the map of its protocol and family (`endpoints_tcp`,
+//!   `endpoints_udp`, `endpoints_tcp6`, `endpoints_udp6`); `dnat ip to` leaves IPv6 packets
+//!   alone and `dnat ip6 to` IPv4 ones, so one chain serves both families. Kernel conntrack
+//!   keeps the flow on that endpoint; the client's address is kept (no masquerade). Endpoints
+//!   take the slots in address order, so an instance's IPv6 endpoint (which mirrors its IPv4
+//!   address) has the slot of its IPv4 one.
 //! - `count_in` / `count_local` / `count_out` (filter) count received packets per node port,
 //!   replies per node port and forwarded packets per endpoint in the element counters of the
-//!   sets `rx`, `tx_tcp`, `tx_udp`, `backend_tcp`, `backend_udp`.
+//!   sets `rx`, `tx_tcp`, `tx_udp` (both families) and `backend_tcp`, `backend_udp`,
+//!   `backend_tcp6`, `backend_udp6`.
+//!
+//! Every rule that looks at addresses comes once per family. A node without an IPv6 address
+//! has an empty `node_addrs6`: the IPv6 rules match nothing.
 //!
 //! Every change is one atomic `nft -f -` transaction computed as the difference between what
 //! the kernel holds (read back as JSON) and what the snapshot needs, so counter-carrying
@@ -34,7 +43,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::BTreeSet, net::SocketAddrV4};
+use std::{collections::BTreeSet, net::SocketAddr};
 
 use exec::{list, list_table, nft, purge_conntrack};
 use schema::SETS;
@@ -50,7 +59,7 @@ pub struct NftDataplane {
     /// What the kernel's table holds, as last read or written.
     state: TableState,
     /// UDP backends removed from the table whose conntrack entries are not deleted yet.
-    stale_flows: BTreeSet<(NodePortKey, SocketAddrV4)>,
+    stale_flows: BTreeSet<(NodePortKey, SocketAddr)>,
 }
 
 impl NftDataplane {
@@ -69,7 +78,7 @@ impl NftDataplane {
         let state = list_table("reading table inet miren")?.state;
         if state.exists {
             tracing::info!(
-                node_ports = state.nat.len(),
+                node_ports = state.node_ports(),
                 "adopted nftables table inet miren"
             );
         }

@@ -1,6 +1,10 @@
 //! What this code writes into `table inet miren`: the table's name, its sets and maps, its
 //! chains and their rules, and the fingerprint comment each rule carries.
 
+use std::net::IpAddr;
+
+use crate::config::Protocol;
+
 /// Family and name of the table this data plane owns.
 pub(super) const TABLE: &str = "inet miren";
 /// Seed of the endpoint hash ("mir").
@@ -8,19 +12,81 @@ const HASH_SEED: &str = "0x6d6972";
 /// Prefix of the fingerprint comment on every rule.
 const RULE_COMMENT: &str = "miren:";
 
+/// An address family. The table holds the same sets, maps and rules for both; the IPv6 ones
+/// carry the suffix `6` and match `ip6` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub(super) const ALL: [Self; 2] = [Self::V4, Self::V6];
+
+    pub(super) fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+
+    /// The network header's name in rules: `ip` or `ip6`.
+    fn header(self) -> &'static str {
+        match self {
+            Self::V4 => "ip",
+            Self::V6 => "ip6",
+        }
+    }
+
+    /// The name of this family's instance of the set or map `base`.
+    pub(super) fn set(self, base: &str) -> String {
+        match self {
+            Self::V4 => base.to_owned(),
+            Self::V6 => format!("{base}6"),
+        }
+    }
+}
+
+/// What a set or map of the table holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SetKind {
+    /// The node's addresses of one family.
+    NodeAddrs(Family),
+    /// `(protocol, port)` of each node port, counting received packets (both families).
+    Rx,
+    /// `(protocol, port)`, counting new flows.
+    Flows,
+    /// `(protocol, port)`, counting packets dropped for want of endpoints.
+    Drops,
+    /// The ports of one protocol's node ports, counting replies.
+    Tx(Protocol),
+    /// `(port, endpoint address, endpoint port)` of one protocol and family, counting
+    /// forwarded packets.
+    Backend(Protocol, Family),
+    /// Verdict map: `(protocol, port)` → the chain that balances one family's flows.
+    Nat(Family),
+    /// `(port, hash slot)` → endpoint, of one protocol and family.
+    Endpoints(Protocol, Family),
+}
+
 /// A set or map of the table, as declared and as nft's JSON lists its type.
 pub(super) struct SetDef {
     pub(super) name: &'static str,
+    pub(super) kind: SetKind,
     /// Text between the braces of `add set|map`.
     pub(super) declaration: &'static str,
-    /// `true` for a map.
-    pub(super) map: bool,
     /// The `type` nft's JSON listing shows.
     pub(super) json_type: &'static [&'static str],
     /// The `map` (value type) nft's JSON listing shows, for maps.
     pub(super) json_map: Option<&'static str>,
     /// Whether elements carry counters.
     pub(super) counter: bool,
+}
+
+impl SetDef {
+    pub(super) fn is_map(&self) -> bool {
+        self.json_map.is_some()
+    }
 }
 
 /// The sets and maps of the table.
@@ -34,76 +100,128 @@ pub(super) struct SetDef {
 pub(super) const SETS: &[SetDef] = &[
     SetDef {
         name: "node_addrs",
+        kind: SetKind::NodeAddrs(Family::V4),
         declaration: "type ipv4_addr;",
-        map: false,
         json_type: &["ipv4_addr"],
         json_map: None,
         counter: false,
     },
-    port_set("rx"),
-    port_set("flows"),
-    port_set("drops"),
-    tx_set("tx_tcp"),
-    tx_set("tx_udp"),
-    backend_set("backend_tcp"),
-    backend_set("backend_udp"),
     SetDef {
-        name: "nat",
-        declaration: "type inet_proto . inet_service : verdict;",
-        map: true,
-        json_type: &["inet_proto", "inet_service"],
-        json_map: Some("verdict"),
+        name: "node_addrs6",
+        kind: SetKind::NodeAddrs(Family::V6),
+        declaration: "type ipv6_addr;",
+        json_type: &["ipv6_addr"],
+        json_map: None,
         counter: false,
     },
+    port_set("rx", SetKind::Rx),
+    port_set("flows", SetKind::Flows),
+    port_set("drops", SetKind::Drops),
+    tx_set("tx_tcp", Protocol::Tcp),
+    tx_set("tx_udp", Protocol::Udp),
+    backend_set("backend_tcp", Protocol::Tcp, Family::V4),
+    backend_set("backend_udp", Protocol::Udp, Family::V4),
+    backend_set("backend_tcp6", Protocol::Tcp, Family::V6),
+    backend_set("backend_udp6", Protocol::Udp, Family::V6),
+    nat_map("nat", Family::V4),
+    nat_map("nat6", Family::V6),
     endpoints_map(
         "endpoints_tcp",
         "typeof th dport . meta length : ip daddr . tcp dport;",
+        Protocol::Tcp,
+        Family::V4,
     ),
     endpoints_map(
         "endpoints_udp",
         "typeof th dport . meta length : ip daddr . udp dport;",
+        Protocol::Udp,
+        Family::V4,
+    ),
+    endpoints_map(
+        "endpoints_tcp6",
+        "typeof th dport . meta length : ip6 daddr . tcp dport;",
+        Protocol::Tcp,
+        Family::V6,
+    ),
+    endpoints_map(
+        "endpoints_udp6",
+        "typeof th dport . meta length : ip6 daddr . udp dport;",
+        Protocol::Udp,
+        Family::V6,
     ),
 ];
 
-const fn endpoints_map(name: &'static str, declaration: &'static str) -> SetDef {
+/// The definition of the set or map holding `kind`.
+pub(super) fn set_def(kind: SetKind) -> &'static SetDef {
+    SETS.iter()
+        .find(|def| def.kind == kind)
+        .expect("every kind has a set")
+}
+
+const fn nat_map(name: &'static str, family: Family) -> SetDef {
     SetDef {
         name,
-        declaration,
-        map: true,
-        json_type: &["inet_service", "integer"],
-        json_map: Some("ipv4_addr . inet_service"),
+        kind: SetKind::Nat(family),
+        declaration: "type inet_proto . inet_service : verdict;",
+        json_type: &["inet_proto", "inet_service"],
+        json_map: Some("verdict"),
         counter: false,
     }
 }
 
-const fn port_set(name: &'static str) -> SetDef {
+const fn endpoints_map(
+    name: &'static str,
+    declaration: &'static str,
+    protocol: Protocol,
+    family: Family,
+) -> SetDef {
     SetDef {
         name,
+        kind: SetKind::Endpoints(protocol, family),
+        declaration,
+        json_type: &["inet_service", "integer"],
+        json_map: Some(match family {
+            Family::V4 => "ipv4_addr . inet_service",
+            Family::V6 => "ipv6_addr . inet_service",
+        }),
+        counter: false,
+    }
+}
+
+const fn port_set(name: &'static str, kind: SetKind) -> SetDef {
+    SetDef {
+        name,
+        kind,
         declaration: "type inet_proto . inet_service; counter;",
-        map: false,
         json_type: &["inet_proto", "inet_service"],
         json_map: None,
         counter: true,
     }
 }
 
-const fn tx_set(name: &'static str) -> SetDef {
+const fn tx_set(name: &'static str, protocol: Protocol) -> SetDef {
     SetDef {
         name,
+        kind: SetKind::Tx(protocol),
         declaration: "type inet_service; counter;",
-        map: false,
         json_type: &["inet_service"],
         json_map: None,
         counter: true,
     }
 }
 
-const fn backend_set(name: &'static str) -> SetDef {
+const fn backend_set(name: &'static str, protocol: Protocol, family: Family) -> SetDef {
     SetDef {
         name,
-        declaration: "type inet_service . ipv4_addr . inet_service; counter;",
-        map: false,
-        json_type: &["inet_service", "ipv4_addr", "inet_service"],
+        kind: SetKind::Backend(protocol, family),
+        declaration: match family {
+            Family::V4 => "type inet_service . ipv4_addr . inet_service; counter;",
+            Family::V6 => "type inet_service . ipv6_addr . inet_service; counter;",
+        },
+        json_type: match family {
+            Family::V4 => &["inet_service", "ipv4_addr", "inet_service"],
+            Family::V6 => &["inet_service", "ipv6_addr", "inet_service"],
+        },
         json_map: None,
         counter: true,
     }
@@ -135,45 +253,68 @@ pub(super) struct ChainDef {
     pub(super) rules: Vec<String>,
 }
 
-/// The chains this code writes, by name: the fixed ones and `endpoints_N` for N ≥ 1.
+/// The chains this code writes, by name: the fixed ones and `endpoints_N` for N ≥ 1. Each
+/// rule that looks at addresses comes once per family, IPv4 first.
 pub(super) fn chain_def(name: &str) -> Option<ChainDef> {
-    let rx = "ct direction original ip daddr @node_addrs meta l4proto . th dport @rx";
-    let tx = |proto: &str| {
+    let protocols = [Protocol::Tcp, Protocol::Udp];
+    let per_family = |rule: &dyn Fn(Family, &str) -> String| -> Vec<String> {
+        Family::ALL
+            .iter()
+            .map(|family| rule(*family, family.header()))
+            .collect()
+    };
+    let per_family_and_protocol = |rule: &dyn Fn(Family, &str, &str) -> String| -> Vec<String> {
+        Family::ALL
+            .iter()
+            .flat_map(|family| protocols.map(|p| rule(*family, family.header(), p.as_str())))
+            .collect()
+    };
+    let addrs = |family: Family| family.set("node_addrs");
+    let rx = |family, ip: &str| {
         format!(
-            "ct direction reply ct status dnat ct original ip daddr @node_addrs \
-             meta l4proto {proto} ct original proto-dst @tx_{proto}"
+            "ct direction original {ip} daddr @{} meta l4proto . th dport @rx",
+            addrs(family)
         )
     };
-    let backend = |proto: &str| {
+    let tx = |family, ip: &str, proto: &str| {
         format!(
-            "ct direction original ct status dnat ct original ip daddr @node_addrs \
-             meta l4proto {proto} ct original proto-dst . ip daddr . th dport @backend_{proto}"
+            "ct direction reply ct status dnat ct original {ip} daddr @{} \
+             meta l4proto {proto} ct original proto-dst @tx_{proto}",
+            addrs(family)
         )
     };
-    let nat = "ip daddr @node_addrs meta l4proto . th dport vmap @nat";
-    let dnat = |proto: &str, n: usize| {
+    let backend = |family, ip: &str, proto: &str| {
         format!(
-            "dnat ip to {proto} dport . jhash ip saddr . {proto} sport mod {n} seed {HASH_SEED} \
-             map @endpoints_{proto}"
+            "ct direction original ct status dnat ct original {ip} daddr @{} \
+             meta l4proto {proto} ct original proto-dst . {ip} daddr . th dport @{}",
+            addrs(family),
+            family.set(&format!("backend_{proto}"))
+        )
+    };
+    let nat = |family: Family, ip: &str| {
+        format!(
+            "{ip} daddr @{} meta l4proto . th dport vmap @{}",
+            addrs(family),
+            family.set("nat")
         )
     };
     let def = |base, rules: Vec<String>| Some(ChainDef { base, rules });
     match name {
         "count_in" => def(
             Some(BaseChain::new("filter", "prerouting", -150)),
-            vec![rx.to_owned(), tx("tcp"), tx("udp")],
+            [per_family(&rx), per_family_and_protocol(&tx)].concat(),
         ),
         "count_local" => def(
             Some(BaseChain::new("filter", "output", -150)),
-            vec![rx.to_owned()],
+            per_family(&rx),
         ),
         "nat_in" => def(
             Some(BaseChain::new("nat", "prerouting", -100)),
-            vec![nat.to_owned()],
+            per_family(&nat),
         ),
         "nat_local" => def(
             Some(BaseChain::new("nat", "output", -100)),
-            vec![nat.to_owned()],
+            per_family(&nat),
         ),
         "no_endpoints" => def(
             None,
@@ -184,17 +325,26 @@ pub(super) fn chain_def(name: &str) -> Option<ChainDef> {
         ),
         "count_out" => def(
             Some(BaseChain::new("filter", "postrouting", 100)),
-            vec![backend("tcp"), backend("udp")],
+            per_family_and_protocol(&backend),
         ),
         _ => {
             let n: usize = name.strip_prefix("endpoints_")?.parse().ok()?;
+            // `dnat ip to` leaves IPv6 packets alone and `dnat ip6 to` IPv4 ones: the chain
+            // serves both families' jumps.
+            let dnat = |family: Family, ip: &str, proto: &str| {
+                format!(
+                    "dnat {ip} to {proto} dport . jhash {ip} saddr . {proto} sport mod {n} \
+                     seed {HASH_SEED} map @{}",
+                    family.set(&format!("endpoints_{proto}"))
+                )
+            };
             (n > 0 && name == endpoints_chain(n)).then(|| ChainDef {
                 base: None,
-                rules: vec![
-                    "meta l4proto . th dport @flows".to_owned(),
-                    dnat("tcp", n),
-                    dnat("udp", n),
-                ],
+                rules: [
+                    vec!["meta l4proto . th dport @flows".to_owned()],
+                    per_family_and_protocol(&dnat),
+                ]
+                .concat(),
             })
         }
     }

@@ -2,11 +2,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::SocketAddr,
 };
 
 use super::{
-    schema::{SETS, TABLE, chain_def, fingerprint},
+    schema::{Family, SETS, SetKind, TABLE, chain_def, fingerprint, set_def},
     state::TableState,
 };
 use crate::{config::Protocol, dataplane::NodePortKey};
@@ -22,7 +22,7 @@ fn port_elem(key: &NodePortKey) -> String {
     format!("{} . {}", proto(key.protocol), key.port)
 }
 
-fn backend_elem((key, endpoint): &(NodePortKey, SocketAddrV4)) -> String {
+fn backend_elem((key, endpoint): &(NodePortKey, SocketAddr)) -> String {
     format!("{} . {} . {}", key.port, endpoint.ip(), endpoint.port())
 }
 
@@ -131,7 +131,7 @@ pub(super) fn transaction(current: &TableState, desired: &TableState) -> Option<
 
     script.declare.push(format!("add table {TABLE}"));
     for set in SETS {
-        let kind = if set.map { "map" } else { "set" };
+        let kind = if set.is_map() { "map" } else { "set" };
         script.declare.push(format!(
             "add {kind} {TABLE} {} {{ {} }}",
             set.name, set.declaration
@@ -168,31 +168,54 @@ pub(super) fn transaction(current: &TableState, desired: &TableState) -> Option<
         }
     }
 
-    script.diff_map("nat", &current.nat, &desired.nat, port_elem, |chain| {
-        format!("goto {chain}")
-    });
-    for protocol in [Protocol::Tcp, Protocol::Udp] {
-        let of = |endpoints: &BTreeMap<(NodePortKey, u32), SocketAddrV4>| -> BTreeMap<_, _> {
-            endpoints
-                .iter()
-                .filter(|((k, _), _)| k.protocol == protocol)
-                .map(|((k, slot), endpoint)| ((k.port, *slot), *endpoint))
+    for family in Family::ALL {
+        let of = |nat: &BTreeMap<(Family, NodePortKey), String>| -> BTreeMap<_, _> {
+            nat.iter()
+                .filter(|((f, _), _)| *f == family)
+                .map(|((_, key), chain)| (*key, chain.clone()))
                 .collect()
         };
         script.diff_map(
-            &format!("endpoints_{}", proto(protocol)),
-            &of(&current.endpoints),
-            &of(&desired.endpoints),
-            |(port, slot)| format!("{port} . {slot}"),
-            |endpoint| format!("{} . {}", endpoint.ip(), endpoint.port()),
+            set_def(SetKind::Nat(family)).name,
+            &of(&current.nat),
+            &of(&desired.nat),
+            port_elem,
+            |chain| format!("goto {chain}"),
         );
     }
-    script.diff_set(
-        "node_addrs",
-        &current.node_addrs,
-        &desired.node_addrs,
-        |a| a.to_string(),
-    );
+    for family in Family::ALL {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let of = |endpoints: &BTreeMap<(Family, NodePortKey, u32), SocketAddr>| {
+                endpoints
+                    .iter()
+                    .filter(|((f, k, _), _)| *f == family && k.protocol == protocol)
+                    .map(|((_, k, slot), endpoint)| ((k.port, *slot), *endpoint))
+                    .collect::<BTreeMap<_, _>>()
+            };
+            script.diff_map(
+                set_def(SetKind::Endpoints(protocol, family)).name,
+                &of(&current.endpoints),
+                &of(&desired.endpoints),
+                |(port, slot)| format!("{port} . {slot}"),
+                |endpoint| format!("{} . {}", endpoint.ip(), endpoint.port()),
+            );
+        }
+    }
+    for family in Family::ALL {
+        let of = |addrs: &BTreeSet<std::net::IpAddr>| -> BTreeSet<_> {
+            addrs
+                .iter()
+                .filter(|a| Family::of(**a) == family)
+                .copied()
+                .collect()
+        };
+        script.diff_set(
+            set_def(SetKind::NodeAddrs(family)).name,
+            &of(&current.node_addrs),
+            &of(&desired.node_addrs),
+            |a| a.to_string(),
+        );
+    }
     for (set, current_keys, desired_keys) in [
         ("rx", &current.rx, &desired.rx),
         ("flows", &current.flows, &desired.flows),
@@ -208,24 +231,28 @@ pub(super) fn transaction(current: &TableState, desired: &TableState) -> Option<
                 .collect()
         };
         script.diff_set(
-            &format!("tx_{}", proto(protocol)),
+            set_def(SetKind::Tx(protocol)).name,
             &of(&current.tx),
             &of(&desired.tx),
             u16::to_string,
         );
-        let of = |backends: &BTreeSet<(NodePortKey, SocketAddrV4)>| -> BTreeSet<_> {
-            backends
-                .iter()
-                .filter(|(k, _)| k.protocol == protocol)
-                .copied()
-                .collect()
-        };
-        script.diff_set(
-            &format!("backend_{}", proto(protocol)),
-            &of(&current.backends),
-            &of(&desired.backends),
-            backend_elem,
-        );
+    }
+    for family in Family::ALL {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let of = |backends: &BTreeSet<(NodePortKey, SocketAddr)>| -> BTreeSet<_> {
+                backends
+                    .iter()
+                    .filter(|(k, e)| k.protocol == protocol && Family::of(e.ip()) == family)
+                    .copied()
+                    .collect()
+            };
+            script.diff_set(
+                set_def(SetKind::Backend(protocol, family)).name,
+                &of(&current.backends),
+                &of(&desired.backends),
+                backend_elem,
+            );
+        }
     }
     // Nothing to write when only the idempotent declarations remain.
     (!script.is_empty()).then(|| script.render())

@@ -3,10 +3,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
-use super::schema::{BaseChain, ChainDef, FIXED_CHAINS, chain_def, endpoints_chain, fingerprint};
+use super::schema::{
+    BaseChain, ChainDef, FIXED_CHAINS, Family, chain_def, endpoints_chain, fingerprint,
+};
 use crate::{
     config::Protocol,
     dataplane::{NodePortKey, Snapshot},
@@ -38,23 +40,27 @@ pub(super) struct TableState {
     /// A set or map has another type than this code declares, or holds elements this code
     /// cannot have written: the table must be recreated.
     pub(super) incompatible: bool,
-    pub(super) node_addrs: BTreeSet<Ipv4Addr>,
+    /// The node's addresses, both families (`node_addrs`, `node_addrs6`).
+    pub(super) node_addrs: BTreeSet<IpAddr>,
     pub(super) rx: BTreeSet<NodePortKey>,
     pub(super) flows: BTreeSet<NodePortKey>,
     pub(super) drops: BTreeSet<NodePortKey>,
     pub(super) tx: BTreeSet<NodePortKey>,
-    pub(super) backends: BTreeSet<(NodePortKey, SocketAddrV4)>,
-    /// Node port → the chain its `nat` element jumps to.
-    pub(super) nat: BTreeMap<NodePortKey, String>,
-    /// (node port, hash slot) → endpoint.
-    pub(super) endpoints: BTreeMap<(NodePortKey, u32), SocketAddrV4>,
+    /// (node port, endpoint), both families (`backend_{tcp,udp}[6]`).
+    pub(super) backends: BTreeSet<(NodePortKey, SocketAddr)>,
+    /// (family, node port) → the chain its element of `nat` (IPv4) or `nat6` jumps to.
+    pub(super) nat: BTreeMap<(Family, NodePortKey), String>,
+    /// (family, node port, hash slot) → endpoint of that family.
+    pub(super) endpoints: BTreeMap<(Family, NodePortKey, u32), SocketAddr>,
     pub(super) chains: BTreeMap<String, ChainState>,
 }
 
 impl TableState {
-    /// What the kernel must hold for `snapshot`.
+    /// What the kernel must hold for `snapshot`. Each family of a node port jumps to the
+    /// chain for its own endpoint count (`no_endpoints` without any), and its endpoints take
+    /// the slots in address order, so an instance's IPv6 endpoint (which mirrors its IPv4
+    /// address, in the same order) has the slot of its IPv4 one.
     pub(super) fn desired(snapshot: &Snapshot) -> Self {
-        let snapshot = &snapshot.v4();
         let mut state = Self {
             exists: true,
             node_addrs: snapshot.node_addrs.iter().copied().collect(),
@@ -62,21 +68,27 @@ impl TableState {
         };
         let mut chains: BTreeSet<String> = FIXED_CHAINS.iter().map(|c| (*c).to_owned()).collect();
         for (key, endpoints) in &snapshot.node_ports {
-            let endpoints: BTreeSet<SocketAddrV4> = endpoints.iter().copied().collect();
             state.rx.insert(*key);
             state.flows.insert(*key);
             state.drops.insert(*key);
             state.tx.insert(*key);
-            let target = if endpoints.is_empty() {
-                "no_endpoints".to_owned()
-            } else {
-                endpoints_chain(endpoints.len())
-            };
-            chains.insert(target.clone());
-            state.nat.insert(*key, target);
-            for (slot, endpoint) in (0u32..).zip(&endpoints) {
-                state.backends.insert((*key, *endpoint));
-                state.endpoints.insert((*key, slot), *endpoint);
+            for family in Family::ALL {
+                let endpoints: BTreeSet<SocketAddr> = endpoints
+                    .iter()
+                    .filter(|e| Family::of(e.ip()) == family)
+                    .copied()
+                    .collect();
+                let target = if endpoints.is_empty() {
+                    "no_endpoints".to_owned()
+                } else {
+                    endpoints_chain(endpoints.len())
+                };
+                chains.insert(target.clone());
+                state.nat.insert((family, *key), target);
+                for (slot, endpoint) in (0u32..).zip(&endpoints) {
+                    state.backends.insert((*key, *endpoint));
+                    state.endpoints.insert((family, *key, slot), *endpoint);
+                }
             }
         }
         state.chains = chains
@@ -88,11 +100,16 @@ impl TableState {
 
     /// UDP (node port, endpoint) pairs in `self` but not in `next`: their conntrack entries
     /// are stale.
-    pub(super) fn removed_udp_backends(&self, next: &Self) -> Vec<(NodePortKey, SocketAddrV4)> {
+    pub(super) fn removed_udp_backends(&self, next: &Self) -> Vec<(NodePortKey, SocketAddr)> {
         self.backends
             .difference(&next.backends)
             .filter(|(key, _)| key.protocol == Protocol::Udp)
             .copied()
             .collect()
+    }
+
+    /// The number of node ports.
+    pub(super) fn node_ports(&self) -> usize {
+        self.rx.len()
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
 };
 
 use super::{listing::parse_listing, script::transaction, state::TableState};
@@ -19,16 +19,22 @@ const LISTING: &str = r#"{"nftables": [
 {"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
 {"table": {"family": "inet", "name": "miren", "handle": 2}},
 {"set": {"name": "node_addrs", "type": "ipv4_addr", "elem": ["10.1.0.2"]}},
-{"set": {"name": "rx", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 5, "bytes": 500}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 6, "bytes": 600}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "node_addrs6", "type": "ipv6_addr", "elem": ["fd00:1::2"]}},
+{"set": {"name": "rx", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 5, "bytes": 540}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 6, "bytes": 600}}}], "stmt": [{"counter": null}]}},
 {"set": {"name": "flows", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 2, "bytes": 200}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 0, "bytes": 0}}}], "stmt": [{"counter": null}]}},
 {"set": {"name": "drops", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 0, "bytes": 0}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 6, "bytes": 600}}}], "stmt": [{"counter": null}]}},
 {"set": {"name": "tx_tcp", "type": "inet_service", "elem": [{"elem": {"val": 7001, "counter": {"packets": 0, "bytes": 0}}}], "stmt": [{"counter": null}]}},
-{"set": {"name": "tx_udp", "type": "inet_service", "elem": [{"elem": {"val": 7000, "counter": {"packets": 5, "bytes": 520}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "tx_udp", "type": "inet_service", "elem": [{"elem": {"val": 7000, "counter": {"packets": 5, "bytes": 545}}}], "stmt": [{"counter": null}]}},
 {"set": {"name": "backend_tcp", "type": ["inet_service", "ipv4_addr", "inet_service"], "stmt": [{"counter": null}]}},
-{"set": {"name": "backend_udp", "type": ["inet_service", "ipv4_addr", "inet_service"], "elem": [{"elem": {"val": {"concat": [7000, "10.2.0.2", 9000]}, "counter": {"packets": 3, "bytes": 300}}}, {"elem": {"val": {"concat": [7000, "10.2.0.3", 9000]}, "counter": {"packets": 2, "bytes": 200}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "backend_udp", "type": ["inet_service", "ipv4_addr", "inet_service"], "elem": [{"elem": {"val": {"concat": [7000, "10.2.0.2", 9000]}, "counter": {"packets": 3, "bytes": 300}}}, {"elem": {"val": {"concat": [7000, "10.2.0.3", 9000]}, "counter": {"packets": 0, "bytes": 0}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "backend_tcp6", "type": ["inet_service", "ipv6_addr", "inet_service"], "stmt": [{"counter": null}]}},
+{"set": {"name": "backend_udp6", "type": ["inet_service", "ipv6_addr", "inet_service"], "elem": [{"elem": {"val": {"concat": [7000, "fd00:2::2", 9000]}, "counter": {"packets": 0, "bytes": 0}}}, {"elem": {"val": {"concat": [7000, "fd00:2::3", 9000]}, "counter": {"packets": 2, "bytes": 240}}}], "stmt": [{"counter": null}]}},
 {"map": {"name": "nat", "type": ["inet_proto", "inet_service"], "map": "verdict", "elem": [[{"concat": ["udp", 7000]}, {"goto": {"target": "endpoints_2"}}], [{"concat": ["tcp", 7001]}, {"goto": {"target": "no_endpoints"}}]]}},
+{"map": {"name": "nat6", "type": ["inet_proto", "inet_service"], "map": "verdict", "elem": [[{"concat": ["udp", 7000]}, {"goto": {"target": "endpoints_2"}}], [{"concat": ["tcp", 7001]}, {"goto": {"target": "no_endpoints"}}]]}},
 {"map": {"name": "endpoints_tcp", "type": ["inet_service", "integer"], "map": "ipv4_addr . inet_service"}},
 {"map": {"name": "endpoints_udp", "type": ["inet_service", "integer"], "map": "ipv4_addr . inet_service", "elem": [[{"concat": [7000, 0]}, {"concat": ["10.2.0.2", 9000]}], [{"concat": [7000, 1]}, {"concat": ["10.2.0.3", 9000]}]]}},
+{"map": {"name": "endpoints_tcp6", "type": ["inet_service", "integer"], "map": "ipv6_addr . inet_service"}},
+{"map": {"name": "endpoints_udp6", "type": ["inet_service", "integer"], "map": "ipv6_addr . inet_service", "elem": [[{"concat": [7000, 0]}, {"concat": ["fd00:2::2", 9000]}], [{"concat": [7000, 1]}, {"concat": ["fd00:2::3", 9000]}]]}},
 {"chain": {"name": "count_in", "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}},
 {"chain": {"name": "count_local", "type": "filter", "hook": "output", "prio": -150, "policy": "accept"}},
 {"chain": {"name": "count_out", "type": "filter", "hook": "postrouting", "prio": 100, "policy": "accept"}},
@@ -37,19 +43,101 @@ const LISTING: &str = r#"{"nftables": [
 {"chain": {"name": "nat_local", "type": "nat", "hook": "output", "prio": -100, "policy": "accept"}},
 {"chain": {"name": "no_endpoints"}},
 {"rule": {"chain": "count_in", "comment": "miren:7ce6ae4d83b9da05"}},
+{"rule": {"chain": "count_in", "comment": "miren:e8ed3d95b07fda0d"}},
 {"rule": {"chain": "count_in", "comment": "miren:6f0e0170f0c72628"}},
 {"rule": {"chain": "count_in", "comment": "miren:b32fd4a17e245c0c"}},
+{"rule": {"chain": "count_in", "comment": "miren:b7e9d120a33f9dc4"}},
+{"rule": {"chain": "count_in", "comment": "miren:9a6eb6611acf6798"}},
 {"rule": {"chain": "count_local", "comment": "miren:7ce6ae4d83b9da05"}},
+{"rule": {"chain": "count_local", "comment": "miren:e8ed3d95b07fda0d"}},
 {"rule": {"chain": "count_out", "comment": "miren:d733620b5e1aa39a"}},
 {"rule": {"chain": "count_out", "comment": "miren:8f006083da064752"}},
+{"rule": {"chain": "count_out", "comment": "miren:d9dc220269a48eb6"}},
+{"rule": {"chain": "count_out", "comment": "miren:493d906e38dbd442"}},
 {"rule": {"chain": "endpoints_2", "comment": "miren:5dda0709d72c0a90"}},
 {"rule": {"chain": "endpoints_2", "comment": "miren:25bba61fda718ff9"}},
 {"rule": {"chain": "endpoints_2", "comment": "miren:861d410176d355a5"}},
+{"rule": {"chain": "endpoints_2", "comment": "miren:64c87c1d78b367b5"}},
+{"rule": {"chain": "endpoints_2", "comment": "miren:1bdd42fe565f2699"}},
 {"rule": {"chain": "nat_in", "comment": "miren:d1f5cd1c1e3cfd87"}},
+{"rule": {"chain": "nat_in", "comment": "miren:f676481bf5d28b17"}},
 {"rule": {"chain": "nat_local", "comment": "miren:d1f5cd1c1e3cfd87"}},
+{"rule": {"chain": "nat_local", "comment": "miren:f676481bf5d28b17"}},
 {"rule": {"chain": "no_endpoints", "comment": "miren:368176471832e557"}},
 {"rule": {"chain": "no_endpoints", "comment": "miren:f1a2a766dcd55bac"}}
 ]}"#;
+
+/// The first transaction for [`snapshot`] of UDP 7000 → 10.2.0.2 and 10.2.0.3 (and their IPv6
+/// twins): every set, map and chain, every rule and every element.
+const FIRST_APPLY: &str = r#"add table inet miren
+add set inet miren node_addrs { type ipv4_addr; }
+add set inet miren node_addrs6 { type ipv6_addr; }
+add set inet miren rx { type inet_proto . inet_service; counter; }
+add set inet miren flows { type inet_proto . inet_service; counter; }
+add set inet miren drops { type inet_proto . inet_service; counter; }
+add set inet miren tx_tcp { type inet_service; counter; }
+add set inet miren tx_udp { type inet_service; counter; }
+add set inet miren backend_tcp { type inet_service . ipv4_addr . inet_service; counter; }
+add set inet miren backend_udp { type inet_service . ipv4_addr . inet_service; counter; }
+add set inet miren backend_tcp6 { type inet_service . ipv6_addr . inet_service; counter; }
+add set inet miren backend_udp6 { type inet_service . ipv6_addr . inet_service; counter; }
+add map inet miren nat { type inet_proto . inet_service : verdict; }
+add map inet miren nat6 { type inet_proto . inet_service : verdict; }
+add map inet miren endpoints_tcp { typeof th dport . meta length : ip daddr . tcp dport; }
+add map inet miren endpoints_udp { typeof th dport . meta length : ip daddr . udp dport; }
+add map inet miren endpoints_tcp6 { typeof th dport . meta length : ip6 daddr . tcp dport; }
+add map inet miren endpoints_udp6 { typeof th dport . meta length : ip6 daddr . udp dport; }
+add chain inet miren count_in { type filter hook prerouting priority -150; policy accept; }
+add chain inet miren count_local { type filter hook output priority -150; policy accept; }
+add chain inet miren count_out { type filter hook postrouting priority 100; policy accept; }
+add chain inet miren endpoints_2
+add chain inet miren nat_in { type nat hook prerouting priority -100; policy accept; }
+add chain inet miren nat_local { type nat hook output priority -100; policy accept; }
+add chain inet miren no_endpoints
+flush chain inet miren count_in
+add rule inet miren count_in ct direction original ip daddr @node_addrs meta l4proto . th dport @rx comment "miren:7ce6ae4d83b9da05"
+add rule inet miren count_in ct direction original ip6 daddr @node_addrs6 meta l4proto . th dport @rx comment "miren:e8ed3d95b07fda0d"
+add rule inet miren count_in ct direction reply ct status dnat ct original ip daddr @node_addrs meta l4proto tcp ct original proto-dst @tx_tcp comment "miren:6f0e0170f0c72628"
+add rule inet miren count_in ct direction reply ct status dnat ct original ip daddr @node_addrs meta l4proto udp ct original proto-dst @tx_udp comment "miren:b32fd4a17e245c0c"
+add rule inet miren count_in ct direction reply ct status dnat ct original ip6 daddr @node_addrs6 meta l4proto tcp ct original proto-dst @tx_tcp comment "miren:b7e9d120a33f9dc4"
+add rule inet miren count_in ct direction reply ct status dnat ct original ip6 daddr @node_addrs6 meta l4proto udp ct original proto-dst @tx_udp comment "miren:9a6eb6611acf6798"
+flush chain inet miren count_local
+add rule inet miren count_local ct direction original ip daddr @node_addrs meta l4proto . th dport @rx comment "miren:7ce6ae4d83b9da05"
+add rule inet miren count_local ct direction original ip6 daddr @node_addrs6 meta l4proto . th dport @rx comment "miren:e8ed3d95b07fda0d"
+flush chain inet miren count_out
+add rule inet miren count_out ct direction original ct status dnat ct original ip daddr @node_addrs meta l4proto tcp ct original proto-dst . ip daddr . th dport @backend_tcp comment "miren:d733620b5e1aa39a"
+add rule inet miren count_out ct direction original ct status dnat ct original ip daddr @node_addrs meta l4proto udp ct original proto-dst . ip daddr . th dport @backend_udp comment "miren:8f006083da064752"
+add rule inet miren count_out ct direction original ct status dnat ct original ip6 daddr @node_addrs6 meta l4proto tcp ct original proto-dst . ip6 daddr . th dport @backend_tcp6 comment "miren:d9dc220269a48eb6"
+add rule inet miren count_out ct direction original ct status dnat ct original ip6 daddr @node_addrs6 meta l4proto udp ct original proto-dst . ip6 daddr . th dport @backend_udp6 comment "miren:493d906e38dbd442"
+flush chain inet miren endpoints_2
+add rule inet miren endpoints_2 meta l4proto . th dport @flows comment "miren:5dda0709d72c0a90"
+add rule inet miren endpoints_2 dnat ip to tcp dport . jhash ip saddr . tcp sport mod 2 seed 0x6d6972 map @endpoints_tcp comment "miren:25bba61fda718ff9"
+add rule inet miren endpoints_2 dnat ip to udp dport . jhash ip saddr . udp sport mod 2 seed 0x6d6972 map @endpoints_udp comment "miren:861d410176d355a5"
+add rule inet miren endpoints_2 dnat ip6 to tcp dport . jhash ip6 saddr . tcp sport mod 2 seed 0x6d6972 map @endpoints_tcp6 comment "miren:64c87c1d78b367b5"
+add rule inet miren endpoints_2 dnat ip6 to udp dport . jhash ip6 saddr . udp sport mod 2 seed 0x6d6972 map @endpoints_udp6 comment "miren:1bdd42fe565f2699"
+flush chain inet miren nat_in
+add rule inet miren nat_in ip daddr @node_addrs meta l4proto . th dport vmap @nat comment "miren:d1f5cd1c1e3cfd87"
+add rule inet miren nat_in ip6 daddr @node_addrs6 meta l4proto . th dport vmap @nat6 comment "miren:f676481bf5d28b17"
+flush chain inet miren nat_local
+add rule inet miren nat_local ip daddr @node_addrs meta l4proto . th dport vmap @nat comment "miren:d1f5cd1c1e3cfd87"
+add rule inet miren nat_local ip6 daddr @node_addrs6 meta l4proto . th dport vmap @nat6 comment "miren:f676481bf5d28b17"
+flush chain inet miren no_endpoints
+add rule inet miren no_endpoints meta l4proto . th dport @drops comment "miren:368176471832e557"
+add rule inet miren no_endpoints drop comment "miren:f1a2a766dcd55bac"
+add element inet miren nat { udp . 7000 : goto endpoints_2, tcp . 7001 : goto no_endpoints }
+add element inet miren nat6 { udp . 7000 : goto endpoints_2, tcp . 7001 : goto no_endpoints }
+add element inet miren endpoints_udp { 7000 . 0 : 10.2.0.2 . 9000, 7000 . 1 : 10.2.0.3 . 9000 }
+add element inet miren endpoints_udp6 { 7000 . 0 : fd00:2::2 . 9000, 7000 . 1 : fd00:2::3 . 9000 }
+add element inet miren node_addrs { 10.1.0.2 }
+add element inet miren node_addrs6 { fd00:1::2 }
+add element inet miren rx { udp . 7000, tcp . 7001 }
+add element inet miren flows { udp . 7000, tcp . 7001 }
+add element inet miren drops { udp . 7000, tcp . 7001 }
+add element inet miren tx_tcp { 7001 }
+add element inet miren tx_udp { 7000 }
+add element inet miren backend_udp { 7000 . 10.2.0.2 . 9000, 7000 . 10.2.0.3 . 9000 }
+add element inet miren backend_udp6 { 7000 . fd00:2::2 . 9000, 7000 . fd00:2::3 . 9000 }
+"#;
 
 const UDP_7000: NodePortKey = NodePortKey {
     port: 7000,
@@ -64,8 +152,20 @@ fn ep(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
 }
 
+/// The IPv6 twin of an IPv4 endpoint: 10.2.0.X:P → [fd00:2::X]:P.
+fn ep6(s: &str) -> SocketAddrV6 {
+    let v4 = ep(s);
+    let [.., host] = v4.ip().octets();
+    SocketAddrV6::new(
+        Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, u16::from(host)),
+        v4.port(),
+        0,
+        0,
+    )
+}
+
 /// Node address 10.1.0.2; UDP 7000 → `udp_endpoints`; TCP 7001 without endpoints.
-fn snapshot(udp_endpoints: &[&str]) -> Snapshot {
+fn snapshot4(udp_endpoints: &[&str]) -> Snapshot {
     Snapshot4 {
         node_addrs: vec![Ipv4Addr::new(10, 1, 0, 2)],
         node_ports: BTreeMap::from([
@@ -74,6 +174,26 @@ fn snapshot(udp_endpoints: &[&str]) -> Snapshot {
         ]),
     }
     .into()
+}
+
+/// [`snapshot4`] on a dual-stack node: also the node address fd00:1::2 and the IPv6 twin
+/// ([`ep6`]) of each of `udp_endpoints6`.
+fn dual_stack(udp_endpoints: &[&str], udp_endpoints6: &[&str]) -> Snapshot {
+    let mut snapshot = snapshot4(udp_endpoints);
+    snapshot
+        .node_addrs
+        .push(IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2)));
+    snapshot
+        .node_ports
+        .get_mut(&UDP_7000)
+        .unwrap()
+        .extend(udp_endpoints6.iter().map(|e| SocketAddr::V6(ep6(e))));
+    snapshot
+}
+
+/// [`dual_stack`] with every endpoint's twin.
+fn snapshot(udp_endpoints: &[&str]) -> Snapshot {
+    dual_stack(udp_endpoints, udp_endpoints)
 }
 
 /// The lines of a transaction that change something (not the idempotent declarations).
@@ -96,34 +216,63 @@ fn adopted() -> TableState {
 fn a_first_apply_declares_everything_and_adds_every_element() {
     let desired = TableState::desired(&snapshot(&["10.2.0.3:9000", "10.2.0.2:9000"]));
     let script = transaction(&TableState::default(), &desired).unwrap();
-    let lines: Vec<&str> = script.lines().collect();
-    assert_eq!(lines[0], "add table inet miren");
-    for line in [
-        "add map inet miren endpoints_udp { typeof th dport . meta length : ip daddr . udp dport; }",
-        "add chain inet miren nat_in { type nat hook prerouting priority -100; policy accept; }",
-        "add chain inet miren endpoints_2",
-        "add chain inet miren no_endpoints",
-        "add element inet miren node_addrs { 10.1.0.2 }",
-        "add element inet miren rx { udp . 7000, tcp . 7001 }",
-        "add element inet miren drops { udp . 7000, tcp . 7001 }",
-        "add element inet miren tx_udp { 7000 }",
-        "add element inet miren tx_tcp { 7001 }",
-        "add element inet miren backend_udp { 7000 . 10.2.0.2 . 9000, 7000 . 10.2.0.3 . 9000 }",
-        "add element inet miren endpoints_udp { 7000 . 0 : 10.2.0.2 . 9000, 7000 . 1 : 10.2.0.3 . 9000 }",
-        "add element inet miren nat { udp . 7000 : goto endpoints_2, tcp . 7001 : goto no_endpoints }",
-    ] {
-        assert!(lines.contains(&line), "missing {line:?} in\n{script}");
+    if script != FIRST_APPLY {
+        panic!("the first transaction is\n{script}");
     }
+}
+
+#[test]
+fn a_node_without_ipv6_gets_no_ipv6_elements() {
+    let desired = TableState::desired(&snapshot4(&["10.2.0.2:9000", "10.2.0.3:9000"]));
+    let script = transaction(&TableState::default(), &desired).unwrap();
+    let elements: Vec<&str> = script
+        .lines()
+        .filter(|l| l.starts_with("add element"))
+        .collect();
+    // The IPv6 rules are there, but match no address; IPv6 flows have no endpoints.
+    assert!(elements.contains(
+        &"add element inet miren nat6 { udp . 7000 : goto no_endpoints, tcp . 7001 : goto no_endpoints }"
+    ));
     assert!(
-        lines.iter().any(|l| l.starts_with(
-            "add rule inet miren endpoints_2 dnat ip to udp dport . jhash ip saddr . udp sport mod 2 seed 0x6d6972 map @endpoints_udp comment \"miren:"
-        )),
+        !elements
+            .iter()
+            .any(|l| ["node_addrs6", "endpoints_udp6", "backend_udp6"]
+                .iter()
+                .any(|set| l.contains(&format!(" {set} ")))),
         "{script}"
     );
-    assert!(!script.contains("delete"), "{script}");
-    assert!(
-        !script.contains("element inet miren backend_tcp"),
-        "no TCP endpoints: {script}"
+    // The IPv4 part is the dual-stack one's.
+    let v4_lines = |script: &str| -> Vec<String> {
+        changes(script)
+            .into_iter()
+            .filter(|l| !l.contains("6 ") && !l.contains("ip6"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let both = TableState::desired(&snapshot(&["10.2.0.2:9000", "10.2.0.3:9000"]));
+    assert_eq!(
+        v4_lines(&script),
+        v4_lines(&transaction(&TableState::default(), &both).unwrap())
+    );
+
+    // The node loses its IPv6 address: the IPv6 endpoints go, their UDP flows are purged.
+    let script = transaction(&adopted(), &desired).unwrap();
+    assert_eq!(
+        changes(&script),
+        [
+            "delete element inet miren nat6 { udp . 7000 }",
+            "delete element inet miren endpoints_udp6 { 7000 . 0, 7000 . 1 }",
+            "delete element inet miren node_addrs6 { fd00:1::2 }",
+            "delete element inet miren backend_udp6 { 7000 . fd00:2::2 . 9000, 7000 . fd00:2::3 . 9000 }",
+            "add element inet miren nat6 { udp . 7000 : goto no_endpoints }",
+        ]
+    );
+    assert_eq!(
+        adopted().removed_udp_backends(&desired),
+        [
+            (UDP_7000, ep6("10.2.0.2:9000").into()),
+            (UDP_7000, ep6("10.2.0.3:9000").into())
+        ]
     );
 }
 
@@ -139,22 +288,43 @@ fn a_captured_listing_reads_back_as_the_state_it_was_written_from() {
         counters.ports[&UDP_7000],
         PortCounters {
             rx_packets: 5,
-            rx_bytes: 500,
+            rx_bytes: 540,
             flows: 2,
             tx_packets: 5,
-            tx_bytes: 520,
+            tx_bytes: 545,
             ..PortCounters::default()
         }
     );
     assert_eq!(counters.ports[&TCP_7001].drop_no_backend, 6);
     assert_eq!(
-        counters.backends[&(UDP_7000, ep("10.2.0.3:9000"))],
+        counters.backends[&(UDP_7000, ep("10.2.0.2:9000"))],
         BackendCounters {
-            packets: 2,
-            bytes: 200
+            packets: 3,
+            bytes: 300
         }
     );
-    assert_eq!(counters.backends.len(), 2);
+    assert_eq!(
+        counters.backends6[&(UDP_7000, ep6("10.2.0.3:9000"))],
+        BackendCounters {
+            packets: 2,
+            bytes: 240
+        }
+    );
+    assert_eq!((counters.backends.len(), counters.backends6.len()), (2, 2));
+    let of_port: Vec<(SocketAddr, u64)> = counters
+        .backends_of(UDP_7000)
+        .map(|(addr, c)| (addr, c.packets))
+        .collect();
+    assert_eq!(
+        of_port,
+        [
+            (ep("10.2.0.2:9000").into(), 3),
+            (ep("10.2.0.3:9000").into(), 0),
+            (ep6("10.2.0.2:9000").into(), 0),
+            (ep6("10.2.0.3:9000").into(), 2),
+        ]
+    );
+    assert_eq!(counters.backends_of(TCP_7001).count(), 0);
     assert_eq!(counters.global, GlobalCounters::default());
 }
 
@@ -179,14 +349,21 @@ fn an_endpoint_change_touches_only_the_changed_elements() {
         changes(&script),
         [
             "delete element inet miren endpoints_udp { 7000 . 1 }",
+            "delete element inet miren endpoints_udp6 { 7000 . 1 }",
             "delete element inet miren backend_udp { 7000 . 10.2.0.3 . 9000 }",
+            "delete element inet miren backend_udp6 { 7000 . fd00:2::3 . 9000 }",
             "add element inet miren endpoints_udp { 7000 . 1 : 10.2.0.4 . 9000 }",
+            "add element inet miren endpoints_udp6 { 7000 . 1 : fd00:2::4 . 9000 }",
             "add element inet miren backend_udp { 7000 . 10.2.0.4 . 9000 }",
+            "add element inet miren backend_udp6 { 7000 . fd00:2::4 . 9000 }",
         ]
     );
     assert_eq!(
         adopted().removed_udp_backends(&desired),
-        [(UDP_7000, ep("10.2.0.3:9000"))]
+        [
+            (UDP_7000, ep("10.2.0.3:9000").into()),
+            (UDP_7000, ep6("10.2.0.3:9000").into())
+        ]
     );
 }
 
@@ -206,22 +383,60 @@ fn a_new_endpoint_count_moves_the_jump_and_retires_the_unused_chain() {
             .unwrap_or_else(|| panic!("missing {line:?} in\n{script}"))
     };
     let unjump = at("delete element inet miren nat { udp . 7000 }");
+    let unjump6 = at("delete element inet miren nat6 { udp . 7000 }");
     let jump = at("add element inet miren nat { udp . 7000 : goto endpoints_3 }");
+    let jump6 = at("add element inet miren nat6 { udp . 7000 : goto endpoints_3 }");
     let create = at("flush chain inet miren endpoints_3");
     let retire = at("delete chain inet miren endpoints_2");
-    assert!(unjump < retire && create < jump, "{script}");
     assert!(
-        changes.contains(&"add element inet miren endpoints_udp { 7000 . 2 : 10.2.0.4 . 9000 }")
+        unjump.max(unjump6) < retire && create < jump.min(jump6),
+        "{script}"
     );
+    for line in [
+        "add element inet miren endpoints_udp { 7000 . 2 : 10.2.0.4 . 9000 }",
+        "add element inet miren endpoints_udp6 { 7000 . 2 : fd00:2::4 . 9000 }",
+    ] {
+        at(line);
+    }
     assert!(
-        !changes
-            .iter()
-            .any(|l| l.contains("endpoints_udp { 7000 . 0")),
+        !changes.iter().any(|l| l.contains("{ 7000 . 0")),
         "{script}"
     );
     assert!(
         !changes.iter().any(|l| l.contains(" rx ")),
         "counters stay: {script}"
+    );
+}
+
+#[test]
+fn each_family_jumps_to_the_chain_of_its_own_endpoint_count() {
+    // The second instance has no IPv6 address (yet).
+    let desired = TableState::desired(&dual_stack(
+        &["10.2.0.2:9000", "10.2.0.3:9000"],
+        &["10.2.0.2:9000"],
+    ));
+    let script = transaction(&adopted(), &desired).unwrap();
+    let changes = changes(&script);
+    for line in [
+        "flush chain inet miren endpoints_1",
+        "delete element inet miren nat6 { udp . 7000 }",
+        "add element inet miren nat6 { udp . 7000 : goto endpoints_1 }",
+        "delete element inet miren endpoints_udp6 { 7000 . 1 }",
+        "delete element inet miren backend_udp6 { 7000 . fd00:2::3 . 9000 }",
+    ] {
+        assert!(changes.contains(&line), "missing {line:?} in\n{script}");
+    }
+    assert!(
+        !changes.iter().any(|l| l.contains(" nat {")
+            || l.contains("endpoints_udp {")
+            || l.contains("chain inet miren endpoints_2")),
+        "IPv4 unchanged: {script}"
+    );
+    assert!(
+        changes.iter().any(|l| l.starts_with(
+            "add rule inet miren endpoints_1 dnat ip6 to udp dport . jhash ip6 saddr . udp sport mod 1 "
+        )),
+        "{script}"
     );
 }
 
@@ -239,16 +454,27 @@ fn a_changed_rule_is_rewritten_and_a_changed_set_recreates_the_table() {
         ]
     );
 
-    let retyped = LISTING.replace(
-        r#""name": "drops", "type": ["inet_proto", "inet_service"]"#,
-        r#""name": "drops", "type": ["inet_proto", "ipv4_addr"]"#,
-    );
-    let state = parse_listing(&[&retyped]).unwrap().state;
-    assert!(state.incompatible);
-    let script = transaction(&state, &desired).unwrap();
-    assert!(
-        script.starts_with("delete table inet miren\nadd table inet miren\n"),
-        "{script}"
-    );
-    assert!(script.contains("add element inet miren drops { udp . 7000, tcp . 7001 }"));
+    for (from, to) in [
+        (
+            r#""name": "drops", "type": ["inet_proto", "inet_service"]"#,
+            r#""name": "drops", "type": ["inet_proto", "ipv4_addr"]"#,
+        ),
+        (
+            r#""name": "backend_udp6", "type": ["inet_service", "ipv6_addr""#,
+            r#""name": "backend_udp6", "type": ["inet_service", "ipv4_addr""#,
+        ),
+        // An IPv4 address in the IPv6 set cannot have been written by this code.
+        (r#"["fd00:1::2"]"#, r#"["10.1.0.9"]"#),
+    ] {
+        let retyped = LISTING.replace(from, to);
+        assert_ne!(retyped, LISTING, "{from}");
+        let state = parse_listing(&[&retyped]).unwrap().state;
+        assert!(state.incompatible, "{to}");
+        let script = transaction(&state, &desired).unwrap();
+        assert!(
+            script.starts_with("delete table inet miren\nadd table inet miren\n"),
+            "{script}"
+        );
+        assert!(script.contains("add element inet miren drops { udp . 7000, tcp . 7001 }"));
+    }
 }
