@@ -1,10 +1,14 @@
 //! The nftables data plane in namespaces with real sockets: a client namespace reaches UDP and
 //! TCP echo servers in sandbox namespaces through NODE_IP:node_port, DNATed by the rules of
-//! `NftDataplane` applied in the node namespace. Counters are checked exactly.
+//! `NftDataplane` applied in the node namespace. Counters are checked exactly. The dual-stack
+//! world does the same over IPv6 (the node's IPv6 address, the instances' IPv6 endpoints).
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+        UdpSocket,
+    },
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -20,6 +24,11 @@ use miren_tests::{
 
 /// IPv4 + UDP headers.
 const UDP_OVERHEAD: u64 = 28;
+/// IPv6 + UDP headers.
+const UDP6_OVERHEAD: u64 = 48;
+/// The client's and the node's IPv6 addresses in the dual-stack world.
+const CLIENT_IP6: &str = "fd00:5b::1";
+const NODE_IP6: &str = "fd00:5b::2";
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 const UDP_7000: NodePortKey = NodePortKey {
@@ -40,6 +49,25 @@ fn sandbox(i: usize) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(10, 89, 0, i as u8 + 2), 9000)
 }
 
+/// The IPv6 address of sandbox `i` (dual-stack world).
+fn sandbox6(i: usize) -> SocketAddrV6 {
+    let addr = Ipv6Addr::new(0xfd6d, 0x6972, 0x656e, 0, 0, 0, 0, i as u16 + 2);
+    SocketAddrV6::new(addr, 9000, 0, 0)
+}
+
+/// `ip -6 addr add CIDR dev DEV nodad` in `ns`.
+fn add_addr6(ns: &Netns, dev: &str, cidr: &str) {
+    ns.ip(&["-6", "addr", "add", cidr, "dev", dev, "nodad"])
+        .unwrap();
+}
+
+/// A namespace with IPv6 on, without duplicate address detection on its interfaces.
+fn netns6(tag: &str) -> Netns {
+    let ns = Netns::new_with_ipv6(tag).unwrap();
+    ns.sysctl("net.ipv6.conf.default.accept_dad", "0").unwrap();
+    ns
+}
+
 /// Client, node and sandbox namespaces. Each sandbox runs UDP and TCP echo servers on port 9000
 /// that answer with their index followed by what they received, and record the peers they see.
 struct World {
@@ -51,20 +79,58 @@ struct World {
 
 impl World {
     fn new(sandboxes: usize) -> Self {
-        let (client, node) = client_and_node("nft").unwrap();
+        Self::build(sandboxes, false)
+    }
+
+    /// IPv6 on everywhere: the client at `CLIENT_IP6`, the node at `NODE_IP6` and each sandbox
+    /// at [`sandbox6`] too, its echo servers also listening there.
+    fn new_dual_stack(sandboxes: usize) -> Self {
+        Self::build(sandboxes, true)
+    }
+
+    fn build(sandboxes: usize, dual_stack: bool) -> Self {
+        let (client, node) = if dual_stack {
+            let client = netns6("nft6-client");
+            let node = netns6("nft6-node");
+            veth(&client, "eth0", &node, "eth0").unwrap();
+            client.addr("eth0", &format!("{CLIENT_IP}/24")).unwrap();
+            node.addr("eth0", &format!("{NODE_IP}/24")).unwrap();
+            add_addr6(&client, "eth0", &format!("{CLIENT_IP6}/64"));
+            add_addr6(&node, "eth0", &format!("{NODE_IP6}/64"));
+            node.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+            (client, node)
+        } else {
+            client_and_node("nft").unwrap()
+        };
         node.sysctl("net.ipv4.ip_forward", "1").unwrap();
         node.bridge("br0").unwrap();
         node.addr("br0", "10.89.0.1/24").unwrap();
+        if dual_stack {
+            add_addr6(&node, "br0", "fd6d:6972:656e::1/64");
+        }
         let mut namespaces = Vec::new();
         let mut peers = Vec::new();
         for i in 0..sandboxes {
-            let ns = Netns::new(&format!("nft-sb{i}")).unwrap();
+            let tag = format!("nft-sb{i}");
+            let ns = if dual_stack {
+                netns6(&tag)
+            } else {
+                Netns::new(&tag).unwrap()
+            };
             let port = format!("sb{i}");
             veth(&node, &port, &ns, "eth0").unwrap();
             node.attach_to_bridge(&port, "br0").unwrap();
             ns.addr("eth0", &format!("{}/24", sandbox(i).ip())).unwrap();
             ns.route(&["default", "via", "10.89.0.1"]).unwrap();
-            peers.push(echo_servers(&ns, i));
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            echo_servers(&ns, i, sandbox(i).into(), &seen);
+            if dual_stack {
+                add_addr6(&ns, "eth0", &format!("{}/64", sandbox6(i).ip()));
+                ns.ip(&["-6", "route", "add", "default", "via", "fd6d:6972:656e::1"])
+                    .unwrap();
+                echo_servers(&ns, i, sandbox6(i).into(), &seen);
+            }
+            peers.push(seen);
             namespaces.push(ns);
         }
         Self {
@@ -98,9 +164,15 @@ impl World {
 
     /// A UDP socket in the client namespace, bound to `port` (0: any).
     fn client_udp(&self, port: u16) -> UdpSocket {
+        self.client_udp_at(CLIENT_IP, port)
+    }
+
+    /// A UDP socket in the client namespace, bound to `addr` and `port` (0: any).
+    fn client_udp_at(&self, addr: &str, port: u16) -> UdpSocket {
+        let addr: IpAddr = addr.parse().unwrap();
         let socket = self
             .client
-            .run(|| UdpSocket::bind((CLIENT_IP, port)))
+            .run(|| UdpSocket::bind((addr, port)))
             .unwrap()
             .unwrap();
         socket.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -129,11 +201,21 @@ fn snapshot(ports: &[(NodePortKey, &[usize])]) -> Snapshot {
     .into()
 }
 
-fn echo_servers(ns: &Netns, index: usize) -> Arc<Mutex<Vec<SocketAddr>>> {
-    let peers = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
-    let addr = sandbox(index);
+/// [`snapshot`] on a dual-stack node: also `NODE_IP6` and each sandbox's IPv6 endpoint.
+fn snapshot_dual_stack(ports: &[(NodePortKey, &[usize])]) -> Snapshot {
+    let mut snapshot = snapshot(ports);
+    snapshot.node_addrs.push(NODE_IP6.parse().unwrap());
+    for (key, sandboxes) in ports {
+        let endpoints = snapshot.node_ports.get_mut(key).unwrap();
+        endpoints.extend(sandboxes.iter().map(|i| SocketAddr::V6(sandbox6(*i))));
+    }
+    snapshot
+}
+
+/// UDP and TCP echo servers of sandbox `index` on `addr`, recording their peers in `peers`.
+fn echo_servers(ns: &Netns, index: usize, addr: SocketAddr, peers: &Arc<Mutex<Vec<SocketAddr>>>) {
     let udp = ns.run(|| UdpSocket::bind(addr)).unwrap().unwrap();
-    let seen = Arc::clone(&peers);
+    let seen = Arc::clone(peers);
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         while let Ok((len, from)) = udp.recv_from(&mut buf[1..]) {
@@ -147,7 +229,7 @@ fn echo_servers(ns: &Netns, index: usize) -> Arc<Mutex<Vec<SocketAddr>>> {
         }
     });
     let tcp = ns.run(|| TcpListener::bind(addr)).unwrap().unwrap();
-    let seen = Arc::clone(&peers);
+    let seen = Arc::clone(peers);
     std::thread::spawn(move || {
         for stream in tcp.incoming().flatten() {
             seen.lock().unwrap().push(stream.peer_addr().unwrap());
@@ -165,7 +247,6 @@ fn echo_servers(ns: &Netns, index: usize) -> Arc<Mutex<Vec<SocketAddr>>> {
             });
         }
     });
-    peers
 }
 
 /// Sends `payload` to `to` and returns (serving sandbox, reply source); panics without reply.
@@ -182,7 +263,11 @@ fn udp_echo(socket: &UdpSocket, to: &str, payload: &[u8]) -> (usize, SocketAddr)
 /// Connects to `NODE_IP:7000`, exchanges `payload`; returns (serving sandbox, local address,
 /// peer address).
 fn tcp_echo(payload: &[u8]) -> (usize, SocketAddr, SocketAddr) {
-    let node_port = format!("{NODE_IP}:7000").parse().unwrap();
+    tcp_echo_to(format!("{NODE_IP}:7000").parse().unwrap(), payload)
+}
+
+/// [`tcp_echo`] to `node_port`.
+fn tcp_echo_to(node_port: SocketAddr, payload: &[u8]) -> (usize, SocketAddr, SocketAddr) {
     let mut stream = TcpStream::connect_timeout(&node_port, TIMEOUT).expect("TCP connect");
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut index = [0u8; 1];
@@ -396,9 +481,17 @@ fn connections_from_the_node_itself_reach_the_node_port() {
 
 /// Conntrack entries of UDP flows to `NODE_IP:7000` in the node namespace.
 fn udp_conntrack(world: &World) -> String {
+    udp_conntrack_of(world, "ipv4")
+}
+
+/// Conntrack entries of UDP flows of `family` (`ipv4`, `ipv6`) to port 7000 of the node.
+fn udp_conntrack_of(world: &World, family: &str) -> String {
     let out = world
         .node
-        .exec("conntrack", &["-L", "-p", "udp", "--orig-port-dst", "7000"])
+        .exec(
+            "conntrack",
+            &["-L", "-f", family, "-p", "udp", "--orig-port-dst", "7000"],
+        )
         .unwrap();
     String::from_utf8(out.stdout).unwrap()
 }
@@ -431,6 +524,143 @@ fn removing_a_udp_endpoint_moves_its_sessions_to_the_others() {
         "{}",
         udp_conntrack(&world)
     );
+}
+
+#[test]
+fn ipv6_node_ports_reach_the_instances_ipv6_endpoints_like_ipv4_ones() {
+    const FLOWS: usize = 30;
+    const PAYLOAD: &[u8] = b"ping over IPv6";
+    let world = World::new_dual_stack(3);
+    let mut plane = world.open();
+    let all: &[usize] = &[0, 1, 2];
+    world.apply(
+        &mut plane,
+        &snapshot_dual_stack(&[(UDP_7000, all), (TCP_7000, all), (UDP_7001, &[])]),
+    );
+    let to = format!("[{NODE_IP6}]:7000");
+    let node_port: SocketAddr = to.parse().unwrap();
+
+    // UDP: replies from the node port, the client's address seen, flows spread and stick.
+    let sockets: Vec<UdpSocket> = (0..FLOWS)
+        .map(|_| world.client_udp_at(CLIENT_IP6, 0))
+        .collect();
+    let mut served = Vec::new();
+    for socket in &sockets {
+        let (index, from) = udp_echo(socket, &to, PAYLOAD);
+        assert_eq!(from, node_port, "reply source");
+        let local = socket.local_addr().unwrap();
+        assert!(world.saw(index, local), "sandbox {index} saw {local}");
+        served.push(index);
+    }
+    for i in 0..3 {
+        assert!(served.contains(&i), "endpoint {i} got no flow: {served:?}");
+    }
+    for (socket, index) in sockets.iter().zip(&served) {
+        for _ in 0..2 {
+            assert_eq!(udp_echo(socket, &to, PAYLOAD).0, *index, "the flow moved");
+        }
+    }
+    let counters = world.counters(&plane);
+    let port = counters.ports[&UDP_7000];
+    let packets = 3 * FLOWS as u64;
+    let bytes = packets * (UDP6_OVERHEAD + PAYLOAD.len() as u64);
+    assert_eq!(
+        (port.rx_packets, port.rx_bytes, port.flows),
+        (packets, bytes, FLOWS as u64)
+    );
+    assert_eq!((port.tx_packets, port.tx_bytes), (packets, bytes + packets));
+    for i in 0..3 {
+        let flows = served.iter().filter(|s| **s == i).count() as u64;
+        let backend = counters.backends6[&(UDP_7000, sandbox6(i))];
+        assert_eq!(backend.packets, 3 * flows, "endpoint {i}");
+        assert_eq!(counters.backends[&(UDP_7000, sandbox(i))].packets, 0);
+    }
+
+    // A node port without endpoints drops IPv6 too.
+    let dropped = world.client_udp_at(CLIENT_IP6, 0);
+    for _ in 0..2 {
+        dropped
+            .send_to(b"nobody", format!("[{NODE_IP6}]:7001"))
+            .unwrap();
+    }
+    let counters = wait_for_counters(&world, &plane, |c| c.ports[&UDP_7001].drop_no_backend >= 2);
+    assert_eq!(counters.ports[&UDP_7001].drop_no_backend, 2);
+    assert_eq!(counters.ports[&UDP_7001].rx_packets, 2);
+
+    // TCP: the same, connection by connection.
+    let tcp: Vec<(usize, SocketAddr, SocketAddr)> = world
+        .client
+        .run(|| {
+            (0..FLOWS)
+                .map(|_| tcp_echo_to(node_port, b"tcp over IPv6"))
+                .collect()
+        })
+        .unwrap();
+    for (index, local, peer) in &tcp {
+        assert_eq!(*peer, node_port);
+        assert!(world.saw(*index, *local), "sandbox {index} saw {local}");
+    }
+    for i in 0..3 {
+        assert!(
+            tcp.iter().any(|t| t.0 == i),
+            "endpoint {i} got no connection"
+        );
+    }
+    let forwarded = |c: &Counters| -> u64 {
+        (0..3)
+            .map(|i| c.backends6[&(TCP_7000, sandbox6(i))].packets)
+            .sum()
+    };
+    let counters = wait_for_counters(&world, &plane, |c| {
+        c.ports[&TCP_7000].rx_packets == forwarded(c)
+    });
+    let port = counters.ports[&TCP_7000];
+    assert_eq!(port.flows, FLOWS as u64);
+    assert_eq!(port.rx_packets, forwarded(&counters), "all forwarded");
+    assert!(port.tx_packets >= 3 * FLOWS as u64, "{port:?}");
+
+    // IPv4 on the same node port, and both families from the node itself.
+    let (_, from) = udp_echo(&world.client_udp(0), &format!("{NODE_IP}:7000"), b"v4");
+    assert_eq!(from.to_string(), format!("{NODE_IP}:7000"));
+    let (_, from) = world
+        .node
+        .run(|| {
+            let socket = UdpSocket::bind(("::", 0)).unwrap();
+            socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+            udp_echo(&socket, &to, b"local")
+        })
+        .unwrap();
+    assert_eq!(from, node_port);
+    let (_, _, peer) = world
+        .node
+        .run(|| tcp_echo_to(node_port, b"local tcp"))
+        .unwrap();
+    assert_eq!(peer, node_port);
+
+    // A removed UDP endpoint's flows move; the others' stay.
+    let (moved, gone) = (&sockets[0], served[0]);
+    let (stays, kept) = sockets
+        .iter()
+        .zip(&served)
+        .find(|(_, s)| **s != gone)
+        .unwrap();
+    let entry = format!("src={} ", sandbox6(gone).ip());
+    assert!(udp_conntrack_of(&world, "ipv6").contains(&entry));
+    let survivors: Vec<usize> = all.iter().copied().filter(|i| *i != gone).collect();
+    world.apply(
+        &mut plane,
+        &snapshot_dual_stack(&[(UDP_7000, &survivors), (TCP_7000, all)]),
+    );
+    assert!(
+        !udp_conntrack_of(&world, "ipv6").contains(&entry),
+        "stale entries left: {}",
+        udp_conntrack_of(&world, "ipv6")
+    );
+    let now = udp_echo(moved, &to, b"after").0;
+    assert!(survivors.contains(&now), "still on the removed {gone}");
+    assert_eq!(udp_echo(stays, &to, b"after").0, *kept);
+    let counters = world.counters(&plane);
+    assert!(!counters.backends6.contains_key(&(UDP_7000, sandbox6(gone))));
 }
 
 #[test]
