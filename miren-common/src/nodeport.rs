@@ -33,6 +33,15 @@ pub const CONFIG_MAP: &str = "MIREN_CONFIG";
 /// be any port, a node port too), which the kernel's conntrack translates back.
 pub const BACKEND_ADDRS_MAP: &str = "MIREN_BACKEND_ADDRS";
 
+/// `HashMap<Addr6, u32 1>`: the node's own IPv6 addresses.
+pub const NODE_ADDRS6_MAP: &str = "MIREN_NODE_ADDRS6";
+/// `Array<Backend6>` indexed by backend id: the IPv6 twin of each backend (the same instance's
+/// IPv6 address and port; all zeroes when it has none). IPv6 flows use the same Maglev tables
+/// and backend ids as IPv4 ones and take the address from here.
+pub const BACKENDS6_MAP: &str = "MIREN_BACKENDS6";
+/// `LruHashMap<FlowKey6, Flow6>`: IPv6 conntrack, forward and reverse entries.
+pub const CONNTRACK6_MAP: &str = "MIREN_CT6";
+
 /// Most node ports (service ids are `0..MAX_SERVICES`).
 pub const MAX_SERVICES: u32 = 16_384;
 /// Most backends (backend ids are `0..MAX_BACKENDS`).
@@ -41,6 +50,8 @@ pub const MAX_BACKENDS: u32 = 65_536;
 pub const MAGLEV_ENTRIES: u32 = 4 << 20;
 /// Capacity of [`CONNTRACK_MAP`] (two entries per flow).
 pub const CONNTRACK_ENTRIES: u32 = 1 << 18;
+/// Capacity of [`CONNTRACK6_MAP`] (two entries per flow).
+pub const CONNTRACK6_ENTRIES: u32 = 1 << 17;
 
 /// IP protocol numbers.
 pub const PROTO_TCP: u8 = 6;
@@ -155,6 +166,54 @@ pub struct Flow {
     pub last_seen_ns: u64,
 }
 
+/// An IPv6 address as stored in packets: four 32-bit words in network byte order.
+pub type Addr6 = [u32; 4];
+
+/// Value of [`BACKENDS6_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend6 {
+    /// Sandbox IPv6 address (words as stored); all zeroes: the backend has none.
+    pub addr: Addr6,
+    /// Target port, network byte order.
+    pub port_be: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// Key of [`CONNTRACK6_MAP`]: [`FlowKey`] with IPv6 addresses (ports be, pad zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(missing_docs)]
+pub struct FlowKey6 {
+    pub src_addr: Addr6,
+    pub dst_addr: Addr6,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+
+/// Value of [`CONNTRACK6_MAP`]; the fields mean what they mean in [`Flow`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow6 {
+    /// Forward entry: the backend address; reverse entry: the node address.
+    pub nat_addr: Addr6,
+    /// Forward entry: the backend port; reverse entry: the node port (be).
+    pub nat_port: u16,
+    /// [`FLOW_REVERSE`], [`FLOW_CLOSING`].
+    pub flags: u16,
+    /// Service id (for stats).
+    pub service_id: u32,
+    /// Backend id (for stats and for removing flows of removed backends).
+    pub backend_id: u32,
+    /// Zero.
+    pub pad: u32,
+    /// Last packet seen (forward direction), ns on the data plane's clock.
+    pub last_seen_ns: u64,
+}
+
 /// A reverse (reply-direction) conntrack entry.
 pub const FLOW_REVERSE: u16 = 1;
 /// A TCP flow that has seen FIN: it expires after [`Config::tcp_closing_timeout_ns`].
@@ -249,6 +308,12 @@ pub const fn flow_hash(src_addr: u32, src_port: u16, dst_port: u16, protocol: u8
     mix(h ^ protocol as u32)
 }
 
+/// [`flow_hash`] of an IPv6 client: its address folded to 32 bits (XOR of its words).
+pub const fn flow_hash6(src_addr: &Addr6, src_port: u16, dst_port: u16, protocol: u8) -> u32 {
+    let folded = src_addr[0] ^ src_addr[1] ^ src_addr[2] ^ src_addr[3];
+    flow_hash(folded, src_port, dst_port, protocol)
+}
+
 /// murmur3's 32-bit finalizer.
 const fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;
@@ -269,6 +334,9 @@ const _: () = {
     assert!(core::mem::size_of::<PortStats>() == 56);
     assert!(core::mem::size_of::<BackendStats>() == 16);
     assert!(core::mem::size_of::<Config>() == 24);
+    assert!(core::mem::size_of::<Backend6>() == 20);
+    assert!(core::mem::size_of::<FlowKey6>() == 40);
+    assert!(core::mem::size_of::<Flow6>() == 40);
 };
 
 #[cfg(feature = "user")]
@@ -285,4 +353,7 @@ mod pod {
     unsafe impl aya::Pod for PortStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for FlowKey6 {}
+    unsafe impl aya::Pod for Flow6 {}
 }

@@ -1,9 +1,12 @@
-//! Minimal Ethernet, IPv4, TCP and UDP header layouts (fields as stored: network byte order).
+//! Minimal Ethernet, IPv4, IPv6, TCP and UDP header layouts (fields as stored: network byte order).
 
 /// Ethernet header length.
 pub const ETH_LEN: usize = 14;
 /// EtherType IPv4 as stored in the frame (big-endian 0x0800 read as native u16).
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+
+/// EtherType IPv6 as stored in the frame.
+pub const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 
 #[repr(C)]
 pub struct EthHdr {
@@ -25,6 +28,36 @@ pub struct Ipv4Hdr {
     pub saddr: u32,
     pub daddr: u32,
 }
+
+/// IPv6 fixed header.
+#[repr(C)]
+pub struct Ipv6Hdr {
+    /// Version (4 bits), traffic class, flow label.
+    pub vtc_flow: [u8; 4],
+    pub payload_len: u16,
+    pub nexthdr: u8,
+    pub hop_limit: u8,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+}
+
+/// IPv6 fixed header length.
+pub const IPV6_LEN: usize = 40;
+
+/// The first two bytes of an IPv6 hop-by-hop, routing or destination options header.
+#[repr(C)]
+pub struct Ipv6ExtHdr {
+    pub nexthdr: u8,
+    /// Length in 8-byte units, not counting the first 8 bytes.
+    pub len: u8,
+}
+
+/// IPv6 next-header values of the extension headers walked over.
+pub const IPV6_HOPOPTS: u8 = 0;
+/// Routing header.
+pub const IPV6_ROUTING: u8 = 43;
+/// Destination options header.
+pub const IPV6_DSTOPTS: u8 = 60;
 
 /// The first 4 bytes of TCP and UDP headers.
 #[repr(C)]

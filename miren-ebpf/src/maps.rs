@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use miren_common::nodeport::{
-    Backend, BackendAddr, BackendStats, CONNTRACK_ENTRIES, Config, Flow, FlowKey, GLOBAL_STATS,
-    GlobalStat, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, MaglevKey, PortStats, Service,
-    ServiceKey,
+    Addr6, Backend, BackendAddr, BackendStats, CONNTRACK_ENTRIES, Config, Flow, FlowKey,
+    GLOBAL_STATS, GlobalStat, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, MaglevKey, PortStats,
+    Service, ServiceKey,
 };
 
 /// Upper bound on node addresses.
@@ -16,6 +16,9 @@ const MAX_NODE_ADDRS: u32 = 256;
 
 #[map(name = "MIREN_NODE_ADDRS")]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
+
+#[map(name = "MIREN_NODE_ADDRS6")]
+pub static NODE_ADDRS6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
 
 #[map(name = "MIREN_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);

@@ -15,11 +15,12 @@ use miren_common::nodeport::{
 use crate::{
     csum,
     headers::{
-        ETH_LEN, ETH_P_IP_BE, EthHdr, IP_FRAG_MASK, Ipv4Hdr, TCP_FIN, TCP_RST, TcpHdr, UdpHdr,
+        ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, EthHdr, IP_FRAG_MASK, IPV6_DSTOPTS, IPV6_HOPOPTS,
+        IPV6_LEN, IPV6_ROUTING, Ipv4Hdr, Ipv6ExtHdr, Ipv6Hdr, TCP_FIN, TCP_RST, TcpHdr, UdpHdr,
     },
     maps::{
-        BACKEND_ADDRS, BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, NODE_ADDRS, SERVICES, config,
-        count, now_ns, port_stats,
+        BACKEND_ADDRS, BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, NODE_ADDRS, NODE_ADDRS6,
+        SERVICES, config, count, now_ns, port_stats,
     },
 };
 
@@ -57,7 +58,11 @@ fn pass() -> Result<u32, Malformed> {
 fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: every dereference below is of a pointer bounds-checked by `ptr_at`.
-    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == ETH_P_IPV6_BE {
+        return forward6(ctx);
+    }
+    if ether_type != ETH_P_IP_BE {
         return pass();
     }
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
@@ -145,6 +150,73 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     rewrite(ctx, ip, l4, protocol, flow.nat_addr, flow.nat_port)?;
     backend_stats(flow.backend_id, ip_bytes);
     Ok(xdp_action::XDP_PASS)
+}
+
+/// Extension headers walked over before giving up (the packet then goes to the kernel).
+const MAX_EXT_HEADERS: usize = 4;
+/// The L4 header must start within this many bytes of the frame.
+const MAX_L4_OFFSET: usize = 512;
+
+/// The offset of the TCP or UDP header of an IPv6 packet after its hop-by-hop, routing and
+/// destination options headers, and its protocol; `None` for anything else (a fragment
+/// header, ICMPv6, more than [`MAX_EXT_HEADERS`] extension headers, headers too long).
+#[inline(always)]
+fn ipv6_l4(ctx: &XdpContext, nexthdr: u8, end: usize) -> Result<Option<(usize, u8)>, Malformed> {
+    let mut next = nexthdr;
+    let mut offset = ETH_LEN + IPV6_LEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        if next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS {
+            break;
+        }
+        // An extension header must lie inside the IPv6 payload.
+        if offset + core::mem::size_of::<Ipv6ExtHdr>() > end {
+            return Err(Malformed);
+        }
+        let ext: *mut Ipv6ExtHdr = ptr_at(ctx, offset)?;
+        // SAFETY: bounds-checked by `ptr_at`.
+        let (ext_next, ext_len) = unsafe { ((*ext).nexthdr, (*ext).len) };
+        next = ext_next;
+        offset += (ext_len as usize + 1) * 8;
+        if offset > MAX_L4_OFFSET {
+            return Ok(None);
+        }
+    }
+    if next != PROTO_TCP && next != PROTO_UDP {
+        return Ok(None);
+    }
+    Ok(Some((offset, next)))
+}
+
+/// IPv6: the same as [`forward`] for IPv4, after the extension headers.
+#[inline(always)]
+fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN)?;
+    // SAFETY: every dereference below is of a pointer bounds-checked by `ptr_at`.
+    let (version, daddr, nexthdr) = unsafe { ((*ip).vtc_flow[0] >> 4, (*ip).daddr, (*ip).nexthdr) };
+    if NODE_ADDRS6.get_ptr(daddr).is_none() {
+        return pass();
+    }
+    if version != 6 {
+        return Err(Malformed);
+    }
+    let payload_len = u16::from_be(unsafe { (*ip).payload_len }) as usize;
+    // The end of the IPv6 packet (Ethernet padding may follow).
+    let end = ETH_LEN + IPV6_LEN + payload_len;
+    if end > ctx.data_end() - ctx.data() {
+        return Err(Malformed);
+    }
+    let Some((l4, protocol)) = ipv6_l4(ctx, nexthdr, end)? else {
+        return pass();
+    };
+    let l4_len = if protocol == PROTO_TCP {
+        core::mem::size_of::<TcpHdr>()
+    } else {
+        core::mem::size_of::<UdpHdr>()
+    };
+    if l4 + l4_len > end {
+        return Err(Malformed);
+    }
+    pass()
 }
 
 /// The live conntrack entry of `key`, refreshed; `None` if missing or expired.

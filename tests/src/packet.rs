@@ -7,6 +7,8 @@
 //! - [`arp_request`] and [`ipv6_frame`] build non-IPv4 frames; [`truncate`] cuts any frame.
 //! - [`parse`], [`verify_checksums`] and [`rewrite_expected`] check what the code under test
 //!   produced: the expected NAT result is rebuilt with every checksum recomputed from scratch.
+//! - [`Frame6Builder`], [`parse6`], [`verify_checksums6`] and [`rewrite_expected6`] do the same
+//!   for IPv6 (extension headers, fragment headers, mandatory UDP checksums).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -794,6 +796,341 @@ pub fn checksum(parts: &[&[u8]]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// One end of an IPv6 flow: MAC, IPv6 address and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint6 {
+    /// Ethernet address.
+    pub mac: [u8; 6],
+    /// IPv6 address.
+    pub ip: Ipv6Addr,
+    /// TCP/UDP port.
+    pub port: u16,
+}
+
+/// IPv6 next-header values of the extension headers [`Frame6Builder`] adds.
+pub const IPV6_HOPOPTS: u8 = 0;
+/// Routing header.
+pub const IPV6_ROUTING: u8 = 43;
+/// Fragment header.
+pub const IPV6_FRAGMENT: u8 = 44;
+/// Destination options header.
+pub const IPV6_DSTOPTS: u8 = 60;
+/// ICMPv6.
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Builds one Ethernet/IPv6 frame with TCP or UDP, optionally after extension headers.
+/// Defaults: hop limit 64, `payload_len` matching the packet, a correct TCP/UDP checksum
+/// (over the IPv6 pseudo-header: source, destination, upper-layer length, next header).
+#[derive(Debug, Clone)]
+pub struct Frame6Builder {
+    src: Endpoint6,
+    dst: Endpoint6,
+    tcp: Option<(u8, u32, u32)>,
+    payload: Vec<u8>,
+    /// (next-header value of this header, its bytes after the first two).
+    ext: Vec<(u8, Vec<u8>)>,
+    payload_len: Option<u16>,
+    udp_checksum_zero: bool,
+    trailer: Vec<u8>,
+}
+
+impl Frame6Builder {
+    fn new(src: Endpoint6, dst: Endpoint6, tcp: Option<(u8, u32, u32)>) -> Self {
+        Self {
+            src,
+            dst,
+            tcp,
+            payload: Vec::new(),
+            ext: Vec::new(),
+            payload_len: None,
+            udp_checksum_zero: false,
+            trailer: Vec::new(),
+        }
+    }
+
+    /// A UDP datagram from `src` to `dst`.
+    pub fn udp(src: Endpoint6, dst: Endpoint6) -> Self {
+        Self::new(src, dst, None)
+    }
+
+    /// A TCP segment with `flags`, `seq` and `ack` (data offset 5, window 65535).
+    pub fn tcp(src: Endpoint6, dst: Endpoint6, flags: u8, seq: u32, ack: u32) -> Self {
+        Self::new(src, dst, Some((flags, seq, ack)))
+    }
+
+    /// The L4 payload.
+    pub fn payload(mut self, payload: &[u8]) -> Self {
+        self.payload = payload.to_vec();
+        self
+    }
+
+    /// Appends a hop-by-hop (0), routing (43) or destination options (60) header of
+    /// `8 * (units + 1)` bytes (PadN options; a routing header of type 0 with segments left 0).
+    pub fn ext_header(mut self, kind: u8, units: u8) -> Self {
+        let mut body = vec![0u8; 8 * (usize::from(units) + 1) - 2];
+        if kind == IPV6_ROUTING {
+            body[0] = 0; // routing type 0, segments left 0, reserved
+        } else {
+            body[0] = 1; // PadN
+            body[1] = (body.len() - 2) as u8;
+        }
+        self.ext.push((kind, body));
+        self
+    }
+
+    /// Appends a fragment header (offset in 8-byte units, M flag, identification 0x1234).
+    pub fn fragment(mut self, offset: u16, more: bool) -> Self {
+        let mut body = vec![0u8; 6];
+        body[..2].copy_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+        body[2..].copy_from_slice(&0x1234u32.to_be_bytes());
+        self.ext.push((IPV6_FRAGMENT, body));
+        self
+    }
+
+    /// Overrides the IPv6 payload length.
+    pub fn payload_len(mut self, len: u16) -> Self {
+        self.payload_len = Some(len);
+        self
+    }
+
+    /// Writes UDP checksum 0 (invalid in IPv6).
+    pub fn udp_checksum_zero(mut self) -> Self {
+        self.udp_checksum_zero = true;
+        self
+    }
+
+    /// Bytes after the IPv6 packet (Ethernet padding).
+    pub fn trailer(mut self, trailer: &[u8]) -> Self {
+        self.trailer = trailer.to_vec();
+        self
+    }
+
+    /// The frame.
+    pub fn build(&self) -> Vec<u8> {
+        let mut segment = Vec::new();
+        segment.extend_from_slice(&self.src.port.to_be_bytes());
+        segment.extend_from_slice(&self.dst.port.to_be_bytes());
+        let (protocol, checksum_at) = match self.tcp {
+            None => {
+                segment.extend_from_slice(&((UDP_LEN + self.payload.len()) as u16).to_be_bytes());
+                segment.extend_from_slice(&[0, 0]);
+                (IPPROTO_UDP, 6)
+            }
+            Some((flags, seq, ack)) => {
+                segment.extend_from_slice(&seq.to_be_bytes());
+                segment.extend_from_slice(&ack.to_be_bytes());
+                segment.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+                (IPPROTO_TCP, 16)
+            }
+        };
+        segment.extend_from_slice(&self.payload);
+        let sum = l4_checksum6(protocol, self.src.ip, self.dst.ip, &segment);
+        let sum = match protocol {
+            IPPROTO_UDP if self.udp_checksum_zero => 0,
+            IPPROTO_UDP => udp_wire_checksum(sum),
+            _ => sum,
+        };
+        segment[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
+
+        let mut headers = Vec::new();
+        for (i, (_, body)) in self.ext.iter().enumerate() {
+            let next = self.ext.get(i + 1).map_or(protocol, |(kind, _)| *kind);
+            let units = if body.len() == 6 && self.ext[i].0 == IPV6_FRAGMENT {
+                0
+            } else {
+                ((body.len() + 2) / 8 - 1) as u8
+            };
+            headers.extend_from_slice(&[next, units]);
+            headers.extend_from_slice(body);
+        }
+        let first = self.ext.first().map_or(protocol, |(kind, _)| *kind);
+        let payload_len = self
+            .payload_len
+            .unwrap_or((headers.len() + segment.len()) as u16);
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&self.dst.mac);
+        frame.extend_from_slice(&self.src.mac);
+        frame.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+        frame.extend_from_slice(&[0x60, 0, 0, 0]);
+        frame.extend_from_slice(&payload_len.to_be_bytes());
+        frame.extend_from_slice(&[first, 64]);
+        frame.extend_from_slice(&self.src.ip.octets());
+        frame.extend_from_slice(&self.dst.ip.octets());
+        frame.extend_from_slice(&headers);
+        frame.extend_from_slice(&segment);
+        frame.extend_from_slice(&self.trailer);
+        frame
+    }
+}
+
+/// An Ethernet/IPv6 frame taken apart by [`parse6`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed6 {
+    /// Source address.
+    pub src: Ipv6Addr,
+    /// Destination address.
+    pub dst: Ipv6Addr,
+    /// Payload length.
+    pub payload_len: u16,
+    /// The protocol after the extension headers (44 for a fragment).
+    pub protocol: u8,
+    /// TCP/UDP header; [`L4Header::Unparsed`] after a fragment header or for other protocols.
+    pub l4: L4Header,
+    /// Offset of the L4 header.
+    pub l4_offset: usize,
+    /// Offset of the end of the IPv6 packet.
+    pub end: usize,
+}
+
+/// Parses an Ethernet/IPv6 frame, walking hop-by-hop, routing and destination options
+/// headers. Errors on other ethertypes, truncated headers and a `payload_len` beyond the
+/// frame.
+pub fn parse6(frame: &[u8]) -> Result<Parsed6, String> {
+    let be16 = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    let be32 = |at: usize| u32::from_be_bytes(frame[at..at + 4].try_into().unwrap());
+    if frame.len() < ETH_LEN + IPV6_LEN {
+        return Err(format!("{}-byte frame: truncated IPv6 header", frame.len()));
+    }
+    if be16(12) != ETHERTYPE_IPV6 {
+        return Err(format!("ethertype {:#06x} is not IPv6", be16(12)));
+    }
+    let ip = ETH_LEN;
+    if frame[ip] >> 4 != 6 {
+        return Err(format!("IP version {} is not 6", frame[ip] >> 4));
+    }
+    let payload_len = be16(ip + 4);
+    let end = ip + IPV6_LEN + usize::from(payload_len);
+    if end > frame.len() {
+        return Err(format!("payload_len {payload_len} goes beyond the frame"));
+    }
+    let addr = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[at..at + 16]).unwrap());
+    let mut protocol = frame[ip + 6];
+    let mut at = ip + IPV6_LEN;
+    while matches!(protocol, IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS) {
+        if at + 2 > end {
+            return Err("truncated extension header".into());
+        }
+        protocol = frame[at];
+        at += (usize::from(frame[at + 1]) + 1) * 8;
+    }
+    let need = |len: usize| {
+        if at + len > end {
+            Err(format!("truncated L4 header at {at}"))
+        } else {
+            Ok(())
+        }
+    };
+    let l4 = match protocol {
+        IPPROTO_UDP => {
+            need(UDP_LEN)?;
+            L4Header::Udp {
+                src_port: be16(at),
+                dst_port: be16(at + 2),
+                len: be16(at + 4),
+                checksum: be16(at + 6),
+            }
+        }
+        IPPROTO_TCP => {
+            need(TCP_LEN)?;
+            L4Header::Tcp {
+                src_port: be16(at),
+                dst_port: be16(at + 2),
+                seq: be32(at + 4),
+                ack: be32(at + 8),
+                flags: frame[at + 13],
+                checksum: be16(at + 16),
+            }
+        }
+        _ => L4Header::Unparsed,
+    };
+    Ok(Parsed6 {
+        src: addr(ip + 8),
+        dst: addr(ip + 24),
+        payload_len,
+        protocol,
+        l4,
+        l4_offset: at,
+        end,
+    })
+}
+
+/// Recomputes the TCP or UDP checksum of an IPv6 frame and compares it with the one found.
+/// UDP checksum 0 is an error (mandatory in IPv6), and so is a UDP length that disagrees
+/// with the packet.
+pub fn verify_checksums6(frame: &[u8]) -> Result<(), String> {
+    let parsed = parse6(frame)?;
+    let (name, found, at) = match parsed.l4 {
+        L4Header::Udp { len, .. } if usize::from(len) != parsed.end - parsed.l4_offset => {
+            return Err(format!("UDP length {len} disagrees with the IPv6 packet"));
+        }
+        L4Header::Udp { checksum: 0, .. } => return Err("UDP checksum 0 in IPv6".into()),
+        L4Header::Udp { checksum, .. } => ("UDP", checksum, 6),
+        L4Header::Tcp { checksum, .. } => ("TCP", checksum, 16),
+        _ => return Err("not TCP or UDP".into()),
+    };
+    let mut segment = frame[parsed.l4_offset..parsed.end].to_vec();
+    segment[at..at + 2].fill(0);
+    let expected = l4_checksum6(parsed.protocol, parsed.src, parsed.dst, &segment);
+    let expected = if name == "UDP" {
+        udp_wire_checksum(expected)
+    } else {
+        expected
+    };
+    if found != expected {
+        return Err(format!(
+            "{name} checksum is {found:#06x}, expected {expected:#06x}"
+        ));
+    }
+    Ok(())
+}
+
+/// The frame a NAT should produce from the IPv6 TCP or UDP `frame`: destination and/or source
+/// address and port replaced, the TCP/UDP checksum recomputed from scratch (a computed UDP 0
+/// written as 0xFFFF). Panics unless [`parse6`] finds TCP or UDP.
+pub fn rewrite_expected6(
+    frame: &[u8],
+    new_dst: Option<(Ipv6Addr, u16)>,
+    new_src: Option<(Ipv6Addr, u16)>,
+) -> Vec<u8> {
+    let parsed = parse6(frame).unwrap_or_else(|e| panic!("rewrite_expected6: {e}"));
+    let at = match parsed.l4 {
+        L4Header::Udp { .. } => 6,
+        L4Header::Tcp { .. } => 16,
+        other => panic!("rewrite_expected6 needs TCP or UDP, got {other:?}"),
+    };
+    let (ip, l4) = (ETH_LEN, parsed.l4_offset);
+    let mut out = frame.to_vec();
+    if let Some((addr, port)) = new_src {
+        out[ip + 8..ip + 24].copy_from_slice(&addr.octets());
+        out[l4..l4 + 2].copy_from_slice(&port.to_be_bytes());
+    }
+    if let Some((addr, port)) = new_dst {
+        out[ip + 24..ip + 40].copy_from_slice(&addr.octets());
+        out[l4 + 2..l4 + 4].copy_from_slice(&port.to_be_bytes());
+    }
+    let (src, dst) = (
+        new_src.map_or(parsed.src, |(a, _)| a),
+        new_dst.map_or(parsed.dst, |(a, _)| a),
+    );
+    let mut segment = out[l4..parsed.end].to_vec();
+    segment[at..at + 2].fill(0);
+    let sum = l4_checksum6(parsed.protocol, src, dst, &segment);
+    let sum = if at == 6 { udp_wire_checksum(sum) } else { sum };
+    out[l4 + at..l4 + at + 2].copy_from_slice(&sum.to_be_bytes());
+    out
+}
+
+/// The RFC 1071 checksum of a TCP or UDP `segment` (checksum field zero) with the IPv6
+/// pseudo-header (RFC 8200 section 8.1).
+fn l4_checksum6(protocol: u8, src: Ipv6Addr, dst: Ipv6Addr, segment: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 40];
+    pseudo[..16].copy_from_slice(&src.octets());
+    pseudo[16..32].copy_from_slice(&dst.octets());
+    pseudo[32..36].copy_from_slice(&(segment.len() as u32).to_be_bytes());
+    pseudo[39] = protocol;
+    checksum(&[&pseudo, segment])
 }
 
 #[cfg(test)]

@@ -954,6 +954,8 @@ fn counters_are_exact_after_a_fixed_sequence() {
             conntrack_hits: 2,
             conntrack_misses: 4,
         },
+        // No IPv6 backends (`backends6`) here.
+        ..Counters::default()
     };
     assert_eq!(counters(&dp), expected);
 }
@@ -999,4 +1001,186 @@ fn removing_a_udp_backend_keeps_tcp_connections_to_a_removed_backend() {
         rewrite_expected(&connection(TCP_ACK), Some(addr_port(kept)), None),
         "still forwarded to its backend"
     );
+}
+
+/// IPv6 node ports: the same programs, IPv6 frames built and checked by
+/// `miren_tests::packet`'s IPv6 helpers.
+mod ipv6 {
+    use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+    use miren_tests::packet::{
+        Endpoint6, Frame6Builder, IPV6_DSTOPTS, IPV6_HOPOPTS, IPV6_LEN, IPV6_ROUTING, UDP_LEN,
+    };
+
+    use super::*;
+
+    const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 10);
+    /// Not one of the node's addresses.
+    const OTHER_HOST: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 99);
+    const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 7);
+
+    fn node6(ip: Ipv6Addr, port: u16) -> Endpoint6 {
+        Endpoint6 {
+            mac: [2, 0, 0, 0, 0, 2],
+            ip,
+            port,
+        }
+    }
+
+    fn client6(port: u16) -> Endpoint6 {
+        Endpoint6 {
+            mac: [2, 0, 0, 0, 0, 1],
+            ip: CLIENT6,
+            port,
+        }
+    }
+
+    /// Instance `n`: 10.88.0.`n`:8000 and its twin [fd6d:6972:656e::`n`]:8000.
+    fn instance(n: u16) -> [SocketAddr; 2] {
+        [
+            SocketAddr::new(Ipv4Addr::new(10, 88, 0, n as u8).into(), 8000),
+            SocketAddr::new(twin(n).into(), 8000),
+        ]
+    }
+
+    fn twin(n: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd6d, 0x6972, 0x656e, 0, 0, 0, 0, n)
+    }
+
+    /// A snapshot with both node addresses and `ports`, each served by `instances` (IPv4
+    /// endpoints first, then their IPv6 twins in the same order, as the agent lists them).
+    fn snapshot6(ports: &[NodePortKey], instances: &[u16]) -> Snapshot {
+        let endpoints: Vec<SocketAddr> = (0..2)
+            .flat_map(|family| instances.iter().map(move |n| instance(*n)[family]))
+            .collect();
+        Snapshot {
+            node_addrs: vec![IpAddr::V4(NODE), IpAddr::V6(NODE6)],
+            node_ports: ports.iter().map(|k| (*k, endpoints.clone())).collect(),
+        }
+    }
+
+    fn load6(ports: &[NodePortKey], instances: &[u16]) -> XdpDataplane {
+        let mut dp = XdpDataplane::load().expect("load node-port programs");
+        dp.apply(&snapshot6(ports, instances)).expect("apply");
+        dp.set_clock(Some(Duration::from_secs(100)))
+            .expect("set clock");
+        dp
+    }
+
+    fn udp6(from: u16, to: Ipv6Addr) -> Frame6Builder {
+        Frame6Builder::udp(client6(from), node6(to, PORT)).payload(b"data")
+    }
+
+    fn tcp6(from: u16, to: Ipv6Addr, flags: u8) -> Frame6Builder {
+        Frame6Builder::tcp(client6(from), node6(to, PORT), flags, 1000, 0)
+    }
+
+    /// Runs every `(what, frame)` through XDP and asserts it comes out untouched with XDP_PASS.
+    fn assert_untouched(dp: &XdpDataplane, rows: &[(&str, Vec<u8>)]) {
+        for (what, frame) in rows {
+            let (verdict, out) = run_xdp(dp, frame);
+            assert_eq!(verdict, XDP_PASS, "{what}: verdict");
+            assert_eq!(&out, frame, "{what}: output bytes");
+        }
+    }
+
+    #[test]
+    fn ipv6_packets_not_for_a_node_port_pass_untouched() {
+        let dp = load6(&[UDP_PORT, TCP_PORT], &[1, 2]);
+        let mut five_ext = udp6(40_000, NODE6);
+        for kind in [
+            IPV6_HOPOPTS,
+            IPV6_DSTOPTS,
+            IPV6_ROUTING,
+            IPV6_DSTOPTS,
+            IPV6_DSTOPTS,
+        ] {
+            five_ext = five_ext.ext_header(kind, 0);
+        }
+        let passed = [
+            ("UDP to another host", udp6(40_000, OTHER_HOST).build()),
+            (
+                "TCP SYN to another host",
+                tcp6(40_000, OTHER_HOST, TCP_SYN).build(),
+            ),
+            (
+                "UDP to another host behind a hop-by-hop header",
+                udp6(40_000, OTHER_HOST).ext_header(IPV6_HOPOPTS, 1).build(),
+            ),
+            (
+                "truncated UDP to another host",
+                truncate(&udp6(40_000, OTHER_HOST).build(), ETH_LEN + IPV6_LEN + 4),
+            ),
+            (
+                "UDP to the node, another port",
+                Frame6Builder::udp(client6(40_000), node6(NODE6, 7001)).build(),
+            ),
+            (
+                "first fragment to the node port",
+                udp6(40_000, NODE6).fragment(0, true).build(),
+            ),
+            (
+                "last fragment to the node port",
+                udp6(40_000, NODE6).fragment(185, false).build(),
+            ),
+            (
+                "fragment header after a hop-by-hop header",
+                udp6(40_000, NODE6)
+                    .ext_header(IPV6_HOPOPTS, 0)
+                    .fragment(0, true)
+                    .build(),
+            ),
+            ("five extension headers before UDP", five_ext.build()),
+            (
+                "extension headers longer than the parser walks",
+                udp6(40_000, NODE6)
+                    .ext_header(IPV6_HOPOPTS, 40)
+                    .ext_header(IPV6_DSTOPTS, 40)
+                    .build(),
+            ),
+        ];
+        assert_untouched(&dp, &passed);
+        let malformed = [
+            (
+                "IPv6 header cut short",
+                truncate(&udp6(40_000, NODE6).build(), ETH_LEN + IPV6_LEN - 1),
+            ),
+            (
+                "payload_len beyond the frame",
+                udp6(40_000, NODE6).payload_len(200).build(),
+            ),
+            (
+                "UDP header cut short by payload_len",
+                udp6(40_000, NODE6).payload_len(UDP_LEN as u16 - 1).build(),
+            ),
+            (
+                "TCP header cut short by payload_len",
+                tcp6(40_000, NODE6, TCP_ACK).payload_len(19).build(),
+            ),
+            (
+                "extension header cut short by payload_len",
+                udp6(40_000, NODE6)
+                    .ext_header(IPV6_DSTOPTS, 0)
+                    .payload_len(1)
+                    .build(),
+            ),
+            (
+                "extension header beyond the frame",
+                truncate(
+                    &udp6(40_000, NODE6).ext_header(IPV6_HOPOPTS, 0).build(),
+                    ETH_LEN + IPV6_LEN + 1,
+                ),
+            ),
+        ];
+        assert_untouched(&dp, &malformed);
+        assert_no_port_counted(
+            &dp,
+            GlobalCounters {
+                passed: passed.len() as u64,
+                malformed: malformed.len() as u64,
+                conntrack_hits: 0,
+                conntrack_misses: 0,
+            },
+        );
+    }
 }

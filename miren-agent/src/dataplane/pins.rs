@@ -22,6 +22,7 @@ pub(super) const BPFFS_ROOT: &str = "/sys/fs/bpf";
 /// The node-port maps that are pinned (all of them: state and counters survive restarts).
 const PINNED_MAPS: &[&str] = &[
     np::NODE_ADDRS_MAP,
+    np::NODE_ADDRS6_MAP,
     np::SERVICES_MAP,
     np::MAGLEV_MAP,
     np::BACKENDS_MAP,

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
 
@@ -96,7 +96,8 @@ impl Ids {
 #[derive(Debug)]
 pub(super) struct NodePorts<M> {
     maps: M,
-    node_addrs: BTreeSet<Ipv4Addr>,
+    /// The node's addresses of both families.
+    node_addrs: BTreeSet<IpAddr>,
     /// Every backend's address, port and protocol, as `MIREN_BACKEND_ADDRS` holds them.
     backend_addrs: BTreeSet<BackendAddr>,
     services: BTreeMap<NodePortKey, ServiceState>,
@@ -236,8 +237,8 @@ impl<M: NodePortMaps> NodePorts<M> {
         Ok(())
     }
 
-    fn apply_node_addrs(&mut self, wanted: &[Ipv4Addr]) -> Result<(), DataplaneError> {
-        let wanted: BTreeSet<Ipv4Addr> = wanted.iter().copied().collect();
+    fn apply_node_addrs(&mut self, wanted: &[IpAddr]) -> Result<(), DataplaneError> {
+        let wanted: BTreeSet<IpAddr> = wanted.iter().copied().collect();
         let current = std::mem::take(&mut self.node_addrs);
         for addr in wanted.difference(&current) {
             self.maps
@@ -281,8 +282,8 @@ impl<M: NodePortMaps> NodePorts<M> {
     /// [`DataplaneError::Capacity`] when a node port does not fit (the node ports before it
     /// are applied); [`DataplaneError::Bpf`] when a map refuses a change.
     pub(super) fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
-        let snapshot = &snapshot.v4();
         self.apply_node_addrs(&snapshot.node_addrs)?;
+        let snapshot = &snapshot.v4();
         self.apply_backend_addrs(snapshot)?;
         let mut retired: Vec<MaglevKey> = Vec::new();
         let mut dead_backends: HashSet<u32> = HashSet::new();
@@ -593,6 +594,8 @@ fn backend_value(addr: SocketAddrV4) -> Backend {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv6Addr;
+
     use miren_common::nodeport::{BackendStats, Flow, FlowKey, PortStats};
 
     use super::{super::fake::FakeMaps, *};
@@ -819,14 +822,19 @@ mod tests {
     #[test]
     fn node_addresses_follow_the_snapshot() {
         let mut ports = open(4, 4);
-        let addrs = |last: &[u8]| -> Vec<Ipv4Addr> {
-            last.iter().map(|l| Ipv4Addr::new(192, 0, 2, *l)).collect()
+        let addrs = |last: &[u8]| -> Vec<IpAddr> {
+            last.iter()
+                .flat_map(|l| {
+                    let v6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(*l));
+                    [Ipv4Addr::new(192, 0, 2, *l).into(), v6.into()]
+                })
+                .collect()
         };
         for wanted in [addrs(&[1, 2]), addrs(&[2, 3]), addrs(&[]), addrs(&[4])] {
-            let snap = Snapshot::from(Snapshot4 {
+            let snap = Snapshot {
                 node_addrs: wanted.clone(),
-                ..Snapshot4::default()
-            });
+                ..Snapshot::default()
+            };
             ports.apply(&snap).unwrap();
             assert_eq!(
                 ports.maps().node_addrs,
@@ -837,12 +845,15 @@ mod tests {
         ports.maps_mut().node_addrs.clear();
         ports.adopt().unwrap();
         ports
-            .apply(&Snapshot::from(Snapshot4 {
+            .apply(&Snapshot {
                 node_addrs: addrs(&[4]),
-                ..Snapshot4::default()
-            }))
+                ..Snapshot::default()
+            })
             .unwrap();
-        assert_eq!(ports.maps().node_addrs, BTreeSet::from([addrs(&[4])[0]]));
+        assert_eq!(
+            ports.maps().node_addrs,
+            addrs(&[4]).into_iter().collect::<BTreeSet<_>>()
+        );
     }
 
     #[test]

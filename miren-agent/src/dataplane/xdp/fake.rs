@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use aya::{maps::MapError, sys::SyscallError};
@@ -19,14 +19,14 @@ use miren_common::nodeport::{
 
 use super::maps::{Entries, NodePortMaps};
 
-/// `max_entries` of `MIREN_NODE_ADDRS` in the eBPF program.
+/// `max_entries` of `MIREN_NODE_ADDRS` (and of `MIREN_NODE_ADDRS6`) in the eBPF program.
 const MAX_NODE_ADDRS: usize = 256;
 
 /// The node-port maps in memory.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct FakeMaps {
-    /// `MIREN_NODE_ADDRS`.
-    pub(super) node_addrs: BTreeSet<Ipv4Addr>,
+    /// `MIREN_NODE_ADDRS` and `MIREN_NODE_ADDRS6`.
+    pub(super) node_addrs: BTreeSet<IpAddr>,
     /// `MIREN_BACKEND_ADDRS`.
     pub(super) backend_addrs: BTreeSet<BackendAddr>,
     /// `MIREN_SERVICES`.
@@ -145,16 +145,27 @@ impl NodePortMaps for FakeMaps {
         self.backends.len() as u32
     }
 
-    fn node_addrs(&self) -> Entries<'_, Ipv4Addr> {
+    fn node_addrs(&self) -> Entries<'_, IpAddr> {
         entries(self.node_addrs.iter().copied())
     }
 
-    fn insert_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError> {
-        let result = set_insert(&mut self.node_addrs, MAX_NODE_ADDRS, addr);
+    fn insert_node_addr(&mut self, addr: IpAddr) -> Result<(), MapError> {
+        // Each family has its own map of `MAX_NODE_ADDRS`.
+        let same_family = self
+            .node_addrs
+            .iter()
+            .filter(|a| a.is_ipv4() == addr.is_ipv4())
+            .count();
+        let result = if !self.node_addrs.contains(&addr) && same_family >= MAX_NODE_ADDRS {
+            Err(syscall("bpf_map_update_elem", libc::E2BIG))
+        } else {
+            self.node_addrs.insert(addr);
+            Ok(())
+        };
         self.wrote(result)
     }
 
-    fn remove_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError> {
+    fn remove_node_addr(&mut self, addr: IpAddr) -> Result<(), MapError> {
         let result = deleted(self.node_addrs.remove(&addr));
         self.wrote(result)
     }

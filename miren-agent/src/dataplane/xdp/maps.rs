@@ -3,10 +3,11 @@
 //! map.
 //!
 //! Keys and values are the kernel layouts of [`miren_common::nodeport`] (network byte order),
-//! except node addresses, which are [`Ipv4Addr`]s. Errors are aya's [`MapError`]s, as the kernel
+//! except node addresses, which are [`IpAddr`]s (IPv4 ones in `MIREN_NODE_ADDRS`, IPv6 ones in
+//! `MIREN_NODE_ADDRS6`). Errors are aya's [`MapError`]s, as the kernel
 //! reports them; callers say what they were doing.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::{
     Ebpf, Pod,
@@ -14,8 +15,8 @@ use aya::{
     util::nr_cpus,
 };
 use miren_common::nodeport::{
-    self as np, Backend, BackendAddr, BackendStats, Config, Flow, FlowKey, GlobalStat, MaglevKey,
-    PortStats, Service, ServiceKey,
+    self as np, Addr6, Backend, BackendAddr, BackendStats, Config, Flow, FlowKey, GlobalStat,
+    MaglevKey, PortStats, Service, ServiceKey,
 };
 
 use super::super::DataplaneError;
@@ -32,14 +33,14 @@ pub(super) trait NodePortMaps: Send + std::fmt::Debug {
     /// Number of backend ids (`max_entries` of the per-backend arrays).
     fn backend_capacity(&self) -> u32;
 
-    /// The node's addresses (`MIREN_NODE_ADDRS`).
-    fn node_addrs(&self) -> Entries<'_, Ipv4Addr>;
+    /// The node's addresses of both families.
+    fn node_addrs(&self) -> Entries<'_, IpAddr>;
 
     /// Adds a node address.
-    fn insert_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError>;
+    fn insert_node_addr(&mut self, addr: IpAddr) -> Result<(), MapError>;
 
     /// Removes a node address; an error if it is not there.
-    fn remove_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError>;
+    fn remove_node_addr(&mut self, addr: IpAddr) -> Result<(), MapError>;
 
     /// Every backend's address, port and protocol.
     fn backend_addrs(&self) -> Entries<'_, BackendAddr>;
@@ -102,6 +103,7 @@ pub(super) trait NodePortMaps: Send + std::fmt::Debug {
 /// The node-port maps of a loaded object, each taken out of it once.
 pub(super) struct KernelMaps {
     node_addrs: HashMap<MapData, u32, u32>,
+    node_addrs6: HashMap<MapData, Addr6, u32>,
     services: HashMap<MapData, ServiceKey, Service>,
     maglev: HashMap<MapData, MaglevKey, u32>,
     backends: Array<MapData, Backend>,
@@ -136,6 +138,7 @@ impl KernelMaps {
         })?;
         Ok(Self {
             node_addrs: take(ebpf, np::NODE_ADDRS_MAP, "the node address map")?,
+            node_addrs6: take(ebpf, np::NODE_ADDRS6_MAP, "the IPv6 node address map")?,
             services: take(ebpf, np::SERVICES_MAP, "the service map")?,
             maglev: take(ebpf, np::MAGLEV_MAP, "the Maglev map")?,
             backends: take(ebpf, np::BACKENDS_MAP, "the backend map")?,
@@ -172,6 +175,23 @@ fn take<M: TryFrom<Map, Error = MapError>>(
     })
 }
 
+/// An IPv6 address as the kernel stores it (words in network byte order).
+pub(super) fn addr6(addr: Ipv6Addr) -> Addr6 {
+    let o = addr.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+/// The IPv6 address of a kernel [`Addr6`].
+pub(super) fn from_addr6(words: Addr6) -> Ipv6Addr {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(octets)
+}
+
 /// The values of a per-CPU slot.
 fn per_cpu<T: Pod>(values: PerCpuValues<T>) -> Vec<T> {
     values.iter().copied().collect()
@@ -186,20 +206,30 @@ impl NodePortMaps for KernelMaps {
         np::MAX_BACKENDS
     }
 
-    fn node_addrs(&self) -> Entries<'_, Ipv4Addr> {
-        Box::new(
-            self.node_addrs
-                .keys()
-                .map(|key| key.map(|a| Ipv4Addr::from(u32::from_be(a)))),
-        )
+    fn node_addrs(&self) -> Entries<'_, IpAddr> {
+        let v4 = self
+            .node_addrs
+            .keys()
+            .map(|key| key.map(|a| IpAddr::from(Ipv4Addr::from(u32::from_be(a)))));
+        let v6 = self
+            .node_addrs6
+            .keys()
+            .map(|key| key.map(|a| IpAddr::from(from_addr6(a))));
+        Box::new(v4.chain(v6))
     }
 
-    fn insert_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError> {
-        self.node_addrs.insert(u32::from(addr).to_be(), 1, 0)
+    fn insert_node_addr(&mut self, addr: IpAddr) -> Result<(), MapError> {
+        match addr {
+            IpAddr::V4(v4) => self.node_addrs.insert(u32::from(v4).to_be(), 1, 0),
+            IpAddr::V6(v6) => self.node_addrs6.insert(addr6(v6), 1, 0),
+        }
     }
 
-    fn remove_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), MapError> {
-        self.node_addrs.remove(&u32::from(addr).to_be())
+    fn remove_node_addr(&mut self, addr: IpAddr) -> Result<(), MapError> {
+        match addr {
+            IpAddr::V4(v4) => self.node_addrs.remove(&u32::from(v4).to_be()),
+            IpAddr::V6(v6) => self.node_addrs6.remove(&addr6(v6)),
+        }
     }
 
     fn backend_addrs(&self) -> Entries<'_, BackendAddr> {
