@@ -41,6 +41,8 @@ pub const NODE_ADDRS6_MAP: &str = "MIREN_NODE_ADDRS6";
 pub const BACKENDS6_MAP: &str = "MIREN_BACKENDS6";
 /// `LruHashMap<FlowKey6, Flow6>`: IPv6 conntrack, forward and reverse entries.
 pub const CONNTRACK6_MAP: &str = "MIREN_CT6";
+/// `PerCpuArray<BackendStats>` indexed by backend id: packets forwarded to its IPv6 twin.
+pub const BACKEND_STATS6_MAP: &str = "MIREN_BACKEND_STATS6";
 
 /// Most node ports (service ids are `0..MAX_SERVICES`).
 pub const MAX_SERVICES: u32 = 16_384;

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use miren_common::nodeport::{
-    Addr6, Backend, BackendAddr, BackendStats, CONNTRACK_ENTRIES, Config, Flow, FlowKey,
-    GLOBAL_STATS, GlobalStat, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, MaglevKey, PortStats,
-    Service, ServiceKey,
+    Addr6, Backend, Backend6, BackendAddr, BackendStats, CONNTRACK_ENTRIES, CONNTRACK6_ENTRIES,
+    Config, Flow, Flow6, FlowKey, FlowKey6, GLOBAL_STATS, GlobalStat, MAGLEV_ENTRIES, MAX_BACKENDS,
+    MAX_SERVICES, MaglevKey, PortStats, Service, ServiceKey,
 };
 
 /// Upper bound on node addresses.
@@ -36,6 +36,17 @@ pub static BACKEND_ADDRS: HashMap<BackendAddr, u32> = HashMap::with_max_entries(
 #[map(name = "MIREN_CT")]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
+
+#[map(name = "MIREN_BACKENDS6")]
+pub static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "MIREN_CT6")]
+pub static CONNTRACK6: LruHashMap<FlowKey6, Flow6> =
+    LruHashMap::with_max_entries(CONNTRACK6_ENTRIES, 0);
+
+#[map(name = "MIREN_BACKEND_STATS6")]
+pub static BACKEND_STATS6: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 #[map(name = "MIREN_PORT_STATS")]
 pub static PORT_STATS: PerCpuArray<PortStats> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);

@@ -6,21 +6,23 @@
 //! reassembles them; they are not load-balanced), and so do packets from a backend's own
 //! address and port (replies of flows masqueraded to a backend on another node).
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::PerCpuArray, programs::XdpContext};
 use miren_common::nodeport::{
-    BackendAddr, Config, FLOW_CLOSING, FLOW_REVERSE, Flow, FlowKey, GlobalStat, MaglevKey,
-    PROTO_TCP, PROTO_UDP, Service, ServiceKey, flow_hash,
+    Addr6, BackendAddr, BackendStats, Config, FLOW_CLOSING, FLOW_REVERSE, Flow, Flow6, FlowKey,
+    FlowKey6, GlobalStat, MaglevKey, PROTO_TCP, PROTO_UDP, Service, ServiceKey, flow_hash,
+    flow_hash6,
 };
 
 use crate::{
     csum,
     headers::{
         ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, EthHdr, IP_FRAG_MASK, IPV6_DSTOPTS, IPV6_HOPOPTS,
-        IPV6_LEN, IPV6_ROUTING, Ipv4Hdr, Ipv6ExtHdr, Ipv6Hdr, TCP_FIN, TCP_RST, TcpHdr, UdpHdr,
+        IPV6_LEN, IPV6_ROUTING, Ipv4Hdr, Ipv6ExtHdr, Ipv6Hdr, Ports, TCP_CHECK_OFF, TCP_FIN,
+        TCP_RST, TcpHdr, UDP_CHECK_OFF, UdpHdr,
     },
     maps::{
-        BACKEND_ADDRS, BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, NODE_ADDRS, NODE_ADDRS6,
-        SERVICES, config, count, now_ns, port_stats,
+        BACKEND_ADDRS, BACKEND_STATS, BACKEND_STATS6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6,
+        MAGLEV, NODE_ADDRS, NODE_ADDRS6, SERVICES, config, count, now_ns, port_stats,
     },
 };
 
@@ -216,7 +218,158 @@ fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
     if l4 + l4_len > end {
         return Err(Malformed);
     }
-    pass()
+    let (sport, dport, tcp_flags) = if protocol == PROTO_TCP {
+        let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
+        unsafe { ((*tcp).src, (*tcp).dst, (*tcp).flags) }
+    } else {
+        let udp: *mut UdpHdr = ptr_at(ctx, l4)?;
+        // The UDP checksum is mandatory in IPv6: the kernel drops a datagram without one.
+        if unsafe { (*udp).check } == 0 {
+            return Err(Malformed);
+        }
+        unsafe { ((*udp).src, (*udp).dst, 0) }
+    };
+    let Some(service) = SERVICES.get_ptr(ServiceKey {
+        port_be: dport,
+        protocol,
+        pad: 0,
+    }) else {
+        return pass();
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let service: Service = unsafe { *service };
+    let ip_bytes = (IPV6_LEN + payload_len) as u64;
+    let saddr = unsafe { (*ip).saddr };
+    let key = FlowKey6 {
+        src_addr: saddr,
+        dst_addr: daddr,
+        src_port: sport,
+        dst_port: dport,
+        protocol,
+        pad: [0; 3],
+    };
+    let config = config();
+    let now = now_ns(&config);
+    count_rx(&service, ip_bytes);
+    let Some(flow) = established6(&key, &config, now, tcp_flags) else {
+        return new_flow6(ctx, ip, l4, &key, &service, now, ip_bytes);
+    };
+    count(GlobalStat::ConntrackHit);
+    if tcp_flags & TCP_RST != 0 {
+        let reverse_key = FlowKey6 {
+            src_addr: flow.nat_addr,
+            dst_addr: key.src_addr,
+            src_port: flow.nat_port,
+            dst_port: key.src_port,
+            protocol,
+            pad: [0; 3],
+        };
+        let _ = CONNTRACK6.remove(key);
+        let _ = CONNTRACK6.remove(reverse_key);
+    }
+    rewrite6(ctx, ip, l4, protocol, &flow.nat_addr, flow.nat_port)?;
+    stats_add(&BACKEND_STATS6, flow.backend_id, ip_bytes);
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// IPv6: [`new_flow`], with the backend's IPv6 twin from `MIREN_BACKENDS6` (same Maglev
+/// table, same backend ids); a backend without one drops the packet (counted no backend).
+#[inline(always)]
+fn new_flow6(
+    ctx: &XdpContext,
+    ip: *mut Ipv6Hdr,
+    l4: usize,
+    key: &FlowKey6,
+    service: &Service,
+    now: u64,
+    ip_bytes: u64,
+) -> Result<u32, Malformed> {
+    count(GlobalStat::ConntrackMiss);
+    if service.table_size == 0 {
+        port_stats(service.id, |s| s.drop_no_backend += 1);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let hash = flow_hash6(&key.src_addr, key.src_port, key.dst_port, key.protocol);
+    let slot = MaglevKey::new(service.id, service.generation, hash % service.table_size);
+    let backend = MAGLEV.get_ptr(slot).and_then(|id| {
+        // SAFETY: pointer from a successful lookup.
+        let id = unsafe { *id };
+        BACKENDS6.get(id).map(|backend| (id, *backend))
+    });
+    let Some((backend_id, backend)) = backend else {
+        port_stats(service.id, |s| s.drop_table_miss += 1);
+        return Ok(xdp_action::XDP_DROP);
+    };
+    if backend.addr == [0; 4] {
+        port_stats(service.id, |s| s.drop_no_backend += 1);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let forward = Flow6 {
+        nat_addr: backend.addr,
+        nat_port: backend.port_be,
+        flags: 0,
+        service_id: service.id,
+        backend_id,
+        pad: 0,
+        last_seen_ns: now,
+    };
+    let reverse_key = FlowKey6 {
+        src_addr: backend.addr,
+        dst_addr: key.src_addr,
+        src_port: backend.port_be,
+        dst_port: key.src_port,
+        protocol: key.protocol,
+        pad: [0; 3],
+    };
+    let reverse = Flow6 {
+        nat_addr: key.dst_addr,
+        nat_port: key.dst_port,
+        flags: FLOW_REVERSE,
+        ..forward
+    };
+    let _ = CONNTRACK6.insert(key, forward, 0);
+    let _ = CONNTRACK6.insert(reverse_key, reverse, 0);
+    port_stats(service.id, |s| s.flows += 1);
+    rewrite6(ctx, ip, l4, key.protocol, &backend.addr, backend.port_be)?;
+    stats_add(&BACKEND_STATS6, backend_id, ip_bytes);
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Rewrites the IPv6 destination address and port, updating the L4 checksum (IPv6 has no
+/// header checksum; a UDP result of 0 is written as 0xFFFF).
+#[inline(always)]
+fn rewrite6(
+    ctx: &XdpContext,
+    ip: *mut Ipv6Hdr,
+    l4: usize,
+    protocol: u8,
+    addr: &Addr6,
+    port: u16,
+) -> Result<(), Malformed> {
+    let offset = if protocol == PROTO_TCP {
+        TCP_CHECK_OFF
+    } else {
+        UDP_CHECK_OFF
+    };
+    let check: *mut u16 = ptr_at(ctx, l4 + offset)?;
+    let ports: *mut Ports = ptr_at(ctx, l4)?;
+    // SAFETY: `ip` was bounds-checked by the caller, the others here.
+    unsafe {
+        let old = (*ip).daddr;
+        let mut sum = *check;
+        for i in 0..4 {
+            sum = csum::replace4(sum, old[i], addr[i]);
+        }
+        sum = csum::replace2(sum, (*ports).dst, port);
+        *check = if protocol == PROTO_UDP && sum == 0 {
+            0xffff
+        } else {
+            sum
+        };
+        (*ip).daddr = *addr;
+        (*ports).dst = port;
+    }
+    Ok(())
 }
 
 /// The live conntrack entry of `key`, refreshed; `None` if missing or expired.
@@ -225,20 +378,59 @@ fn established(key: &FlowKey, config: &Config, now: u64, tcp_flags: u8) -> Optio
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup; racing updates only touch timestamps/flags.
     let flow = unsafe { &mut *entry };
-    let idle = now.saturating_sub(flow.last_seen_ns);
-    let expired = if key.protocol == PROTO_UDP {
+    let live = refresh(
+        &mut flow.last_seen_ns,
+        &mut flow.flags,
+        key.protocol,
+        config,
+        now,
+        tcp_flags,
+    );
+    live.then_some(*flow)
+}
+
+/// IPv6: [`established`].
+#[inline(always)]
+fn established6(key: &FlowKey6, config: &Config, now: u64, tcp_flags: u8) -> Option<Flow6> {
+    let entry = CONNTRACK6.get_ptr_mut(key)?;
+    // SAFETY: as in `established`.
+    let flow = unsafe { &mut *entry };
+    let live = refresh(
+        &mut flow.last_seen_ns,
+        &mut flow.flags,
+        key.protocol,
+        config,
+        now,
+        tcp_flags,
+    );
+    live.then_some(*flow)
+}
+
+/// Whether a conntrack entry seen last at `last_seen` is still live; if so, it is refreshed
+/// (and marked closing on FIN).
+#[inline(always)]
+fn refresh(
+    last_seen: &mut u64,
+    flags: &mut u16,
+    protocol: u8,
+    config: &Config,
+    now: u64,
+    tcp_flags: u8,
+) -> bool {
+    let idle = now.saturating_sub(*last_seen);
+    let expired = if protocol == PROTO_UDP {
         idle > config.udp_timeout_ns
     } else {
-        flow.flags & FLOW_CLOSING != 0 && idle > config.tcp_closing_timeout_ns
+        *flags & FLOW_CLOSING != 0 && idle > config.tcp_closing_timeout_ns
     };
     if expired {
-        return None;
+        return false;
     }
-    flow.last_seen_ns = now;
+    *last_seen = now;
     if tcp_flags & TCP_FIN != 0 {
-        flow.flags |= FLOW_CLOSING;
+        *flags |= FLOW_CLOSING;
     }
-    Some(*flow)
+    true
 }
 
 /// Counts a received packet of `service`.
@@ -359,7 +551,13 @@ fn rewrite(
 
 #[inline(always)]
 fn backend_stats(id: u32, ip_bytes: u64) {
-    if let Some(stats) = BACKEND_STATS.get_ptr_mut(id) {
+    stats_add(&BACKEND_STATS, id, ip_bytes);
+}
+
+/// Counts a forwarded packet in slot `id` of a per-backend stats map.
+#[inline(always)]
+fn stats_add(map: &PerCpuArray<BackendStats>, id: u32, ip_bytes: u64) {
+    if let Some(stats) = map.get_ptr_mut(id) {
         // SAFETY: per-CPU slot from a successful lookup.
         unsafe {
             (*stats).packets += 1;

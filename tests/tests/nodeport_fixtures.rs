@@ -1006,10 +1006,14 @@ fn removing_a_udp_backend_keeps_tcp_connections_to_a_removed_backend() {
 /// IPv6 node ports: the same programs, IPv6 frames built and checked by
 /// `miren_tests::packet`'s IPv6 helpers.
 mod ipv6 {
-    use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+    use std::{
+        collections::BTreeSet,
+        net::{IpAddr, Ipv6Addr, SocketAddr},
+    };
 
     use miren_tests::packet::{
         Endpoint6, Frame6Builder, IPV6_DSTOPTS, IPV6_HOPOPTS, IPV6_LEN, IPV6_ROUTING, UDP_LEN,
+        parse6, rewrite_expected6, verify_checksums6,
     };
 
     use super::*;
@@ -1182,5 +1186,79 @@ mod ipv6 {
                 conntrack_misses: 0,
             },
         );
+    }
+
+    /// The destination of an IPv6 frame.
+    fn destination6(frame: &[u8]) -> (Ipv6Addr, u16) {
+        let parsed = parse6(frame).unwrap();
+        (parsed.dst, parsed.l4.ports().unwrap().1)
+    }
+
+    #[test]
+    fn ipv6_node_port_packets_are_dnated_to_the_twins_exactly() {
+        let dp = load6(&[UDP_PORT, TCP_PORT], &[1, 2, 3]);
+        let twins: Vec<(Ipv6Addr, u16)> = (1..=3).map(|n| (twin(n), 8000)).collect();
+        let mut frames = Vec::new();
+        for from in 41_000..41_030u16 {
+            frames.push(udp6(from, NODE6).build());
+            frames.push(tcp6(from, NODE6, TCP_SYN).build());
+        }
+        frames.push(
+            udp6(41_100, NODE6)
+                .ext_header(IPV6_HOPOPTS, 0)
+                .ext_header(IPV6_DSTOPTS, 1)
+                .build(),
+        );
+        frames.push(udp6(41_101, NODE6).trailer(&[0; 9]).build());
+        let mut seen = BTreeMap::new();
+        for pass in 0..2 {
+            for frame in &frames {
+                let (verdict, out) = run_xdp(&dp, frame);
+                assert_eq!(verdict, XDP_PASS);
+                let to = destination6(&out);
+                assert!(twins.contains(&to), "{to:?} is no twin");
+                assert_eq!(out, rewrite_expected6(frame, Some(to), None));
+                verify_checksums6(&out).unwrap();
+                // Established flows keep their backend.
+                if pass == 1 {
+                    assert_eq!(seen[frame], to);
+                }
+                seen.insert(frame.clone(), to);
+            }
+        }
+        let used: BTreeSet<_> = seen.values().collect();
+        assert_eq!(used.len(), 3, "every twin gets flows");
+        let c = counters(&dp);
+        let n = frames.len() as u64;
+        assert_eq!(c.global.conntrack_misses, n);
+        assert_eq!(c.global.conntrack_hits, n);
+        let rx: u64 = c.ports.values().map(|p| p.rx_packets).sum();
+        assert_eq!(rx, 2 * n);
+        let flows: u64 = c.ports.values().map(|p| p.flows).sum();
+        assert_eq!(flows, n);
+        let per_twin: u64 = c.backends6.values().map(|b| b.packets).sum();
+        assert_eq!(per_twin, 2 * n);
+        assert!(
+            c.backends.values().all(|b| b.packets == 0),
+            "IPv4 backends untouched"
+        );
+    }
+
+    #[test]
+    fn ipv6_udp_without_checksum_and_instances_without_twins() {
+        let dp = load6(&[UDP_PORT], &[1]);
+        let zero = udp6(40_000, NODE6).udp_checksum_zero().build();
+        assert_untouched(&dp, &[("UDP checksum 0 over IPv6", zero)]);
+        assert_eq!(counters(&dp).global.malformed, 1);
+        // IPv4 endpoints only: IPv6 clients are dropped and counted.
+        let mut dp = dp;
+        let only_v4 = Snapshot {
+            node_addrs: vec![IpAddr::V4(NODE), IpAddr::V6(NODE6)],
+            node_ports: BTreeMap::from([(UDP_PORT, vec![instance(1)[0]])]),
+        };
+        dp.apply(&only_v4).unwrap();
+        let (verdict, _) = run_xdp(&dp, &udp6(40_001, NODE6).build());
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(counters(&dp).ports[&UDP_PORT].drop_no_backend, 1);
     }
 }

@@ -32,6 +32,9 @@ const PINNED_MAPS: &[&str] = &[
     np::BACKEND_STATS_MAP,
     np::GLOBAL_STATS_MAP,
     np::CONFIG_MAP,
+    np::BACKENDS6_MAP,
+    np::CONNTRACK6_MAP,
+    np::BACKEND_STATS6_MAP,
 ];
 
 /// What must happen before a pin directory can be used.

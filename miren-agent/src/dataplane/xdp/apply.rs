@@ -4,13 +4,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
 use aya::maps::MapError;
 use miren_common::nodeport::{
-    self as np, Backend, BackendAddr, Config, GlobalStat, MaglevKey, Service, ServiceKey,
+    self as np, Backend, Backend6, BackendAddr, Config, GlobalStat, MaglevKey, Service, ServiceKey,
 };
 
 use super::{
@@ -32,6 +32,8 @@ struct ServiceState {
     generation: u32,
     table: Vec<u32>,
     backends: BTreeMap<SocketAddrV4, u32>,
+    /// Backend id → its IPv6 twin, as `MIREN_BACKENDS6` holds it.
+    twins: BTreeMap<u32, SocketAddrV6>,
     /// Whether `MIREN_SERVICES` holds its entry (not yet when it did not fit).
     written: bool,
 }
@@ -199,6 +201,9 @@ impl<M: NodePortMaps> NodePorts<M> {
                     u16::from_be(backend.port_be),
                 );
                 state.backends.insert(addr, id);
+                if let Some(twin) = self.maps.backend6(id).ok().and_then(from_backend6) {
+                    state.twins.insert(id, twin);
+                }
                 state.table.push(id);
             }
             adopted.insert(
@@ -283,8 +288,7 @@ impl<M: NodePortMaps> NodePorts<M> {
     /// are applied); [`DataplaneError::Bpf`] when a map refuses a change.
     pub(super) fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
         self.apply_node_addrs(&snapshot.node_addrs)?;
-        let snapshot = &snapshot.v4();
-        self.apply_backend_addrs(snapshot)?;
+        self.apply_backend_addrs(&snapshot.v4())?;
         let mut retired: Vec<MaglevKey> = Vec::new();
         let mut dead_backends: HashSet<u32> = HashSet::new();
         let mut dead_services: HashSet<u32> = HashSet::new();
@@ -321,7 +325,8 @@ impl<M: NodePortMaps> NodePorts<M> {
         // cleaned up, so no freed id keeps old slots or flows.
         let mut result = Ok(());
         for (key, endpoints) in &snapshot.node_ports {
-            result = self.apply_node_port(*key, endpoints, &mut retired, &mut dead_backends);
+            let endpoints = with_twins(*key, endpoints);
+            result = self.apply_node_port(*key, &endpoints, &mut retired, &mut dead_backends);
             if result.is_err() {
                 break;
             }
@@ -345,7 +350,7 @@ impl<M: NodePortMaps> NodePorts<M> {
     fn apply_node_port(
         &mut self,
         key: NodePortKey,
-        endpoints: &[SocketAddrV4],
+        endpoints: &BTreeMap<SocketAddrV4, Option<SocketAddrV6>>,
         retired: &mut Vec<MaglevKey>,
         dead_backends: &mut HashSet<u32>,
     ) -> Result<(), DataplaneError> {
@@ -412,6 +417,15 @@ impl<M: NodePortMaps> NodePorts<M> {
                 per_cpu.iter().for_each(|cpu| sum.add(cpu));
                 counters.backends.insert((*key, *addr), sum);
             }
+            for (id, twin) in &state.twins {
+                let per_cpu = self
+                    .maps
+                    .backend_stats6(*id)
+                    .map_err(map_err("reading IPv6 backend stats"))?;
+                let mut sum = BackendCounters::default();
+                per_cpu.iter().for_each(|cpu| sum.add(cpu));
+                counters.backends6.insert((*key, *twin), sum);
+            }
         }
         let read = |stat: GlobalStat| -> Result<u64, DataplaneError> {
             Ok(self
@@ -435,11 +449,11 @@ impl<M: NodePortMaps> NodePorts<M> {
         &mut self,
         key: NodePortKey,
         state: &mut ServiceState,
-        endpoints: &[SocketAddrV4],
+        endpoints: &BTreeMap<SocketAddrV4, Option<SocketAddrV6>>,
         retired: &mut Vec<MaglevKey>,
         dead_backends: &mut HashSet<u32>,
     ) -> Result<(), DataplaneError> {
-        let wanted: BTreeSet<SocketAddrV4> = endpoints.iter().copied().collect();
+        let wanted: BTreeSet<SocketAddrV4> = endpoints.keys().copied().collect();
         let gone: Vec<SocketAddrV4> = state
             .backends
             .keys()
@@ -448,6 +462,7 @@ impl<M: NodePortMaps> NodePorts<M> {
             .collect();
         for addr in gone {
             if let Some(id) = state.backends.remove(&addr) {
+                state.twins.remove(&id);
                 // Only UDP sessions move to live endpoints; TCP connections to a removed
                 // backend keep their entry until they end.
                 // Their id is held back while conntrack still refers to it, so a new backend
@@ -467,11 +482,31 @@ impl<M: NodePortMaps> NodePorts<M> {
             let id = self.backend_ids.take_for(key, "backends")?;
             self.maps
                 .zero_backend_stats(id)
+                .and_then(|()| self.maps.zero_backend_stats6(id))
                 .map_err(map_err(format!("zeroing backend stats[{id}]")))?;
+            // The id's previous holder may have left its twin.
+            self.maps
+                .set_backend6(id, &Backend6::default())
+                .map_err(map_err(format!("clearing the IPv6 twin of backend {id}")))?;
             self.maps
                 .set_backend(id, &backend_value(*addr))
                 .map_err(map_err(format!("writing backend {addr}")))?;
             state.backends.insert(*addr, id);
+        }
+
+        for (addr, twin) in endpoints {
+            let id = state.backends[addr];
+            if state.twins.get(&id) == twin.as_ref() {
+                continue;
+            }
+            let value = twin.map(backend6_value).unwrap_or_default();
+            self.maps
+                .set_backend6(id, &value)
+                .map_err(map_err(format!("writing the IPv6 twin of backend {addr}")))?;
+            match twin {
+                Some(twin) => state.twins.insert(id, *twin),
+                None => state.twins.remove(&id),
+            };
         }
 
         let ids: Vec<u32> = state.backends.values().copied().collect();
@@ -516,11 +551,17 @@ impl<M: NodePortMaps> NodePorts<M> {
 
     /// The backend ids conntrack entries refer to.
     fn referenced_backends(&self) -> BTreeSet<u32> {
-        self.maps
+        let v4 = self
+            .maps
             .flows()
             .filter_map(Result::ok)
-            .map(|(_, flow)| flow.backend_id)
-            .collect()
+            .map(|(_, flow)| flow.backend_id);
+        let v6 = self
+            .maps
+            .flows6()
+            .filter_map(Result::ok)
+            .map(|(_, flow)| flow.backend_id);
+        v4.chain(v6).collect()
     }
 
     /// Gives back the ids of removed TCP backends that no conntrack entry refers to anymore.
@@ -555,6 +596,18 @@ impl<M: NodePortMaps> NodePorts<M> {
         for key in stale {
             let _ = self.maps.remove_flow(&key);
         }
+        let stale6: Vec<_> = self
+            .maps
+            .flows6()
+            .filter_map(Result::ok)
+            .filter(|(_, flow)| {
+                backends.contains(&flow.backend_id) || services.contains(&flow.service_id)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale6 {
+            let _ = self.maps.remove_flow6(&key);
+        }
     }
 }
 
@@ -584,6 +637,55 @@ fn backend_addr(protocol: Protocol, addr: SocketAddrV4) -> BackendAddr {
     }
 }
 
+/// A node port's IPv4 endpoints, each with its IPv6 twin. The snapshot lists an instance's
+/// IPv4 endpoint and its IPv6 twin in the same position of each family; when the families
+/// do not pair up (other counts or ports), no endpoint gets a twin (IPv6 clients of the node
+/// port are dropped, counted as no backend) and a warning says so.
+fn with_twins(
+    key: NodePortKey,
+    endpoints: &[SocketAddr],
+) -> BTreeMap<SocketAddrV4, Option<SocketAddrV6>> {
+    let v4: Vec<SocketAddrV4> = endpoints
+        .iter()
+        .filter_map(|e| match e {
+            SocketAddr::V4(v4) => Some(*v4),
+            SocketAddr::V6(_) => None,
+        })
+        .collect();
+    let v6: Vec<SocketAddrV6> = endpoints
+        .iter()
+        .filter_map(|e| match e {
+            SocketAddr::V6(v6) => Some(*v6),
+            SocketAddr::V4(_) => None,
+        })
+        .collect();
+    let paired = v4.len() == v6.len() && v4.iter().zip(&v6).all(|(a, b)| a.port() == b.port());
+    if !paired && !v6.is_empty() {
+        tracing::warn!(node_port = %key, ipv4 = v4.len(), ipv6 = v6.len(),
+            "IPv4 and IPv6 endpoints do not pair up; IPv6 clients of this node port are dropped");
+    }
+    v4.iter()
+        .enumerate()
+        .map(|(i, addr)| (*addr, v6.get(i).copied().filter(|_| paired)))
+        .collect()
+}
+
+fn backend6_value(addr: SocketAddrV6) -> Backend6 {
+    Backend6 {
+        addr: super::maps::addr6(*addr.ip()),
+        port_be: addr.port().to_be(),
+        pad: 0,
+    }
+}
+
+/// The IPv6 twin a `MIREN_BACKENDS6` entry holds; `None` when empty.
+fn from_backend6(backend: Backend6) -> Option<SocketAddrV6> {
+    (backend.addr != [0; 4]).then(|| {
+        let ip = super::maps::from_addr6(backend.addr);
+        SocketAddrV6::new(ip, u16::from_be(backend.port_be), 0, 0)
+    })
+}
+
 fn backend_value(addr: SocketAddrV4) -> Backend {
     Backend {
         addr_be: u32::from(*addr.ip()).to_be(),
@@ -596,7 +698,7 @@ fn backend_value(addr: SocketAddrV4) -> Backend {
 mod tests {
     use std::net::Ipv6Addr;
 
-    use miren_common::nodeport::{BackendStats, Flow, FlowKey, PortStats};
+    use miren_common::nodeport::{BackendStats, Flow, Flow6, FlowKey, FlowKey6, PortStats};
 
     use super::{super::fake::FakeMaps, *};
     use crate::{dataplane::Dataplane, reconcile};
@@ -854,6 +956,69 @@ mod tests {
             ports.maps().node_addrs,
             addrs(&[4]).into_iter().collect::<BTreeSet<_>>()
         );
+    }
+
+    #[test]
+    fn ipv6_twins_follow_the_snapshot_and_are_adopted() {
+        let mut ports = open(4, 4);
+        let key = udp(7000);
+        let twin = |last: u16| {
+            SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, last), 8080, 0, 0)
+        };
+        let dual = |v4: &[u8], v6: &[u16]| Snapshot {
+            node_addrs: vec![],
+            node_ports: BTreeMap::from([(
+                key,
+                v4.iter()
+                    .map(|l| SocketAddr::V4(ep(*l)))
+                    .chain(v6.iter().map(|l| SocketAddr::V6(twin(*l))))
+                    .collect(),
+            )]),
+        };
+        ports.apply(&dual(&[1, 2], &[1, 2])).unwrap();
+        let twin_of = |maps: &FakeMaps, l: u8| {
+            let id = backend_id(maps, key, ep(l)).unwrap();
+            from_backend6(maps.backends6[id as usize])
+        };
+        assert_eq!(twin_of(ports.maps(), 1), Some(twin(1)));
+        assert_eq!(twin_of(ports.maps(), 2), Some(twin(2)));
+        // Same snapshot again, also after adoption: nothing written.
+        let before = ports.maps().clone();
+        ports.apply(&dual(&[1, 2], &[1, 2])).unwrap();
+        assert_eq!(ports.maps().writes, before.writes);
+        let mut adopted = NodePorts::open(before.clone(), Config::default()).unwrap();
+        let writes = adopted.maps().writes;
+        adopted.apply(&dual(&[1, 2], &[1, 2])).unwrap();
+        assert_eq!(adopted.maps().writes, writes);
+        // Families that do not pair up: no twins.
+        ports.apply(&dual(&[1, 2], &[1])).unwrap();
+        assert_eq!(twin_of(ports.maps(), 1), None);
+        assert_eq!(twin_of(ports.maps(), 2), None);
+        // A removed UDP backend's IPv6 flows are forgotten.
+        ports.apply(&dual(&[1, 2], &[1, 2])).unwrap();
+        let two = backend_id(ports.maps(), key, ep(2)).unwrap();
+        let flow_key = FlowKey6 {
+            src_addr: [1; 4],
+            dst_addr: [2; 4],
+            src_port: 1,
+            dst_port: 7000u16.to_be(),
+            protocol: np::PROTO_UDP,
+            pad: [0; 3],
+        };
+        ports.maps_mut().conntrack6.insert(
+            flow_key,
+            Flow6 {
+                nat_addr: [3; 4],
+                nat_port: 0,
+                flags: 0,
+                service_id: 0,
+                backend_id: two,
+                pad: 0,
+                last_seen_ns: 0,
+            },
+        );
+        ports.apply(&dual(&[1], &[1])).unwrap();
+        assert!(ports.maps().conntrack6.is_empty());
     }
 
     #[test]

@@ -13,8 +13,8 @@ use std::{
 
 use aya::{maps::MapError, sys::SyscallError};
 use miren_common::nodeport::{
-    self as np, Backend, BackendAddr, BackendStats, Config, Flow, FlowKey, GlobalStat, MaglevKey,
-    PortStats, Service, ServiceKey,
+    self as np, Backend, Backend6, BackendAddr, BackendStats, Config, Flow, Flow6, FlowKey,
+    FlowKey6, GlobalStat, MaglevKey, PortStats, Service, ServiceKey,
 };
 
 use super::maps::{Entries, NodePortMaps};
@@ -37,6 +37,12 @@ pub(super) struct FakeMaps {
     pub(super) backends: Vec<Backend>,
     /// `MIREN_CT`.
     pub(super) conntrack: HashMap<FlowKey, Flow>,
+    /// `MIREN_BACKENDS6`, indexed by backend id.
+    pub(super) backends6: Vec<Backend6>,
+    /// `MIREN_CT6`.
+    pub(super) conntrack6: HashMap<FlowKey6, Flow6>,
+    /// `MIREN_BACKEND_STATS6`: `[backend id][cpu]`.
+    pub(super) backend_stats6: Vec<Vec<BackendStats>>,
     /// `MIREN_PORT_STATS`: `[service id][cpu]`.
     pub(super) port_stats: Vec<Vec<PortStats>>,
     /// `MIREN_BACKEND_STATS`: `[backend id][cpu]`.
@@ -59,6 +65,9 @@ impl FakeMaps {
             maglev: HashMap::new(),
             backends: vec![Backend::default(); backends as usize],
             conntrack: HashMap::new(),
+            backends6: vec![Backend6::default(); backends as usize],
+            conntrack6: HashMap::new(),
+            backend_stats6: vec![vec![BackendStats::default(); cpus]; backends as usize],
             port_stats: vec![vec![PortStats::default(); cpus]; services as usize],
             backend_stats: vec![vec![BackendStats::default(); cpus]; backends as usize],
             global_stats: vec![vec![0; cpus]; np::GLOBAL_STATS as usize],
@@ -225,6 +234,34 @@ impl NodePortMaps for FakeMaps {
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {
         let result = slot_mut(&mut self.backends, id).map(|slot| *slot = *backend);
+        self.wrote(result)
+    }
+
+    fn backend6(&self, id: u32) -> Result<Backend6, MapError> {
+        slot(&self.backends6, id).copied()
+    }
+
+    fn set_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), MapError> {
+        let result = slot_mut(&mut self.backends6, id).map(|slot| *slot = *backend);
+        self.wrote(result)
+    }
+
+    fn flows6(&self) -> Entries<'_, (FlowKey6, Flow6)> {
+        entries(self.conntrack6.iter().map(|(k, v)| (*k, *v)))
+    }
+
+    fn remove_flow6(&mut self, key: &FlowKey6) -> Result<(), MapError> {
+        let result = deleted(self.conntrack6.remove(key).is_some());
+        self.wrote(result)
+    }
+
+    fn backend_stats6(&self, id: u32) -> Result<Vec<BackendStats>, MapError> {
+        slot(&self.backend_stats6, id).cloned()
+    }
+
+    fn zero_backend_stats6(&mut self, id: u32) -> Result<(), MapError> {
+        let result =
+            slot_mut(&mut self.backend_stats6, id).map(|cpus| cpus.fill(BackendStats::default()));
         self.wrote(result)
     }
 

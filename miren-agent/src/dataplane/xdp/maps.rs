@@ -15,8 +15,8 @@ use aya::{
     util::nr_cpus,
 };
 use miren_common::nodeport::{
-    self as np, Addr6, Backend, BackendAddr, BackendStats, Config, Flow, FlowKey, GlobalStat,
-    MaglevKey, PortStats, Service, ServiceKey,
+    self as np, Addr6, Backend, Backend6, BackendAddr, BackendStats, Config, Flow, Flow6, FlowKey,
+    FlowKey6, GlobalStat, MaglevKey, PortStats, Service, ServiceKey,
 };
 
 use super::super::DataplaneError;
@@ -75,6 +75,24 @@ pub(super) trait NodePortMaps: Send + std::fmt::Debug {
     /// Writes the backend with id `id`.
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError>;
 
+    /// The IPv6 twin of backend `id` (all zeroes: none).
+    fn backend6(&self, id: u32) -> Result<Backend6, MapError>;
+
+    /// Writes the IPv6 twin of backend `id`.
+    fn set_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), MapError>;
+
+    /// The IPv6 conntrack entries (forward and reverse).
+    fn flows6(&self) -> Entries<'_, (FlowKey6, Flow6)>;
+
+    /// Deletes an IPv6 conntrack entry; an error if it is not there.
+    fn remove_flow6(&mut self, key: &FlowKey6) -> Result<(), MapError>;
+
+    /// The counters of backend `id`'s IPv6 twin, one per possible CPU.
+    fn backend_stats6(&self, id: u32) -> Result<Vec<BackendStats>, MapError>;
+
+    /// Zeroes the counters of backend `id`'s IPv6 twin on every CPU.
+    fn zero_backend_stats6(&mut self, id: u32) -> Result<(), MapError>;
+
     /// The conntrack entries (forward and reverse).
     fn flows(&self) -> Entries<'_, (FlowKey, Flow)>;
 
@@ -109,6 +127,9 @@ pub(super) struct KernelMaps {
     backends: Array<MapData, Backend>,
     backend_addrs: HashMap<MapData, BackendAddr, u32>,
     conntrack: HashMap<MapData, FlowKey, Flow>,
+    backends6: Array<MapData, Backend6>,
+    conntrack6: HashMap<MapData, FlowKey6, Flow6>,
+    backend_stats6: PerCpuArray<MapData, BackendStats>,
     port_stats: PerCpuArray<MapData, PortStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     global_stats: PerCpuArray<MapData, u64>,
@@ -144,6 +165,9 @@ impl KernelMaps {
             backends: take(ebpf, np::BACKENDS_MAP, "the backend map")?,
             backend_addrs: take(ebpf, np::BACKEND_ADDRS_MAP, "the backend address map")?,
             conntrack: take(ebpf, np::CONNTRACK_MAP, "conntrack")?,
+            backends6: take(ebpf, np::BACKENDS6_MAP, "the IPv6 backend map")?,
+            conntrack6: take(ebpf, np::CONNTRACK6_MAP, "IPv6 conntrack")?,
+            backend_stats6: take(ebpf, np::BACKEND_STATS6_MAP, "IPv6 backend stats")?,
             port_stats: take(ebpf, np::PORT_STATS_MAP, "port stats")?,
             backend_stats: take(ebpf, np::BACKEND_STATS_MAP, "backend stats")?,
             global_stats: take(ebpf, np::GLOBAL_STATS_MAP, "global stats")?,
@@ -274,6 +298,31 @@ impl NodePortMaps for KernelMaps {
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {
         self.backends.set(id, backend, 0)
+    }
+
+    fn backend6(&self, id: u32) -> Result<Backend6, MapError> {
+        self.backends6.get(&id, 0)
+    }
+
+    fn set_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), MapError> {
+        self.backends6.set(id, backend, 0)
+    }
+
+    fn flows6(&self) -> Entries<'_, (FlowKey6, Flow6)> {
+        Box::new(self.conntrack6.iter())
+    }
+
+    fn remove_flow6(&mut self, key: &FlowKey6) -> Result<(), MapError> {
+        self.conntrack6.remove(key)
+    }
+
+    fn backend_stats6(&self, id: u32) -> Result<Vec<BackendStats>, MapError> {
+        self.backend_stats6.get(&id, 0).map(per_cpu)
+    }
+
+    fn zero_backend_stats6(&mut self, id: u32) -> Result<(), MapError> {
+        let zeros = self.zeros()?;
+        self.backend_stats6.set(id, zeros, 0)
     }
 
     fn flows(&self) -> Entries<'_, (FlowKey, Flow)> {
