@@ -409,3 +409,10 @@ pub fn wait_for_status_ok(agent: &AgentProcess) {
     }
     panic!("data plane never reported ok:\n{}", agent.log_text());
 }
+
+impl World {
+    /// The network namespace of sandbox `i` (to run a process "inside an instance").
+    pub fn sandbox(&self, i: usize) -> &Netns {
+        &self._sandboxes[i]
+    }
+}

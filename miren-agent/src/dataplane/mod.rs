@@ -2,6 +2,7 @@
 //! addresses, node ports, their endpoints) and makes the kernel match it, writing only what
 //! changed; it reports the kernel's counters. [`xdp::XdpDataplane`] is the eBPF/XDP one.
 
+pub mod companion;
 mod hygiene;
 pub mod maglev;
 pub mod nft;

@@ -1,14 +1,18 @@
 //! Choosing the node-port data plane (`--dataplane auto|xdp|nft`): auto tries XDP in native
-//! mode, then XDP in generic mode, then nftables, and says why each step failed. Whatever is
-//! chosen, the other data plane's leftovers (pinned eBPF objects or the nft table) are removed,
+//! mode, then XDP in generic mode, then nftables, and says why each step failed. XDP runs with
+//! its nftables companion (table `inet miren_local`, [`super::companion`]) for the node's own
+//! connections and hairpin. Whatever is chosen, the other data plane's leftovers (pinned eBPF
+//! objects, or the nft table `inet miren` or the companion's `inet miren_local`) are removed,
 //! and miren's programs attached to the interfaces through links this agent does not adopt
 //! (e.g. pinned under another `--bpf-pin-dir`) are detached ([`super::hygiene`]).
 
 use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use super::{
-    Dataplane, DataplaneError, hygiene,
-    nft::NftDataplane,
+    Dataplane, DataplaneError,
+    companion::WithCompanion,
+    hygiene,
+    nft::{NftDataplane, Scope},
     peer_nat::{Masquerade, PeerNat},
     pins,
     xdp::{self, XdpDataplane},
@@ -113,7 +117,10 @@ pub fn select(settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError>
 /// directory when there is none), detaches stale programs of miren's from every interface,
 /// attaches to every interface in native mode or, with `generic`, generic mode (interfaces
 /// already attached through this pin directory's links are adopted), removes a leftover
-/// nft table, and sets the cross-node masquerade up for packets arriving on the interfaces.
+/// nft table of the nftables data plane, opens the companion for the node's own connections
+/// and packets arriving elsewhere than the interfaces (adopting its table, so those flows
+/// survive a restart), and sets the cross-node masquerade up for packets arriving on the
+/// interfaces.
 fn start_xdp(settings: &SelectSettings<'_>, generic: bool) -> Result<Selected, DataplaneError> {
     let mounted = pins::prepare(settings.bpf_pin_dir)?;
     let mut dataplane = XdpDataplane::load_pinned(settings.bpf_pin_dir)?;
@@ -143,17 +150,32 @@ fn start_xdp(settings: &SelectSettings<'_>, generic: bool) -> Result<Selected, D
     if NftDataplane::remove_table()? {
         tracing::info!("removed the nft table of an earlier nftables data plane");
     }
+    let scope = Scope::companion(settings.ifaces).map_err(|detail| DataplaneError::Command {
+        op: "the XDP data plane's nftables companion".into(),
+        detail,
+    })?;
+    let companion = NftDataplane::open_scoped(scope)?;
+    let table = companion.scope().table_name();
     let peer_nat = PeerNat::open(&Masquerade::ArrivedOn(settings.ifaces.to_vec()))?;
     Ok(Selected {
-        dataplane: Box::new(dataplane),
+        dataplane: Box::new(WithCompanion::new(Box::new(dataplane), Box::new(companion))),
         peer_nat,
-        reason: with_notes(format!("XDP on {}", modes.join(", ")), &notes),
+        reason: with_notes(
+            format!(
+                "XDP on {}, with the nftables companion (table inet {table}) for the node's \
+                 own connections and instances calling node ports",
+                modes.join(", ")
+            ),
+            &notes,
+        ),
     })
 }
 
 /// Detaches every program of miren's from the interfaces (whatever pin directory holds their
-/// links), removes XDP leftovers under the pin directory (pinned maps and links), and opens
-/// the nftables data plane with the cross-node masquerade of the flows it DNATs.
+/// links), removes XDP leftovers under the pin directory (pinned maps and links) and the XDP
+/// companion's table, and opens the nftables data plane (masquerading hairpin flows, those
+/// arriving elsewhere than the interfaces) with the cross-node masquerade of the flows it
+/// DNATs.
 fn start_nft(reason: String, settings: &SelectSettings<'_>) -> Result<Selected, DataplaneError> {
     let mut notes = Vec::new();
     for iface in settings.ifaces {
@@ -169,8 +191,16 @@ fn start_nft(reason: String, settings: &SelectSettings<'_>) -> Result<Selected, 
     if xdp::remove_pins(bpf_pin_dir)? {
         tracing::info!(dir = %bpf_pin_dir.display(), "removed the pinned objects of an earlier XDP data plane");
     }
+    let companion = Scope::Companion { xdp: Vec::new() };
+    if NftDataplane::remove_table_of(&companion)? {
+        tracing::info!("removed the nft table of an earlier XDP data plane's companion");
+    }
+    let scope = Scope::plane(settings.ifaces).map_err(|detail| DataplaneError::Command {
+        op: "the nftables data plane".into(),
+        detail,
+    })?;
     Ok(Selected {
-        dataplane: Box::new(NftDataplane::open()?),
+        dataplane: Box::new(NftDataplane::open_scoped(scope)?),
         peer_nat: PeerNat::open(&Masquerade::Dnated)?,
         reason: with_notes(format!("nftables ({reason})"), &notes),
     })

@@ -55,9 +55,9 @@ pub(super) fn list(op: &str, objects: &[Vec<&str>]) -> Result<Listing, Dataplane
     parse_listing(&documents).map_err(command)
 }
 
-/// Reads the whole table.
-pub(super) fn list_table(op: &str) -> Result<Listing, DataplaneError> {
-    list(op, &[vec!["table", "inet", "miren"]])
+/// Reads the whole table `inet NAME`.
+pub(super) fn list_table(op: &str, name: &str) -> Result<Listing, DataplaneError> {
+    list(op, &[vec!["table", "inet", name]])
 }
 
 /// Deletes the conntrack entries of UDP flows from `key` to `endpoint` (of either family);

@@ -1,6 +1,11 @@
 //! [`NftDataplane`]: node ports in nftables, the fallback where XDP cannot run.
 //!
-//! The data plane owns one table, `inet miren`, and touches nothing else. Its rules are fixed
+//! The data plane owns one table, `inet miren`, and touches nothing else. The same code also
+//! runs as the XDP data plane's companion ([`Scope::Companion`], table `inet miren_local`):
+//! there it handles only what XDP cannot see — connections from the node itself and node-port
+//! packets arriving on an interface XDP is not attached to (e.g. an instance calling its own
+//! node port through the node address) — with the same rules, the prerouting ones limited by
+//! `iifname != { XDP interfaces }`. Its rules are fixed
 //! (their number does not grow with the node ports); everything per node port lives in set and
 //! map elements, and the only chains that come and go are `endpoints_N`, one per distinct
 //! endpoint count N:
@@ -16,6 +21,10 @@
 //!   keeps the flow on that endpoint; the client's address is kept (no masquerade). Endpoints
 //!   take the slots in address order, so an instance's IPv6 endpoint (which mirrors its IPv4
 //!   address) has the slot of its IPv4 one.
+//! - `nat_out` (nat, postrouting; only with interfaces in the [`Scope`]): flows DNATed here
+//!   that arrived on another interface than the external (XDP) ones — an instance calling a
+//!   node port (hairpin) — are masqueraded, since the instance chosen would otherwise answer
+//!   the caller directly (same bridge) and the reply would miss the reverse translation.
 //! - `count_in` / `count_local` / `count_out` (filter) count received packets per node port,
 //!   replies per node port and forwarded packets per endpoint in the element counters of the
 //!   sets `rx`, `tx_tcp`, `tx_udp` (both families) and `backend_tcp`, `backend_udp`,
@@ -47,15 +56,18 @@ use std::{collections::BTreeSet, net::SocketAddr};
 
 use exec::{list, list_table, nft, purge_conntrack};
 use schema::SETS;
+pub use schema::Scope;
 use script::transaction;
 use state::TableState;
 
 use super::{Counters, Dataplane, DataplaneError, NodePortKey, Snapshot};
 
-/// The nftables node-port data plane: owns `table inet miren` in the caller's network
-/// namespace.
+/// The nftables node-port data plane: owns `table inet miren` (or, as XDP's companion,
+/// `table inet miren_local`) in the caller's network namespace.
 #[derive(Debug)]
 pub struct NftDataplane {
+    /// Which traffic the table handles, and its name.
+    scope: Scope,
     /// What the kernel's table holds, as last read or written.
     state: TableState,
     /// UDP backends removed from the table whose conntrack entries are not deleted yet.
@@ -70,22 +82,38 @@ impl NftDataplane {
     /// [`DataplaneError::Io`] if `nft` is missing; [`DataplaneError::Command`] if it fails or
     /// the table cannot be read.
     pub fn open() -> Result<Self, DataplaneError> {
+        Self::open_scoped(Scope::default())
+    }
+
+    /// [`NftDataplane::open`] for the table of `scope` (e.g. [`Scope::companion`]).
+    ///
+    /// # Errors
+    /// As [`NftDataplane::open`].
+    pub fn open_scoped(scope: Scope) -> Result<Self, DataplaneError> {
         let op = "checking nft";
         nft(op, &["--version"], None)?.map_err(|detail| DataplaneError::Command {
             op: op.to_owned(),
             detail,
         })?;
-        let state = list_table("reading table inet miren")?.state;
+        let table = scope.table();
+        let state = list_table(&format!("reading table {table}"), scope.table_name())?.state;
         if state.exists {
             tracing::info!(
                 node_ports = state.node_ports(),
-                "adopted nftables table inet miren"
+                %table,
+                "adopted nftables table"
             );
         }
         Ok(Self {
+            scope,
             state,
             stale_flows: BTreeSet::new(),
         })
+    }
+
+    /// The scope of the table.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
     }
 
     /// Deletes `table inet miren` (leftovers of an nft-mode agent); `true` if it existed.
@@ -93,8 +121,18 @@ impl NftDataplane {
     /// # Errors
     /// [`DataplaneError::Io`] if `nft` is missing; [`DataplaneError::Command`] if it fails.
     pub fn remove_table() -> Result<bool, DataplaneError> {
-        let op = "deleting table inet miren";
-        match nft(op, &["delete", "table", "inet", "miren"], None)? {
+        Self::remove_table_of(&Scope::default())
+    }
+
+    /// Deletes the table of `scope`'s kind (`inet miren` or `inet miren_local`); `true` if it
+    /// existed.
+    ///
+    /// # Errors
+    /// [`DataplaneError::Io`] if `nft` is missing; [`DataplaneError::Command`] if it fails.
+    pub fn remove_table_of(scope: &Scope) -> Result<bool, DataplaneError> {
+        let op = format!("deleting table {}", scope.table());
+        let op = op.as_str();
+        match nft(op, &["delete", "table", "inet", scope.table_name()], None)? {
             Ok(_) => Ok(true),
             Err(stderr) if stderr.contains("No such file or directory") => Ok(false),
             Err(detail) => Err(DataplaneError::Command {
@@ -107,10 +145,11 @@ impl NftDataplane {
     /// Runs one transaction from the believed state to `desired`; the believed state is
     /// updated only if it succeeded.
     fn write(&mut self, desired: &TableState) -> Result<(), DataplaneError> {
-        let Some(script) = transaction(&self.state, desired) else {
+        let Some(script) = transaction(&self.state, desired, &self.scope) else {
             return Ok(());
         };
-        let op = "applying table inet miren";
+        let op = format!("applying table {}", self.scope.table());
+        let op = op.as_str();
         nft(op, &["-f", "-"], Some(&script))?.map_err(|detail| DataplaneError::Command {
             op: op.to_owned(),
             detail,
@@ -126,7 +165,7 @@ impl Dataplane for NftDataplane {
     }
 
     fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
-        let desired = TableState::desired(snapshot);
+        let desired = TableState::desired(snapshot, &self.scope);
         let removed = self.state.removed_udp_backends(&desired);
         if let Err(err) = self.write(&desired) {
             // The kernel is unchanged (transactions are atomic), but it may not hold what was
@@ -146,18 +185,21 @@ impl Dataplane for NftDataplane {
     }
 
     fn refresh(&mut self) -> Result<(), DataplaneError> {
-        self.state = list_table("re-reading table inet miren")?.state;
+        let op = format!("re-reading table {}", self.scope.table());
+        self.state = list_table(&op, self.scope.table_name())?.state;
         Ok(())
     }
 
     fn counters(&self) -> Result<Counters, DataplaneError> {
         // Only the sets with counters, each listed by its own nft process in parallel: listing
         // the whole table (with the maps and rules) takes several times as long.
+        let table = self.scope.table_name();
         let sets: Vec<Vec<&str>> = SETS
             .iter()
             .filter(|set| set.counter)
-            .map(|set| vec!["set", "inet", "miren", set.name])
+            .map(|set| vec!["set", "inet", table, set.name])
             .collect();
-        Ok(list("reading the counters of table inet miren", &sets)?.counters)
+        let op = format!("reading the counters of table {}", self.scope.table());
+        Ok(list(&op, &sets)?.counters)
     }
 }

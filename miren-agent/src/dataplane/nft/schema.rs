@@ -1,12 +1,121 @@
-//! What this code writes into `table inet miren`: the table's name, its sets and maps, its
-//! chains and their rules, and the fingerprint comment each rule carries.
+//! What this code writes into its table (`inet miren`, or `inet miren_local` for XDP's
+//! companion, see [`Scope`]): the table's name, its sets and maps, its chains and their rules,
+//! and the fingerprint comment each rule carries.
 
 use std::net::IpAddr;
 
-use crate::config::Protocol;
+use crate::{config::Protocol, nft_cli};
 
-/// Family and name of the table this data plane owns.
-pub(super) const TABLE: &str = "inet miren";
+/// Which traffic a table of this code handles, and so its name and the interface conditions
+/// of its rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// The nftables data plane (`inet miren`): node ports on every interface. With `external`
+    /// interfaces (`--iface`), flows arriving elsewhere (an instance calling a node port
+    /// through the node address: hairpin) are masqueraded, so their replies come back
+    /// through the node.
+    Plane {
+        /// The external interfaces; none: no hairpin masquerade.
+        external: Vec<String>,
+    },
+    /// The XDP data plane's companion (`inet miren_local`): what XDP cannot see, i.e.
+    /// connections from the node itself (output hook) and node-port packets arriving on an
+    /// interface that is not one of `xdp` (e.g. from the sandbox bridge: hairpin, which is
+    /// masqueraded). Packets arriving on `xdp` are XDP's: never DNATed nor counted here.
+    Companion {
+        /// The interfaces XDP is attached to.
+        xdp: Vec<String>,
+    },
+}
+
+impl Default for Scope {
+    /// The nftables data plane without external interfaces.
+    fn default() -> Self {
+        Self::Plane {
+            external: Vec::new(),
+        }
+    }
+}
+
+impl Scope {
+    /// The nftables data plane with the external interfaces `external`.
+    ///
+    /// # Errors
+    /// An interface name nft cannot hold.
+    pub fn plane(external: &[String]) -> Result<Self, String> {
+        check_ifnames(external)?;
+        Ok(Self::Plane {
+            external: external.to_vec(),
+        })
+    }
+
+    /// The companion of the XDP data plane attached to `xdp`.
+    ///
+    /// # Errors
+    /// An interface name nft cannot hold.
+    pub fn companion(xdp: &[String]) -> Result<Self, String> {
+        check_ifnames(xdp)?;
+        Ok(Self::Companion { xdp: xdp.to_vec() })
+    }
+
+    /// The table's name (in family `inet`).
+    pub fn table_name(&self) -> &'static str {
+        match self {
+            Self::Plane { .. } => "miren",
+            Self::Companion { .. } => "miren_local",
+        }
+    }
+
+    /// Family and name of the table, as nft commands name it.
+    pub(super) fn table(&self) -> String {
+        format!("inet {}", self.table_name())
+    }
+
+    /// The external (`Plane`) or XDP (`Companion`) interfaces.
+    fn ifaces(&self) -> &[String] {
+        match self {
+            Self::Plane { external } => external,
+            Self::Companion { xdp } => xdp,
+        }
+    }
+
+    /// `iifname != { "IF", … } ` when the interfaces are not this table's to match.
+    fn not_from(&self) -> String {
+        let ifaces = self.ifaces();
+        if ifaces.is_empty() {
+            return String::new();
+        }
+        let names: Vec<String> = ifaces.iter().map(|i| format!("\"{i}\"")).collect();
+        format!("iifname != {{ {} }} ", names.join(", "))
+    }
+
+    /// The condition on prerouting rules that DNAT or count received packets: none for the
+    /// data plane, not from an XDP interface for the companion.
+    fn arriving(&self) -> String {
+        match self {
+            Self::Plane { .. } => String::new(),
+            Self::Companion { .. } => self.not_from(),
+        }
+    }
+
+    /// Whether flows arriving elsewhere than the interfaces are masqueraded (`nat_out`).
+    fn masquerades(&self) -> bool {
+        !self.ifaces().is_empty()
+    }
+
+    /// The chains every table of this scope has.
+    pub(super) fn fixed_chains(&self) -> Vec<&'static str> {
+        let mut chains = FIXED_CHAINS.to_vec();
+        if self.masquerades() {
+            chains.push(NAT_OUT);
+        }
+        chains
+    }
+}
+
+fn check_ifnames(ifaces: &[String]) -> Result<(), String> {
+    ifaces.iter().try_for_each(|i| nft_cli::check_ifname(i))
+}
 /// Seed of the endpoint hash ("mir").
 const HASH_SEED: &str = "0x6d6972";
 /// Prefix of the fingerprint comment on every rule.
@@ -253,9 +362,9 @@ pub(super) struct ChainDef {
     pub(super) rules: Vec<String>,
 }
 
-/// The chains this code writes, by name: the fixed ones and `endpoints_N` for N ≥ 1. Each
-/// rule that looks at addresses comes once per family, IPv4 first.
-pub(super) fn chain_def(name: &str) -> Option<ChainDef> {
+/// The chains this code writes for `scope`, by name: the fixed ones and `endpoints_N` for
+/// N ≥ 1. Each rule that looks at addresses comes once per family, IPv4 first.
+pub(super) fn chain_def(name: &str, scope: &Scope) -> Option<ChainDef> {
     let protocols = [Protocol::Tcp, Protocol::Udp];
     let per_family = |rule: &dyn Fn(Family, &str) -> String| -> Vec<String> {
         Family::ALL
@@ -270,12 +379,15 @@ pub(super) fn chain_def(name: &str) -> Option<ChainDef> {
             .collect()
     };
     let addrs = |family: Family| family.set("node_addrs");
-    let rx = |family, ip: &str| {
+    let arriving = scope.arriving();
+    let rx_from = |from: &str, family, ip: &str| {
         format!(
-            "ct direction original {ip} daddr @{} meta l4proto . th dport @rx",
+            "{from}ct direction original {ip} daddr @{} meta l4proto . th dport @rx",
             addrs(family)
         )
     };
+    let rx_in = |family, ip: &str| rx_from(&arriving, family, ip);
+    let rx_local = |family, ip: &str| rx_from("", family, ip);
     let tx = |family, ip: &str, proto: &str| {
         format!(
             "ct direction reply ct status dnat ct original {ip} daddr @{} \
@@ -291,30 +403,46 @@ pub(super) fn chain_def(name: &str) -> Option<ChainDef> {
             family.set(&format!("backend_{proto}"))
         )
     };
-    let nat = |family: Family, ip: &str| {
+    let nat_from = |from: &str, family: Family, ip: &str| {
         format!(
-            "{ip} daddr @{} meta l4proto . th dport vmap @{}",
+            "{from}{ip} daddr @{} meta l4proto . th dport vmap @{}",
             addrs(family),
             family.set("nat")
+        )
+    };
+    let nat_in = |family, ip: &str| nat_from(&arriving, family, ip);
+    let nat_local = |family, ip: &str| nat_from("", family, ip);
+    // Flows this table DNATed that arrived on an interface (not from the node itself) other
+    // than the external (XDP) ones: the instance would answer the caller directly (the same
+    // bridge, or a peer node), bypassing the reverse translation.
+    let not_from = scope.not_from();
+    let masquerade = |family, ip: &str| {
+        format!(
+            "ct status dnat ct original {ip} daddr @{} meta iif != 0 {not_from}masquerade",
+            addrs(family)
         )
     };
     let def = |base, rules: Vec<String>| Some(ChainDef { base, rules });
     match name {
         "count_in" => def(
             Some(BaseChain::new("filter", "prerouting", -150)),
-            [per_family(&rx), per_family_and_protocol(&tx)].concat(),
+            [per_family(&rx_in), per_family_and_protocol(&tx)].concat(),
         ),
         "count_local" => def(
             Some(BaseChain::new("filter", "output", -150)),
-            per_family(&rx),
+            per_family(&rx_local),
         ),
         "nat_in" => def(
             Some(BaseChain::new("nat", "prerouting", -100)),
-            per_family(&nat),
+            per_family(&nat_in),
         ),
         "nat_local" => def(
             Some(BaseChain::new("nat", "output", -100)),
-            per_family(&nat),
+            per_family(&nat_local),
+        ),
+        NAT_OUT if scope.masquerades() => def(
+            Some(BaseChain::new("nat", "postrouting", 100)),
+            per_family(&masquerade),
         ),
         "no_endpoints" => def(
             None,
@@ -350,8 +478,11 @@ pub(super) fn chain_def(name: &str) -> Option<ChainDef> {
     }
 }
 
+/// The postrouting chain masquerading hairpin flows (with interfaces in the [`Scope`]).
+const NAT_OUT: &str = "nat_out";
+
 /// Names of the chains every table has.
-pub(super) const FIXED_CHAINS: &[&str] = &[
+const FIXED_CHAINS: &[&str] = &[
     "count_in",
     "count_local",
     "nat_in",

@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::{
-    schema::{Family, SETS, SetKind, TABLE, chain_def, fingerprint, set_def},
+    schema::{Family, SETS, Scope, SetKind, chain_def, fingerprint, set_def},
     state::TableState,
 };
 use crate::{config::Protocol, dataplane::NodePortKey};
@@ -29,6 +29,8 @@ fn backend_elem((key, endpoint): &(NodePortKey, SocketAddr)) -> String {
 /// A transaction being built, in sections that run in this order.
 #[derive(Default)]
 struct Script {
+    /// Family and name of the table (`inet miren`).
+    table: String,
     /// Deleting the table or chains that must be recreated.
     teardown: Vec<String>,
     /// Idempotent declarations of the table, its sets, maps and chains.
@@ -44,10 +46,10 @@ struct Script {
 }
 
 impl Script {
-    fn elements(out: &mut Vec<String>, verb: &str, set: &str, elems: Vec<String>) {
+    fn elements(table: &str, out: &mut Vec<String>, verb: &str, set: &str, elems: Vec<String>) {
         for chunk in elems.chunks(ELEMENTS_PER_LINE) {
             out.push(format!(
-                "{verb} element {TABLE} {set} {{ {} }}",
+                "{verb} element {table} {set} {{ {} }}",
                 chunk.join(", ")
             ));
         }
@@ -62,9 +64,9 @@ impl Script {
         render: impl Fn(&T) -> String,
     ) {
         let gone = current.difference(desired).map(&render).collect();
-        Self::elements(&mut self.delete, "delete", set, gone);
+        Self::elements(&self.table, &mut self.delete, "delete", set, gone);
         let new = desired.difference(current).map(&render).collect();
-        Self::elements(&mut self.add, "add", set, new);
+        Self::elements(&self.table, &mut self.add, "add", set, new);
     }
 
     /// Adds, deletes and replaces (delete, then add) map elements.
@@ -81,13 +83,13 @@ impl Script {
             .filter(|(k, v)| desired.get(k) != Some(v))
             .map(|(k, _)| key(k))
             .collect();
-        Self::elements(&mut self.delete, "delete", map, gone);
+        Self::elements(&self.table, &mut self.delete, "delete", map, gone);
         let new = desired
             .iter()
             .filter(|(k, v)| current.get(k) != Some(v))
             .map(|(k, v)| format!("{} : {}", key(k), value(v)))
             .collect();
-        Self::elements(&mut self.add, "add", map, new);
+        Self::elements(&self.table, &mut self.add, "add", map, new);
     }
 
     fn is_empty(&self) -> bool {
@@ -118,44 +120,54 @@ impl Script {
     }
 }
 
-/// The transaction that turns `current` into `desired`; `None` when they are equal.
-pub(super) fn transaction(current: &TableState, desired: &TableState) -> Option<String> {
-    let mut script = Script::default();
+/// The transaction that turns `current` into `desired` in the table of `scope`; `None` when
+/// they are equal.
+pub(super) fn transaction(
+    current: &TableState,
+    desired: &TableState,
+    scope: &Scope,
+) -> Option<String> {
+    let table = scope.table();
+    let table = table.as_str();
+    let mut script = Script {
+        table: table.to_owned(),
+        ..Script::default()
+    };
     let empty = TableState::default();
     let current = if current.exists && current.incompatible {
-        script.teardown.push(format!("delete table {TABLE}"));
+        script.teardown.push(format!("delete table {table}"));
         &empty
     } else {
         current
     };
 
-    script.declare.push(format!("add table {TABLE}"));
+    script.declare.push(format!("add table {table}"));
     for set in SETS {
         let kind = if set.is_map() { "map" } else { "set" };
         script.declare.push(format!(
-            "add {kind} {TABLE} {} {{ {} }}",
+            "add {kind} {table} {} {{ {} }}",
             set.name, set.declaration
         ));
     }
     for (name, wanted) in &desired.chains {
-        let def = chain_def(name).expect("desired chains have definitions");
+        let def = chain_def(name, scope).expect("desired chains have definitions");
         let existing = current.chains.get(name);
         if existing.is_some_and(|chain| chain.base != wanted.base) {
-            script.teardown.push(format!("flush chain {TABLE} {name}"));
-            script.teardown.push(format!("delete chain {TABLE} {name}"));
+            script.teardown.push(format!("flush chain {table} {name}"));
+            script.teardown.push(format!("delete chain {table} {name}"));
         }
         script.declare.push(match &def.base {
             Some(base) => format!(
-                "add chain {TABLE} {name} {{ type {} hook {} priority {}; policy {}; }}",
+                "add chain {table} {name} {{ type {} hook {} priority {}; policy {}; }}",
                 base.kind, base.hook, base.priority, base.policy
             ),
-            None => format!("add chain {TABLE} {name}"),
+            None => format!("add chain {table} {name}"),
         });
         if existing != Some(wanted) {
-            script.rules.push(format!("flush chain {TABLE} {name}"));
+            script.rules.push(format!("flush chain {table} {name}"));
             for rule in &def.rules {
                 script.rules.push(format!(
-                    "add rule {TABLE} {name} {rule} comment \"{}\"",
+                    "add rule {table} {name} {rule} comment \"{}\"",
                     fingerprint(rule)
                 ));
             }
@@ -163,8 +175,8 @@ pub(super) fn transaction(current: &TableState, desired: &TableState) -> Option<
     }
     for name in current.chains.keys() {
         if !desired.chains.contains_key(name) {
-            script.retire.push(format!("flush chain {TABLE} {name}"));
-            script.retire.push(format!("delete chain {TABLE} {name}"));
+            script.retire.push(format!("flush chain {table} {name}"));
+            script.retire.push(format!("delete chain {table} {name}"));
         }
     }
 

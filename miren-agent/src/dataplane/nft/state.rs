@@ -1,14 +1,12 @@
-//! [`TableState`]: the contents of `table inet miren`, as the kernel holds it or as a snapshot
-//! needs it.
+//! [`TableState`]: the contents of the table (`inet miren` or `inet miren_local`), as the
+//! kernel holds it or as a snapshot needs it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
 };
 
-use super::schema::{
-    BaseChain, ChainDef, FIXED_CHAINS, Family, chain_def, endpoints_chain, fingerprint,
-};
+use super::schema::{BaseChain, ChainDef, Family, Scope, chain_def, endpoints_chain, fingerprint};
 use crate::{
     config::Protocol,
     dataplane::{NodePortKey, Snapshot},
@@ -32,7 +30,7 @@ impl From<&ChainDef> for ChainState {
     }
 }
 
-/// The contents of `table inet miren`, as read back or as wanted.
+/// The contents of the table, as read back or as wanted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct TableState {
     /// The table exists.
@@ -56,17 +54,21 @@ pub(super) struct TableState {
 }
 
 impl TableState {
-    /// What the kernel must hold for `snapshot`. Each family of a node port jumps to the
+    /// What the kernel must hold for `snapshot` in a table of `scope`. Each family of a node port jumps to the
     /// chain for its own endpoint count (`no_endpoints` without any), and its endpoints take
     /// the slots in address order, so an instance's IPv6 endpoint (which mirrors its IPv4
     /// address, in the same order) has the slot of its IPv4 one.
-    pub(super) fn desired(snapshot: &Snapshot) -> Self {
+    pub(super) fn desired(snapshot: &Snapshot, scope: &Scope) -> Self {
         let mut state = Self {
             exists: true,
             node_addrs: snapshot.node_addrs.iter().copied().collect(),
             ..Self::default()
         };
-        let mut chains: BTreeSet<String> = FIXED_CHAINS.iter().map(|c| (*c).to_owned()).collect();
+        let mut chains: BTreeSet<String> = scope
+            .fixed_chains()
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect();
         for (key, endpoints) in &snapshot.node_ports {
             state.rx.insert(*key);
             state.flows.insert(*key);
@@ -93,7 +95,7 @@ impl TableState {
         }
         state.chains = chains
             .into_iter()
-            .filter_map(|name| Some((name.clone(), ChainState::from(&chain_def(&name)?))))
+            .filter_map(|name| Some((name.clone(), ChainState::from(&chain_def(&name, scope)?))))
             .collect();
         state
     }

@@ -7,11 +7,21 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
 };
 
-use super::{listing::parse_listing, script::transaction, state::TableState};
+use super::{listing::parse_listing, schema::Scope, script, state::TableState};
 use crate::{
     config::Protocol,
     dataplane::{BackendCounters, GlobalCounters, NodePortKey, PortCounters, Snapshot, Snapshot4},
 };
+
+/// The table the nftables data plane wants for `snapshot` (no external interfaces).
+fn desired(snapshot: &Snapshot) -> TableState {
+    TableState::desired(snapshot, &Scope::default())
+}
+
+/// The transaction of the nftables data plane's table.
+fn transaction(current: &TableState, desired: &TableState) -> Option<String> {
+    script::transaction(current, desired, &Scope::default())
+}
 
 /// `nft -j list table inet miren` after the first apply of [`snapshot`] (nft 1.0.6),
 /// trimmed of handles and rule expressions, with counters from some traffic.
@@ -214,7 +224,7 @@ fn adopted() -> TableState {
 
 #[test]
 fn a_first_apply_declares_everything_and_adds_every_element() {
-    let desired = TableState::desired(&snapshot(&["10.2.0.3:9000", "10.2.0.2:9000"]));
+    let desired = self::desired(&snapshot(&["10.2.0.3:9000", "10.2.0.2:9000"]));
     let script = transaction(&TableState::default(), &desired).unwrap();
     if script != FIRST_APPLY {
         panic!("the first transaction is\n{script}");
@@ -223,7 +233,7 @@ fn a_first_apply_declares_everything_and_adds_every_element() {
 
 #[test]
 fn a_node_without_ipv6_gets_no_ipv6_elements() {
-    let desired = TableState::desired(&snapshot4(&["10.2.0.2:9000", "10.2.0.3:9000"]));
+    let desired = self::desired(&snapshot4(&["10.2.0.2:9000", "10.2.0.3:9000"]));
     let script = transaction(&TableState::default(), &desired).unwrap();
     let elements: Vec<&str> = script
         .lines()
@@ -249,7 +259,7 @@ fn a_node_without_ipv6_gets_no_ipv6_elements() {
             .map(str::to_owned)
             .collect()
     };
-    let both = TableState::desired(&snapshot(&["10.2.0.2:9000", "10.2.0.3:9000"]));
+    let both = self::desired(&snapshot(&["10.2.0.2:9000", "10.2.0.3:9000"]));
     assert_eq!(
         v4_lines(&script),
         v4_lines(&transaction(&TableState::default(), &both).unwrap())
@@ -279,7 +289,7 @@ fn a_node_without_ipv6_gets_no_ipv6_elements() {
 #[test]
 fn a_captured_listing_reads_back_as_the_state_it_was_written_from() {
     let listing = parse_listing(&[LISTING]).unwrap();
-    let desired = TableState::desired(&snapshot(&["10.2.0.2:9000", "10.2.0.3:9000"]));
+    let desired = self::desired(&snapshot(&["10.2.0.2:9000", "10.2.0.3:9000"]));
     assert_eq!(listing.state, desired);
     assert_eq!(transaction(&listing.state, &desired), None);
 
@@ -330,10 +340,10 @@ fn a_captured_listing_reads_back_as_the_state_it_was_written_from() {
 
 #[test]
 fn the_same_snapshot_needs_no_transaction() {
-    let desired = TableState::desired(&snapshot(&["10.2.0.2:9000"]));
+    let desired = self::desired(&snapshot(&["10.2.0.2:9000"]));
     assert_eq!(transaction(&desired, &desired), None);
     // Duplicates and order of endpoints do not matter.
-    let shuffled = TableState::desired(&snapshot(&[
+    let shuffled = self::desired(&snapshot(&[
         "10.2.0.3:9000",
         "10.2.0.2:9000",
         "10.2.0.3:9000",
@@ -343,7 +353,7 @@ fn the_same_snapshot_needs_no_transaction() {
 
 #[test]
 fn an_endpoint_change_touches_only_the_changed_elements() {
-    let desired = TableState::desired(&snapshot(&["10.2.0.2:9000", "10.2.0.4:9000"]));
+    let desired = self::desired(&snapshot(&["10.2.0.2:9000", "10.2.0.4:9000"]));
     let script = transaction(&adopted(), &desired).unwrap();
     assert_eq!(
         changes(&script),
@@ -369,7 +379,7 @@ fn an_endpoint_change_touches_only_the_changed_elements() {
 
 #[test]
 fn a_new_endpoint_count_moves_the_jump_and_retires_the_unused_chain() {
-    let desired = TableState::desired(&snapshot(&[
+    let desired = self::desired(&snapshot(&[
         "10.2.0.2:9000",
         "10.2.0.3:9000",
         "10.2.0.4:9000",
@@ -411,7 +421,7 @@ fn a_new_endpoint_count_moves_the_jump_and_retires_the_unused_chain() {
 #[test]
 fn each_family_jumps_to_the_chain_of_its_own_endpoint_count() {
     // The second instance has no IPv6 address (yet).
-    let desired = TableState::desired(&dual_stack(
+    let desired = self::desired(&dual_stack(
         &["10.2.0.2:9000", "10.2.0.3:9000"],
         &["10.2.0.2:9000"],
     ));
@@ -442,7 +452,7 @@ fn each_family_jumps_to_the_chain_of_its_own_endpoint_count() {
 
 #[test]
 fn a_changed_rule_is_rewritten_and_a_changed_set_recreates_the_table() {
-    let desired = TableState::desired(&snapshot(&["10.2.0.2:9000", "10.2.0.3:9000"]));
+    let desired = self::desired(&snapshot(&["10.2.0.2:9000", "10.2.0.3:9000"]));
     let tampered = LISTING.replace("miren:368176471832e557", "someone else");
     let script = transaction(&parse_listing(&[&tampered]).unwrap().state, &desired).unwrap();
     assert_eq!(
@@ -477,4 +487,70 @@ fn a_changed_rule_is_rewritten_and_a_changed_set_recreates_the_table() {
         );
         assert!(script.contains("add element inet miren drops { udp . 7000, tcp . 7001 }"));
     }
+}
+
+#[test]
+fn the_companion_leaves_xdp_interfaces_alone_and_masquerades_hairpin() {
+    let scope = Scope::companion(&["eth0".to_owned(), "eth1".to_owned()]).unwrap();
+    let desired = TableState::desired(&snapshot(&["10.2.0.2:9000"]), &scope);
+    let script = script::transaction(&TableState::default(), &desired, &scope).unwrap();
+    assert!(
+        script.lines().all(|l| l.contains(" inet miren_local")),
+        "{script}"
+    );
+    let rules = |chain: &str| -> Vec<&str> {
+        let prefix = format!("add rule inet miren_local {chain} ");
+        script.lines().filter(|l| l.starts_with(&prefix)).collect()
+    };
+    let not_xdp = "iifname != { \"eth0\", \"eth1\" } ";
+    // Prerouting DNAT and receive counts only for packets XDP cannot see.
+    for rule in rules("nat_in")
+        .into_iter()
+        .chain(rules("count_in").into_iter().take(2))
+    {
+        assert!(rule.contains(not_xdp), "{rule}");
+    }
+    // The node's own connections, replies and backend counts (conntrack's DNAT, which XDP
+    // never leaves) need no interface condition.
+    for chain in ["nat_local", "count_local", "count_out"] {
+        assert!(!rules(chain).is_empty() && rules(chain).iter().all(|r| !r.contains("iifname")));
+    }
+    assert!(
+        rules("count_in")[2..]
+            .iter()
+            .all(|r| !r.contains("iifname"))
+    );
+    let masquerade = rules("nat_out");
+    assert_eq!(masquerade.len(), 2, "{script}");
+    assert!(
+        masquerade
+            .iter()
+            .all(|r| r.contains(&format!("meta iif != 0 {not_xdp}masquerade")))
+    );
+    assert!(script.contains("add chain inet miren_local nat_out { type nat hook postrouting priority 100; policy accept; }"));
+    // The nftables data plane keeps every interface, and masquerades hairpin only with
+    // external interfaces given.
+    let plane = Scope::plane(&["eth0".to_owned()]).unwrap();
+    let desired = TableState::desired(&snapshot(&["10.2.0.2:9000"]), &plane);
+    let script = script::transaction(&TableState::default(), &desired, &plane).unwrap();
+    assert!(
+        script
+            .lines()
+            .filter(|l| l.contains(" nat_in ip"))
+            .all(|l| !l.contains("iifname"))
+    );
+    assert!(
+        script.contains("add rule inet miren nat_out ct status dnat"),
+        "{script}"
+    );
+    assert!(
+        !transaction(&TableState::default(), &desired_default())
+            .unwrap()
+            .contains("nat_out")
+    );
+    assert!(Scope::companion(&["bad name!".to_owned()]).is_err());
+}
+
+fn desired_default() -> TableState {
+    self::desired(&snapshot(&["10.2.0.2:9000"]))
 }
