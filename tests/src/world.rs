@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
     process::Command,
     sync::{Arc, Mutex},
@@ -85,11 +85,44 @@ node_port = 7000
 /// # Errors
 /// [`TopologyError`] if a namespace, the veth pair, an address or ethtool fails.
 pub fn client_and_node(tag: &str) -> Result<(Netns, Netns), TopologyError> {
-    let client = Netns::new(&format!("{tag}-client"))?;
-    let node = Netns::new(&format!("{tag}-node"))?;
+    client_and_node_with(tag, false)
+}
+
+/// [`client_and_node`]; with `dual_stack`, IPv6 on in both and `CLIENT_IP6/64`, `NODE_IP6/64`
+/// on their eth0s too.
+fn client_and_node_with(tag: &str, dual_stack: bool) -> Result<(Netns, Netns), TopologyError> {
+    let namespace = |name: String| {
+        if dual_stack {
+            Netns::new_with_ipv6(&name)
+        } else {
+            Netns::new(&name)
+        }
+    };
+    let client = namespace(format!("{tag}-client"))?;
+    let node = namespace(format!("{tag}-node"))?;
     veth(&client, "eth0", &node, "eth0")?;
     client.addr("eth0", &format!("{CLIENT_IP}/24"))?;
     node.addr("eth0", &format!("{NODE_IP}/24"))?;
+    if dual_stack {
+        client.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{CLIENT_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
     client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
     Ok((client, node))
 }
@@ -130,6 +163,8 @@ pub struct World {
     peers: Vec<Arc<Mutex<Vec<SocketAddr>>>>,
     dir: TempDir,
     pins: BpfPinDir,
+    /// IPv6 on everywhere, the node with a second `--node-ip` ([`NODE_IP6`]).
+    dual_stack: bool,
 }
 
 /// The address of sandbox `i`.
@@ -137,16 +172,56 @@ pub fn sandbox_ip(i: usize) -> String {
     format!("10.88.0.{}", i + 2)
 }
 
+/// The client's IPv6 address in a dual-stack world.
+pub const CLIENT_IP6: &str = "fd00:5a::1";
+/// The node's IPv6 address in a dual-stack world (a second `--node-ip`).
+pub const NODE_IP6: &str = "fd00:5a::2";
+
+/// The IPv6 address of sandbox `i` in a dual-stack world: the one the agent's default
+/// `--sandbox-subnet6` mirrors [`sandbox_ip`] to on a single node.
+pub fn sandbox_ip6(i: usize) -> String {
+    format!("fd6d:6972:656e::{:x}", i + 2)
+}
+
 impl World {
     /// Builds the namespaces with `sandboxes` sandboxes.
     pub fn new(sandboxes: usize) -> Self {
-        let (client, node) = client_and_node("e2e").unwrap();
+        Self::build(sandboxes, false)
+    }
+
+    /// [`World::new`] with IPv6 too: [`CLIENT_IP6`], [`NODE_IP6`] (the agent's second
+    /// `--node-ip`) and each sandbox at [`sandbox_ip6`] with its echo servers on both
+    /// addresses.
+    pub fn new_dual_stack(sandboxes: usize) -> Self {
+        Self::build(sandboxes, true)
+    }
+
+    fn build(sandboxes: usize, dual_stack: bool) -> Self {
+        let (client, node) = client_and_node_with("e2e", dual_stack).unwrap();
         node.bridge("br0").unwrap();
         node.addr("br0", "10.88.0.1/24").unwrap();
+        if dual_stack {
+            node.ip(&[
+                "-6",
+                "addr",
+                "add",
+                "fd6d:6972:656e::1/64",
+                "dev",
+                "br0",
+                "nodad",
+            ])
+            .unwrap();
+        }
         let mut namespaces = Vec::new();
         let mut peers = Vec::new();
         for i in 0..sandboxes {
-            let sandbox = Netns::new(&format!("e2e-sandbox{i}")).unwrap();
+            let tag = format!("e2e-sandbox{i}");
+            let sandbox = if dual_stack {
+                Netns::new_with_ipv6(&tag)
+            } else {
+                Netns::new(&tag)
+            }
+            .unwrap();
             let port = format!("sb{i}");
             veth(&node, &port, &sandbox, "eth0").unwrap();
             node.attach_to_bridge(&port, "br0").unwrap();
@@ -154,7 +229,18 @@ impl World {
                 .addr("eth0", &format!("{}/24", sandbox_ip(i)))
                 .unwrap();
             sandbox.route(&["default", "via", "10.88.0.1"]).unwrap();
-            peers.push(echo_servers(&sandbox, &sandbox_ip(i)));
+            let mut addrs = vec![sandbox_ip(i)];
+            if dual_stack {
+                let cidr = format!("{}/64", sandbox_ip6(i));
+                sandbox
+                    .ip(&["-6", "addr", "add", &cidr, "dev", "eth0", "nodad"])
+                    .unwrap();
+                sandbox
+                    .ip(&["-6", "route", "add", "default", "via", "fd6d:6972:656e::1"])
+                    .unwrap();
+                addrs.push(sandbox_ip6(i));
+            }
+            peers.push(echo_servers(&sandbox, &addrs));
             namespaces.push(sandbox);
         }
         Self {
@@ -164,6 +250,7 @@ impl World {
             peers,
             dir: TempDir::new("e2e"),
             pins: BpfPinDir::new("e2e"),
+            dual_stack,
         }
     }
 
@@ -221,7 +308,10 @@ impl World {
         self.pins.path()
     }
 
-    fn start(&self, command: Command) -> AgentProcess {
+    fn start(&self, mut command: Command) -> AgentProcess {
+        if self.dual_stack {
+            command.args(["--node-ip", NODE_IP6]);
+        }
         AgentProcess::start(
             command,
             &self.dir.path().join("agent.sock"),
@@ -291,13 +381,29 @@ impl World {
     /// One UDP echo of `message` from a fresh client socket through NODE_IP:7000; returns the
     /// client's address and where the reply came from.
     pub fn udp_echo(&self, message: &[u8]) -> (SocketAddr, SocketAddr) {
+        self.udp_echo_between(CLIENT_IP, NODE_IP, message)
+    }
+
+    /// [`World::udp_echo`] over IPv6: from [`CLIENT_IP6`] through `[NODE_IP6]:7000`.
+    pub fn udp_echo6(&self, message: &[u8]) -> (SocketAddr, SocketAddr) {
+        self.udp_echo_between(CLIENT_IP6, NODE_IP6, message)
+    }
+
+    fn udp_echo_between(
+        &self,
+        client: &str,
+        node: &str,
+        message: &[u8],
+    ) -> (SocketAddr, SocketAddr) {
+        let client: IpAddr = client.parse().unwrap();
+        let node: IpAddr = node.parse().unwrap();
         self.client
             .run(|| {
-                let socket = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
+                let socket = UdpSocket::bind((client, 0)).unwrap();
                 socket
                     .set_read_timeout(Some(Duration::from_secs(3)))
                     .unwrap();
-                socket.send_to(message, (NODE_IP, 7000)).unwrap();
+                socket.send_to(message, (node, 7000)).unwrap();
                 let mut buf = [0u8; 1500];
                 let (len, from) = socket
                     .recv_from(&mut buf)
@@ -353,13 +459,22 @@ pub fn remove_instances(state_dir: &Path) {
 }
 
 /// Starts UDP and TCP echo servers on `ip:9000` inside `sandbox`; returns the peers they see.
-fn echo_servers(sandbox: &Netns, ip: &str) -> Arc<Mutex<Vec<SocketAddr>>> {
+fn echo_servers(sandbox: &Netns, ips: &[String]) -> Arc<Mutex<Vec<SocketAddr>>> {
     let peers = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
+    for ip in ips {
+        serve_echo(sandbox, ip, &peers);
+    }
+    peers
+}
+
+/// UDP and TCP echo servers on `ip`:9000 in `sandbox`, recording their peers in `peers`.
+fn serve_echo(sandbox: &Netns, ip: &str, peers: &Arc<Mutex<Vec<SocketAddr>>>) {
+    let ip: IpAddr = ip.parse().unwrap();
     let udp = sandbox
         .run(|| UdpSocket::bind((ip, 9000)))
         .unwrap()
         .unwrap();
-    let seen = Arc::clone(&peers);
+    let seen = Arc::clone(peers);
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         while let Ok((len, from)) = udp.recv_from(&mut buf) {
@@ -375,7 +490,7 @@ fn echo_servers(sandbox: &Netns, ip: &str) -> Arc<Mutex<Vec<SocketAddr>>> {
         .run(|| TcpListener::bind((ip, 9000)))
         .unwrap()
         .unwrap();
-    let seen = Arc::clone(&peers);
+    let seen = Arc::clone(peers);
     std::thread::spawn(move || {
         for stream in tcp.incoming().flatten() {
             seen.lock().unwrap().push(stream.peer_addr().unwrap());
@@ -390,7 +505,6 @@ fn echo_servers(sandbox: &Netns, ip: &str) -> Arc<Mutex<Vec<SocketAddr>>> {
             });
         }
     });
-    peers
 }
 
 /// Waits (up to a minute) until the agent reports every node port applied.

@@ -1245,6 +1245,43 @@ mod ipv6 {
     }
 
     #[test]
+    fn ipv6_replies_leave_from_the_node_port_with_valid_checksums() {
+        let dp = load6(&[UDP_PORT, TCP_PORT], &[1, 2]);
+        let mut replied = 0u64;
+        let mut reply_bytes = 0u64;
+        for (from, forward) in [
+            (42_000, udp6(42_000, NODE6).build()),
+            (42_001, tcp6(42_001, NODE6, TCP_SYN).build()),
+        ] {
+            let (verdict, out) = run_xdp(&dp, &forward);
+            assert_eq!(verdict, XDP_PASS);
+            let (twin, twin_port) = destination6(&out);
+            let instance = node6(twin, twin_port);
+            let reply = if parse6(&forward).unwrap().protocol == 17 {
+                Frame6Builder::udp(instance, client6(from))
+                    .payload(b"reply")
+                    .build()
+            } else {
+                Frame6Builder::tcp(instance, client6(from), TCP_SYN | TCP_ACK, 1, 1001).build()
+            };
+            let natted = rewrite_expected6(&reply, None, Some((NODE6, PORT)));
+            assert_eq!(run_tc(&dp, &reply), (TC_ACT_OK, natted.clone()));
+            verify_checksums6(&natted).unwrap();
+            replied += 1;
+            reply_bytes += (reply.len() - ETH_LEN) as u64;
+        }
+        // Not the reply of a node-port flow: untouched.
+        let stranger = Frame6Builder::udp(node6(twin(1), 8000), client6(42_999))
+            .payload(b"x")
+            .build();
+        assert_eq!(run_tc(&dp, &stranger), (TC_ACT_OK, stranger.clone()));
+        let c = counters(&dp);
+        let tx: u64 = c.ports.values().map(|p| p.tx_packets).sum();
+        let tx_bytes: u64 = c.ports.values().map(|p| p.tx_bytes).sum();
+        assert_eq!((tx, tx_bytes), (replied, reply_bytes));
+    }
+
+    #[test]
     fn ipv6_udp_without_checksum_and_instances_without_twins() {
         let dp = load6(&[UDP_PORT], &[1]);
         let zero = udp6(40_000, NODE6).udp_checksum_zero().build();
