@@ -48,8 +48,7 @@ impl std::fmt::Display for NodePortKey {
 
 /// Everything a data plane needs: the node's addresses and each node port's endpoints, in
 /// both families (an instance's IPv6 endpoint serves the IPv6 clients its IPv4 one serves for
-/// IPv4). The data planes apply the IPv4 part ([`Snapshot::v4`]); IPv6 node ports are being
-/// built (issue 15).
+/// IPv4). Both data planes apply both families.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// The node's own addresses; only traffic to these is load-balanced.
