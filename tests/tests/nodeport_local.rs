@@ -194,3 +194,51 @@ fn the_node_and_instances_reach_node_ports_counted_once(plane: Plane) {
     let tcp = traffic(&agent, "tcp");
     assert_eq!(tcp.flows - before_tcp.flows, 1, "one TCP flow counted once");
 }
+
+/// The companion's cost per connection, printed (never asserted): TCP connect, one echo and
+/// close from the node namespace, through NODE_IP:7000 (DNAT by the XDP data plane's nftables
+/// companion in the output hook) vs straight to the instance's address, interleaved in rounds.
+#[test]
+fn companion_cost_per_connection() {
+    const ROUNDS: usize = 5;
+    const CONNECTIONS: usize = 400;
+    let world = World::new(1);
+    let agent = world.start_agent(Plane::Xdp);
+    world.deploy(&agent);
+    let node_port: SocketAddr = format!("{NODE_IP}:7000").parse().unwrap();
+    let direct: SocketAddr = format!("{}:9000", sandbox_ip(0)).parse().unwrap();
+    let connect = |to: SocketAddr| {
+        world
+            .node
+            .run(|| {
+                let start = std::time::Instant::now();
+                for _ in 0..CONNECTIONS {
+                    let mut stream = TcpStream::connect(to).unwrap();
+                    stream.write_all(b"x").unwrap();
+                    let mut buf = [0u8; 1];
+                    stream.read_exact(&mut buf).unwrap();
+                }
+                start.elapsed().as_secs_f64() * 1e6 / CONNECTIONS as f64
+            })
+            .unwrap()
+    };
+    connect(direct);
+    connect(node_port);
+    let mut through = Vec::new();
+    let mut straight = Vec::new();
+    for _ in 0..ROUNDS {
+        through.push(connect(node_port));
+        straight.push(connect(direct));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (through, straight) = (median(&mut through), median(&mut straight));
+    println!(
+        "companion cost: {through:.1} µs per TCP connection (connect, 1-byte echo, close) \
+         through NODE_IP:7000 vs {straight:.1} µs to the instance directly: {:+.1} µs \
+         (median of {ROUNDS} rounds of {CONNECTIONS})",
+        through - straight
+    );
+}

@@ -100,8 +100,7 @@ impl NftDataplane {
         if state.exists {
             tracing::info!(
                 node_ports = state.node_ports(),
-                %table,
-                "adopted nftables table"
+                "adopted nftables table {table}"
             );
         }
         Ok(Self {
