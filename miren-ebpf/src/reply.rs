@@ -148,13 +148,8 @@ fn reverse_nat6(ctx: &TcContext) -> Result<(), i64> {
     // IPv6 has no header checksum; the TCP/UDP one (mandatory for UDP) covers the addresses.
     let (check_off, mangled) = l4_check(protocol, l4);
     let addr_flags = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
-    for word in 0..4 {
-        ctx.l4_csum_replace(
-            check_off,
-            u64::from(saddr[word]),
-            u64::from(flow.nat_addr[word]),
-            addr_flags,
-        )?;
+    for (old, new) in saddr.iter().zip(flow.nat_addr.iter()) {
+        ctx.l4_csum_replace(check_off, u64::from(*old), u64::from(*new), addr_flags)?;
     }
     ctx.l4_csum_replace(
         check_off,
