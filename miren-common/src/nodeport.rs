@@ -284,10 +284,12 @@ pub enum GlobalStat {
     ConntrackHit = 2,
     /// Conntrack misses.
     ConntrackMiss = 3,
+    /// TCP conntrack misses without SYN (mid-flow after an eviction, a stray RST, …).
+    TcpNonSynMiss = 4,
 }
 
 /// Number of [`GlobalStat`] slots.
-pub const GLOBAL_STATS: u32 = 4;
+pub const GLOBAL_STATS: u32 = 5;
 
 /// Value of [`CONFIG_MAP`] (index 0).
 #[repr(C)]

@@ -93,6 +93,8 @@ pub struct TcpHdr {
 pub const TCP_FIN: u8 = 0x01;
 /// TCP RST.
 pub const TCP_RST: u8 = 0x04;
+/// TCP SYN.
+pub const TCP_SYN: u8 = 0x02;
 
 /// Fragment offset and More Fragments bits of `frag_off` (host order mask).
 pub const IP_FRAG_MASK: u16 = 0x3fff;

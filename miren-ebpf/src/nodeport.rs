@@ -5,6 +5,11 @@
 //! pinned by conntrack; everything else passes untouched. Fragments pass untouched (the kernel
 //! reassembles them; they are not load-balanced), and so do packets from a backend's own
 //! address and port (replies of flows masqueraded to a backend on another node).
+//!
+//! A TCP packet that misses conntrack without SYN (mid-flow after its entry was evicted, or a
+//! stray packet) is counted ([`GlobalStat::TcpNonSynMiss`]) and forwarded to the backend the
+//! Maglev table chooses for its flow; it creates the flow's entries again unless it is a RST,
+//! which is forwarded and remembered nowhere (it ends the flow at the backend).
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::PerCpuArray, programs::XdpContext};
 use miren_common::nodeport::{
@@ -18,7 +23,7 @@ use crate::{
     headers::{
         ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, EthHdr, IP_FRAG_MASK, IPV6_DSTOPTS, IPV6_HOPOPTS,
         IPV6_LEN, IPV6_ROUTING, Ipv4Hdr, Ipv6ExtHdr, Ipv6Hdr, Ports, TCP_CHECK_OFF, TCP_FIN,
-        TCP_RST, TcpHdr, UDP_CHECK_OFF, UdpHdr,
+        TCP_RST, TCP_SYN, TcpHdr, UDP_CHECK_OFF, UdpHdr,
     },
     maps::{
         BACKEND_ADDRS, BACKEND_STATS, BACKEND_STATS6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6,
@@ -142,7 +147,7 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
             return pass();
         }
         count_rx(&service, ip_bytes);
-        return new_flow(ctx, ip, l4, &key, &service, now, ip_bytes);
+        return new_flow(ctx, ip, l4, &key, &service, now, ip_bytes, tcp_flags);
     };
     count_rx(&service, ip_bytes);
     count(GlobalStat::ConntrackHit);
@@ -252,7 +257,7 @@ fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
     let now = now_ns(&config);
     count_rx(&service, ip_bytes);
     let Some(flow) = established6(&key, &config, now, tcp_flags) else {
-        return new_flow6(ctx, ip, l4, &key, &service, now, ip_bytes);
+        return new_flow6(ctx, ip, l4, &key, &service, now, ip_bytes, tcp_flags);
     };
     count(GlobalStat::ConntrackHit);
     if tcp_flags & TCP_RST != 0 {
@@ -275,6 +280,7 @@ fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
 /// IPv6: [`new_flow`], with the backend's IPv6 twin from `MIREN_BACKENDS6` (same Maglev
 /// table, same backend ids); a backend without one drops the packet (counted no backend).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn new_flow6(
     ctx: &XdpContext,
     ip: *mut Ipv6Hdr,
@@ -283,6 +289,7 @@ fn new_flow6(
     service: &Service,
     now: u64,
     ip_bytes: u64,
+    tcp_flags: u8,
 ) -> Result<u32, Malformed> {
     count(GlobalStat::ConntrackMiss);
     if service.table_size == 0 {
@@ -304,32 +311,34 @@ fn new_flow6(
         port_stats(service.id, |s| s.drop_no_backend += 1);
         return Ok(xdp_action::XDP_DROP);
     }
-    let forward = Flow6 {
-        nat_addr: backend.addr,
-        nat_port: backend.port_be,
-        flags: 0,
-        service_id: service.id,
-        backend_id,
-        pad: 0,
-        last_seen_ns: now,
-    };
-    let reverse_key = FlowKey6 {
-        src_addr: backend.addr,
-        dst_addr: key.src_addr,
-        src_port: backend.port_be,
-        dst_port: key.src_port,
-        protocol: key.protocol,
-        pad: [0; 3],
-    };
-    let reverse = Flow6 {
-        nat_addr: key.dst_addr,
-        nat_port: key.dst_port,
-        flags: FLOW_REVERSE,
-        ..forward
-    };
-    let _ = CONNTRACK6.insert(key, forward, 0);
-    let _ = CONNTRACK6.insert(reverse_key, reverse, 0);
-    port_stats(service.id, |s| s.flows += 1);
+    if remembers(key.protocol, tcp_flags) {
+        let forward = Flow6 {
+            nat_addr: backend.addr,
+            nat_port: backend.port_be,
+            flags: 0,
+            service_id: service.id,
+            backend_id,
+            pad: 0,
+            last_seen_ns: now,
+        };
+        let reverse_key = FlowKey6 {
+            src_addr: backend.addr,
+            dst_addr: key.src_addr,
+            src_port: backend.port_be,
+            dst_port: key.src_port,
+            protocol: key.protocol,
+            pad: [0; 3],
+        };
+        let reverse = Flow6 {
+            nat_addr: key.dst_addr,
+            nat_port: key.dst_port,
+            flags: FLOW_REVERSE,
+            ..forward
+        };
+        let _ = CONNTRACK6.insert(key, forward, 0);
+        let _ = CONNTRACK6.insert(reverse_key, reverse, 0);
+        port_stats(service.id, |s| s.flows += 1);
+    }
     rewrite6(ctx, ip, l4, key.protocol, &backend.addr, backend.port_be)?;
     stats_add(&BACKEND_STATS6, backend_id, ip_bytes);
     Ok(xdp_action::XDP_PASS)
@@ -444,6 +453,7 @@ fn count_rx(service: &Service, ip_bytes: u64) {
 
 /// Picks a backend for a new flow, records the forward and reverse entries, and rewrites.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn new_flow(
     ctx: &XdpContext,
     ip: *mut Ipv4Hdr,
@@ -452,6 +462,7 @@ fn new_flow(
     service: &Service,
     now: u64,
     ip_bytes: u64,
+    tcp_flags: u8,
 ) -> Result<u32, Malformed> {
     count(GlobalStat::ConntrackMiss);
     if service.table_size == 0 {
@@ -469,36 +480,49 @@ fn new_flow(
         port_stats(service.id, |s| s.drop_table_miss += 1);
         return Ok(xdp_action::XDP_DROP);
     };
-    let forward = Flow {
-        nat_addr: backend.addr_be,
-        nat_port: backend.port_be,
-        flags: 0,
-        service_id: service.id,
-        backend_id,
-        last_seen_ns: now,
-    };
-    let reverse_key = FlowKey {
-        src_addr: backend.addr_be,
-        dst_addr: key.src_addr,
-        src_port: backend.port_be,
-        dst_port: key.src_port,
-        protocol: key.protocol,
-        pad: [0; 3],
-    };
-    let reverse = Flow {
-        nat_addr: key.dst_addr,
-        nat_port: key.dst_port,
-        flags: FLOW_REVERSE,
-        ..forward
-    };
-    // Without entries the flow still works (every packet re-hashes to the same backend while
-    // the backend set is unchanged), so a full map is not a reason to drop.
-    let _ = CONNTRACK.insert(key, forward, 0);
-    let _ = CONNTRACK.insert(reverse_key, reverse, 0);
-    port_stats(service.id, |s| s.flows += 1);
+    if remembers(key.protocol, tcp_flags) {
+        let forward = Flow {
+            nat_addr: backend.addr_be,
+            nat_port: backend.port_be,
+            flags: 0,
+            service_id: service.id,
+            backend_id,
+            last_seen_ns: now,
+        };
+        let reverse_key = FlowKey {
+            src_addr: backend.addr_be,
+            dst_addr: key.src_addr,
+            src_port: backend.port_be,
+            dst_port: key.src_port,
+            protocol: key.protocol,
+            pad: [0; 3],
+        };
+        let reverse = Flow {
+            nat_addr: key.dst_addr,
+            nat_port: key.dst_port,
+            flags: FLOW_REVERSE,
+            ..forward
+        };
+        // Without entries the flow still works (every packet re-hashes to the same backend while
+        // the backend set is unchanged), so a full map is not a reason to drop.
+        let _ = CONNTRACK.insert(key, forward, 0);
+        let _ = CONNTRACK.insert(reverse_key, reverse, 0);
+        port_stats(service.id, |s| s.flows += 1);
+    }
     rewrite(ctx, ip, l4, key.protocol, backend.addr_be, backend.port_be)?;
     backend_stats(backend_id, ip_bytes);
     Ok(xdp_action::XDP_PASS)
+}
+
+/// Whether a packet that missed conntrack starts (or picks up again) a flow worth remembering:
+/// counts a TCP miss without SYN, and says no for a RST (forwarded, remembered nowhere).
+#[inline(always)]
+fn remembers(protocol: u8, tcp_flags: u8) -> bool {
+    if protocol != PROTO_TCP || tcp_flags & TCP_SYN != 0 {
+        return true;
+    }
+    count(GlobalStat::TcpNonSynMiss);
+    tcp_flags & TCP_RST == 0
 }
 
 /// Removes the forward and reverse entries of a flow (after RST).

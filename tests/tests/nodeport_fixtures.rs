@@ -344,6 +344,8 @@ fn node_port_packets_are_dnated_exactly() {
             malformed: 0,
             conntrack_hits: n,
             conntrack_misses: n,
+            // The six PSH|ACK rows start their flows without a SYN.
+            tcp_non_syn_misses: 6,
         }
     );
     let flows = c.ports[&UDP_PORT].flows + c.ports[&TCP_PORT].flows;
@@ -555,6 +557,38 @@ fn a_client_flow_sticks_to_one_backend_and_flows_spread_over_all() {
         (c.global.conntrack_hits, c.global.conntrack_misses),
         (2 * 19, 2 * 201)
     );
+}
+
+/// The non-SYN miss rule: a TCP packet without SYN that misses conntrack is counted and goes
+/// where its flow's SYN would; a RST is remembered nowhere, anything else creates the entries.
+#[test]
+fn tcp_misses_without_syn_are_counted_and_a_stray_rst_creates_no_flow() {
+    let (a, b, c) = (backend(2), backend(3), backend(4));
+    let dp = load(&[(TCP_PORT, &[a, b, c])]);
+    let rst = tcp(43_000, PORT, TCP_RST | TCP_ACK).build();
+    let chosen = forward(&dp, &rst);
+    let reply = FrameBuilder::tcp(sandbox(chosen), client(43_000), TCP_ACK, 1, 1001).build();
+    assert_eq!(
+        run_tc(&dp, &reply),
+        (TC_ACT_OK, reply.clone()),
+        "no reverse entry for a stray RST"
+    );
+    assert_eq!(port_counters(&dp, TCP_PORT).flows, 0);
+    // Its flow's SYN goes to the same backend, and now the flow is remembered.
+    assert_eq!(forward(&dp, &syn(43_000)), chosen);
+    let mid_flow = tcp(43_001, PORT, TCP_ACK).build();
+    let picked_up = forward(&dp, &mid_flow);
+    let reply = FrameBuilder::tcp(sandbox(picked_up), client(43_001), TCP_ACK, 1, 1001).build();
+    let natted = rewrite_expected(&reply, None, Some((NODE, PORT)));
+    assert_eq!(
+        run_tc(&dp, &reply),
+        (TC_ACT_OK, natted),
+        "a mid-flow miss creates the entries again"
+    );
+    let c = counters(&dp);
+    assert_eq!(c.global.tcp_non_syn_misses, 2);
+    assert_eq!(c.global.conntrack_misses, 3);
+    assert_eq!(c.ports[&TCP_PORT].flows, 2);
 }
 
 #[test]
@@ -953,6 +987,7 @@ fn counters_are_exact_after_a_fixed_sequence() {
             malformed: 1,
             conntrack_hits: 2,
             conntrack_misses: 4,
+            tcp_non_syn_misses: 0,
         },
         // No IPv6 backends (`backends6`) here.
         ..Counters::default()
@@ -1184,6 +1219,7 @@ mod ipv6 {
                 malformed: malformed.len() as u64,
                 conntrack_hits: 0,
                 conntrack_misses: 0,
+                tcp_non_syn_misses: 0,
             },
         );
     }

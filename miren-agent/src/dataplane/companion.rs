@@ -75,6 +75,7 @@ fn add(sum: &mut Counters, other: &Counters) {
     global.malformed += more.malformed;
     global.conntrack_hits += more.conntrack_hits;
     global.conntrack_misses += more.conntrack_misses;
+    global.tcp_non_syn_misses += more.tcp_non_syn_misses;
 }
 
 #[cfg(test)]

@@ -126,6 +126,9 @@ pub struct GlobalCounters {
     pub conntrack_hits: u64,
     /// Conntrack misses.
     pub conntrack_misses: u64,
+    /// TCP conntrack misses without SYN (forwarded by the Maglev choice; a RST creates no
+    /// entry, anything else creates the flow's entries again).
+    pub tcp_non_syn_misses: u64,
 }
 
 /// All counters of a data plane.

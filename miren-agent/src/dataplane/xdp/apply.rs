@@ -428,18 +428,20 @@ impl<M: NodePortMaps> NodePorts<M> {
             }
         }
         let read = |stat: GlobalStat| -> Result<u64, DataplaneError> {
-            Ok(self
-                .maps
-                .global_stat(stat)
-                .map_err(map_err("reading global stats"))?
-                .iter()
-                .sum())
+            match self.maps.global_stat(stat) {
+                Ok(per_cpu) => Ok(per_cpu.iter().sum()),
+                // A global stats map pinned by an earlier agent, before this stat existed: the
+                // kernel side cannot count it either until the pins are made again.
+                Err(MapError::OutOfBounds { .. }) => Ok(0),
+                Err(err) => Err(map_err("reading global stats")(err)),
+            }
         };
         counters.global = GlobalCounters {
             passed: read(GlobalStat::Passed)?,
             malformed: read(GlobalStat::Malformed)?,
             conntrack_hits: read(GlobalStat::ConntrackHit)?,
             conntrack_misses: read(GlobalStat::ConntrackMiss)?,
+            tcp_non_syn_misses: read(GlobalStat::TcpNonSynMiss)?,
         };
         Ok(counters)
     }
@@ -1142,6 +1144,17 @@ mod tests {
     }
 
     #[test]
+    fn a_global_stats_map_pinned_before_a_stat_existed_reads_it_as_zero() {
+        let mut ports = open(4, 4);
+        let maps = ports.maps_mut();
+        maps.global_stats
+            .truncate(GlobalStat::TcpNonSynMiss as usize);
+        maps.global_stats[GlobalStat::ConntrackMiss as usize][0] = 7;
+        let global = ports.counters().unwrap().global;
+        assert_eq!((global.conntrack_misses, global.tcp_non_syn_misses), (7, 0));
+    }
+
+    #[test]
     fn counters_are_summed_over_cpus() {
         let mut ports = open(4, 4);
         let key = udp(7000);
@@ -1196,6 +1209,7 @@ mod tests {
                 malformed: 12,
                 conntrack_hits: 18,
                 conntrack_misses: 24,
+                tcp_non_syn_misses: 30,
             }
         );
     }
