@@ -57,43 +57,13 @@ pub struct Snapshot {
     pub node_ports: BTreeMap<NodePortKey, Vec<SocketAddr>>,
 }
 
-/// The IPv4 part of a [`Snapshot`].
+/// An IPv4-only snapshot, the shorter way to write one (`.into()` makes it a [`Snapshot`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot4 {
     /// The node's own IPv4 addresses.
     pub node_addrs: Vec<Ipv4Addr>,
     /// Node port → its IPv4 endpoints.
     pub node_ports: BTreeMap<NodePortKey, Vec<SocketAddrV4>>,
-}
-
-impl Snapshot {
-    /// The IPv4 addresses and endpoints (every node port, also one with none).
-    pub fn v4(&self) -> Snapshot4 {
-        Snapshot4 {
-            node_addrs: self
-                .node_addrs
-                .iter()
-                .filter_map(|addr| match addr {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                })
-                .collect(),
-            node_ports: self
-                .node_ports
-                .iter()
-                .map(|(key, endpoints)| {
-                    let v4 = endpoints
-                        .iter()
-                        .filter_map(|addr| match addr {
-                            SocketAddr::V4(v4) => Some(*v4),
-                            SocketAddr::V6(_) => None,
-                        })
-                        .collect();
-                    (*key, v4)
-                })
-                .collect(),
-        }
-    }
 }
 
 impl From<Snapshot4> for Snapshot {

@@ -16,7 +16,7 @@ use miren_common::nodeport::{
 use super::{
     super::{
         BackendCounters, Counters, DataplaneError, GlobalCounters, NodePortKey, PortCounters,
-        Snapshot, Snapshot4, maglev,
+        Snapshot, maglev,
     },
     maps::NodePortMaps,
 };
@@ -259,12 +259,17 @@ impl<M: NodePortMaps> NodePorts<M> {
         Ok(())
     }
 
-    /// Makes `MIREN_BACKEND_ADDRS` hold exactly the backends of `snapshot`.
-    fn apply_backend_addrs(&mut self, snapshot: &Snapshot4) -> Result<(), DataplaneError> {
+    /// Makes `MIREN_BACKEND_ADDRS` hold exactly the IPv4 backends of `snapshot`.
+    fn apply_backend_addrs(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
         let wanted: BTreeSet<BackendAddr> = snapshot
             .node_ports
             .iter()
-            .flat_map(|(key, endpoints)| endpoints.iter().map(|e| backend_addr(key.protocol, *e)))
+            .flat_map(|(key, endpoints)| {
+                endpoints.iter().filter_map(|endpoint| match endpoint {
+                    SocketAddr::V4(v4) => Some(backend_addr(key.protocol, *v4)),
+                    SocketAddr::V6(_) => None,
+                })
+            })
             .collect();
         let current = std::mem::take(&mut self.backend_addrs);
         for addr in wanted.difference(&current) {
@@ -288,7 +293,7 @@ impl<M: NodePortMaps> NodePorts<M> {
     /// are applied); [`DataplaneError::Bpf`] when a map refuses a change.
     pub(super) fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
         self.apply_node_addrs(&snapshot.node_addrs)?;
-        self.apply_backend_addrs(&snapshot.v4())?;
+        self.apply_backend_addrs(snapshot)?;
         let mut retired: Vec<MaglevKey> = Vec::new();
         let mut dead_backends: HashSet<u32> = HashSet::new();
         let mut dead_services: HashSet<u32> = HashSet::new();
@@ -703,6 +708,7 @@ mod tests {
     use miren_common::nodeport::{BackendStats, Flow, Flow6, FlowKey, FlowKey6, PortStats};
 
     use super::{super::fake::FakeMaps, *};
+    use crate::dataplane::Snapshot4;
     use crate::{dataplane::Dataplane, reconcile};
 
     const CPUS: usize = 3;
