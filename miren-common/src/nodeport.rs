@@ -43,6 +43,9 @@ pub const BACKENDS6_MAP: &str = "MIREN_BACKENDS6";
 pub const CONNTRACK6_MAP: &str = "MIREN_CT6";
 /// `PerCpuArray<BackendStats>` indexed by backend id: packets forwarded to its IPv6 twin.
 pub const BACKEND_STATS6_MAP: &str = "MIREN_BACKEND_STATS6";
+/// `PerCpuArray<PortStats>` indexed by service id: the node port's IPv6 packets
+/// ([`PORT_STATS_MAP`] counts its IPv4 ones).
+pub const PORT_STATS6_MAP: &str = "MIREN_PORT_STATS6";
 
 /// Most node ports (service ids are `0..MAX_SERVICES`).
 pub const MAX_SERVICES: u32 = 16_384;

@@ -51,6 +51,10 @@ pub static BACKEND_STATS6: PerCpuArray<BackendStats> =
 #[map(name = "MIREN_PORT_STATS")]
 pub static PORT_STATS: PerCpuArray<PortStats> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
+/// Per node port, the IPv6 packets ([`PORT_STATS`] counts the IPv4 ones).
+#[map(name = "MIREN_PORT_STATS6")]
+pub static PORT_STATS6: PerCpuArray<PortStats> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
 #[map(name = "MIREN_BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
@@ -70,10 +74,21 @@ pub fn count(stat: GlobalStat) {
     }
 }
 
-/// Runs `f` on this CPU's stats of service `id`.
+/// Runs `f` on this CPU's IPv4 stats of service `id`.
 #[inline(always)]
 pub fn port_stats(id: u32, f: impl FnOnce(&mut PortStats)) {
-    if let Some(stats) = PORT_STATS.get_ptr_mut(id) {
+    port_stats_in(&PORT_STATS, id, f);
+}
+
+/// Runs `f` on this CPU's IPv6 stats of service `id`.
+#[inline(always)]
+pub fn port_stats6(id: u32, f: impl FnOnce(&mut PortStats)) {
+    port_stats_in(&PORT_STATS6, id, f);
+}
+
+#[inline(always)]
+fn port_stats_in(map: &PerCpuArray<PortStats>, id: u32, f: impl FnOnce(&mut PortStats)) {
+    if let Some(stats) = map.get_ptr_mut(id) {
         // SAFETY: as in `count`.
         f(unsafe { &mut *stats });
     }

@@ -27,7 +27,7 @@ use crate::{
     },
     maps::{
         BACKEND_ADDRS, BACKEND_STATS, BACKEND_STATS6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6,
-        MAGLEV, NODE_ADDRS, NODE_ADDRS6, SERVICES, config, count, now_ns, port_stats,
+        MAGLEV, NODE_ADDRS, NODE_ADDRS6, SERVICES, config, count, now_ns, port_stats, port_stats6,
     },
 };
 
@@ -255,7 +255,7 @@ fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
     };
     let config = config();
     let now = now_ns(&config);
-    count_rx(&service, ip_bytes);
+    count_rx6(&service, ip_bytes);
     let Some(flow) = established6(&key, &config, now, tcp_flags) else {
         return new_flow6(ctx, ip, l4, &key, &service, now, ip_bytes, tcp_flags);
     };
@@ -293,7 +293,7 @@ fn new_flow6(
 ) -> Result<u32, Malformed> {
     count(GlobalStat::ConntrackMiss);
     if service.table_size == 0 {
-        port_stats(service.id, |s| s.drop_no_backend += 1);
+        port_stats6(service.id, |s| s.drop_no_backend += 1);
         return Ok(xdp_action::XDP_DROP);
     }
     let hash = flow_hash6(&key.src_addr, key.src_port, key.dst_port, key.protocol);
@@ -304,11 +304,11 @@ fn new_flow6(
         BACKENDS6.get(id).map(|backend| (id, *backend))
     });
     let Some((backend_id, backend)) = backend else {
-        port_stats(service.id, |s| s.drop_table_miss += 1);
+        port_stats6(service.id, |s| s.drop_table_miss += 1);
         return Ok(xdp_action::XDP_DROP);
     };
     if backend.addr == [0; 4] {
-        port_stats(service.id, |s| s.drop_no_backend += 1);
+        port_stats6(service.id, |s| s.drop_no_backend += 1);
         return Ok(xdp_action::XDP_DROP);
     }
     if remembers(key.protocol, tcp_flags) {
@@ -337,7 +337,7 @@ fn new_flow6(
         };
         let _ = CONNTRACK6.insert(key, forward, 0);
         let _ = CONNTRACK6.insert(reverse_key, reverse, 0);
-        port_stats(service.id, |s| s.flows += 1);
+        port_stats6(service.id, |s| s.flows += 1);
     }
     rewrite6(ctx, ip, l4, key.protocol, &backend.addr, backend.port_be)?;
     stats_add(&BACKEND_STATS6, backend_id, ip_bytes);
@@ -446,6 +446,15 @@ fn refresh(
 #[inline(always)]
 fn count_rx(service: &Service, ip_bytes: u64) {
     port_stats(service.id, |s| {
+        s.rx_packets += 1;
+        s.rx_bytes += ip_bytes;
+    });
+}
+
+/// Counts a received IPv6 packet of `service`.
+#[inline(always)]
+fn count_rx6(service: &Service, ip_bytes: u64) {
+    port_stats6(service.id, |s| {
         s.rx_packets += 1;
         s.rx_bytes += ip_bytes;
     });

@@ -16,7 +16,7 @@ use crate::{
         ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_FRAG_MASK, IPV6_LEN, Ports, TCP_CHECK_OFF,
         UDP_CHECK_OFF,
     },
-    maps::{CONNTRACK, CONNTRACK6, port_stats},
+    maps::{CONNTRACK, CONNTRACK6, port_stats, port_stats6},
 };
 
 /// Offsets in the IPv4 header.
@@ -160,7 +160,7 @@ fn reverse_nat6(ctx: &TcContext) -> Result<(), i64> {
     ctx.store(IP6_SADDR, &flow.nat_addr, 0)?;
     ctx.store(l4, &flow.nat_port, 0)?;
     let ip_bytes = IPV6_LEN as u64 + u64::from(u16::from_be(ctx.load::<u16>(IP6_PAYLOAD_LEN)?));
-    port_stats(flow.service_id, |s| {
+    port_stats6(flow.service_id, |s| {
         s.tx_packets += 1;
         s.tx_bytes += ip_bytes;
     });
