@@ -46,6 +46,11 @@ pub const BACKEND_STATS6_MAP: &str = "MIREN_BACKEND_STATS6";
 /// `PerCpuArray<PortStats>` indexed by service id: the node port's IPv6 packets
 /// ([`PORT_STATS_MAP`] counts its IPv4 ones).
 pub const PORT_STATS6_MAP: &str = "MIREN_PORT_STATS6";
+/// `LruHashMap<FragKey, FragNat>`: IPv4 datagrams whose first fragment was translated, so
+/// their later fragments (no ports) are translated the same way (both directions).
+pub const FRAGS_MAP: &str = "MIREN_FRAGS";
+/// `LruHashMap<FragKey6, FragNat6>`: [`FRAGS_MAP`] for IPv6.
+pub const FRAGS6_MAP: &str = "MIREN_FRAGS6";
 
 /// Most node ports (service ids are `0..MAX_SERVICES`).
 pub const MAX_SERVICES: u32 = 16_384;
@@ -57,6 +62,13 @@ pub const MAGLEV_ENTRIES: u32 = 4 << 20;
 pub const CONNTRACK_ENTRIES: u32 = 1 << 18;
 /// Capacity of [`CONNTRACK6_MAP`] (two entries per flow).
 pub const CONNTRACK6_ENTRIES: u32 = 1 << 17;
+
+/// Capacity of [`FRAGS_MAP`] and [`FRAGS6_MAP`] (datagrams in flight as fragments).
+pub const FRAGS_ENTRIES: u32 = 8_192;
+/// A fragmented datagram's later fragments are translated for this long after the last
+/// fragment seen (the kernel's reassembly waits 30 s; fragments of one datagram arrive
+/// together).
+pub const FRAG_TIMEOUT_NS: u64 = 5_000_000_000;
 
 /// IP protocol numbers.
 pub const PROTO_TCP: u8 = 6;
@@ -219,10 +231,70 @@ pub struct Flow6 {
     pub last_seen_ns: u64,
 }
 
+/// Key of [`FRAGS_MAP`]: what the fragments of one IPv4 datagram share, as they arrive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Source address (be).
+    pub src_addr: u32,
+    /// Destination address (be).
+    pub dst_addr: u32,
+    /// IP identification, as stored.
+    pub id: u16,
+    /// IP protocol.
+    pub protocol: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
+/// Value of [`FRAGS_MAP`]: how the datagram's first fragment was translated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragNat {
+    /// Toward an instance: the backend address (new destination); a reply: the node address
+    /// (new source).
+    pub nat_addr: u32,
+    /// Service id (for stats).
+    pub service_id: u32,
+    /// Backend id (for stats).
+    pub backend_id: u32,
+    /// Zero.
+    pub pad: u32,
+    /// Last fragment seen, ns on the data plane's clock.
+    pub last_seen_ns: u64,
+}
+
+/// Key of [`FRAGS6_MAP`] (the fragment header's 32-bit identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(missing_docs)]
+pub struct FragKey6 {
+    pub src_addr: Addr6,
+    pub dst_addr: Addr6,
+    pub id: u32,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+
+/// Value of [`FRAGS6_MAP`]; the fields mean what they mean in [`FragNat`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct FragNat6 {
+    pub nat_addr: Addr6,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub last_seen_ns: u64,
+}
+
 /// A reverse (reply-direction) conntrack entry.
 pub const FLOW_REVERSE: u16 = 1;
 /// A TCP flow that has seen FIN: it expires after [`Config::tcp_closing_timeout_ns`].
 pub const FLOW_CLOSING: u16 = 2;
+/// A flow whose backend has answered (set on both entries by the first reply). A SYN that
+/// meets a flow without it is a new connection attempt and picks its backend again, so a
+/// client retrying from the same port after its backend was removed reaches a live one.
+pub const FLOW_REPLIED: u16 = 4;
 
 /// Per node-port counters, value of [`PORT_STATS_MAP`] (per CPU).
 #[repr(C)]
@@ -289,10 +361,22 @@ pub enum GlobalStat {
     ConntrackMiss = 3,
     /// TCP conntrack misses without SYN (mid-flow after an eviction, a stray RST, …).
     TcpNonSynMiss = 4,
+    /// Later fragments (no ports) of a node-port datagram translated like its first one,
+    /// toward an instance or back to the client.
+    FragmentForwarded = 5,
+    /// Later TCP/UDP fragments to a node address whose first fragment was not seen (or too
+    /// long ago): passed to the kernel.
+    FragmentUnmatched = 6,
+    /// ICMP errors about a node-port reply (e.g. fragmentation needed, packet too big)
+    /// translated to the instance that owns the flow.
+    IcmpToInstance = 7,
+    /// ICMP errors from an instance about a client's packet (e.g. port unreachable)
+    /// translated to come from the node port.
+    IcmpFromInstance = 8,
 }
 
 /// Number of [`GlobalStat`] slots.
-pub const GLOBAL_STATS: u32 = 5;
+pub const GLOBAL_STATS: u32 = 9;
 
 /// Value of [`CONFIG_MAP`] (index 0).
 #[repr(C)]

@@ -25,3 +25,12 @@ pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
         + u32::from((new >> 16) as u16);
     !fold(sum)
 }
+
+/// The checksum after each 32-bit word of an IPv6 address changed from `old` to `new`.
+#[inline(always)]
+pub fn replace_addr6(mut check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    for i in 0..4 {
+        check = replace4(check, old[i], new[i]);
+    }
+    check
+}

@@ -95,9 +95,58 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
 /// TCP SYN.
 pub const TCP_SYN: u8 = 0x02;
+/// TCP ACK.
+pub const TCP_ACK: u8 = 0x10;
 
 /// Fragment offset and More Fragments bits of `frag_off` (host order mask).
 pub const IP_FRAG_MASK: u16 = 0x3fff;
+/// Fragment offset bits of `frag_off` (host order mask): non-zero in a later fragment.
+pub const IP_OFFSET_MASK: u16 = 0x1fff;
+
+/// IPv6 fragment header.
+#[repr(C)]
+pub struct Ipv6FragHdr {
+    pub nexthdr: u8,
+    pub reserved: u8,
+    /// Offset (13 bits, in 8-byte units) << 3 | More Fragments (bit 0), network byte order.
+    pub frag_off: u16,
+    /// Identification, as stored.
+    pub id: u32,
+}
+
+/// IPv6 next-header value of the fragment header.
+pub const IPV6_FRAGMENT: u8 = 44;
+/// Offset bits of `Ipv6FragHdr::frag_off` (host order mask).
+pub const IPV6_OFFSET_MASK: u16 = 0xfff8;
+
+/// The first 4 bytes of an ICMP or ICMPv6 header (the 4 after them depend on the type).
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: u16,
+}
+
+/// ICMP and ICMPv6 header length before the quoted packet of an error message.
+pub const ICMP_LEN: usize = 8;
+/// IP protocol numbers of ICMP and ICMPv6.
+pub const PROTO_ICMP: u8 = 1;
+/// ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Whether an ICMP message of type `kind` is an error quoting a packet (destination
+/// unreachable incl. fragmentation needed, time exceeded, parameter problem).
+#[inline(always)]
+pub fn icmp_is_error(kind: u8) -> bool {
+    kind == 3 || kind == 11 || kind == 12
+}
+
+/// Whether an ICMPv6 message of type `kind` is an error quoting a packet (destination
+/// unreachable, packet too big, time exceeded, parameter problem).
+#[inline(always)]
+pub fn icmp6_is_error(kind: u8) -> bool {
+    (1..=4).contains(&kind)
+}
 
 /// Offset of the checksum field in a UDP header.
 pub const UDP_CHECK_OFF: usize = 6;

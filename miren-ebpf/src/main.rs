@@ -5,7 +5,9 @@
 
 mod counter;
 mod csum;
+mod fragments;
 mod headers;
+mod icmp;
 mod maps;
 mod nodeport;
 mod reply;

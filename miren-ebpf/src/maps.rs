@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use miren_common::nodeport::{
     Addr6, Backend, Backend6, BackendAddr, BackendStats, CONNTRACK_ENTRIES, CONNTRACK6_ENTRIES,
-    Config, Flow, Flow6, FlowKey, FlowKey6, GLOBAL_STATS, GlobalStat, MAGLEV_ENTRIES, MAX_BACKENDS,
-    MAX_SERVICES, MaglevKey, PortStats, Service, ServiceKey,
+    Config, FRAGS_ENTRIES, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragKey6, FragNat, FragNat6,
+    GLOBAL_STATS, GlobalStat, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, MaglevKey, PortStats,
+    Service, ServiceKey,
 };
 
 /// Upper bound on node addresses.
@@ -43,6 +44,12 @@ pub static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0)
 #[map(name = "MIREN_CT6")]
 pub static CONNTRACK6: LruHashMap<FlowKey6, Flow6> =
     LruHashMap::with_max_entries(CONNTRACK6_ENTRIES, 0);
+
+#[map(name = "MIREN_FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragNat> = LruHashMap::with_max_entries(FRAGS_ENTRIES, 0);
+
+#[map(name = "MIREN_FRAGS6")]
+pub static FRAGS6: LruHashMap<FragKey6, FragNat6> = LruHashMap::with_max_entries(FRAGS_ENTRIES, 0);
 
 #[map(name = "MIREN_BACKEND_STATS6")]
 pub static BACKEND_STATS6: PerCpuArray<BackendStats> =

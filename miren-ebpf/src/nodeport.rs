@@ -13,18 +13,20 @@
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::PerCpuArray, programs::XdpContext};
 use miren_common::nodeport::{
-    Addr6, BackendAddr, BackendStats, Config, FLOW_CLOSING, FLOW_REVERSE, Flow, Flow6, FlowKey,
-    FlowKey6, GlobalStat, MaglevKey, PROTO_TCP, PROTO_UDP, Service, ServiceKey, flow_hash,
-    flow_hash6,
+    Addr6, BackendAddr, BackendStats, Config, FLOW_CLOSING, FLOW_REPLIED, FLOW_REVERSE, Flow,
+    Flow6, FlowKey, FlowKey6, FragKey, FragKey6, GlobalStat, MaglevKey, PROTO_TCP, PROTO_UDP,
+    Service, ServiceKey, flow_hash, flow_hash6,
 };
 
 use crate::{
-    csum,
+    csum, fragments,
     headers::{
-        ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, EthHdr, IP_FRAG_MASK, IPV6_DSTOPTS, IPV6_HOPOPTS,
-        IPV6_LEN, IPV6_ROUTING, Ipv4Hdr, Ipv6ExtHdr, Ipv6Hdr, Ports, TCP_CHECK_OFF, TCP_FIN,
+        ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, EthHdr, IP_FRAG_MASK, IP_OFFSET_MASK, IPV6_DSTOPTS,
+        IPV6_FRAGMENT, IPV6_HOPOPTS, IPV6_LEN, IPV6_OFFSET_MASK, IPV6_ROUTING, Ipv4Hdr, Ipv6ExtHdr,
+        Ipv6FragHdr, Ipv6Hdr, PROTO_ICMP, PROTO_ICMPV6, Ports, TCP_ACK, TCP_CHECK_OFF, TCP_FIN,
         TCP_RST, TCP_SYN, TcpHdr, UDP_CHECK_OFF, UdpHdr,
     },
+    icmp,
     maps::{
         BACKEND_ADDRS, BACKEND_STATS, BACKEND_STATS6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6,
         MAGLEV, NODE_ADDRS, NODE_ADDRS6, SERVICES, config, count, now_ns, port_stats, port_stats6,
@@ -75,7 +77,7 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
     let (version_ihl, protocol, daddr, saddr) =
         unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).daddr, (*ip).saddr) };
-    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+    if protocol != PROTO_TCP && protocol != PROTO_UDP && protocol != PROTO_ICMP {
         return pass();
     }
     if NODE_ADDRS.get_ptr(daddr).is_none() {
@@ -90,9 +92,25 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     if tot_len < ip_len || ETH_LEN + tot_len > ctx.data_end() - ctx.data() {
         return Err(Malformed);
     }
-    if u16::from_be(unsafe { (*ip).frag_off }) & IP_FRAG_MASK != 0 {
-        return pass();
+    let l4 = ETH_LEN + ip_len;
+    if protocol == PROTO_ICMP {
+        return Ok(icmp::to_instance(ctx, ip, l4, ETH_LEN + tot_len));
     }
+    let frag_off = u16::from_be(unsafe { (*ip).frag_off });
+    // Every field set whether or not the packet is a fragment: the verifier refuses
+    // uninitialised stack bytes.
+    let fragment = FragKey {
+        src_addr: saddr,
+        dst_addr: daddr,
+        // SAFETY: `ip` bounds-checked above.
+        id: unsafe { (*ip).id },
+        protocol,
+        pad: 0,
+    };
+    if frag_off & IP_OFFSET_MASK != 0 {
+        return Ok(later_fragment(ip, &fragment, tot_len as u64));
+    }
+    let first_fragment = frag_off & IP_FRAG_MASK != 0;
     let l4_len = if protocol == PROTO_TCP {
         core::mem::size_of::<TcpHdr>()
     } else {
@@ -102,7 +120,6 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     if ip_len + l4_len > tot_len {
         return Err(Malformed);
     }
-    let l4 = ETH_LEN + ip_len;
     let (sport, dport, tcp_flags) = if protocol == PROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
         unsafe { ((*tcp).src, (*tcp).dst, (*tcp).flags) }
@@ -133,30 +150,72 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     // One read of the settings per packet, shared by the clock and the expiry check.
     let config = config();
     let now = now_ns(&config);
-    let Some(flow) = established(&key, &config, now, tcp_flags) else {
-        // A backend's own address and port is never a client: this is the reply to a flow
-        // sent to a backend on another node and masqueraded to this node's address, whose
-        // port the kernel picked (it may equal a node port). Conntrack translates it back.
-        let source = BackendAddr {
-            addr_be: saddr,
-            port_be: sport,
-            protocol,
-            pad: 0,
-        };
-        if BACKEND_ADDRS.get_ptr(source).is_some() {
-            return pass();
+    let (backend_id, nat_addr, nat_port) = match established(&key, &config, now, tcp_flags) {
+        Some(flow) => {
+            count_rx(service.id, ip_bytes);
+            count(GlobalStat::ConntrackHit);
+            if tcp_flags & TCP_RST != 0 {
+                forget(&key, &flow);
+            }
+            (flow.backend_id, flow.nat_addr, flow.nat_port)
         }
-        count_rx(&service, ip_bytes);
-        return new_flow(ctx, ip, l4, &key, &service, now, ip_bytes, tcp_flags);
+        None => {
+            // A backend's own address and port is never a client: this is the reply to a
+            // flow sent to a backend on another node and masqueraded to this node's address,
+            // whose port the kernel picked (it may equal a node port). Conntrack translates
+            // it back.
+            let source = BackendAddr {
+                addr_be: saddr,
+                port_be: sport,
+                protocol,
+                pad: 0,
+            };
+            if BACKEND_ADDRS.get_ptr(source).is_some() {
+                return pass();
+            }
+            count_rx(service.id, ip_bytes);
+            let Some(chosen) = new_flow(&key, &service, now, tcp_flags) else {
+                return Ok(xdp_action::XDP_DROP);
+            };
+            chosen
+        }
     };
-    count_rx(&service, ip_bytes);
-    count(GlobalStat::ConntrackHit);
-    if tcp_flags & TCP_RST != 0 {
-        forget(&key, &flow);
+    rewrite(ctx, ip, l4, protocol, nat_addr, nat_port)?;
+    backend_stats(backend_id, ip_bytes);
+    if first_fragment {
+        fragments::remember(&fragment, nat_addr, service.id, backend_id, now);
     }
-    rewrite(ctx, ip, l4, protocol, flow.nat_addr, flow.nat_port)?;
-    backend_stats(flow.backend_id, ip_bytes);
     Ok(xdp_action::XDP_PASS)
+}
+
+/// A later fragment of a node-port datagram: its destination address translated as its first
+/// fragment's was; to the kernel untouched when that was not seen.
+#[inline(always)]
+fn later_fragment(ip: *mut Ipv4Hdr, key: &FragKey, ip_bytes: u64) -> u32 {
+    let Some(nat) = fragments::translation(key) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: `ip` was bounds-checked by the caller.
+    unsafe {
+        (*ip).check = csum::replace4((*ip).check, (*ip).daddr, nat.nat_addr);
+        (*ip).daddr = nat.nat_addr;
+    }
+    count_rx(nat.service_id, ip_bytes);
+    backend_stats(nat.backend_id, ip_bytes);
+    xdp_action::XDP_PASS
+}
+
+/// IPv6: [`later_fragment`] (no header checksum).
+#[inline(always)]
+fn later_fragment6(ip: *mut Ipv6Hdr, key: &FragKey6, ip_bytes: u64) -> u32 {
+    let Some(nat) = fragments::translation6(key) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: `ip` was bounds-checked by the caller.
+    unsafe { (*ip).daddr = nat.nat_addr };
+    count_rx6(nat.service_id, ip_bytes);
+    stats_add(&BACKEND_STATS6, nat.backend_id, ip_bytes);
+    xdp_action::XDP_PASS
 }
 
 /// Extension headers walked over before giving up (the packet then goes to the kernel).
@@ -164,14 +223,54 @@ const MAX_EXT_HEADERS: usize = 4;
 /// The L4 header must start within this many bytes of the frame.
 const MAX_L4_OFFSET: usize = 512;
 
-/// The offset of the TCP or UDP header of an IPv6 packet after its hop-by-hop, routing and
-/// destination options headers, and its protocol; `None` for anything else (a fragment
-/// header, ICMPv6, more than [`MAX_EXT_HEADERS`] extension headers, headers too long).
+/// What follows an IPv6 packet's extension headers.
+enum Upper6 {
+    /// A TCP or UDP header at `offset`; when `first_fragment`, of the datagram `fragment_id`.
+    Transport {
+        offset: usize,
+        protocol: u8,
+        first_fragment: bool,
+        fragment_id: u32,
+    },
+    /// A later fragment of a TCP or UDP datagram (no ports).
+    LaterFragment { id: u32, protocol: u8 },
+    /// An ICMPv6 header at `offset`.
+    Icmp { offset: usize },
+    /// Anything else: more than [`MAX_EXT_HEADERS`] extension headers, headers too long,
+    /// other protocols.
+    Other,
+}
+
+/// Walks an IPv6 packet's hop-by-hop, routing, destination options and fragment headers
+/// (bounded) to what follows them.
 #[inline(always)]
-fn ipv6_l4(ctx: &XdpContext, nexthdr: u8, end: usize) -> Result<Option<(usize, u8)>, Malformed> {
+fn ipv6_upper(ctx: &XdpContext, nexthdr: u8, end: usize) -> Result<Upper6, Malformed> {
     let mut next = nexthdr;
     let mut offset = ETH_LEN + IPV6_LEN;
+    let (mut first_fragment, mut fragment_id) = (false, 0);
     for _ in 0..MAX_EXT_HEADERS {
+        if next == IPV6_FRAGMENT {
+            if offset + core::mem::size_of::<Ipv6FragHdr>() > end {
+                return Err(Malformed);
+            }
+            let frag: *mut Ipv6FragHdr = ptr_at(ctx, offset)?;
+            // SAFETY: bounds-checked by `ptr_at`.
+            let (frag_next, frag_off, id) =
+                unsafe { ((*frag).nexthdr, (*frag).frag_off, (*frag).id) };
+            if frag_next != PROTO_TCP && frag_next != PROTO_UDP {
+                return Ok(Upper6::Other);
+            }
+            if u16::from_be(frag_off) & IPV6_OFFSET_MASK != 0 {
+                return Ok(Upper6::LaterFragment {
+                    id,
+                    protocol: frag_next,
+                });
+            }
+            (first_fragment, fragment_id) = (true, id);
+            next = frag_next;
+            offset += core::mem::size_of::<Ipv6FragHdr>();
+            continue;
+        }
         if next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS {
             break;
         }
@@ -185,13 +284,19 @@ fn ipv6_l4(ctx: &XdpContext, nexthdr: u8, end: usize) -> Result<Option<(usize, u
         next = ext_next;
         offset += (ext_len as usize + 1) * 8;
         if offset > MAX_L4_OFFSET {
-            return Ok(None);
+            return Ok(Upper6::Other);
         }
     }
-    if next != PROTO_TCP && next != PROTO_UDP {
-        return Ok(None);
-    }
-    Ok(Some((offset, next)))
+    Ok(match next {
+        PROTO_TCP | PROTO_UDP => Upper6::Transport {
+            offset,
+            protocol: next,
+            first_fragment,
+            fragment_id,
+        },
+        PROTO_ICMPV6 if !first_fragment => Upper6::Icmp { offset },
+        _ => Upper6::Other,
+    })
 }
 
 /// IPv6: the same as [`forward`] for IPv4, after the extension headers.
@@ -212,8 +317,27 @@ fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
     if end > ctx.data_end() - ctx.data() {
         return Err(Malformed);
     }
-    let Some((l4, protocol)) = ipv6_l4(ctx, nexthdr, end)? else {
-        return pass();
+    let ip_bytes = (IPV6_LEN + payload_len) as u64;
+    let saddr = unsafe { (*ip).saddr };
+    let (l4, protocol, first_fragment, fragment_id) = match ipv6_upper(ctx, nexthdr, end)? {
+        Upper6::Transport {
+            offset,
+            protocol,
+            first_fragment,
+            fragment_id,
+        } => (offset, protocol, first_fragment, fragment_id),
+        Upper6::LaterFragment { id, protocol } => {
+            let key = FragKey6 {
+                src_addr: saddr,
+                dst_addr: daddr,
+                id,
+                protocol,
+                pad: [0; 3],
+            };
+            return Ok(later_fragment6(ip, &key, ip_bytes));
+        }
+        Upper6::Icmp { offset } => return Ok(icmp::to_instance6(ctx, ip, offset, end)),
+        Upper6::Other => return pass(),
     };
     let l4_len = if protocol == PROTO_TCP {
         core::mem::size_of::<TcpHdr>()
@@ -243,8 +367,6 @@ fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
     };
     // SAFETY: map value pointer from a successful lookup.
     let service: Service = unsafe { *service };
-    let ip_bytes = (IPV6_LEN + payload_len) as u64;
-    let saddr = unsafe { (*ip).saddr };
     let key = FlowKey6 {
         src_addr: saddr,
         dst_addr: daddr,
@@ -255,46 +377,59 @@ fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
     };
     let config = config();
     let now = now_ns(&config);
-    count_rx6(&service, ip_bytes);
-    let Some(flow) = established6(&key, &config, now, tcp_flags) else {
-        return new_flow6(ctx, ip, l4, &key, &service, now, ip_bytes, tcp_flags);
+    count_rx6(service.id, ip_bytes);
+    let (backend_id, nat_addr, nat_port) = match established6(&key, &config, now, tcp_flags) {
+        Some(flow) => {
+            count(GlobalStat::ConntrackHit);
+            if tcp_flags & TCP_RST != 0 {
+                let reverse_key = FlowKey6 {
+                    src_addr: flow.nat_addr,
+                    dst_addr: key.src_addr,
+                    src_port: flow.nat_port,
+                    dst_port: key.src_port,
+                    protocol,
+                    pad: [0; 3],
+                };
+                let _ = CONNTRACK6.remove(key);
+                let _ = CONNTRACK6.remove(reverse_key);
+            }
+            (flow.backend_id, flow.nat_addr, flow.nat_port)
+        }
+        None => {
+            let Some(chosen) = new_flow6(&key, &service, now, tcp_flags) else {
+                return Ok(xdp_action::XDP_DROP);
+            };
+            chosen
+        }
     };
-    count(GlobalStat::ConntrackHit);
-    if tcp_flags & TCP_RST != 0 {
-        let reverse_key = FlowKey6 {
-            src_addr: flow.nat_addr,
-            dst_addr: key.src_addr,
-            src_port: flow.nat_port,
-            dst_port: key.src_port,
+    rewrite6(ctx, ip, l4, protocol, &nat_addr, nat_port)?;
+    stats_add(&BACKEND_STATS6, backend_id, ip_bytes);
+    if first_fragment {
+        let key = FragKey6 {
+            src_addr: saddr,
+            dst_addr: daddr,
+            id: fragment_id,
             protocol,
             pad: [0; 3],
         };
-        let _ = CONNTRACK6.remove(key);
-        let _ = CONNTRACK6.remove(reverse_key);
+        fragments::remember6(&key, &nat_addr, service.id, backend_id, now);
     }
-    rewrite6(ctx, ip, l4, protocol, &flow.nat_addr, flow.nat_port)?;
-    stats_add(&BACKEND_STATS6, flow.backend_id, ip_bytes);
     Ok(xdp_action::XDP_PASS)
 }
 
 /// IPv6: [`new_flow`], with the backend's IPv6 twin from `MIREN_BACKENDS6` (same Maglev
 /// table, same backend ids); a backend without one drops the packet (counted no backend).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn new_flow6(
-    ctx: &XdpContext,
-    ip: *mut Ipv6Hdr,
-    l4: usize,
     key: &FlowKey6,
     service: &Service,
     now: u64,
-    ip_bytes: u64,
     tcp_flags: u8,
-) -> Result<u32, Malformed> {
+) -> Option<(u32, Addr6, u16)> {
     count(GlobalStat::ConntrackMiss);
     if service.table_size == 0 {
         port_stats6(service.id, |s| s.drop_no_backend += 1);
-        return Ok(xdp_action::XDP_DROP);
+        return None;
     }
     let hash = flow_hash6(&key.src_addr, key.src_port, key.dst_port, key.protocol);
     let slot = MaglevKey::new(service.id, service.generation, hash % service.table_size);
@@ -305,11 +440,11 @@ fn new_flow6(
     });
     let Some((backend_id, backend)) = backend else {
         port_stats6(service.id, |s| s.drop_table_miss += 1);
-        return Ok(xdp_action::XDP_DROP);
+        return None;
     };
     if backend.addr == [0; 4] {
         port_stats6(service.id, |s| s.drop_no_backend += 1);
-        return Ok(xdp_action::XDP_DROP);
+        return None;
     }
     if remembers(key.protocol, tcp_flags) {
         let forward = Flow6 {
@@ -339,9 +474,7 @@ fn new_flow6(
         let _ = CONNTRACK6.insert(reverse_key, reverse, 0);
         port_stats6(service.id, |s| s.flows += 1);
     }
-    rewrite6(ctx, ip, l4, key.protocol, &backend.addr, backend.port_be)?;
-    stats_add(&BACKEND_STATS6, backend_id, ip_bytes);
-    Ok(xdp_action::XDP_PASS)
+    Some((backend_id, backend.addr, backend.port_be))
 }
 
 /// Rewrites the IPv6 destination address and port, updating the L4 checksum (IPv6 has no
@@ -364,11 +497,7 @@ fn rewrite6(
     let ports: *mut Ports = ptr_at(ctx, l4)?;
     // SAFETY: `ip` was bounds-checked by the caller, the others here.
     unsafe {
-        let old = (*ip).daddr;
-        let mut sum = *check;
-        for i in 0..4 {
-            sum = csum::replace4(sum, old[i], addr[i]);
-        }
+        let mut sum = csum::replace_addr6(*check, &(*ip).daddr, addr);
         sum = csum::replace2(sum, (*ports).dst, port);
         *check = if protocol == PROTO_UDP && sum == 0 {
             0xffff
@@ -387,6 +516,9 @@ fn established(key: &FlowKey, config: &Config, now: u64, tcp_flags: u8) -> Optio
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup; racing updates only touch timestamps/flags.
     let flow = unsafe { &mut *entry };
+    if retried_syn(flow.flags, tcp_flags) {
+        return None;
+    }
     let live = refresh(
         &mut flow.last_seen_ns,
         &mut flow.flags,
@@ -404,6 +536,9 @@ fn established6(key: &FlowKey6, config: &Config, now: u64, tcp_flags: u8) -> Opt
     let entry = CONNTRACK6.get_ptr_mut(key)?;
     // SAFETY: as in `established`.
     let flow = unsafe { &mut *entry };
+    if retried_syn(flow.flags, tcp_flags) {
+        return None;
+    }
     let live = refresh(
         &mut flow.last_seen_ns,
         &mut flow.flags,
@@ -413,6 +548,13 @@ fn established6(key: &FlowKey6, config: &Config, now: u64, tcp_flags: u8) -> Opt
         tcp_flags,
     );
     live.then_some(*flow)
+}
+
+/// Whether a SYN (without ACK) meets a flow its backend never answered: a new attempt to
+/// connect, which picks a backend again (the entries are overwritten).
+#[inline(always)]
+fn retried_syn(flow_flags: u16, tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flow_flags & FLOW_REPLIED == 0
 }
 
 /// Whether a conntrack entry seen last at `last_seen` is still live; if so, it is refreshed
@@ -444,8 +586,8 @@ fn refresh(
 
 /// Counts a received packet of `service`.
 #[inline(always)]
-fn count_rx(service: &Service, ip_bytes: u64) {
-    port_stats(service.id, |s| {
+fn count_rx(service_id: u32, ip_bytes: u64) {
+    port_stats(service_id, |s| {
         s.rx_packets += 1;
         s.rx_bytes += ip_bytes;
     });
@@ -453,30 +595,21 @@ fn count_rx(service: &Service, ip_bytes: u64) {
 
 /// Counts a received IPv6 packet of `service`.
 #[inline(always)]
-fn count_rx6(service: &Service, ip_bytes: u64) {
-    port_stats6(service.id, |s| {
+fn count_rx6(service_id: u32, ip_bytes: u64) {
+    port_stats6(service_id, |s| {
         s.rx_packets += 1;
         s.rx_bytes += ip_bytes;
     });
 }
 
-/// Picks a backend for a new flow, records the forward and reverse entries, and rewrites.
+/// Picks a backend for a new flow and records its forward and reverse entries: the backend's
+/// id, address and port; `None` when the packet is to be dropped (counted).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn new_flow(
-    ctx: &XdpContext,
-    ip: *mut Ipv4Hdr,
-    l4: usize,
-    key: &FlowKey,
-    service: &Service,
-    now: u64,
-    ip_bytes: u64,
-    tcp_flags: u8,
-) -> Result<u32, Malformed> {
+fn new_flow(key: &FlowKey, service: &Service, now: u64, tcp_flags: u8) -> Option<(u32, u32, u16)> {
     count(GlobalStat::ConntrackMiss);
     if service.table_size == 0 {
         port_stats(service.id, |s| s.drop_no_backend += 1);
-        return Ok(xdp_action::XDP_DROP);
+        return None;
     }
     let hash = flow_hash(key.src_addr, key.src_port, key.dst_port, key.protocol);
     let slot = MaglevKey::new(service.id, service.generation, hash % service.table_size);
@@ -487,7 +620,7 @@ fn new_flow(
     });
     let Some((backend_id, backend)) = backend else {
         port_stats(service.id, |s| s.drop_table_miss += 1);
-        return Ok(xdp_action::XDP_DROP);
+        return None;
     };
     if remembers(key.protocol, tcp_flags) {
         let forward = Flow {
@@ -518,9 +651,7 @@ fn new_flow(
         let _ = CONNTRACK.insert(reverse_key, reverse, 0);
         port_stats(service.id, |s| s.flows += 1);
     }
-    rewrite(ctx, ip, l4, key.protocol, backend.addr_be, backend.port_be)?;
-    backend_stats(backend_id, ip_bytes);
-    Ok(xdp_action::XDP_PASS)
+    Some((backend_id, backend.addr_be, backend.port_be))
 }
 
 /// Whether a packet that missed conntrack starts (or picks up again) a flow worth remembering:

@@ -9,6 +9,9 @@
 //!   produced: the expected NAT result is rebuilt with every checksum recomputed from scratch.
 //! - [`Frame6Builder`], [`parse6`], [`verify_checksums6`] and [`rewrite_expected6`] do the same
 //!   for IPv6 (extension headers, fragment headers, mandatory UDP checksums).
+//! - [`fragments`] and [`fragments6`] split a datagram as a router would; [`icmp_error`] and
+//!   [`icmp6_error`] build ICMP errors quoting a packet ([`verify_icmp6_checksum`] checks
+//!   ICMPv6; [`verify_checksums`] covers ICMPv4).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -1131,6 +1134,161 @@ fn l4_checksum6(protocol: u8, src: Ipv6Addr, dst: Ipv6Addr, segment: &[u8]) -> u
     pseudo[32..36].copy_from_slice(&(segment.len() as u32).to_be_bytes());
     pseudo[39] = protocol;
     checksum(&[&pseudo, segment])
+}
+
+/// Splits an unfragmented Ethernet/IPv4 `frame` (IHL 5, no VLAN tag) into fragments as a
+/// router would: each carries at most `chunk` bytes of the IP payload (`chunk` a multiple of
+/// 8), the identification is kept, DF cleared, MF set on all but the last, offsets set and
+/// each header checksum computed here. The L4 header (and its checksum over the whole
+/// datagram) is in the first fragment only.
+pub fn fragments(frame: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+    assert!(
+        chunk > 0 && chunk.is_multiple_of(8),
+        "fragment payloads are multiples of 8"
+    );
+    let ip = ETH_LEN;
+    assert_eq!(frame[ip] & 0x0f, 5, "fragments() needs IHL 5");
+    let end = ip + usize::from(u16::from_be_bytes([frame[ip + 2], frame[ip + 3]]));
+    let payload = &frame[ip + IPV4_LEN..end];
+    let pieces: Vec<&[u8]> = payload.chunks(chunk).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let mut out = frame[..ip + IPV4_LEN].to_vec();
+            out[ip + 2..ip + 4].copy_from_slice(&((IPV4_LEN + piece.len()) as u16).to_be_bytes());
+            let more = if i + 1 < pieces.len() { IPV4_MF } else { 0 };
+            let offset = (i * chunk / 8) as u16;
+            out[ip + 6..ip + 8].copy_from_slice(&(more | offset).to_be_bytes());
+            out[ip + 10..ip + 12].fill(0);
+            let sum = checksum(&[&out[ip..]]);
+            out[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
+            out.extend_from_slice(piece);
+            out
+        })
+        .collect()
+}
+
+/// IPv6: splits an unfragmented Ethernet/IPv6 `frame` without extension headers into
+/// fragments with a fragment header (identification `id`), each carrying at most `chunk`
+/// bytes of the upper-layer packet (`chunk` a multiple of 8).
+pub fn fragments6(frame: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
+    assert!(
+        chunk > 0 && chunk.is_multiple_of(8),
+        "fragment payloads are multiples of 8"
+    );
+    let ip = ETH_LEN;
+    let protocol = frame[ip + 6];
+    assert!(
+        protocol == IPPROTO_TCP || protocol == IPPROTO_UDP,
+        "fragments6() needs TCP or UDP right after the fixed header"
+    );
+    let end = ip + IPV6_LEN + usize::from(u16::from_be_bytes([frame[ip + 4], frame[ip + 5]]));
+    let upper = &frame[ip + IPV6_LEN..end];
+    let pieces: Vec<&[u8]> = upper.chunks(chunk).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let mut out = frame[..ip + IPV6_LEN].to_vec();
+            out[ip + 4..ip + 6].copy_from_slice(&((8 + piece.len()) as u16).to_be_bytes());
+            out[ip + 6] = IPV6_FRAGMENT;
+            let more = u16::from(i + 1 < pieces.len());
+            let offset = (i * chunk / 8) as u16;
+            out.extend_from_slice(&[protocol, 0]);
+            out.extend_from_slice(&((offset << 3) | more).to_be_bytes());
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(piece);
+            out
+        })
+        .collect()
+}
+
+/// An Ethernet/IPv4 ICMP error from `src` to `dst` (MACs and addresses; ports unused):
+/// `kind`, `code`, the 4 header bytes after the checksum (`rest`: unused, or the next-hop
+/// MTU of "fragmentation needed"), then `quoted` (the IP packet the error is about, as much
+/// of it as the sender quotes). Header and ICMP checksums computed here.
+pub fn icmp_error(
+    src: Endpoint,
+    dst: Endpoint,
+    (kind, code): (u8, u8),
+    rest: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut message = vec![kind, code, 0, 0];
+    message.extend_from_slice(&rest);
+    message.extend_from_slice(quoted);
+    let sum = checksum(&[&message]);
+    message[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = Vec::with_capacity(ETH_LEN + IPV4_LEN + message.len());
+    frame.extend_from_slice(&dst.mac);
+    frame.extend_from_slice(&src.mac);
+    frame.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+    let tot_len = (IPV4_LEN + message.len()) as u16;
+    frame.extend_from_slice(&[0x45, 0xc0]);
+    frame.extend_from_slice(&tot_len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0, 64, IPPROTO_ICMP, 0, 0]);
+    frame.extend_from_slice(&src.ip.octets());
+    frame.extend_from_slice(&dst.ip.octets());
+    let sum = checksum(&[&frame[ETH_LEN..]]);
+    frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&sum.to_be_bytes());
+    frame.extend_from_slice(&message);
+    frame
+}
+
+/// IPv6: [`icmp_error`] for ICMPv6 (its checksum covers the IPv6 pseudo-header).
+pub fn icmp6_error(
+    src: Endpoint6,
+    dst: Endpoint6,
+    (kind, code): (u8, u8),
+    rest: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut message = vec![kind, code, 0, 0];
+    message.extend_from_slice(&rest);
+    message.extend_from_slice(quoted);
+    let sum = l4_checksum6(IPPROTO_ICMPV6, src.ip, dst.ip, &message);
+    message[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = Vec::with_capacity(ETH_LEN + IPV6_LEN + message.len());
+    frame.extend_from_slice(&dst.mac);
+    frame.extend_from_slice(&src.mac);
+    frame.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+    frame.extend_from_slice(&[0x60, 0, 0, 0]);
+    frame.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[IPPROTO_ICMPV6, 64]);
+    frame.extend_from_slice(&src.ip.octets());
+    frame.extend_from_slice(&dst.ip.octets());
+    frame.extend_from_slice(&message);
+    frame
+}
+
+/// The IP packet of an Ethernet frame (without Ethernet padding), to quote in an ICMP error.
+pub fn ip_packet(frame: &[u8]) -> &[u8] {
+    let be16 = |at: usize| usize::from(u16::from_be_bytes([frame[at], frame[at + 1]]));
+    match be16(12) as u16 {
+        ETHERTYPE_IPV4 => &frame[ETH_LEN..ETH_LEN + be16(ETH_LEN + 2)],
+        ETHERTYPE_IPV6 => &frame[ETH_LEN..ETH_LEN + IPV6_LEN + be16(ETH_LEN + 4)],
+        other => panic!("ethertype {other:#06x} is neither IPv4 nor IPv6"),
+    }
+}
+
+/// Recomputes the ICMPv6 checksum of an Ethernet/IPv6 frame whose next header is ICMPv6
+/// and compares it with the one found.
+pub fn verify_icmp6_checksum(frame: &[u8]) -> Result<(), String> {
+    let parsed = parse6(frame)?;
+    if parsed.protocol != IPPROTO_ICMPV6 {
+        return Err(format!("next header {} is not ICMPv6", parsed.protocol));
+    }
+    let mut message = frame[parsed.l4_offset..parsed.end].to_vec();
+    let found = u16::from_be_bytes([message[2], message[3]]);
+    message[2..4].fill(0);
+    let expected = l4_checksum6(IPPROTO_ICMPV6, parsed.src, parsed.dst, &message);
+    if found != expected {
+        return Err(format!(
+            "ICMPv6 checksum is {found:#06x}, expected {expected:#06x}"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

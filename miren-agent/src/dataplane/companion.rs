@@ -76,6 +76,10 @@ fn add(sum: &mut Counters, other: &Counters) {
     global.conntrack_hits += more.conntrack_hits;
     global.conntrack_misses += more.conntrack_misses;
     global.tcp_non_syn_misses += more.tcp_non_syn_misses;
+    global.fragments_forwarded += more.fragments_forwarded;
+    global.fragments_unmatched += more.fragments_unmatched;
+    global.icmp_to_instance += more.icmp_to_instance;
+    global.icmp_from_instance += more.icmp_from_instance;
 }
 
 #[cfg(test)]

@@ -99,6 +99,14 @@ pub struct GlobalCounters {
     /// TCP conntrack misses without SYN (forwarded by the Maglev choice; a RST creates no
     /// entry, anything else creates the flow's entries again).
     pub tcp_non_syn_misses: u64,
+    /// Later fragments of node-port datagrams translated like their first fragment.
+    pub fragments_forwarded: u64,
+    /// Later fragments to a node address whose first fragment was not seen (to the kernel).
+    pub fragments_unmatched: u64,
+    /// ICMP errors about node-port replies translated to the instance owning the flow.
+    pub icmp_to_instance: u64,
+    /// ICMP errors from instances translated to come from the node port.
+    pub icmp_from_instance: u64,
 }
 
 /// All counters of a data plane.

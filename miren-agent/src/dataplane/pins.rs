@@ -35,6 +35,8 @@ const PINNED_MAPS: &[&str] = &[
     np::BACKENDS6_MAP,
     np::CONNTRACK6_MAP,
     np::BACKEND_STATS6_MAP,
+    np::FRAGS_MAP,
+    np::FRAGS6_MAP,
 ];
 
 /// What must happen before a pin directory can be used.

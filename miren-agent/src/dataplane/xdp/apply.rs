@@ -447,6 +447,10 @@ impl<M: NodePortMaps> NodePorts<M> {
             conntrack_hits: read(GlobalStat::ConntrackHit)?,
             conntrack_misses: read(GlobalStat::ConntrackMiss)?,
             tcp_non_syn_misses: read(GlobalStat::TcpNonSynMiss)?,
+            fragments_forwarded: read(GlobalStat::FragmentForwarded)?,
+            fragments_unmatched: read(GlobalStat::FragmentUnmatched)?,
+            icmp_to_instance: read(GlobalStat::IcmpToInstance)?,
+            icmp_from_instance: read(GlobalStat::IcmpFromInstance)?,
         };
         Ok(counters)
     }
@@ -1216,6 +1220,10 @@ mod tests {
                 conntrack_hits: 18,
                 conntrack_misses: 24,
                 tcp_non_syn_misses: 30,
+                fragments_forwarded: 36,
+                fragments_unmatched: 42,
+                icmp_to_instance: 48,
+                icmp_from_instance: 54,
             }
         );
     }
