@@ -70,7 +70,8 @@ pub struct NftDataplane {
     scope: Scope,
     /// What the kernel's table holds, as last read or written.
     state: TableState,
-    /// UDP backends removed from the table whose conntrack entries are not deleted yet.
+    /// Backends removed from the table whose stale conntrack entries (all of UDP, unanswered
+    /// connection attempts of TCP) are not deleted yet.
     stale_flows: BTreeSet<(NodePortKey, SocketAddr)>,
 }
 
@@ -165,7 +166,7 @@ impl Dataplane for NftDataplane {
 
     fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
         let desired = TableState::desired(snapshot, &self.scope);
-        let removed = self.state.removed_udp_backends(&desired);
+        let removed = self.state.removed_backends(&desired);
         if let Err(err) = self.write(&desired) {
             // The kernel is unchanged (transactions are atomic), but it may not hold what was
             // believed: read it back and try once more from what it really holds.
