@@ -35,6 +35,8 @@ const PINNED_MAPS: &[&str] = &[
     np::BACKENDS6_MAP,
     np::CONNTRACK6_MAP,
     np::BACKEND_STATS6_MAP,
+    // Pins of an agent from before IPv6 port counters lack it: the loader creates it empty.
+    np::PORT_STATS6_MAP,
 ];
 
 /// What must happen before a pin directory can be used.

@@ -27,8 +27,9 @@
 //!   the caller directly (same bridge) and the reply would miss the reverse translation.
 //! - `count_in` / `count_local` / `count_out` (filter) count received packets per node port,
 //!   replies per node port and forwarded packets per endpoint in the element counters of the
-//!   sets `rx`, `tx_tcp`, `tx_udp` (both families) and `backend_tcp`, `backend_udp`,
-//!   `backend_tcp6`, `backend_udp6`.
+//!   sets `rx`, `tx_tcp`, `tx_udp` (IPv4; `rx6`, `tx_tcp6`, `tx_udp6` for IPv6) and
+//!   `backend_tcp`, `backend_udp`, `backend_tcp6`, `backend_udp6`; new flows and drops go to
+//!   `flows`/`flows6` and `drops`/`drops6` by `meta nfproto`.
 //!
 //! Every rule that looks at addresses comes once per family. A node without an IPv6 address
 //! has an empty `node_addrs6`: the IPv6 rules match nothing.
