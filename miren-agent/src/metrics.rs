@@ -1,7 +1,8 @@
 //! Prometheus metrics on `--metrics-addr` (`GET /metrics`, text exposition). Node-port and
 //! backend counters are read from the active data plane's kernel counters at each scrape and
-//! labelled with the owning app, service, port name, protocol and node port; reconcile health
-//! and the data plane mode live in a registry.
+//! labelled with the owning app, service, port name, protocol, node port and address family
+//! (`ipv4`, `ipv6`: a node port has a series of each); reconcile health and the data plane
+//! mode live in a registry.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -14,12 +15,19 @@ use prometheus::{
 use crate::{
     api::types::NodePortInfo,
     control::ControlPlane,
-    dataplane::{ActiveDataplane, Counters, DataplaneError, NodePortKey},
+    dataplane::{ActiveDataplane, Counters, DataplaneError, Family, NodePortKey},
     listeners::Inherited,
 };
 
-/// Labels of every node-port family.
-const PORT_LABELS: [&str; 5] = ["app", "service", "port_name", "protocol", "node_port"];
+/// Labels of every node-port metric family (`family` is the packets' address family).
+const PORT_LABELS: [&str; 6] = [
+    "app",
+    "service",
+    "port_name",
+    "protocol",
+    "node_port",
+    "family",
+];
 
 /// Errors of the metrics endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -223,30 +231,42 @@ fn node_port_families(
             port: port.node_port,
             protocol,
         };
-        let Some(c) = counters.ports.get(&key) else {
+        if !counters.ports.contains_key(&key) {
             continue;
-        };
+        }
         let node_port = port.node_port.to_string();
-        let labels = [
-            port.app.as_str(),
-            &port.service,
-            &port.port_name,
-            &port.protocol,
-            &node_port,
-        ];
-        rx_packets.with_label_values(&labels).inc_by(c.rx_packets);
-        rx_bytes.with_label_values(&labels).inc_by(c.rx_bytes);
-        tx_packets.with_label_values(&labels).inc_by(c.tx_packets);
-        tx_bytes.with_label_values(&labels).inc_by(c.tx_bytes);
-        flows.with_label_values(&labels).inc_by(c.flows);
-        for (reason, value) in [
-            ("no_endpoints", c.drop_no_backend),
-            ("table_miss", c.drop_table_miss),
-        ] {
-            let with_reason: Vec<&str> = labels.iter().copied().chain([reason]).collect();
-            drops.with_label_values(&with_reason).inc_by(value);
+        let labels = |family: Family| {
+            [
+                port.app.as_str(),
+                &port.service,
+                &port.port_name,
+                &port.protocol,
+                &node_port,
+                family.label(),
+            ]
+        };
+        for family in Family::ALL {
+            let c = counters
+                .families
+                .get(&(key, family))
+                .copied()
+                .unwrap_or_default();
+            let labels = labels(family);
+            rx_packets.with_label_values(&labels).inc_by(c.rx_packets);
+            rx_bytes.with_label_values(&labels).inc_by(c.rx_bytes);
+            tx_packets.with_label_values(&labels).inc_by(c.tx_packets);
+            tx_bytes.with_label_values(&labels).inc_by(c.tx_bytes);
+            flows.with_label_values(&labels).inc_by(c.flows);
+            for (reason, value) in [
+                ("no_endpoints", c.drop_no_backend),
+                ("table_miss", c.drop_table_miss),
+            ] {
+                let with_reason: Vec<&str> = labels.iter().copied().chain([reason]).collect();
+                drops.with_label_values(&with_reason).inc_by(value);
+            }
         }
         for (backend, b) in counters.backends_of(key) {
+            let labels = labels(Family::of(backend.ip()));
             let backend = backend.to_string();
             let with_backend: Vec<&str> = labels.iter().copied().chain([&*backend]).collect();
             backend_rx
@@ -366,8 +386,9 @@ mod tests {
         };
         let backend = SocketAddrV4::new(Ipv4Addr::new(10, 88, 0, 2), 8080);
         let mut counters = Counters::default();
-        counters.ports.insert(
+        counters.insert_port(
             key,
+            Family::V4,
             PortCounters {
                 rx_packets: 10,
                 rx_bytes: 320,
@@ -375,6 +396,19 @@ mod tests {
                 tx_packets: 9,
                 tx_bytes: 288,
                 drop_no_backend: 1,
+                ..PortCounters::default()
+            },
+        );
+        counters.insert_port(
+            key,
+            Family::V6,
+            PortCounters {
+                rx_packets: 4,
+                rx_bytes: 200,
+                flows: 1,
+                tx_packets: 3,
+                tx_bytes: 150,
+                drop_table_miss: 2,
                 ..PortCounters::default()
             },
         );
@@ -399,25 +433,40 @@ mod tests {
         let text = metrics
             .render(Some(&counters), &[info(7000, "udp"), info(7001, "tcp")])
             .unwrap();
-        let labels =
-            r#"app="game",node_port="7000",port_name="play",protocol="udp",service="server""#;
+        let labels = |family: &str| {
+            format!(
+                r#"app="game",family="{family}",node_port="7000",port_name="play",protocol="udp",service="server""#
+            )
+        };
+        let (v4, v6) = (labels("ipv4"), labels("ipv6"));
         for line in [
-            format!("miren_nodeport_rx_packets_total{{{labels}}} 10"),
-            format!("miren_nodeport_rx_bytes_total{{{labels}}} 320"),
-            format!("miren_nodeport_tx_packets_total{{{labels}}} 9"),
-            format!("miren_nodeport_tx_bytes_total{{{labels}}} 288"),
-            format!("miren_nodeport_flows_total{{{labels}}} 2"),
-            r#"miren_nodeport_drops_total{app="game",node_port="7000",port_name="play",protocol="udp",reason="no_endpoints",service="server"} 1"#.to_owned(),
-            r#"miren_nodeport_drops_total{app="game",node_port="7000",port_name="play",protocol="udp",reason="table_miss",service="server"} 0"#.to_owned(),
-            r#"miren_backend_rx_packets_total{app="game",backend="10.88.0.2:8080",node_port="7000",port_name="play",protocol="udp",service="server"} 9"#.to_owned(),
-            r#"miren_backend_rx_packets_total{app="game",backend="[fd6d:6972:656e::2]:8080",node_port="7000",port_name="play",protocol="udp",service="server"} 4"#.to_owned(),
+            format!("miren_nodeport_rx_packets_total{{{v4}}} 10"),
+            format!("miren_nodeport_rx_bytes_total{{{v4}}} 320"),
+            format!("miren_nodeport_tx_packets_total{{{v4}}} 9"),
+            format!("miren_nodeport_tx_bytes_total{{{v4}}} 288"),
+            format!("miren_nodeport_flows_total{{{v4}}} 2"),
+            format!("miren_nodeport_rx_packets_total{{{v6}}} 4"),
+            format!("miren_nodeport_rx_bytes_total{{{v6}}} 200"),
+            format!("miren_nodeport_tx_packets_total{{{v6}}} 3"),
+            format!("miren_nodeport_tx_bytes_total{{{v6}}} 150"),
+            format!("miren_nodeport_flows_total{{{v6}}} 1"),
+            r#"miren_nodeport_drops_total{app="game",family="ipv4",node_port="7000",port_name="play",protocol="udp",reason="no_endpoints",service="server"} 1"#.to_owned(),
+            r#"miren_nodeport_drops_total{app="game",family="ipv4",node_port="7000",port_name="play",protocol="udp",reason="table_miss",service="server"} 0"#.to_owned(),
+            r#"miren_nodeport_drops_total{app="game",family="ipv6",node_port="7000",port_name="play",protocol="udp",reason="no_endpoints",service="server"} 0"#.to_owned(),
+            r#"miren_nodeport_drops_total{app="game",family="ipv6",node_port="7000",port_name="play",protocol="udp",reason="table_miss",service="server"} 2"#.to_owned(),
+            r#"miren_backend_rx_packets_total{app="game",backend="10.88.0.2:8080",family="ipv4",node_port="7000",port_name="play",protocol="udp",service="server"} 9"#.to_owned(),
+            r#"miren_backend_rx_packets_total{app="game",backend="[fd6d:6972:656e::2]:8080",family="ipv6",node_port="7000",port_name="play",protocol="udp",service="server"} 4"#.to_owned(),
             "miren_dataplane_info{mode=\"xdp\"} 1".to_owned(),
             "miren_reconcile_errors_total 1".to_owned(),
             "miren_reconcile_duration_seconds_count 2".to_owned(),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
-        // A node port without kernel counters (not applied yet) has no series.
+        // A node port without kernel counters (not applied yet) has no series; each series of
+        // a node port has its family.
         assert!(!text.contains("node_port=\"7001\""), "{text}");
+        let port_lines = text.lines().filter(|l| l.contains("node_port=")).count();
+        let with_family = text.lines().filter(|l| l.contains(",family=\"ipv")).count();
+        assert_eq!((port_lines, with_family), (16, 16), "{text}");
     }
 }

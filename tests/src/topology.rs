@@ -203,6 +203,43 @@ impl Netns {
         self.ip(&args).map(drop)
     }
 
+    /// Sets the MTU of `dev` (e.g. a smaller hop on a path, for path MTU discovery).
+    ///
+    /// # Errors
+    /// [`TopologyError::Command`] if `ip` fails.
+    pub fn mtu(&self, dev: &str, mtu: u32) -> Result<()> {
+        self.ip(&["link", "set", dev, "mtu", &mtu.to_string()])
+            .map(drop)
+    }
+
+    /// A counter of the namespace's IP stack, named as `nstat` names them (e.g.
+    /// `IcmpOutDestUnreachs`, `IpFragCreates` from /proc/net/snmp, `Ip6FragCreates` from
+    /// /proc/net/snmp6); 0 if there is no such counter.
+    ///
+    /// # Errors
+    /// [`TopologyError::Command`] if the files cannot be read.
+    pub fn snmp(&self, name: &str) -> Result<u64> {
+        let out = self.exec("cat", &["/proc/net/snmp", "/proc/net/snmp6"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines().peekable();
+        while let Some(line) = lines.next() {
+            let mut words = line.split_whitespace();
+            let Some(first) = words.next() else { continue };
+            if let Some(group) = first.strip_suffix(':') {
+                // /proc/net/snmp: a line of names, then a line of values of the same group.
+                let values = lines.next().unwrap_or_default().split_whitespace().skip(1);
+                for (field, value) in words.zip(values) {
+                    if format!("{group}{field}") == name {
+                        return Ok(value.parse().unwrap_or(0));
+                    }
+                }
+            } else if first == name {
+                return Ok(words.next().and_then(|v| v.parse().ok()).unwrap_or(0));
+            }
+        }
+        Ok(0)
+    }
+
     /// Creates a bridge `name` in this namespace and brings it up.
     ///
     /// # Errors

@@ -5,8 +5,9 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
+    io::{self, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
     process::Command,
     sync::{Arc, Mutex},
@@ -127,6 +128,43 @@ fn client_and_node_with(tag: &str, dual_stack: bool) -> Result<(Netns, Netns), T
     Ok((client, node))
 }
 
+/// The client's address in a routed world ([`World::new_routed`]), on its own subnet behind
+/// the router.
+pub const ROUTED_CLIENT_IP: &str = "10.91.0.1";
+/// The router's address on the node's segment in a routed world; the node routes the client's
+/// subnet through it.
+pub const ROUTER_IP: &str = "10.90.0.3";
+
+/// Creates client, router and node namespaces (tags `TAG-client`, `TAG-router`, `TAG-node`):
+/// the client's eth0 (`ROUTED_CLIENT_IP/24`, MTU 1500) is joined to the router's `down`
+/// (MTU `hop_mtu`), the router's `up` (`ROUTER_IP/24`) to the node's eth0 (`NODE_IP/24`); the
+/// router forwards between them, so packets from the node to the client larger than `hop_mtu`
+/// with DF set make the router send ICMP "fragmentation needed" back to their source. The
+/// client's own MTU stays 1500 (its TCP MSS does not fit the hop: path MTU discovery is
+/// needed), so it must not send more than `hop_mtu` bytes itself (the router's end drops
+/// them). TX checksum offload is off on the client's eth0 and the router's `up`.
+///
+/// # Errors
+/// [`TopologyError`] if a namespace, a veth pair, an address, a route or ethtool fails.
+pub fn client_router_node(tag: &str, hop_mtu: u32) -> Result<(Netns, Netns, Netns), TopologyError> {
+    let client = Netns::new(&format!("{tag}-client"))?;
+    let router = Netns::new(&format!("{tag}-router"))?;
+    let node = Netns::new(&format!("{tag}-node"))?;
+    veth(&client, "eth0", &router, "down")?;
+    veth(&router, "up", &node, "eth0")?;
+    client.addr("eth0", &format!("{ROUTED_CLIENT_IP}/24"))?;
+    router.addr("down", "10.91.0.254/24")?;
+    router.addr("up", &format!("{ROUTER_IP}/24"))?;
+    node.addr("eth0", &format!("{NODE_IP}/24"))?;
+    client.route(&["default", "via", "10.91.0.254"])?;
+    node.route(&["10.91.0.0/24", "via", ROUTER_IP])?;
+    router.sysctl("net.ipv4.ip_forward", "1")?;
+    router.mtu("down", hop_mtu)?;
+    client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+    router.exec("ethtool", &["-K", "up", "tx", "off"])?;
+    Ok((client, router, node))
+}
+
 /// `miren-agent run` inside `node` for node ports on its eth0 (`--node-ip NODE_IP`) with
 /// `--dataplane DATAPLANE`, state in `DIR/state`, the API on `DIR/agent.sock` and pinned BPF
 /// objects under `pins`; callers add their own flags.
@@ -155,10 +193,14 @@ pub fn agent_command(node: &Netns, dir: &Path, pins: &Path, dataplane: &str) -> 
 /// port 9000 that record the peers they see.
 #[derive(Debug)]
 pub struct World {
-    /// The client namespace (`CLIENT_IP` on eth0).
+    /// The client namespace (`CLIENT_IP` on eth0; [`ROUTED_CLIENT_IP`] in a routed world).
     pub client: Netns,
     /// The node namespace (`NODE_IP` on eth0, sandboxes behind br0).
     pub node: Netns,
+    /// The router between client and node in a routed world.
+    router: Option<Netns>,
+    /// The client's address.
+    client_ip: &'static str,
     _sandboxes: Vec<Netns>,
     peers: Vec<Arc<Mutex<Vec<SocketAddr>>>>,
     dir: TempDir,
@@ -196,8 +238,23 @@ impl World {
         Self::build(sandboxes, true)
     }
 
+    /// [`World::new`] with a router between client and node whose hop towards the client
+    /// has MTU `hop_mtu` ([`client_router_node`]); the client is at [`ROUTED_CLIENT_IP`].
+    pub fn new_routed(sandboxes: usize, hop_mtu: u32) -> Self {
+        let (client, router, node) = client_router_node("e2e", hop_mtu).unwrap();
+        let mut world = Self::with_sandboxes(client, node, sandboxes, false);
+        world.router = Some(router);
+        world.client_ip = ROUTED_CLIENT_IP;
+        world
+    }
+
     fn build(sandboxes: usize, dual_stack: bool) -> Self {
         let (client, node) = client_and_node_with("e2e", dual_stack).unwrap();
+        Self::with_sandboxes(client, node, sandboxes, dual_stack)
+    }
+
+    /// Adds br0 and the sandboxes with their echo servers to `node`.
+    fn with_sandboxes(client: Netns, node: Netns, sandboxes: usize, dual_stack: bool) -> Self {
         node.bridge("br0").unwrap();
         node.addr("br0", "10.88.0.1/24").unwrap();
         if dual_stack {
@@ -246,6 +303,8 @@ impl World {
         Self {
             client,
             node,
+            router: None,
+            client_ip: CLIENT_IP,
             _sandboxes: namespaces,
             peers,
             dir: TempDir::new("e2e"),
@@ -341,11 +400,22 @@ impl World {
             .iter()
             .map(|i| format!("{}:9000", sandbox_ip(*i)).parse().unwrap())
             .collect();
+        self.put_endpoint_addrs(&addrs, &addrs);
+    }
+
+    /// Makes `udp` and `tcp` (instance addresses with any port, e.g. a test's own server in a
+    /// sandbox) the endpoints of UDP and TCP node port 7000 and waits until they are applied.
+    pub fn set_endpoint_addrs(&self, agent: &AgentProcess, udp: &[SocketAddr], tcp: &[SocketAddr]) {
+        self.put_endpoint_addrs(udp, tcp);
+        wait_for_status_ok(agent);
+    }
+
+    fn put_endpoint_addrs(&self, udp: &[SocketAddr], tcp: &[SocketAddr]) {
         let endpoints = ServiceEndpoints {
             service: String::new(),
             endpoints: BTreeMap::from([
-                ("udp-echo".to_owned(), addrs.clone()),
-                ("tcp-echo".to_owned(), addrs),
+                ("udp-echo".to_owned(), udp.to_vec()),
+                ("tcp-echo".to_owned(), tcp.to_vec()),
             ]),
             ..ServiceEndpoints::default()
         };
@@ -381,7 +451,17 @@ impl World {
     /// One UDP echo of `message` from a fresh client socket through NODE_IP:7000; returns the
     /// client's address and where the reply came from.
     pub fn udp_echo(&self, message: &[u8]) -> (SocketAddr, SocketAddr) {
-        self.udp_echo_between(CLIENT_IP, NODE_IP, message)
+        self.udp_echo_between(self.client_ip, NODE_IP, message)
+    }
+
+    /// The client's address: [`CLIENT_IP`], or [`ROUTED_CLIENT_IP`] in a routed world.
+    pub fn client_ip(&self) -> IpAddr {
+        self.client_ip.parse().unwrap()
+    }
+
+    /// The router namespace of a routed world ([`World::new_routed`]).
+    pub fn router(&self) -> Option<&Netns> {
+        self.router.as_ref()
     }
 
     /// [`World::udp_echo`] over IPv6: from [`CLIENT_IP6`] through `[NODE_IP6]:7000`.
@@ -404,7 +484,7 @@ impl World {
                     .set_read_timeout(Some(Duration::from_secs(3)))
                     .unwrap();
                 socket.send_to(message, (node, 7000)).unwrap();
-                let mut buf = [0u8; 1500];
+                let mut buf = vec![0u8; MAX_DATAGRAM];
                 let (len, from) = socket
                     .recv_from(&mut buf)
                     .expect("UDP echo through the node port");
@@ -458,6 +538,9 @@ pub fn remove_instances(state_dir: &Path) {
     }
 }
 
+/// The largest UDP datagram the echo servers take (and echo whole).
+pub const MAX_DATAGRAM: usize = 65_535;
+
 /// Starts UDP and TCP echo servers on `ip:9000` inside `sandbox`; returns the peers they see.
 fn echo_servers(sandbox: &Netns, ips: &[String]) -> Arc<Mutex<Vec<SocketAddr>>> {
     let peers = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
@@ -476,7 +559,7 @@ fn serve_echo(sandbox: &Netns, ip: &str, peers: &Arc<Mutex<Vec<SocketAddr>>>) {
         .unwrap();
     let seen = Arc::clone(peers);
     std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
+        let mut buf = vec![0u8; MAX_DATAGRAM];
         while let Ok((len, from)) = udp.recv_from(&mut buf) {
             let mut seen = seen.lock().unwrap();
             if !seen.contains(&from) {
@@ -528,5 +611,120 @@ impl World {
     /// The network namespace of sandbox `i` (to run a process "inside an instance").
     pub fn sandbox(&self, i: usize) -> &Netns {
         &self._sandboxes[i]
+    }
+}
+
+/// Connects a TCP socket bound to `local` (with `SO_REUSEADDR`, so a test can reuse a client
+/// port whose earlier connection attempt was abandoned) to `remote`, waiting up to `timeout`;
+/// call it inside the client's namespace.
+///
+/// # Errors
+/// The socket calls' errors; [`io::ErrorKind::TimedOut`] if no answer came within `timeout`.
+pub fn tcp_connect_from(
+    local: SocketAddr,
+    remote: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let check = |ret: libc::c_int| {
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    };
+    let family = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket calls on a descriptor this function owns, with buffers of the
+    // sizes passed.
+    unsafe {
+        let fd = check(libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        ))?;
+        let fd = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        check(libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ))?;
+        let (addr, len) = sockaddr(local);
+        check(libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len))?;
+        let (addr, len) = sockaddr(remote);
+        if let Err(err) = check(libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len)) {
+            if err.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(err);
+            }
+        }
+        let mut poll = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        if check(libc::poll(&raw mut poll, 1, millis))? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting {local} to {remote}: no answer within {timeout:?}"),
+            ));
+        }
+        let mut error: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        check(libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut error).cast(),
+            &raw mut len,
+        ))?;
+        if error != 0 {
+            return Err(io::Error::from_raw_os_error(error));
+        }
+        let stream = TcpStream::from(fd);
+        stream.set_nonblocking(false)?;
+        Ok(stream)
+    }
+}
+
+/// `addr` as a C socket address and its length.
+pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid; it is large and aligned enough for both
+    // families' addresses written into it.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                std::ptr::write((&raw mut storage).cast(), sin);
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: a.flowinfo(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: a.scope_id(),
+                };
+                std::ptr::write((&raw mut storage).cast(), sin6);
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (storage, len as libc::socklen_t)
     }
 }

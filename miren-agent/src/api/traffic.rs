@@ -1,6 +1,6 @@
 //! Node-port traffic for `miren ports`: counts read from the data plane's kernel counters at
 //! the request, rates against an earlier sample (the previous request's when it is recent,
-//! else one taken a second before).
+//! else one taken a second before), in total and per address family.
 
 use std::{
     collections::VecDeque,
@@ -11,7 +11,7 @@ use std::{
 use super::types::{NodePortInfo, PortTraffic};
 use crate::{
     config::Protocol,
-    dataplane::{ActiveDataplane, Counters, DataplaneError, NodePortKey, PortCounters},
+    dataplane::{ActiveDataplane, Counters, DataplaneError, Family, NodePortKey, PortCounters},
 };
 
 /// Rates need samples at least this far apart.
@@ -70,11 +70,7 @@ impl TrafficSampler {
                 port: port.node_port,
                 protocol,
             };
-            port.traffic = now
-                .1
-                .ports
-                .get(&key)
-                .map(|counters| port_traffic(counters, earlier.1.ports.get(&key), elapsed));
+            port.traffic = traffic_of(key, &now.1, &earlier.1, elapsed);
         }
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         if samples
@@ -104,6 +100,24 @@ async fn read(dataplane: &Arc<ActiveDataplane>) -> Result<(Instant, Counters), D
     })?
 }
 
+/// The traffic of node port `key` in the counters `now` and since `earlier`, `elapsed` before:
+/// totals and each family's part; `None` if `now` does not count it.
+fn traffic_of(
+    key: NodePortKey,
+    now: &Counters,
+    earlier: &Counters,
+    elapsed: Duration,
+) -> Option<PortTraffic> {
+    let mut traffic = port_traffic(now.ports.get(&key)?, earlier.ports.get(&key), elapsed);
+    for family in Family::ALL {
+        if let Some(part) = now.families.get(&(key, family)) {
+            let part = port_traffic(part, earlier.families.get(&(key, family)), elapsed);
+            traffic.by_family.insert(family.label().to_owned(), part);
+        }
+    }
+    Some(traffic)
+}
+
 /// Counts of `now` and rates since `earlier`, `elapsed` before. A node port without an
 /// earlier sample (just created) counts from zero.
 pub fn port_traffic(
@@ -127,6 +141,7 @@ pub fn port_traffic(
         rx_bps: rate(now.rx_bytes, earlier.rx_bytes),
         tx_pps: rate(now.tx_packets, earlier.tx_packets),
         tx_bps: rate(now.tx_bytes, earlier.tx_bytes),
+        by_family: Default::default(),
     }
 }
 
@@ -166,8 +181,57 @@ mod tests {
                 rx_bps: 10_000.0,
                 tx_pps: 50.0,
                 tx_bps: 5_000.0,
+                by_family: Default::default(),
             }
         );
+    }
+
+    #[test]
+    fn each_family_has_its_own_counts_and_rates_beside_the_totals() {
+        let key = NodePortKey {
+            port: 7000,
+            protocol: Protocol::Udp,
+        };
+        let sample = |v4: u64, v6: u64| {
+            let mut counters = Counters::default();
+            for (family, packets) in [(Family::V4, v4), (Family::V6, v6)] {
+                let part = PortCounters {
+                    rx_packets: packets,
+                    flows: 1,
+                    ..PortCounters::default()
+                };
+                counters.insert_port(key, family, part);
+            }
+            counters
+        };
+        let traffic =
+            traffic_of(key, &sample(30, 12), &sample(10, 2), Duration::from_secs(2)).unwrap();
+        assert_eq!(
+            (traffic.rx_packets, traffic.rx_pps, traffic.flows),
+            (42, 15.0, 2)
+        );
+        let part = |family: &str| {
+            let part = &traffic.by_family[family];
+            (
+                part.rx_packets,
+                part.rx_pps,
+                part.flows,
+                part.by_family.len(),
+            )
+        };
+        assert_eq!(part("ipv4"), (30, 10.0, 1, 0));
+        assert_eq!(part("ipv6"), (12, 5.0, 1, 0));
+        let other = NodePortKey { port: 7001, ..key };
+        assert_eq!(
+            traffic_of(other, &sample(1, 1), &sample(1, 1), Duration::from_secs(1)),
+            None
+        );
+
+        // A cluster's sum adds each family too.
+        let mut sum = traffic.clone();
+        sum.add(&traffic);
+        assert_eq!(sum.by_family["ipv6"].rx_packets, 24);
+        assert_eq!(sum.rx_packets, 84);
     }
 
     #[test]

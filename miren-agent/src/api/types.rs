@@ -303,11 +303,21 @@ pub struct PortTraffic {
     pub tx_pps: f64,
     /// Sent bytes per second.
     pub tx_bps: f64,
+    /// The same per address family of the packets (`ipv4`, `ipv6`), the parts of the
+    /// totals above; absent from agents without per-family counters. Its entries have none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_family: BTreeMap<String, PortTraffic>,
 }
 
 impl PortTraffic {
-    /// Adds another node's counts and rates.
+    /// Adds another node's counts and rates, in total and per family.
     pub fn add(&mut self, other: &Self) {
+        for (family, traffic) in &other.by_family {
+            self.by_family
+                .entry(family.clone())
+                .or_default()
+                .add(traffic);
+        }
         self.rx_packets += other.rx_packets;
         self.rx_bytes += other.rx_bytes;
         self.tx_packets += other.tx_packets;

@@ -356,6 +356,8 @@ const NODE_PORT_COLUMNS: &[Column<NodePortInfo>] = &[
     ("TX_BYTES", |p| {
         traffic(p, |t| rate_bytes(t.tx_bytes, t.tx_bps))
     }),
+    ("RX_V4/V6", |p| traffic(p, |t| split(t, |f| f.rx_packets))),
+    ("TX_V4/V6", |p| traffic(p, |t| split(t, |f| f.tx_packets))),
     ("FLOWS", |p| traffic(p, |t| t.flows.to_string())),
     ("DROPS", |p| traffic(p, |t| t.drops.to_string())),
     ("STATUS", |p| p.status.clone()),
@@ -364,6 +366,15 @@ const NODE_PORT_COLUMNS: &[Column<NodePortInfo>] = &[
 /// A traffic cell, `-` without counters.
 fn traffic(port: &NodePortInfo, cell: impl Fn(&PortTraffic) -> String) -> String {
     port.traffic.as_ref().map_or_else(|| "-".to_owned(), cell)
+}
+
+/// A count's IPv4 and IPv6 parts, `1000/500`; `-` without per-family counts.
+fn split(traffic: &PortTraffic, count: impl Fn(&PortTraffic) -> u64) -> String {
+    if traffic.by_family.is_empty() {
+        return "-".to_owned();
+    }
+    let part = |family| traffic.by_family.get(family).map_or(0, &count);
+    format!("{}/{}", part("ipv4"), part("ipv6"))
 }
 
 /// `1500 (50/s)`.
@@ -610,6 +621,15 @@ mod tests {
         }
     }
 
+    /// Traffic of `rx` and `tx` packets, without rates or bytes.
+    fn traffic(rx_packets: u64, tx_packets: u64) -> PortTraffic {
+        PortTraffic {
+            rx_packets,
+            tx_packets,
+            ..PortTraffic::default()
+        }
+    }
+
     #[test]
     fn node_port_table() {
         let ports = [
@@ -625,8 +645,17 @@ mod tests {
                     rx_bps: 12_345.0,
                     tx_pps: 49.6,
                     tx_bps: 33.0,
+                    by_family: BTreeMap::from([
+                        ("ipv4".to_owned(), traffic(1000, 900)),
+                        ("ipv6".to_owned(), traffic(500, 500)),
+                    ]),
                 }),
                 ..node_port(53, "udp", &["10.88.0.2:5353", "10.88.0.3:5353"])
+            },
+            NodePortInfo {
+                // An agent without per-family counts.
+                traffic: Some(traffic(7, 7)),
+                ..node_port(54, "udp", &[])
             },
             NodePortInfo {
                 status: "error: no XDP on eth0".to_owned(),
@@ -636,9 +665,10 @@ mod tests {
         assert_eq!(
             node_ports(&ports),
             "\
-NODE_PORT/PROTO  APP  SERVICE   PORT_NAME  TARGET  ENDPOINTS  RX           RX_BYTES          TX           TX_BYTES      FLOWS  DROPS  STATUS
-53/udp           dns  resolver  dns-udp    5353    2          1500 (50/s)  1.2MB (12.3kB/s)  1400 (50/s)  999B (33B/s)  12     1      ok
-53/tcp           dns  resolver  dns-tcp    5353    0          -            -                 -            -             -      -      error: no XDP on eth0
+NODE_PORT/PROTO  APP  SERVICE   PORT_NAME  TARGET  ENDPOINTS  RX           RX_BYTES          TX           TX_BYTES      RX_V4/V6  TX_V4/V6  FLOWS  DROPS  STATUS
+53/udp           dns  resolver  dns-udp    5353    2          1500 (50/s)  1.2MB (12.3kB/s)  1400 (50/s)  999B (33B/s)  1000/500  900/500   12     1      ok
+54/udp           dns  resolver  dns-udp    5353    0          7 (0/s)      0B (0B/s)         7 (0/s)      0B (0B/s)     -         -         0      0      ok
+53/tcp           dns  resolver  dns-tcp    5353    0          -            -                 -            -             -         -         -      -      error: no XDP on eth0
 "
         );
         assert_eq!(node_ports(&[]), "no published node ports\n");

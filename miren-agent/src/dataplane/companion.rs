@@ -54,32 +54,9 @@ impl Dataplane for WithCompanion {
     /// The sum of both planes' counters (they count disjoint packets).
     fn counters(&self) -> Result<Counters, DataplaneError> {
         let mut sum = self.main.counters()?;
-        add(&mut sum, &self.companion.counters()?);
+        sum.add(&self.companion.counters()?);
         Ok(sum)
     }
-}
-
-/// Adds `other` into `sum`: per node port, per backend, and global.
-fn add(sum: &mut Counters, other: &Counters) {
-    for (key, counters) in &other.ports {
-        sum.ports.entry(*key).or_default().add(counters);
-    }
-    for (key, counters) in &other.backends {
-        sum.backends.entry(*key).or_default().add(counters);
-    }
-    for (key, counters) in &other.backends6 {
-        sum.backends6.entry(*key).or_default().add(counters);
-    }
-    let (global, more) = (&mut sum.global, &other.global);
-    global.passed += more.passed;
-    global.malformed += more.malformed;
-    global.conntrack_hits += more.conntrack_hits;
-    global.conntrack_misses += more.conntrack_misses;
-    global.tcp_non_syn_misses += more.tcp_non_syn_misses;
-    global.fragments_forwarded += more.fragments_forwarded;
-    global.fragments_unmatched += more.fragments_unmatched;
-    global.icmp_to_instance += more.icmp_to_instance;
-    global.icmp_from_instance += more.icmp_from_instance;
 }
 
 #[cfg(test)]
@@ -92,7 +69,7 @@ mod tests {
     use super::*;
     use crate::{
         config::Protocol,
-        dataplane::{BackendCounters, GlobalCounters, NodePortKey, PortCounters},
+        dataplane::{BackendCounters, Family, GlobalCounters, NodePortKey, PortCounters},
     };
 
     /// A plane recording what it is asked into a shared log, with fixed counters.
@@ -150,8 +127,9 @@ mod tests {
 
     fn counters(rx: u64, backend_packets: u64, passed: u64) -> Counters {
         let mut counters = Counters::default();
-        counters.ports.insert(
+        counters.insert_port(
             port(),
+            Family::V4,
             PortCounters {
                 rx_packets: rx,
                 rx_bytes: rx * 100,
@@ -222,6 +200,7 @@ mod tests {
             (ports.rx_packets, ports.rx_bytes, ports.flows),
             (12, 1200, 2)
         );
+        assert_eq!(sum.families[&(port(), Family::V4)], *ports);
         let backends: Vec<_> = sum.backends_of(port()).collect();
         assert_eq!(
             backends,

@@ -79,6 +79,37 @@ impl From<Snapshot4> for Snapshot {
     }
 }
 
+/// An address family of node-port traffic (the client's, and so the backend's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    /// Both families, IPv4 first.
+    pub const ALL: [Self; 2] = [Self::V4, Self::V6];
+
+    /// The family of `addr`.
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+
+    /// `ipv4` or `ipv6`: the `family` label of `/metrics`, the key in `miren ports`, and
+    /// nftables' `meta nfproto` value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::V4 => "ipv4",
+            Self::V6 => "ipv6",
+        }
+    }
+}
+
 /// Counters of one node port (summed over CPUs); the kernel's own layout.
 pub use miren_common::nodeport::PortStats as PortCounters;
 
@@ -112,8 +143,11 @@ pub struct GlobalCounters {
 /// All counters of a data plane.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Per node port.
+    /// Per node port, both families together: the sum of its entries in
+    /// [`Counters::families`] (write both through [`Counters::insert_port`]).
     pub ports: BTreeMap<NodePortKey, PortCounters>,
+    /// Per (node port, family of the packets).
+    pub families: BTreeMap<(NodePortKey, Family), PortCounters>,
     /// Per (node port, IPv4 backend).
     pub backends: BTreeMap<(NodePortKey, SocketAddrV4), BackendCounters>,
     /// Per (node port, IPv6 backend).
@@ -123,6 +157,47 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Records the counters of `port`'s `family` packets, and its total over both families.
+    pub fn insert_port(&mut self, port: NodePortKey, family: Family, counters: PortCounters) {
+        self.families.insert((port, family), counters);
+        let mut total = PortCounters::default();
+        for family in Family::ALL {
+            if let Some(part) = self.families.get(&(port, family)) {
+                total.add(part);
+            }
+        }
+        self.ports.insert(port, total);
+    }
+
+    /// Adds `other`'s counters to these (of a plane counting other packets).
+    pub fn add(&mut self, other: &Self) {
+        for ((port, family), counters) in &other.families {
+            let mut sum = self
+                .families
+                .get(&(*port, *family))
+                .copied()
+                .unwrap_or_default();
+            sum.add(counters);
+            self.insert_port(*port, *family, sum);
+        }
+        for (key, counters) in &other.backends {
+            self.backends.entry(*key).or_default().add(counters);
+        }
+        for (key, counters) in &other.backends6 {
+            self.backends6.entry(*key).or_default().add(counters);
+        }
+        let (sum, other) = (&mut self.global, &other.global);
+        sum.passed += other.passed;
+        sum.malformed += other.malformed;
+        sum.conntrack_hits += other.conntrack_hits;
+        sum.conntrack_misses += other.conntrack_misses;
+        sum.tcp_non_syn_misses += other.tcp_non_syn_misses;
+        sum.fragments_forwarded += other.fragments_forwarded;
+        sum.fragments_unmatched += other.fragments_unmatched;
+        sum.icmp_to_instance += other.icmp_to_instance;
+        sum.icmp_from_instance += other.icmp_from_instance;
+    }
+
     /// Records the counters of `backend` of `port`, in [`Counters::backends`] or
     /// [`Counters::backends6`] by its family.
     pub fn insert_backend(

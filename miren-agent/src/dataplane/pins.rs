@@ -35,6 +35,9 @@ const PINNED_MAPS: &[&str] = &[
     np::BACKENDS6_MAP,
     np::CONNTRACK6_MAP,
     np::BACKEND_STATS6_MAP,
+    // Pins of an agent from before IPv6 port counters or fragment tracking lack these: the
+    // loader creates them empty.
+    np::PORT_STATS6_MAP,
     np::FRAGS_MAP,
     np::FRAGS6_MAP,
 ];

@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, process::Command};
 
 use super::listing::{Listing, parse_listing};
-use crate::dataplane::{DataplaneError, NodePortKey};
+use crate::{
+    config::Protocol,
+    dataplane::{DataplaneError, NodePortKey},
+};
 
 /// Runs `nft ARGS…` with `stdin` (if any): its stdout, or its stderr when it refused.
 pub(super) fn nft(
@@ -60,16 +63,25 @@ pub(super) fn list_table(op: &str, name: &str) -> Result<Listing, DataplaneError
     list(op, &[vec!["table", "inet", name]])
 }
 
-/// Deletes the conntrack entries of UDP flows from `key` to `endpoint` (of either family);
-/// none matching is fine.
+/// Deletes the conntrack entries from `key` to a removed `endpoint` (of either family) that
+/// would keep new packets on it; none matching is fine. UDP: every entry, so the flows move to
+/// a live endpoint with their next datagram. TCP: only connection attempts the endpoint never
+/// answered (state `SYN_SENT`, kept up to 120 s), which would otherwise capture a retry from
+/// the same client port; established connections stay (a draining instance finishes them).
 pub(super) fn purge_conntrack(
     key: NodePortKey,
     endpoint: SocketAddr,
 ) -> Result<(), DataplaneError> {
     let op = format!("deleting conntrack entries of {key} to {endpoint}");
     let family = if endpoint.is_ipv4() { "ipv4" } else { "ipv6" };
+    let protocol: &[&str] = match key.protocol {
+        Protocol::Udp => &["-p", "udp"],
+        Protocol::Tcp => &["-p", "tcp", "--state", "SYN_SENT"],
+    };
     let out = Command::new("conntrack")
-        .args(["-D", "-f", family, "-p", "udp", "--orig-port-dst"])
+        .args(["-D", "-f", family])
+        .args(protocol)
+        .arg("--orig-port-dst")
         .arg(key.port.to_string())
         .arg("--reply-src")
         .arg(endpoint.ip().to_string())

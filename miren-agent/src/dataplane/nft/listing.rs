@@ -2,7 +2,7 @@
 //! back as a [`TableState`] and the counters of its elements.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
 };
 
@@ -22,6 +22,34 @@ use crate::{
 pub(super) struct Listing {
     pub(super) state: TableState,
     pub(super) counters: Counters,
+}
+
+/// The node ports each per-family counter set lists, and their counters by family, until
+/// every set is read.
+#[derive(Default)]
+struct PortSets {
+    keys: BTreeMap<SetKind, BTreeSet<NodePortKey>>,
+    counters: BTreeMap<(NodePortKey, Family), PortCounters>,
+}
+
+impl PortSets {
+    /// Records that the set `kind` (of `family`) lists `key`; its counters, to fill in.
+    fn listed(&mut self, kind: SetKind, family: Family, key: NodePortKey) -> &mut PortCounters {
+        self.keys.entry(kind).or_default().insert(key);
+        self.counters.entry((key, family)).or_default()
+    }
+
+    /// The node ports listed in the sets `kind` of both families. A node port only one
+    /// family's set lists (a table of an agent from before per-family counters) is left out,
+    /// so the next transaction adds it to both (adding an element that exists keeps it and
+    /// its counter).
+    fn in_both(&self, kind: impl Fn(Family) -> SetKind) -> BTreeSet<NodePortKey> {
+        let [v4, v6] = Family::ALL.map(|family| self.keys.get(&kind(family)));
+        match (v4, v6) {
+            (Some(v4), Some(v6)) => v4.intersection(v6).copied().collect(),
+            _ => BTreeSet::new(),
+        }
+    }
 }
 
 /// An element counter.
@@ -153,7 +181,7 @@ pub(super) fn parse_listing(documents: &[&str]) -> Result<Listing, String> {
         .flatten();
     let mut listing = Listing::default();
     let state = &mut listing.state;
-    let mut port_counters: BTreeMap<NodePortKey, PortCounters> = BTreeMap::new();
+    let mut ports = PortSets::default();
     for object in objects {
         if object.get("table").is_some() {
             state.exists = true;
@@ -166,7 +194,7 @@ pub(super) fn parse_listing(documents: &[&str]) -> Result<Listing, String> {
                 state.incompatible = true;
                 continue;
             }
-            if !parse_elements(state, &mut listing.counters, &mut port_counters, def, set) {
+            if !parse_elements(state, &mut listing.counters, &mut ports, def, set) {
                 state.incompatible = true;
             }
         } else if let Some(chain) = object.get("chain") {
@@ -208,14 +236,21 @@ pub(super) fn parse_listing(documents: &[&str]) -> Result<Listing, String> {
                 .push(comment);
         }
     }
-    // A node port's counters are complete only with its `rx` element; the others add to it.
-    for key in &state.rx {
-        listing
-            .counters
-            .ports
-            .insert(*key, port_counters.remove(key).unwrap_or_default());
-    }
+    state.rx = ports.in_both(SetKind::Rx);
+    state.flows = ports.in_both(SetKind::Flows);
+    state.drops = ports.in_both(SetKind::Drops);
+    state.tx = [Protocol::Tcp, Protocol::Udp]
+        .iter()
+        .flat_map(|protocol| ports.in_both(|family| SetKind::Tx(*protocol, family)))
+        .collect();
     let counters = &mut listing.counters;
+    // A node port's counters are complete only with its `rx` elements; the others add to them.
+    for key in &state.rx {
+        for family in Family::ALL {
+            let part = ports.counters.remove(&(*key, family)).unwrap_or_default();
+            counters.insert_port(*key, family, part);
+        }
+    }
     counters
         .backends
         .retain(|(key, _), _| state.rx.contains(key));
@@ -230,7 +265,7 @@ pub(super) fn parse_listing(documents: &[&str]) -> Result<Listing, String> {
 fn parse_elements(
     state: &mut TableState,
     counters: &mut Counters,
-    ports: &mut BTreeMap<NodePortKey, PortCounters>,
+    ports: &mut PortSets,
     def: &SetDef,
     set: &Value,
 ) -> bool {
@@ -257,24 +292,19 @@ fn parse_elements(
             SetKind::NodeAddrs(family) => parse_addr(value, family).map(|addr| {
                 state.node_addrs.insert(addr);
             }),
-            SetKind::Rx => parse_key(value).map(|key| {
-                state.rx.insert(key);
-                let entry = ports.entry(key).or_default();
+            SetKind::Rx(family) => parse_key(value).map(|key| {
+                let entry = ports.listed(def.kind, family, key);
                 entry.rx_packets = counter.packets;
                 entry.rx_bytes = counter.bytes;
             }),
-            SetKind::Flows => parse_key(value).map(|key| {
-                state.flows.insert(key);
-                ports.entry(key).or_default().flows = counter.packets;
+            SetKind::Flows(family) => parse_key(value).map(|key| {
+                ports.listed(def.kind, family, key).flows = counter.packets;
             }),
-            SetKind::Drops => parse_key(value).map(|key| {
-                state.drops.insert(key);
-                ports.entry(key).or_default().drop_no_backend = counter.packets;
+            SetKind::Drops(family) => parse_key(value).map(|key| {
+                ports.listed(def.kind, family, key).drop_no_backend = counter.packets;
             }),
-            SetKind::Tx(protocol) => parse_port(value).map(|port| {
-                let key = NodePortKey { port, protocol };
-                state.tx.insert(key);
-                let entry = ports.entry(key).or_default();
+            SetKind::Tx(protocol, family) => parse_port(value).map(|port| {
+                let entry = ports.listed(def.kind, family, NodePortKey { port, protocol });
                 entry.tx_packets = counter.packets;
                 entry.tx_bytes = counter.bytes;
             }),

@@ -27,8 +27,9 @@
 //!   the caller directly (same bridge) and the reply would miss the reverse translation.
 //! - `count_in` / `count_local` / `count_out` (filter) count received packets per node port,
 //!   replies per node port and forwarded packets per endpoint in the element counters of the
-//!   sets `rx`, `tx_tcp`, `tx_udp` (both families) and `backend_tcp`, `backend_udp`,
-//!   `backend_tcp6`, `backend_udp6`.
+//!   sets `rx`, `tx_tcp`, `tx_udp` (IPv4; `rx6`, `tx_tcp6`, `tx_udp6` for IPv6) and
+//!   `backend_tcp`, `backend_udp`, `backend_tcp6`, `backend_udp6`; new flows and drops go to
+//!   `flows`/`flows6` and `drops`/`drops6` by `meta nfproto`.
 //!
 //! Every rule that looks at addresses comes once per family. A node without an IPv6 address
 //! has an empty `node_addrs6`: the IPv6 rules match nothing.
@@ -70,7 +71,8 @@ pub struct NftDataplane {
     scope: Scope,
     /// What the kernel's table holds, as last read or written.
     state: TableState,
-    /// UDP backends removed from the table whose conntrack entries are not deleted yet.
+    /// Backends removed from the table whose stale conntrack entries (all of UDP, unanswered
+    /// connection attempts of TCP) are not deleted yet.
     stale_flows: BTreeSet<(NodePortKey, SocketAddr)>,
 }
 
@@ -165,7 +167,7 @@ impl Dataplane for NftDataplane {
 
     fn apply(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
         let desired = TableState::desired(snapshot, &self.scope);
-        let removed = self.state.removed_udp_backends(&desired);
+        let removed = self.state.removed_backends(&desired);
         if let Err(err) = self.write(&desired) {
             // The kernel is unchanged (transactions are atomic), but it may not hold what was
             // believed: read it back and try once more from what it really holds.

@@ -2,8 +2,7 @@
 //! companion, see [`Scope`]): the table's name, its sets and maps, its chains and their rules,
 //! and the fingerprint comment each rule carries.
 
-use std::net::IpAddr;
-
+pub(super) use crate::dataplane::Family;
 use crate::{config::Protocol, nft_cli};
 
 /// Which traffic a table of this code handles, and so its name and the interface conditions
@@ -121,24 +120,9 @@ const HASH_SEED: &str = "0x6d6972";
 /// Prefix of the fingerprint comment on every rule.
 const RULE_COMMENT: &str = "miren:";
 
-/// An address family. The table holds the same sets, maps and rules for both; the IPv6 ones
-/// carry the suffix `6` and match `ip6` headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(super) enum Family {
-    V4,
-    V6,
-}
-
+/// The table holds the same sets, maps and rules for both families; the IPv6 ones carry the
+/// suffix `6` and match `ip6` headers (or `meta nfproto ipv6`).
 impl Family {
-    pub(super) const ALL: [Self; 2] = [Self::V4, Self::V6];
-
-    pub(super) fn of(addr: IpAddr) -> Self {
-        match addr {
-            IpAddr::V4(_) => Self::V4,
-            IpAddr::V6(_) => Self::V6,
-        }
-    }
-
     /// The network header's name in rules: `ip` or `ip6`.
     fn header(self) -> &'static str {
         match self {
@@ -157,18 +141,18 @@ impl Family {
 }
 
 /// What a set or map of the table holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum SetKind {
     /// The node's addresses of one family.
     NodeAddrs(Family),
-    /// `(protocol, port)` of each node port, counting received packets (both families).
-    Rx,
-    /// `(protocol, port)`, counting new flows.
-    Flows,
-    /// `(protocol, port)`, counting packets dropped for want of endpoints.
-    Drops,
-    /// The ports of one protocol's node ports, counting replies.
-    Tx(Protocol),
+    /// `(protocol, port)` of each node port, counting received packets of one family.
+    Rx(Family),
+    /// `(protocol, port)`, counting new flows of one family.
+    Flows(Family),
+    /// `(protocol, port)`, counting packets of one family dropped for want of endpoints.
+    Drops(Family),
+    /// The ports of one protocol's node ports, counting replies of one family.
+    Tx(Protocol, Family),
     /// `(port, endpoint address, endpoint port)` of one protocol and family, counting
     /// forwarded packets.
     Backend(Protocol, Family),
@@ -223,11 +207,16 @@ pub(super) const SETS: &[SetDef] = &[
         json_map: None,
         counter: false,
     },
-    port_set("rx", SetKind::Rx),
-    port_set("flows", SetKind::Flows),
-    port_set("drops", SetKind::Drops),
-    tx_set("tx_tcp", Protocol::Tcp),
-    tx_set("tx_udp", Protocol::Udp),
+    port_set("rx", SetKind::Rx(Family::V4)),
+    port_set("rx6", SetKind::Rx(Family::V6)),
+    port_set("flows", SetKind::Flows(Family::V4)),
+    port_set("flows6", SetKind::Flows(Family::V6)),
+    port_set("drops", SetKind::Drops(Family::V4)),
+    port_set("drops6", SetKind::Drops(Family::V6)),
+    tx_set("tx_tcp", Protocol::Tcp, Family::V4),
+    tx_set("tx_udp", Protocol::Udp, Family::V4),
+    tx_set("tx_tcp6", Protocol::Tcp, Family::V6),
+    tx_set("tx_udp6", Protocol::Udp, Family::V6),
     backend_set("backend_tcp", Protocol::Tcp, Family::V4),
     backend_set("backend_udp", Protocol::Udp, Family::V4),
     backend_set("backend_tcp6", Protocol::Tcp, Family::V6),
@@ -308,10 +297,10 @@ const fn port_set(name: &'static str, kind: SetKind) -> SetDef {
     }
 }
 
-const fn tx_set(name: &'static str, protocol: Protocol) -> SetDef {
+const fn tx_set(name: &'static str, protocol: Protocol, family: Family) -> SetDef {
     SetDef {
         name,
-        kind: SetKind::Tx(protocol),
+        kind: SetKind::Tx(protocol, family),
         declaration: "type inet_service; counter;",
         json_type: &["inet_service"],
         json_map: None,
@@ -382,8 +371,9 @@ pub(super) fn chain_def(name: &str, scope: &Scope) -> Option<ChainDef> {
     let arriving = scope.arriving();
     let rx_from = |from: &str, family, ip: &str| {
         format!(
-            "{from}ct direction original {ip} daddr @{} meta l4proto . th dport @rx",
-            addrs(family)
+            "{from}ct direction original {ip} daddr @{} meta l4proto . th dport @{}",
+            addrs(family),
+            family.set("rx")
         )
     };
     let rx_in = |family, ip: &str| rx_from(&arriving, family, ip);
@@ -391,8 +381,9 @@ pub(super) fn chain_def(name: &str, scope: &Scope) -> Option<ChainDef> {
     let tx = |family, ip: &str, proto: &str| {
         format!(
             "ct direction reply ct status dnat ct original {ip} daddr @{} \
-             meta l4proto {proto} ct original proto-dst @tx_{proto}",
-            addrs(family)
+             meta l4proto {proto} ct original proto-dst @{}",
+            addrs(family),
+            family.set(&format!("tx_{proto}"))
         )
     };
     let backend = |family, ip: &str, proto: &str| {
@@ -422,6 +413,14 @@ pub(super) fn chain_def(name: &str, scope: &Scope) -> Option<ChainDef> {
             addrs(family)
         )
     };
+    // Flows and drops are counted in chains both families jump to.
+    let count_family = |family: Family, set: &str| {
+        format!(
+            "meta nfproto {} meta l4proto . th dport @{}",
+            family.label(),
+            family.set(set)
+        )
+    };
     let def = |base, rules: Vec<String>| Some(ChainDef { base, rules });
     match name {
         "count_in" => def(
@@ -446,10 +445,11 @@ pub(super) fn chain_def(name: &str, scope: &Scope) -> Option<ChainDef> {
         ),
         "no_endpoints" => def(
             None,
-            vec![
-                "meta l4proto . th dport @drops".to_owned(),
-                "drop".to_owned(),
-            ],
+            [
+                per_family(&|family, _| count_family(family, "drops")),
+                vec!["drop".to_owned()],
+            ]
+            .concat(),
         ),
         "count_out" => def(
             Some(BaseChain::new("filter", "postrouting", 100)),
@@ -469,7 +469,7 @@ pub(super) fn chain_def(name: &str, scope: &Scope) -> Option<ChainDef> {
             (n > 0 && name == endpoints_chain(n)).then(|| ChainDef {
                 base: None,
                 rules: [
-                    vec!["meta l4proto . th dport @flows".to_owned()],
+                    per_family(&|family, _| count_family(family, "flows")),
                     per_family_and_protocol(&dnat),
                 ]
                 .concat(),

@@ -228,26 +228,29 @@ pub(super) fn transaction(
             |a| a.to_string(),
         );
     }
-    for (set, current_keys, desired_keys) in [
-        ("rx", &current.rx, &desired.rx),
-        ("flows", &current.flows, &desired.flows),
-        ("drops", &current.drops, &desired.drops),
-    ] {
-        script.diff_set(set, current_keys, desired_keys, port_elem);
-    }
-    for protocol in [Protocol::Tcp, Protocol::Udp] {
-        let of = |keys: &BTreeSet<NodePortKey>| -> BTreeSet<u16> {
-            keys.iter()
-                .filter(|k| k.protocol == protocol)
-                .map(|k| k.port)
-                .collect()
-        };
-        script.diff_set(
-            set_def(SetKind::Tx(protocol)).name,
-            &of(&current.tx),
-            &of(&desired.tx),
-            u16::to_string,
-        );
+    // Each family's counter sets hold every node port.
+    for family in Family::ALL {
+        for (kind, current_keys, desired_keys) in [
+            (SetKind::Rx(family), &current.rx, &desired.rx),
+            (SetKind::Flows(family), &current.flows, &desired.flows),
+            (SetKind::Drops(family), &current.drops, &desired.drops),
+        ] {
+            script.diff_set(set_def(kind).name, current_keys, desired_keys, port_elem);
+        }
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let of = |keys: &BTreeSet<NodePortKey>| -> BTreeSet<u16> {
+                keys.iter()
+                    .filter(|k| k.protocol == protocol)
+                    .map(|k| k.port)
+                    .collect()
+            };
+            script.diff_set(
+                set_def(SetKind::Tx(protocol, family)).name,
+                &of(&current.tx),
+                &of(&desired.tx),
+                u16::to_string,
+            );
+        }
     }
     for family in Family::ALL {
         for protocol in [Protocol::Tcp, Protocol::Udp] {

@@ -7,10 +7,7 @@ use std::{
 };
 
 use super::schema::{BaseChain, ChainDef, Family, Scope, chain_def, endpoints_chain, fingerprint};
-use crate::{
-    config::Protocol,
-    dataplane::{NodePortKey, Snapshot},
-};
+use crate::dataplane::{NodePortKey, Snapshot};
 
 /// A chain as the kernel holds it: its hook (base chains) and its rules' fingerprints.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,13 +97,18 @@ impl TableState {
         state
     }
 
-    /// UDP (node port, endpoint) pairs in `self` but not in `next`: their conntrack entries
-    /// are stale.
+    /// (node port, endpoint) pairs in `self` but not in `next`: their conntrack entries that
+    /// would keep new packets on the endpoint are stale (see `exec::purge_conntrack`).
+    pub(super) fn removed_backends(&self, next: &Self) -> Vec<(NodePortKey, SocketAddr)> {
+        self.backends.difference(&next.backends).copied().collect()
+    }
+
+    /// The UDP pairs of [`TableState::removed_backends`].
+    #[cfg(test)]
     pub(super) fn removed_udp_backends(&self, next: &Self) -> Vec<(NodePortKey, SocketAddr)> {
-        self.backends
-            .difference(&next.backends)
-            .filter(|(key, _)| key.protocol == Protocol::Udp)
-            .copied()
+        self.removed_backends(next)
+            .into_iter()
+            .filter(|(key, _)| key.protocol == crate::config::Protocol::Udp)
             .collect()
     }
 

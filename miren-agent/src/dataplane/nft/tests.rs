@@ -10,7 +10,9 @@ use std::{
 use super::{listing::parse_listing, schema::Scope, script, state::TableState};
 use crate::{
     config::Protocol,
-    dataplane::{BackendCounters, GlobalCounters, NodePortKey, PortCounters, Snapshot, Snapshot4},
+    dataplane::{
+        BackendCounters, Family, GlobalCounters, NodePortKey, PortCounters, Snapshot, Snapshot4,
+    },
 };
 
 /// The table the nftables data plane wants for `snapshot` (no external interfaces).
@@ -30,11 +32,16 @@ const LISTING: &str = r#"{"nftables": [
 {"table": {"family": "inet", "name": "miren", "handle": 2}},
 {"set": {"name": "node_addrs", "type": "ipv4_addr", "elem": ["10.1.0.2"]}},
 {"set": {"name": "node_addrs6", "type": "ipv6_addr", "elem": ["fd00:1::2"]}},
-{"set": {"name": "rx", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 5, "bytes": 540}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 6, "bytes": 600}}}], "stmt": [{"counter": null}]}},
-{"set": {"name": "flows", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 2, "bytes": 200}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 0, "bytes": 0}}}], "stmt": [{"counter": null}]}},
-{"set": {"name": "drops", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 0, "bytes": 0}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 6, "bytes": 600}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "rx", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 3, "bytes": 300}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 4, "bytes": 400}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "rx6", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 2, "bytes": 240}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 2, "bytes": 200}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "flows", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 1, "bytes": 100}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 0, "bytes": 0}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "flows6", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 1, "bytes": 120}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 0, "bytes": 0}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "drops", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 0, "bytes": 0}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 4, "bytes": 400}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "drops6", "type": ["inet_proto", "inet_service"], "elem": [{"elem": {"val": {"concat": ["udp", 7000]}, "counter": {"packets": 0, "bytes": 0}}}, {"elem": {"val": {"concat": ["tcp", 7001]}, "counter": {"packets": 2, "bytes": 200}}}], "stmt": [{"counter": null}]}},
 {"set": {"name": "tx_tcp", "type": "inet_service", "elem": [{"elem": {"val": 7001, "counter": {"packets": 0, "bytes": 0}}}], "stmt": [{"counter": null}]}},
-{"set": {"name": "tx_udp", "type": "inet_service", "elem": [{"elem": {"val": 7000, "counter": {"packets": 5, "bytes": 545}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "tx_udp", "type": "inet_service", "elem": [{"elem": {"val": 7000, "counter": {"packets": 3, "bytes": 300}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "tx_tcp6", "type": "inet_service", "elem": [{"elem": {"val": 7001, "counter": {"packets": 0, "bytes": 0}}}], "stmt": [{"counter": null}]}},
+{"set": {"name": "tx_udp6", "type": "inet_service", "elem": [{"elem": {"val": 7000, "counter": {"packets": 2, "bytes": 245}}}], "stmt": [{"counter": null}]}},
 {"set": {"name": "backend_tcp", "type": ["inet_service", "ipv4_addr", "inet_service"], "stmt": [{"counter": null}]}},
 {"set": {"name": "backend_udp", "type": ["inet_service", "ipv4_addr", "inet_service"], "elem": [{"elem": {"val": {"concat": [7000, "10.2.0.2", 9000]}, "counter": {"packets": 3, "bytes": 300}}}, {"elem": {"val": {"concat": [7000, "10.2.0.3", 9000]}, "counter": {"packets": 0, "bytes": 0}}}], "stmt": [{"counter": null}]}},
 {"set": {"name": "backend_tcp6", "type": ["inet_service", "ipv6_addr", "inet_service"], "stmt": [{"counter": null}]}},
@@ -53,18 +60,19 @@ const LISTING: &str = r#"{"nftables": [
 {"chain": {"name": "nat_local", "type": "nat", "hook": "output", "prio": -100, "policy": "accept"}},
 {"chain": {"name": "no_endpoints"}},
 {"rule": {"chain": "count_in", "comment": "miren:7ce6ae4d83b9da05"}},
-{"rule": {"chain": "count_in", "comment": "miren:e8ed3d95b07fda0d"}},
+{"rule": {"chain": "count_in", "comment": "miren:4af9e05ae93fd241"}},
 {"rule": {"chain": "count_in", "comment": "miren:6f0e0170f0c72628"}},
 {"rule": {"chain": "count_in", "comment": "miren:b32fd4a17e245c0c"}},
-{"rule": {"chain": "count_in", "comment": "miren:b7e9d120a33f9dc4"}},
-{"rule": {"chain": "count_in", "comment": "miren:9a6eb6611acf6798"}},
+{"rule": {"chain": "count_in", "comment": "miren:c1ec4c7565196236"}},
+{"rule": {"chain": "count_in", "comment": "miren:398795008e6d2caa"}},
 {"rule": {"chain": "count_local", "comment": "miren:7ce6ae4d83b9da05"}},
-{"rule": {"chain": "count_local", "comment": "miren:e8ed3d95b07fda0d"}},
+{"rule": {"chain": "count_local", "comment": "miren:4af9e05ae93fd241"}},
 {"rule": {"chain": "count_out", "comment": "miren:d733620b5e1aa39a"}},
 {"rule": {"chain": "count_out", "comment": "miren:8f006083da064752"}},
 {"rule": {"chain": "count_out", "comment": "miren:d9dc220269a48eb6"}},
 {"rule": {"chain": "count_out", "comment": "miren:493d906e38dbd442"}},
-{"rule": {"chain": "endpoints_2", "comment": "miren:5dda0709d72c0a90"}},
+{"rule": {"chain": "endpoints_2", "comment": "miren:c59c6697aa12ec7a"}},
+{"rule": {"chain": "endpoints_2", "comment": "miren:e00ef86e46dca9da"}},
 {"rule": {"chain": "endpoints_2", "comment": "miren:25bba61fda718ff9"}},
 {"rule": {"chain": "endpoints_2", "comment": "miren:861d410176d355a5"}},
 {"rule": {"chain": "endpoints_2", "comment": "miren:64c87c1d78b367b5"}},
@@ -73,7 +81,8 @@ const LISTING: &str = r#"{"nftables": [
 {"rule": {"chain": "nat_in", "comment": "miren:f676481bf5d28b17"}},
 {"rule": {"chain": "nat_local", "comment": "miren:d1f5cd1c1e3cfd87"}},
 {"rule": {"chain": "nat_local", "comment": "miren:f676481bf5d28b17"}},
-{"rule": {"chain": "no_endpoints", "comment": "miren:368176471832e557"}},
+{"rule": {"chain": "no_endpoints", "comment": "miren:fa85f74ae062a785"}},
+{"rule": {"chain": "no_endpoints", "comment": "miren:84afb2889391a68b"}},
 {"rule": {"chain": "no_endpoints", "comment": "miren:f1a2a766dcd55bac"}}
 ]}"#;
 
@@ -83,10 +92,15 @@ const FIRST_APPLY: &str = r#"add table inet miren
 add set inet miren node_addrs { type ipv4_addr; }
 add set inet miren node_addrs6 { type ipv6_addr; }
 add set inet miren rx { type inet_proto . inet_service; counter; }
+add set inet miren rx6 { type inet_proto . inet_service; counter; }
 add set inet miren flows { type inet_proto . inet_service; counter; }
+add set inet miren flows6 { type inet_proto . inet_service; counter; }
 add set inet miren drops { type inet_proto . inet_service; counter; }
+add set inet miren drops6 { type inet_proto . inet_service; counter; }
 add set inet miren tx_tcp { type inet_service; counter; }
 add set inet miren tx_udp { type inet_service; counter; }
+add set inet miren tx_tcp6 { type inet_service; counter; }
+add set inet miren tx_udp6 { type inet_service; counter; }
 add set inet miren backend_tcp { type inet_service . ipv4_addr . inet_service; counter; }
 add set inet miren backend_udp { type inet_service . ipv4_addr . inet_service; counter; }
 add set inet miren backend_tcp6 { type inet_service . ipv6_addr . inet_service; counter; }
@@ -106,21 +120,22 @@ add chain inet miren nat_local { type nat hook output priority -100; policy acce
 add chain inet miren no_endpoints
 flush chain inet miren count_in
 add rule inet miren count_in ct direction original ip daddr @node_addrs meta l4proto . th dport @rx comment "miren:7ce6ae4d83b9da05"
-add rule inet miren count_in ct direction original ip6 daddr @node_addrs6 meta l4proto . th dport @rx comment "miren:e8ed3d95b07fda0d"
+add rule inet miren count_in ct direction original ip6 daddr @node_addrs6 meta l4proto . th dport @rx6 comment "miren:4af9e05ae93fd241"
 add rule inet miren count_in ct direction reply ct status dnat ct original ip daddr @node_addrs meta l4proto tcp ct original proto-dst @tx_tcp comment "miren:6f0e0170f0c72628"
 add rule inet miren count_in ct direction reply ct status dnat ct original ip daddr @node_addrs meta l4proto udp ct original proto-dst @tx_udp comment "miren:b32fd4a17e245c0c"
-add rule inet miren count_in ct direction reply ct status dnat ct original ip6 daddr @node_addrs6 meta l4proto tcp ct original proto-dst @tx_tcp comment "miren:b7e9d120a33f9dc4"
-add rule inet miren count_in ct direction reply ct status dnat ct original ip6 daddr @node_addrs6 meta l4proto udp ct original proto-dst @tx_udp comment "miren:9a6eb6611acf6798"
+add rule inet miren count_in ct direction reply ct status dnat ct original ip6 daddr @node_addrs6 meta l4proto tcp ct original proto-dst @tx_tcp6 comment "miren:c1ec4c7565196236"
+add rule inet miren count_in ct direction reply ct status dnat ct original ip6 daddr @node_addrs6 meta l4proto udp ct original proto-dst @tx_udp6 comment "miren:398795008e6d2caa"
 flush chain inet miren count_local
 add rule inet miren count_local ct direction original ip daddr @node_addrs meta l4proto . th dport @rx comment "miren:7ce6ae4d83b9da05"
-add rule inet miren count_local ct direction original ip6 daddr @node_addrs6 meta l4proto . th dport @rx comment "miren:e8ed3d95b07fda0d"
+add rule inet miren count_local ct direction original ip6 daddr @node_addrs6 meta l4proto . th dport @rx6 comment "miren:4af9e05ae93fd241"
 flush chain inet miren count_out
 add rule inet miren count_out ct direction original ct status dnat ct original ip daddr @node_addrs meta l4proto tcp ct original proto-dst . ip daddr . th dport @backend_tcp comment "miren:d733620b5e1aa39a"
 add rule inet miren count_out ct direction original ct status dnat ct original ip daddr @node_addrs meta l4proto udp ct original proto-dst . ip daddr . th dport @backend_udp comment "miren:8f006083da064752"
 add rule inet miren count_out ct direction original ct status dnat ct original ip6 daddr @node_addrs6 meta l4proto tcp ct original proto-dst . ip6 daddr . th dport @backend_tcp6 comment "miren:d9dc220269a48eb6"
 add rule inet miren count_out ct direction original ct status dnat ct original ip6 daddr @node_addrs6 meta l4proto udp ct original proto-dst . ip6 daddr . th dport @backend_udp6 comment "miren:493d906e38dbd442"
 flush chain inet miren endpoints_2
-add rule inet miren endpoints_2 meta l4proto . th dport @flows comment "miren:5dda0709d72c0a90"
+add rule inet miren endpoints_2 meta nfproto ipv4 meta l4proto . th dport @flows comment "miren:c59c6697aa12ec7a"
+add rule inet miren endpoints_2 meta nfproto ipv6 meta l4proto . th dport @flows6 comment "miren:e00ef86e46dca9da"
 add rule inet miren endpoints_2 dnat ip to tcp dport . jhash ip saddr . tcp sport mod 2 seed 0x6d6972 map @endpoints_tcp comment "miren:25bba61fda718ff9"
 add rule inet miren endpoints_2 dnat ip to udp dport . jhash ip saddr . udp sport mod 2 seed 0x6d6972 map @endpoints_udp comment "miren:861d410176d355a5"
 add rule inet miren endpoints_2 dnat ip6 to tcp dport . jhash ip6 saddr . tcp sport mod 2 seed 0x6d6972 map @endpoints_tcp6 comment "miren:64c87c1d78b367b5"
@@ -132,7 +147,8 @@ flush chain inet miren nat_local
 add rule inet miren nat_local ip daddr @node_addrs meta l4proto . th dport vmap @nat comment "miren:d1f5cd1c1e3cfd87"
 add rule inet miren nat_local ip6 daddr @node_addrs6 meta l4proto . th dport vmap @nat6 comment "miren:f676481bf5d28b17"
 flush chain inet miren no_endpoints
-add rule inet miren no_endpoints meta l4proto . th dport @drops comment "miren:368176471832e557"
+add rule inet miren no_endpoints meta nfproto ipv4 meta l4proto . th dport @drops comment "miren:fa85f74ae062a785"
+add rule inet miren no_endpoints meta nfproto ipv6 meta l4proto . th dport @drops6 comment "miren:84afb2889391a68b"
 add rule inet miren no_endpoints drop comment "miren:f1a2a766dcd55bac"
 add element inet miren nat { udp . 7000 : goto endpoints_2, tcp . 7001 : goto no_endpoints }
 add element inet miren nat6 { udp . 7000 : goto endpoints_2, tcp . 7001 : goto no_endpoints }
@@ -145,6 +161,11 @@ add element inet miren flows { udp . 7000, tcp . 7001 }
 add element inet miren drops { udp . 7000, tcp . 7001 }
 add element inet miren tx_tcp { 7001 }
 add element inet miren tx_udp { 7000 }
+add element inet miren rx6 { udp . 7000, tcp . 7001 }
+add element inet miren flows6 { udp . 7000, tcp . 7001 }
+add element inet miren drops6 { udp . 7000, tcp . 7001 }
+add element inet miren tx_tcp6 { 7001 }
+add element inet miren tx_udp6 { 7000 }
 add element inet miren backend_udp { 7000 . 10.2.0.2 . 9000, 7000 . 10.2.0.3 . 9000 }
 add element inet miren backend_udp6 { 7000 . fd00:2::2 . 9000, 7000 . fd00:2::3 . 9000 }
 "#;
@@ -295,6 +316,28 @@ fn a_captured_listing_reads_back_as_the_state_it_was_written_from() {
 
     let counters = listing.counters;
     assert_eq!(
+        counters.families[&(UDP_7000, Family::V4)],
+        PortCounters {
+            rx_packets: 3,
+            rx_bytes: 300,
+            flows: 1,
+            tx_packets: 3,
+            tx_bytes: 300,
+            ..PortCounters::default()
+        }
+    );
+    assert_eq!(
+        counters.families[&(UDP_7000, Family::V6)],
+        PortCounters {
+            rx_packets: 2,
+            rx_bytes: 240,
+            flows: 1,
+            tx_packets: 2,
+            tx_bytes: 245,
+            ..PortCounters::default()
+        }
+    );
+    assert_eq!(
         counters.ports[&UDP_7000],
         PortCounters {
             rx_packets: 5,
@@ -305,7 +348,10 @@ fn a_captured_listing_reads_back_as_the_state_it_was_written_from() {
             ..PortCounters::default()
         }
     );
+    let drops = |family| counters.families[&(TCP_7001, family)].drop_no_backend;
+    assert_eq!((drops(Family::V4), drops(Family::V6)), (4, 2));
     assert_eq!(counters.ports[&TCP_7001].drop_no_backend, 6);
+    assert_eq!(counters.families.len(), 4);
     assert_eq!(
         counters.backends[&(UDP_7000, ep("10.2.0.2:9000"))],
         BackendCounters {
@@ -336,6 +382,48 @@ fn a_captured_listing_reads_back_as_the_state_it_was_written_from() {
     );
     assert_eq!(counters.backends_of(TCP_7001).count(), 0);
     assert_eq!(counters.global, GlobalCounters::default());
+}
+
+#[test]
+fn a_table_from_before_per_family_counters_gets_the_ipv6_sets_filled_and_keeps_its_counters() {
+    // The earlier agent's table: `rx`, `flows`, `drops`, `tx_*` counted both families; the
+    // IPv6 sets do not exist yet (declaring them is part of every transaction).
+    let earlier: String = LISTING
+        .lines()
+        .filter(|line| {
+            !["rx6", "flows6", "drops6", "tx_tcp6", "tx_udp6"]
+                .iter()
+                .any(|set| line.contains(&format!(r#""name": "{set}""#)))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let listing = parse_listing(&[&earlier]).unwrap();
+    assert!(!listing.state.incompatible);
+    assert!(listing.state.rx.is_empty(), "{:?}", listing.state.rx);
+    let desired = self::desired(&snapshot(&["10.2.0.2:9000", "10.2.0.3:9000"]));
+    let script = transaction(&listing.state, &desired).unwrap();
+    // Every counter set gets every node port; adding an element that exists keeps it and its
+    // counter (checked with nft 1.0.6), so the IPv4 counts go on.
+    let elements: Vec<&str> = changes(&script)
+        .into_iter()
+        .filter(|l| l.contains(" element "))
+        .collect();
+    assert_eq!(
+        elements,
+        [
+            "add element inet miren rx { udp . 7000, tcp . 7001 }",
+            "add element inet miren flows { udp . 7000, tcp . 7001 }",
+            "add element inet miren drops { udp . 7000, tcp . 7001 }",
+            "add element inet miren tx_tcp { 7001 }",
+            "add element inet miren tx_udp { 7000 }",
+            "add element inet miren rx6 { udp . 7000, tcp . 7001 }",
+            "add element inet miren flows6 { udp . 7000, tcp . 7001 }",
+            "add element inet miren drops6 { udp . 7000, tcp . 7001 }",
+            "add element inet miren tx_tcp6 { 7001 }",
+            "add element inet miren tx_udp6 { 7000 }",
+        ]
+    );
+    assert!(!script.contains("delete"), "{script}");
 }
 
 #[test]
@@ -453,13 +541,14 @@ fn each_family_jumps_to_the_chain_of_its_own_endpoint_count() {
 #[test]
 fn a_changed_rule_is_rewritten_and_a_changed_set_recreates_the_table() {
     let desired = self::desired(&snapshot(&["10.2.0.2:9000", "10.2.0.3:9000"]));
-    let tampered = LISTING.replace("miren:368176471832e557", "someone else");
+    let tampered = LISTING.replace("miren:fa85f74ae062a785", "someone else");
     let script = transaction(&parse_listing(&[&tampered]).unwrap().state, &desired).unwrap();
     assert_eq!(
         changes(&script),
         [
             "flush chain inet miren no_endpoints",
-            "add rule inet miren no_endpoints meta l4proto . th dport @drops comment \"miren:368176471832e557\"",
+            "add rule inet miren no_endpoints meta nfproto ipv4 meta l4proto . th dport @drops comment \"miren:fa85f74ae062a785\"",
+            "add rule inet miren no_endpoints meta nfproto ipv6 meta l4proto . th dport @drops6 comment \"miren:84afb2889391a68b\"",
             "add rule inet miren no_endpoints drop comment \"miren:f1a2a766dcd55bac\"",
         ]
     );

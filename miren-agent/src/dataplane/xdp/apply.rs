@@ -15,8 +15,8 @@ use miren_common::nodeport::{
 
 use super::{
     super::{
-        BackendCounters, Counters, DataplaneError, GlobalCounters, NodePortKey, PortCounters,
-        Snapshot, maglev,
+        BackendCounters, Counters, DataplaneError, Family, GlobalCounters, NodePortKey,
+        PortCounters, Snapshot, maglev,
     },
     maps::NodePortMaps,
 };
@@ -365,6 +365,7 @@ impl<M: NodePortMaps> NodePorts<M> {
                 let id = self.service_ids.take_for(key, "node ports")?;
                 self.maps
                     .zero_port_stats(id)
+                    .and_then(|()| self.maps.zero_port_stats6(id))
                     .map_err(map_err(format!("zeroing port stats[{id}]")))?;
                 ServiceState {
                     id,
@@ -406,13 +407,18 @@ impl<M: NodePortMaps> NodePorts<M> {
     pub(super) fn counters(&self) -> Result<Counters, DataplaneError> {
         let mut counters = Counters::default();
         for (key, state) in &self.services {
-            let per_cpu = self
-                .maps
-                .port_stats(state.id)
-                .map_err(map_err("reading port stats"))?;
-            let mut sum = PortCounters::default();
-            per_cpu.iter().for_each(|cpu| sum.add(cpu));
-            counters.ports.insert(*key, sum);
+            for (family, per_cpu) in [
+                (Family::V4, self.maps.port_stats(state.id)),
+                (Family::V6, self.maps.port_stats6(state.id)),
+            ] {
+                let per_cpu = per_cpu.map_err(map_err(format!(
+                    "reading the {} port stats of {key}",
+                    family.label()
+                )))?;
+                let mut sum = PortCounters::default();
+                per_cpu.iter().for_each(|cpu| sum.add(cpu));
+                counters.insert_port(*key, family, sum);
+            }
             for (addr, id) in &state.backends {
                 let per_cpu = self
                     .maps
@@ -843,6 +849,9 @@ mod tests {
         let (udp_id, _) = lookup(ports.maps(), udp(7001)).unwrap();
         let udp_backend = backend_id(ports.maps(), udp(7001), ep(3)).unwrap();
         add_flow(ports.maps_mut(), udp(7001), 40000, udp_backend);
+        // Counts of the port that goes, in both families: not inherited by the next holder.
+        ports.maps_mut().port_stats[udp_id as usize][0].rx_packets = 9;
+        ports.maps_mut().port_stats6[udp_id as usize][0].rx_packets = 9;
         let tables = ports.maps().maglev.len();
 
         // No room for another node port.
@@ -871,6 +880,10 @@ mod tests {
         assert_eq!(backend_id(maps, udp(7002), ep(4)), Some(udp_backend));
         assert_eq!(
             maps.port_stats[new_id as usize],
+            vec![PortStats::default(); CPUS]
+        );
+        assert_eq!(
+            maps.port_stats6[new_id as usize],
             vec![PortStats::default(); CPUS]
         );
     }
@@ -1226,5 +1239,49 @@ mod tests {
                 icmp_from_instance: 54,
             }
         );
+    }
+
+    #[test]
+    fn each_family_is_read_from_its_own_port_stats_map() {
+        let mut ports = open(4, 4);
+        let key = udp(7000);
+        ports.apply(&snapshot(&[(key, &[ep(1)])])).unwrap();
+        let (service, _) = lookup(ports.maps(), key).unwrap();
+        let maps = ports.maps_mut();
+        for cpu in 0..CPUS {
+            maps.port_stats[service as usize][cpu] = PortStats {
+                rx_packets: 10,
+                rx_bytes: 1_000,
+                flows: 1,
+                ..PortStats::default()
+            };
+            maps.port_stats6[service as usize][cpu] = PortStats {
+                rx_packets: 2,
+                rx_bytes: 240,
+                tx_packets: 1,
+                drop_no_backend: 1,
+                ..PortStats::default()
+            };
+        }
+        let counters = ports.counters().unwrap();
+        let n = CPUS as u64;
+        let v4 = PortCounters {
+            rx_packets: 10 * n,
+            rx_bytes: 1_000 * n,
+            flows: n,
+            ..PortCounters::default()
+        };
+        let v6 = PortCounters {
+            rx_packets: 2 * n,
+            rx_bytes: 240 * n,
+            tx_packets: n,
+            drop_no_backend: n,
+            ..PortCounters::default()
+        };
+        assert_eq!(counters.families[&(key, Family::V4)], v4);
+        assert_eq!(counters.families[&(key, Family::V6)], v6);
+        let mut total = v4;
+        total.add(&v6);
+        assert_eq!(counters.ports[&key], total);
     }
 }

@@ -43,8 +43,10 @@ pub(super) struct FakeMaps {
     pub(super) conntrack6: HashMap<FlowKey6, Flow6>,
     /// `MIREN_BACKEND_STATS6`: `[backend id][cpu]`.
     pub(super) backend_stats6: Vec<Vec<BackendStats>>,
-    /// `MIREN_PORT_STATS`: `[service id][cpu]`.
+    /// `MIREN_PORT_STATS` (IPv4 packets): `[service id][cpu]`.
     pub(super) port_stats: Vec<Vec<PortStats>>,
+    /// `MIREN_PORT_STATS6` (IPv6 packets): `[service id][cpu]`.
+    pub(super) port_stats6: Vec<Vec<PortStats>>,
     /// `MIREN_BACKEND_STATS`: `[backend id][cpu]`.
     pub(super) backend_stats: Vec<Vec<BackendStats>>,
     /// `MIREN_GLOBAL_STATS`: `[stat][cpu]`.
@@ -69,6 +71,7 @@ impl FakeMaps {
             conntrack6: HashMap::new(),
             backend_stats6: vec![vec![BackendStats::default(); cpus]; backends as usize],
             port_stats: vec![vec![PortStats::default(); cpus]; services as usize],
+            port_stats6: vec![vec![PortStats::default(); cpus]; services as usize],
             backend_stats: vec![vec![BackendStats::default(); cpus]; backends as usize],
             global_stats: vec![vec![0; cpus]; np::GLOBAL_STATS as usize],
             config: Config::default(),
@@ -280,6 +283,16 @@ impl NodePortMaps for FakeMaps {
 
     fn zero_port_stats(&mut self, id: u32) -> Result<(), MapError> {
         let result = slot_mut(&mut self.port_stats, id).map(|cpus| cpus.fill(PortStats::default()));
+        self.wrote(result)
+    }
+
+    fn port_stats6(&self, id: u32) -> Result<Vec<PortStats>, MapError> {
+        slot(&self.port_stats6, id).cloned()
+    }
+
+    fn zero_port_stats6(&mut self, id: u32) -> Result<(), MapError> {
+        let result =
+            slot_mut(&mut self.port_stats6, id).map(|cpus| cpus.fill(PortStats::default()));
         self.wrote(result)
     }
 

@@ -99,11 +99,17 @@ pub(super) trait NodePortMaps: Send + std::fmt::Debug {
     /// Deletes a conntrack entry; an error if it is not there.
     fn remove_flow(&mut self, key: &FlowKey) -> Result<(), MapError>;
 
-    /// The counters of service `id`, one per possible CPU.
+    /// The counters of service `id`'s IPv4 packets, one per possible CPU.
     fn port_stats(&self, id: u32) -> Result<Vec<PortStats>, MapError>;
 
-    /// Zeroes the counters of service `id` on every CPU.
+    /// Zeroes the counters of service `id`'s IPv4 packets on every CPU.
     fn zero_port_stats(&mut self, id: u32) -> Result<(), MapError>;
+
+    /// The counters of service `id`'s IPv6 packets, one per possible CPU.
+    fn port_stats6(&self, id: u32) -> Result<Vec<PortStats>, MapError>;
+
+    /// Zeroes the counters of service `id`'s IPv6 packets on every CPU.
+    fn zero_port_stats6(&mut self, id: u32) -> Result<(), MapError>;
 
     /// The counters of backend `id`, one per possible CPU.
     fn backend_stats(&self, id: u32) -> Result<Vec<BackendStats>, MapError>;
@@ -131,6 +137,7 @@ pub(super) struct KernelMaps {
     conntrack6: HashMap<MapData, FlowKey6, Flow6>,
     backend_stats6: PerCpuArray<MapData, BackendStats>,
     port_stats: PerCpuArray<MapData, PortStats>,
+    port_stats6: PerCpuArray<MapData, PortStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     global_stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
@@ -169,6 +176,7 @@ impl KernelMaps {
             conntrack6: take(ebpf, np::CONNTRACK6_MAP, "IPv6 conntrack")?,
             backend_stats6: take(ebpf, np::BACKEND_STATS6_MAP, "IPv6 backend stats")?,
             port_stats: take(ebpf, np::PORT_STATS_MAP, "port stats")?,
+            port_stats6: take(ebpf, np::PORT_STATS6_MAP, "IPv6 port stats")?,
             backend_stats: take(ebpf, np::BACKEND_STATS_MAP, "backend stats")?,
             global_stats: take(ebpf, np::GLOBAL_STATS_MAP, "global stats")?,
             config: take(ebpf, np::CONFIG_MAP, "the config map")?,
@@ -340,6 +348,15 @@ impl NodePortMaps for KernelMaps {
     fn zero_port_stats(&mut self, id: u32) -> Result<(), MapError> {
         let zeros = self.zeros()?;
         self.port_stats.set(id, zeros, 0)
+    }
+
+    fn port_stats6(&self, id: u32) -> Result<Vec<PortStats>, MapError> {
+        self.port_stats6.get(&id, 0).map(per_cpu)
+    }
+
+    fn zero_port_stats6(&mut self, id: u32) -> Result<(), MapError> {
+        let zeros = self.zeros()?;
+        self.port_stats6.set(id, zeros, 0)
     }
 
     fn backend_stats(&self, id: u32) -> Result<Vec<BackendStats>, MapError> {
