@@ -136,13 +136,13 @@ pub const ROUTED_CLIENT_IP: &str = "10.91.0.1";
 pub const ROUTER_IP: &str = "10.90.0.3";
 
 /// Creates client, router and node namespaces (tags `TAG-client`, `TAG-router`, `TAG-node`):
-/// the client's eth0 (`ROUTED_CLIENT_IP/24`, MTU 1500) is joined to the router's `down`
-/// (MTU `hop_mtu`), the router's `up` (`ROUTER_IP/24`) to the node's eth0 (`NODE_IP/24`); the
+/// the client's eth0 (`ROUTED_CLIENT_IP/24`, MTU 1500) is joined to the router's `toclient`
+/// (MTU `hop_mtu`), the router's `tonode` (`ROUTER_IP/24`) to the node's eth0 (`NODE_IP/24`); the
 /// router forwards between them, so packets from the node to the client larger than `hop_mtu`
 /// with DF set make the router send ICMP "fragmentation needed" back to their source. The
 /// client's own MTU stays 1500 (its TCP MSS does not fit the hop: path MTU discovery is
 /// needed), so it must not send more than `hop_mtu` bytes itself (the router's end drops
-/// them). TX checksum offload is off on the client's eth0 and the router's `up`.
+/// them). TX checksum offload is off on the client's eth0 and the router's `tonode`.
 ///
 /// # Errors
 /// [`TopologyError`] if a namespace, a veth pair, an address, a route or ethtool fails.
@@ -150,18 +150,18 @@ pub fn client_router_node(tag: &str, hop_mtu: u32) -> Result<(Netns, Netns, Netn
     let client = Netns::new(&format!("{tag}-client"))?;
     let router = Netns::new(&format!("{tag}-router"))?;
     let node = Netns::new(&format!("{tag}-node"))?;
-    veth(&client, "eth0", &router, "down")?;
-    veth(&router, "up", &node, "eth0")?;
+    veth(&client, "eth0", &router, "toclient")?;
+    veth(&router, "tonode", &node, "eth0")?;
     client.addr("eth0", &format!("{ROUTED_CLIENT_IP}/24"))?;
-    router.addr("down", "10.91.0.254/24")?;
-    router.addr("up", &format!("{ROUTER_IP}/24"))?;
+    router.addr("toclient", "10.91.0.254/24")?;
+    router.addr("tonode", &format!("{ROUTER_IP}/24"))?;
     node.addr("eth0", &format!("{NODE_IP}/24"))?;
     client.route(&["default", "via", "10.91.0.254"])?;
     node.route(&["10.91.0.0/24", "via", ROUTER_IP])?;
     router.sysctl("net.ipv4.ip_forward", "1")?;
-    router.mtu("down", hop_mtu)?;
+    router.mtu("toclient", hop_mtu)?;
     client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
-    router.exec("ethtool", &["-K", "up", "tx", "off"])?;
+    router.exec("ethtool", &["-K", "tonode", "tx", "off"])?;
     Ok((client, router, node))
 }
 
