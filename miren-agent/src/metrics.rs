@@ -274,14 +274,46 @@ fn node_port_families(
                 .inc_by(b.packets);
         }
     }
+    let events = dataplane_events(counters)?;
     Ok([
-        rx_packets, rx_bytes, tx_packets, tx_bytes, flows, drops, backend_rx,
+        rx_packets, rx_bytes, tx_packets, tx_bytes, flows, drops, backend_rx, events,
     ]
     .iter()
     .flat_map(prometheus::core::Collector::collect)
     // The text encoder refuses families without series (e.g. no backends right now).
     .filter(|family| !family.get_metric().is_empty())
     .collect())
+}
+
+/// `miren_dataplane_packets_total{event}`: what the XDP programs did with packets that are
+/// not one node port's (the nftables data plane leaves these to the kernel: all zero).
+fn dataplane_events(counters: &Counters) -> Result<IntCounterVec, prometheus::Error> {
+    let events = IntCounterVec::new(
+        Opts::new(
+            "miren_dataplane_packets_total",
+            "Packets by what the XDP data plane did: passed (not for a node port), malformed, \
+             conntrack_hit, conntrack_miss, tcp_non_syn_miss (forwarded by the balancing \
+             choice), fragment_forwarded (a later fragment translated like its first), \
+             fragment_unmatched (a later fragment whose first was not seen: to the kernel), \
+             icmp_to_instance and icmp_from_instance (ICMP errors translated). Zero on nft.",
+        ),
+        &["event"],
+    )?;
+    let g = &counters.global;
+    for (event, value) in [
+        ("passed", g.passed),
+        ("malformed", g.malformed),
+        ("conntrack_hit", g.conntrack_hits),
+        ("conntrack_miss", g.conntrack_misses),
+        ("tcp_non_syn_miss", g.tcp_non_syn_misses),
+        ("fragment_forwarded", g.fragments_forwarded),
+        ("fragment_unmatched", g.fragments_unmatched),
+        ("icmp_to_instance", g.icmp_to_instance),
+        ("icmp_from_instance", g.icmp_from_instance),
+    ] {
+        events.with_label_values(&[event]).inc_by(value);
+    }
+    Ok(events)
 }
 
 /// What the `/metrics` handler reads.
@@ -427,6 +459,8 @@ mod tests {
                 bytes: 200,
             },
         );
+        counters.global.fragments_forwarded = 5;
+        counters.global.icmp_from_instance = 2;
         let metrics = Metrics::new("xdp").unwrap();
         metrics.observe_reconcile(Duration::from_millis(3), true);
         metrics.observe_reconcile(Duration::from_millis(3), false);
@@ -457,6 +491,9 @@ mod tests {
             r#"miren_backend_rx_packets_total{app="game",backend="10.88.0.2:8080",family="ipv4",node_port="7000",port_name="play",protocol="udp",service="server"} 9"#.to_owned(),
             r#"miren_backend_rx_packets_total{app="game",backend="[fd6d:6972:656e::2]:8080",family="ipv6",node_port="7000",port_name="play",protocol="udp",service="server"} 4"#.to_owned(),
             "miren_dataplane_info{mode=\"xdp\"} 1".to_owned(),
+            "miren_dataplane_packets_total{event=\"fragment_forwarded\"} 5".to_owned(),
+            "miren_dataplane_packets_total{event=\"icmp_from_instance\"} 2".to_owned(),
+            "miren_dataplane_packets_total{event=\"tcp_non_syn_miss\"} 0".to_owned(),
             "miren_reconcile_errors_total 1".to_owned(),
             "miren_reconcile_duration_seconds_count 2".to_owned(),
         ] {

@@ -17,7 +17,7 @@ use aya::programs::{ProgramError, TestRun, TestRunOptions, TestRunResult};
 use miren_agent::{
     config::Protocol,
     dataplane::{
-        BackendCounters, Counters, Dataplane, GlobalCounters, NodePortKey, PortCounters, Snapshot,
+        BackendCounters, Counters, Dataplane, Family, GlobalCounters, NodePortKey, PortCounters, Snapshot,
         Snapshot4,
         xdp::{TCP_CLOSING_TIMEOUT, XdpDataplane},
     },
@@ -994,18 +994,7 @@ fn counters_are_exact_after_a_fixed_sequence() {
         tx_bytes: tx_out.1,
         ..PortCounters::default()
     };
-    let expected = Counters {
-        ports: BTreeMap::from([
-            (UDP_PORT, port(2, rx(&udp_in), rx(&udp_out))),
-            (TCP_PORT, port(1, rx(&tcp_in), rx(&tcp_out))),
-            (
-                empty,
-                PortCounters {
-                    drop_no_backend: 1,
-                    ..port(0, rx(std::slice::from_ref(&dropped)), (0, 0))
-                },
-            ),
-        ]),
+    let mut expected = Counters {
         backends: BTreeMap::from([
             ((UDP_PORT, udp_backend), backend_counters(rx(&udp_in))),
             ((TCP_PORT, tcp_backend), backend_counters(rx(&tcp_in))),
@@ -1015,12 +1004,26 @@ fn counters_are_exact_after_a_fixed_sequence() {
             malformed: 1,
             conntrack_hits: 2,
             conntrack_misses: 4,
-            tcp_non_syn_misses: 0,
             ..GlobalCounters::default()
         },
         // No IPv6 backends (`backends6`) here.
         ..Counters::default()
     };
+    let ipv4 = [
+        (UDP_PORT, port(2, rx(&udp_in), rx(&udp_out))),
+        (TCP_PORT, port(1, rx(&tcp_in), rx(&tcp_out))),
+        (
+            empty,
+            PortCounters {
+                drop_no_backend: 1,
+                ..port(0, rx(std::slice::from_ref(&dropped)), (0, 0))
+            },
+        ),
+    ];
+    for (key, counters) in ipv4 {
+        expected.insert_port(key, Family::V4, counters);
+        expected.insert_port(key, Family::V6, PortCounters::default());
+    }
     assert_eq!(counters(&dp), expected);
 }
 
@@ -1284,12 +1287,14 @@ mod ipv6 {
         assert_eq!(used.len(), 3, "every twin gets flows");
         let c = counters(&dp);
         let n = frames.len() as u64;
-        assert_eq!(c.global.conntrack_misses, n);
-        assert_eq!(c.global.conntrack_hits, n);
+        // The 30 SYNs meet their flows unanswered the second time: new attempts, which
+        // pick their backend again (the same one, the table being unchanged).
+        assert_eq!(c.global.conntrack_misses, n + 30);
+        assert_eq!(c.global.conntrack_hits, n - 30);
         let rx: u64 = c.ports.values().map(|p| p.rx_packets).sum();
         assert_eq!(rx, 2 * n);
         let flows: u64 = c.ports.values().map(|p| p.flows).sum();
-        assert_eq!(flows, n);
+        assert_eq!(flows, n + 30);
         let per_twin: u64 = c.backends6.values().map(|b| b.packets).sum();
         assert_eq!(per_twin, 2 * n);
         assert!(
