@@ -657,10 +657,10 @@ pub fn tcp_connect_from(
         let (addr, len) = sockaddr(local);
         check(libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len))?;
         let (addr, len) = sockaddr(remote);
-        if let Err(err) = check(libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len)) {
-            if err.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Err(err);
-            }
+        if let Err(err) = check(libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len))
+            && err.raw_os_error() != Some(libc::EINPROGRESS)
+        {
+            return Err(err);
         }
         let mut poll = libc::pollfd {
             fd: fd.as_raw_fd(),
