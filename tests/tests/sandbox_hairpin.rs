@@ -1,6 +1,7 @@
 //! Hairpin with the agent's real sandboxes (issue 15), once per data plane: an instance
-//! connecting over UDP and TCP to `NODE_IP:node_port` of its own app, whose only instance is
-//! itself, lands on itself and gets the replies from `NODE_IP:node_port`.
+//! connecting over UDP and TCP to `NODE_IP:node_port` (and `[NODE_IP6]:node_port`) of its own
+//! app, whose only instance is itself, lands on itself and gets the replies from the node
+//! port.
 //!
 //! With br_netfilter's `bridge-nf-call-iptables` on (this kernel's default; per network
 //! namespace, so the test sets it in the node namespace it owns) the kernel bridges the DNATed
@@ -12,17 +13,17 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
 use miren_tests::{
     apps::{self, WEB_PY, in_netns, sandbox_netns, wait_until_logging},
-    cluster_checks::{ECHO_PY, parse_echo},
+    cluster_checks::{ECHO_PY, parse_echo_any},
     ingress::ok,
     on_both_planes,
     process::AgentProcess,
-    world::{NODE_IP, Plane, World},
+    world::{NODE_IP, NODE_IP6, Plane, World},
 };
 
 /// The UDP and TCP node ports of the app.
@@ -30,6 +31,9 @@ const UDP_NODE_PORT: u16 = 7100;
 const TCP_NODE_PORT: u16 = 7101;
 /// The sandbox bridge's address (`World::start_agent_running_sandboxes` uses 10.77.0.0/16).
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// The sandbox bridge's IPv6 address: the first of the single node's /80 of the default
+/// `--sandbox-subnet6`.
+const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd6d, 0x6972, 0x656e, 0, 0, 0, 0, 1);
 /// How long one exchange may wait.
 const EXCHANGE_WAIT: Duration = Duration::from_secs(5);
 
@@ -56,18 +60,25 @@ fn bridge_netfilter(world: &World, on: bool) {
 }
 
 /// From inside the instance at `instance`: UDP (two datagrams from one socket) and TCP (one
-/// line) through `NODE_IP`'s node ports. Asserts the replies come from the node port and
-/// the instance itself answered; returns the sources it saw (UDP, TCP).
+/// line) through `node_ip`'s node ports. Asserts the replies come from the node port and the
+/// instance itself answered; returns the sources it saw (UDP, TCP).
 fn through_own_node_port(
     agent: &AgentProcess,
     instance: Ipv4Addr,
+    node_ip: IpAddr,
     what: &str,
-) -> (Ipv4Addr, Ipv4Addr) {
+) -> (IpAddr, IpAddr) {
     let netns = sandbox_netns(agent.pid(), instance);
-    let node_ip: Ipv4Addr = NODE_IP.parse().unwrap();
+    let any = SocketAddr::new(
+        match node_ip {
+            IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        },
+        0,
+    );
     in_netns(&netns, || {
-        let udp_target = SocketAddr::from((node_ip, UDP_NODE_PORT));
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let udp_target = SocketAddr::new(node_ip, UDP_NODE_PORT);
+        let socket = UdpSocket::bind(any).unwrap();
         socket.set_read_timeout(Some(EXCHANGE_WAIT)).unwrap();
         let mut udp_peer = None;
         for i in 0..2 {
@@ -81,7 +92,8 @@ fn through_own_node_port(
                 )
             });
             assert_eq!(from, udp_target, "{what}: the UDP reply's source");
-            let (answered, peer) = parse_echo(&String::from_utf8_lossy(&buf[..len]), &message);
+            let reply = String::from_utf8_lossy(&buf[..len]);
+            let (answered, peer) = parse_echo_any(&reply, &message);
             assert_eq!(
                 answered, instance,
                 "{what}: UDP landed on the instance itself"
@@ -89,7 +101,7 @@ fn through_own_node_port(
             udp_peer = Some(peer);
         }
 
-        let tcp_target = SocketAddr::from((node_ip, TCP_NODE_PORT));
+        let tcp_target = SocketAddr::new(node_ip, TCP_NODE_PORT);
         let stream = TcpStream::connect_timeout(&tcp_target, EXCHANGE_WAIT).unwrap_or_else(|e| {
             panic!(
                 "{what}: TCP connect to {tcp_target}: {e}\n{}",
@@ -104,7 +116,7 @@ fn through_own_node_port(
         BufReader::new(&stream)
             .read_line(&mut reply)
             .unwrap_or_else(|e| panic!("{what}: no TCP reply through {tcp_target}: {e}"));
-        let (answered, tcp_peer) = parse_echo(&reply, &message);
+        let (answered, tcp_peer) = parse_echo_any(&reply, &message);
         assert_eq!(
             answered, instance,
             "{what}: TCP landed on the instance itself"
@@ -114,7 +126,7 @@ fn through_own_node_port(
 }
 
 fn an_instance_reaches_itself_through_its_node_port(plane: Plane) {
-    let world = World::new(0);
+    let world = World::new_dual_stack(0);
     bridge_netfilter(&world, true);
     let agent = world.start_agent_running_sandboxes(plane, &[]);
     apps::deploy(
@@ -144,17 +156,31 @@ fn an_instance_reaches_itself_through_its_node_port(plane: Plane) {
                 && text.lines().skip(1).all(|l| l.trim_end().ends_with("ok"))
         },
     );
-    let std::net::IpAddr::V4(instance) = apps::endpoints(&agent, "loop", "echo", "udp")[0].ip()
-    else {
+    let IpAddr::V4(instance) = apps::endpoints(&agent, "loop", "echo", "udp")[0].ip() else {
         panic!("an IPv6 endpoint")
     };
 
-    // Bridged (br_netfilter), then routed (without it): masqueraded to the bridge's address.
-    let seen = through_own_node_port(&agent, instance, "bridged");
-    assert_eq!(seen, (GATEWAY, GATEWAY), "bridged hairpin is masqueraded");
-    bridge_netfilter(&world, false);
-    let seen = through_own_node_port(&agent, instance, "routed");
-    assert_eq!(seen, (GATEWAY, GATEWAY), "routed hairpin is masqueraded");
+    // Bridged (br_netfilter), then routed (without it), over IPv4 and IPv6: masqueraded to the
+    // bridge's address of the family.
+    let node_ip: IpAddr = NODE_IP.parse().unwrap();
+    let node_ip6: IpAddr = NODE_IP6.parse().unwrap();
+    for (how, netfilter) in [("bridged", true), ("routed", false)] {
+        bridge_netfilter(&world, netfilter);
+        let seen = through_own_node_port(&agent, instance, node_ip, &format!("{how} IPv4"));
+        let gateway = IpAddr::V4(GATEWAY);
+        assert_eq!(
+            seen,
+            (gateway, gateway),
+            "{how} IPv4 hairpin is masqueraded"
+        );
+        let seen = through_own_node_port(&agent, instance, node_ip6, &format!("{how} IPv6"));
+        let gateway6 = IpAddr::V6(GATEWAY6);
+        assert_eq!(
+            seen,
+            (gateway6, gateway6),
+            "{how} IPv6 hairpin is masqueraded"
+        );
+    }
 }
 
 on_both_planes!(an_instance_reaches_itself_through_its_node_port);
