@@ -248,8 +248,16 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         // Instances on other nodes reach this node's instances through it.
         enable_forwarding(&settings.node_ips)?;
     }
+    // Dual stack where the node has an IPv6 --node-ip (IPv6 node ports): the same choice as
+    // the reconciler's.
+    let dual_stack = settings
+        .node_ips
+        .iter()
+        .any(IpAddr::is_ipv6)
+        .then(|| settings.dual_stack());
     tokio::spawn(crate::peer_routes::follow(
         Arc::clone(&control),
+        dual_stack,
         quiesce_rx.clone(),
     ));
     let io = |op| move |source| AgentError::Io { op, source };
@@ -290,11 +298,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             Arc::clone(&control),
             Arc::clone(active),
             settings.node_ips.clone(),
-            settings
-                .node_ips
-                .iter()
-                .any(IpAddr::is_ipv6)
-                .then(|| settings.dual_stack()),
+            dual_stack,
             Arc::clone(&metrics),
         );
         // Ends with the handover too: the new agent's reconciler takes over the data plane.

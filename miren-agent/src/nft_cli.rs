@@ -99,6 +99,17 @@ pub fn list_json(args: &[&str]) -> Result<Result<Option<String>, String>, NftIoE
 /// # Errors
 /// A message when the listing is not JSON.
 pub fn set_prefixes(listing: &str) -> Result<BTreeSet<Subnet>, String> {
+    Ok(prefix_elements(listing)?
+        .iter()
+        .filter_map(|(addr, len)| Subnet::parse(&format!("{addr}/{len}")).ok())
+        .collect())
+}
+
+/// The prefix elements of the sets of a JSON listing, of either family: (address, length).
+///
+/// # Errors
+/// A message when the listing is not JSON.
+pub fn prefix_elements(listing: &str) -> Result<Vec<(String, u8)>, String> {
     let value: Value = serde_json::from_str(listing)
         .map_err(|e| format!("unreadable `nft -j list` output: {e}"))?;
     let objects = value["nftables"].as_array().cloned().unwrap_or_default();
@@ -108,8 +119,8 @@ pub fn set_prefixes(listing: &str) -> Result<BTreeSet<Subnet>, String> {
         .flatten()
         .filter_map(|element| {
             let prefix = &element["prefix"];
-            let text = format!("{}/{}", prefix["addr"].as_str()?, prefix["len"].as_u64()?);
-            Subnet::parse(&text).ok()
+            let len = u8::try_from(prefix["len"].as_u64()?).ok()?;
+            Some((prefix["addr"].as_str()?.to_owned(), len))
         })
         .collect())
 }

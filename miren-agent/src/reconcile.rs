@@ -5,16 +5,15 @@
 //! node port ([`DataplaneReport`]) and in the reconcile metrics.
 
 use std::{
-    collections::BTreeSet,
     net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use crate::{
-    config::{DualStack, Subnet},
+    config::DualStack,
     control::{ControlPlane, DataplaneReport},
-    dataplane::{ActiveDataplane, Dataplane, Snapshot},
+    dataplane::{ActiveDataplane, Dataplane, Snapshot, peer_nat::PeerSubnets},
     metrics::Metrics,
 };
 
@@ -142,12 +141,10 @@ impl Reconciler {
             let (revision, desired) = self
                 .control
                 .dataplane_snapshot(&self.node_addrs, self.dual_stack);
-            let peer_subnets: BTreeSet<Subnet> = self
-                .control
-                .peers()
-                .iter()
-                .map(|peer| peer.subnet)
-                .collect();
+            let peer_subnets = PeerSubnets::new(
+                self.control.peers().iter().map(|peer| peer.subnet),
+                self.dual_stack.as_ref(),
+            );
             let started = Instant::now();
             let dataplane = Arc::clone(&self.dataplane);
             let previous = applied.clone();

@@ -14,7 +14,7 @@
 use base64::{Engine as _, prelude::BASE64_STANDARD};
 use std::{
     io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, ExitStatus, Stdio},
@@ -58,6 +58,21 @@ pub fn node_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 95, 0, u8::try_from(i + 1).expect("node index"))
 }
 
+/// The IPv6 subnet of a dual-stack [`Fabric`] (see [`Fabric::new_dual_stack`]).
+pub const FABRIC_SUBNET6: &str = "fd00:95::/64";
+/// The client namespace's IPv6 address on a dual-stack fabric.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x95, 0, 0, 0, 0, 0, 200);
+
+/// The IPv6 fabric address of node `i` on a dual-stack fabric: `fd00:95::(i+1)` (the same
+/// last number as [`node_ip`]).
+///
+/// # Panics
+/// If `i` is not below [`MAX_NODES`].
+pub fn node_ip6(i: usize) -> Ipv6Addr {
+    let last = node_ip(i).octets()[3];
+    Ipv6Addr::new(0xfd00, 0x95, 0, 0, 0, 0, 0, u16::from(last))
+}
+
 /// Node namespaces (and optionally a client namespace) on one bridge: a fabric namespace
 /// holds the bridge `br0`; each node (tag `TAG-nodeI`) and the client (`TAG-client`) has
 /// `eth0` with its address on [`FABRIC_SUBNET`], the other end of its veth pair (`nodeI`,
@@ -68,6 +83,7 @@ pub struct Fabric {
     fabric: Netns,
     nodes: Vec<Arc<Netns>>,
     client: Option<Arc<Netns>>,
+    dual_stack: bool,
 }
 
 impl Fabric {
@@ -81,28 +97,64 @@ impl Fabric {
     /// # Panics
     /// If `nodes` is more than [`MAX_NODES`].
     pub fn new(tag: &str, nodes: usize, with_client: bool) -> Result<Self, TopologyError> {
+        Self::build(tag, nodes, with_client, false)
+    }
+
+    /// [`Fabric::new`] with IPv6 on in the node and client namespaces, each `eth0` also
+    /// holding its IPv6 address on [`FABRIC_SUBNET6`] ([`node_ip6`], [`CLIENT_IP6`]).
+    ///
+    /// # Errors
+    /// As [`Fabric::new`].
+    ///
+    /// # Panics
+    /// As [`Fabric::new`].
+    pub fn new_dual_stack(
+        tag: &str,
+        nodes: usize,
+        with_client: bool,
+    ) -> Result<Self, TopologyError> {
+        Self::build(tag, nodes, with_client, true)
+    }
+
+    fn build(
+        tag: &str,
+        nodes: usize,
+        with_client: bool,
+        dual_stack: bool,
+    ) -> Result<Self, TopologyError> {
         assert!(
             nodes <= MAX_NODES,
             "a fabric holds at most {MAX_NODES} nodes"
         );
         let fabric = Netns::new(&format!("{tag}-fabric"))?;
         fabric.bridge("br0")?;
-        let attach = |ns: &Netns, port: &str, ip: Ipv4Addr| -> Result<(), TopologyError> {
+        let namespace = |name: String| {
+            if dual_stack {
+                Netns::new_with_ipv6(&name)
+            } else {
+                Netns::new(&name)
+            }
+        };
+        let attach = |ns: &Netns, port: &str, ip: Ipv4Addr, ip6: Ipv6Addr| {
             veth(&fabric, port, ns, "eth0")?;
             fabric.attach_to_bridge(port, "br0")?;
             ns.addr("eth0", &format!("{ip}/24"))?;
+            if dual_stack {
+                let cidr6 = format!("{ip6}/64");
+                ns.ip(&["-6", "addr", "add", &cidr6, "dev", "eth0", "nodad"])?;
+            }
             ns.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
-            Ok(())
+            Ok::<(), TopologyError>(())
         };
         let mut namespaces = Vec::with_capacity(nodes);
         for i in 0..nodes {
-            let node = Netns::new(&format!("{tag}-node{i}"))?;
-            attach(&node, &Self::port(i), node_ip(i))?;
+            let node = namespace(format!("{tag}-node{i}"))?;
+            attach(&node, &Self::port(i), node_ip(i), node_ip6(i))?;
             namespaces.push(Arc::new(node));
         }
         let client = if with_client {
-            let client = Netns::new(&format!("{tag}-client"))?;
-            attach(&client, "client", CLIENT_IP)?;
+            let client = namespace(format!("{tag}-client"))?;
+            attach(&client, "client", CLIENT_IP, CLIENT_IP6)?;
             Some(Arc::new(client))
         } else {
             None
@@ -111,7 +163,13 @@ impl Fabric {
             fabric,
             nodes: namespaces,
             client,
+            dual_stack,
         })
+    }
+
+    /// Whether the fabric was built with [`Fabric::new_dual_stack`].
+    pub fn dual_stack(&self) -> bool {
+        self.dual_stack
     }
 
     /// The namespace holding the bridge `br0` (it has no address of its own).

@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    cluster::{EtcdCluster, Fabric, node_ip},
+    cluster::{EtcdCluster, Fabric, node_ip, node_ip6},
     process::{AgentProcess, BpfPinDir, TempDir, binary},
     tls::TestCa,
     world::remove_instances,
@@ -41,7 +41,7 @@ pub struct ClusterAgents {
 impl ClusterAgents {
     /// Starts an agent in each of the first `nodes` node namespaces of `fabric`, with
     /// `--store etcd` on every member of `etcd`, `--node-name nodeI`, `--node-ip` its fabric
-    /// address and `extra` flags.
+    /// address (on a dual-stack fabric a second one, its IPv6 address) and `extra` flags.
     ///
     /// # Panics
     /// If an agent does not start (with its log).
@@ -152,6 +152,9 @@ impl ClusterAgents {
             ] {
                 args.push(flag.into());
                 args.push(path.to_string_lossy().into_owned());
+            }
+            if fabric.dual_stack() {
+                args.extend(["--node-ip".into(), node_ip6(i).to_string()]);
             }
             if let Some(ca) = tls {
                 let ca_file = node_dir.join("cluster-ca.crt");

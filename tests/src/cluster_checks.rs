@@ -14,7 +14,7 @@ use miren_agent::{api::types::AppDetail, config::Subnet};
 
 use crate::{
     apps::{app_detail, wait_until},
-    cluster::{EtcdCluster, Fabric, node_ip},
+    cluster::{EtcdCluster, Fabric, node_ip, node_ip6},
     cluster_agents::ClusterAgents,
     ingress::ok,
     world::Plane,
@@ -29,23 +29,37 @@ pub const WAIT: Duration = Duration::from_secs(120);
 pub const FLOWS: u16 = 48;
 
 /// Put before [`crate::apps::WEB_PY`]: a UDP echo on 9000 and a TCP echo on 9001 answering
-/// `ADDR PEER MESSAGE`, PEER being the address the instance sees the message come from.
+/// `ADDR PEER MESSAGE`, PEER being the address the instance sees the message come from. Both
+/// listen on IPv4 and IPv6 where the instance has IPv6 (PEER of an IPv4 client stays
+/// `A.B.C.D`), else on IPv4.
 pub const ECHO_PY: &str = r#"import os, socket, threading
 addr = os.environ["MIREN_ADDR"]
+def listen(kind, port):
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            s = socket.socket(family, kind)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind((host, port))
+            return s
+        except OSError:
+            s.close()
+    raise OSError("cannot listen on port %d" % port)
+def seen(peer):
+    p = peer[0]
+    return p[7:] if p.startswith("::ffff:") else p
 def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 9000))
+    s = listen(socket.SOCK_DGRAM, 9000)
     while True:
         data, peer = s.recvfrom(2048)
-        s.sendto(("%s %s " % (addr, peer[0])).encode() + data, peer)
+        s.sendto(("%s %s " % (addr, seen(peer))).encode() + data, peer)
 def tcp_client(conn, peer):
     with conn, conn.makefile("rb") as lines:
         for line in lines:
-            conn.sendall(("%s %s " % (addr, peer[0])).encode() + line)
+            conn.sendall(("%s %s " % (addr, seen(peer))).encode() + line)
 def tcp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 9001))
+    s = listen(socket.SOCK_STREAM, 9001)
     s.listen(64)
     while True:
         conn, peer = s.accept()
@@ -94,7 +108,22 @@ impl Cluster {
     /// # Panics
     /// If any of them does not start.
     pub fn start(tag: &str, plane: Plane) -> Self {
-        let fabric = Fabric::new(tag, NODES, true).expect("fabric");
+        Self::start_on(Fabric::new(tag, NODES, true).expect("fabric"), plane)
+    }
+
+    /// [`Cluster::start`] on a dual-stack fabric ([`Fabric::new_dual_stack`]): every agent
+    /// also has its IPv6 fabric address as a `--node-ip`.
+    ///
+    /// # Panics
+    /// As [`Cluster::start`].
+    pub fn start_dual_stack(tag: &str, plane: Plane) -> Self {
+        Self::start_on(
+            Fabric::new_dual_stack(tag, NODES, true).expect("fabric"),
+            plane,
+        )
+    }
+
+    fn start_on(fabric: Fabric, plane: Plane) -> Self {
         let etcd = EtcdCluster::start(&fabric, NODES);
         let agents = ClusterAgents::start_with_dataplane(
             &fabric,
@@ -211,11 +240,24 @@ impl Cluster {
     }
 }
 
-/// A reply `ADDR PEER MESSAGE` of an echo: the instance and the peer it saw.
+/// A reply `ADDR PEER MESSAGE` of an echo from an IPv4 client: the instance and the peer it
+/// saw.
+///
+/// # Panics
+/// If the reply is not an echo of `message` or the peer is not an IPv4 address.
+pub fn parse_echo(reply: &str, message: &str) -> (Ipv4Addr, Ipv4Addr) {
+    match parse_echo_any(reply, message) {
+        (instance, IpAddr::V4(peer)) => (instance, peer),
+        (_, IpAddr::V6(peer)) => panic!("IPv6 peer {peer} in {reply:?}"),
+    }
+}
+
+/// A reply `ADDR PEER MESSAGE` of an echo: the instance (named by its IPv4 address) and the
+/// peer it saw, of either family.
 ///
 /// # Panics
 /// If the reply is not an echo of `message`.
-pub fn parse_echo(reply: &str, message: &str) -> (Ipv4Addr, Ipv4Addr) {
+pub fn parse_echo_any(reply: &str, message: &str) -> (Ipv4Addr, IpAddr) {
     let mut parts = reply.trim_end().splitn(3, ' ');
     let (Some(addr), Some(peer), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
         panic!("unexpected echo {reply:?}");
@@ -224,22 +266,30 @@ pub fn parse_echo(reply: &str, message: &str) -> (Ipv4Addr, Ipv4Addr) {
     (addr.parse().unwrap(), peer.parse().unwrap())
 }
 
+/// Node `node`'s fabric address of `family`'s family.
+fn node_addr(node: usize, family: IpAddr) -> IpAddr {
+    match family {
+        IpAddr::V4(_) => node_ip(node).into(),
+        IpAddr::V6(_) => node_ip6(node).into(),
+    }
+}
+
 /// Which instance a node-port flow through node `node` from `client` reached, checking the
-/// address the instance saw: the client's for an instance on `node`, `node`'s own address
-/// (masqueraded) for an instance on another node.
+/// address the instance saw: the client's for an instance on `node`, `node`'s own address of
+/// the client's family (masqueraded) for an instance on another node.
 ///
 /// # Panics
 /// If the instance saw another address.
 pub fn check_source(
     subnets: &[Subnet],
     node: usize,
-    client: Ipv4Addr,
-    (instance, peer): (Ipv4Addr, Ipv4Addr),
+    client: IpAddr,
+    (instance, peer): (Ipv4Addr, IpAddr),
 ) -> Ipv4Addr {
     let expected = if subnets[node].contains(instance) {
         client
     } else {
-        node_ip(node)
+        node_addr(node, client)
     };
     assert_eq!(
         peer, expected,
@@ -248,8 +298,9 @@ pub fn check_source(
     instance
 }
 
-/// One UDP exchange from `from` to node `node`'s UDP node port `node_port`, waiting up to
-/// `timeout` for the reply. Returns the instance that answered ([`check_source`] checked).
+/// One UDP exchange from `from` to node `node`'s UDP node port `node_port` on its IPv4
+/// address, waiting up to `timeout` for the reply. Returns the instance that answered
+/// ([`check_source`] checked).
 ///
 /// # Errors
 /// When no reply came.
@@ -265,39 +316,49 @@ pub fn udp_via(
     message: &str,
     timeout: Duration,
 ) -> Result<Ipv4Addr, String> {
+    let target = SocketAddr::from((node_ip(node), node_port));
+    udp_to(subnets, node, target, from, message, timeout)
+}
+
+/// One UDP exchange from `from` to `target`, node `node`'s node port on one of its addresses
+/// (e.g. `[`[`node_ip6`]`]:node_port`), as [`udp_via`] checks it.
+///
+/// # Errors
+/// As [`udp_via`].
+///
+/// # Panics
+/// As [`udp_via`].
+pub fn udp_to(
+    subnets: &[Subnet],
+    node: usize,
+    target: SocketAddr,
+    from: SocketAddr,
+    message: &str,
+    timeout: Duration,
+) -> Result<Ipv4Addr, String> {
     let socket = UdpSocket::bind(from).unwrap();
     socket.set_read_timeout(Some(timeout)).unwrap();
-    let target = SocketAddr::from((node_ip(node), node_port));
     socket
         .send_to(message.as_bytes(), target)
-        .map_err(|e| format!("UDP send through node{node}: {e}"))?;
+        .map_err(|e| format!("UDP send to {target} (node{node}): {e}"))?;
     let mut buf = [0u8; 2048];
     let (len, replier) = socket
         .recv_from(&mut buf)
-        .map_err(|e| format!("no UDP reply through node{node} to {from}: {e}"))?;
+        .map_err(|e| format!("no UDP reply through {target} (node{node}) to {from}: {e}"))?;
     assert_eq!(replier, target, "the reply to {from} came from {replier}");
     let reply = String::from_utf8_lossy(&buf[..len]);
-    Ok(answered_by(subnets, node, from.ip(), &reply, message))
-}
-
-/// The instance an echo `reply` to `message` names, with [`check_source`] checked for the
-/// client at `client`.
-fn answered_by(
-    subnets: &[Subnet],
-    node: usize,
-    client: IpAddr,
-    reply: &str,
-    message: &str,
-) -> Ipv4Addr {
-    let IpAddr::V4(client) = client else {
-        unreachable!("the client is IPv4")
-    };
-    check_source(subnets, node, client, parse_echo(reply, message))
+    let client = socket.local_addr().unwrap().ip();
+    Ok(check_source(
+        subnets,
+        node,
+        client,
+        parse_echo_any(&reply, message),
+    ))
 }
 
 /// One TCP connection from the calling thread's namespace (the client, [`CLIENT_IP`]) to node
-/// `node`'s TCP node port `node_port`, one line echoed, each step waiting up to `timeout`.
-/// Returns the instance that answered ([`check_source`] checked).
+/// `node`'s TCP node port `node_port` on its IPv4 address, one line echoed, each step waiting
+/// up to `timeout`. Returns the instance that answered ([`check_source`] checked).
 ///
 /// # Errors
 /// When the connection does not open or no whole line comes back.
@@ -314,18 +375,43 @@ pub fn tcp_via(
     timeout: Duration,
 ) -> Result<Ipv4Addr, String> {
     let target = SocketAddr::from((node_ip(node), node_port));
+    tcp_to(subnets, node, target, message, timeout)
+}
+
+/// One TCP connection to `target`, node `node`'s node port on one of its addresses, one line
+/// echoed, as [`tcp_via`] checks it.
+///
+/// # Errors
+/// As [`tcp_via`].
+///
+/// # Panics
+/// As [`tcp_via`].
+pub fn tcp_to(
+    subnets: &[Subnet],
+    node: usize,
+    target: SocketAddr,
+    message: &str,
+    timeout: Duration,
+) -> Result<Ipv4Addr, String> {
     let stream = TcpStream::connect_timeout(&target, timeout)
-        .map_err(|e| format!("TCP through node{node}: {e}"))?;
+        .map_err(|e| format!("TCP to {target} (node{node}): {e}"))?;
     stream.set_read_timeout(Some(timeout)).unwrap();
     assert_eq!(stream.peer_addr().unwrap(), target);
-    writeln!(&stream, "{message}").map_err(|e| format!("TCP send through node{node}: {e}"))?;
+    writeln!(&stream, "{message}").map_err(|e| format!("TCP send to {target}: {e}"))?;
     let mut reply = String::new();
     let read = BufReader::new(&stream)
         .read_line(&mut reply)
-        .map_err(|e| format!("no TCP reply through node{node}: {e}"))?;
+        .map_err(|e| format!("no TCP reply through {target} (node{node}): {e}"))?;
     if read == 0 {
-        return Err(format!("TCP through node{node}: closed without a reply"));
+        return Err(format!(
+            "TCP through {target} (node{node}): closed without a reply"
+        ));
     }
     let client = stream.local_addr().unwrap().ip();
-    Ok(answered_by(subnets, node, client, &reply, message))
+    Ok(check_source(
+        subnets,
+        node,
+        client,
+        parse_echo_any(&reply, message),
+    ))
 }

@@ -12,13 +12,13 @@ pub mod select;
 pub mod xdp;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     sync::{Mutex, MutexGuard},
 };
 
-use crate::config::{Protocol, Subnet};
+use crate::config::Protocol;
 
 /// A node port as the kernel sees it: (port, protocol).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -369,12 +369,12 @@ impl ActiveDataplane {
         }
     }
 
-    /// Makes `subnets` the other nodes' sandbox subnets: node-port flows leaving toward them
-    /// are masqueraded to this node's address ([`peer_nat`]).
+    /// Makes `subnets` the other nodes' sandbox subnets (IPv4 and their IPv6 /80s): node-port
+    /// flows leaving toward them are masqueraded to this node's address ([`peer_nat`]).
     ///
     /// # Errors
     /// [`DataplaneError`] when `nft` refuses or cannot run.
-    pub fn set_peer_subnets(&self, subnets: &BTreeSet<Subnet>) -> Result<(), DataplaneError> {
+    pub fn set_peer_subnets(&self, subnets: &peer_nat::PeerSubnets) -> Result<(), DataplaneError> {
         self.peer_nat.set_peer_subnets(subnets)
     }
 
