@@ -100,7 +100,7 @@ fn translate(ctx: &XdpContext, ip: *mut Ipv4Hdr, icmp_off: usize, end: usize) ->
         pad: [0; 3],
     };
     // SAFETY: pointer from a successful lookup.
-    let flow = unsafe { *CONNTRACK.get_ptr(&key)? };
+    let flow = unsafe { *CONNTRACK.get_ptr(key)? };
     if flow.flags & FLOW_REVERSE != 0 {
         return None;
     }
@@ -169,7 +169,7 @@ fn translate6(ctx: &XdpContext, ip: *mut Ipv6Hdr, icmp_off: usize, end: usize) -
         pad: [0; 3],
     };
     // SAFETY: pointer from a successful lookup.
-    let flow = unsafe { *CONNTRACK6.get_ptr(&key)? };
+    let flow = unsafe { *CONNTRACK6.get_ptr(key)? };
     if flow.flags & FLOW_REVERSE != 0 {
         return None;
     }

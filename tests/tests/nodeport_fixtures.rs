@@ -17,8 +17,8 @@ use aya::programs::{ProgramError, TestRun, TestRunOptions, TestRunResult};
 use miren_agent::{
     config::Protocol,
     dataplane::{
-        BackendCounters, Counters, Dataplane, Family, GlobalCounters, NodePortKey, PortCounters, Snapshot,
-        Snapshot4,
+        BackendCounters, Counters, Dataplane, Family, GlobalCounters, NodePortKey, PortCounters,
+        Snapshot, Snapshot4,
         xdp::{TCP_CLOSING_TIMEOUT, XdpDataplane},
     },
 };

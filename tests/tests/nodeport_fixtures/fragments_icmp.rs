@@ -411,7 +411,7 @@ mod ipv6 {
 
         // A later fragment whose first was not seen: untouched.
         let orphan = fragments6(&to_node(43_001, 4000), CHUNK, 0xdead)[1].clone();
-        assert_eq!(run(&dp, &[orphan.clone()], false), vec![orphan]);
+        assert_eq!(run(&dp, std::slice::from_ref(&orphan), false), vec![orphan]);
         let c = counters(&dp);
         assert_eq!(
             (c.global.fragments_forwarded, c.global.fragments_unmatched),
@@ -423,7 +423,7 @@ mod ipv6 {
     fn ipv6_icmp_errors_are_translated_both_ways() {
         let dp = load6();
         let asked = to_node(43_002, 16);
-        run(&dp, &[asked.clone()], false);
+        run(&dp, std::slice::from_ref(&asked), false);
         let mtu = 1280u32.to_be_bytes();
 
         // Packet too big about the reply the node sent: to the instance.
