@@ -7,8 +7,12 @@
 //! 2. UDP packets per second delivered to a sandbox, flooding from a client namespace over
 //!    many flows: through NODE_IP:node_port with XDP (DNAT + TC reverse NAT attached
 //!    natively) and with the nftables data plane, vs routing straight to the sandbox address
-//!    without NAT (same topology, same run).
-//! 3. Update latency (see `update_latency.rs`): from an endpoint change sent to the real agent
+//!    without NAT (same topology, same run); once over IPv4 and once over IPv6 (a dual-stack
+//!    node, `[NODE_IP6]:node_port`, each family against its own direct-routing baseline).
+//! 3. The node-local hook's cost per connection (see `local_hook.rs`): with the real agent on
+//!    the XDP data plane, TCP connections from the node itself through NODE_IP:node_port
+//!    (DNATed by the nftables companion `inet miren_local`) vs straight to the instance.
+//! 4. Update latency (see `update_latency.rs`): from an endpoint change sent to the real agent
 //!    until new flows reach the new endpoint, with 1 and with 10,000 node ports configured,
 //!    for both data planes.
 //!
@@ -17,11 +21,12 @@
 
 mod cluster;
 mod ingress;
+mod local_hook;
 mod update_latency;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -35,7 +40,7 @@ use miren_agent::{
     bpf::PacketCounter,
     config::Protocol,
     dataplane::{
-        Dataplane, NodePortKey, Snapshot, Snapshot4, nft::NftDataplane, xdp::XdpDataplane,
+        Dataplane, Family, NodePortKey, Snapshot, Snapshot4, nft::NftDataplane, xdp::XdpDataplane,
     },
 };
 use miren_tests::{
@@ -53,6 +58,11 @@ const FLOWS: u16 = 64;
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 91, 0, 2);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 91, 0, 1);
 const SANDBOX_IP: Ipv4Addr = Ipv4Addr::new(10, 89, 0, 2);
+const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x91, 0, 0, 0, 0, 0, 2);
+const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x91, 0, 0, 0, 0, 0, 1);
+const SANDBOX_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x89, 0, 0, 0, 0, 0, 2);
+/// The node's address on the sandbox link, the sandbox's IPv6 gateway.
+const SANDBOX_GW6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x89, 0, 0, 0, 0, 0, 1);
 
 fn main() -> Result<()> {
     match std::env::args().nth(1).as_deref() {
@@ -82,6 +92,7 @@ fn main() -> Result<()> {
 fn dataplane() -> Result<()> {
     let test_run = per_packet()?;
     let flood = delivered()?;
+    let local = local_hook::run()?;
     println!("\n## XDP per-packet cost (BPF_PROG_TEST_RUN, {REPEAT} repetitions each)\n");
     println!("| path | ns/packet | ratio to empty XDP |");
     println!("|---|---:|---:|");
@@ -93,16 +104,32 @@ fn dataplane() -> Result<()> {
         "\n## UDP flood delivered to a sandbox ({FLOWS} flows, {} s each)\n",
         FLOOD.as_secs()
     );
-    println!("| path | sent pps | delivered pps | ratio to direct routing |");
+    println!("| path | sent pps | delivered pps | ratio to direct routing (same family) |");
     println!("|---|---:|---:|---:|");
-    let direct = flood[0].2;
-    for (name, sent, delivered) in &flood {
+    for row in &flood {
+        let direct = flood
+            .iter()
+            .find(|r| r.family == row.family)
+            .map_or(f64::NAN, |r| r.delivered);
         println!(
-            "| {name} | {sent:.0} | {delivered:.0} | {:.2} |",
-            delivered / direct
+            "| {} | {:.0} | {:.0} | {:.2} |",
+            row.name,
+            row.sent,
+            row.delivered,
+            row.delivered / direct
         );
     }
+    local.print();
     Ok(())
+}
+
+/// One row of the flood table.
+struct FloodRow {
+    name: &'static str,
+    /// The family of the flood; the first row of a family is its direct-routing baseline.
+    family: Family,
+    sent: f64,
+    delivered: f64,
 }
 
 /// NODE_IP with UDP node port 7000 forwarding to `backend`.
@@ -178,56 +205,114 @@ fn per_packet() -> Result<Vec<(&'static str, f64)>> {
     ])
 }
 
-/// Client → node → sandbox; the node runs the XDP data plane on its client-facing veth.
-fn delivered() -> Result<Vec<(&'static str, f64, f64)>> {
-    let client = Netns::new("bench-client")?;
-    let node = Netns::new("bench-node")?;
-    let sandbox = Netns::new("bench-sandbox")?;
+/// Client → node → sandbox, dual-stack; the node runs the XDP data plane on its
+/// client-facing veth.
+fn delivered() -> Result<Vec<FloodRow>> {
+    // IPv6 on (for the IPv6 rows): the namespaces' few neighbor discovery, MLD and router
+    // solicitation packets do not matter at these rates.
+    let client = Netns::new_with_ipv6("bench-client")?;
+    let node = Netns::new_with_ipv6("bench-node")?;
+    let sandbox = Netns::new_with_ipv6("bench-sandbox")?;
+    let addr6 = |ns: &Netns, dev: &str, ip: Ipv6Addr| {
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ])
+    };
     veth(&client, "eth0", &node, "eth0")?;
     client.addr("eth0", &format!("{CLIENT_IP}/24"))?;
     node.addr("eth0", &format!("{NODE_IP}/24"))?;
+    addr6(&client, "eth0", CLIENT_IP6)?;
+    addr6(&node, "eth0", NODE_IP6)?;
     client.route(&["10.89.0.0/24", "via", &NODE_IP.to_string()])?;
+    client.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd00:89::/64",
+        "via",
+        &NODE_IP6.to_string(),
+    ])?;
     client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
     veth(&node, "sb0", &sandbox, "eth0")?;
     node.addr("sb0", "10.89.0.1/24")?;
+    addr6(&node, "sb0", SANDBOX_GW6)?;
     sandbox.addr("eth0", &format!("{SANDBOX_IP}/24"))?;
+    addr6(&sandbox, "eth0", SANDBOX_IP6)?;
     sandbox.route(&["default", "via", "10.89.0.1"])?;
+    sandbox.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &SANDBOX_GW6.to_string(),
+    ])?;
     node.sysctl("net.ipv4.ip_forward", "1")?;
+    node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
 
-    let snapshot = udp_node_port(SocketAddrV4::new(SANDBOX_IP, 9000));
+    // Dual-stack node port 7000: the sandbox's IPv6 endpoint is its IPv4 one's twin.
+    let key = NodePortKey {
+        port: 7000,
+        protocol: Protocol::Udp,
+    };
+    let snapshot = Snapshot {
+        node_addrs: vec![IpAddr::V4(NODE_IP), IpAddr::V6(NODE_IP6)],
+        node_ports: BTreeMap::from([(
+            key,
+            vec![
+                SocketAddr::from((SANDBOX_IP, 9000)),
+                SocketAddr::from((SANDBOX_IP6, 9000)),
+            ],
+        )]),
+    };
     let mut xdp = XdpDataplane::load()?;
     node.run(|| xdp.attach("eth0", false))??;
     xdp.apply(&snapshot)?;
 
-    let receiver = sandbox.run(|| UdpSocket::bind((SANDBOX_IP, 9000)))??;
-    receiver.set_read_timeout(Some(Duration::from_millis(200)))?;
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let counter = {
+    let mut counters = Vec::new();
+    for ip in [IpAddr::V4(SANDBOX_IP), IpAddr::V6(SANDBOX_IP6)] {
+        let receiver = sandbox.run(|| UdpSocket::bind((ip, 9000)))??;
+        receiver.set_read_timeout(Some(Duration::from_millis(200)))?;
         let (received, stop) = (Arc::clone(&received), Arc::clone(&stop));
-        std::thread::spawn(move || {
+        counters.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
                 if receiver.recv(&mut buf).is_ok() {
                     received.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        })
+        }));
+    }
+    let sockets = |ip: IpAddr| -> Result<Vec<UdpSocket>> {
+        Ok(client.run(|| {
+            (0..FLOWS)
+                .map(|_| UdpSocket::bind((ip, 0)))
+                .collect::<Result<_, _>>()
+        })??)
     };
-    let sockets: Vec<UdpSocket> = client.run(|| {
-        (0..FLOWS)
-            .map(|_| UdpSocket::bind((CLIENT_IP, 0)))
-            .collect::<Result<_, _>>()
-    })??;
+    let sockets4 = sockets(IpAddr::V4(CLIENT_IP))?;
+    let sockets6 = sockets(IpAddr::V6(CLIENT_IP6))?;
 
-    let flood = |target: SocketAddrV4| {
+    let flood = |name: &'static str, target: SocketAddr| {
+        let (family, sockets) = match target {
+            SocketAddr::V4(_) => (Family::V4, &sockets4),
+            SocketAddr::V6(_) => (Family::V6, &sockets6),
+        };
         std::thread::sleep(Duration::from_millis(300));
         let before = received.load(Ordering::Relaxed);
         let started = Instant::now();
         let mut sent = 0u64;
         let payload = [0u8; 64];
         while started.elapsed() < FLOOD {
-            for socket in &sockets {
+            for socket in sockets {
                 if socket.send_to(&payload, target).is_ok() {
                     sent += 1;
                 }
@@ -236,15 +321,29 @@ fn delivered() -> Result<Vec<(&'static str, f64, f64)>> {
         let elapsed = started.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_millis(300));
         let delivered = received.load(Ordering::Relaxed) - before;
-        (sent as f64 / elapsed, delivered as f64 / elapsed)
+        FloodRow {
+            name,
+            family,
+            sent: sent as f64 / elapsed,
+            delivered: delivered as f64 / elapsed,
+        }
     };
-    let node_port = SocketAddrV4::new(NODE_IP, 7000);
-    let mut results = Vec::new();
-    let (sent, delivered) = flood(SocketAddrV4::new(SANDBOX_IP, 9000));
-    results.push(("direct routing to the sandbox (no NAT)", sent, delivered));
-    let (sent, delivered) = flood(node_port);
-    results.push(("XDP node port (DNAT)", sent, delivered));
-    report_counters("XDP", &xdp.counters()?);
+    let node_port = SocketAddr::from((NODE_IP, 7000));
+    let node_port6 = SocketAddr::from((NODE_IP6, 7000));
+    // Each family's first row is its baseline.
+    let mut results = vec![
+        flood(
+            "direct routing to the sandbox (no NAT)",
+            SocketAddr::from((SANDBOX_IP, 9000)),
+        ),
+        flood("XDP node port (DNAT)", node_port),
+        flood(
+            "IPv6: direct routing to the sandbox (no NAT)",
+            SocketAddr::from((SANDBOX_IP6, 9000)),
+        ),
+        flood("IPv6: XDP node port (DNAT)", node_port6),
+    ];
+    report_counters("XDP", &xdp.counters()?, key);
     drop(xdp);
     if node.ip(&["link", "show", "dev", "eth0"])?.contains("xdp") {
         bail!("XDP is still attached after the XDP data plane was dropped");
@@ -254,19 +353,28 @@ fn delivered() -> Result<Vec<(&'static str, f64, f64)>> {
         nft.apply(&snapshot)?;
         Ok(nft)
     })??;
-    let (sent, delivered) = flood(node_port);
-    results.push(("nftables node port (DNAT)", sent, delivered));
-    report_counters("nftables", &node.run(|| nft.counters())??);
+    results.push(flood("nftables node port (DNAT)", node_port));
+    results.push(flood("IPv6: nftables node port (DNAT)", node_port6));
+    report_counters("nftables", &node.run(|| nft.counters())??, key);
     stop.store(true, Ordering::Relaxed);
-    let _ = counter.join();
+    for counter in counters {
+        let _ = counter.join();
+    }
     Ok(results)
 }
 
-/// Prints what the kernel counted for the node port, showing the flood took that path.
-fn report_counters(plane: &str, counters: &miren_agent::dataplane::Counters) {
-    let port = counters.ports.values().copied().next().unwrap_or_default();
-    eprintln!(
-        "{plane} kernel counters for the node port: rx {} packets, {} flows",
-        port.rx_packets, port.flows
-    );
+/// Prints what the kernel counted for the node port per family, showing the floods took
+/// that path.
+fn report_counters(plane: &str, counters: &miren_agent::dataplane::Counters, key: NodePortKey) {
+    for (family, name) in [(Family::V4, "IPv4"), (Family::V6, "IPv6")] {
+        let port = counters
+            .families
+            .get(&(key, family))
+            .copied()
+            .unwrap_or_default();
+        eprintln!(
+            "{plane} kernel counters for the node port, {name}: rx {} packets, {} flows",
+            port.rx_packets, port.flows
+        );
+    }
 }
