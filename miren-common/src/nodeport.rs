@@ -32,6 +32,8 @@ pub const CONFIG_MAP: &str = "MIREN_CONFIG";
 /// a backend on another node, masqueraded to this node's address (so its destination port can
 /// be any port, a node port too), which the kernel's conntrack translates back.
 pub const BACKEND_ADDRS_MAP: &str = "MIREN_BACKEND_ADDRS";
+/// `HashMap<BackendAddr6, u32 1>`: [`BACKEND_ADDRS_MAP`] for the backends' IPv6 twins.
+pub const BACKEND_ADDRS6_MAP: &str = "MIREN_BACKEND_ADDRS6";
 
 /// `HashMap<Addr6, u32 1>`: the node's own IPv6 addresses.
 pub const NODE_ADDRS6_MAP: &str = "MIREN_NODE_ADDRS6";
@@ -139,6 +141,20 @@ pub struct Backend {
 pub struct BackendAddr {
     /// Sandbox address, network byte order.
     pub addr_be: u32,
+    /// Target port, network byte order.
+    pub port_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub protocol: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
+/// Key of [`BACKEND_ADDRS6_MAP`]: an IPv6 backend as the source of its packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr6 {
+    /// Sandbox IPv6 address (words as stored).
+    pub addr: Addr6,
     /// Target port, network byte order.
     pub port_be: u16,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
@@ -428,6 +444,11 @@ const _: () = {
     assert!(core::mem::size_of::<Backend6>() == 20);
     assert!(core::mem::size_of::<FlowKey6>() == 40);
     assert!(core::mem::size_of::<Flow6>() == 40);
+    assert!(core::mem::size_of::<BackendAddr6>() == 20);
+    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragNat>() == 24);
+    assert!(core::mem::size_of::<FragKey6>() == 40);
+    assert!(core::mem::size_of::<FragNat6>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -447,4 +468,5 @@ mod pod {
     unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for FlowKey6 {}
     unsafe impl aya::Pod for Flow6 {}
+    unsafe impl aya::Pod for BackendAddr6 {}
 }

@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use miren_common::nodeport::{
-    Addr6, Backend, Backend6, BackendAddr, BackendStats, CONNTRACK_ENTRIES, CONNTRACK6_ENTRIES,
-    Config, FRAGS_ENTRIES, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragKey6, FragNat, FragNat6,
-    GLOBAL_STATS, GlobalStat, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, MaglevKey, PortStats,
-    Service, ServiceKey,
+    Addr6, Backend, Backend6, BackendAddr, BackendAddr6, BackendStats, CONNTRACK_ENTRIES,
+    CONNTRACK6_ENTRIES, Config, FRAGS_ENTRIES, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragKey6,
+    FragNat, FragNat6, GLOBAL_STATS, GlobalStat, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
+    MaglevKey, PortStats, Service, ServiceKey,
 };
 
 /// Upper bound on node addresses.
@@ -33,6 +33,9 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 #[map(name = "MIREN_BACKEND_ADDRS")]
 pub static BACKEND_ADDRS: HashMap<BackendAddr, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "MIREN_BACKEND_ADDRS6")]
+pub static BACKEND_ADDRS6: HashMap<BackendAddr6, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);
 
 #[map(name = "MIREN_CT")]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> =

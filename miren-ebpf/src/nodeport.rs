@@ -13,9 +13,9 @@
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::PerCpuArray, programs::XdpContext};
 use miren_common::nodeport::{
-    Addr6, BackendAddr, BackendStats, Config, FLOW_CLOSING, FLOW_REPLIED, FLOW_REVERSE, Flow,
-    Flow6, FlowKey, FlowKey6, FragKey, FragKey6, GlobalStat, MaglevKey, PROTO_TCP, PROTO_UDP,
-    Service, ServiceKey, flow_hash, flow_hash6,
+    Addr6, BackendAddr, BackendAddr6, BackendStats, Config, FLOW_CLOSING, FLOW_REPLIED,
+    FLOW_REVERSE, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragKey6, GlobalStat, MaglevKey,
+    PROTO_TCP, PROTO_UDP, Service, ServiceKey, flow_hash, flow_hash6,
 };
 
 use crate::{
@@ -28,8 +28,9 @@ use crate::{
     },
     icmp,
     maps::{
-        BACKEND_ADDRS, BACKEND_STATS, BACKEND_STATS6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6,
-        MAGLEV, NODE_ADDRS, NODE_ADDRS6, SERVICES, config, count, now_ns, port_stats, port_stats6,
+        BACKEND_ADDRS, BACKEND_ADDRS6, BACKEND_STATS, BACKEND_STATS6, BACKENDS, BACKENDS6,
+        CONNTRACK, CONNTRACK6, MAGLEV, NODE_ADDRS, NODE_ADDRS6, SERVICES, config, count, now_ns,
+        port_stats, port_stats6,
     },
 };
 
@@ -377,9 +378,9 @@ fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
     };
     let config = config();
     let now = now_ns(&config);
-    count_rx6(service.id, ip_bytes);
     let (backend_id, nat_addr, nat_port) = match established6(&key, &config, now, tcp_flags) {
         Some(flow) => {
+            count_rx6(service.id, ip_bytes);
             count(GlobalStat::ConntrackHit);
             if tcp_flags & TCP_RST != 0 {
                 let reverse_key = FlowKey6 {
@@ -396,6 +397,17 @@ fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
             (flow.backend_id, flow.nat_addr, flow.nat_port)
         }
         None => {
+            // As for IPv4: a backend's own address and port is never a client.
+            let source = BackendAddr6 {
+                addr: saddr,
+                port_be: sport,
+                protocol,
+                pad: 0,
+            };
+            if BACKEND_ADDRS6.get_ptr(source).is_some() {
+                return pass();
+            }
+            count_rx6(service.id, ip_bytes);
             let Some(chosen) = new_flow6(&key, &service, now, tcp_flags) else {
                 return Ok(xdp_action::XDP_DROP);
             };

@@ -340,9 +340,8 @@ fn every_node_serves_every_instance_over_ipv6(plane: Plane) {
 /// IPv6 clients whose source port is the UDP node port itself: a flow masqueraded to another
 /// node keeps that port, so the instance's reply comes back to `[NODE_IP6]:node_port`, which
 /// the data plane must leave to conntrack (as `every_node_serves_every_instance` checks for
-/// IPv4). Run on nftables only: XDP's IPv6 path has no equivalent of `MIREN_BACKEND_ADDRS` yet
-/// (a backend's own address and port is never a client), so it DNATs the reply as a new flow
-/// — a known gap of issue 15, open.
+/// IPv4; on XDP `MIREN_BACKEND_ADDRS6` says a backend's own address and port is never a
+/// client).
 fn same_port_ipv6_clients_reach_other_nodes(plane: Plane) {
     let (cluster, subnets, _) = ipv6_cluster("c6port", plane);
     let client = cluster.fabric.client().expect("client namespace");
@@ -381,14 +380,8 @@ fn same_port_ipv6_clients_reach_other_nodes(plane: Plane) {
 on_both_planes!(
     every_node_serves_every_instance,
     every_node_serves_every_instance_over_ipv6,
+    same_port_ipv6_clients_reach_other_nodes
 );
-
-mod nft_only {
-    #[test]
-    fn same_port_ipv6_clients_reach_other_nodes() {
-        super::same_port_ipv6_clients_reach_other_nodes(miren_tests::world::Plane::Nft);
-    }
-}
 
 /// The IPv4 routes of protocol 109 in node `i`'s namespace, one per line.
 fn routes_of(fabric: &Fabric, i: usize) -> String {

@@ -1155,6 +1155,47 @@ mod ipv6 {
         }
     }
 
+    /// As for IPv4: a reply from a backend's own IPv6 address and port (a flow this node sent
+    /// to another node's instance, masqueraded to this node's address with a port that may be
+    /// a node port) passes to the kernel; any other port of the instance is a client.
+    #[test]
+    fn ipv6_packets_from_a_backends_own_address_and_port_are_never_node_port_flows() {
+        let dp = load6(&[UDP_PORT, TCP_PORT], &[1]);
+        let backend = Endpoint6 {
+            mac: [2, 0, 0, 0, 0, 3],
+            ip: twin(1),
+            port: 8000,
+        };
+        let replies = [
+            (
+                "UDP reply to the node port",
+                Frame6Builder::udp(backend, node6(NODE6, PORT)).build(),
+            ),
+            (
+                "TCP SYN-ACK to the node port",
+                Frame6Builder::tcp(backend, node6(NODE6, PORT), TCP_SYN | TCP_ACK, 1, 1).build(),
+            ),
+        ];
+        assert_untouched(&dp, &replies);
+        assert_no_port_counted(
+            &dp,
+            GlobalCounters {
+                passed: 2,
+                ..GlobalCounters::default()
+            },
+        );
+        let other_port = Endpoint6 {
+            port: 8001,
+            ..backend
+        };
+        let (verdict, out) = run_xdp(
+            &dp,
+            &Frame6Builder::udp(other_port, node6(NODE6, PORT)).build(),
+        );
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(destination6(&out), (twin(1), 8000));
+    }
+
     #[test]
     fn ipv6_packets_not_for_a_node_port_pass_untouched() {
         let dp = load6(&[UDP_PORT, TCP_PORT], &[1, 2]);

@@ -40,6 +40,7 @@ const PINNED_MAPS: &[&str] = &[
     np::PORT_STATS6_MAP,
     np::FRAGS_MAP,
     np::FRAGS6_MAP,
+    np::BACKEND_ADDRS6_MAP,
 ];
 
 /// What must happen before a pin directory can be used.

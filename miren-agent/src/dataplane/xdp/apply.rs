@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::MapError;
 use miren_common::nodeport::{
-    self as np, Backend, Backend6, BackendAddr, Config, GlobalStat, MaglevKey, Service, ServiceKey,
+    self as np, Backend, Backend6, Config, GlobalStat, MaglevKey, Service, ServiceKey,
 };
 
 use super::{
@@ -18,7 +18,7 @@ use super::{
         BackendCounters, Counters, DataplaneError, Family, GlobalCounters, NodePortKey,
         PortCounters, Snapshot, maglev,
     },
-    maps::NodePortMaps,
+    maps::{BackendSource, NodePortMaps},
 };
 use crate::{bpf::BpfError, config::Protocol};
 
@@ -100,8 +100,8 @@ pub(super) struct NodePorts<M> {
     maps: M,
     /// The node's addresses of both families.
     node_addrs: BTreeSet<IpAddr>,
-    /// Every backend's address, port and protocol, as `MIREN_BACKEND_ADDRS` holds them.
-    backend_addrs: BTreeSet<BackendAddr>,
+    /// Every backend's protocol and address, as `MIREN_BACKEND_ADDRS(6)` hold them.
+    backend_addrs: BTreeSet<BackendSource>,
     services: BTreeMap<NodePortKey, ServiceState>,
     service_ids: Ids,
     backend_ids: Ids,
@@ -259,28 +259,26 @@ impl<M: NodePortMaps> NodePorts<M> {
         Ok(())
     }
 
-    /// Makes `MIREN_BACKEND_ADDRS` hold exactly the IPv4 backends of `snapshot`.
+    /// Makes `MIREN_BACKEND_ADDRS(6)` hold exactly the backends of `snapshot`.
     fn apply_backend_addrs(&mut self, snapshot: &Snapshot) -> Result<(), DataplaneError> {
-        let wanted: BTreeSet<BackendAddr> = snapshot
+        let wanted: BTreeSet<BackendSource> = snapshot
             .node_ports
             .iter()
             .flat_map(|(key, endpoints)| {
-                endpoints.iter().filter_map(|endpoint| match endpoint {
-                    SocketAddr::V4(v4) => Some(backend_addr(key.protocol, *v4)),
-                    SocketAddr::V6(_) => None,
-                })
+                let protocol = protocol_number(key.protocol);
+                endpoints.iter().map(move |endpoint| (protocol, *endpoint))
             })
             .collect();
         let current = std::mem::take(&mut self.backend_addrs);
-        for addr in wanted.difference(&current) {
+        for source in wanted.difference(&current) {
             self.maps
-                .insert_backend_addr(addr)
-                .map_err(map_err("adding a backend address"))?;
+                .insert_backend_addr(*source)
+                .map_err(map_err(format!("adding backend address {}", source.1)))?;
         }
-        for addr in current.difference(&wanted) {
+        for source in current.difference(&wanted) {
             self.maps
-                .remove_backend_addr(addr)
-                .map_err(map_err("removing a backend address"))?;
+                .remove_backend_addr(*source)
+                .map_err(map_err(format!("removing backend address {}", source.1)))?;
         }
         self.backend_addrs = wanted;
         Ok(())
@@ -645,15 +643,6 @@ fn service_key(key: NodePortKey) -> ServiceKey {
     }
 }
 
-fn backend_addr(protocol: Protocol, addr: SocketAddrV4) -> BackendAddr {
-    BackendAddr {
-        addr_be: u32::from(*addr.ip()).to_be(),
-        port_be: addr.port().to_be(),
-        protocol: protocol_number(protocol),
-        pad: 0,
-    }
-}
-
 /// A node port's IPv4 endpoints, each with its IPv6 twin. The snapshot lists an instance's
 /// IPv4 endpoint and its IPv6 twin in the same position of each family; when the families
 /// do not pair up (other counts or ports), no endpoint gets a twin (IPv6 clients of the node
@@ -908,7 +897,7 @@ mod tests {
         assert!(
             !maps
                 .backend_addrs
-                .contains(&backend_addr(key.protocol, ep(2)))
+                .contains(&(np::PROTO_UDP, SocketAddr::V4(ep(2))))
         );
         // Its id is free again at once.
         ports.apply(&snapshot(&[(key, &[ep(1), ep(3)])])).unwrap();
@@ -1007,6 +996,16 @@ mod tests {
         };
         assert_eq!(twin_of(ports.maps(), 1), Some(twin(1)));
         assert_eq!(twin_of(ports.maps(), 2), Some(twin(2)));
+        // Both families' addresses are backend addresses (never clients).
+        let sources = |maps: &FakeMaps| {
+            maps.backend_addrs
+                .iter()
+                .map(|(_, a)| *a)
+                .collect::<BTreeSet<SocketAddr>>()
+        };
+        let expected: BTreeSet<SocketAddr> =
+            [ep(1).into(), ep(2).into(), twin(1).into(), twin(2).into()].into();
+        assert_eq!(sources(ports.maps()), expected);
         // Same snapshot again, also after adoption: nothing written.
         let before = ports.maps().clone();
         ports.apply(&dual(&[1, 2], &[1, 2])).unwrap();
@@ -1044,6 +1043,8 @@ mod tests {
         );
         ports.apply(&dual(&[1], &[1])).unwrap();
         assert!(ports.maps().conntrack6.is_empty());
+        let expected: BTreeSet<SocketAddr> = [ep(1).into(), twin(1).into()].into();
+        assert_eq!(sources(ports.maps()), expected);
     }
 
     #[test]

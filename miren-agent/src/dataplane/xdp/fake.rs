@@ -13,11 +13,11 @@ use std::{
 
 use aya::{maps::MapError, sys::SyscallError};
 use miren_common::nodeport::{
-    self as np, Backend, Backend6, BackendAddr, BackendStats, Config, Flow, Flow6, FlowKey,
-    FlowKey6, GlobalStat, MaglevKey, PortStats, Service, ServiceKey,
+    self as np, Backend, Backend6, BackendStats, Config, Flow, Flow6, FlowKey, FlowKey6,
+    GlobalStat, MaglevKey, PortStats, Service, ServiceKey,
 };
 
-use super::maps::{Entries, NodePortMaps};
+use super::maps::{BackendSource, Entries, NodePortMaps};
 
 /// `max_entries` of `MIREN_NODE_ADDRS` (and of `MIREN_NODE_ADDRS6`) in the eBPF program.
 const MAX_NODE_ADDRS: usize = 256;
@@ -27,8 +27,8 @@ const MAX_NODE_ADDRS: usize = 256;
 pub(super) struct FakeMaps {
     /// `MIREN_NODE_ADDRS` and `MIREN_NODE_ADDRS6`.
     pub(super) node_addrs: BTreeSet<IpAddr>,
-    /// `MIREN_BACKEND_ADDRS`.
-    pub(super) backend_addrs: BTreeSet<BackendAddr>,
+    /// `MIREN_BACKEND_ADDRS` and `MIREN_BACKEND_ADDRS6`.
+    pub(super) backend_addrs: BTreeSet<BackendSource>,
     /// `MIREN_SERVICES`.
     pub(super) services: HashMap<ServiceKey, Service>,
     /// `MIREN_MAGLEV`.
@@ -182,18 +182,29 @@ impl NodePortMaps for FakeMaps {
         self.wrote(result)
     }
 
-    fn backend_addrs(&self) -> Entries<'_, BackendAddr> {
+    fn backend_addrs(&self) -> Entries<'_, BackendSource> {
         entries(self.backend_addrs.iter().copied())
     }
 
-    fn insert_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError> {
-        let max_entries = self.backend_capacity() as usize;
-        let result = set_insert(&mut self.backend_addrs, max_entries, *addr);
+    fn insert_backend_addr(&mut self, source: BackendSource) -> Result<(), MapError> {
+        // Each family has its own map of `backend_capacity()`.
+        let same_family = self
+            .backend_addrs
+            .iter()
+            .filter(|(_, a)| a.is_ipv4() == source.1.is_ipv4())
+            .count();
+        let full = same_family >= self.backend_capacity() as usize;
+        let result = if !self.backend_addrs.contains(&source) && full {
+            Err(syscall("bpf_map_update_elem", libc::E2BIG))
+        } else {
+            self.backend_addrs.insert(source);
+            Ok(())
+        };
         self.wrote(result)
     }
 
-    fn remove_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError> {
-        let result = deleted(self.backend_addrs.remove(addr));
+    fn remove_backend_addr(&mut self, source: BackendSource) -> Result<(), MapError> {
+        let result = deleted(self.backend_addrs.remove(&source));
         self.wrote(result)
     }
 

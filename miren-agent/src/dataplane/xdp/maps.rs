@@ -4,10 +4,11 @@
 //!
 //! Keys and values are the kernel layouts of [`miren_common::nodeport`] (network byte order),
 //! except node addresses, which are [`IpAddr`]s (IPv4 ones in `MIREN_NODE_ADDRS`, IPv6 ones in
-//! `MIREN_NODE_ADDRS6`). Errors are aya's [`MapError`]s, as the kernel
+//! `MIREN_NODE_ADDRS6`), and backend addresses, which are [`BackendSource`]s (in
+//! `MIREN_BACKEND_ADDRS` / `MIREN_BACKEND_ADDRS6` by family). Errors are aya's [`MapError`]s, as the kernel
 //! reports them; callers say what they were doing.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use aya::{
     Ebpf, Pod,
@@ -15,12 +16,15 @@ use aya::{
     util::nr_cpus,
 };
 use miren_common::nodeport::{
-    self as np, Addr6, Backend, Backend6, BackendAddr, BackendStats, Config, Flow, Flow6, FlowKey,
-    FlowKey6, GlobalStat, MaglevKey, PortStats, Service, ServiceKey,
+    self as np, Addr6, Backend, Backend6, BackendAddr, BackendAddr6, BackendStats, Config, Flow,
+    Flow6, FlowKey, FlowKey6, GlobalStat, MaglevKey, PortStats, Service, ServiceKey,
 };
 
 use super::super::DataplaneError;
 use crate::bpf::BpfError;
+
+/// A backend as the source of its packets: IP protocol number and address (either family).
+pub(super) type BackendSource = (u8, SocketAddr);
 
 /// An iterator over a map's entries; an entry that cannot be read is an `Err`.
 pub(super) type Entries<'a, T> = Box<dyn Iterator<Item = Result<T, MapError>> + 'a>;
@@ -42,14 +46,14 @@ pub(super) trait NodePortMaps: Send + std::fmt::Debug {
     /// Removes a node address; an error if it is not there.
     fn remove_node_addr(&mut self, addr: IpAddr) -> Result<(), MapError>;
 
-    /// Every backend's address, port and protocol.
-    fn backend_addrs(&self) -> Entries<'_, BackendAddr>;
+    /// Every backend's protocol and address (both families).
+    fn backend_addrs(&self) -> Entries<'_, BackendSource>;
 
     /// Adds a backend address.
-    fn insert_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError>;
+    fn insert_backend_addr(&mut self, source: BackendSource) -> Result<(), MapError>;
 
     /// Removes a backend address; an error if it is not there.
-    fn remove_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError>;
+    fn remove_backend_addr(&mut self, source: BackendSource) -> Result<(), MapError>;
 
     /// The configured node ports.
     fn services(&self) -> Entries<'_, (ServiceKey, Service)>;
@@ -132,6 +136,7 @@ pub(super) struct KernelMaps {
     maglev: HashMap<MapData, MaglevKey, u32>,
     backends: Array<MapData, Backend>,
     backend_addrs: HashMap<MapData, BackendAddr, u32>,
+    backend_addrs6: HashMap<MapData, BackendAddr6, u32>,
     conntrack: HashMap<MapData, FlowKey, Flow>,
     backends6: Array<MapData, Backend6>,
     conntrack6: HashMap<MapData, FlowKey6, Flow6>,
@@ -171,6 +176,7 @@ impl KernelMaps {
             maglev: take(ebpf, np::MAGLEV_MAP, "the Maglev map")?,
             backends: take(ebpf, np::BACKENDS_MAP, "the backend map")?,
             backend_addrs: take(ebpf, np::BACKEND_ADDRS_MAP, "the backend address map")?,
+            backend_addrs6: take(ebpf, np::BACKEND_ADDRS6_MAP, "the IPv6 backend address map")?,
             conntrack: take(ebpf, np::CONNTRACK_MAP, "conntrack")?,
             backends6: take(ebpf, np::BACKENDS6_MAP, "the IPv6 backend map")?,
             conntrack6: take(ebpf, np::CONNTRACK6_MAP, "IPv6 conntrack")?,
@@ -208,6 +214,26 @@ fn take<M: TryFrom<Map, Error = MapError>>(
 }
 
 /// An IPv6 address as the kernel stores it (words in network byte order).
+/// A backend as `MIREN_BACKEND_ADDRS` keys it.
+fn backend_addr(protocol: u8, addr: SocketAddrV4) -> BackendAddr {
+    BackendAddr {
+        addr_be: u32::from(*addr.ip()).to_be(),
+        port_be: addr.port().to_be(),
+        protocol,
+        pad: 0,
+    }
+}
+
+/// A backend as `MIREN_BACKEND_ADDRS6` keys it.
+fn backend_addr6(protocol: u8, addr: SocketAddrV6) -> BackendAddr6 {
+    BackendAddr6 {
+        addr: addr6(*addr.ip()),
+        port_be: addr.port().to_be(),
+        protocol,
+        pad: 0,
+    }
+}
+
 pub(super) fn addr6(addr: Ipv6Addr) -> Addr6 {
     let o = addr.octets();
     std::array::from_fn(|i| {
@@ -264,16 +290,42 @@ impl NodePortMaps for KernelMaps {
         }
     }
 
-    fn backend_addrs(&self) -> Entries<'_, BackendAddr> {
-        Box::new(self.backend_addrs.keys())
+    fn backend_addrs(&self) -> Entries<'_, BackendSource> {
+        let v4 = self.backend_addrs.keys().map(|key| {
+            key.map(|k| {
+                let addr = Ipv4Addr::from(u32::from_be(k.addr_be));
+                (
+                    k.protocol,
+                    SocketAddr::from((addr, u16::from_be(k.port_be))),
+                )
+            })
+        });
+        let v6 = self.backend_addrs6.keys().map(|key| {
+            key.map(|k| {
+                let addr = from_addr6(k.addr);
+                (
+                    k.protocol,
+                    SocketAddr::from((addr, u16::from_be(k.port_be))),
+                )
+            })
+        });
+        Box::new(v4.chain(v6))
     }
 
-    fn insert_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError> {
-        self.backend_addrs.insert(addr, 1, 0)
+    fn insert_backend_addr(&mut self, (protocol, addr): BackendSource) -> Result<(), MapError> {
+        match addr {
+            SocketAddr::V4(v4) => self.backend_addrs.insert(backend_addr(protocol, v4), 1, 0),
+            SocketAddr::V6(v6) => self
+                .backend_addrs6
+                .insert(backend_addr6(protocol, v6), 1, 0),
+        }
     }
 
-    fn remove_backend_addr(&mut self, addr: &BackendAddr) -> Result<(), MapError> {
-        self.backend_addrs.remove(addr)
+    fn remove_backend_addr(&mut self, (protocol, addr): BackendSource) -> Result<(), MapError> {
+        match addr {
+            SocketAddr::V4(v4) => self.backend_addrs.remove(&backend_addr(protocol, v4)),
+            SocketAddr::V6(v6) => self.backend_addrs6.remove(&backend_addr6(protocol, v6)),
+        }
     }
 
     fn services(&self) -> Entries<'_, (ServiceKey, Service)> {
