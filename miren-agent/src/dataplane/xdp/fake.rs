@@ -109,9 +109,16 @@ fn hash_insert<K: Eq + std::hash::Hash, V>(
     Ok(())
 }
 
-/// [`hash_insert`] for a hash map whose values are all 1 (a set).
-fn set_insert<K: Ord>(set: &mut BTreeSet<K>, max_entries: usize, key: K) -> Result<(), MapError> {
-    if !set.contains(&key) && set.len() >= max_entries {
+/// [`hash_insert`] for a set standing for two hash maps of `max_entries` each, one per address
+/// family (`is_ipv4` says which an entry is in).
+fn insert_per_family<K: Ord>(
+    set: &mut BTreeSet<K>,
+    key: K,
+    max_entries: usize,
+    is_ipv4: impl Fn(&K) -> bool,
+) -> Result<(), MapError> {
+    let same_family = set.iter().filter(|k| is_ipv4(k) == is_ipv4(&key)).count();
+    if !set.contains(&key) && same_family >= max_entries {
         return Err(syscall("bpf_map_update_elem", libc::E2BIG));
     }
     set.insert(key);
@@ -162,18 +169,7 @@ impl NodePortMaps for FakeMaps {
     }
 
     fn insert_node_addr(&mut self, addr: IpAddr) -> Result<(), MapError> {
-        // Each family has its own map of `MAX_NODE_ADDRS`.
-        let same_family = self
-            .node_addrs
-            .iter()
-            .filter(|a| a.is_ipv4() == addr.is_ipv4())
-            .count();
-        let result = if !self.node_addrs.contains(&addr) && same_family >= MAX_NODE_ADDRS {
-            Err(syscall("bpf_map_update_elem", libc::E2BIG))
-        } else {
-            self.node_addrs.insert(addr);
-            Ok(())
-        };
+        let result = insert_per_family(&mut self.node_addrs, addr, MAX_NODE_ADDRS, IpAddr::is_ipv4);
         self.wrote(result)
     }
 
@@ -187,19 +183,10 @@ impl NodePortMaps for FakeMaps {
     }
 
     fn insert_backend_addr(&mut self, source: BackendSource) -> Result<(), MapError> {
-        // Each family has its own map of `backend_capacity()`.
-        let same_family = self
-            .backend_addrs
-            .iter()
-            .filter(|(_, a)| a.is_ipv4() == source.1.is_ipv4())
-            .count();
-        let full = same_family >= self.backend_capacity() as usize;
-        let result = if !self.backend_addrs.contains(&source) && full {
-            Err(syscall("bpf_map_update_elem", libc::E2BIG))
-        } else {
-            self.backend_addrs.insert(source);
-            Ok(())
-        };
+        let max_entries = self.backend_capacity() as usize;
+        let result = insert_per_family(&mut self.backend_addrs, source, max_entries, |(_, a)| {
+            a.is_ipv4()
+        });
         self.wrote(result)
     }
 
