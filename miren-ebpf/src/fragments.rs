@@ -8,7 +8,10 @@ use miren_common::nodeport::{
     Addr6, FRAG_TIMEOUT_NS, FragKey, FragKey6, FragNat, FragNat6, GlobalStat,
 };
 
-use crate::maps::{FRAGS, FRAGS6, config, count, now_ns};
+use crate::{
+    family::Family,
+    maps::{FRAGS, FRAGS6, config, count, now_ns},
+};
 
 /// Remembers how the first fragment of datagram `key` was translated.
 #[inline(always)]
@@ -40,30 +43,23 @@ pub fn remember6(key: &FragKey6, nat_addr: &Addr6, service_id: u32, backend_id: 
 /// The translation of a later fragment of datagram `key`, refreshed and counted forwarded;
 /// `None` (counted unmatched) when its first fragment was not seen or too long ago.
 #[inline(always)]
-pub fn translation(key: &FragKey) -> Option<FragNat> {
-    let entry = FRAGS.get_ptr_mut(key);
-    // SAFETY: pointer from a successful lookup; racing writers only touch the timestamp.
-    let nat = entry.map(|entry| unsafe { &mut *entry });
+pub fn translation<F: Family>(key: &F::FragKey) -> Option<F::FragNat> {
     let now = now_ns(&config());
-    let live = nat.filter(|nat| now.saturating_sub(nat.last_seen_ns) <= FRAG_TIMEOUT_NS);
-    counted(live.map(|nat| {
-        nat.last_seen_ns = now;
-        *nat
-    }))
-}
-
-/// IPv6: [`translation`].
-#[inline(always)]
-pub fn translation6(key: &FragKey6) -> Option<FragNat6> {
-    let entry = FRAGS6.get_ptr_mut(key);
-    // SAFETY: as in `translation`.
-    let nat = entry.map(|entry| unsafe { &mut *entry });
-    let now = now_ns(&config());
-    let live = nat.filter(|nat| now.saturating_sub(nat.last_seen_ns) <= FRAG_TIMEOUT_NS);
-    counted(live.map(|nat| {
-        nat.last_seen_ns = now;
-        *nat
-    }))
+    let live = match F::frags().get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup; racing writers only touch the timestamp.
+        Some(entry) => {
+            let last_seen = F::frag_last_seen(unsafe { &mut *entry });
+            if now.saturating_sub(*last_seen) <= FRAG_TIMEOUT_NS {
+                *last_seen = now;
+                // SAFETY: as above.
+                Some(unsafe { *entry })
+            } else {
+                None
+            }
+        }
+        None => None,
+    };
+    counted(live)
 }
 
 /// Counts a later fragment as forwarded or unmatched.

@@ -5,6 +5,7 @@
 
 mod counter;
 mod csum;
+mod family;
 mod fragments;
 mod headers;
 mod icmp;

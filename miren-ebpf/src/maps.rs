@@ -96,8 +96,9 @@ pub fn port_stats6(id: u32, f: impl FnOnce(&mut PortStats)) {
     port_stats_in(&PORT_STATS6, id, f);
 }
 
+/// Runs `f` on this CPU's slot `id` of a per-node-port stats map.
 #[inline(always)]
-fn port_stats_in(map: &PerCpuArray<PortStats>, id: u32, f: impl FnOnce(&mut PortStats)) {
+pub fn port_stats_in(map: &PerCpuArray<PortStats>, id: u32, f: impl FnOnce(&mut PortStats)) {
     if let Some(stats) = map.get_ptr_mut(id) {
         // SAFETY: as in `count`.
         f(unsafe { &mut *stats });

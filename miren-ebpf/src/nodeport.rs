@@ -19,7 +19,9 @@ use miren_common::nodeport::{
 };
 
 use crate::{
-    csum, fragments,
+    csum,
+    family::{Family, V4, V6},
+    fragments,
     headers::{
         ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, EthHdr, IP_FRAG_MASK, IP_OFFSET_MASK, IPV6_DSTOPTS,
         IPV6_FRAGMENT, IPV6_HOPOPTS, IPV6_LEN, IPV6_OFFSET_MASK, IPV6_ROUTING, Ipv4Hdr, Ipv6ExtHdr,
@@ -30,7 +32,7 @@ use crate::{
     maps::{
         BACKEND_ADDRS, BACKEND_ADDRS6, BACKEND_STATS, BACKEND_STATS6, BACKENDS, BACKENDS6,
         CONNTRACK, CONNTRACK6, MAGLEV, NODE_ADDRS, NODE_ADDRS6, SERVICES, config, count, now_ns,
-        port_stats, port_stats6,
+        port_stats, port_stats_in, port_stats6,
     },
 };
 
@@ -151,12 +153,12 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
     // One read of the settings per packet, shared by the clock and the expiry check.
     let config = config();
     let now = now_ns(&config);
-    let (backend_id, nat_addr, nat_port) = match established(&key, &config, now, tcp_flags) {
+    let (backend_id, nat_addr, nat_port) = match established::<V4>(&key, &config, now, tcp_flags) {
         Some(flow) => {
-            count_rx(service.id, ip_bytes);
+            count_rx::<V4>(service.id, ip_bytes);
             count(GlobalStat::ConntrackHit);
             if tcp_flags & TCP_RST != 0 {
-                forget(&key, &flow);
+                forget::<V4>(&key, &flow);
             }
             (flow.backend_id, flow.nat_addr, flow.nat_port)
         }
@@ -174,7 +176,7 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
             if BACKEND_ADDRS.get_ptr(source).is_some() {
                 return pass();
             }
-            count_rx(service.id, ip_bytes);
+            count_rx::<V4>(service.id, ip_bytes);
             let Some(chosen) = new_flow(&key, &service, now, tcp_flags) else {
                 return Ok(xdp_action::XDP_DROP);
             };
@@ -193,7 +195,7 @@ fn forward(ctx: &XdpContext) -> Result<u32, Malformed> {
 /// fragment's was; to the kernel untouched when that was not seen.
 #[inline(always)]
 fn later_fragment(ip: *mut Ipv4Hdr, key: &FragKey, ip_bytes: u64) -> u32 {
-    let Some(nat) = fragments::translation(key) else {
+    let Some(nat) = fragments::translation::<V4>(key) else {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: `ip` was bounds-checked by the caller.
@@ -201,7 +203,7 @@ fn later_fragment(ip: *mut Ipv4Hdr, key: &FragKey, ip_bytes: u64) -> u32 {
         (*ip).check = csum::replace4((*ip).check, (*ip).daddr, nat.nat_addr);
         (*ip).daddr = nat.nat_addr;
     }
-    count_rx(nat.service_id, ip_bytes);
+    count_rx::<V4>(nat.service_id, ip_bytes);
     backend_stats(nat.backend_id, ip_bytes);
     xdp_action::XDP_PASS
 }
@@ -209,12 +211,12 @@ fn later_fragment(ip: *mut Ipv4Hdr, key: &FragKey, ip_bytes: u64) -> u32 {
 /// IPv6: [`later_fragment`] (no header checksum).
 #[inline(always)]
 fn later_fragment6(ip: *mut Ipv6Hdr, key: &FragKey6, ip_bytes: u64) -> u32 {
-    let Some(nat) = fragments::translation6(key) else {
+    let Some(nat) = fragments::translation::<V6>(key) else {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: `ip` was bounds-checked by the caller.
     unsafe { (*ip).daddr = nat.nat_addr };
-    count_rx6(nat.service_id, ip_bytes);
+    count_rx::<V6>(nat.service_id, ip_bytes);
     stats_add(&BACKEND_STATS6, nat.backend_id, ip_bytes);
     xdp_action::XDP_PASS
 }
@@ -378,21 +380,12 @@ fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
     };
     let config = config();
     let now = now_ns(&config);
-    let (backend_id, nat_addr, nat_port) = match established6(&key, &config, now, tcp_flags) {
+    let (backend_id, nat_addr, nat_port) = match established::<V6>(&key, &config, now, tcp_flags) {
         Some(flow) => {
-            count_rx6(service.id, ip_bytes);
+            count_rx::<V6>(service.id, ip_bytes);
             count(GlobalStat::ConntrackHit);
             if tcp_flags & TCP_RST != 0 {
-                let reverse_key = FlowKey6 {
-                    src_addr: flow.nat_addr,
-                    dst_addr: key.src_addr,
-                    src_port: flow.nat_port,
-                    dst_port: key.src_port,
-                    protocol,
-                    pad: [0; 3],
-                };
-                let _ = CONNTRACK6.remove(key);
-                let _ = CONNTRACK6.remove(reverse_key);
+                forget::<V6>(&key, &flow);
             }
             (flow.backend_id, flow.nat_addr, flow.nat_port)
         }
@@ -407,7 +400,7 @@ fn forward6(ctx: &XdpContext) -> Result<u32, Malformed> {
             if BACKEND_ADDRS6.get_ptr(source).is_some() {
                 return pass();
             }
-            count_rx6(service.id, ip_bytes);
+            count_rx::<V6>(service.id, ip_bytes);
             let Some(chosen) = new_flow6(&key, &service, now, tcp_flags) else {
                 return Ok(xdp_action::XDP_DROP);
             };
@@ -468,14 +461,7 @@ fn new_flow6(
             pad: 0,
             last_seen_ns: now,
         };
-        let reverse_key = FlowKey6 {
-            src_addr: backend.addr,
-            dst_addr: key.src_addr,
-            src_port: backend.port_be,
-            dst_port: key.src_port,
-            protocol: key.protocol,
-            pad: [0; 3],
-        };
+        let reverse_key = V6::reverse_key(key, &forward);
         let reverse = Flow6 {
             nat_addr: key.dst_addr,
             nat_port: key.dst_port,
@@ -524,41 +510,28 @@ fn rewrite6(
 
 /// The live conntrack entry of `key`, refreshed; `None` if missing or expired.
 #[inline(always)]
-fn established(key: &FlowKey, config: &Config, now: u64, tcp_flags: u8) -> Option<Flow> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
+fn established<F: Family>(
+    key: &F::Key,
+    config: &Config,
+    now: u64,
+    tcp_flags: u8,
+) -> Option<F::Flow> {
+    let entry = F::conntrack().get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup; racing updates only touch timestamps/flags.
     let flow = unsafe { &mut *entry };
-    if retried_syn(flow.flags, tcp_flags) {
+    if retried_syn(*F::flags(flow), tcp_flags) {
         return None;
     }
+    let mut flags = *F::flags(flow);
     let live = refresh(
-        &mut flow.last_seen_ns,
-        &mut flow.flags,
-        key.protocol,
+        F::last_seen(flow),
+        &mut flags,
+        F::protocol(key),
         config,
         now,
         tcp_flags,
     );
-    live.then_some(*flow)
-}
-
-/// IPv6: [`established`].
-#[inline(always)]
-fn established6(key: &FlowKey6, config: &Config, now: u64, tcp_flags: u8) -> Option<Flow6> {
-    let entry = CONNTRACK6.get_ptr_mut(key)?;
-    // SAFETY: as in `established`.
-    let flow = unsafe { &mut *entry };
-    if retried_syn(flow.flags, tcp_flags) {
-        return None;
-    }
-    let live = refresh(
-        &mut flow.last_seen_ns,
-        &mut flow.flags,
-        key.protocol,
-        config,
-        now,
-        tcp_flags,
-    );
+    *F::flags(flow) = flags;
     live.then_some(*flow)
 }
 
@@ -596,19 +569,10 @@ fn refresh(
     true
 }
 
-/// Counts a received packet of `service`.
+/// Counts a received packet of node port `service_id`.
 #[inline(always)]
-fn count_rx(service_id: u32, ip_bytes: u64) {
-    port_stats(service_id, |s| {
-        s.rx_packets += 1;
-        s.rx_bytes += ip_bytes;
-    });
-}
-
-/// Counts a received IPv6 packet of `service`.
-#[inline(always)]
-fn count_rx6(service_id: u32, ip_bytes: u64) {
-    port_stats6(service_id, |s| {
+fn count_rx<F: Family>(service_id: u32, ip_bytes: u64) {
+    port_stats_in(F::port_stats(), service_id, |s| {
         s.rx_packets += 1;
         s.rx_bytes += ip_bytes;
     });
@@ -643,14 +607,7 @@ fn new_flow(key: &FlowKey, service: &Service, now: u64, tcp_flags: u8) -> Option
             backend_id,
             last_seen_ns: now,
         };
-        let reverse_key = FlowKey {
-            src_addr: backend.addr_be,
-            dst_addr: key.src_addr,
-            src_port: backend.port_be,
-            dst_port: key.src_port,
-            protocol: key.protocol,
-            pad: [0; 3],
-        };
+        let reverse_key = V4::reverse_key(key, &forward);
         let reverse = Flow {
             nat_addr: key.dst_addr,
             nat_port: key.dst_port,
@@ -679,17 +636,9 @@ fn remembers(protocol: u8, tcp_flags: u8) -> bool {
 
 /// Removes the forward and reverse entries of a flow (after RST).
 #[inline(always)]
-fn forget(key: &FlowKey, flow: &Flow) {
-    let reverse_key = FlowKey {
-        src_addr: flow.nat_addr,
-        dst_addr: key.src_addr,
-        src_port: flow.nat_port,
-        dst_port: key.src_port,
-        protocol: key.protocol,
-        pad: [0; 3],
-    };
-    let _ = CONNTRACK.remove(key);
-    let _ = CONNTRACK.remove(reverse_key);
+fn forget<F: Family>(key: &F::Key, flow: &F::Flow) {
+    let _ = F::conntrack().remove(F::reverse_key(key, flow));
+    let _ = F::conntrack().remove(key);
 }
 
 /// Rewrites the destination address and port, updating the IPv4 and L4 checksums.

@@ -17,18 +17,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use miren_common::nodeport::{
-    Addr6, FLOW_REPLIED, FLOW_REVERSE, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragKey6,
-    GlobalStat, PROTO_TCP, PROTO_UDP,
+    Addr6, FLOW_REPLIED, FLOW_REVERSE, FlowKey, FlowKey6, FragKey, FragKey6, GlobalStat, PROTO_TCP,
+    PROTO_UDP,
 };
 
 use crate::{
-    csum, fragments,
+    csum,
+    family::{Family, V4, V6},
+    fragments,
     headers::{
         ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, ICMP_LEN, IP_FRAG_MASK, IP_OFFSET_MASK, IPV6_FRAGMENT,
         IPV6_LEN, IPV6_OFFSET_MASK, PROTO_ICMP, PROTO_ICMPV6, Ports, TCP_CHECK_OFF, UDP_CHECK_OFF,
         icmp_is_error, icmp6_is_error,
     },
-    maps::{CONNTRACK, CONNTRACK6, config, count, now_ns, port_stats, port_stats6},
+    maps::{config, count, now_ns, port_stats_in},
 };
 
 /// Offsets in the IPv4 header (from the start of the frame).
@@ -88,78 +90,32 @@ fn l4_check(protocol: u8, l4: usize) -> (usize, u64) {
 
 /// The reverse entry of a flow, if `key` is a reply's 5-tuple.
 #[inline(always)]
-fn reverse_flow(key: &FlowKey) -> Option<Flow> {
+fn reverse_flow<F: Family>(key: &F::Key) -> Option<F::Flow> {
     // SAFETY: pointer from a successful lookup.
-    let flow = unsafe { *CONNTRACK.get_ptr(key)? };
-    (flow.flags & FLOW_REVERSE != 0).then_some(flow)
-}
-
-/// IPv6: [`reverse_flow`].
-#[inline(always)]
-fn reverse_flow6(key: &FlowKey6) -> Option<Flow6> {
-    // SAFETY: pointer from a successful lookup.
-    let flow = unsafe { *CONNTRACK6.get_ptr(key)? };
-    (flow.flags & FLOW_REVERSE != 0).then_some(flow)
+    let mut flow = unsafe { *F::conntrack().get_ptr(key)? };
+    (*F::flags(&mut flow) & FLOW_REVERSE != 0).then_some(flow)
 }
 
 /// Marks both entries of a flow answered by its backend, at its first reply (`key` and
 /// `flow`: the reply's 5-tuple and reverse entry).
 #[inline(always)]
-fn mark_replied(key: &FlowKey, flow: &Flow) {
-    if flow.flags & FLOW_REPLIED != 0 {
+fn mark_replied<F: Family>(key: &F::Key, mut flow: F::Flow) {
+    if *F::flags(&mut flow) & FLOW_REPLIED != 0 {
         return;
     }
-    let forward_key = FlowKey {
-        src_addr: key.dst_addr,
-        dst_addr: flow.nat_addr,
-        src_port: key.dst_port,
-        dst_port: flow.nat_port,
-        protocol: key.protocol,
-        pad: [0; 3],
-    };
+    let forward_key = F::forward_key(key, &flow);
     for entry_key in [key, &forward_key] {
-        if let Some(entry) = CONNTRACK.get_ptr_mut(entry_key) {
+        if let Some(entry) = F::conntrack().get_ptr_mut(entry_key) {
             // SAFETY: pointer from a successful lookup; racing writers only set flags.
-            unsafe { (*entry).flags |= FLOW_REPLIED };
+            unsafe { *F::flags(&mut *entry) |= FLOW_REPLIED };
         }
     }
 }
 
-/// IPv6: [`mark_replied`].
+/// Counts a reply packet of node port `service_id`.
 #[inline(always)]
-fn mark_replied6(key: &FlowKey6, flow: &Flow6) {
-    if flow.flags & FLOW_REPLIED != 0 {
-        return;
-    }
-    let forward_key = FlowKey6 {
-        src_addr: key.dst_addr,
-        dst_addr: flow.nat_addr,
-        src_port: key.dst_port,
-        dst_port: flow.nat_port,
-        protocol: key.protocol,
-        pad: [0; 3],
-    };
-    for entry_key in [key, &forward_key] {
-        if let Some(entry) = CONNTRACK6.get_ptr_mut(entry_key) {
-            // SAFETY: as in `mark_replied`.
-            unsafe { (*entry).flags |= FLOW_REPLIED };
-        }
-    }
-}
-
-/// Counts a reply packet of node port `service_id` (IPv4).
-#[inline(always)]
-fn count_tx(service_id: u32, ip_bytes: u64) {
-    port_stats(service_id, |s| {
-        s.tx_packets += 1;
-        s.tx_bytes += ip_bytes;
-    });
-}
-
-/// Counts a reply packet of node port `service_id` (IPv6).
-#[inline(always)]
-fn count_tx6(service_id: u32, ip_bytes: u64) {
-    port_stats6(service_id, |s| {
+fn count_tx<F: Family>(service_id: u32, ip_bytes: u64) {
+    port_stats_in(F::port_stats(), service_id, |s| {
         s.tx_packets += 1;
         s.tx_bytes += ip_bytes;
     });
@@ -191,10 +147,10 @@ fn reverse_nat4(ctx: &TcContext) -> Result<(), i64> {
         pad: 0,
     };
     if frag_off & IP_OFFSET_MASK != 0 {
-        if let Some(nat) = fragments::translation(&fragment) {
+        if let Some(nat) = fragments::translation::<V4>(&fragment) {
             ctx.l3_csum_replace(IP_CHECK, u64::from(saddr), u64::from(nat.nat_addr), 4)?;
             ctx.store(IP_SADDR, &nat.nat_addr, 0)?;
-            count_tx(nat.service_id, ip_bytes);
+            count_tx::<V4>(nat.service_id, ip_bytes);
         }
         return Ok(());
     }
@@ -207,10 +163,10 @@ fn reverse_nat4(ctx: &TcContext) -> Result<(), i64> {
         protocol,
         pad: [0; 3],
     };
-    let Some(flow) = reverse_flow(&key) else {
+    let Some(flow) = reverse_flow::<V4>(&key) else {
         return Ok(());
     };
-    mark_replied(&key, &flow);
+    mark_replied::<V4>(&key, flow);
     let (check_off, mangled) = l4_check(protocol, l4);
     let udp_unchecked = protocol == PROTO_UDP && ctx.load::<u16>(check_off)? == 0;
     if !udp_unchecked {
@@ -231,7 +187,7 @@ fn reverse_nat4(ctx: &TcContext) -> Result<(), i64> {
     ctx.l3_csum_replace(IP_CHECK, u64::from(saddr), u64::from(flow.nat_addr), 4)?;
     ctx.store(IP_SADDR, &flow.nat_addr, 0)?;
     ctx.store(l4, &flow.nat_port, 0)?;
-    count_tx(flow.service_id, ip_bytes);
+    count_tx::<V4>(flow.service_id, ip_bytes);
     if frag_off & IP_FRAG_MASK != 0 {
         let now = now_ns(&config());
         fragments::remember(
@@ -276,7 +232,7 @@ fn icmp_from_instance(ctx: &TcContext, icmp: usize) -> Result<(), i64> {
         protocol,
         pad: [0; 3],
     };
-    let Some(flow) = reverse_flow(&key) else {
+    let Some(flow) = reverse_flow::<V4>(&key) else {
         return Ok(());
     };
     let (node, node_port) = (flow.nat_addr, flow.nat_port);
@@ -348,9 +304,9 @@ fn reverse_nat6(ctx: &TcContext) -> Result<(), i64> {
             pad: [0; 3],
         };
         if frag_off & IPV6_OFFSET_MASK != 0 {
-            if let Some(nat) = fragments::translation6(&key) {
+            if let Some(nat) = fragments::translation::<V6>(&key) {
                 ctx.store(IP6_SADDR, &nat.nat_addr, 0)?;
-                count_tx6(nat.service_id, ip_bytes);
+                count_tx::<V6>(nat.service_id, ip_bytes);
             }
             return Ok(());
         }
@@ -370,10 +326,10 @@ fn reverse_nat6(ctx: &TcContext) -> Result<(), i64> {
         protocol,
         pad: [0; 3],
     };
-    let Some(flow) = reverse_flow6(&key) else {
+    let Some(flow) = reverse_flow::<V6>(&key) else {
         return Ok(());
     };
-    mark_replied6(&key, &flow);
+    mark_replied::<V6>(&key, flow);
     // IPv6 has no header checksum; the TCP/UDP one (mandatory for UDP) covers the addresses.
     let (check_off, mangled) = l4_check(protocol, l4);
     let addr_flags = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
@@ -388,7 +344,7 @@ fn reverse_nat6(ctx: &TcContext) -> Result<(), i64> {
     )?;
     ctx.store(IP6_SADDR, &flow.nat_addr, 0)?;
     ctx.store(l4, &flow.nat_port, 0)?;
-    count_tx6(flow.service_id, ip_bytes);
+    count_tx::<V6>(flow.service_id, ip_bytes);
     if first_fragment {
         let now = now_ns(&config());
         fragments::remember6(
@@ -427,7 +383,7 @@ fn icmp6_from_instance(ctx: &TcContext, icmp: usize, outer_src: &Addr6) -> Resul
         protocol,
         pad: [0; 3],
     };
-    let Some(flow) = reverse_flow6(&key) else {
+    let Some(flow) = reverse_flow::<V6>(&key) else {
         return Ok(());
     };
     let (node, node_port) = (flow.nat_addr, flow.nat_port);

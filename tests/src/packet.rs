@@ -1215,9 +1215,7 @@ pub fn icmp_error(
     rest: [u8; 4],
     quoted: &[u8],
 ) -> Vec<u8> {
-    let mut message = vec![kind, code, 0, 0];
-    message.extend_from_slice(&rest);
-    message.extend_from_slice(quoted);
+    let mut message = icmp_message((kind, code), rest, quoted);
     let sum = checksum(&[&message]);
     message[2..4].copy_from_slice(&sum.to_be_bytes());
     let mut frame = Vec::with_capacity(ETH_LEN + IPV4_LEN + message.len());
@@ -1236,6 +1234,15 @@ pub fn icmp_error(
     frame
 }
 
+/// An ICMP or ICMPv6 error message with a zero checksum: type, code, 4 more header bytes,
+/// the quoted packet.
+fn icmp_message((kind, code): (u8, u8), rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut message = vec![kind, code, 0, 0];
+    message.extend_from_slice(&rest);
+    message.extend_from_slice(quoted);
+    message
+}
+
 /// IPv6: [`icmp_error`] for ICMPv6 (its checksum covers the IPv6 pseudo-header).
 pub fn icmp6_error(
     src: Endpoint6,
@@ -1244,9 +1251,7 @@ pub fn icmp6_error(
     rest: [u8; 4],
     quoted: &[u8],
 ) -> Vec<u8> {
-    let mut message = vec![kind, code, 0, 0];
-    message.extend_from_slice(&rest);
-    message.extend_from_slice(quoted);
+    let mut message = icmp_message((kind, code), rest, quoted);
     let sum = l4_checksum6(IPPROTO_ICMPV6, src.ip, dst.ip, &message);
     message[2..4].copy_from_slice(&sum.to_be_bytes());
     let mut frame = Vec::with_capacity(ETH_LEN + IPV6_LEN + message.len());

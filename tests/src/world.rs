@@ -448,6 +448,19 @@ impl World {
             .unwrap()
     }
 
+    /// `miren_dataplane_packets_total{event="EVENT"}` from `/metrics`: what the XDP programs
+    /// did themselves (zero on nftables, where the kernel does it).
+    pub fn dataplane_event(&self, event: &str) -> u64 {
+        let metrics = self.scrape_metrics();
+        let prefix = format!("miren_dataplane_packets_total{{event=\"{event}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix}in\n{metrics}"))
+            .parse()
+            .unwrap()
+    }
+
     /// One UDP echo of `message` from a fresh client socket through NODE_IP:7000; returns the
     /// client's address and where the reply came from.
     pub fn udp_echo(&self, message: &[u8]) -> (SocketAddr, SocketAddr) {

@@ -123,6 +123,12 @@ fn a_tcp_download_through_a_smaller_mtu_on_the_clients_path_completes_intact(pla
         path.contains(&format!("mtu {HOP_MTU}")),
         "the instance learned the path MTU: {path}"
     );
+    if plane == Plane::Xdp {
+        assert!(
+            world.dataplane_event("icmp_to_instance") > 0,
+            "XDP translated the ICMP"
+        );
+    }
 }
 
 /// What the error queue of a socket holds about one ICMP error.
@@ -378,4 +384,10 @@ fn a_stopped_instance_s_port_unreachable_comes_from_the_node_port(plane: Plane) 
         Some(node_port),
         "about NODE_IP:7000: {queued:?}"
     );
+    if plane == Plane::Xdp {
+        assert!(
+            world.dataplane_event("icmp_from_instance") > 0,
+            "TC translated the ICMP"
+        );
+    }
 }
