@@ -1,7 +1,8 @@
 //! Data plane hygiene with the real agent: a stale XDP data plane pinned under another
 //! `--bpf-pin-dir` is detached at start (whichever plane the new agent runs), foreign programs
-//! are left alone and named in the status, and with the default pin directory on a node whose
-//! `/sys/fs/bpf` is no bpffs, `auto` mounts one and chooses XDP.
+//! are left alone and named in the status, with the default pin directory on a node whose
+//! `/sys/fs/bpf` is no bpffs, `auto` mounts one and chooses XDP, and an agent restarted over an
+//! earlier version's pins creates and pins the maps added since.
 //!
 //! The bpffs test runs the agent in a private mount namespace made for it (`unshare --mount
 //! --propagation private`), so nothing is ever mounted in the host's mount namespace.
@@ -160,6 +161,62 @@ fn a_restart_with_the_same_pin_dir_adopts_instead_of_detaching() {
         "{}",
         status.dataplane.reason
     );
+}
+
+/// The maps added after the first pinned releases (IPv6 port stats, fragment tracking, IPv6
+/// backend addresses), as an upgraded agent finds them missing from its pin directory.
+const NEWER_MAPS: [&str; 4] = [
+    "MIREN_PORT_STATS6",
+    "MIREN_FRAGS",
+    "MIREN_FRAGS6",
+    "MIREN_BACKEND_ADDRS6",
+];
+
+/// `miren_nodeport_rx_packets_total` of the UDP node port's IPv6 packets.
+fn ipv6_udp_rx(world: &World) -> u64 {
+    let metrics = world.scrape_metrics();
+    metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("miren_nodeport_rx_packets_total{")
+                && line.contains("family=\"ipv6\"")
+                && line.contains("protocol=\"udp\"")
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .unwrap_or_else(|| panic!("no IPv6 UDP rx series in\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+/// An agent restarted over the pins of an earlier version, which lack the maps added since,
+/// adopts what is pinned, creates and pins the missing maps, and counts with them.
+#[test]
+fn a_restart_over_pins_lacking_newer_maps_pins_and_uses_them() {
+    let world = World::new_dual_stack(1);
+    let agent = world.start_agent(Plane::Xdp);
+    world.deploy(&agent);
+    world.udp_echo6(b"before the restart");
+    agent.kill9();
+    let maps = world.pin_dir().join("maps");
+    for name in NEWER_MAPS {
+        std::fs::remove_file(maps.join(name)).unwrap_or_else(|e| panic!("unpinning {name}: {e}"));
+    }
+    let agent = world.start_agent(Plane::Xdp);
+    wait_for_status_ok(&agent);
+    for name in NEWER_MAPS {
+        assert!(maps.join(name).exists(), "{name} pinned again");
+    }
+    assert!(
+        status(&agent)
+            .dataplane
+            .reason
+            .contains("adopted pinned XDP link")
+    );
+    let before = ipv6_udp_rx(&world);
+    for k in 0..5 {
+        world.udp_echo6(format!("after the restart {k}").as_bytes());
+    }
+    assert_eq!(ipv6_udp_rx(&world) - before, 5, "{}", agent.log_text());
 }
 
 #[test]
