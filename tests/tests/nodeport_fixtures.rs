@@ -1196,6 +1196,40 @@ mod ipv6 {
         assert_eq!(destination6(&out), (twin(1), 8000));
     }
 
+    /// The non-SYN miss rule over IPv6: a stray RST goes where its flow's SYN would and is
+    /// remembered nowhere; a mid-flow ACK creates the flow's entries again.
+    #[test]
+    fn ipv6_tcp_misses_without_syn_are_counted_and_a_stray_rst_creates_no_flow() {
+        let dp = load6(&[TCP_PORT], &[1, 2, 3]);
+        let forward6 = |frame: &[u8]| {
+            let (verdict, out) = run_xdp(&dp, frame);
+            assert_eq!(verdict, XDP_PASS);
+            verify_checksums6(&out).unwrap();
+            destination6(&out)
+        };
+        let rst = tcp6(44_000, NODE6, TCP_RST | TCP_ACK).build();
+        let chosen = forward6(&rst);
+        let from = |(ip, port)| Endpoint6 {
+            mac: [2, 0, 0, 0, 0, 3],
+            ip,
+            port,
+        };
+        let reply = Frame6Builder::tcp(from(chosen), client6(44_000), TCP_ACK, 1, 1001).build();
+        assert_eq!(
+            run_tc(&dp, &reply),
+            (TC_ACT_OK, reply.clone()),
+            "no reverse entry"
+        );
+        assert_eq!(forward6(&tcp6(44_000, NODE6, TCP_SYN).build()), chosen);
+        let picked_up = forward6(&tcp6(44_001, NODE6, TCP_ACK).build());
+        let reply = Frame6Builder::tcp(from(picked_up), client6(44_001), TCP_ACK, 1, 1001).build();
+        let natted = rewrite_expected6(&reply, None, Some((NODE6, PORT)));
+        assert_eq!(run_tc(&dp, &reply), (TC_ACT_OK, natted), "entries again");
+        let c = counters(&dp);
+        assert_eq!(c.global.tcp_non_syn_misses, 2);
+        assert_eq!(c.families[&(TCP_PORT, Family::V6)].flows, 2);
+    }
+
     #[test]
     fn ipv6_packets_not_for_a_node_port_pass_untouched() {
         let dp = load6(&[UDP_PORT, TCP_PORT], &[1, 2]);

@@ -480,6 +480,21 @@ mod ipv6 {
                 mtu,
                 ip_packet(&stranger),
             ),
+            // The quoted IPv6 header cut short, and one whole but without its ports.
+            icmp6_error(
+                router,
+                ep(NODE6, 0),
+                PACKET_TOO_BIG,
+                mtu,
+                &ip_packet(&reply)[..30],
+            ),
+            icmp6_error(
+                router,
+                ep(NODE6, 0),
+                PACKET_TOO_BIG,
+                mtu,
+                &ip_packet(&reply)[..IPV6_LEN + 2],
+            ),
             icmp6_error(
                 router,
                 ep(NODE6, 0),
