@@ -171,15 +171,7 @@ fn every_instance_answers(
                 for &p in probes {
                     let mut seen = BTreeSet::new();
                     for k in 0..FLOWS {
-                        let message = format!("flow{k}");
-                        // A flow whose SYN went to the lost node's instance during the outage
-                        // leaves an unreplied kernel conntrack entry (nftables plane) that a
-                        // new connection from the same client port still follows, until the
-                        // entry times out: a known issue (issue 15 note). One retry from a
-                        // fresh port tells that from traffic that does not work at all.
-                        let answered = probe(subnets, node, p, &message, FLOW_WAIT)
-                            .or_else(|_| probe(subnets, node, p, &message, FLOW_WAIT))?;
-                        seen.insert(answered);
+                        seen.insert(probe(subnets, node, p, &format!("flow{k}"), FLOW_WAIT)?);
                     }
                     if seen != *instances {
                         return Err(format!(
