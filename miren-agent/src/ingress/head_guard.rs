@@ -10,7 +10,7 @@ use std::{
     any::Any,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, LazyLock,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, ready},
@@ -65,8 +65,29 @@ pub struct HeadGuard {
 /// Writes smaller than this are gathered until a flush.
 const WRITE_BUFFER: usize = 16 * 1024;
 
-const TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 38\r\nConnection: close\r\n\r\nrequest head not received in time\r\n\r\n";
-const TOO_LARGE_RESPONSE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 29\r\nConnection: close\r\n\r\nrequest header is too large\r\n";
+/// The 408 the guard writes when a head is not complete within the deadline.
+static TIMEOUT_RESPONSE: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    rejection(
+        "408 Request Timeout",
+        "request head not received in time\r\n",
+    )
+});
+/// The 431 the guard writes when a head is larger than the limit.
+static TOO_LARGE_RESPONSE: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    rejection(
+        "431 Request Header Fields Too Large",
+        "request header is too large\r\n",
+    )
+});
+
+/// A `Connection: close` plain-text response whose `Content-Length` is its body's.
+fn rejection(status: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
 
 impl HeadGuard {
     /// Wraps a freshly accepted client stream; the first head's deadline starts now.
@@ -133,11 +154,11 @@ impl HeadGuard {
             if *matched == 4 {
                 let head_len = *seen + i + 1;
                 self.phase = Phase::Body;
-                return (head_len > self.limits.max_bytes).then_some(TOO_LARGE_RESPONSE);
+                return (head_len > self.limits.max_bytes).then_some(&TOO_LARGE_RESPONSE[..]);
             }
         }
         *seen += bytes.len();
-        (*seen > self.limits.max_bytes).then_some(TOO_LARGE_RESPONSE)
+        (*seen > self.limits.max_bytes).then_some(&TOO_LARGE_RESPONSE[..])
     }
 
     /// Writes the pending rejection, then fails the read so the parser gives up.
@@ -188,7 +209,7 @@ impl AsyncRead for HeadGuard {
                 if matches!(this.phase, Phase::Head { .. })
                     && this.deadline.as_mut().poll(cx).is_ready()
                 {
-                    this.rejecting = Some((TIMEOUT_RESPONSE, 0));
+                    this.rejecting = Some((&TIMEOUT_RESPONSE[..], 0));
                     return this.poll_reject(cx);
                 }
                 Poll::Pending
@@ -286,4 +307,67 @@ impl Peek for HeadGuard {
 pub fn guard_of(stream: &Stream) -> Option<&HeadGuard> {
     let any: &dyn Any = stream.as_any();
     any.downcast_ref::<HeadGuard>()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// Sends `request` to a real listener whose connection is guarded by `limits` (and read
+    /// until the guard gives up), then returns the raw response the client received.
+    async fn raw_response(limits: HeadLimits, request: &[u8]) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
+            let mut guard = HeadGuard::new(stream, limits);
+            let mut buf = vec![0; 4096];
+            while guard.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client.write_all(request).await.unwrap();
+        let mut response = Vec::new();
+        let _ = client.read_to_end(&mut response).await;
+        server.await.unwrap();
+        String::from_utf8(response).unwrap()
+    }
+
+    /// The status line, and the Content-Length header's value next to the body's length.
+    fn status_and_lengths(response: &str) -> (&str, usize, usize) {
+        let (head, body) = response.split_once("\r\n\r\n").expect("a response head");
+        let length = head
+            .lines()
+            .find_map(|line| line.strip_prefix("Content-Length: "))
+            .expect("a Content-Length")
+            .parse()
+            .unwrap();
+        (head.lines().next().unwrap(), length, body.len())
+    }
+
+    #[tokio::test]
+    async fn every_rejection_says_its_body_length() {
+        let slow = HeadLimits {
+            timeout: Duration::from_millis(50),
+            max_bytes: 1024,
+        };
+        let timed_out = raw_response(slow, b"GET / HTTP/1.1\r\nHost: a").await;
+        let (status, length, body) = status_and_lengths(&timed_out);
+        assert_eq!(status, "HTTP/1.1 408 Request Timeout", "{timed_out}");
+        assert_eq!(length, body, "{timed_out}");
+
+        let small = HeadLimits {
+            timeout: Duration::from_secs(60),
+            max_bytes: 16,
+        };
+        let too_large = raw_response(small, b"GET / HTTP/1.1\r\nX-Big: aaaaaaaa\r\n\r\n").await;
+        let (status, length, body) = status_and_lengths(&too_large);
+        assert_eq!(
+            status, "HTTP/1.1 431 Request Header Fields Too Large",
+            "{too_large}"
+        );
+        assert_eq!(length, body, "{too_large}");
+    }
 }
