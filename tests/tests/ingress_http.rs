@@ -72,6 +72,16 @@ fn routes_by_exact_wildcard_and_apex_host_and_counts_requests() {
         log.contains("miren::access") && log.contains("request_id"),
         "no access log line:\n{log}"
     );
+    // Each line has the body bytes received and sent (the 404's body here).
+    let deep_line = log
+        .lines()
+        .find(|l| l.contains("miren::access") && l.contains("host=a.b.example.com"))
+        .unwrap_or_else(|| panic!("no access line for a.b.example.com:\n{log}"));
+    let sent = format!("bytes_out={}", deep.body.len());
+    assert!(
+        deep_line.contains("bytes_in=0") && deep_line.contains(&sent),
+        "{deep_line}"
+    );
 }
 
 #[test]
@@ -380,6 +390,13 @@ fn smuggling_shapes_are_refused_with_nothing_forwarded() {
         assert_eq!(response.status, 400, "shape {i}: {response:?}");
     }
     assert_eq!(backend.requests(), 0, "{:?}", backend.heads());
+    // Identical Content-Length headers are one length: forwarded as one header.
+    let doubled = world.send(
+        b"POST / HTTP/1.1\r\nHost: victim.example.com\r\nContent-Length: 4\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd",
+    );
+    assert_eq!(doubled.status, 200, "{doubled:?}");
+    let head = backend.heads().pop().unwrap().to_ascii_lowercase();
+    assert_eq!(head.matches("content-length:").count(), 1, "{head}");
 }
 
 #[test]
@@ -397,16 +414,19 @@ fn forwarding_headers_are_replaced_unless_the_peer_is_trusted() {
     ];
     let response = world.get("fw.example.com", "/", &spoofed);
     assert_eq!(response.status, 200);
-    assert_eq!(response.header("x-request-id"), Some("client-id-1"));
+    // The client's request id is not trusted either: a new one is made.
+    let id = response.header("x-request-id").unwrap().to_owned();
+    assert!(id.len() == 16 && id != "client-id-1", "{id}");
     let head = backend.heads().pop().unwrap().to_ascii_lowercase();
     for want in [
         "x-forwarded-for: 127.0.0.1\r\n",
         "x-forwarded-proto: http\r\n",
         "x-forwarded-host: fw.example.com\r\n",
-        "x-request-id: client-id-1\r\n",
+        &format!("x-request-id: {id}\r\n"),
     ] {
         assert!(head.contains(want), "missing {want:?} in {head}");
     }
+    assert!(!head.contains("client-id-1"), "{head}");
     assert!(
         !head.contains("6.6.6.6") && !head.contains("evil"),
         "{head}"
@@ -425,6 +445,11 @@ fn forwarding_headers_are_replaced_unless_the_peer_is_trusted() {
     ] {
         assert!(head.contains(want), "missing {want:?} in {head}");
     }
+    // A trusted proxy's request id is kept.
+    let kept = world.get("fw.example.com", "/", &spoofed);
+    assert_eq!(kept.header("x-request-id"), Some("client-id-1"));
+    let head = backend.heads().pop().unwrap().to_ascii_lowercase();
+    assert!(head.contains("x-request-id: client-id-1\r\n"), "{head}");
     drop(agent);
 }
 

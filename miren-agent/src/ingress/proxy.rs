@@ -112,6 +112,14 @@ impl MirenProxy {
     }
 }
 
+/// The downstream peer's IP address.
+fn peer_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
 /// The request's host: the Host header, else the URI authority (HTTP/2), normalized as the
 /// route table keys it.
 fn request_host(req: &RequestHeader) -> Option<String> {
@@ -193,10 +201,13 @@ impl ProxyHttp for MirenProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // A client's request id is kept only from a trusted proxy, like X-Forwarded-*.
+        let trusted = self.is_trusted(peer_ip(session));
         let req = session.req_header();
         ctx.request_id = req
             .headers
             .get("x-request-id")
+            .filter(|_| trusted)
             .and_then(usable_request_id)
             .unwrap_or_else(new_request_id);
         if let Some(h1) = session.as_downstream().as_http1()
@@ -349,10 +360,7 @@ impl ProxyHttp for MirenProxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let peer_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+        let peer_ip = peer_ip(session);
         let trusted = self.is_trusted(peer_ip);
         let peer_text = peer_ip.map(|ip| ip.to_string()).unwrap_or_default();
         let forwarded_for = match upstream.headers.get("x-forwarded-for") {
@@ -374,6 +382,14 @@ impl ProxyHttp for MirenProxy {
             upstream.remove_header("x-real-ip");
         }
         upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        // Identical Content-Length headers (others are refused by `framing::check`) are
+        // forwarded as one (RFC 9110 §8.6).
+        let lengths = upstream.headers.get_all(header::CONTENT_LENGTH);
+        if let Some(first) = lengths.iter().next().cloned()
+            && lengths.iter().count() > 1
+        {
+            upstream.insert_header(header::CONTENT_LENGTH, first)?;
+        }
         if !upstream.headers.contains_key(header::HOST) {
             upstream.insert_header(header::HOST, ctx.host.as_str())?;
         }
@@ -461,6 +477,8 @@ impl ProxyHttp for MirenProxy {
             status = code,
             app,
             upstream = %OrDash(ctx.backend.map(|b| b.addr)),
+            bytes_in = session.body_bytes_read(),
+            bytes_out = session.body_bytes_sent(),
             duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             error = %OrDash(error),
         );
