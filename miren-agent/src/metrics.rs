@@ -1,15 +1,20 @@
 //! Prometheus metrics on `--metrics-addr` (`GET /metrics`, text exposition). Node-port and
 //! backend counters are read from the active data plane's kernel counters at each scrape and
 //! labelled with the owning app, service, port name, protocol, node port and address family
-//! (`ipv4`, `ipv6`: a node port has a series of each); reconcile health and the data plane
-//! mode live in a registry.
+//! (`ipv4`, `ipv6`: a node port has a series of each); reconcile health, the data plane
+//! mode and the HTTP ingress live in a registry, with the certificate and ACME families of
+//! [`ProcessMetrics`].
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
-    Opts, Registry, TextEncoder, proto::MetricFamily,
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder, proto::MetricFamily,
 };
 
 use crate::{
@@ -58,6 +63,91 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
     http_upstream_errors: IntCounterVec,
+    http_connections: IntGaugeVec,
+}
+
+/// The families of subsystems the agent starts without a [`Metrics`] handle (the certificate
+/// store, the ACME client): one set per process ([`process`]), exposed by every [`Metrics`].
+#[derive(Debug)]
+pub struct ProcessMetrics {
+    cert_expiry: IntGaugeVec,
+    acme_orders: IntCounterVec,
+}
+
+/// How an ACME order ended (`miren_acme_orders_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeOutcome {
+    /// The certificate was issued and stored.
+    Issued,
+    /// The ACME server did not validate the host (its HTTP-01 challenge failed).
+    Invalid,
+    /// Anything else went wrong (the server, the account, the shared state, the store).
+    Failed,
+}
+
+impl AcmeOutcome {
+    const ALL: [Self; 3] = [Self::Issued, Self::Invalid, Self::Failed];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Issued => "issued",
+            Self::Invalid => "invalid",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+static PROCESS: LazyLock<ProcessMetrics> = LazyLock::new(|| {
+    let cert_expiry = IntGaugeVec::new(
+        Opts::new(
+            "miren_cert_expiry_timestamp_seconds",
+            "Expiry (Unix time) of each certificate the ingress holds, by the host it is stored \
+             under (a wildcard's is *.parent).",
+        ),
+        &["host"],
+    )
+    .expect("a valid family");
+    let acme_orders = IntCounterVec::new(
+        Opts::new(
+            "miren_acme_orders_total",
+            "ACME certificate orders of this node, by outcome: issued, invalid (the ACME \
+             server did not validate the host), failed (any other error).",
+        ),
+        &["outcome"],
+    )
+    .expect("a valid family");
+    for outcome in AcmeOutcome::ALL {
+        acme_orders.with_label_values(&[outcome.as_str()]);
+    }
+    ProcessMetrics {
+        cert_expiry,
+        acme_orders,
+    }
+});
+
+/// This process's [`ProcessMetrics`].
+pub fn process() -> &'static ProcessMetrics {
+    &PROCESS
+}
+
+impl ProcessMetrics {
+    /// Sets the expiry (Unix seconds) of the certificate stored under `host`.
+    pub fn set_cert_expiry(&self, host: &str, not_after: i64) {
+        self.cert_expiry.with_label_values(&[host]).set(not_after);
+    }
+
+    /// Forgets the certificate stored under `host` (no longer held).
+    pub fn remove_cert_expiry(&self, host: &str) {
+        let _ = self.cert_expiry.remove_label_values(&[host]);
+    }
+
+    /// Counts one ACME order that ended with `outcome`.
+    pub fn observe_acme_order(&self, outcome: AcmeOutcome) {
+        self.acme_orders
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
 }
 
 impl Metrics {
@@ -89,9 +179,10 @@ impl Metrics {
         let http_requests = IntCounterVec::new(
             Opts::new(
                 "miren_http_requests_total",
-                "Requests answered by the HTTP ingress, by routed app, service and status code.",
+                "Requests answered by the HTTP ingress, by routed app, service, method (other \
+                 for methods outside RFC 9110 and PATCH) and status code.",
             ),
-            &["app", "service", "code"],
+            &["app", "service", "method", "code"],
         )?;
         let http_duration = HistogramVec::new(
             HistogramOpts::new(
@@ -111,12 +202,22 @@ impl Metrics {
             ),
             &["app", "kind"],
         )?;
+        let http_connections = IntGaugeVec::new(
+            Opts::new(
+                "miren_http_connections",
+                "Client connections the HTTP ingress holds open, by listener (http, https).",
+            ),
+            &["listener"],
+        )?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(info))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(http_upstream_errors.clone()))?;
+        registry.register(Box::new(http_connections.clone()))?;
+        registry.register(Box::new(PROCESS.cert_expiry.clone()))?;
+        registry.register(Box::new(PROCESS.acme_orders.clone()))?;
         Ok(Self {
             registry,
             reconcile_duration,
@@ -124,21 +225,34 @@ impl Metrics {
             http_requests,
             http_duration,
             http_upstream_errors,
+            http_connections,
         })
     }
 
     /// Records one request answered by the ingress (`app` and `service` empty when no route
     /// matched).
-    pub fn observe_http_request(&self, app: &str, service: &str, code: u16, elapsed: Duration) {
+    pub fn observe_http_request(
+        &self,
+        app: &str,
+        service: &str,
+        method: &http::Method,
+        code: u16,
+        elapsed: Duration,
+    ) {
         // Status codes as static text (no allocation per request); 0 = no response sent.
         let status = http::StatusCode::from_u16(code).ok();
         let code = status.as_ref().map_or("0", http::StatusCode::as_str);
         self.http_requests
-            .with_label_values(&[app, service, code])
+            .with_label_values(&[app, service, method_label(method), code])
             .inc();
         self.http_duration
             .with_label_values(&[app])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// The open-connections gauge of the ingress listener `listener` (`http`, `https`).
+    pub fn http_connections(&self, listener: &str) -> IntGauge {
+        self.http_connections.with_label_values(&[listener])
     }
 
     /// Records one failure talking to an instance of `app`.
@@ -174,6 +288,27 @@ impl Metrics {
         TextEncoder::new().encode(&families, &mut text)?;
         Ok(String::from_utf8_lossy(&text).into_owned())
     }
+}
+
+/// A request method as a label: the methods of RFC 9110 and PATCH, else `other` (a client
+/// cannot add series at will).
+fn method_label(method: &http::Method) -> &'static str {
+    use http::Method;
+    static KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::CONNECT,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PATCH,
+    ];
+    KNOWN
+        .iter()
+        .find(|known| *known == method)
+        .map_or("other", |known| known.as_str())
 }
 
 /// A counter family with the node-port labels plus `extra`.
@@ -505,5 +640,64 @@ mod tests {
         let port_lines = text.lines().filter(|l| l.contains("node_port=")).count();
         let with_family = text.lines().filter(|l| l.contains(",family=\"ipv")).count();
         assert_eq!((port_lines, with_family), (16, 16), "{text}");
+    }
+
+    #[test]
+    fn http_requests_have_a_bounded_method_label_and_connections_a_gauge() {
+        let metrics = Metrics::new("none").unwrap();
+        let elapsed = Duration::from_millis(1);
+        metrics.observe_http_request("a", "web", &http::Method::GET, 200, elapsed);
+        metrics.observe_http_request("a", "web", &http::Method::POST, 200, elapsed);
+        metrics.observe_http_request("a", "web", &http::Method::POST, 200, elapsed);
+        let odd = http::Method::from_bytes(b"BREW").unwrap();
+        metrics.observe_http_request("", "", &odd, 404, elapsed);
+        let http = metrics.http_connections("http");
+        http.inc();
+        http.inc();
+        http.dec();
+        metrics.http_connections("https").inc();
+        let text = metrics.render(None, &[]).unwrap();
+        for line in [
+            r#"miren_http_requests_total{app="a",code="200",method="GET",service="web"} 1"#,
+            r#"miren_http_requests_total{app="a",code="200",method="POST",service="web"} 2"#,
+            r#"miren_http_requests_total{app="",code="404",method="other",service=""} 1"#,
+            r#"miren_http_connections{listener="http"} 1"#,
+            r#"miren_http_connections{listener="https"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn certificate_expiry_and_acme_outcomes_are_exposed_by_every_registry() {
+        let process = process();
+        let expiry = 1_900_000_000;
+        process.set_cert_expiry("metrics-test.example.com", expiry);
+        process.set_cert_expiry("gone.metrics-test.example.com", expiry);
+        process.remove_cert_expiry("gone.metrics-test.example.com");
+        let before = |text: &str, outcome: &str| -> u64 {
+            let prefix = format!("miren_acme_orders_total{{outcome=\"{outcome}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+                .unwrap_or_else(|| panic!("no {outcome} series in\n{text}"))
+        };
+        let first = Metrics::new("none").unwrap().render(None, &[]).unwrap();
+        process.observe_acme_order(AcmeOutcome::Invalid);
+        // A second registry (the families are the process's) sees the same values.
+        let text = Metrics::new("none").unwrap().render(None, &[]).unwrap();
+        assert!(
+            text.lines().any(|l| l
+                == r#"miren_cert_expiry_timestamp_seconds{host="metrics-test.example.com"} 1900000000"#),
+            "{text}"
+        );
+        assert!(!text.contains("gone.metrics-test"), "{text}");
+        // Other tests may order concurrently: the invalid count grew by at least this one.
+        assert!(
+            before(&text, "invalid") > before(&first, "invalid"),
+            "{text}"
+        );
+        for outcome in AcmeOutcome::ALL {
+            before(&text, outcome.as_str());
+        }
     }
 }

@@ -7,9 +7,10 @@
 //! label and never the bare domain.
 
 use std::borrow::{Borrow, Cow};
-use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+
+use imbl::HashMap;
 
 use crate::config::AppConfig;
 
@@ -131,7 +132,9 @@ impl Borrow<str> for Host {
     }
 }
 
-/// Host → target, with lookups that cost O(labels) whatever the number of routes.
+/// Host → target, with lookups that cost O(labels) whatever the number of routes. The maps
+/// are persistent (hash array mapped tries): a clone costs O(1) and shares every entry, so a
+/// changed copy costs O(log routes) per changed route, not a rebuild.
 #[derive(Debug, Clone)]
 pub struct RouteTable<T> {
     exact: HashMap<Host, T>,
@@ -139,7 +142,7 @@ pub struct RouteTable<T> {
     wildcard: HashMap<String, (Host, T)>,
 }
 
-impl<T> Default for RouteTable<T> {
+impl<T: Clone> Default for RouteTable<T> {
     fn default() -> Self {
         Self {
             exact: HashMap::new(),
@@ -148,18 +151,16 @@ impl<T> Default for RouteTable<T> {
     }
 }
 
-impl<T> RouteTable<T> {
+impl<T: Clone> RouteTable<T> {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// An empty table with room for `routes` routes.
-    pub fn with_capacity(routes: usize) -> Self {
-        Self {
-            exact: HashMap::with_capacity(routes),
-            wildcard: HashMap::new(),
-        }
+    /// An empty table for about `routes` routes (a persistent map reserves no room, so this
+    /// is [`RouteTable::new`]).
+    pub fn with_capacity(_routes: usize) -> Self {
+        Self::new()
     }
 
     /// Adds or replaces a route, returning the previous target.
@@ -278,6 +279,221 @@ pub fn check_route_target(app: &AppConfig, service: &str) -> Result<(), RouteErr
         });
     }
     Ok(())
+}
+
+/// Most routes one `miren route import` takes.
+pub const MAX_IMPORT_ROUTES: usize = 20_000;
+/// Largest route file `miren route import` takes, in bytes.
+pub const MAX_IMPORT_BYTES: usize = 2 << 20;
+/// Most line errors an import error lists (the rest are counted).
+const MAX_LISTED_ERRORS: usize = 100;
+
+/// One route of a route file (`HOST APP [SERVICE] [TIMEOUT]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportLine {
+    /// 1-based line number in the file.
+    pub line: usize,
+    /// The route's host.
+    pub host: Host,
+    /// Target app.
+    pub app: String,
+    /// Target service, when the line names one.
+    pub service: Option<String>,
+    /// Upstream timeout in milliseconds, when the line sets one.
+    pub timeout_ms: Option<u64>,
+}
+
+/// What is wrong with one line of a route file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    /// Fewer than 2 or more than 4 fields.
+    #[error(
+        "expected `HOST APP [SERVICE] [TIMEOUT]`, found {found} fields; put one route per line (`#` starts a comment)"
+    )]
+    Fields {
+        /// Fields found.
+        found: usize,
+    },
+    /// The host is not a valid route host.
+    #[error("invalid host \"{host}\": {source}")]
+    Host {
+        /// The host as written.
+        host: String,
+        /// Why.
+        #[source]
+        source: HostError,
+    },
+    /// The timeout is not a duration from 1 ms to 24 h.
+    #[error("\"{text}\" is not a timeout; use a positive duration of at most 24h, e.g. 30s or 5m")]
+    Timeout {
+        /// The timeout as written.
+        text: String,
+    },
+    /// The host is routed on an earlier line too.
+    #[error("host {host} is already routed on line {first}; keep only one of the two lines")]
+    Duplicate {
+        /// The host.
+        host: String,
+        /// The earlier line.
+        first: usize,
+    },
+    /// The line is fine, but the route cannot be set (unknown app or service, no http port).
+    #[error("{0}")]
+    Target(String),
+}
+
+/// Why a route file was not imported (nothing of it was applied).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImportError {
+    /// The file is over [`MAX_IMPORT_BYTES`].
+    #[error(
+        "{file}: {bytes} bytes is over the limit of {MAX_IMPORT_BYTES} bytes per import; split it into several files (each is imported all-or-nothing)"
+    )]
+    TooLarge {
+        /// The file's name.
+        file: String,
+        /// Its size.
+        bytes: usize,
+    },
+    /// The file has more than [`MAX_IMPORT_ROUTES`] routes.
+    #[error(
+        "{file}: {count} routes is over the limit of {MAX_IMPORT_ROUTES} routes per import; split it into several files (each is imported all-or-nothing)"
+    )]
+    TooMany {
+        /// The file's name.
+        file: String,
+        /// Routes in it.
+        count: usize,
+    },
+    /// Lines with errors, in file order.
+    #[error("{}", render_line_errors(file, errors))]
+    Lines {
+        /// The file's name.
+        file: String,
+        /// (line number, error) of every bad line.
+        errors: Vec<(usize, LineError)>,
+    },
+}
+
+/// `FILE:LINE: error` per bad line (at most [`MAX_LISTED_ERRORS`]), then what to do.
+fn render_line_errors(file: &str, errors: &[(usize, LineError)]) -> String {
+    let mut text = String::new();
+    for (line, error) in errors.iter().take(MAX_LISTED_ERRORS) {
+        text.push_str(&format!("{file}:{line}: {error}\n"));
+    }
+    if errors.len() > MAX_LISTED_ERRORS {
+        text.push_str(&format!(
+            "… and {} more lines with errors\n",
+            errors.len() - MAX_LISTED_ERRORS
+        ));
+    }
+    text.push_str(&format!(
+        "nothing was imported: fix the {} line(s) above and import {file} again",
+        errors.len()
+    ));
+    text
+}
+
+/// Parses a route file: one `HOST APP [SERVICE] [TIMEOUT]` per line (fields separated by
+/// blanks; a third field starting with a digit is the timeout), blank lines and `#` comments
+/// ignored. `file` names the file in errors.
+///
+/// # Errors
+/// [`ImportError::TooLarge`] or [`ImportError::TooMany`] over the limits, else
+/// [`ImportError::Lines`] with every bad line.
+pub fn parse_route_file(file: &str, text: &str) -> Result<Vec<ImportLine>, ImportError> {
+    if text.len() > MAX_IMPORT_BYTES {
+        return Err(ImportError::TooLarge {
+            file: file.to_owned(),
+            bytes: text.len(),
+        });
+    }
+    let mut routes = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen: std::collections::HashMap<Host, usize> = std::collections::HashMap::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let content = raw.split_once('#').map_or(raw, |(before, _)| before);
+        let fields: Vec<&str> = content.split_whitespace().collect();
+        if fields.is_empty() {
+            continue;
+        }
+        match parse_route_line(line, &fields) {
+            Ok(route) => match seen.get(&route.host) {
+                Some(&first) => errors.push((
+                    line,
+                    LineError::Duplicate {
+                        host: route.host.to_string(),
+                        first,
+                    },
+                )),
+                None => {
+                    seen.insert(route.host.clone(), line);
+                    routes.push(route);
+                }
+            },
+            Err(error) => errors.push((line, error)),
+        }
+    }
+    if routes.len() + errors.len() > MAX_IMPORT_ROUTES {
+        return Err(ImportError::TooMany {
+            file: file.to_owned(),
+            count: routes.len() + errors.len(),
+        });
+    }
+    if errors.is_empty() {
+        Ok(routes)
+    } else {
+        Err(ImportError::Lines {
+            file: file.to_owned(),
+            errors,
+        })
+    }
+}
+
+/// A route timeout as written (`30s`, `5m`): a duration from 1 ms to 24 h.
+pub fn parse_route_timeout(text: &str) -> Option<std::time::Duration> {
+    let max = std::time::Duration::from_millis(crate::api::types::MAX_ROUTE_TIMEOUT_MS);
+    crate::config::parse_duration(text).filter(|d| !d.is_zero() && *d <= max)
+}
+
+/// One non-empty line's fields as a route.
+fn parse_route_line(line: usize, fields: &[&str]) -> Result<ImportLine, LineError> {
+    let (host, app, rest) = match fields {
+        [host, app, rest @ ..] if rest.len() <= 2 => (*host, *app, rest),
+        _ => {
+            return Err(LineError::Fields {
+                found: fields.len(),
+            });
+        }
+    };
+    let host = Host::parse(host).map_err(|source| LineError::Host {
+        host: host.to_owned(),
+        source,
+    })?;
+    let (service, timeout) = match rest {
+        [] => (None, None),
+        [one] if one.starts_with(|c: char| c.is_ascii_digit()) => (None, Some(*one)),
+        [service] => (Some(*service), None),
+        [service, timeout] => (Some(*service), Some(*timeout)),
+        _ => unreachable!("at most 2 fields after HOST APP"),
+    };
+    let timeout_ms = timeout
+        .map(|text| {
+            parse_route_timeout(text)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .ok_or_else(|| LineError::Timeout {
+                    text: text.to_owned(),
+                })
+        })
+        .transpose()?;
+    Ok(ImportLine {
+        line,
+        host,
+        app: app.to_owned(),
+        service: service.map(str::to_owned),
+        timeout_ms,
+    })
 }
 
 #[cfg(test)]
@@ -533,5 +749,94 @@ node_port = 27015
             check_route_target(&app, "api").map_err(|e| e.to_string()),
             Err("app service \"api\" does not exist in app \"game\"".to_owned())
         );
+    }
+
+    #[test]
+    fn route_file_lines_parse_with_comments_blanks_service_and_timeout() {
+        let text = "# routes\n\na.example.com shop\n*.example.com shop api 30s # wildcard\nB.example.com  shop\t5m\n";
+        let routes = parse_route_file("r.txt", text).unwrap();
+        let got: Vec<_> = routes
+            .iter()
+            .map(|r| {
+                (
+                    r.line,
+                    r.host.as_str(),
+                    r.app.as_str(),
+                    r.service.as_deref(),
+                    r.timeout_ms,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (3, "a.example.com", "shop", None, None),
+                (4, "*.example.com", "shop", Some("api"), Some(30_000)),
+                (5, "b.example.com", "shop", None, Some(300_000)),
+            ]
+        );
+    }
+
+    #[test]
+    fn route_file_reports_every_bad_line_with_its_number() {
+        let text = "ok.example.com shop\njustahost\n*.com shop\na.example.com shop web 0s\n\
+                    b.example.com shop web 5m extra\nok.example.com other\nc.example.com shop 9zz\n";
+        let err = parse_route_file("routes.txt", text).unwrap_err();
+        let ImportError::Lines { file, errors } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(file, "routes.txt");
+        let lines: Vec<usize> = errors.iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines, [2, 3, 4, 5, 6, 7]);
+        assert_eq!(errors[0].1, LineError::Fields { found: 1 });
+        assert!(matches!(errors[1].1, LineError::Host { .. }));
+        assert_eq!(errors[2].1, LineError::Timeout { text: "0s".into() });
+        assert_eq!(errors[3].1, LineError::Fields { found: 5 });
+        assert_eq!(
+            errors[4].1,
+            LineError::Duplicate {
+                host: "ok.example.com".into(),
+                first: 1
+            }
+        );
+        assert_eq!(errors[5].1, LineError::Timeout { text: "9zz".into() });
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with("routes.txt:2: expected `HOST APP"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("routes.txt:6: host ok.example.com is already routed on line 1"),
+            "{shown}"
+        );
+        assert!(
+            shown.ends_with(
+                "nothing was imported: fix the 6 line(s) above and import routes.txt again"
+            ),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn route_file_limits_name_the_limit() {
+        let big = "a".repeat(MAX_IMPORT_BYTES + 1);
+        let err = parse_route_file("big.txt", &big).unwrap_err();
+        assert!(matches!(err, ImportError::TooLarge { .. }));
+        assert!(
+            err.to_string()
+                .contains(&format!("limit of {MAX_IMPORT_BYTES} bytes"))
+        );
+        let many: String = (0..=MAX_IMPORT_ROUTES)
+            .map(|i| format!("h{i}.example.com app\n"))
+            .collect();
+        let err = parse_route_file("many.txt", &many).unwrap_err();
+        assert_eq!(
+            err,
+            ImportError::TooMany {
+                file: "many.txt".into(),
+                count: MAX_IMPORT_ROUTES + 1
+            }
+        );
+        assert!(err.to_string().contains("limit of 20000 routes per import"));
     }
 }

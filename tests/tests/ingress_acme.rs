@@ -11,7 +11,8 @@
 //! - `acme_orders_routed_hosts_only_and_reuses_its_account`: pebble with
 //!   `PEBBLE_VA_ALWAYS_VALID=1` (no challenge fetch), so it exercises the ACME client alone:
 //!   the routed host gets an `acme` certificate, the unrouted one is never ordered, and a
-//!   restarted agent reuses the account it stored in the cluster's store.
+//!   restarted agent reuses the account it stored in the cluster's store. `/metrics` counts
+//!   the one issued order and has the certificate's expiry.
 //!
 //! Root is needed for the namespace. A missing pebble binary fails the test with the reason.
 
@@ -141,6 +142,18 @@ impl AcmeWorld {
         }
     }
 
+    /// The agent's `/metrics`, scraped from inside the namespace.
+    fn metrics(&self) -> String {
+        let out = self
+            .netns
+            .command("curl")
+            .args(["-sS", "http://127.0.0.1:9464/metrics"])
+            .output()
+            .expect("run curl");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn agent_log(&self) -> String {
         self.agent().log_text()
     }
@@ -155,6 +168,22 @@ fn account_id(log: &str) -> Option<String> {
     let line = log.lines().find(|l| l.contains("ACME account ready"))?;
     let rest = &line[line.find("account=")? + "account=".len()..];
     Some(rest.split_whitespace().next()?.to_owned())
+}
+
+/// Seconds since the Unix epoch of a UTC RFC 3339 time as `miren cert list` shows it
+/// (`2026-03-01T12:00:00Z`).
+fn unix_of_rfc3339(text: &str) -> i64 {
+    let number = |range: std::ops::Range<usize>| -> i64 { text[range].parse().unwrap() };
+    let (year, month, day) = (number(0..4), number(5..7), number(8..10));
+    let (hour, minute, second) = (number(11..13), number(14..16), number(17..19));
+    // Days from civil (H. Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + hour * 3_600 + minute * 60 + second
 }
 
 fn assert_only_routed(world: &AcmeWorld, info: &CertInfo) {
@@ -178,6 +207,24 @@ fn acme_orders_routed_hosts_only_and_reuses_its_account() {
     let log = world.agent_log();
     let account = account_id(&log).unwrap_or_else(|| panic!("no account in the log:\n{log}"));
     assert!(log.contains("ACME certificate issued"), "{log}");
+    // One order, issued; the certificate the ingress holds has its expiry series.
+    let metrics = world.metrics();
+    let expiry = format!(
+        "miren_cert_expiry_timestamp_seconds{{host=\"{ROUTED}\"}} {}",
+        unix_of_rfc3339(&info.not_after)
+    );
+    for line in [
+        "miren_acme_orders_total{outcome=\"issued\"} 1",
+        "miren_acme_orders_total{outcome=\"invalid\"} 0",
+        "miren_acme_orders_total{outcome=\"failed\"} 0",
+        &expiry,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line} in\n{metrics}"
+        );
+    }
+    assert!(!metrics.contains(UNROUTED), "{metrics}");
 
     // A restart keeps the certificate and the account: nothing new is ordered or created.
     world.start_agent();

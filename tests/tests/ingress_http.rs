@@ -1,6 +1,6 @@
 //! The HTTP ingress with the real agent, real backends and real clients, inside a network
 //! namespace: routing, balancing, retries and upstream failures, websockets, HTTP/2, abuse
-//! limits, forwarding headers and metrics.
+//! limits, forwarding headers and metrics (requests by method, open connections).
 
 use std::{
     io::{Read, Write},
@@ -18,6 +18,20 @@ fn served_by(world: &IngressWorld, host: &str) -> String {
     let response = world.get(host, "/", &[]);
     assert_eq!(response.status, 200, "{host}: {response:?}");
     response.body
+}
+
+/// Scrapes `/metrics` until it has `line` (a gauge catching up with connections that the
+/// agent has yet to accept or to finish closing); fails after 10 s.
+fn wait_for_metric(world: &IngressWorld, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = world.metrics();
+        if metrics.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {line} in\n{metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -57,16 +71,29 @@ fn routes_by_exact_wildcard_and_apex_host_and_counts_requests() {
     // No backend was contacted for the 404 and 400.
     assert_eq!(exact.requests() + wild.requests() + apex.requests(), 4);
 
+    let post = world.send(
+        b"POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(post.status, 200, "{post:?}");
+    // A client connection held open (no request yet) is counted; closed, it is not.
+    let held = world.connect(80);
+    let connections = |open: usize| format!("miren_http_connections{{listener=\"http\"}} {open}");
+    wait_for_metric(&world, &connections(1));
     let metrics = world.metrics();
     for line in [
-        "miren_http_requests_total{app=\"exact\",code=\"200\",service=\"web\"} 2",
-        "miren_http_requests_total{app=\"wild\",code=\"200\",service=\"web\"} 1",
-        "miren_http_requests_total{app=\"\",code=\"404\",service=\"\"} 2",
-        "miren_http_requests_total{app=\"\",code=\"400\",service=\"\"} 1",
-        "miren_http_request_duration_seconds_count{app=\"apex\"} 1",
+        "miren_http_requests_total{app=\"exact\",code=\"200\",method=\"GET\",service=\"web\"} 2",
+        "miren_http_requests_total{app=\"wild\",code=\"200\",method=\"GET\",service=\"web\"} 1",
+        "miren_http_requests_total{app=\"apex\",code=\"200\",method=\"GET\",service=\"web\"} 1",
+        "miren_http_requests_total{app=\"apex\",code=\"200\",method=\"POST\",service=\"web\"} 1",
+        "miren_http_requests_total{app=\"\",code=\"404\",method=\"GET\",service=\"\"} 2",
+        "miren_http_requests_total{app=\"\",code=\"400\",method=\"GET\",service=\"\"} 1",
+        "miren_http_request_duration_seconds_count{app=\"apex\"} 2",
+        "miren_http_connections{listener=\"https\"} 0",
     ] {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
     }
+    drop(held);
+    wait_for_metric(&world, &connections(0));
     let log = agent.log_text();
     assert!(
         log.contains("miren::access") && log.contains("request_id"),

@@ -20,7 +20,9 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{FromRequest, FromRequestParts, Path as UrlPath, Query, Request, State},
+    extract::{
+        DefaultBodyLimit, FromRequest, FromRequestParts, Path as UrlPath, Query, Request, State,
+    },
     http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
     routing::{get, post, put},
@@ -36,8 +38,8 @@ use crate::{
 };
 use types::{
     AppDetail, AppSummary, CertInfo, CertRequest, DataplaneStatus, DeployRequest, ErrorBody,
-    LogChunk, MAX_ROUTE_TIMEOUT_MS, NodePortInfo, PortsEditRequest, RouteInfo, RouteRequest,
-    ServiceEndpoints, Status,
+    LogChunk, MAX_ROUTE_TIMEOUT_MS, NodePortInfo, PortsEditRequest, RouteImport,
+    RouteImportRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
 };
 
 /// What the API handlers share.
@@ -123,7 +125,12 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/apps/{app}/services/{service}/endpoints",
             put(set_endpoints).get(service_endpoints),
         )
-        .route("/v1/routes", get(routes))
+        .route(
+            "/v1/routes",
+            get(routes)
+                .post(import_routes)
+                .layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT)),
+        )
         .route("/v1/routes/{host}", put(set_route).delete(remove_route))
         .route("/v1/ports", get(ports))
         .route("/v1/certs", get(certs))
@@ -585,6 +592,19 @@ async fn set_route(
     );
     state.ingress_caught_up().await;
     Ok(route)
+}
+
+/// The largest `POST /v1/routes` body: a route file of the largest size, even with every
+/// byte escaped in JSON.
+const IMPORT_BODY_LIMIT: usize = 6 * crate::routes::MAX_IMPORT_BYTES;
+
+async fn import_routes(
+    State(state): State<Arc<ApiState>>,
+    Body(req): Body<RouteImportRequest>,
+) -> ApiResult<RouteImport> {
+    let imported = Json(state.control.import_routes(&req.file, &req.text).await?);
+    state.ingress_caught_up().await;
+    Ok(imported)
 }
 
 async fn remove_route(

@@ -248,6 +248,26 @@ pub struct RouteRequest {
     pub timeout_ms: Option<u64>,
 }
 
+/// `POST /v1/routes`: a route file to import (`miren route import FILE`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteImportRequest {
+    /// The file's name, for errors (`FILE:LINE: …`).
+    pub file: String,
+    /// The file's text: one `HOST APP [SERVICE] [TIMEOUT]` per line.
+    pub text: String,
+}
+
+/// The answer to a route import: all of the file's routes were set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteImport {
+    /// The file's name.
+    pub file: String,
+    /// Routes set.
+    pub routes: usize,
+    /// How many of them replaced a route of the same host.
+    pub replaced: usize,
+}
+
 /// The longest route timeout, in milliseconds (24 hours).
 pub const MAX_ROUTE_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 

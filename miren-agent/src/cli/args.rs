@@ -206,6 +206,12 @@ pub enum RouteCommand {
     },
     /// List routes.
     List,
+    /// Set every route of FILE in one transaction: one `HOST APP [SERVICE] [TIMEOUT]` per
+    /// line, blank lines and `#` comments allowed; nothing is applied when any line is wrong.
+    Import {
+        /// The route file.
+        file: std::path::PathBuf,
+    },
 }
 
 /// `miren logs --since`: a duration as the agent's flags take them, passed on as written.
@@ -216,12 +222,9 @@ fn parse_since(text: &str) -> Result<String, String> {
 }
 
 fn parse_route_timeout(text: &str) -> Result<std::time::Duration, String> {
-    let max = std::time::Duration::from_millis(crate::api::types::MAX_ROUTE_TIMEOUT_MS);
-    crate::config::parse_duration(text)
-        .filter(|d| !d.is_zero() && *d <= max)
-        .ok_or_else(|| {
-            format!("\"{text}\" is not a positive duration of at most 24h; use e.g. 30s, 5m or 1h")
-        })
+    crate::routes::parse_route_timeout(text).ok_or_else(|| {
+        format!("\"{text}\" is not a positive duration of at most 24h; use e.g. 30s, 5m or 1h")
+    })
 }
 
 /// `miren cert …`.

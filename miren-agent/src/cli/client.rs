@@ -10,7 +10,8 @@ use super::{
 };
 use crate::api::types::{
     AppDetail, AppSummary, BundleInfo, CertInfo, CertRequest, DeployRequest, ErrorBody, LogChunk,
-    NodeInfo, NodePortInfo, PortsEditRequest, RouteInfo, RouteRequest, ServiceEndpoints, Status,
+    NodeInfo, NodePortInfo, PortsEditRequest, RouteImport, RouteImportRequest, RouteInfo,
+    RouteRequest, ServiceEndpoints, Status,
 };
 use crate::bundle::BundleHash;
 
@@ -148,6 +149,14 @@ impl Client {
             &format!("/v1/routes/{}", enc(host)),
             Some(request),
         )
+    }
+
+    /// `POST /v1/routes`: imports a route file, all or nothing.
+    ///
+    /// # Errors
+    /// See [`Client::status`].
+    pub fn import_routes(&self, request: &RouteImportRequest) -> Result<RouteImport, CliError> {
+        self.call(Method::Post, "/v1/routes", Some(request))
     }
 
     /// `DELETE /v1/routes/{host}`: the removed route.

@@ -75,6 +75,17 @@ pub enum CliError {
         /// Why reading failed.
         source: io::Error,
     },
+    /// The route file of `miren route import` cannot be read.
+    #[error("cannot read the route file {}: {source}", .path.display())]
+    ReadRouteFile {
+        /// The file.
+        path: PathBuf,
+        /// Why reading failed.
+        source: io::Error,
+    },
+    /// The route file of `miren route import` is over a limit.
+    #[error(transparent)]
+    RouteFile(#[from] crate::routes::ImportError),
     /// A certificate or key file given to `miren cert set` cannot be read.
     #[error("cannot read the {what} file {}: {source}", .path.display())]
     ReadPem {

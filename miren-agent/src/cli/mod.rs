@@ -26,7 +26,9 @@ pub use args::{
 pub use client::{Client, DEFAULT_TIMEOUT, LogsRequest};
 pub use error::{CliError, HttpError};
 
-use crate::api::types::{CertRequest, DeployRequest, LogChunk, PortsEditRequest, RouteRequest};
+use crate::api::types::{
+    CertRequest, DeployRequest, LogChunk, PortsEditRequest, RouteImportRequest, RouteRequest,
+};
 use crate::bundle::{self, BundleHash};
 use crate::config::{Source, ValidationContext, parse_deployable};
 
@@ -100,6 +102,10 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         Command::Route(RouteCommand::List) => {
             out.print(&client.routes()?, |routes| render::routes(routes))
         }
+        Command::Route(RouteCommand::Import { file }) => out.print(
+            &client.import_routes(&read_route_file(file)?)?,
+            render::routes_imported,
+        ),
         Command::Nodes => out.print(&client.nodes()?, |nodes| render::nodes(nodes)),
         Command::Node(NodeCommand::Show { name }) => {
             out.print(&client.node(name, false)?, render::node_detail)
@@ -318,6 +324,23 @@ fn read_pem(what: &'static str, path: &Path) -> Result<String, CliError> {
 
 /// `miren validate`: the same checks as a deploy, without the agent (node-port conflicts
 /// with other apps and the agent's own listener ports are checked only at deploy).
+/// The request importing the route file at `path`; a file over the size limit is refused
+/// before it is read.
+fn read_route_file(path: &Path) -> Result<RouteImportRequest, CliError> {
+    let unreadable = |source| CliError::ReadRouteFile {
+        path: path.to_owned(),
+        source,
+    };
+    let file = path.display().to_string();
+    let bytes = std::fs::metadata(path).map_err(unreadable)?.len();
+    let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+    if bytes > crate::routes::MAX_IMPORT_BYTES {
+        return Err(crate::routes::ImportError::TooLarge { file, bytes }.into());
+    }
+    let text = std::fs::read_to_string(path).map_err(unreadable)?;
+    Ok(RouteImportRequest { file, text })
+}
+
 fn validate(dir: &Path, out: Output) -> Result<(), CliError> {
     let (name, text) = read_app_config(dir)?;
     let app = parse_deployable(Source::new(name, text), &ValidationContext::default())?;

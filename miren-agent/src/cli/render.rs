@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use crate::api::types::{
-    AppDetail, AppSummary, CertInfo, LogChunk, NodeInfo, NodePortInfo, PortTraffic, RouteInfo,
-    SECRET_MASK, ServiceDetail, ServiceEndpoints, Status, is_secret_key,
+    AppDetail, AppSummary, CertInfo, LogChunk, NodeInfo, NodePortInfo, PortTraffic, RouteImport,
+    RouteInfo, SECRET_MASK, ServiceDetail, ServiceEndpoints, Status, is_secret_key,
 };
 use crate::config::AppConfig;
 
@@ -318,6 +318,14 @@ pub fn route_set(route: &RouteInfo) -> String {
         route.app,
         route.service,
         route_timeout(route.timeout_ms)
+    )
+}
+
+/// `miren route import`.
+pub fn routes_imported(import: &RouteImport) -> String {
+    format!(
+        "imported {} routes from {} ({} replaced an existing route)\n",
+        import.routes, import.file, import.replaced
     )
 }
 

@@ -11,14 +11,14 @@ use std::{
 use super::{ControlError, ControlPlane, ControlSettings, queries, view::State};
 use crate::{
     api::types::{
-        AppDetail, NodePortInfo, PortsEditRequest, PublishSpec, RouteInfo, ServiceEndpoints,
-        UnpublishSpec,
+        AppDetail, NodePortInfo, PortsEditRequest, PublishSpec, RouteImport, RouteInfo,
+        ServiceEndpoints, UnpublishSpec,
     },
     config::{
         AppConfig, ConfigError, NodePortClaim, PortKind, PortSpec, Protocol, ServiceConfig, Source,
         assign_ports, check_node_instances, check_node_port_claims, parse_deployable,
     },
-    routes::{Host, check_route_target},
+    routes::{Host, ImportError, LineError, check_route_target, parse_route_file},
     store::{
         Txn,
         records::{
@@ -84,29 +84,73 @@ impl ControlPlane {
     ) -> Result<RouteInfo, ControlError> {
         let host = Host::parse(host).map_err(|e| ControlError::BadRequest(e.to_string()))?;
         self.run(|state| {
-            let (_, config) = queries::find_app(state, app)?;
-            let service = match service {
-                Some(service) => service.to_owned(),
-                None => default_route_service(config)?,
-            };
-            check_route_target(config, &service).map_err(|err| {
-                match config.services.get(&service) {
-                    None => ControlError::NotFound(err.to_string()),
-                    Some(_) => ControlError::Conflict(format!(
-                        "{err}; routes reach a service through its http port"
-                    )),
-                }
-            })?;
-            let route = RouteRecord {
-                host: host.as_str().to_owned(),
-                app: app.to_owned(),
-                service,
-                timeout_ms,
-            };
+            let route = route_record(state, &host, app, service, timeout_ms)?;
             let mut txn = Txn::default();
             txn.compare(RecordKey::App(app.to_owned()), state.app_revision(app))
                 .put(RecordKey::Route(route.host.clone()), encode(&route));
             Ok((txn, queries::route_info(&route)))
+        })
+        .await
+    }
+
+    /// Sets every route of a route file (`file` names it in errors) in one transaction, or
+    /// none: every bad line is reported with its number before anything is applied.
+    ///
+    /// # Errors
+    /// [`ControlError::BadRequest`] with every bad line (syntax, unknown app or service, no
+    /// http port), for a file over the limits, or for more routes than the store takes in one
+    /// transaction (etcd's `--max-txn-ops`).
+    pub async fn import_routes(&self, file: &str, text: &str) -> Result<RouteImport, ControlError> {
+        let bad = |err: ImportError| ControlError::BadRequest(err.to_string());
+        let lines = parse_route_file(file, text).map_err(bad)?;
+        let max_ops = self.store.max_txn_ops();
+        self.run(|state| {
+            let mut txn = Txn::default();
+            let mut errors = Vec::new();
+            let mut apps = BTreeMap::new();
+            let mut replaced = 0;
+            for line in &lines {
+                let route = match route_record(
+                    state,
+                    &line.host,
+                    &line.app,
+                    line.service.as_deref(),
+                    line.timeout_ms,
+                ) {
+                    Ok(route) => route,
+                    Err(err) => {
+                        errors.push((line.line, LineError::Target(err.to_string())));
+                        continue;
+                    }
+                };
+                apps.entry(line.app.as_str())
+                    .or_insert_with(|| state.app_revision(&line.app));
+                replaced += usize::from(state.routes.contains_key(line.host.as_str()));
+                txn.put(RecordKey::Route(route.host.clone()), encode(&route));
+            }
+            if !errors.is_empty() {
+                return Err(bad(ImportError::Lines {
+                    file: file.to_owned(),
+                    errors,
+                }));
+            }
+            for (app, revision) in apps {
+                txn.compare(RecordKey::App(app.to_owned()), revision);
+            }
+            if let Some(max) = max_ops.filter(|max| txn.ops.len().max(txn.compares.len()) > *max) {
+                return Err(ControlError::BadRequest(format!(
+                    "{file}: {} routes are more than the store takes in one transaction ({max} operations, etcd's default --max-txn-ops); split the file into files of at most {max} routes (each is imported all-or-nothing), or raise --max-txn-ops on every etcd member",
+                    txn.ops.len()
+                )));
+            }
+            Ok((
+                txn,
+                RouteImport {
+                    file: file.to_owned(),
+                    routes: lines.len(),
+                    replaced,
+                },
+            ))
         })
         .await
     }
@@ -401,6 +445,34 @@ fn fill_ports(
             Some(((service, port), n))
         })
         .collect())
+}
+
+/// The route of `host` to `app`'s `service` (default: [`default_route_service`]), checked
+/// against the view: the app exists here and the service has an http port.
+fn route_record(
+    state: &State,
+    host: &Host,
+    app: &str,
+    service: Option<&str>,
+    timeout_ms: Option<u64>,
+) -> Result<RouteRecord, ControlError> {
+    let (_, config) = queries::find_app(state, app)?;
+    let service = match service {
+        Some(service) => service.to_owned(),
+        None => default_route_service(config)?,
+    };
+    queries::find_service(config, &service)?;
+    check_route_target(config, &service).map_err(|err| {
+        ControlError::Conflict(format!(
+            "{err}; routes reach a service through its http port"
+        ))
+    })?;
+    Ok(RouteRecord {
+        host: host.as_str().to_owned(),
+        app: app.to_owned(),
+        service,
+        timeout_ms,
+    })
 }
 
 fn default_route_service(config: &AppConfig) -> Result<String, ControlError> {

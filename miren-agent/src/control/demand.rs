@@ -21,7 +21,30 @@ use crate::{
 
 type Key = (String, String);
 
+/// An instance on this node that exited by itself (not stopped on request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceExit {
+    /// Its app.
+    pub app: String,
+    /// Its service.
+    pub service: String,
+    /// How it ended (e.g. "exit status: 3", "killed by SIGKILL").
+    pub how: String,
+}
+
 impl ControlPlane {
+    /// Tells whoever waits for `exit`'s service (the ingress's activations) that one of its
+    /// instances on this node exited.
+    pub fn report_instance_exit(&self, exit: InstanceExit) {
+        // Nobody listening is fine: no activation is waiting.
+        let _ = self.instance_exits.send(exit);
+    }
+
+    /// The exits of this node's instances reported from now on.
+    pub fn instance_exits(&self) -> tokio::sync::broadcast::Receiver<InstanceExit> {
+        self.instance_exits.subscribe()
+    }
+
     /// The auto services (with a command) of the apps, with their `scale_down_delay`: what
     /// the ingress reports demand for.
     pub fn auto_services(&self) -> BTreeMap<Key, Duration> {

@@ -36,8 +36,9 @@ use std::{
 
 use tokio::{sync::watch, task::JoinHandle};
 
+pub use demand::InstanceExit;
 pub use nodes::{NodeMode, Registration, SubnetPlan};
-pub use queries::{DeployedService, IngressRoute, Peer};
+pub use queries::{DeployedService, IngressRoute, IngressUpdate, Peer};
 pub use report::DataplaneReport;
 
 use crate::{
@@ -104,6 +105,8 @@ pub struct ControlPlane {
     dataplane_report: Mutex<Option<DataplaneReport>>,
     /// The scheduler's memory of idle auto services.
     autoscaler: Mutex<demand::AutoScaler>,
+    /// This node's instances that exited by themselves, for the activations waiting on them.
+    instance_exits: tokio::sync::broadcast::Sender<InstanceExit>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -155,6 +158,7 @@ impl ControlPlane {
             lease,
             dataplane_report: Mutex::new(None),
             autoscaler: Mutex::default(),
+            instance_exits: tokio::sync::broadcast::channel(64).0,
             tasks,
         })
     }

@@ -26,6 +26,52 @@ pub struct IngressRoute {
     pub endpoints: Arc<[SocketAddr]>,
 }
 
+/// What changed for the ingress since the revision it routes with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngressUpdate {
+    /// Every route (rebuild).
+    Full(Vec<IngressRoute>),
+    /// Only these hosts' routes changed; each with its route now (`None`: removed, or its
+    /// app does not validate here).
+    Routes(Vec<(String, Option<IngressRoute>)>),
+}
+
+/// Target endpoints looked up once per (app, service) (many routes usually share one).
+type EndpointCache<'a> = HashMap<(&'a str, &'a str), Arc<[SocketAddr]>>;
+
+/// Every live route for the ingress.
+fn all_ingress_routes(state: &State) -> Vec<IngressRoute> {
+    let mut endpoints = HashMap::new();
+    state
+        .live_routes()
+        .map(|route| ingress_route(state, route, &mut endpoints))
+        .collect()
+}
+
+/// `route` with the endpoints of its target service's http port on every node.
+fn ingress_route<'a>(
+    state: &State,
+    route: &'a RouteRecord,
+    endpoints: &mut EndpointCache<'a>,
+) -> IngressRoute {
+    let endpoints = endpoints
+        .entry((&route.app, &route.service))
+        .or_insert_with(|| {
+            let port = state
+                .app(&route.app)
+                .and_then(|(_, config)| config.services.get(&route.service))
+                .and_then(|service| service.http_port());
+            port.map_or_else(
+                || Arc::from([]),
+                |port| Arc::from(state.endpoints_of(&route.app, &route.service, &port.name)),
+            )
+        });
+    IngressRoute {
+        record: route.clone(),
+        endpoints: Arc::clone(endpoints),
+    }
+}
+
 /// Another node of the cluster, as routing to its instances needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -215,36 +261,35 @@ impl ControlPlane {
     /// target service's http port on every node, and the revision it reflects.
     pub fn ingress_routes(&self) -> (u64, Vec<IngressRoute>) {
         let state = self.view.lock();
-        // Looked up once per target service (many routes usually share one).
-        let mut services: HashMap<(&str, &str), Arc<[SocketAddr]>> = HashMap::new();
-        let routes = state
-            .live_routes()
-            .map(|route| {
-                let endpoints = services
-                    .entry((&route.app, &route.service))
-                    .or_insert_with(|| {
-                        let port = state
-                            .app(&route.app)
-                            .and_then(|(_, config)| config.services.get(&route.service))
-                            .and_then(|service| service.http_port());
-                        port.map_or_else(
-                            || Arc::from([]),
-                            |port| {
-                                Arc::from(state.endpoints_of(
-                                    &route.app,
-                                    &route.service,
-                                    &port.name,
-                                ))
-                            },
-                        )
-                    });
-                IngressRoute {
-                    record: route.clone(),
-                    endpoints: Arc::clone(endpoints),
-                }
-            })
-            .collect();
-        (state.revision, routes)
+        (state.revision, all_ingress_routes(&state))
+    }
+
+    /// What changed for an ingress that routes with revision `after`: only the routes of the
+    /// hosts changed since (O(changes)) when nothing else they depend on changed and the
+    /// view still remembers, else every route; and the revision it reflects.
+    pub fn ingress_changes(&self, after: u64) -> (u64, IngressUpdate) {
+        let state = self.view.lock();
+        let update = match state.ingress_log.hosts_since(after) {
+            Some(hosts) => {
+                let mut endpoints = HashMap::new();
+                let mut changed: Vec<(String, Option<IngressRoute>)> = hosts
+                    .map(|host| {
+                        let route = state
+                            .routes
+                            .get(host)
+                            .filter(|route| state.app(&route.value.app).is_some())
+                            .map(|route| ingress_route(&state, &route.value, &mut endpoints));
+                        (host.to_owned(), route)
+                    })
+                    .collect();
+                // A host changed twice counts once, with its route now.
+                changed.sort_by(|a, b| a.0.cmp(&b.0));
+                changed.dedup_by(|a, b| a.0 == b.0);
+                IngressUpdate::Routes(changed)
+            }
+            None => IngressUpdate::Full(all_ingress_routes(&state)),
+        };
+        (state.revision, update)
     }
 
     /// Every service of every deployed app, as the sandbox runner starts it.

@@ -566,3 +566,81 @@ async fn an_idle_auto_service_loses_one_instance_per_scale_down_delay() {
         5
     );
 }
+
+/// The hosts of an [`IngressUpdate::Routes`], with whether each has a route now; `None` for
+/// a full update.
+fn changed_hosts(update: &IngressUpdate) -> Option<Vec<(String, bool)>> {
+    match update {
+        IngressUpdate::Routes(changes) => Some(
+            changes
+                .iter()
+                .map(|(host, route)| (host.clone(), route.is_some()))
+                .collect(),
+        ),
+        IngressUpdate::Full(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn the_ingress_gets_only_the_changed_routes_after_route_changes() {
+    let dir = TempDir::new("ingresschanges");
+    let store = SqliteStore::open(&dir.0, "n1").unwrap();
+    let plane = plane(&store, "n1").await;
+    deploy(&plane, &game("a", 7000)).await.unwrap();
+    plane
+        .set_route("a.example.com", "a", None, None)
+        .await
+        .unwrap();
+    let at = *plane.subscribe().borrow();
+    // Behind an app change: everything.
+    assert!(changed_hosts(&plane.ingress_changes(0).1).is_none());
+    assert_eq!(changed_hosts(&plane.ingress_changes(at).1), Some(vec![]));
+
+    plane
+        .set_route("b.example.com", "a", None, Some(5000))
+        .await
+        .unwrap();
+    plane.remove_route("a.example.com").await.unwrap();
+    let imported = plane
+        .import_routes("r.txt", "c.example.com a\nb.example.com a\n")
+        .await
+        .unwrap();
+    assert_eq!((imported.routes, imported.replaced), (2, 1));
+    let (revision, update) = plane.ingress_changes(at);
+    assert_eq!(revision, *plane.subscribe().borrow());
+    assert_eq!(
+        changed_hosts(&update),
+        Some(vec![
+            ("a.example.com".into(), false),
+            ("b.example.com".into(), true),
+            ("c.example.com".into(), true),
+        ])
+    );
+    // A bad file changes nothing and names every bad line.
+    let err = plane
+        .import_routes("r.txt", "d.example.com a\nx.example.com nope\n*.com a\n")
+        .await
+        .unwrap_err();
+    let shown = err.to_string();
+    assert!(shown.contains("r.txt:3: invalid host \"*.com\""), "{shown}");
+    let err = plane
+        .import_routes("r.txt", "d.example.com a\nx.example.com nope\n")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with("r.txt:2: no app named \"nope\""),
+        "{err}"
+    );
+    assert_eq!(plane.ingress_changes(revision).1, IngressUpdate::Routes(vec![]));
+
+    // Endpoints change what every route of the service reaches: everything again.
+    plane
+        .set_endpoints(
+            "a",
+            "main",
+            BTreeMap::from([("web".into(), vec!["10.88.0.2:8080".parse().unwrap()])]),
+        )
+        .await
+        .unwrap();
+    assert!(changed_hosts(&plane.ingress_changes(revision).1).is_none());
+}

@@ -77,6 +77,49 @@ pub struct State {
     pub challenges: BTreeMap<String, String>,
     /// The cluster's ACME account.
     pub acme_account: Option<Versioned<AcmeAccount>>,
+    /// What changed for the ingress lately (see [`IngressLog`]).
+    pub ingress_log: IngressLog,
+}
+
+/// The changes of the last revisions that the ingress's routes depend on, so the ingress
+/// applies a route change in O(1) instead of rebuilding from every route.
+#[derive(Debug, Default)]
+pub struct IngressLog {
+    /// (revision, host) of recent route puts and deletes, oldest first.
+    changes: std::collections::VecDeque<(Revision, String)>,
+    /// Changes up to this revision are not in `changes` (dropped, or anything but a route
+    /// changed): a reader at an older revision rebuilds.
+    floor: Revision,
+}
+
+/// Most route changes [`IngressLog`] keeps; a reader further behind rebuilds.
+const INGRESS_LOG: usize = 4096;
+
+impl IngressLog {
+    fn route(&mut self, revision: Revision, host: &str) {
+        if self.changes.len() == INGRESS_LOG
+            && let Some((dropped, _)) = self.changes.pop_front()
+        {
+            self.floor = self.floor.max(dropped);
+        }
+        self.changes.push_back((revision, host.to_owned()));
+    }
+
+    /// Something else that routes depend on (an app, endpoints) changed at `revision`.
+    fn everything(&mut self, revision: Revision) {
+        self.changes.clear();
+        self.floor = revision;
+    }
+
+    /// The hosts whose route changed after `after`, `None` when the reader must rebuild.
+    pub fn hosts_since(&self, after: Revision) -> Option<impl Iterator<Item = &str>> {
+        (after >= self.floor).then(|| {
+            self.changes
+                .iter()
+                .filter(move |(revision, _)| *revision > after)
+                .map(|(_, host)| host.as_str())
+        })
+    }
 }
 
 impl State {
@@ -150,6 +193,7 @@ impl State {
         let mod_revision = kv.mod_revision;
         match (key, record) {
             (RecordKey::App(name), Record::App(record)) => {
+                self.ingress_log.everything(mod_revision);
                 let config = validate(&record, validation);
                 self.apps.insert(
                     name,
@@ -170,6 +214,7 @@ impl State {
                 );
             }
             (RecordKey::Route(host), Record::Route(value)) => {
+                self.ingress_log.route(mod_revision, &host);
                 self.routes.insert(
                     host,
                     Versioned {
@@ -179,6 +224,7 @@ impl State {
                 );
             }
             (RecordKey::Endpoints { app, service, node }, Record::Endpoints(value)) => {
+                self.ingress_log.everything(mod_revision);
                 self.endpoints.entry((app, service)).or_default().insert(
                     node,
                     Versioned {
@@ -255,18 +301,21 @@ impl State {
         }
     }
 
-    fn delete(&mut self, key: &str) {
+    fn delete(&mut self, key: &str, revision: Revision) {
         match RecordKey::parse(key) {
             Some(RecordKey::App(name)) => {
+                self.ingress_log.everything(revision);
                 self.apps.remove(&name);
             }
             Some(RecordKey::NodePort(protocol, port)) => {
                 self.node_ports.remove(&(port, protocol));
             }
             Some(RecordKey::Route(host)) => {
+                self.ingress_log.route(revision, &host);
                 self.routes.remove(&host);
             }
             Some(RecordKey::Endpoints { app, service, node }) => {
+                self.ingress_log.everything(revision);
                 let key = (app, service);
                 if let Some(nodes) = self.endpoints.get_mut(&key) {
                     nodes.remove(&node);
@@ -363,6 +412,7 @@ impl View {
             state.put(kv, &validation);
         }
         state.revision = listing.revision;
+        state.ingress_log.everything(listing.revision);
         Self {
             state: Mutex::new(state),
             applied: watch::channel(listing.revision).0,
@@ -405,7 +455,7 @@ impl View {
             for event in events {
                 match event {
                     Event::Put(kv) => state.put(kv, &self.validation),
-                    Event::Delete { key, .. } => state.delete(key),
+                    Event::Delete { key, mod_revision } => state.delete(key, *mod_revision),
                 }
             }
             if followed {

@@ -32,6 +32,7 @@ use tokio::{sync::watch, time::Instant};
 use crate::{
     control::{ControlError, ControlPlane},
     ingress::certs::{CertError, CertSource, CertStore, StoredCert},
+    metrics::{self, AcmeOutcome},
     routes::Host,
     store::records::{ACME, AcmeAccount},
 };
@@ -279,6 +280,7 @@ async fn order_due(
             result = issue(account, &host, control, certs) => result,
             _ = shutdown.wait_for(|stop| *stop) => return None,
         };
+        metrics::process().observe_acme_order(outcome(&result));
         match result {
             Ok(not_after) => {
                 backoff.remove(&host);
@@ -302,6 +304,15 @@ async fn order_due(
         }
     }
     Some(wake)
+}
+
+/// How an order with `result` counts in `miren_acme_orders_total`.
+fn outcome<T>(result: &Result<T, AcmeError>) -> AcmeOutcome {
+    match result {
+        Ok(_) => AcmeOutcome::Issued,
+        Err(AcmeError::Invalid { .. }) => AcmeOutcome::Invalid,
+        Err(_) => AcmeOutcome::Failed,
+    }
 }
 
 /// When a certificate should be renewed: 30 days before expiry, or earlier when a third of a
@@ -660,5 +671,17 @@ mod tests {
             ..long
         };
         assert_eq!(renewal_time(&short), now + 4 * day);
+    }
+
+    #[test]
+    fn orders_count_as_issued_invalid_or_failed() {
+        let invalid: Result<(), AcmeError> = Err(AcmeError::Invalid {
+            host: "a.example.com".into(),
+            reason: "connection refused".into(),
+        });
+        let failed: Result<(), AcmeError> = Err(AcmeError::Account("unreadable".into()));
+        assert_eq!(outcome(&Ok::<_, AcmeError>(())), AcmeOutcome::Issued);
+        assert_eq!(outcome(&invalid), AcmeOutcome::Invalid);
+        assert_eq!(outcome(&failed), AcmeOutcome::Failed);
     }
 }

@@ -1,7 +1,9 @@
 //! Scale from zero: when a request finds its service without a ready endpoint, the ingress
 //! asks the cluster for an instance (its demand, [`super::demand`]) and waits (up to the boot
-//! deadline) for one to become ready, on whichever node it was placed. Concurrent requests for the same service share one activation; the activation runs
-//! in its own task, so clients that give up or disconnect leave nothing behind.
+//! deadline) for one to become ready, on whichever node it was placed. An instance on this
+//! node that exits before it is ready ends the wait at once, with its exit status. Concurrent
+//! requests for the same service share one activation; the activation runs in its own task,
+//! so clients that give up or disconnect leave nothing behind.
 
 use std::{
     collections::HashMap,
@@ -9,9 +11,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use super::routing::Routing;
+use crate::control::InstanceExit;
 
 /// Asks for instances on demand ([`super::demand::DemandReporter`]).
 pub trait Activator: Send + Sync + std::fmt::Debug {
@@ -20,6 +23,10 @@ pub trait Activator: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Why no instance can be started; the requests waiting for it get a 503 saying so.
     fn ensure_starting(&self, app: &str, service: &str) -> Result<(), String>;
+
+    /// The exits of this node's instances from now on: one of the service's while it is
+    /// being activated fails the activation at once.
+    fn instance_exits(&self) -> broadcast::Receiver<InstanceExit>;
 }
 
 /// How an activation ended.
@@ -27,7 +34,7 @@ pub trait Activator: Send + Sync + std::fmt::Debug {
 pub enum Activation {
     /// The service has a ready endpoint now.
     Ready,
-    /// Nothing could be started (the reason).
+    /// Nothing could be started, or the instance exited while starting (the reason).
     Failed(String),
     /// No endpoint became ready within the boot deadline.
     TimedOut(Duration),
@@ -97,6 +104,8 @@ impl Activations {
 
     async fn activate(&self, app: &str, service: &str) -> Activation {
         let mut changes = self.routing.subscribe();
+        // Before the start is asked for, so an instance that exits at once is seen.
+        let mut exits = Some(self.activator.instance_exits());
         let ready = || {
             self.routing
                 .snapshot()
@@ -112,8 +121,32 @@ impl Activations {
         tracing::info!(app, service, "no ready endpoint; starting an instance");
         let wait = async {
             while !ready() {
-                if changes.changed().await.is_err() {
-                    return Activation::Failed("the route table is gone".into());
+                let exit = async {
+                    match &mut exits {
+                        Some(exits) => exits.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() {
+                        return Activation::Failed("the route table is gone".into());
+                    },
+                    exit = exit => match exit {
+                        Ok(exit) if exit.app == app && exit.service == service => {
+                            tracing::warn!(
+                                app,
+                                service,
+                                exit = %exit.how,
+                                "the instance exited while starting; failing its requests"
+                            );
+                            return Activation::Failed(format!(
+                                "its instance exited while starting ({})",
+                                exit.how
+                            ));
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => exits = None,
+                    },
                 }
             }
             Activation::Ready
@@ -133,15 +166,29 @@ mod tests {
         control::IngressRoute, ingress::routing::RoutingSnapshot, store::records::RouteRecord,
     };
 
-    #[derive(Debug, Default)]
+    #[derive(Debug)]
     struct CountingActivator {
         calls: AtomicUsize,
+        exits: broadcast::Sender<InstanceExit>,
+    }
+
+    impl Default for CountingActivator {
+        fn default() -> Self {
+            Self {
+                calls: AtomicUsize::new(0),
+                exits: broadcast::channel(8).0,
+            }
+        }
     }
 
     impl Activator for CountingActivator {
         fn ensure_starting(&self, _app: &str, _service: &str) -> Result<(), String> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             Ok(())
+        }
+
+        fn instance_exits(&self) -> broadcast::Receiver<InstanceExit> {
+            self.exits.subscribe()
         }
     }
 
@@ -164,16 +211,25 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn concurrent_requests_share_one_start() {
+    /// A service without endpoints, activated through a [`CountingActivator`] that gives up
+    /// after `boot_timeout`.
+    fn unstarted(
+        boot_timeout: Duration,
+    ) -> (Arc<Routing>, Arc<CountingActivator>, Arc<Activations>) {
         let routing = Arc::new(Routing::new(Duration::from_secs(60), Arc::default()));
         routing.publish(snapshot(1, &[]));
         let activator = Arc::new(CountingActivator::default());
         let activations = Arc::new(Activations::new(
             activator.clone(),
             routing.clone(),
-            Duration::from_secs(30),
+            boot_timeout,
         ));
+        (routing, activator, activations)
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_start() {
+        let (routing, activator, activations) = unstarted(Duration::from_secs(30));
         let waiters: Vec<_> = (0..20)
             .map(|_| {
                 let activations = activations.clone();
@@ -193,14 +249,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn gives_up_after_the_boot_deadline_and_cleans_up() {
-        let routing = Arc::new(Routing::new(Duration::from_secs(60), Arc::default()));
-        routing.publish(snapshot(1, &[]));
-        let activator = Arc::new(CountingActivator::default());
-        let activations = Arc::new(Activations::new(
-            activator.clone(),
-            routing,
-            Duration::from_secs(120),
-        ));
+        let (_routing, activator, activations) = unstarted(Duration::from_secs(120));
         // A client that gives up early does not cancel or leak the activation.
         let impatient = activations.clone();
         let _ = tokio::time::timeout(Duration::from_secs(1), async move {
@@ -213,6 +262,32 @@ mod tests {
             Activation::TimedOut(Duration::from_secs(120))
         );
         assert_eq!(activator.calls.load(Ordering::SeqCst), 1);
+        assert!(activations.in_flight.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_instance_exiting_while_starting_fails_the_activation_at_once() {
+        let (_routing, activator, activations) = unstarted(Duration::from_secs(120));
+        let waiter = {
+            let activations = activations.clone();
+            tokio::spawn(async move { activations.wait_ready("a", "web").await })
+        };
+        while activator.calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let exit = |app: &str, service: &str| InstanceExit {
+            app: app.into(),
+            service: service.into(),
+            how: "exit status: 3".into(),
+        };
+        // Another service's exit is not this activation's.
+        activator.exits.send(exit("a", "worker")).unwrap();
+        activator.exits.send(exit("a", "web")).unwrap();
+        let outcome = waiter.await.unwrap();
+        assert_eq!(
+            outcome,
+            Activation::Failed("its instance exited while starting (exit status: 3)".into())
+        );
         assert!(activations.in_flight.lock().unwrap().is_empty());
     }
 }

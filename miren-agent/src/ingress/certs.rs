@@ -384,6 +384,7 @@ impl CertStore {
             }
         }
         *rejected = still_rejected;
+        publish_expiry(&old, &table);
         self.table.store(Arc::new(table));
     }
 
@@ -467,6 +468,20 @@ impl CertStore {
     /// served.
     pub fn covering(&self, host: &str) -> Option<StoredCert> {
         self.table.load().lookup(host).map(|entry| entry.stored)
+    }
+}
+
+/// Sets `miren_cert_expiry_timestamp_seconds` for every certificate of `new`, and removes the
+/// series of those of `old` that `new` no longer holds.
+fn publish_expiry(old: &Table, new: &Table) {
+    let metrics = crate::metrics::process();
+    for (_, entry) in new.iter() {
+        metrics.set_cert_expiry(&entry.info.host, unix_seconds(entry.stored.not_after));
+    }
+    for (host, entry) in old.iter() {
+        if new.get(host).is_none() {
+            metrics.remove_cert_expiry(&entry.info.host);
+        }
     }
 }
 
@@ -748,12 +763,17 @@ fn system_time(unix: i64) -> SystemTime {
     }
 }
 
-/// RFC 3339 in UTC, e.g. `2026-05-01T12:00:00Z`.
-pub(crate) fn rfc3339(at: SystemTime) -> String {
-    let unix = match at.duration_since(UNIX_EPOCH) {
+/// Whole seconds from the Unix epoch to `at` (negative before it).
+fn unix_seconds(at: SystemTime) -> i64 {
+    match at.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    };
+    }
+}
+
+/// RFC 3339 in UTC, e.g. `2026-05-01T12:00:00Z`.
+pub(crate) fn rfc3339(at: SystemTime) -> String {
+    let unix = unix_seconds(at);
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
         .and_then(|t| {
@@ -909,6 +929,29 @@ mod tests {
         assert!(!store.has_certificate("a.b.example.com"));
         let hosts: Vec<_> = store.list().into_iter().map(|i| i.host).collect();
         assert_eq!(hosts, ["*.example.com", "app.example.com"]);
+    }
+
+    #[tokio::test]
+    async fn every_held_certificate_has_an_expiry_series_until_it_is_removed() {
+        let dir = TempDir::new("expiry-metric");
+        let (control, store) = node(&dir, &sqlite(&dir), "n1").await;
+        let name = "expiry-metric.example.com";
+        set(&store, name, &valid(&[name])).await.unwrap();
+        let not_after = store.covering(name).unwrap().not_after;
+        let unix = not_after.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let line = format!("miren_cert_expiry_timestamp_seconds{{host=\"{name}\"}} {unix}");
+        let scrape = || {
+            crate::metrics::Metrics::new("none")
+                .unwrap()
+                .render(None, &[])
+                .unwrap()
+        };
+        let text = scrape();
+        assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        control.remove_cert(name).await.unwrap();
+        store.refresh();
+        let text = scrape();
+        assert!(!text.contains(name), "{text}");
     }
 
     #[tokio::test]

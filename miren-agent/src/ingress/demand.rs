@@ -10,10 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
 use super::{activation::Activator, routing::LoadTracker};
-use crate::control::ControlPlane;
+use crate::control::{ControlPlane, InstanceExit};
 
 /// How often the demand is sampled (a changed value is written at most this often).
 const SAMPLE: Duration = Duration::from_millis(250);
@@ -100,5 +100,9 @@ impl Activator for DemandReporter {
         self.control.can_activate(app, service)?;
         self.wake.notify_one();
         Ok(())
+    }
+
+    fn instance_exits(&self) -> broadcast::Receiver<InstanceExit> {
+        self.control.instance_exits()
     }
 }

@@ -18,6 +18,7 @@ use pingora::{
     proxy::HttpProxy,
     server::ShutdownWatch,
 };
+use prometheus::IntGauge;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
@@ -172,15 +173,33 @@ impl HttpServerApp for GuardedApp {
 /// the idle ones (no request yet, or kept alive between requests) are closed.
 const SETTLE: Duration = Duration::from_secs(1);
 
+/// One open client connection, counted in its listener's gauge until dropped.
+struct Counted(IntGauge);
+
+impl Counted {
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Accepts connections on `bound` until `shutdown` turns true; each connection is served by a
-/// task on the calling thread's runtime. Then drains: requests in flight get up to `grace` to
-/// complete (kept-alive connections are closed after their current request, idle ones after
-/// [`SETTLE`]); what is still running after `grace` is cut when the thread's runtime ends.
+/// task on the calling thread's runtime and counted in `open` until its task ends. Then
+/// drains: requests in flight get up to `grace` to complete (kept-alive connections are closed
+/// after their current request, idle ones after [`SETTLE`]); what is still running after
+/// `grace` is cut when the thread's runtime ends.
 pub async fn serve(
     bound: BoundListener,
     app: Arc<GuardedApp>,
     tls: Option<Arc<Acceptor>>,
     limits: HeadLimits,
+    open: IntGauge,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -199,11 +218,13 @@ pub async fn serve(
                 continue;
             }
         };
+        let counted = Counted::new(&open);
         let _ = stream.set_nodelay();
         let app = Arc::clone(&app);
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
+            let _counted = counted;
             let stream: Stream = match tls {
                 None => Box::new(stream),
                 Some(acceptor) => {

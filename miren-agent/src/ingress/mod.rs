@@ -336,6 +336,10 @@ impl Ingress {
         let (http_app, https_app) = (app(false), app(true));
         let acceptor = Arc::new(tls_acceptor(hooks.cert_resolver));
         let grace = self.settings.shutdown_grace;
+        let open = (
+            state.metrics.http_connections("http"),
+            state.metrics.http_connections("https"),
+        );
         // Not kept open while draining: after a stop, new connections are refused at once.
         drop(self.listening);
         // Upstream connections are pooled across the threads, each registered with the event
@@ -345,6 +349,7 @@ impl Ingress {
         for (i, thread) in self.threads.into_iter().enumerate() {
             let (http_app, https_app) = (Arc::clone(&http_app), Arc::clone(&https_app));
             let acceptor = Arc::clone(&acceptor);
+            let (http_open, https_open) = open.clone();
             let shutdown = shutdown.clone();
             let drained = Arc::clone(&drained);
             let (done, finished_rx) = tokio::sync::oneshot::channel::<()>();
@@ -358,6 +363,7 @@ impl Ingress {
                                 http_app,
                                 None,
                                 limits,
+                                http_open,
                                 shutdown.clone(),
                                 grace
                             ),
@@ -366,6 +372,7 @@ impl Ingress {
                                 https_app,
                                 Some(acceptor),
                                 limits,
+                                https_open,
                                 shutdown,
                                 grace
                             ),

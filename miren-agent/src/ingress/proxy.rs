@@ -462,9 +462,13 @@ impl ProxyHttp for MirenProxy {
             (r.upstreams.app.as_str(), r.upstreams.service.as_str())
         });
         let elapsed = ctx.started.elapsed();
-        self.state
-            .metrics
-            .observe_http_request(app, service, code, elapsed);
+        self.state.metrics.observe_http_request(
+            app,
+            service,
+            &session.req_header().method,
+            code,
+            elapsed,
+        );
         let req = session.req_header();
         // Fields are formatted straight into the line (no intermediate Strings).
         tracing::info!(

@@ -31,7 +31,7 @@ use crate::{
     api::types::{InstanceStatus, LogChunk},
     bundle::{BundleHash, BundleStore, BundleUsers},
     config::PortKind,
-    control::{ControlPlane, DeployedService},
+    control::{ControlPlane, DeployedService, InstanceExit},
     ingress::routing::LoadTracker,
 };
 
@@ -671,6 +671,11 @@ impl ServiceSupervisor {
         if let Some(how) = exit {
             let (app, service) = &self.key;
             tracing::warn!(app, service, instance = %instance.id, exit = %how, "instance exited; restarting");
+            self.shared.control.report_instance_exit(InstanceExit {
+                app: app.clone(),
+                service: service.clone(),
+                how: how.clone(),
+            });
             if instance.started.elapsed() < STABLE_RUN {
                 self.failures += 1;
             } else {

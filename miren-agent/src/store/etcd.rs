@@ -53,6 +53,8 @@ const LIST_PAGE: i64 = 1000;
 const LIST_ATTEMPTS: usize = 3;
 /// The largest answer accepted from etcd (pages of a listing, batches of a watch).
 const MAX_MESSAGE: usize = 64 << 20;
+/// etcd's default `--max-txn-ops`: the most compares, and the most ops, of one transaction.
+const MAX_TXN_OPS: usize = 128;
 /// The longest a connection attempt to one member may take (at most half the request timeout).
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// HTTP/2 pings on connections with open streams (watches), so a dead member is noticed.
@@ -716,6 +718,10 @@ impl Store for EtcdStore {
 
     fn describe(&self) -> String {
         self.inner.describe.clone()
+    }
+
+    fn max_txn_ops(&self) -> Option<usize> {
+        Some(MAX_TXN_OPS)
     }
 }
 

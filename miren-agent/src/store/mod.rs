@@ -300,4 +300,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// What the store is, for messages: `sqlite at PATH`, `etcd at ENDPOINTS`.
     fn describe(&self) -> String;
+
+    /// The most compares, and the most ops, one transaction may have (`None`: no limit).
+    fn max_txn_ops(&self) -> Option<usize> {
+        None
+    }
 }
