@@ -628,10 +628,14 @@ async fn the_ingress_gets_only_the_changed_routes_after_route_changes() {
         .await
         .unwrap_err();
     assert!(
-        err.to_string().starts_with("r.txt:2: no app named \"nope\""),
+        err.to_string()
+            .starts_with("r.txt:2: no app named \"nope\""),
         "{err}"
     );
-    assert_eq!(plane.ingress_changes(revision).1, IngressUpdate::Routes(vec![]));
+    assert_eq!(
+        plane.ingress_changes(revision).1,
+        IngressUpdate::Routes(vec![])
+    );
 
     // Endpoints change what every route of the service reaches: everything again.
     plane
