@@ -283,15 +283,20 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         );
     }
     let upgrade_listener = UpgradeListener::bind(&settings.state_dir)?;
-    let certs = CertStore::open(&settings.state_dir.join("certs"), Arc::clone(&control)).await?;
+    let dataplane = start_dataplane(&settings)?;
+    let metrics = Arc::new(Metrics::new(
+        dataplane.active.as_ref().map_or("none", |a| a.mode()),
+    )?);
+    let certs = CertStore::open(
+        &settings.state_dir.join("certs"),
+        Arc::clone(&control),
+        Arc::clone(&metrics),
+    )
+    .await?;
     tokio::spawn(Arc::clone(&certs).follow(stop_rx.clone()));
     let bundles = Arc::new(BundleStore::open(
         &settings.state_dir.join("bundles"),
         settings.max_bundle_bytes,
-    )?);
-    let dataplane = start_dataplane(&settings)?;
-    let metrics = Arc::new(Metrics::new(
-        dataplane.active.as_ref().map_or("none", |a| a.mode()),
     )?);
     if let Some(active) = &dataplane.active {
         let reconciler = Reconciler::new(
@@ -415,6 +420,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             },
             control,
             Arc::clone(&certs),
+            Arc::clone(&ingress_metrics),
             stop_rx.clone(),
         ));
     }

@@ -2,14 +2,9 @@
 //! backend counters are read from the active data plane's kernel counters at each scrape and
 //! labelled with the owning app, service, port name, protocol, node port and address family
 //! (`ipv4`, `ipv6`: a node port has a series of each); reconcile health, the data plane
-//! mode and the HTTP ingress live in a registry, with the certificate and ACME families of
-//! [`ProcessMetrics`].
+//! mode, the HTTP ingress, the certificates held and ACME orders live in a registry.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, LazyLock},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus::{
@@ -64,12 +59,6 @@ pub struct Metrics {
     http_duration: HistogramVec,
     http_upstream_errors: IntCounterVec,
     http_connections: IntGaugeVec,
-}
-
-/// The families of subsystems the agent starts without a [`Metrics`] handle (the certificate
-/// store, the ACME client): one set per process ([`process`]), exposed by every [`Metrics`].
-#[derive(Debug)]
-pub struct ProcessMetrics {
     cert_expiry: IntGaugeVec,
     acme_orders: IntCounterVec,
 }
@@ -98,40 +87,7 @@ impl AcmeOutcome {
     }
 }
 
-static PROCESS: LazyLock<ProcessMetrics> = LazyLock::new(|| {
-    let cert_expiry = IntGaugeVec::new(
-        Opts::new(
-            "miren_cert_expiry_timestamp_seconds",
-            "Expiry (Unix time) of each certificate the ingress holds, by the host it is stored \
-             under (a wildcard's is *.parent).",
-        ),
-        &["host"],
-    )
-    .expect("a valid family");
-    let acme_orders = IntCounterVec::new(
-        Opts::new(
-            "miren_acme_orders_total",
-            "ACME certificate orders of this node, by outcome: issued, invalid (the ACME \
-             server did not validate the host), failed (any other error).",
-        ),
-        &["outcome"],
-    )
-    .expect("a valid family");
-    for outcome in AcmeOutcome::ALL {
-        acme_orders.with_label_values(&[outcome.as_str()]);
-    }
-    ProcessMetrics {
-        cert_expiry,
-        acme_orders,
-    }
-});
-
-/// This process's [`ProcessMetrics`].
-pub fn process() -> &'static ProcessMetrics {
-    &PROCESS
-}
-
-impl ProcessMetrics {
+impl Metrics {
     /// Sets the expiry (Unix seconds) of the certificate stored under `host`.
     pub fn set_cert_expiry(&self, host: &str, not_after: i64) {
         self.cert_expiry.with_label_values(&[host]).set(not_after);
@@ -209,6 +165,25 @@ impl Metrics {
             ),
             &["listener"],
         )?;
+        let cert_expiry = IntGaugeVec::new(
+            Opts::new(
+                "miren_cert_expiry_timestamp_seconds",
+                "Expiry (Unix time) of each certificate the ingress holds, by the host it is \
+                 stored under (a wildcard's is *.parent).",
+            ),
+            &["host"],
+        )?;
+        let acme_orders = IntCounterVec::new(
+            Opts::new(
+                "miren_acme_orders_total",
+                "ACME certificate orders of this node, by outcome: issued, invalid (the ACME \
+                 server did not validate the host), failed (any other error).",
+            ),
+            &["outcome"],
+        )?;
+        for outcome in AcmeOutcome::ALL {
+            acme_orders.with_label_values(&[outcome.as_str()]);
+        }
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(info))?;
@@ -216,8 +191,8 @@ impl Metrics {
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(http_upstream_errors.clone()))?;
         registry.register(Box::new(http_connections.clone()))?;
-        registry.register(Box::new(PROCESS.cert_expiry.clone()))?;
-        registry.register(Box::new(PROCESS.acme_orders.clone()))?;
+        registry.register(Box::new(cert_expiry.clone()))?;
+        registry.register(Box::new(acme_orders.clone()))?;
         Ok(Self {
             registry,
             reconcile_duration,
@@ -226,6 +201,8 @@ impl Metrics {
             http_duration,
             http_upstream_errors,
             http_connections,
+            cert_expiry,
+            acme_orders,
         })
     }
 
@@ -669,35 +646,22 @@ mod tests {
     }
 
     #[test]
-    fn certificate_expiry_and_acme_outcomes_are_exposed_by_every_registry() {
-        let process = process();
+    fn certificate_expiry_and_acme_outcomes_are_exposed() {
+        let metrics = Metrics::new("none").unwrap();
         let expiry = 1_900_000_000;
-        process.set_cert_expiry("metrics-test.example.com", expiry);
-        process.set_cert_expiry("gone.metrics-test.example.com", expiry);
-        process.remove_cert_expiry("gone.metrics-test.example.com");
-        let before = |text: &str, outcome: &str| -> u64 {
-            let prefix = format!("miren_acme_orders_total{{outcome=\"{outcome}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
-                .unwrap_or_else(|| panic!("no {outcome} series in\n{text}"))
-        };
-        let first = Metrics::new("none").unwrap().render(None, &[]).unwrap();
-        process.observe_acme_order(AcmeOutcome::Invalid);
-        // A second registry (the families are the process's) sees the same values.
-        let text = Metrics::new("none").unwrap().render(None, &[]).unwrap();
-        assert!(
-            text.lines().any(|l| l
-                == r#"miren_cert_expiry_timestamp_seconds{host="metrics-test.example.com"} 1900000000"#),
-            "{text}"
-        );
-        assert!(!text.contains("gone.metrics-test"), "{text}");
-        // Other tests may order concurrently: the invalid count grew by at least this one.
-        assert!(
-            before(&text, "invalid") > before(&first, "invalid"),
-            "{text}"
-        );
-        for outcome in AcmeOutcome::ALL {
-            before(&text, outcome.as_str());
+        metrics.set_cert_expiry("a.example.com", expiry);
+        metrics.set_cert_expiry("gone.example.com", expiry);
+        metrics.remove_cert_expiry("gone.example.com");
+        metrics.observe_acme_order(AcmeOutcome::Invalid);
+        let text = metrics.render(None, &[]).unwrap();
+        for line in [
+            r#"miren_cert_expiry_timestamp_seconds{host="a.example.com"} 1900000000"#,
+            r#"miren_acme_orders_total{outcome="issued"} 0"#,
+            r#"miren_acme_orders_total{outcome="invalid"} 1"#,
+            r#"miren_acme_orders_total{outcome="failed"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
+        assert!(!text.contains("gone.example.com"), "{text}");
     }
 }

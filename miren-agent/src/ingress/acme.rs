@@ -32,7 +32,7 @@ use tokio::{sync::watch, time::Instant};
 use crate::{
     control::{ControlError, ControlPlane},
     ingress::certs::{CertError, CertSource, CertStore, StoredCert},
-    metrics::{self, AcmeOutcome},
+    metrics::{AcmeOutcome, Metrics},
     routes::Host,
     store::records::{ACME, AcmeAccount},
 };
@@ -146,11 +146,13 @@ struct Backoff {
 /// [`CertSource::Acme`]. Rounds run on every control revision ([`ControlPlane::subscribe`],
 /// which includes the role's holder leaving) and hourly. Failures per host back off
 /// exponentially (30 s doubling to 1 h) and are logged with the reason; hosts without a route
-/// are never requested; operator-provided certificates are never replaced.
+/// are never requested; operator-provided certificates are never replaced. Each order's
+/// outcome is counted in `metrics`.
 pub async fn run(
     settings: AcmeSettings,
     control: Arc<ControlPlane>,
     certs: Arc<CertStore>,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut revisions = control.subscribe();
@@ -191,6 +193,7 @@ pub async fn run(
                     &active,
                     &control,
                     &certs,
+                    &metrics,
                     &mut backoff,
                     &mut wildcards_logged,
                     &mut shutdown,
@@ -237,6 +240,7 @@ async fn order_due(
     account: &Account,
     control: &Arc<ControlPlane>,
     certs: &CertStore,
+    metrics: &Metrics,
     backoff: &mut HashMap<String, Backoff>,
     wildcards_logged: &mut HashSet<String>,
     shutdown: &mut watch::Receiver<bool>,
@@ -280,7 +284,7 @@ async fn order_due(
             result = issue(account, &host, control, certs) => result,
             _ = shutdown.wait_for(|stop| *stop) => return None,
         };
-        metrics::process().observe_acme_order(outcome(&result));
+        metrics.observe_acme_order(outcome(&result));
         match result {
             Ok(not_after) => {
                 backoff.remove(&host);

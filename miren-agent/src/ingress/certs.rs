@@ -37,6 +37,7 @@ use tokio::sync::watch;
 
 use crate::{
     control::{ControlError, ControlPlane},
+    metrics::Metrics,
     routes::{Host, RouteTable},
     store::records::CertRecord,
 };
@@ -279,6 +280,8 @@ type Table = RouteTable<Arc<Entry>>;
 /// fallback.
 pub struct CertStore {
     control: Arc<ControlPlane>,
+    /// Where each held certificate's expiry is published.
+    metrics: Arc<Metrics>,
     table: ArcSwap<Table>,
     fallback: Arc<CertifiedKey>,
     /// Held while the table is rebuilt, so an older listing never replaces a newer one; holds
@@ -309,14 +312,17 @@ impl CertStore {
     /// # Errors
     /// [`CertError::Io`] when `legacy_dir` cannot be read or renamed, [`CertError::Store`]
     /// when an imported certificate cannot be stored (the files are then kept for the next
-    /// start), [`CertError::Fallback`] when the fallback cannot be generated.
+    /// start), [`CertError::Fallback`] when the fallback cannot be generated. Each held
+    /// certificate's expiry is published in `metrics`.
     pub async fn open(
         legacy_dir: &Path,
         control: Arc<ControlPlane>,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, CertError> {
         import_files(legacy_dir, &control).await?;
         let store = Arc::new(Self {
             control,
+            metrics,
             table: ArcSwap::from_pointee(Table::default()),
             fallback: fallback_certificate()?,
             rebuild: Mutex::new(BTreeMap::new()),
@@ -384,7 +390,7 @@ impl CertStore {
             }
         }
         *rejected = still_rejected;
-        publish_expiry(&old, &table);
+        publish_expiry(&self.metrics, &old, &table);
         self.table.store(Arc::new(table));
     }
 
@@ -473,8 +479,7 @@ impl CertStore {
 
 /// Sets `miren_cert_expiry_timestamp_seconds` for every certificate of `new`, and removes the
 /// series of those of `old` that `new` no longer holds.
-fn publish_expiry(old: &Table, new: &Table) {
-    let metrics = crate::metrics::process();
+fn publish_expiry(metrics: &Metrics, old: &Table, new: &Table) {
     for (_, entry) in new.iter() {
         metrics.set_cert_expiry(&entry.info.host, unix_seconds(entry.stored.not_after));
     }
@@ -868,7 +873,8 @@ mod tests {
             .await
             .unwrap(),
         );
-        let certs = CertStore::open(&dir.0.join("certs"), Arc::clone(&control))
+        let metrics = Arc::new(crate::metrics::Metrics::new("none").unwrap());
+        let certs = CertStore::open(&dir.0.join("certs"), Arc::clone(&control), metrics)
             .await
             .unwrap();
         (control, certs)
@@ -940,12 +946,7 @@ mod tests {
         let not_after = store.covering(name).unwrap().not_after;
         let unix = not_after.duration_since(UNIX_EPOCH).unwrap().as_secs();
         let line = format!("miren_cert_expiry_timestamp_seconds{{host=\"{name}\"}} {unix}");
-        let scrape = || {
-            crate::metrics::Metrics::new("none")
-                .unwrap()
-                .render(None, &[])
-                .unwrap()
-        };
+        let scrape = || store.metrics.render(None, &[]).unwrap();
         let text = scrape();
         assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         control.remove_cert(name).await.unwrap();
