@@ -648,3 +648,25 @@ async fn the_ingress_gets_only_the_changed_routes_after_route_changes() {
         .unwrap();
     assert!(changed_hosts(&plane.ingress_changes(revision).1).is_none());
 }
+
+/// A command returns only once its change is announced to the view's subscribers (the API
+/// then waits for the ingress to reach the announced revision; announcing after returning
+/// let a client's next request miss its own route). Many commits on a multi-threaded runtime,
+/// where the view's follower and the caller run on different threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_announced_before_its_command_returns() {
+    let dir = TempDir::new("announce");
+    let store = SqliteStore::open(&dir.0, "n1").unwrap();
+    let plane = plane(&store, "n1").await;
+    deploy(&plane, &game("a", 7000)).await.unwrap();
+    for i in 0..300 {
+        let host = format!("h{i}.example.com");
+        plane.set_route(&host, "a", None, None).await.unwrap();
+        let announced = *plane.subscribe().borrow();
+        let (routed, _) = plane.ingress_routes();
+        assert!(
+            announced >= routed,
+            "{host}: announced revision {announced}, the view is at {routed}"
+        );
+    }
+}

@@ -462,10 +462,13 @@ impl View {
                 state.revision = state.revision.max(revision);
             }
         }
-        announce(&self.applied, revision);
+        // `revision` before `applied`: a command returns once `applied` reaches its commit,
+        // and its caller may then wait for the consumers to reach `revision` (the API waits for
+        // the ingress), which must already include the commit.
         if followed {
             announce(&self.revision, revision);
         }
+        announce(&self.applied, revision);
     }
 
     /// Replaces the state with a new listing.
@@ -480,8 +483,9 @@ impl View {
                 state.last_heartbeat.entry(node).or_insert(at);
             }
         }
-        announce(&self.applied, revision);
+        // As in `apply`: `revision` first.
         announce(&self.revision, revision);
+        announce(&self.applied, revision);
     }
 }
 
