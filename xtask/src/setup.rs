@@ -30,6 +30,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("pebble", "ACME test CA for the ingress tests"),
     ("curl", "HTTP requests in the ingress tests and the demo"),
     ("python3", "runs the example apps the demo deploys"),
+    (
+        "python3-grpcio",
+        "the gRPC server and client of the ingress gRPC tests (tests/grpc)",
+    ),
     ("runc", "the OCI runtime the agent runs every instance in"),
     ("tini", "the first process of every instance's container"),
     (
