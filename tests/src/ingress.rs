@@ -380,3 +380,70 @@ fn read_head(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
         }
     }
 }
+
+/// Reads one HTTP/1 response from a kept-alive connection: the head, then a body framed by
+/// `Content-Length` or chunked encoding (none for 1xx, 204 and 304, and for a `HEAD` when
+/// `head_request`), leaving `reader` at the start of the next response. A response framed by
+/// neither is read until the connection closes.
+///
+/// # Errors
+/// Read errors, or [`std::io::ErrorKind::UnexpectedEof`] if the connection closes before a
+/// whole response arrived.
+pub fn read_response(
+    reader: &mut impl std::io::BufRead,
+    head_request: bool,
+) -> std::io::Result<HttpResponse> {
+    use std::io::{Error, ErrorKind};
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if reader.read_until(b'\n', &mut head)? == 0 {
+            return Err(Error::new(
+                ErrorKind::UnexpectedEof,
+                format!(
+                    "connection closed after {:?} of a response head",
+                    String::from_utf8_lossy(&head)
+                ),
+            ));
+        }
+    }
+    let mut response = HttpResponse::parse(&head);
+    let no_body = head_request || matches!(response.status, 100..=199 | 204 | 304);
+    let chunked = response
+        .header("transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let length = response
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut body = Vec::new();
+    if no_body {
+    } else if chunked {
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| Error::new(ErrorKind::InvalidData, format!("chunk size {line:?}")))?;
+            if size == 0 {
+                // Trailer fields, up to the blank line.
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                break;
+            }
+            let start = body.len();
+            body.resize(start + size, 0);
+            reader.read_exact(&mut body[start..])?;
+            let mut crlf = [0u8; 2];
+            reader.read_exact(&mut crlf)?;
+        }
+    } else if let Some(length) = length {
+        body.resize(length, 0);
+        reader.read_exact(&mut body)?;
+    } else {
+        reader.read_to_end(&mut body)?;
+    }
+    response.body = String::from_utf8_lossy(&body).into_owned();
+    Ok(response)
+}
