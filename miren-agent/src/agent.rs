@@ -32,7 +32,7 @@ use crate::{
         activation::Activations,
         certs::{CertError, CertStore},
         demand::DemandReporter,
-        routing::{LoadTracker, Routing},
+        routing::{LoadTracker, Routing, SnapshotInputs},
     },
     listeners::{Inherited, ListenerError, Upgrade, UpgradeListener, upgrade_socket},
     metrics::{self, Metrics, MetricsError, MetricsState},
@@ -317,7 +317,11 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
     }
 
     let load = Arc::new(LoadTracker::default());
-    let routing = Arc::new(Routing::new(ROUTE_TIMEOUT, Arc::clone(&load)));
+    let routing = Arc::new(Routing::new(SnapshotInputs {
+        default_timeout: ROUTE_TIMEOUT,
+        load: Arc::clone(&load),
+        metrics: Arc::clone(&metrics),
+    }));
     routing.refresh(&control);
     tokio::spawn(Arc::clone(&routing).follow(Arc::clone(&control), stop_rx.clone()));
     let runner = if settings.run_sandboxes {

@@ -206,37 +206,23 @@ impl Metrics {
         })
     }
 
-    /// Records one request answered by the ingress (`app` and `service` empty when no route
-    /// matched).
-    pub fn observe_http_request(
-        &self,
-        app: &str,
-        service: &str,
-        method: &http::Method,
-        code: u16,
-        elapsed: Duration,
-    ) {
-        // Status codes as static text (no allocation per request); 0 = no response sent.
-        let status = http::StatusCode::from_u16(code).ok();
-        let code = status.as_ref().map_or("0", http::StatusCode::as_str);
-        self.http_requests
-            .with_label_values(&[app, service, method_label(method), code])
-            .inc();
-        self.http_duration
-            .with_label_values(&[app])
-            .observe(elapsed.as_secs_f64());
+    /// The ingress's metric handles of `app`'s `service` (both empty for requests no route
+    /// matched), resolved once so that a request costs no label lookup.
+    pub fn service_metrics(&self, app: &str, service: &str) -> ServiceMetrics {
+        ServiceMetrics {
+            requests: self.http_requests.clone(),
+            app: app.to_owned(),
+            service: service.to_owned(),
+            by_outcome: std::sync::RwLock::default(),
+            duration: self.http_duration.with_label_values(&[app]),
+            upstream_errors: UPSTREAM_ERROR_KINDS
+                .map(|kind| self.http_upstream_errors.with_label_values(&[app, kind])),
+        }
     }
 
     /// The open-connections gauge of the ingress listener `listener` (`http`, `https`).
     pub fn http_connections(&self, listener: &str) -> IntGauge {
         self.http_connections.with_label_values(&[listener])
-    }
-
-    /// Records one failure talking to an instance of `app`.
-    pub fn observe_upstream_error(&self, app: &str, kind: &str) {
-        self.http_upstream_errors
-            .with_label_values(&[app, kind])
-            .inc();
     }
 
     /// Records one reconcile pass.
@@ -269,6 +255,67 @@ impl Metrics {
 
 /// A request method as a label: the methods of RFC 9110 and PATCH, else `other` (a client
 /// cannot add series at will).
+/// How a request to an instance failed (`miren_http_upstream_errors_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// No connection could be made.
+    Connect,
+    /// The instance did not answer in time.
+    Timeout,
+    /// Anything else (a reset, a malformed response).
+    Other,
+}
+
+/// The label values of [`UpstreamError`], in its order.
+const UPSTREAM_ERROR_KINDS: [&str; 3] = ["connect", "timeout", "other"];
+
+/// One app service's ingress metric handles (see [`Metrics::service_metrics`]).
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    requests: IntCounterVec,
+    app: String,
+    service: String,
+    /// The request counters met so far, by (method label, status code): a handful per
+    /// service, found by a scan under a read lock.
+    by_outcome: std::sync::RwLock<Vec<(&'static str, u16, IntCounter)>>,
+    duration: Histogram,
+    upstream_errors: [IntCounter; 3],
+}
+
+impl ServiceMetrics {
+    /// Records one answered request (`code` 0: no response was sent).
+    pub fn observe_request(&self, method: &http::Method, code: u16, elapsed: Duration) {
+        let method = method_label(method);
+        let known = self
+            .by_outcome
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|(m, c, _)| *m == method && *c == code)
+            .map(|(_, _, counter)| counter.clone());
+        let counter = known.unwrap_or_else(|| {
+            // Status codes as static text; 0 = no response sent.
+            let status = http::StatusCode::from_u16(code).ok();
+            let label = status.as_ref().map_or("0", http::StatusCode::as_str);
+            let counter =
+                self.requests
+                    .with_label_values(&[&self.app, &self.service, method, label]);
+            self.by_outcome
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((method, code, counter.clone()));
+            counter
+        });
+        counter.inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one failure talking to an instance.
+    pub fn observe_upstream_error(&self, kind: UpstreamError) {
+        self.upstream_errors[kind as usize].inc();
+    }
+}
+
 fn method_label(method: &http::Method) -> &'static str {
     use http::Method;
     static KNOWN: [Method; 9] = [
@@ -623,11 +670,19 @@ mod tests {
     fn http_requests_have_a_bounded_method_label_and_connections_a_gauge() {
         let metrics = Metrics::new("none").unwrap();
         let elapsed = Duration::from_millis(1);
-        metrics.observe_http_request("a", "web", &http::Method::GET, 200, elapsed);
-        metrics.observe_http_request("a", "web", &http::Method::POST, 200, elapsed);
-        metrics.observe_http_request("a", "web", &http::Method::POST, 200, elapsed);
+        let web = metrics.service_metrics("a", "web");
+        web.observe_request(&http::Method::GET, 200, elapsed);
+        web.observe_request(&http::Method::POST, 200, elapsed);
+        web.observe_request(&http::Method::POST, 200, elapsed);
+        // Handles of the same service resolved again (a new route snapshot) count on.
+        metrics
+            .service_metrics("a", "web")
+            .observe_request(&http::Method::GET, 200, elapsed);
+        web.observe_upstream_error(UpstreamError::Timeout);
         let odd = http::Method::from_bytes(b"BREW").unwrap();
-        metrics.observe_http_request("", "", &odd, 404, elapsed);
+        metrics
+            .service_metrics("", "")
+            .observe_request(&odd, 404, elapsed);
         let http = metrics.http_connections("http");
         http.inc();
         http.inc();
@@ -635,7 +690,9 @@ mod tests {
         metrics.http_connections("https").inc();
         let text = metrics.render(None, &[]).unwrap();
         for line in [
-            r#"miren_http_requests_total{app="a",code="200",method="GET",service="web"} 1"#,
+            r#"miren_http_requests_total{app="a",code="200",method="GET",service="web"} 2"#,
+            r#"miren_http_upstream_errors_total{app="a",kind="timeout"} 1"#,
+            r#"miren_http_request_duration_seconds_count{app="a"} 4"#,
             r#"miren_http_requests_total{app="a",code="200",method="POST",service="web"} 2"#,
             r#"miren_http_requests_total{app="",code="404",method="other",service=""} 1"#,
             r#"miren_http_connections{listener="http"} 1"#,

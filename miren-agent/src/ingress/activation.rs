@@ -163,7 +163,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        control::IngressRoute, ingress::routing::RoutingSnapshot, store::records::RouteRecord,
+        control::IngressRoute,
+        ingress::routing::{RoutingSnapshot, SnapshotInputs},
+        store::records::RouteRecord,
     };
 
     #[derive(Debug)]
@@ -205,8 +207,7 @@ mod tests {
         RoutingSnapshot::build(
             revision,
             &[route],
-            Duration::from_secs(60),
-            &Default::default(),
+            &SnapshotInputs::for_tests(),
             &RoutingSnapshot::default(),
         )
     }
@@ -216,7 +217,7 @@ mod tests {
     fn unstarted(
         boot_timeout: Duration,
     ) -> (Arc<Routing>, Arc<CountingActivator>, Arc<Activations>) {
-        let routing = Arc::new(Routing::new(Duration::from_secs(60), Arc::default()));
+        let routing = Arc::new(Routing::new(SnapshotInputs::for_tests()));
         routing.publish(snapshot(1, &[]));
         let activator = Arc::new(CountingActivator::default());
         let activations = Arc::new(Activations::new(

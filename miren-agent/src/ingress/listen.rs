@@ -10,13 +10,10 @@ use std::{
     time::Duration,
 };
 
-use async_trait::async_trait;
 use pingora::{
-    apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp},
+    apps::{HttpServerApp, ServerApp},
     listeners::tls::Acceptor,
-    protocols::{Stream, http::ServerSession, l4::listener::Listener},
-    proxy::HttpProxy,
-    server::ShutdownWatch,
+    protocols::{Stream, l4::listener::Listener},
 };
 use prometheus::IntGauge;
 use tokio::sync::watch;
@@ -26,8 +23,8 @@ use crate::listeners::Inherited;
 
 use super::{
     IngressError,
-    head_guard::{HeadGuard, HeadLimits, guard_of},
-    proxy::MirenProxy,
+    head_guard::{HeadGuard, HeadLimits},
+    http1::IngressApp,
 };
 
 /// A bound listening socket, not yet registered with an event loop.
@@ -120,55 +117,6 @@ pub struct BoundListener {
     local_addr: SocketAddr,
 }
 
-/// Pingora's proxy with the head guard re-armed before each kept-alive HTTP/1 request.
-pub struct GuardedApp {
-    proxy: Arc<HttpProxy<MirenProxy>>,
-}
-
-impl std::fmt::Debug for GuardedApp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuardedApp").finish_non_exhaustive()
-    }
-}
-
-impl GuardedApp {
-    /// Wraps `proxy`, turning on h2c for plain-text listeners.
-    pub fn new(mut proxy: HttpProxy<MirenProxy>) -> Self {
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        proxy.server_options = Some(options);
-        Self {
-            proxy: Arc::new(proxy),
-        }
-    }
-}
-
-#[async_trait]
-impl HttpServerApp for GuardedApp {
-    async fn process_new_http(
-        self: &Arc<Self>,
-        session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        if let Some(guard) = session.stream().and_then(guard_of) {
-            guard.rearm_unless_first();
-        }
-        self.proxy.process_new_http(session, shutdown).await
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.proxy.server_options()
-    }
-
-    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
-        self.proxy.h2_options()
-    }
-
-    async fn http_cleanup(&self) {
-        self.proxy.http_cleanup().await;
-    }
-}
-
 /// How long connections accepted just before a stop get to send their first request before
 /// the idle ones (no request yet, or kept alive between requests) are closed.
 const SETTLE: Duration = Duration::from_secs(1);
@@ -196,7 +144,7 @@ impl Drop for Counted {
 /// `grace` is cut when the thread's runtime ends.
 pub async fn serve(
     bound: BoundListener,
-    app: Arc<GuardedApp>,
+    app: Arc<IngressApp>,
     tls: Option<Arc<Acceptor>>,
     limits: HeadLimits,
     open: IntGauge,
@@ -254,7 +202,7 @@ pub async fn serve(
     connections.close();
     let _ = tokio::time::timeout(SETTLE.min(grace), connections.wait()).await;
     // Ends the waits for a next request on kept-alive connections.
-    app.proxy.http_cleanup().await;
+    app.http_cleanup().await;
     if tokio::time::timeout_at(deadline, connections.wait())
         .await
         .is_err()

@@ -4,7 +4,11 @@
 //!
 //! - [`routing`]: Host → route → ready endpoints, swapped atomically on every revision.
 //! - [`activation`]: scale from zero (one start shared by concurrent requests).
-//! - `proxy`: the per-request logic (Pingora `ProxyHttp`).
+//! - `request`: what every request path decides alike (answers of the ingress's own,
+//!   forwarding headers, failures, access log and metrics).
+//! - `http1`: the listeners' application; our HTTP/1 proxy loop with `upstream_pool`, the
+//!   thread-local upstream connections.
+//! - `proxy`: HTTP/2 streams on Pingora's `ProxyHttp` (gRPC over h2c to the instance).
 //! - `listen`: binding, accept loops, TLS, HTTP/1 + HTTP/2.
 //! - `head_guard`, `framing`: slowloris, oversized heads and request smuggling.
 
@@ -14,9 +18,12 @@ pub mod certs;
 pub mod demand;
 mod framing;
 mod head_guard;
+mod http1;
 mod listen;
 mod proxy;
+mod request;
 pub mod routing;
+mod upstream_pool;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -33,12 +40,16 @@ use pingora::{
 };
 use tokio::sync::watch;
 
-use crate::{listeners::Inherited, metrics::Metrics};
+use crate::{
+    listeners::Inherited,
+    metrics::{Metrics, ServiceMetrics},
+};
 
 use self::{
     activation::Activations,
     head_guard::HeadLimits,
-    listen::{BoundListener, BoundSocket, GuardedApp},
+    http1::IngressApp,
+    listen::{BoundListener, BoundSocket},
     proxy::MirenProxy,
     routing::Routing,
 };
@@ -149,6 +160,8 @@ pub struct IngressState {
     routing: Arc<Routing>,
     activations: Arc<Activations>,
     metrics: Arc<Metrics>,
+    /// The metric handles of requests no route matched.
+    unrouted: ServiceMetrics,
     acme_challenge: ChallengeLookup,
     has_certificate: HostCheck,
 }
@@ -317,6 +330,7 @@ impl Ingress {
             },
             routing,
             activations,
+            unrouted: metrics.service_metrics("", ""),
             metrics,
             acme_challenge: hooks.acme_challenge,
             has_certificate: hooks.has_certificate,
@@ -327,12 +341,10 @@ impl Ingress {
         };
         let conf = Arc::new(ServerConf::default());
         let app = |tls| {
-            Arc::new(GuardedApp::new(pingora::proxy::http_proxy(
-                &conf,
-                MirenProxy::new(Arc::clone(&state), tls),
-            )))
+            let h2 = pingora::proxy::http_proxy(&conf, MirenProxy::new(Arc::clone(&state), tls));
+            Arc::new(IngressApp::new(Arc::clone(&state), tls, h2))
         };
-        // Shared by the threads, and with them Pingora's upstream connection pool.
+        // Shared by the threads, and with them Pingora's upstream connection pool (HTTP/2).
         let (http_app, https_app) = (app(false), app(true));
         let acceptor = Arc::new(tls_acceptor(hooks.cert_resolver));
         let grace = self.settings.shutdown_grace;

@@ -1,6 +1,8 @@
-//! The ingress's routing state: Host → route → the target service's ready endpoints, rebuilt
-//! from the control plane after every revision and swapped in atomically, so requests in
-//! flight keep the snapshot they started with and new requests see the change at once.
+//! The ingress's routing state: Host → route → the target service's ready endpoints, kept in
+//! line with the control plane after every revision and swapped in atomically, so requests in
+//! flight keep the snapshot they started with and new requests see the change at once. The
+//! maps are persistent: a revision that changed only routes costs O(log routes) per changed
+//! route (a copy of the snapshot shares every other entry), not a rebuild.
 
 use std::{
     collections::HashMap,
@@ -17,7 +19,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::{
-    control::{ControlPlane, IngressRoute},
+    control::{ControlPlane, IngressRoute, IngressUpdate},
+    metrics::{Metrics, ServiceMetrics},
     routes::{Host, RouteTable},
 };
 
@@ -49,6 +52,20 @@ pub struct ServiceUpstreams {
     /// [`LoadTracker`], which an instance being stopped drains).
     backend_in_flight: Vec<Arc<AtomicUsize>>,
     next: AtomicUsize,
+    /// The service's request metrics, resolved once for every request to it.
+    pub metrics: ServiceMetrics,
+}
+
+/// What every snapshot is built with: the routes' default timeout, the request counters and
+/// the metrics.
+#[derive(Debug)]
+pub struct SnapshotInputs {
+    /// Upstream timeout of routes without their own.
+    pub default_timeout: Duration,
+    /// Requests per app service and backend.
+    pub load: Arc<LoadTracker>,
+    /// The agent's metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Requests per app service (in flight, and so far), kept by the ingress and reported to the
@@ -134,7 +151,8 @@ pub struct Backend {
 }
 
 impl ServiceUpstreams {
-    fn new(app: &str, service: &str, addrs: &[SocketAddr], load: &LoadTracker) -> Self {
+    fn new(app: &str, service: &str, addrs: &[SocketAddr], inputs: &SnapshotInputs) -> Self {
+        let load = &inputs.load;
         let backends = addrs
             .iter()
             .enumerate()
@@ -155,6 +173,7 @@ impl ServiceUpstreams {
                 .map(|addr| load.backend_counter(addr.ip()))
                 .collect(),
             next: AtomicUsize::new(0),
+            metrics: inputs.metrics.service_metrics(app, service),
         }
     }
 
@@ -203,61 +222,94 @@ pub struct RoutingSnapshot {
     /// Control-plane revision this view reflects.
     pub revision: u64,
     routes: RouteTable<Arc<Route>>,
-    services: HashMap<(String, String), Arc<ServiceUpstreams>>,
+    services: imbl::HashMap<(String, String), Arc<ServiceUpstreams>>,
 }
 
 impl RoutingSnapshot {
-    /// Builds the view from the control plane's routes; `default_timeout` applies to routes
-    /// without their own. Services whose endpoints did not change keep their upstreams from
+    /// Builds the view from the control plane's routes. Services whose endpoints did not change keep their upstreams from
     /// `previous` (and with them their round-robin position).
     pub fn build(
         revision: u64,
         routes: &[IngressRoute],
-        default_timeout: Duration,
-        load: &LoadTracker,
+        inputs: &SnapshotInputs,
         previous: &RoutingSnapshot,
     ) -> Self {
-        let mut services: HashMap<(&str, &str), Arc<ServiceUpstreams>> = HashMap::new();
-        let mut table = RouteTable::with_capacity(routes.len());
-        for route in routes {
-            let record = &route.record;
-            let Ok(host) = Host::parse(&record.host) else {
-                tracing::warn!(host = %record.host, "skipping a stored route with an invalid host");
-                continue;
-            };
-            let upstreams = services
-                .entry((&record.app, &record.service))
-                .or_insert_with(|| match previous.service(&record.app, &record.service) {
-                    Some(same) if same.has_addrs(&route.endpoints) => Arc::clone(same),
-                    _ => Arc::new(ServiceUpstreams::new(
-                        &record.app,
-                        &record.service,
-                        &route.endpoints,
-                        load,
-                    )),
-                })
-                .clone();
-            let timeout = record
-                .timeout_ms
-                .map_or(default_timeout, Duration::from_millis);
-            table.insert(
-                host,
-                Arc::new(Route {
-                    host: record.host.clone(),
-                    timeout,
-                    upstreams,
-                }),
-            );
-        }
-        let services = services
-            .into_iter()
-            .map(|((app, service), upstreams)| ((app.to_owned(), service.to_owned()), upstreams))
-            .collect();
-        Self {
+        let mut snapshot = Self {
             revision,
-            routes: table,
-            services,
+            routes: RouteTable::new(),
+            services: imbl::HashMap::new(),
+        };
+        for route in routes {
+            snapshot.insert(route, inputs, previous);
         }
+        snapshot
+    }
+
+    /// This snapshot with the changed routes of a later revision: each host's route replaced
+    /// (`None`: removed). Costs O(log routes) per change; every other entry is shared.
+    pub fn with_changes(
+        &self,
+        revision: u64,
+        changes: &[(String, Option<IngressRoute>)],
+        inputs: &SnapshotInputs,
+    ) -> Self {
+        let mut snapshot = Self {
+            revision,
+            routes: self.routes.clone(),
+            services: self.services.clone(),
+        };
+        for (host, route) in changes {
+            match route {
+                Some(route) => snapshot.insert(route, inputs, self),
+                None => {
+                    if let Ok(host) = Host::parse(host) {
+                        snapshot.routes.remove(&host);
+                    }
+                }
+            }
+        }
+        snapshot
+    }
+
+    /// Adds (or replaces) `route`, sharing its service's upstreams with the other routes to
+    /// it, or with `previous` when the endpoints did not change (round-robin continues).
+    fn insert(
+        &mut self,
+        route: &IngressRoute,
+        inputs: &SnapshotInputs,
+        previous: &RoutingSnapshot,
+    ) {
+        let record = &route.record;
+        let Ok(host) = Host::parse(&record.host) else {
+            tracing::warn!(host = %record.host, "skipping a stored route with an invalid host");
+            return;
+        };
+        let key = (record.app.clone(), record.service.clone());
+        let upstreams = match self
+            .services
+            .get(&key)
+            .or_else(|| previous.services.get(&key))
+        {
+            Some(same) if same.has_addrs(&route.endpoints) => Arc::clone(same),
+            _ => Arc::new(ServiceUpstreams::new(
+                &record.app,
+                &record.service,
+                &route.endpoints,
+                inputs,
+            )),
+        };
+        self.services.insert(key, Arc::clone(&upstreams));
+        let timeout = record
+            .timeout_ms
+            .map_or(inputs.default_timeout, Duration::from_millis);
+        self.routes.insert(
+            host,
+            Arc::new(Route {
+                host: record.host.clone(),
+                timeout,
+                upstreams,
+            }),
+        );
     }
 
     /// The upstreams of an app service that some route points at.
@@ -281,24 +333,34 @@ impl RoutingSnapshot {
     }
 }
 
+#[cfg(test)]
+impl SnapshotInputs {
+    /// A 60 s default timeout, fresh counters and metrics.
+    pub fn for_tests() -> Self {
+        Self {
+            default_timeout: Duration::from_secs(60),
+            load: Arc::default(),
+            metrics: Arc::new(Metrics::new("none").expect("metrics")),
+        }
+    }
+}
+
 /// The current [`RoutingSnapshot`], kept in line with the control plane.
 #[derive(Debug)]
 pub struct Routing {
     current: ArcSwap<RoutingSnapshot>,
     changed: watch::Sender<u64>,
-    default_timeout: Duration,
-    load: Arc<LoadTracker>,
+    inputs: SnapshotInputs,
 }
 
 impl Routing {
-    /// An empty routing state counting requests in `load`; call [`Routing::refresh`] or
-    /// [`Routing::follow`] to fill it.
-    pub fn new(default_timeout: Duration, load: Arc<LoadTracker>) -> Self {
+    /// An empty routing state building its snapshots with `inputs`; call
+    /// [`Routing::refresh`] or [`Routing::follow`] to fill it.
+    pub fn new(inputs: SnapshotInputs) -> Self {
         Self {
             current: ArcSwap::from_pointee(RoutingSnapshot::default()),
             changed: watch::channel(0).0,
-            default_timeout,
-            load,
+            inputs,
         }
     }
 
@@ -312,16 +374,25 @@ impl Routing {
         self.changed.subscribe()
     }
 
-    /// Rebuilds the snapshot from the control plane's current state.
+    /// Brings the snapshot to the control plane's current state: applies the changed routes
+    /// when only routes changed since the current snapshot, else rebuilds from every route.
     pub fn refresh(&self, control: &ControlPlane) {
-        let (revision, routes) = control.ingress_routes();
-        self.publish(RoutingSnapshot::build(
-            revision,
-            &routes,
-            self.default_timeout,
-            &self.load,
-            &self.current.load(),
-        ));
+        let current = self.current.load_full();
+        let (revision, update) = control.ingress_changes(current.revision);
+        let next = match update {
+            IngressUpdate::Routes(changes)
+                if changes.is_empty() && revision == current.revision =>
+            {
+                return;
+            }
+            IngressUpdate::Routes(changes) => {
+                current.with_changes(revision, &changes, &self.inputs)
+            }
+            IngressUpdate::Full(routes) => {
+                RoutingSnapshot::build(revision, &routes, &self.inputs, &current)
+            }
+        };
+        self.publish(next);
     }
 
     /// Makes `snapshot` the current one and tells the subscribers.
@@ -377,9 +448,9 @@ mod tests {
             route("*.example.com", "a", None, &["10.0.0.1:80", "10.0.0.2:80"]),
             route("b.example.com", "b", None, &[]),
         ];
-        let load = LoadTracker::default();
+        let inputs = SnapshotInputs::for_tests();
         let build = |revision, routes: &[IngressRoute], previous: &RoutingSnapshot| {
-            RoutingSnapshot::build(revision, routes, Duration::from_secs(60), &load, previous)
+            RoutingSnapshot::build(revision, routes, &inputs, previous)
         };
         let snapshot = build(7, &routes, &RoutingSnapshot::default());
         assert_eq!(snapshot.len(), 3);
@@ -420,10 +491,11 @@ mod tests {
 
     #[test]
     fn requests_are_counted_per_backend_address_until_they_end() {
-        let load = LoadTracker::default();
+        let inputs = SnapshotInputs::for_tests();
+        let load = &inputs.load;
         let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
-        let upstreams = ServiceUpstreams::new("shop", "web", &[a, b], &load);
+        let upstreams = ServiceUpstreams::new("shop", "web", &[a, b], &inputs);
         let to_a = upstreams.backends[0];
         let first = upstreams.count_to(&to_a).unwrap();
         let second = upstreams.count_to(&to_a).unwrap();
@@ -445,7 +517,7 @@ mod tests {
                 "10.0.0.2:80".parse().unwrap(),
                 "10.0.0.3:80".parse().unwrap(),
             ],
-            &LoadTracker::default(),
+            &SnapshotInputs::for_tests(),
         );
         let picked: Vec<_> = (0..6)
             .map(|_| upstreams.pick(None).unwrap().addr.to_string())
@@ -465,17 +537,68 @@ mod tests {
         for _ in 0..6 {
             assert_ne!(upstreams.pick(Some(failed)).unwrap().addr, failed);
         }
-        let single = ServiceUpstreams::new("a", "web", &[failed], &LoadTracker::default());
+        let single = ServiceUpstreams::new("a", "web", &[failed], &SnapshotInputs::for_tests());
         assert_eq!(single.pick(Some(failed)).unwrap().addr, failed);
     }
 
     #[test]
     fn pool_keys_differ_per_app_for_the_same_address() {
         let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        let a = ServiceUpstreams::new("a", "web", &[addr], &LoadTracker::default());
-        let b = ServiceUpstreams::new("b", "web", &[addr], &LoadTracker::default());
+        let a = ServiceUpstreams::new("a", "web", &[addr], &SnapshotInputs::for_tests());
+        let b = ServiceUpstreams::new("b", "web", &[addr], &SnapshotInputs::for_tests());
         assert_ne!(a.backends[0].pool_key, b.backends[0].pool_key);
-        let a_again = ServiceUpstreams::new("a", "web", &[addr], &LoadTracker::default());
+        let a_again = ServiceUpstreams::new("a", "web", &[addr], &SnapshotInputs::for_tests());
         assert_eq!(a.backends[0].pool_key, a_again.backends[0].pool_key);
+    }
+}
+
+#[cfg(test)]
+mod change_tests {
+    use super::*;
+    use crate::store::records::RouteRecord;
+
+    fn route(host: &str, app: &str) -> IngressRoute {
+        IngressRoute {
+            record: RouteRecord {
+                host: host.into(),
+                app: app.into(),
+                service: "web".into(),
+                timeout_ms: None,
+            },
+            endpoints: Arc::from(["10.0.0.1:80".parse().unwrap()]),
+        }
+    }
+
+    #[test]
+    fn changes_replace_add_and_remove_routes_and_keep_the_rest() {
+        let inputs = SnapshotInputs::for_tests();
+        let routes: Vec<_> = (0..100)
+            .map(|i| route(&format!("h{i}.example.com"), "a"))
+            .collect();
+        let first = RoutingSnapshot::build(1, &routes, &inputs, &RoutingSnapshot::default());
+        let changes: Vec<_> = (0..100)
+            .map(|i| {
+                (
+                    format!("h{i}.example.com"),
+                    Some(route(&format!("h{i}.example.com"), "b")),
+                )
+            })
+            .chain([
+                ("h5.example.com".to_owned(), None),
+                (
+                    "new.example.com".to_owned(),
+                    Some(route("new.example.com", "a")),
+                ),
+            ])
+            .collect();
+        let next = first.with_changes(2, &changes, &inputs);
+        assert_eq!(next.revision, 2);
+        assert_eq!(next.len(), 100);
+        assert_eq!(next.lookup("h0.example.com").unwrap().upstreams.app, "b");
+        assert_eq!(next.lookup("new.example.com").unwrap().upstreams.app, "a");
+        assert!(next.lookup("h5.example.com").is_none());
+        // The earlier snapshot is untouched.
+        assert_eq!(first.lookup("h0.example.com").unwrap().upstreams.app, "a");
+        assert_eq!(first.len(), 100);
     }
 }
