@@ -127,12 +127,17 @@ impl GrpcWorld {
     /// Runs `client.py CASE` through the plain listener (h2c, `:authority` `HOST`) or the
     /// TLS one (`TLS_HOST`), and checks it printed `expected` line for line.
     fn expect(&self, tls: bool, case: &str, expected: &[&str]) {
+        self.expect_from(if tls { TLS_HOST } else { HOST }, tls, case, expected);
+    }
+
+    /// [`GrpcWorld::expect`] with the `:authority` `host`.
+    fn expect_from(&self, host: &str, tls: bool, case: &str, expected: &[&str]) {
         let mut command = self.world.ns.command("timeout");
         command.args(["180", PYTHON, &script("client.py")]);
         if tls {
-            command.args(["127.0.0.1:443", TLS_HOST, case, &self.ca_file]);
+            command.args(["127.0.0.1:443", host, case, &self.ca_file]);
         } else {
-            command.args(["127.0.0.1:80", HOST, case]);
+            command.args(["127.0.0.1:80", host, case]);
         }
         let out = command.output().expect("run client.py");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -204,4 +209,34 @@ fn grpc_unary_streaming_and_errors_work_over_tls() {
     grpc.expect(true, "stream", STREAM);
     grpc.expect(true, "stream-fail", STREAM_FAIL);
     grpc.expect(true, "fail", FAIL);
+}
+
+/// What the ingress answers itself reaches a gRPC client as a gRPC status with the reason,
+/// not as an HTTP error page the client cannot read: no route (UNIMPLEMENTED), an instance
+/// that refuses connections (UNAVAILABLE).
+#[test]
+fn the_ingress_own_answers_reach_grpc_clients_as_grpc_statuses() {
+    let grpc = GrpcWorld::new("grpc-ingress-status");
+    grpc.expect_from(
+        "nowhere.example.com",
+        false,
+        "fail",
+        &[
+            "status UNIMPLEMENTED 'no route for host nowhere.example.com'",
+            "x-why None",
+        ],
+    );
+    // Nothing listens on this port in the test's namespace.
+    let closed: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    grpc.world
+        .serve(&grpc.agent, "gone", &[closed], "gone.example.com", &[]);
+    grpc.expect_from(
+        "gone.example.com",
+        false,
+        "fail",
+        &[
+            "status UNAVAILABLE 'the app failed: ConnectRefused'",
+            "x-why None",
+        ],
+    );
 }

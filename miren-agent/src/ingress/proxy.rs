@@ -16,7 +16,7 @@ use pingora::{
     Error, ErrorSource, ErrorType, Result,
     http::{RequestHeader, ResponseHeader},
     prelude::HttpPeer,
-    protocols::ALPN,
+    protocols::{ALPN, http::HttpTask},
     proxy::{FailToProxy, ProxyHttp, Session},
 };
 
@@ -36,6 +36,8 @@ pub struct RequestCtx {
     connect_retries: u8,
     /// Counts the request against the backend it is sent to (drained before a stop).
     backend_in_flight: Option<InFlight>,
+    /// The status of the ingress's own answer (a gRPC client gets it as a gRPC status).
+    replied: Option<u16>,
 }
 
 /// The HTTP/2 proxy of one listener (plain HTTP or TLS).
@@ -51,14 +53,24 @@ impl MirenProxy {
         Self { state, tls }
     }
 
-    /// Answers the request directly.
+    /// Answers the request directly; a gRPC client gets the answer as a gRPC status.
     async fn respond(
         &self,
         session: &mut Session,
-        ctx: &RequestCtx,
+        ctx: &mut RequestCtx,
         reply: &Reply,
     ) -> Result<bool> {
-        let response = reply.header(&ctx.admission.request_id)?;
+        ctx.replied = Some(reply.status);
+        let request_id = &ctx.admission.request_id;
+        if is_grpc(session.req_header()) {
+            let response = grpc_status(reply, request_id)?;
+            session
+                .as_downstream_mut()
+                .response_duplex_vec(vec![HttpTask::Header(Box::new(response), true)])
+                .await?;
+            return Ok(true);
+        }
+        let response = reply.header(request_id)?;
         session
             .as_downstream_mut()
             .write_error_response(response, Bytes::from(reply.body.clone()))
@@ -73,6 +85,38 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
+}
+
+/// The ingress's own answer as a gRPC trailers-only response: HTTP 200 with `grpc-status`
+/// mapped from the HTTP status as gRPC's own HTTP mapping does, and the text as
+/// `grpc-message` (percent-encoded).
+fn grpc_status(reply: &Reply, request_id: &str) -> Result<ResponseHeader> {
+    const UNKNOWN: u8 = 2;
+    const RESOURCE_EXHAUSTED: u8 = 8;
+    const UNIMPLEMENTED: u8 = 12;
+    const INTERNAL: u8 = 13;
+    const UNAVAILABLE: u8 = 14;
+    let code = match reply.status {
+        400 => INTERNAL,
+        404 => UNIMPLEMENTED,
+        413 => RESOURCE_EXHAUSTED,
+        308 | 429 | 502 | 503 | 504 => UNAVAILABLE,
+        _ => UNKNOWN,
+    };
+    let mut message = String::new();
+    for byte in reply.body.trim_end().bytes() {
+        if (b' '..=b'~').contains(&byte) && byte != b'%' {
+            message.push(char::from(byte));
+        } else {
+            message.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    let mut response = ResponseHeader::build(200, Some(4))?;
+    response.insert_header(header::CONTENT_TYPE, "application/grpc")?;
+    response.insert_header("grpc-status", code.to_string())?;
+    response.insert_header("grpc-message", message)?;
+    response.insert_header("x-request-id", request_id)?;
+    Ok(response)
 }
 
 /// A gRPC request (its instance is spoken to over HTTP/2).
@@ -98,6 +142,7 @@ impl ProxyHttp for MirenProxy {
             failed_backend: None,
             connect_retries: 0,
             backend_in_flight: None,
+            replied: None,
         }
     }
 
@@ -258,7 +303,10 @@ impl ProxyHttp for MirenProxy {
             client: client.map(|a| a as &dyn std::fmt::Display),
             request: session.req_header(),
             host: &ctx.admission.host,
-            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            status: ctx
+                .replied
+                .or_else(|| session.response_written().map(|r| r.status.as_u16()))
+                .unwrap_or(0),
             route: ctx.admission.route.as_deref(),
             upstream: ctx.backend.map(|b| b.addr),
             bytes_in: session.body_bytes_read(),
