@@ -498,6 +498,23 @@ fn serve_streams(mut conn: TcpStream, stats: &StreamStats) -> io::Result<()> {
                 body.len()
             );
             conn.write_all(response.as_bytes())?;
+        } else if target == "/echo" {
+            // Answers at once and echoes each piece of the body as it arrives (full duplex).
+            conn.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+            let mut out = conn.try_clone()?;
+            let mut failed = None;
+            read_body(&mut reader, body_framing, |piece| {
+                let mut framed = format!("{:x}\r\n", piece.len()).into_bytes();
+                framed.extend_from_slice(piece);
+                framed.extend_from_slice(b"\r\n");
+                if let Err(error) = out.write_all(&framed) {
+                    failed.get_or_insert(error);
+                }
+            })?;
+            if let Some(error) = failed {
+                return Err(error);
+            }
+            conn.write_all(b"0\r\n\r\n")?;
         } else if target == "/download" {
             read_body(&mut reader, body_framing, |_| {})?;
             conn.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")?;
@@ -628,4 +645,45 @@ fn tail(log: &str) -> String {
         "agent log (end):\n{}",
         lines[lines.len().saturating_sub(30)..].join("\n")
     )
+}
+
+/// An instance that answers before the request body is complete and streams its response
+/// while the body still arrives (full duplex): the ingress keeps relaying both ways, so each
+/// piece the client sends comes back before it sends the next.
+#[test]
+fn a_response_streamed_while_the_request_body_arrives_flows_both_ways() {
+    let world = IngressWorld::new("duplex");
+    let agent = world.start_agent(&[]);
+    let (addr, _stats) = start_stream_backend(&world.ns);
+    world.serve(&agent, "echo", &[addr], "echo.example.com", &[]);
+    let (mut conn, mut reader) = big_connection(&world);
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: echo.example.com\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .unwrap();
+    let head = read_head(&mut reader)
+        .unwrap_or_else(|e| panic!("no response head: {e}\n{}", tail(&agent.log_text())));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(framing(&head, false), Framing::Chunked, "{head}");
+    for i in 0..20 {
+        let piece = format!("piece {i}");
+        write!(conn, "{:x}\r\n{piece}\r\n", piece.len()).unwrap();
+        let mut size = String::new();
+        reader.read_line(&mut size).unwrap_or_else(|e| {
+            panic!(
+                "piece {i} did not come back while the body was still open: {e}\n{}",
+                tail(&agent.log_text())
+            )
+        });
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        let mut echoed = vec![0u8; size + 2];
+        reader.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed[..size], piece.as_bytes());
+    }
+    conn.write_all(b"0\r\n\r\n").unwrap();
+    let mut last = String::new();
+    reader.read_line(&mut last).unwrap();
+    assert_eq!(last, "0\r\n");
 }

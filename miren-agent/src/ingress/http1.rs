@@ -396,15 +396,59 @@ async fn relay(
         .write_response_header(response)
         .await
         .map_err(Failed::Client)?;
-    if upstream.was_upgraded() && client.was_upgraded() {
-        copy_upgraded(client, upstream).await?;
-        return Ok(false);
+    let upgraded = upstream.was_upgraded() && client.was_upgraded();
+    if upgraded {
+        upstream.maybe_upgrade_body_writer();
     }
-    while let Some(chunk) = upstream.read_body_ref().await.map_err(Failed::Upstream)? {
-        client.write_body(chunk).await.map_err(Failed::Client)?;
+    duplex(client, upstream, upgraded, max_body).await
+}
+
+/// Relays the response body to the client while the rest of the request body, if any, goes
+/// to the instance (an instance may answer before it read the whole request, and stream
+/// both ways), until the response ends; for an upgraded connection, bytes both ways until
+/// either side ends. True when the request body ended too (the upstream connection then
+/// sits between two requests).
+async fn duplex(
+    client: &mut ClientSession,
+    upstream: &mut UpstreamSession,
+    upgraded: bool,
+    max_body: u64,
+) -> Result<bool, Failed> {
+    let mut request_done = !upgraded && client.is_body_done();
+    loop {
+        tokio::select! {
+            from_upstream = upstream.read_body_ref() => {
+                match from_upstream.map_err(Failed::Upstream)? {
+                    // An empty piece (a chunk's size line alone) written chunked would end
+                    // the body.
+                    Some([]) => {}
+                    Some(data) => client.write_body(data).await.map(drop).map_err(Failed::Client)?,
+                    None => {
+                        client.finish_body().await.map_err(Failed::Client)?;
+                        return Ok(request_done);
+                    }
+                }
+            }
+            from_client = client.read_body_bytes(), if !request_done => {
+                match from_client.map_err(Failed::Client)? {
+                    Some(data) if data.is_empty() => {}
+                    Some(data) => {
+                        if !upgraded && client.body_bytes_read() as u64 > max_body {
+                            return Err(Failed::TooLarge);
+                        }
+                        upstream.write_body(&data).await.map_err(Failed::Upstream)?;
+                    }
+                    None => {
+                        upstream.finish_body().await.map_err(Failed::Upstream)?;
+                        if upgraded {
+                            return Ok(false);
+                        }
+                        request_done = true;
+                    }
+                }
+            }
+        }
     }
-    client.finish_body().await.map_err(Failed::Client)?;
-    Ok(!response_started)
 }
 
 /// Streams the client's request body to the instance until it ends or the instance answers
@@ -425,6 +469,7 @@ async fn send_body(
             }
             body = client.read_body_bytes() => {
                 match body.map_err(Failed::Client)? {
+                    Some(data) if data.is_empty() => {}
                     Some(data) => {
                         if client.body_bytes_read() as u64 > max_body {
                             return Err(Failed::TooLarge);
@@ -517,40 +562,6 @@ fn prepare_response(response: &mut ResponseHeader, request: &RequestHeader) {
     {
         response.set_version(Version::HTTP_11);
         let _ = response.insert_header(header::TRANSFER_ENCODING, "chunked");
-    }
-}
-
-/// After a successful upgrade: bytes both ways until either side ends.
-async fn copy_upgraded(
-    client: &mut ClientSession,
-    upstream: &mut UpstreamSession,
-) -> Result<(), Failed> {
-    upstream.maybe_upgrade_body_writer();
-    loop {
-        tokio::select! {
-            from_client = client.read_body_bytes() => {
-                match from_client.map_err(Failed::Client)? {
-                    Some(data) => {
-                        upstream.write_body(&data).await.map_err(Failed::Upstream)?;
-                    }
-                    None => {
-                        upstream.finish_body().await.map_err(Failed::Upstream)?;
-                        return Ok(());
-                    }
-                }
-            }
-            from_upstream = upstream.read_body_ref() => {
-                match from_upstream.map_err(Failed::Upstream)? {
-                    Some(data) => {
-                        client.write_body(data).await.map_err(Failed::Client)?;
-                    }
-                    None => {
-                        client.finish_body().await.map_err(Failed::Client)?;
-                        return Ok(());
-                    }
-                }
-            }
-        }
     }
 }
 
