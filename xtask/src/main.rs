@@ -35,6 +35,9 @@ enum Task {
         /// Which benchmark.
         #[arg(default_value = "dataplane")]
         name: String,
+        /// Which part of it: for `ingress`, `all` (the default), `proxy`, `routes`, `two-core`
+        /// or `large-body`.
+        group: Option<String>,
     },
     /// Set up, build, then run the demo in network namespaces it creates.
     Demo {
@@ -81,22 +84,21 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Bench { name } => {
+        Task::Bench { name, group } => {
             // The benchmark starts the release agent binary.
             cmd::cargo(&root, &["build", "--release", "--bins"])?;
-            cmd::cargo(
-                &root,
-                &[
-                    "run",
-                    "--release",
-                    "--package",
-                    "miren-tests",
-                    "--bin",
-                    "miren-bench",
-                    "--",
-                    &name,
-                ],
-            )
+            let mut run = vec![
+                "run",
+                "--release",
+                "--package",
+                "miren-tests",
+                "--bin",
+                "miren-bench",
+                "--",
+                &name,
+            ];
+            run.extend(group.as_deref());
+            cmd::cargo(&root, &run)
         }
         Task::Demo { once, cluster } => {
             // The demo starts the agent and the CLI binaries.

@@ -1,19 +1,28 @@
-//! `cargo xtask bench ingress`: the agent's HTTP ingress against nginx as the equivalent
-//! reverse proxy, in the same run, on loopback.
+//! `cargo xtask bench ingress [all|proxy|routes|two-core|large-body]`: the agent's HTTP
+//! ingress against nginx as the equivalent reverse proxy, in the same run, on loopback. Each
+//! group can run alone (`all`, the default, runs them in this order) and prints its own table:
 //!
-//! One backend (see [`backend`]) serves both proxies. Rows: straight to the backend (the
-//! ceiling), nginx and the real `miren-agent` each with 1 route and with 10,000 routes. Each
-//! row is a `wrk` warm-up followed by the measured keep-alive run; the table shows
-//! requests/s, p99 latency, the ratio to nginx, the proxy's CPU use, how many upstream
-//! connections the backend accepted (pool reuse) and the proxy's memory.
+//! - `proxy`: straight to the backend (the ceiling), nginx and the real `miren-agent` each with
+//!   1 route and with 10,000 routes, the 10,000-route agent while routes are added, and the
+//!   Pingora floor. Each row is a `wrk` warm-up followed by the measured keep-alive run; the
+//!   table shows requests/s, p99 latency, the ratio to nginx, the proxy's CPU use, how many
+//!   upstream connections the backend accepted (pool reuse) and the proxy's memory.
+//! - `routes` (see [`routes`]): creating 10,000 routes one by one (last 100 vs first 100),
+//!   `miren route import` of 10,000 routes, and p99 with vs without a route added every 200 ms.
+//! - `two-core`: the agent with 2 HTTP threads vs nginx with 2 workers, nothing pinned.
+//! - `large-body` (see [`large_body`]): 1 GiB downloads and uploads through each proxy, and
+//!   the agent's peak memory growth while it streams them.
 //!
-//! CPU placement (2-core machine): the proxy under test (1 nginx worker, or the agent) runs
-//! alone on [`PROXY_CPU`]; wrk and the backend share [`LOAD_CPU`].
+//! CPU placement (2-core machine) outside `two-core`: the proxy under test (1 nginx worker, or
+//! the agent) runs alone on [`PROXY_CPU`]; the load (wrk, or the large-body client) and the
+//! backend share [`LOAD_CPU`].
 
 mod backend;
 mod floor;
+mod large_body;
 mod load;
 mod nginx;
+mod routes;
 
 use std::{
     collections::BTreeMap,
@@ -46,13 +55,12 @@ const LOAD: Load = Load {
     connections: 32,
     threads: 1,
     duration: Duration::from_secs(10),
-    cpu: LOAD_CPU,
+    cpu: Some(LOAD_CPU),
 };
-/// The warm-up run before each measured run.
-const WARMUP: Load = Load {
-    duration: Duration::from_secs(3),
-    ..LOAD
-};
+/// The length of the warm-up run before each measured run.
+const WARMUP: Duration = Duration::from_secs(3);
+/// The groups of rows, each runnable alone, in the order `all` runs them.
+const GROUPS: [&str; 4] = ["proxy", "routes", "two-core", "large-body"];
 /// The host every request names.
 const HOST: &str = "app.bench.test";
 /// Routes besides [`HOST`] in the 10,000-route rows.
@@ -93,30 +101,60 @@ struct Row {
     rustc: usize,
 }
 
-/// Runs the benchmark and prints its tables.
+/// Runs the benchmark's `group` (`all` when `None`) and prints its tables.
 ///
 /// # Errors
-/// When a tool is missing, a proxy does not start or route, or a request fails.
-pub fn run() -> Result<()> {
+/// When the group is unknown, a tool is missing, a proxy does not start or route, or a
+/// request fails.
+pub fn run(group: Option<&str>) -> Result<()> {
+    let group = group.unwrap_or("all");
+    if group != "all" && !GROUPS.contains(&group) {
+        bail!(
+            "unknown ingress group {group:?}; available: all, {}",
+            GROUPS.join(", ")
+        );
+    }
     check_tools()?;
     let cpus = std::thread::available_parallelism()?.get();
     if cpus <= LOAD_CPU {
         bail!("this benchmark pins to CPUs {PROXY_CPU} and {LOAD_CPU}; only {cpus} available");
     }
-    let backend = Backend::start(LOAD_CPU)?;
+    let wanted = |name: &str| group == "all" || group == name;
+    // `all` reuses the proxy group's 10,000-route agent for the routes group.
+    let mut many = None;
+    if wanted("proxy") {
+        many = Some(proxy(cpus)?);
+    }
+    if wanted("routes") {
+        routes::run(many.as_ref())?;
+    }
+    if wanted("two-core") {
+        two_core(cpus)?;
+    }
+    if wanted("large-body") {
+        large_body::run()?;
+    }
+    Ok(())
+}
+
+/// The `proxy` group: today's req/s rows. Returns its 10,000-route measurements for the
+/// `routes` group.
+fn proxy(cpus: usize) -> Result<ManyRoutes> {
+    let backend = Backend::start(Some(LOAD_CPU))?;
     let direct = measure(
         "direct to the backend (ceiling)",
         backend.addr(),
         &[],
         &backend,
+        &LOAD,
     )?;
 
     let one = vec![HOST.to_owned()];
     let many: Vec<String> = std::iter::once(HOST.to_owned())
-        .chain((0..EXTRA_ROUTES).map(|i| format!("r{i}.bench.test")))
+        .chain(extra_hosts())
         .collect();
-    let nginx_one = measure_nginx("nginx, 1 route", &one, &backend)?;
-    let nginx_many = measure_nginx("nginx, 10,000 routes", &many, &backend)?;
+    let nginx_one = measure_nginx("nginx, 1 route", &one, &backend, 1, &LOAD)?;
+    let nginx_many = measure_nginx("nginx, 10,000 routes", &many, &backend, 1, &LOAD)?;
 
     let floor = {
         let process = FloorProcess::start(free_addr()?, backend.addr())?;
@@ -125,51 +163,98 @@ pub fn run() -> Result<()> {
             process.listen(),
             &[process.pid()],
             &backend,
+            &LOAD,
         )?
     };
 
-    let agent = Agent::start()?;
-    agent.deploy(backend.addr())?;
-    agent.route(HOST)?;
-    agent.wait_until_serving()?;
-    check_routing("the ingress", agent.http)?;
-    let ingress_one = measure("ingress, 1 route", agent.http, &[agent.pid()], &backend)?;
-    let started = Instant::now();
-    let mut batch_started = Instant::now();
-    for (i, host) in many.iter().enumerate().skip(1) {
-        agent.route(host)?;
-        let routes = i + 1;
-        if routes % ROUTE_BATCH == 1 {
-            eprintln!(
-                "routes {}–{routes}: {:.2} ms per route",
-                routes + 1 - ROUTE_BATCH,
-                batch_started.elapsed().as_secs_f64() * 1000.0 / ROUTE_BATCH as f64
-            );
-            batch_started = Instant::now();
-        }
-    }
-    let routes_took = started.elapsed();
-    check_routing("the ingress", agent.http)?;
-    let ingress_many = measure(
-        "ingress, 10,000 routes",
+    let agent = Agent::start(AgentOptions::PINNED)?;
+    let first = agent.deploy_and_route(backend.addr())?;
+    let ingress_one = measure(
+        "ingress, 1 route",
         agent.http,
         &[agent.pid()],
         &backend,
+        &LOAD,
     )?;
-    let (ingress_churn, churn_changes) = measure_with_route_changes(&agent, &backend)?;
-    let (_, agent_threads) = load::memory(agent.pid())?;
+    let ingress_many = many_routes(&agent, &backend, first)?;
 
-    print_method(cpus, agent_threads, routes_took, churn_changes);
-    print_table(&[
+    print_method(cpus, &ingress_many);
+    print_rows(&[
         (&nginx_one, &nginx_one),
         (&ingress_one, &nginx_one),
         (&nginx_many, &nginx_many),
-        (&ingress_many, &nginx_many),
-        (&ingress_churn, &nginx_many),
+        (&ingress_many.steady, &nginx_many),
+        (&ingress_many.churn, &nginx_many),
         (&floor, &nginx_one),
         (&direct, &nginx_one),
     ]);
-    Ok(())
+    println!(
+        "\nThe floor and direct rows' ratios are against nginx with 1 route. The floor is \
+         Pingora's own server (1 thread) with a proxy that only names the backend: no Host \
+         routing, no headers, no access log, no metrics. {ROW_NOTES}"
+    );
+    Ok(ingress_many)
+}
+
+/// The hosts of the 10,000-route rows besides [`HOST`].
+fn extra_hosts() -> impl Iterator<Item = String> {
+    (0..EXTRA_ROUTES).map(|i| format!("r{i}.bench.test"))
+}
+
+/// An agent with 10,000 routes, measured without and with route changes.
+#[derive(Debug)]
+struct ManyRoutes {
+    /// How long each route's `PUT` took (the API returns once the ingress routes with it), in
+    /// the order they were created; the first is [`HOST`] on the fresh agent.
+    per_route: Vec<Duration>,
+    /// wrk against the 10,000-route agent.
+    steady: Row,
+    /// The same while a thread adds a route every [`ROUTE_CHANGE_INTERVAL`].
+    churn: Row,
+    /// How many routes that thread added.
+    churn_changes: usize,
+    /// The agent's thread count.
+    threads: u32,
+}
+
+/// Adds routes 2–10,000 to `agent` (routing [`HOST`] already; that route took `first`) one by
+/// one through the API, timing each, then measures it without and with route changes.
+fn many_routes(agent: &Agent, backend: &Backend, first: Duration) -> Result<ManyRoutes> {
+    let mut per_route = vec![first];
+    for (i, host) in extra_hosts().enumerate() {
+        per_route.push(agent.route(&host)?);
+        let routes = i + 2;
+        if routes % ROUTE_BATCH == 1 {
+            let batch = &per_route[routes - ROUTE_BATCH..];
+            eprintln!(
+                "routes {}–{routes}: {:.2} ms per route",
+                routes + 1 - ROUTE_BATCH,
+                mean_ms(batch)
+            );
+        }
+    }
+    check_routing("the ingress", agent.http)?;
+    let steady = measure(
+        "ingress, 10,000 routes",
+        agent.http,
+        &[agent.pid()],
+        backend,
+        &LOAD,
+    )?;
+    let (churn, churn_changes) = measure_with_route_changes(agent, backend)?;
+    let (_, threads) = load::memory(agent.pid())?;
+    Ok(ManyRoutes {
+        per_route,
+        steady,
+        churn,
+        churn_changes,
+        threads,
+    })
+}
+
+/// The mean of `durations` in ms.
+fn mean_ms(durations: &[Duration]) -> f64 {
+    durations.iter().sum::<Duration>().as_secs_f64() * 1000.0 / durations.len().max(1) as f64
 }
 
 /// Measures the agent (with its 10,000 routes) while another thread adds a route every
@@ -191,6 +276,7 @@ fn measure_with_route_changes(agent: &Agent, backend: &Backend) -> Result<(Row, 
             agent.http,
             &[agent.pid()],
             backend,
+            &LOAD,
         );
         stop.store(true, Ordering::Relaxed);
         let added = changes
@@ -200,8 +286,67 @@ fn measure_with_route_changes(agent: &Agent, backend: &Backend) -> Result<(Row, 
     })
 }
 
-/// Starts nginx routing `hosts` to `backend`, checks its routing and measures it.
-fn measure_nginx(label: &'static str, hosts: &[String], backend: &Backend) -> Result<Row> {
+/// The `two-core` group: the agent with 2 HTTP threads vs nginx with 2 workers, 1 route,
+/// with nothing pinned: proxy, wrk and backend share both CPUs.
+fn two_core(cpus: usize) -> Result<()> {
+    let load = Load { cpu: None, ..LOAD };
+    let backend = Backend::start(None)?;
+    let direct = measure(
+        "direct to the backend (ceiling)",
+        backend.addr(),
+        &[],
+        &backend,
+        &load,
+    )?;
+    let one = vec![HOST.to_owned()];
+    let nginx = measure_nginx("nginx, 2 workers, 1 route", &one, &backend, 2, &load)?;
+    let agent = Agent::start(AgentOptions {
+        cpu: None,
+        http_threads: Some(2),
+        max_body: None,
+    })?;
+    agent.deploy_and_route(backend.addr())?;
+    let ingress = measure(
+        "ingress, 2 HTTP threads, 1 route",
+        agent.http,
+        &[agent.pid()],
+        &backend,
+        &load,
+    )?;
+    let (_, agent_threads) = load::memory(agent.pid())?;
+    println!("\n## HTTP ingress vs nginx on two cores (loopback, keep-alive, 13-byte responses)\n");
+    println!(
+        "Method: {cpus} CPUs, nothing pinned: the proxy (nginx: worker_processes 2; agent: \
+         --http-threads 2, {agent_threads} threads in all), wrk (-t{} -c{}, {} s measured after \
+         a {} s warm-up, keep-alive) and the backend (one thread) all share both CPUs, so the \
+         proxy competes with its own load for CPU time (the scheduler places the threads); \
+         otherwise as the single-core table (same backend, nginx config, access logs, routing \
+         checks). The proxy's CPU % is of one CPU (up to 200).\n",
+        load.threads,
+        load.connections,
+        load.duration.as_secs(),
+        WARMUP.as_secs(),
+    );
+    print_rows(&[(&nginx, &nginx), (&ingress, &nginx), (&direct, &nginx)]);
+    println!("\nThe direct row's ratio is against nginx. {ROW_NOTES}");
+    println!(
+        "\n- No target for this group; the ingress reaches {:.2} of nginx's req/s with p99 {:.2} ms vs {:.2} ms.",
+        ingress.wrk.rps / nginx.wrk.rps,
+        ingress.wrk.p99_ms,
+        nginx.wrk.p99_ms
+    );
+    Ok(())
+}
+
+/// Starts nginx with `workers` workers routing `hosts` to `backend` (on [`PROXY_CPU`] when
+/// `load` is pinned, else anywhere), checks its routing and measures it with `load`.
+fn measure_nginx(
+    label: &'static str,
+    hosts: &[String],
+    backend: &Backend,
+    workers: u32,
+    load: &Load,
+) -> Result<Row> {
     let listen = free_addr()?;
     let started = Instant::now();
     let nginx = Nginx::start(
@@ -209,14 +354,15 @@ fn measure_nginx(label: &'static str, hosts: &[String], backend: &Backend) -> Re
             listen,
             backend: backend.addr(),
             hosts,
-            workers: 1,
+            workers,
             access_log: NGINX_ACCESS_LOG,
+            streaming: false,
         },
-        PROXY_CPU,
+        load.cpu.map(|_| PROXY_CPU),
     )?;
     eprintln!("{label}: nginx started in {:.2?}", started.elapsed());
     check_routing("nginx", listen)?;
-    measure(label, listen, &nginx.pids(), backend)
+    measure(label, listen, &nginx.pids(), backend, load)
 }
 
 /// Fails with the package to install when nginx, wrk or taskset is missing.
@@ -282,23 +428,27 @@ fn check_routing(proxy: &str, target: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// A warm-up run and a measured run of wrk against `target`; `pids` are the proxy's processes.
+/// A warm-up run and a measured run of wrk (`load`) against `target`; `pids` are the proxy's
+/// processes.
 fn measure(
     label: &'static str,
     target: SocketAddr,
     pids: &[u32],
     backend: &Backend,
+    load: &Load,
 ) -> Result<Row> {
-    let cpu_of =
-        |pids: &[u32]| -> Result<f64> { pids.iter().map(|pid| load::cpu_seconds(*pid)).sum() };
     let counts_before = backend.counts();
-    load::wrk(&WARMUP, target, HOST).with_context(|| format!("{label}: warm-up"))?;
+    let warmup = Load {
+        duration: WARMUP,
+        ..*load
+    };
+    load::wrk(&warmup, target, HOST).with_context(|| format!("{label}: warm-up"))?;
     let measured_before = backend.counts();
     let rustc_before = rustc_processes();
     let proxy_before = cpu_of(pids)?;
     let cpu_before = (CpuTimes::read(PROXY_CPU)?, CpuTimes::read(LOAD_CPU)?);
     let started = Instant::now();
-    let wrk = load::wrk(&LOAD, target, HOST).with_context(|| label)?;
+    let wrk = load::wrk(load, target, HOST).with_context(|| label)?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_busy = (
         CpuTimes::read(PROXY_CPU)?.busy_percent_since(cpu_before.0),
@@ -338,6 +488,11 @@ fn measure(
     Ok(row)
 }
 
+/// User + system CPU seconds of `pids` so far.
+fn cpu_of(pids: &[u32]) -> Result<f64> {
+    pids.iter().map(|pid| load::cpu_seconds(*pid)).sum()
+}
+
 /// How many rustc processes run now (another build competing for the CPUs).
 fn rustc_processes() -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -352,20 +507,22 @@ fn rustc_processes() -> usize {
         .count()
 }
 
-fn print_method(cpus: usize, agent_threads: u32, routes_took: Duration, churn_changes: usize) {
+fn print_method(cpus: usize, many: &ManyRoutes) {
+    let routes_took: Duration = many.per_route[1..].iter().sum();
     println!("\n## HTTP ingress vs nginx (loopback, keep-alive, 13-byte responses)\n");
     println!(
         "Method: {cpus} CPUs. The proxy under test runs alone on CPU {PROXY_CPU} (nginx: \
-         worker_processes 1; agent: {agent_threads} threads); wrk (-t{} -c{}, {} s measured \
-         after a {} s warm-up, keep-alive) and the backend (one pinned thread) share CPU \
-         {LOAD_CPU}. nginx access_log {}; agent RUST_LOG {}. Creating {EXTRA_ROUTES} more \
-         routes through the API took {:.1} s ({:.2} ms each). In the route-change row a \
-         thread added {churn_changes} routes through the API during warm-up and run, one \
-         every {} ms (each call returns once the ingress routes with it).\n",
+         worker_processes 1; agent: {} threads); wrk (-t{} -c{}, {} s measured after a {} s \
+         warm-up, keep-alive) and the backend (one pinned thread) share CPU {LOAD_CPU}. nginx \
+         access_log {}; agent RUST_LOG {}. Creating {EXTRA_ROUTES} more routes through the \
+         API took {:.1} s ({:.2} ms each). In the route-change row a thread added {} routes \
+         through the API during warm-up and run, one every {} ms (each call returns once the \
+         ingress routes with it).\n",
+        many.threads,
         LOAD.threads,
         LOAD.connections,
         LOAD.duration.as_secs(),
-        WARMUP.duration.as_secs(),
+        WARMUP.as_secs(),
         if NGINX_ACCESS_LOG {
             "on (a file)"
         } else {
@@ -374,12 +531,21 @@ fn print_method(cpus: usize, agent_threads: u32, routes_took: Duration, churn_ch
         std::env::var("RUST_LOG").unwrap_or_else(|_| "unset (info)".into()),
         routes_took.as_secs_f64(),
         routes_took.as_secs_f64() * 1000.0 / EXTRA_ROUTES as f64,
+        many.churn_changes,
         ROUTE_CHANGE_INTERVAL.as_millis(),
     );
 }
 
-/// Prints the table; each row with the nginx row its ratio is against.
-fn print_table(rows: &[(&Row, &Row)]) {
+/// What the columns of [`print_rows`] mean.
+const ROW_NOTES: &str = "Proxy CPU: user + system time of the proxy's processes over the \
+    measured run, as % of one CPU and per request. Backend conns: connections the backend \
+    accepted during the warm-up and during the measured run (req/conn: requests per \
+    connection over both). Memory after the measured run, summed over nginx's master and \
+    workers (PSS counts their shared pages once).";
+
+/// Prints a table of rows, each with the nginx row its ratio is against, and which rows
+/// overlapped a build.
+fn print_rows(rows: &[(&Row, &Row)]) {
     println!(
         "| path | req/s | p99 ms | ratio to nginx (req/s) | proxy CPU %, µs/req | CPU{PROXY_CPU} / CPU{LOAD_CPU} busy % | backend conns: warm-up + run (req/conn) | proxy memory MiB: RSS (peak), PSS |"
     );
@@ -415,39 +581,53 @@ fn print_table(rows: &[(&Row, &Row)]) {
         .filter(|(row, _)| row.rustc > 0)
         .map(|(row, _)| row.label)
         .collect();
-    println!(
-        "\nThe floor and direct rows' ratios are against nginx with 1 route. The floor is \
-         Pingora's own server (1 thread) with a proxy that only names the backend: no Host \
-         routing, no headers, no access log, no metrics. Proxy CPU: user + system time \
-         of the proxy's processes over the measured run, as % of one CPU and per request. \
-         Backend conns: connections the backend accepted during the warm-up and during the \
-         measured run (req/conn: requests per connection over both). Memory after the measured \
-         run, summed over nginx's master and worker (PSS counts their shared pages once)."
-    );
     if !busy.is_empty() {
-        println!("A build (rustc) was running during: {}.", busy.join(", "));
+        println!("\nA build (rustc) was running during: {}.", busy.join(", "));
     }
 }
 
-/// The real agent on loopback listeners, pinned to [`PROXY_CPU`], without a node-port data
-/// plane or sandboxes; killed on drop.
+/// `met` or `NOT met`.
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+/// How the benchmark starts the agent.
+#[derive(Debug, Clone, Copy)]
+struct AgentOptions {
+    /// The CPU it runs on (`None`: not pinned).
+    cpu: Option<usize>,
+    /// `--http-threads` (`None`: the agent's default, the CPUs it may run on).
+    http_threads: Option<usize>,
+    /// `--http-max-body` (`None`: the default, 100M).
+    max_body: Option<&'static str>,
+}
+
+impl AgentOptions {
+    /// On [`PROXY_CPU`] (so the ingress has 1 thread), default settings.
+    const PINNED: Self = Self {
+        cpu: Some(PROXY_CPU),
+        http_threads: None,
+        max_body: None,
+    };
+}
+
+/// The real agent on loopback listeners, without a node-port data plane or sandboxes; killed
+/// on drop.
 #[derive(Debug)]
 struct Agent {
     process: AgentProcess,
     api: Client,
     http: SocketAddr,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Agent {
-    fn start() -> Result<Self> {
+    fn start(options: AgentOptions) -> Result<Self> {
         let dir = TempDir::new("bench-ingress");
         let socket = dir.path().join("agent.sock");
         let http = free_addr()?;
-        let mut command = Command::new("taskset");
+        let mut command = load::pinned(binary("miren-agent"), options.cpu);
         command
-            .args(["-c", &PROXY_CPU.to_string()])
-            .arg(binary("miren-agent"))
             .arg("run")
             .arg("--http-addr")
             .arg(http.to_string())
@@ -461,13 +641,29 @@ impl Agent {
             .arg(&socket)
             // Endpoints come from the benchmark through the API, not from sandboxes.
             .arg("--no-sandboxes");
+        if let Some(threads) = options.http_threads {
+            command.arg("--http-threads").arg(threads.to_string());
+        }
+        if let Some(max_body) = options.max_body {
+            command.arg("--http-max-body").arg(max_body);
+        }
         let process = AgentProcess::start(command, &socket, &dir.path().join("agent.log"));
         Ok(Self {
             process,
             api: Client::new(socket),
             http,
-            _dir: dir,
+            dir,
         })
+    }
+
+    /// Deploys [`APP`] with `backend` as its endpoint, routes [`HOST`] to it, waits until the
+    /// ingress serves it and checks its routing; returns how long the route's `PUT` took.
+    fn deploy_and_route(&self, backend: SocketAddr) -> Result<Duration> {
+        self.deploy(backend)?;
+        let took = self.route(HOST)?;
+        self.wait_until_serving()?;
+        check_routing("the ingress", self.http)?;
+        Ok(took)
     }
 
     fn pid(&self) -> u32 {
@@ -497,8 +693,10 @@ impl Agent {
         Ok(())
     }
 
-    /// `miren route set HOST bench`.
-    fn route(&self, host: &str) -> Result<()> {
+    /// `miren route set HOST bench`; returns how long the API took (it answers once the
+    /// ingress routes with the new route).
+    fn route(&self, host: &str) -> Result<Duration> {
+        let started = Instant::now();
         self.api
             .set_route(
                 host,
@@ -509,7 +707,7 @@ impl Agent {
                 },
             )
             .with_context(|| format!("setting the route {host}"))?;
-        Ok(())
+        Ok(started.elapsed())
     }
 
     /// Waits until the ingress proxies [`HOST`] to the backend.

@@ -16,7 +16,8 @@
 //!    until new flows reach the new endpoint, with 1 and with 10,000 node ports configured,
 //!    for both data planes.
 //!
-//! `cargo xtask bench ingress` (see `ingress.rs`): the HTTP ingress against nginx.
+//! `cargo xtask bench ingress [all|proxy|routes|two-core|large-body]` (see `ingress.rs`): the
+//! HTTP ingress against nginx.
 //! `cargo xtask bench cluster` (see `cluster.rs`): cluster mode on a real etcd cluster.
 
 mod cluster;
@@ -70,7 +71,7 @@ fn main() -> Result<()> {
             dataplane()?;
             update_latency::run()
         }
-        Some("ingress") => ingress::run(),
+        Some("ingress") => ingress::run(std::env::args().nth(2).as_deref()),
         Some("cluster") => cluster::run(),
         // Started by `ingress` as the Pingora floor row's proxy.
         Some("pingora-floor") => {

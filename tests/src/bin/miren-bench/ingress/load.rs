@@ -17,8 +17,8 @@ pub struct Load {
     pub threads: u32,
     /// Length of the run.
     pub duration: Duration,
-    /// CPU wrk is pinned to.
-    pub cpu: usize,
+    /// CPU wrk is pinned to (`None`: not pinned).
+    pub cpu: Option<usize>,
 }
 
 /// What wrk reported.
@@ -38,8 +38,8 @@ pub struct WrkResult {
 /// If wrk fails, its output cannot be read, or any request failed (socket errors or non-2xx
 /// answers), with wrk's output.
 pub fn wrk(load: &Load, target: SocketAddr, host: &str) -> Result<WrkResult> {
-    let out = Command::new("taskset")
-        .args(["-c", &load.cpu.to_string(), WRK])
+    let mut command = pinned(WRK, load.cpu);
+    let out = command
         .arg(format!("-t{}", load.threads))
         .arg(format!("-c{}", load.connections))
         .arg(format!("-d{}s", load.duration.as_secs()))
@@ -47,7 +47,7 @@ pub fn wrk(load: &Load, target: SocketAddr, host: &str) -> Result<WrkResult> {
         .arg(format!("Host: {host}"))
         .arg(format!("http://{target}/"))
         .output()
-        .context("running wrk (through taskset)")?;
+        .context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -57,6 +57,18 @@ pub fn wrk(load: &Load, target: SocketAddr, host: &str) -> Result<WrkResult> {
         );
     }
     parse_wrk(&text).with_context(|| format!("wrk output:\n{text}"))
+}
+
+/// `program` to be run on `cpu` (through `taskset`), or anywhere.
+pub fn pinned(program: impl AsRef<std::ffi::OsStr>, cpu: Option<usize>) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", &cpu.to_string()]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
 }
 
 /// Reads requests, requests/s and the 99th percentile from wrk's `--latency` output; any

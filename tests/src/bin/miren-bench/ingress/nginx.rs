@@ -1,11 +1,11 @@
 //! The baseline: nginx (Debian `nginx-light`) as the equivalent reverse proxy, from a config
-//! generated into a temporary directory, pinned to a CPU.
+//! generated into a temporary directory, pinned to a CPU or not.
 
 use std::{
     fmt::Write as _,
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -34,6 +34,10 @@ pub struct NginxConfig<'a> {
     pub workers: u32,
     /// Whether to write an access log line per request (to a file in the temp dir).
     pub access_log: bool,
+    /// Stream large bodies both ways as they come, like the ingress: `proxy_buffering off`,
+    /// `proxy_request_buffering off`, no body size limit, and reads of at most 64 KiB (Pingora's
+    /// body buffer) from either side.
+    pub streaming: bool,
 }
 
 impl NginxConfig<'_> {
@@ -44,6 +48,19 @@ impl NginxConfig<'_> {
             format!("{dir}/access.log")
         } else {
             "off".to_owned()
+        };
+        let streaming = if self.streaming {
+            "
+    # Stream bodies as they arrive (no temp files), reading at most 64 KiB at a time like
+    # Pingora; no body size limit.
+    proxy_buffering off;
+    proxy_request_buffering off;
+    proxy_buffer_size 64k;
+    client_body_buffer_size 64k;
+    client_max_body_size 0;
+"
+        } else {
+            ""
         };
         let mut conf = format!(
             r#"worker_processes {workers};
@@ -79,7 +96,7 @@ http {{
     proxy_set_header X-Forwarded-Proto $scheme;
     proxy_set_header X-Forwarded-Host $host;
     proxy_set_header X-Request-Id $miren_request_id;
-
+{streaming}
     server {{
         listen {listen} default_server;
         return 404 "no route for $host\n";
@@ -110,12 +127,12 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Writes `config` to a temp dir and starts nginx pinned to `cpu`, in the foreground; waits
-    /// until its workers run and the listener accepts connections.
+    /// Writes `config` to a temp dir and starts nginx pinned to `cpu` (or not), in the
+    /// foreground; waits until its workers run and the listener accepts connections.
     ///
     /// # Errors
     /// If nginx is missing, exits early (with its error log) or does not listen in time.
-    pub fn start(config: &NginxConfig<'_>, cpu: usize) -> Result<Self> {
+    pub fn start(config: &NginxConfig<'_>, cpu: Option<usize>) -> Result<Self> {
         if !Path::new(NGINX).is_file() {
             bail!(
                 "{NGINX} is missing: install the Debian package nginx-light (cargo xtask setup installs it)"
@@ -125,8 +142,8 @@ impl Nginx {
         let conf = dir.path().join("nginx.conf");
         std::fs::write(&conf, config.render(dir.path())).context("writing nginx.conf")?;
         let error_log = dir.path().join("error.log");
-        let master = Command::new("taskset")
-            .args(["-c", &cpu.to_string(), NGINX, "-p"])
+        let master = load::pinned(NGINX, cpu)
+            .arg("-p")
             .arg(dir.path())
             .arg("-c")
             .arg(&conf)
@@ -141,7 +158,7 @@ impl Nginx {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting nginx (through taskset)")?;
+            .context("starting nginx")?;
         let mut nginx = Self {
             master,
             workers: Vec::new(),
@@ -222,6 +239,7 @@ mod tests {
             hosts: &hosts,
             workers: 1,
             access_log: false,
+            streaming: false,
         }
         .render(Path::new("/tmp/x"));
         assert_eq!(conf.matches("server_name ").count(), 2);
@@ -229,5 +247,6 @@ mod tests {
         assert!(conf.contains("listen 127.0.0.1:8080 default_server;"));
         assert!(conf.contains("server 127.0.0.1:9000;\n        keepalive 64;\n"));
         assert!(conf.contains("access_log off;"));
+        assert!(!conf.contains("proxy_buffering"));
     }
 }
