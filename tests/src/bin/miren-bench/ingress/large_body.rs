@@ -193,8 +193,13 @@ fn transfers(
                 );
             }
             let speed = SIZE as f64 / (1 << 20) as f64 / took.as_secs_f64();
+            let memory = if pids.is_empty() {
+                String::new()
+            } else {
+                format!(", proxy RSS {idle:.1} MiB idle, peak {peak:.1} MiB")
+            };
             eprintln!(
-                "{path}: {} run {run}: {took:.2?}, {speed:.0} MiB/s, proxy RSS {idle:.1} MiB idle, peak {peak:.1} MiB",
+                "{path}: {} run {run}: {took:.2?}, {speed:.0} MiB/s{memory}",
                 kind.name()
             );
             mib_s.push(speed);
@@ -485,7 +490,9 @@ fn print(rows: &[Row], peak_reset: bool) {
         .filter(|row| row.rustc)
         .map(|row| format!("{}: {}", row.path, row.kind.name()))
         .collect();
-    if !busy.is_empty() {
+    if busy.len() == rows.len() {
+        println!("\nA build (rustc) was running during every row.");
+    } else if !busy.is_empty() {
         println!("\nA build (rustc) was running during: {}.", busy.join("; "));
     }
     let (worst, growth) = rows

@@ -56,6 +56,9 @@ impl NginxConfig<'_> {
     proxy_buffering off;
     proxy_request_buffering off;
     proxy_buffer_size 64k;
+    # Unused without buffering, but nginx checks them against proxy_buffer_size.
+    proxy_buffers 4 64k;
+    proxy_busy_buffers_size 128k;
     client_body_buffer_size 64k;
     client_max_body_size 0;
 "

@@ -61,6 +61,8 @@ struct Import {
     output: String,
     /// The hosts checked to route afterwards.
     checked: Vec<String>,
+    /// The imported file's path.
+    file: String,
 }
 
 /// `miren route import` of [`IMPORTED`] routes on a fresh agent; checks some of them route.
@@ -108,13 +110,30 @@ fn import(backend: &Backend) -> Result<Import> {
         took,
         output,
         checked,
+        file: file.display().to_string(),
     })
 }
 
+/// `n` with a comma between thousands (10,000).
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
 fn print(many: &ManyRoutes, import: &Import, reused: bool) {
-    let routes = many.per_route.len();
+    let count = many.per_route.len();
+    let routes = thousands(count);
+    let imported = thousands(IMPORTED);
+    let last_start = thousands(count - ENDS + 1);
     let first = mean_ms(&many.per_route[..ENDS]);
-    let last = mean_ms(&many.per_route[routes - ENDS..]);
+    let last = mean_ms(&many.per_route[count - ENDS..]);
     let creation_ratio = last / first;
     let all: Duration = many.per_route.iter().sum();
     let (steady, churn) = (&many.steady, &many.churn);
@@ -127,7 +146,7 @@ fn print(many: &ManyRoutes, import: &Import, reused: bool) {
          one by one with PUT /v1/routes/HOST (what `miren route set` does), each timed from \
          request to answer (the API answers once the ingress routes with the new route); \
          route 1 is the first route of a fresh agent{}. Import: `miren route import FILE` \
-         (the real CLI binary, `--socket`) of a {IMPORTED}-line file (`HOST APP` per line) \
+         (the real CLI binary, `--socket`) of a {imported}-line file (`HOST APP` per line) \
          on a fresh agent with the app deployed and no routes, timed from starting the CLI \
          to its exit (the API answers once the ingress routes with the new table); then {} \
          imported hosts ({}) must answer 200 with the backend's body through the ingress. \
@@ -158,12 +177,10 @@ fn print(many: &ManyRoutes, import: &Import, reused: bool) {
     println!("|---|---:|---:|");
     println!("| creating routes one by one: mean per route, routes 1–{ENDS} | {first:.2} ms | |");
     println!(
-        "| creating routes one by one: mean per route, routes {}–{routes} | {last:.2} ms | |",
-        routes - ENDS + 1
+        "| creating routes one by one: mean per route, routes {last_start}–{routes} | {last:.2} ms | |"
     );
     println!(
-        "| ratio (routes {}–{routes} / 1–{ENDS}) | {creation_ratio:.2}× | ≤ {CREATION_RATIO_TARGET}× |",
-        routes - ENDS + 1
+        "| ratio (routes {last_start}–{routes} / 1–{ENDS}) | {creation_ratio:.2}× | ≤ {CREATION_RATIO_TARGET}× |"
     );
     println!(
         "| all {routes} routes one by one | {:.1} s ({:.2} ms per route) | |",
@@ -171,7 +188,7 @@ fn print(many: &ManyRoutes, import: &Import, reused: bool) {
         mean_ms(&many.per_route)
     );
     println!(
-        "| `miren route import` of {IMPORTED} routes, fresh agent | {:.2} s | ≤ {} s |",
+        "| `miren route import` of {imported} routes, fresh agent | {:.2} s | ≤ {} s |",
         import.took.as_secs_f64(),
         IMPORT_TARGET.as_secs()
     );
@@ -190,18 +207,21 @@ fn print(many: &ManyRoutes, import: &Import, reused: bool) {
     );
     println!();
     println!(
-        "- Target: creating a route with 10,000 routes costs ≤ {CREATION_RATIO_TARGET}× one \
+        "- Target: creating a route with {routes} routes costs ≤ {CREATION_RATIO_TARGET}× one \
          with 100 (last {ENDS} / first {ENDS}): **{}** ({creation_ratio:.2}×: {last:.2} ms vs \
          {first:.2} ms).",
         met(creation_ratio <= CREATION_RATIO_TARGET)
     );
     println!(
-        "- Target: importing {IMPORTED} routes takes ≤ {} s: **{}** ({:.2} s; the CLI said \
+        "- Target: importing {imported} routes takes ≤ {} s: **{}** ({:.2} s; the CLI said \
          \"{}\").",
         IMPORT_TARGET.as_secs(),
         met(import.took <= IMPORT_TARGET),
         import.took.as_secs_f64(),
-        import.output.replace('\n', " ")
+        import
+            .output
+            .replace('\n', " ")
+            .replace(&import.file, "FILE")
     );
     println!(
         "- Target: p99 with a route added every {} ms ≤ {CHURN_P99_TARGET}× p99 without: \
@@ -211,4 +231,15 @@ fn print(many: &ManyRoutes, import: &Import, reused: bool) {
         churn.wrk.p99_ms,
         steady.wrk.p99_ms
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thousands_get_commas() {
+        assert_eq!(super::thousands(10_000), "10,000");
+        assert_eq!(super::thousands(9_901), "9,901");
+        assert_eq!(super::thousands(100), "100");
+        assert_eq!(super::thousands(1_234_567), "1,234,567");
+    }
 }
