@@ -417,21 +417,9 @@ pub fn read_response(
     let mut body = Vec::new();
     if no_body {
     } else if chunked {
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line)?;
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| Error::new(ErrorKind::InvalidData, format!("chunk size {line:?}")))?;
-            if size == 0 {
-                // Trailer fields, up to the blank line.
-                loop {
-                    line.clear();
-                    if reader.read_line(&mut line)? == 0 || line == "\r\n" {
-                        break;
-                    }
-                }
-                break;
-            }
+        while let Some(size) = read_chunk_size(reader)? {
+            let size = usize::try_from(size)
+                .map_err(|_| Error::new(ErrorKind::InvalidData, "chunk too large"))?;
             let start = body.len();
             body.resize(start + size, 0);
             reader.read_exact(&mut body[start..])?;
@@ -446,4 +434,30 @@ pub fn read_response(
     }
     response.body = String::from_utf8_lossy(&body).into_owned();
     Ok(response)
+}
+
+/// Reads a chunked body's next chunk-size line; `None` at the last chunk, whose trailer
+/// fields (up to the blank line) are read too.
+///
+/// # Errors
+/// When reading fails or the line is not a chunk size.
+pub fn read_chunk_size(reader: &mut impl std::io::BufRead) -> std::io::Result<Option<u64>> {
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let size =
+        u64::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("chunk size {line:?}"),
+            )
+        })?;
+    if size > 0 {
+        return Ok(Some(size));
+    }
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            return Ok(None);
+        }
+    }
 }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use miren_tests::{
-    ingress::{Backend, BackendMode, IngressWorld, read_response},
+    ingress::{Backend, BackendMode, IngressWorld, read_chunk_size, read_response},
     topology::Netns,
 };
 
@@ -375,26 +375,13 @@ fn read_body(
     match framing {
         Framing::Length(n) => copy(reader, n, false)?,
         Framing::UntilClose => copy(reader, u64::MAX, true)?,
-        Framing::Chunked => loop {
-            let mut line = String::new();
-            reader.read_line(&mut line)?;
-            let size = u64::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidData, format!("chunk size {line:?}"))
-                })?;
-            if size == 0 {
-                loop {
-                    line.clear();
-                    if reader.read_line(&mut line)? == 0 || line == "\r\n" {
-                        break;
-                    }
-                }
-                break;
+        Framing::Chunked => {
+            while let Some(size) = read_chunk_size(reader)? {
+                copy(reader, size, false)?;
+                let mut crlf = [0u8; 2];
+                reader.read_exact(&mut crlf)?;
             }
-            copy(reader, size, false)?;
-            let mut crlf = [0u8; 2];
-            reader.read_exact(&mut crlf)?;
-        },
+        }
     }
     Ok(total)
 }
