@@ -608,7 +608,16 @@ fn hundred_mib_chunked_upload_and_download_stream_through_in_bounded_memory() {
             tail(&agent.log_text())
         )
     });
-    let downloads = stats.downloads.lock().unwrap().clone();
+    // The backend records the download once its last write returned, which may be after
+    // the client has read it all through the ingress.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let downloads = loop {
+        let downloads = stats.downloads.lock().unwrap().clone();
+        if !downloads.is_empty() || Instant::now() > deadline {
+            break downloads;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(downloads.len(), 1, "{downloads:?}");
     assert_eq!(
         (length, received.hash.0),
