@@ -683,3 +683,27 @@ fn a_response_streamed_while_the_request_body_arrives_flows_both_ways() {
     reader.read_line(&mut last).unwrap();
     assert_eq!(last, "0\r\n");
 }
+
+/// An answer of the ingress's own to a request whose body has not arrived (here a 404 for a
+/// 50 MB upload) closes the client connection: reading the rest just to keep the connection
+/// would let a client make the ingress take in bodies nothing uses. (pingora-core's server
+/// session does it: `close_on_response_before_downstream_finish`, on by default.)
+#[test]
+fn an_answer_of_the_ingress_to_a_request_with_an_unread_body_closes_the_connection() {
+    let world = IngressWorld::new("unread");
+    let _agent = world.start_agent(&[]);
+    let mut conn = world.connect(80);
+    conn.write_all(
+        b"POST / HTTP/1.1\r\nHost: nowhere.example.com\r\nContent-Length: 50000000\r\n\r\npartial",
+    )
+    .unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let response = read_response(&mut reader, false).expect("the 404");
+    assert_eq!(response.status, 404, "{response:?}");
+    assert_eq!(response.header("connection"), Some("close"), "{response:?}");
+    let mut rest = Vec::new();
+    reader
+        .read_to_end(&mut rest)
+        .expect("the ingress closes the connection after its answer");
+    assert!(rest.is_empty(), "{rest:?}");
+}
