@@ -12,6 +12,7 @@
 //! - `listen`: binding, accept loops, TLS, HTTP/1 + HTTP/2.
 //! - `head_guard`, `framing`: slowloris, oversized heads and request smuggling.
 
+mod access_log;
 pub mod acme;
 pub mod activation;
 pub mod certs;
@@ -276,6 +277,8 @@ impl Ingress {
             .map(|_| {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    // Access-log lines leave in one write whenever the loop goes idle.
+                    .on_thread_park(access_log::flush)
                     .build()
                     .map_err(IngressError::Thread)?;
                 let (http, https) = {
@@ -391,6 +394,7 @@ impl Ingress {
                         );
                         drained.wait().await;
                     });
+                    access_log::flush();
                     drop(done);
                 })
                 .map_err(IngressError::Thread)?;

@@ -5,7 +5,7 @@
 //! line and metrics of a finished request.
 
 use std::{
-    fmt::Display,
+    fmt::{Display, Write as _},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
@@ -23,7 +23,7 @@ use pingora::{
 use crate::{metrics::UpstreamError, routes::normalize_host_header};
 
 use super::{
-    IngressState,
+    IngressState, access_log,
     activation::Activation,
     framing,
     routing::{InFlight, Route},
@@ -304,22 +304,27 @@ impl IngressState {
             .route
             .map_or(&self.unrouted, |route| &route.upstreams.metrics);
         metrics.observe_request(&done.request.method, done.status, elapsed);
-        // Fields are formatted straight into the line (no intermediate Strings).
-        tracing::info!(
-            target: "miren::access",
-            request_id = %done.request_id,
-            client = %OrDash(done.client),
-            method = %done.request.method,
-            host = %done.host,
-            path = done.request.uri.path(),
-            status = done.status,
-            app = done.route.map_or("", |r| r.upstreams.app.as_str()),
-            upstream = %OrDash(done.upstream),
-            bytes_in = done.bytes_in,
-            bytes_out = done.bytes_out,
-            duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            error = %OrDash(done.error),
-        );
+        if access_log::enabled() {
+            let app = done.route.map_or("", |r| r.upstreams.app.as_str());
+            access_log::line(|out| {
+                write!(
+                    out,
+                    "request_id={} client={} method={} host={} path={:?} status={} app={app:?} \
+                     upstream={} bytes_in={} bytes_out={} duration_us={} error={}",
+                    done.request_id,
+                    OrDash(done.client),
+                    done.request.method,
+                    done.host,
+                    done.request.uri.path(),
+                    done.status,
+                    OrDash(done.upstream),
+                    done.bytes_in,
+                    done.bytes_out,
+                    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                    OrDash(done.error),
+                )
+            });
+        }
     }
 }
 
