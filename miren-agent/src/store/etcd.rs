@@ -14,8 +14,10 @@
 //!   revision. A compacted start revision gives [`WatchMessage::Compacted`]; a broken stream or
 //!   a member without a leader ends the watch.
 //! - Every request requires a leader and has a deadline (`request_timeout`): without a quorum,
-//!   or without any member answering, calls fail with [`StoreError::Unavailable`] instead of
-//!   waiting.
+//!   or without any member answering, calls fail with [`StoreError::Unavailable`] by then
+//!   instead of waiting on. Members that say they have no leader are asked again every
+//!   200 ms until the deadline, so a request made while the members elect a new leader (the
+//!   old one just lost) succeeds.
 //! - One connection per endpoint; requests go to the member that answered last and move on to
 //!   the next when it cannot be reached or has no leader (within the same request when that
 //!   is safe). The client's own balancer over all endpoints is not used: it keeps sending a
@@ -168,6 +170,9 @@ enum Failure {
     Said,
 }
 
+/// The pause before asking the members again when they said they have no leader.
+const ELECTION_PAUSE: Duration = Duration::from_millis(200);
+
 /// The cause of a failed etcd request, as text (the client's own errors print gRPC metadata
 /// and hide their causes).
 #[derive(Debug, thiserror::Error)]
@@ -283,55 +288,71 @@ impl EtcdStore {
         // The most telling failure so far: what a member said (e.g. "no leader") over a member
         // that did not answer in time over one that could not be reached.
         let mut worst: Option<(StoreError, Failure)> = None;
-        let mut note = |err: StoreError, failure: Failure| {
-            if worst.as_ref().is_none_or(|(_, was)| failure > *was) {
-                worst = Some((err, failure));
-            }
-        };
-        for attempt in 0..count {
-            let index = (first + attempt) % count;
-            let client = self.inner.members[index].clone();
-            // A member that lost its leader holds a request until a new one is elected (or
-            // its own timeout, longer than ours): give one member at most half the time, then
-            // try the next (the last one gets what is left). A request that timed out may
-            // still be applied later; sending it again is safe for the agent's transactions
-            // (guarded by compares, or writing what it wrote before) and leases (an extra one
-            // expires unused).
-            let started = tokio::time::Instant::now();
-            let attempt_deadline = if attempt + 1 < count {
-                deadline.min(started + self.inner.timeout / 2)
-            } else {
-                deadline
-            };
-            let err = match tokio::time::timeout_at(attempt_deadline, request(client)).await {
-                Ok(Ok(answer)) => {
-                    self.inner.preferred.store(index, Ordering::Relaxed);
-                    return Ok(answer);
+        let note =
+            |worst: &mut Option<(StoreError, Failure)>, err: StoreError, failure: Failure| {
+                if worst.as_ref().is_none_or(|(_, was)| failure > *was) {
+                    *worst = Some((err, failure));
                 }
-                Ok(Err(err)) => err,
-                Err(_) => {
-                    self.pass_over(index);
-                    note(self.timed_out(op, started.elapsed()), Failure::Silent);
-                    if tokio::time::Instant::now() >= deadline {
-                        break;
+            };
+        loop {
+            for attempt in 0..count {
+                let index = (first + attempt) % count;
+                let client = self.inner.members[index].clone();
+                // A member that lost its leader holds a request until a new one is elected (or
+                // its own timeout, longer than ours): give one member at most half the time, then
+                // try the next (the last one gets what is left). A request that timed out may
+                // still be applied later; sending it again is safe for the agent's transactions
+                // (guarded by compares, or writing what it wrote before) and leases (an extra one
+                // expires unused).
+                let started = tokio::time::Instant::now();
+                let attempt_deadline = if attempt + 1 < count {
+                    deadline.min(started + self.inner.timeout / 2)
+                } else {
+                    deadline
+                };
+                let err = match tokio::time::timeout_at(attempt_deadline, request(client)).await {
+                    Ok(Ok(answer)) => {
+                        self.inner.preferred.store(index, Ordering::Relaxed);
+                        return Ok(answer);
                     }
-                    continue;
+                    Ok(Err(err)) => err,
+                    Err(_) => {
+                        self.pass_over(index);
+                        note(
+                            &mut worst,
+                            self.timed_out(op, started.elapsed()),
+                            Failure::Silent,
+                        );
+                        if tokio::time::Instant::now() >= deadline {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let mapped = self.error(op, &err);
+                if !matches!(mapped, StoreError::Unavailable { .. }) {
+                    return Err(mapped);
                 }
-            };
-            let mapped = self.error(op, &err);
-            if !matches!(mapped, StoreError::Unavailable { .. }) {
-                return Err(mapped);
+                self.pass_over(index);
+                if retry == Retry::NotApplied && !not_applied(&err) {
+                    return Err(mapped);
+                }
+                let failure = if connect_failed(&err) {
+                    Failure::Unreachable
+                } else {
+                    Failure::Said
+                };
+                note(&mut worst, mapped, failure);
             }
-            self.pass_over(index);
-            if retry == Retry::NotApplied && !not_applied(&err) {
-                return Err(mapped);
+            // Every member failed. One that said it has no leader may be electing one (the leader
+            // was just lost, a quorum is left): go around again until the deadline.
+            let electing = worst
+                .as_ref()
+                .is_some_and(|(_, failure)| *failure == Failure::Said);
+            if !electing || tokio::time::Instant::now() + ELECTION_PAUSE >= deadline {
+                break;
             }
-            let failure = if connect_failed(&err) {
-                Failure::Unreachable
-            } else {
-                Failure::Said
-            };
-            note(mapped, failure);
+            tokio::time::sleep(ELECTION_PAUSE).await;
         }
         Err(worst.map_or_else(|| self.timed_out(op, self.inner.timeout), |(err, _)| err))
     }
