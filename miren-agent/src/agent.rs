@@ -261,6 +261,10 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         quiesce_rx.clone(),
     ));
     let io = |op| move |source| AgentError::Io { op, source };
+    let metrics_listener = metrics::bind(settings.metrics_addr, &mut inherited).await?;
+    let mut ingress = Ingress::bind(settings.ingress_settings(), &mut inherited)?;
+    // The API socket after these: once it accepts connections, the ingress and metrics
+    // ports are bound (clients and scripts that wait for the socket may connect at once).
     // A socket from systemd stays systemd's: its file is not removed on exit.
     let (api_listener, api_socket_ours) = match inherited.take_unix(&settings.api_socket) {
         Some(listener) => (
@@ -270,8 +274,6 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
         ),
         None => (api::bind(&settings.api_socket).await?, true),
     };
-    let metrics_listener = metrics::bind(settings.metrics_addr, &mut inherited).await?;
-    let mut ingress = Ingress::bind(settings.ingress_settings(), &mut inherited)?;
     inherited.close_unused();
     let (http_addr, https_addr) = ingress.local_addrs();
     // What a later `--upgrade` agent gets.
