@@ -10,7 +10,10 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
     process::Command,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU16, Ordering},
+    },
     time::Duration,
 };
 
@@ -207,7 +210,13 @@ pub struct World {
     pins: BpfPinDir,
     /// IPv6 on everywhere, the node with a second `--node-ip` ([`NODE_IP6`]).
     dual_stack: bool,
+    /// The source port of the next [`World::udp_echo`]: each echo a port of its own, so each
+    /// is a new flow (a random port may repeat one whose conntrack entry is still alive).
+    next_echo_port: AtomicU16,
 }
+
+/// The source ports [`World::udp_echo`] takes in turn (below the kernel's ephemeral range).
+const ECHO_PORTS: std::ops::Range<u16> = 20_000..30_000;
 
 /// The address of sandbox `i`.
 pub fn sandbox_ip(i: usize) -> String {
@@ -310,6 +319,7 @@ impl World {
             dir: TempDir::new("e2e"),
             pins: BpfPinDir::new("e2e"),
             dual_stack,
+            next_echo_port: AtomicU16::new(ECHO_PORTS.start),
         }
     }
 
@@ -461,8 +471,9 @@ impl World {
             .unwrap()
     }
 
-    /// One UDP echo of `message` from a fresh client socket through NODE_IP:7000; returns the
-    /// client's address and where the reply came from.
+    /// One UDP echo of `message` from a fresh client socket (on a source port no earlier echo
+    /// of this world used) through NODE_IP:7000; returns the client's address and where the
+    /// reply came from.
     pub fn udp_echo(&self, message: &[u8]) -> (SocketAddr, SocketAddr) {
         self.udp_echo_between(self.client_ip, NODE_IP, message)
     }
@@ -490,9 +501,19 @@ impl World {
     ) -> (SocketAddr, SocketAddr) {
         let client: IpAddr = client.parse().unwrap();
         let node: IpAddr = node.parse().unwrap();
+        let port = self
+            .next_echo_port
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |port| {
+                Some(if port + 1 < ECHO_PORTS.end {
+                    port + 1
+                } else {
+                    ECHO_PORTS.start
+                })
+            })
+            .unwrap();
         self.client
             .run(|| {
-                let socket = UdpSocket::bind((client, 0)).unwrap();
+                let socket = UdpSocket::bind((client, port)).unwrap();
                 socket
                     .set_read_timeout(Some(Duration::from_secs(3)))
                     .unwrap();

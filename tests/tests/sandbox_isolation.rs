@@ -357,18 +357,45 @@ fn apps_are_isolated_from_each_other_and_from_the_node(plane: Plane) {
     );
 }
 
-/// From the namespace `from_ns`: `sibling` answers over TCP, none of `others` does.
-fn assert_reaches_only(from_ns: &str, sibling: Ipv4Addr, others: &[Ipv4Addr]) {
-    in_netns(from_ns, || {
-        let web = |ip: Ipv4Addr| SocketAddr::from((ip, 8080));
-        assert_eq!(
-            HTTP.get(web(sibling), "x", "/").unwrap(),
-            (200, sibling.to_string())
-        );
-        for ip in others {
-            assert!(!tcp_connects(web(*ip)), "{from_ns} reached {ip}");
-        }
+/// From the namespace `from_ns`: `sibling` answers over TCP, none of `others` does. A failure
+/// names `step` and shows the node's sandbox firewall.
+fn assert_reaches_only(
+    world: &World,
+    step: &str,
+    from_ns: &str,
+    sibling: Ipv4Addr,
+    others: &[Ipv4Addr],
+) {
+    let web = |ip: Ipv4Addr| SocketAddr::from((ip, 8080));
+    let (answer, reached) = in_netns(from_ns, || {
+        let answer = HTTP.get(web(sibling), "x", "/");
+        let reached: Vec<Ipv4Addr> = others
+            .iter()
+            .copied()
+            .filter(|ip| tcp_connects(web(*ip)))
+            .collect();
+        (answer, reached)
     });
+    let firewall = || {
+        world
+            .node
+            .run(|| {
+                let out = Command::new("nft")
+                    .args(["list", "table", "bridge", "miren_sandbox"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .unwrap()
+    };
+    match answer {
+        Ok(answer) => assert_eq!(answer, (200, sibling.to_string()), "{step}"),
+        Err(error) => panic!(
+            "{step}: {from_ns} did not reach its sibling {sibling}: {error:?}\n{}",
+            firewall()
+        ),
+    }
+    assert!(reached.is_empty(), "{step}: {from_ns} reached {reached:?}");
 }
 
 fn adopted_instances_stay_isolated_across_a_kill_9_of_the_agent(plane: Plane) {
@@ -391,14 +418,14 @@ fn adopted_instances_stay_isolated_across_a_kill_9_of_the_agent(plane: Plane) {
         .map(|ip| sandbox_netns(agent.pid(), *ip))
         .collect();
     let beta_ns = sandbox_netns(agent.pid(), beta[0]);
-    assert_reaches_only(&alpha_ns[0], alpha[1], &beta);
+    assert_reaches_only(&world, "before the kill", &alpha_ns[0], alpha[1], &beta);
     let members = world.node.run(app_ids).unwrap();
     assert_eq!(members.len(), 4, "{members:?}");
 
     // No agent: the kernel keeps the rules and the members.
     agent.kill9();
-    assert_reaches_only(&alpha_ns[0], alpha[1], &beta);
-    assert_reaches_only(&beta_ns, beta[1], &alpha);
+    assert_reaches_only(&world, "no agent", &alpha_ns[0], alpha[1], &beta);
+    assert_reaches_only(&world, "no agent", &beta_ns, beta[1], &alpha);
 
     // The next agent adopts the instances and keeps them members, with their apps.
     let agent = world.start_agent_keeping_instances(plane, &[]);
@@ -407,8 +434,8 @@ fn adopted_instances_stay_isolated_across_a_kill_9_of_the_agent(plane: Plane) {
             && ips(&endpoints(&agent, "beta", "http")) == beta
     });
     assert_eq!(world.node.run(app_ids).unwrap().len(), 4);
-    assert_reaches_only(&alpha_ns[0], alpha[1], &beta);
-    assert_reaches_only(&beta_ns, beta[1], &alpha);
+    assert_reaches_only(&world, "adopted", &alpha_ns[0], alpha[1], &beta);
+    assert_reaches_only(&world, "adopted", &beta_ns, beta[1], &alpha);
 
     // An instance it starts itself joins its app's adopted instances, and no other app.
     kill9_netns(&alpha_ns[1]);
@@ -421,9 +448,10 @@ fn adopted_instances_stay_isolated_across_a_kill_9_of_the_agent(plane: Plane) {
         .find(|ip| **ip != alpha[0])
         .unwrap();
     let replacement_ns = sandbox_netns(agent.pid(), replacement);
-    assert_reaches_only(&alpha_ns[0], replacement, &beta);
-    assert_reaches_only(&replacement_ns, alpha[0], &beta);
-    assert_reaches_only(&beta_ns, beta[1], &[alpha[0], replacement]);
+    let step = "a replacement";
+    assert_reaches_only(&world, step, &alpha_ns[0], replacement, &beta);
+    assert_reaches_only(&world, step, &replacement_ns, alpha[0], &beta);
+    assert_reaches_only(&world, step, &beta_ns, beta[1], &[alpha[0], replacement]);
     assert_eq!(world.node.run(app_ids).unwrap().len(), 4);
 }
 
