@@ -177,11 +177,27 @@ fn proxy(cpus: usize) -> Result<ManyRoutes> {
         &LOAD,
     )?;
     let ingress_many = many_routes(&agent, &backend, first)?;
+    drop(agent);
+    // What the access log costs, within this run.
+    let quiet = Agent::start(AgentOptions {
+        access_log: false,
+        ..AgentOptions::PINNED
+    })?;
+    quiet.deploy_and_route(backend.addr())?;
+    let ingress_quiet = measure(
+        "ingress, 1 route, access log off",
+        quiet.http,
+        &[quiet.pid()],
+        &backend,
+        &LOAD,
+    )?;
+    drop(quiet);
 
     print_method(cpus, &ingress_many);
     print_rows(&[
         (&nginx_one, &nginx_one),
         (&ingress_one, &nginx_one),
+        (&ingress_quiet, &nginx_one),
         (&nginx_many, &nginx_many),
         (&ingress_many.steady, &nginx_many),
         (&ingress_many.churn, &nginx_many),
@@ -303,7 +319,7 @@ fn two_core(cpus: usize) -> Result<()> {
     let agent = Agent::start(AgentOptions {
         cpu: None,
         http_threads: Some(2),
-        max_body: None,
+        ..AgentOptions::PINNED
     })?;
     agent.deploy_and_route(backend.addr())?;
     let ingress = measure(
@@ -514,7 +530,7 @@ fn print_method(cpus: usize, many: &ManyRoutes) {
         "Method: {cpus} CPUs. The proxy under test runs alone on CPU {PROXY_CPU} (nginx: \
          worker_processes 1; agent: {} threads); wrk (-t{} -c{}, {} s measured after a {} s \
          warm-up, keep-alive) and the backend (one pinned thread) share CPU {LOAD_CPU}. nginx \
-         access_log {}; agent RUST_LOG {}. Creating {EXTRA_ROUTES} more routes through the \
+         access_log {}; agent RUST_LOG {} (the access-log-off row adds miren::access=off). Creating {EXTRA_ROUTES} more routes through the \
          API took {:.1} s ({:.2} ms each). In the route-change row a thread added {} routes \
          through the API during warm-up and run, one every {} ms (each call returns once the \
          ingress routes with it).\n",
@@ -600,6 +616,9 @@ struct AgentOptions {
     http_threads: Option<usize>,
     /// `--http-max-body` (`None`: the default, 100M).
     max_body: Option<&'static str>,
+    /// Whether the access log is on (off: `miren::access=off` added to the agent's
+    /// `RUST_LOG`).
+    access_log: bool,
 }
 
 impl AgentOptions {
@@ -608,6 +627,7 @@ impl AgentOptions {
         cpu: Some(PROXY_CPU),
         http_threads: None,
         max_body: None,
+        access_log: true,
     };
 }
 
@@ -646,6 +666,10 @@ impl Agent {
         }
         if let Some(max_body) = options.max_body {
             command.arg("--http-max-body").arg(max_body);
+        }
+        if !options.access_log {
+            let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+            command.env("RUST_LOG", format!("{filter},miren::access=off"));
         }
         let process = AgentProcess::start(command, &socket, &dir.path().join("agent.log"));
         Ok(Self {
