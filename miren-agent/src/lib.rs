@@ -4,6 +4,7 @@
 //! sandboxes that serve both. See `ARCHITECTURE.md` for how the modules fit together.
 
 pub mod agent;
+pub mod agent_cli;
 pub mod api;
 pub mod bpf;
 pub mod bundle;

@@ -14,6 +14,8 @@ use crate::{
     dataplane::select::DataplaneChoice,
 };
 
+pub mod template;
+
 /// The config file read when `--config` is not given (if it exists).
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/miren/agent.toml";
 

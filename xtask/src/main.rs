@@ -1,8 +1,10 @@
-//! `cargo xtask setup|build|test|demo|bench`: one-command setup, build, tests and demo.
+//! `cargo xtask setup|build|test|demo|bench|package`: one-command setup, build, tests, demo,
+//! benchmarks and the Debian package.
 //!
 //! Every command except `setup` runs `setup` first, so each works on a fresh machine.
 
 mod cmd;
+mod package;
 mod setup;
 
 use std::path::PathBuf;
@@ -38,6 +40,19 @@ enum Task {
         /// Which part of it: for `ingress`, `all` (the default), `proxy`, `routes`, `two-core`
         /// or `large-body`.
         group: Option<String>,
+    },
+    /// Set up, build the binaries, then the Debian package (`target/package/*.deb` unless
+    /// `--out`).
+    Package {
+        /// Package the debug build instead of the release build (faster; for tests).
+        #[arg(long)]
+        debug: bool,
+        /// Package the binaries as they are built now, without building them first.
+        #[arg(long)]
+        no_build: bool,
+        /// Directory the .deb is written to [default: target/package].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Set up, build, then run the demo in network namespaces it creates.
     Demo {
@@ -99,6 +114,19 @@ fn main() -> Result<()> {
             ];
             run.extend(group.as_deref());
             cmd::cargo(&root, &run)
+        }
+        Task::Package {
+            debug,
+            no_build,
+            out,
+        } => {
+            let profile = if debug {
+                package::Profile::Debug
+            } else {
+                package::Profile::Release
+            };
+            let out = out.unwrap_or_else(|| root.join("target/package"));
+            package::run(&root, profile, !no_build, &out).map(drop)
         }
         Task::Demo { once, cluster } => {
             // The demo starts the agent and the CLI binaries.

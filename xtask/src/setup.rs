@@ -54,6 +54,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "protoc, which the etcd-client crate's build needs",
     ),
     (
+        "dpkg-dev",
+        "dpkg-shlibdeps, which computes the .deb's library dependencies (cargo xtask package)",
+    ),
+    ("lintian", "checks the .deb (the package test)"),
+    ("binutils", "strip, for the binaries in the .deb"),
+    (
         "libprotobuf-dev",
         "protobuf's well-known .proto files (google/protobuf/descriptor.proto) the etcd-client build imports",
     ),

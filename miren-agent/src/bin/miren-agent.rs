@@ -1,40 +1,31 @@
 //! `miren-agent`: the node daemon. See `miren_agent::agent`.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
-use miren_agent::settings::SettingsLayer;
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use miren_agent::{
+    agent_cli::{AgentCli, AgentCommand},
+    settings::SettingsLayer,
+};
 
 /// mimalloc: the proxy allocates on every request (mostly inside Pingora); glibc's malloc
 /// was ~11 % of the agent's CPU under load (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Debug, Parser)]
-#[command(version, about = "miren node agent")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-#[expect(clippy::large_enum_variant, reason = "parsed once, at start")]
-enum Command {
-    /// Run the agent until SIGINT or SIGTERM.
-    Run(SettingsLayer),
-    /// Write an instance's output (stdin) to size-capped, rotated log files until EOF (started
-    /// by the agent for each instance).
-    #[command(hide = true)]
-    LogShim(miren_agent::sandbox::logs::LogFiles),
-}
-
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    match AgentCli::parse().command {
         // Before any runtime or thread: the shim lives as long as its instance.
-        Command::LogShim(files) => {
+        AgentCommand::LogShim(files) => {
             miren_agent::sandbox::logs::shim_main(&files);
             Ok(())
         }
-        Command::Run(flags) => run(flags),
+        AgentCommand::Run(flags) => run(flags),
+        AgentCommand::DefaultConfig => {
+            print!("{}", miren_agent::settings::template::default_config());
+            Ok(())
+        }
+        AgentCommand::PackageFiles { dir } => miren_agent::agent_cli::write_package_files(&dir)
+            .with_context(|| format!("writing man pages and completions into {}", dir.display())),
     }
 }
 

@@ -106,6 +106,12 @@ pub enum Command {
     /// Show or change one node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Print the shell completion script of `miren` (e.g. `source <(miren completion bash)`).
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `miren node …`.

@@ -107,6 +107,11 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
             render::routes_imported,
         ),
         Command::Nodes => out.print(&client.nodes()?, |nodes| render::nodes(nodes)),
+        Command::Completion { shell } => {
+            let mut stdout = io::stdout().lock();
+            crate::agent_cli::miren_completion(*shell, &mut stdout);
+            stdout.flush().map_err(CliError::Stdout)
+        }
         Command::Node(NodeCommand::Show { name }) => {
             out.print(&client.node(name, false)?, render::node_detail)
         }
