@@ -56,9 +56,11 @@ fn value(arg: &clap::Arg, key: &str, help: &str) -> String {
             .map_or_else(|| key.to_uppercase(), ToString::to_string);
         format!("<{name}>")
     };
+    // A default in words ("the hostname") is described in the comment, not a value.
     let Some(default) = help
         .rsplit_once("[default: ")
         .and_then(|(_, rest)| rest.strip_suffix(']'))
+        .filter(|default| !default.contains(' '))
     else {
         return placeholder();
     };
@@ -141,6 +143,7 @@ mod tests {
             "# iface = []",
             "# http-threads = <N>",
             "# acme-directory = <ACME_DIRECTORY>",
+            "# node-name = <NAME>",
         ] {
             assert!(
                 text.lines().any(|line| line == expected),
