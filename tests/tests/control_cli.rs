@@ -136,7 +136,7 @@ fn deploy_reject_edit_and_survive_kill_9() {
     );
     ok(
         &agent,
-        &words("ports edit dns --service dns --add-published 5353:53/tcp"),
+        &words("ports edit dns --service dns --add-published 5353:1053/tcp"),
     );
     let err = fails(
         &agent,

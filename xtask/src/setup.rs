@@ -31,6 +31,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("curl", "HTTP requests in the ingress tests and the demo"),
     ("python3", "runs the example apps the demo deploys"),
     (
+        "openssl",
+        "makes the self-signed certificate of examples/irc's TLS port",
+    ),
+    (
         "python3-grpcio",
         "the gRPC server and client of the ingress gRPC tests (tests/grpc)",
     ),
