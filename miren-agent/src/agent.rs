@@ -344,6 +344,7 @@ pub async fn run(settings: AgentSettings) -> Result<(), AgentError> {
             },
             Arc::clone(&load),
             routing.subscribe(),
+            Arc::clone(&metrics),
         )?)
     } else {
         None

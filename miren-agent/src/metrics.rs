@@ -2,7 +2,8 @@
 //! backend counters are read from the active data plane's kernel counters at each scrape and
 //! labelled with the owning app, service, port name, protocol, node port and address family
 //! (`ipv4`, `ipv6`: a node port has a series of each); reconcile health, the data plane
-//! mode, the HTTP ingress, the certificates held and ACME orders live in a registry.
+//! mode, the HTTP ingress, the certificates held, ACME orders and the sandboxes' instances
+//! live in a registry.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -61,6 +62,51 @@ pub struct Metrics {
     http_connections: IntGaugeVec,
     cert_expiry: IntGaugeVec,
     acme_orders: IntCounterVec,
+    instances_running: IntGaugeVec,
+    instances_ready: IntGaugeVec,
+    instance_restarts: IntCounterVec,
+    instance_exits: IntCounterVec,
+}
+
+/// How an instance ended (`miren_instance_exits_total{reason}`): a closed set, so exit codes
+/// and signal numbers never become label values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// Its process exited with status 0.
+    Completed,
+    /// Its process exited with a non-zero status.
+    Exited,
+    /// Its process was killed by a signal (not by the agent stopping it).
+    Signaled,
+    /// The kernel killed it at its memory limit.
+    Oom,
+    /// The agent stopped it (scale down, replacement, removal, agent stop).
+    Stopped,
+    /// It was adopted from an earlier agent, which alone could read its status.
+    Unknown,
+}
+
+impl ExitReason {
+    const ALL: [Self; 6] = [
+        Self::Completed,
+        Self::Exited,
+        Self::Signaled,
+        Self::Oom,
+        Self::Stopped,
+        Self::Unknown,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Exited => "exited",
+            Self::Signaled => "signaled",
+            Self::Oom => "oom",
+            Self::Stopped => "stopped",
+            Self::Unknown => "unknown",
+        }
+    }
 }
 
 /// How an ACME order ended (`miren_acme_orders_total{outcome}`).
@@ -103,6 +149,49 @@ impl Metrics {
         self.acme_orders
             .with_label_values(&[outcome.as_str()])
             .inc();
+    }
+
+    /// Sets how many instances of `app`'s `service` run on this node and how many of them are
+    /// ready; the first call creates the service's series (its exit counters at 0).
+    pub fn set_instances(&self, app: &str, service: &str, running: usize, ready: usize) {
+        let labels = [app, service];
+        let gauge = |vec: &IntGaugeVec, value: usize| {
+            vec.with_label_values(&labels)
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        gauge(&self.instances_running, running);
+        gauge(&self.instances_ready, ready);
+        self.instance_restarts.with_label_values(&labels);
+        for reason in ExitReason::ALL {
+            self.instance_exits
+                .with_label_values(&[app, service, reason.as_str()]);
+        }
+    }
+
+    /// Counts one ended instance of `app`'s `service`; one that ended by itself (any reason
+    /// but [`ExitReason::Stopped`]) is restarted, so it counts as a restart too.
+    pub fn observe_instance_exit(&self, app: &str, service: &str, reason: ExitReason) {
+        self.instance_exits
+            .with_label_values(&[app, service, reason.as_str()])
+            .inc();
+        if reason != ExitReason::Stopped {
+            self.instance_restarts
+                .with_label_values(&[app, service])
+                .inc();
+        }
+    }
+
+    /// Forgets the instance series of `app`'s `service` (no longer deployed on this node).
+    pub fn remove_instances(&self, app: &str, service: &str) {
+        let labels = [app, service];
+        let _ = self.instances_running.remove_label_values(&labels);
+        let _ = self.instances_ready.remove_label_values(&labels);
+        let _ = self.instance_restarts.remove_label_values(&labels);
+        for reason in ExitReason::ALL {
+            let _ = self
+                .instance_exits
+                .remove_label_values(&[app, service, reason.as_str()]);
+        }
     }
 }
 
@@ -184,6 +273,39 @@ impl Metrics {
         for outcome in AcmeOutcome::ALL {
             acme_orders.with_label_values(&[outcome.as_str()]);
         }
+        let instances_running = IntGaugeVec::new(
+            Opts::new(
+                "miren_instances_running",
+                "Instances of the service running on this node (ready or starting).",
+            ),
+            &["app", "service"],
+        )?;
+        let instances_ready = IntGaugeVec::new(
+            Opts::new(
+                "miren_instances_ready",
+                "Instances of the service on this node that pass their readiness check (its \
+                 endpoints).",
+            ),
+            &["app", "service"],
+        )?;
+        let instance_restarts = IntCounterVec::new(
+            Opts::new(
+                "miren_instance_restarts_total",
+                "Instances of the service on this node that ended by themselves (and were \
+                 started again).",
+            ),
+            &["app", "service"],
+        )?;
+        let instance_exits = IntCounterVec::new(
+            Opts::new(
+                "miren_instance_exits_total",
+                "Instances of the service on this node that ended, by reason: completed (exit \
+                 status 0), exited (non-zero status), signaled (killed by a signal), oom \
+                 (killed at the memory limit), stopped (by the agent), unknown (adopted from an \
+                 earlier agent).",
+            ),
+            &["app", "service", "reason"],
+        )?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(info))?;
@@ -193,6 +315,10 @@ impl Metrics {
         registry.register(Box::new(http_connections.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
         registry.register(Box::new(acme_orders.clone()))?;
+        registry.register(Box::new(instances_running.clone()))?;
+        registry.register(Box::new(instances_ready.clone()))?;
+        registry.register(Box::new(instance_restarts.clone()))?;
+        registry.register(Box::new(instance_exits.clone()))?;
         Ok(Self {
             registry,
             reconcile_duration,
@@ -203,6 +329,10 @@ impl Metrics {
             http_connections,
             cert_expiry,
             acme_orders,
+            instances_running,
+            instances_ready,
+            instance_restarts,
+            instance_exits,
         })
     }
 
@@ -720,5 +850,44 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
         assert!(!text.contains("gone.example.com"), "{text}");
+    }
+
+    #[test]
+    fn instance_counts_restarts_and_exit_reasons_are_exposed_per_service() {
+        let metrics = Metrics::new("none").unwrap();
+        metrics.set_instances("game", "udp", 2, 1);
+        metrics.set_instances("game", "udp", 2, 2);
+        metrics.observe_instance_exit("game", "udp", ExitReason::Signaled);
+        metrics.observe_instance_exit("game", "udp", ExitReason::Exited);
+        metrics.observe_instance_exit("game", "udp", ExitReason::Stopped);
+        metrics.set_instances("gone", "web", 1, 1);
+        metrics.observe_instance_exit("gone", "web", ExitReason::Oom);
+        metrics.remove_instances("gone", "web");
+        let text = metrics.render(None, &[]).unwrap();
+        let exits = |reason: &str, n: u64| {
+            format!(
+                r#"miren_instance_exits_total{{app="game",reason="{reason}",service="udp"}} {n}"#
+            )
+        };
+        for line in [
+            r#"miren_instances_running{app="game",service="udp"} 2"#.to_owned(),
+            r#"miren_instances_ready{app="game",service="udp"} 2"#.to_owned(),
+            // Stopped by the agent: not a restart.
+            r#"miren_instance_restarts_total{app="game",service="udp"} 2"#.to_owned(),
+            exits("signaled", 1),
+            exits("exited", 1),
+            exits("stopped", 1),
+            exits("completed", 0),
+            exits("oom", 0),
+            exits("unknown", 0),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        assert!(!text.contains("app=\"gone\""), "{text}");
+        let exit_series = text
+            .lines()
+            .filter(|l| l.starts_with("miren_instance_exits_total{"))
+            .count();
+        assert_eq!(exit_series, ExitReason::ALL.len(), "{text}");
     }
 }

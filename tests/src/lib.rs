@@ -17,6 +17,8 @@ pub mod packet;
 /// A real ACME server (Pebble and its DNS) for tests.
 pub mod pebble;
 pub mod process;
+/// Debian's promtool and Prometheus, the latter run inside a test's namespace.
+pub mod prometheus;
 pub mod tls;
 pub mod topology;
 pub mod world;

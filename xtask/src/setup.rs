@@ -79,6 +79,7 @@ pub fn run(root: &Path) -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker(root)?;
+    prometheus_tools(root)?;
     Ok(())
 }
 
@@ -211,4 +212,57 @@ fn link_nightly_llvm(tools: &Path) -> Result<PathBuf> {
         symlink(&libllvm, &link).with_context(|| format!("setup: linking {}", link.display()))?;
     }
     Ok(prefix)
+}
+
+/// Where Debian's prometheus package is unpacked (`usr/bin/prometheus`, `usr/bin/promtool`).
+const PROMETHEUS_DIR: &str = "target/tools/prometheus";
+
+/// Debian's `prometheus` (2.42) binaries for the observability tests (`promtool` checks the
+/// agent's metrics and the alert rules, a real Prometheus scrapes a test's agent). The package
+/// is downloaded and unpacked, never installed: its postinst would start a Prometheus daemon
+/// on this machine. Skipped when already unpacked.
+fn prometheus_tools(root: &Path) -> Result<()> {
+    let dir = root.join(PROMETHEUS_DIR);
+    let bin = dir.join("usr/bin");
+    if bin.join("prometheus").is_file() && bin.join("promtool").is_file() {
+        return Ok(());
+    }
+    let debs = root.join(TOOLS_DIR).join("debs");
+    fs::create_dir_all(&debs).with_context(|| format!("setup: creating {}", debs.display()))?;
+    eprintln!("setup: fetching prometheus (promtool and prometheus for the observability tests)");
+    let download = || {
+        let mut command = Command::new("apt-get");
+        command.args(["download", "prometheus"]).current_dir(&debs);
+        cmd::run(&mut command)
+    };
+    let hint = format!(
+        "cd {} && apt-get download prometheus && dpkg-deb -x prometheus_*.deb {}",
+        debs.display(),
+        dir.display()
+    );
+    if download().is_err() {
+        cmd::run(Command::new("apt-get").args(["update", "-q"]))
+            .with_context(|| format!("setup: apt-get update failed; fix by hand:\n  {hint}"))?;
+        download().with_context(|| {
+            format!("setup: downloading prometheus failed; fix by hand:\n  {hint}")
+        })?;
+    }
+    let deb = fs::read_dir(&debs)
+        .with_context(|| format!("setup: reading {}", debs.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("prometheus_") && n.ends_with(".deb"))
+        })
+        .with_context(|| format!("setup: no prometheus_*.deb in {}", debs.display()))?;
+    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir)).with_context(|| {
+        format!(
+            "setup: unpacking {} failed; fix by hand:\n  {hint}",
+            deb.display()
+        )
+    })?;
+    cmd::output(Command::new(bin.join("promtool")).arg("--version"))
+        .with_context(|| format!("setup: {} does not run", bin.join("promtool").display()))?;
+    Ok(())
 }

@@ -18,6 +18,7 @@ use std::{
 use serde_json::{Value, json};
 
 use super::SandboxError;
+use crate::metrics::ExitReason;
 
 /// PATH given to every instance.
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -447,12 +448,31 @@ fn is_wrapper_shell(pid: u32, init: u32) -> bool {
             .is_ok_and(|cmdline| cmdline.starts_with(b"/bin/sh\0-c\0"))
 }
 
+/// How a container's first process ended: the metric's reason and the words for people
+/// (e.g. "exit status: 3", "killed by SIGKILL").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// The reason as a closed set (`miren_instance_exits_total{reason}`).
+    pub reason: ExitReason,
+    /// The description shown by `miren app show` and logged.
+    pub how: String,
+}
+
+impl Ended {
+    fn new(reason: ExitReason, how: impl Into<String>) -> Self {
+        Self {
+            reason,
+            how: how.into(),
+        }
+    }
+}
+
 /// How the container's first process ended, waiting without blocking (polls every 100 ms).
 /// A process that is not this agent's child (adopted from an earlier agent) is watched until
 /// it is gone; its status is then unknown.
-pub async fn wait_exit(pid: u32) -> String {
+pub async fn wait_exit(pid: u32) -> Ended {
     let Ok(raw) = i32::try_from(pid) else {
-        return "invalid pid".into();
+        return Ended::new(ExitReason::Unknown, "invalid pid");
     };
     loop {
         let mut status = 0;
@@ -462,22 +482,31 @@ pub async fn wait_exit(pid: u32) -> String {
             return describe_status(status);
         }
         if reaped < 0 && !super::instance::is_running(pid) {
-            return "exited (adopted from an earlier agent, status unknown)".into();
+            return Ended::new(
+                ExitReason::Unknown,
+                "exited (adopted from an earlier agent, status unknown)",
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-fn describe_status(status: i32) -> String {
+fn describe_status(status: i32) -> Ended {
     if libc::WIFEXITED(status) {
-        format!("exit status: {}", libc::WEXITSTATUS(status))
+        let code = libc::WEXITSTATUS(status);
+        let reason = if code == 0 {
+            ExitReason::Completed
+        } else {
+            ExitReason::Exited
+        };
+        Ended::new(reason, format!("exit status: {code}"))
     } else if libc::WIFSIGNALED(status) {
         let signal = libc::WTERMSIG(status);
         let name = nix::sys::signal::Signal::try_from(signal)
             .map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
-        format!("killed by {name}")
+        Ended::new(ExitReason::Signaled, format!("killed by {name}"))
     } else {
-        format!("status {status}")
+        Ended::new(ExitReason::Unknown, format!("status {status}"))
     }
 }
 
@@ -722,7 +751,17 @@ mod tests {
 
     #[test]
     fn exit_statuses_are_described() {
-        assert_eq!(describe_status(3 << 8), "exit status: 3");
-        assert_eq!(describe_status(9), "killed by SIGKILL");
+        assert_eq!(
+            describe_status(3 << 8),
+            Ended::new(ExitReason::Exited, "exit status: 3")
+        );
+        assert_eq!(
+            describe_status(0),
+            Ended::new(ExitReason::Completed, "exit status: 0")
+        );
+        assert_eq!(
+            describe_status(9),
+            Ended::new(ExitReason::Signaled, "killed by SIGKILL")
+        );
     }
 }

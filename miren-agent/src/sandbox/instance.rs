@@ -11,8 +11,9 @@ use std::{
 
 use super::{
     SandboxError,
-    container::{ContainerSpec, Runtime, wait_exit},
+    container::{ContainerSpec, Ended, Runtime, wait_exit},
 };
+use crate::metrics::ExitReason;
 
 /// A started (or adopted) container.
 #[derive(Debug)]
@@ -64,11 +65,22 @@ impl Process {
         self.pid
     }
 
-    /// Waits until the container's first process exits, removes the container, and describes
-    /// how it ended (naming an OOM kill at the memory limit).
-    pub async fn wait(&mut self) -> String {
-        let how = wait_exit(self.pid).await;
-        self.remove(how).await
+    /// Waits until the container's first process exits, removes the container, and tells
+    /// how it ended (an OOM kill at the memory limit named as such).
+    pub async fn wait(&mut self) -> Ended {
+        let ended = wait_exit(self.pid).await;
+        if self.remove().await {
+            Ended {
+                reason: ExitReason::Oom,
+                how: format!(
+                    "out of memory: killed at the memory limit of {} MiB (--instance-memory); {}",
+                    self.memory_limit >> 20,
+                    ended.how
+                ),
+            }
+        } else {
+            ended
+        }
     }
 
     /// SIGTERM to the app's processes ([`Runtime::terminate_app`]), SIGKILL to every process
@@ -88,7 +100,7 @@ impl Process {
             self.signal("KILL").await;
             let _ = tokio::time::timeout(Duration::from_secs(5), wait_exit(self.pid)).await;
         }
-        self.remove(String::new()).await;
+        self.remove().await;
     }
 
     async fn signal(&self, signal: &'static str) {
@@ -101,25 +113,17 @@ impl Process {
         }
     }
 
-    /// Deletes the container; `how` it ended, with the OOM kill named.
-    async fn remove(&self, how: String) -> String {
+    /// Deletes the container; true when its memory cgroup saw an OOM kill.
+    async fn remove(&self) -> bool {
         let runtime = Arc::clone(&self.runtime);
         let container = self.container.clone();
-        let oom = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let oom = runtime.oom_killed(&container);
             runtime.delete(&container);
             oom
         })
         .await
-        .unwrap_or(false);
-        if oom {
-            format!(
-                "out of memory: killed at the memory limit of {} MiB (--instance-memory); {how}",
-                self.memory_limit >> 20
-            )
-        } else {
-            how
-        }
+        .unwrap_or(false)
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     SandboxError, SandboxSettings,
-    container::{self, ContainerSpec, Runtime},
+    container::{self, ContainerSpec, Ended, Runtime},
     dns::DnsDirectory,
     instance::{Process, accepts_connections},
     ipam::Ipam,
@@ -33,6 +33,7 @@ use crate::{
     config::PortKind,
     control::{ControlPlane, DeployedService, InstanceExit},
     ingress::routing::LoadTracker,
+    metrics::{ExitReason, Metrics},
 };
 
 type Key = (String, String);
@@ -61,6 +62,8 @@ struct Shared {
     ipam: Mutex<Ipam>,
     load: Arc<LoadTracker>,
     ingress_revision: watch::Receiver<u64>,
+    /// Instance counts, restarts and exits per service (`/metrics`).
+    metrics: Arc<Metrics>,
     status: Mutex<HashMap<Key, InstanceStatus>>,
     /// Sandbox address → app, and ready addresses per service (for DNS).
     addresses: Mutex<HashMap<Ipv4Addr, Key>>,
@@ -146,7 +149,7 @@ pub struct Runner {
 
 impl Runner {
     /// A runner creating sandboxes on `settings.bridge` (which it sets up now), whose
-    /// instances run from the unpacked bundles of `bundles`.
+    /// instances run from the unpacked bundles of `bundles` and are counted in `metrics`.
     ///
     /// # Errors
     /// [`SandboxError`] when the bridge or the address file cannot be set up.
@@ -156,6 +159,7 @@ impl Runner {
         settings: SandboxSettings,
         load: Arc<LoadTracker>,
         ingress_revision: watch::Receiver<u64>,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, SandboxError> {
         std::fs::create_dir_all(settings.state_dir.join("logs")).map_err(|e| {
             SandboxError::io(format!("creating {}", settings.state_dir.display()), e)
@@ -223,6 +227,7 @@ impl Runner {
             ipam: Mutex::new(ipam),
             load,
             ingress_revision,
+            metrics,
             status: Mutex::new(HashMap::new()),
             addresses: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
@@ -546,7 +551,7 @@ struct Instance {
 #[derive(Debug)]
 enum Event {
     /// The process ended by itself.
-    Exited { id: String, how: String },
+    Exited { id: String, ended: Ended },
     /// The process was stopped on request.
     Stopped { id: String },
 }
@@ -644,6 +649,9 @@ impl ServiceSupervisor {
         }
         lock(&self.shared.status).remove(&self.key);
         lock(&self.shared.ready).remove(&self.key);
+        self.shared
+            .metrics
+            .remove_instances(&self.key.0, &self.key.1);
     }
 
     fn on_spec_change(&mut self) {
@@ -652,7 +660,7 @@ impl ServiceSupervisor {
 
     fn on_event(&mut self, event: Event) {
         let (id, exit) = match event {
-            Event::Exited { id, how } => (id, Some(how)),
+            Event::Exited { id, ended } => (id, Some(ended)),
             Event::Stopped { id } => (id, None),
         };
         let Some(pos) = self.instances.iter().position(|i| i.id == id) else {
@@ -668,8 +676,13 @@ impl ServiceSupervisor {
         if let Err(error) = logs::prune(&logs_dir, app, service, &live) {
             tracing::warn!(app, service, %error, "could not prune the logs of stopped instances");
         }
-        if let Some(how) = exit {
-            let (app, service) = &self.key;
+        let reason = exit
+            .as_ref()
+            .map_or(ExitReason::Stopped, |ended| ended.reason);
+        self.shared
+            .metrics
+            .observe_instance_exit(app, service, reason);
+        if let Some(Ended { how, .. }) = exit {
             tracing::warn!(app, service, instance = %instance.id, exit = %how, "instance exited; restarting");
             self.shared.control.report_instance_exit(InstanceExit {
                 app: app.clone(),
@@ -924,7 +937,7 @@ impl ServiceSupervisor {
         let ip = IpAddr::V4(net.addr);
         tokio::spawn(async move {
             tokio::select! {
-                how = process.wait() => { let _ = events.send(Event::Exited { id: event_id, how }); }
+                ended = process.wait() => { let _ = events.send(Event::Exited { id: event_id, ended }); }
                 Ok(timeout) = stop_rx => {
                     // Out of the endpoints already: let the requests in flight to it finish.
                     let drained = async {
@@ -1032,5 +1045,9 @@ impl ServiceSupervisor {
         status.running = self.instances.iter().filter(|i| i.stop.is_some()).count();
         status.ready = self.instances.iter().filter(|i| i.ready).count();
         status.crash_loop = self.failures >= 3;
+        let (app, service) = &self.key;
+        self.shared
+            .metrics
+            .set_instances(app, service, status.running, status.ready);
     }
 }
