@@ -27,6 +27,9 @@ pub struct NodeInfo {
     pub instances: usize,
     /// The node's sandbox subnet.
     pub subnet: String,
+    /// Where the other agents reach its cluster listener (cluster mode).
+    #[serde(default)]
+    pub cluster_addr: Option<String>,
     /// Unix time of the last heartbeat this agent saw, if any.
     pub last_heartbeat: Option<u64>,
 }

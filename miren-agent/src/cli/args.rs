@@ -106,6 +106,13 @@ pub enum Command {
     /// Show or change one node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Check what this node has and lacks for the agent (kernel, eBPF, nftables, the OCI
+    /// runtime, cgroups, ports, the store, the cluster), with what to do about each miss.
+    Doctor {
+        /// The agent's config file [default: /etc/miren/agent.toml if present].
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Print the shell completion script of `miren` (e.g. `source <(miren completion bash)`).
     Completion {
         /// The shell.

@@ -51,6 +51,11 @@ impl Client {
         }
     }
 
+    /// The API socket this client talks to.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
     /// `GET /v1/status`.
     ///
     /// # Errors

@@ -103,6 +103,12 @@ pub enum CliError {
     /// `miren validate` found problems (already rendered rustc-style).
     #[error("{0}")]
     InvalidConfig(#[from] ConfigError),
+    /// `miren doctor` found checks that failed (already printed with what to do).
+    #[error("{failed} doctor check(s) failed: the node is not ready for the agent")]
+    Unhealthy {
+        /// How many.
+        failed: usize,
+    },
     /// Encoding JSON for stdout failed.
     #[error("encoding JSON output: {0}")]
     Encode(#[source] serde_json::Error),

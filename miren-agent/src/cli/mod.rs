@@ -6,6 +6,7 @@
 
 mod args;
 mod client;
+pub mod doctor;
 mod error;
 mod http;
 mod render;
@@ -107,6 +108,18 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
             render::routes_imported,
         ),
         Command::Nodes => out.print(&client.nodes()?, |nodes| render::nodes(nodes)),
+        Command::Doctor { config } => {
+            let checks = doctor::run(config.clone(), &client);
+            out.print(&checks, |checks| doctor::render(checks))?;
+            let failed = checks
+                .iter()
+                .filter(|c| c.verdict == doctor::Verdict::Fail)
+                .count();
+            if failed > 0 {
+                return Err(CliError::Unhealthy { failed });
+            }
+            Ok(())
+        }
         Command::Completion { shell } => {
             let mut stdout = io::stdout().lock();
             crate::agent_cli::miren_completion(*shell, &mut stdout);

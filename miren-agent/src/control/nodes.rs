@@ -267,6 +267,7 @@ fn node_info(state: &State, name: &str) -> Option<NodeInfo> {
         cordoned: node.cordoned,
         instances: instances.len(),
         subnet: node.subnet.clone(),
+        cluster_addr: node.cluster_addr.map(|addr| addr.to_string()),
         last_heartbeat: state.last_heartbeat.get(name).copied(),
     })
 }
