@@ -214,6 +214,7 @@ fn in_cluster_mode_the_lease_the_peers_and_the_routes_to_their_subnets_are_check
     let peer = node_name(1);
     for (name, detail) in [
         ("store", "etcd"),
+        ("etcd", "accepts connections"),
         ("lease", &format!("node {} is ready", node_name(0))),
         ("peer", &format!("node {peer} answers at")),
         ("route", &format!("(node {peer}) is routed via the node")),

@@ -379,26 +379,26 @@ fn ports(settings: &AgentSettings, agent_runs: bool) -> Vec<Check> {
     .collect()
 }
 
-/// The store: the agent's (when it answers), else the state directory or etcd's endpoints.
+/// The store the agent uses (when it answers), else the state directory; and etcd's
+/// endpoints, each reachable from this node.
 fn store(settings: &AgentSettings, agent: Option<&Status>) -> Vec<Check> {
-    if let Some(status) = agent {
-        return vec![Check::ok("store", status.store.clone())];
+    let mut checks = match agent {
+        Some(status) => vec![Check::ok("store", status.store.clone())],
+        None if settings.store == StoreChoice::Sqlite => vec![state_dir(&settings.state_dir)],
+        None => Vec::new(),
+    };
+    if let StoreChoice::Etcd { endpoints, .. } = &settings.store {
+        checks.extend(endpoints.iter().map(|endpoint| match probe(endpoint) {
+            Ok(addr) => Check::ok("etcd", format!("{endpoint} accepts connections ({addr})")),
+            Err(error) => Check::miss(
+                "etcd",
+                Verdict::Fail,
+                format!("{endpoint}: {error}"),
+                "start etcd there, or fix etcd-endpoints in the agent config",
+            ),
+        }));
     }
-    match &settings.store {
-        StoreChoice::Sqlite => vec![state_dir(&settings.state_dir)],
-        StoreChoice::Etcd { endpoints, .. } => endpoints
-            .iter()
-            .map(|endpoint| match probe(endpoint) {
-                Ok(addr) => Check::ok("etcd", format!("{endpoint} accepts connections ({addr})")),
-                Err(error) => Check::miss(
-                    "etcd",
-                    Verdict::Fail,
-                    format!("{endpoint}: {error}"),
-                    "start etcd there, or fix etcd-endpoints in the agent config",
-                ),
-            })
-            .collect(),
-    }
+    checks
 }
 
 /// The nearest existing directory at or above `dir` is writable.
