@@ -78,8 +78,8 @@ pub fn write_package_files(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// The page of `command` (named `command`'s name, e.g. `miren-route`) and of each visible
-/// subcommand below it, in `section`.
+/// The page of `command` (named `command`'s name, e.g. `miren-route`, its synopsis showing
+/// how it is invoked, `miren route`) and of each visible subcommand below it, in `section`.
 fn write_man_pages(command: &clap::Command, section: &'static str, dir: &Path) -> io::Result<()> {
     let mut page = Vec::new();
     clap_mangen::Man::new(command.clone())
@@ -87,9 +87,12 @@ fn write_man_pages(command: &clap::Command, section: &'static str, dir: &Path) -
         .render(&mut page)?;
     std::fs::write(dir.join(format!("{}.{section}", command.get_name())), page)?;
     for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        // Named `miren-route-set` (the page), invoked as `miren route set` (its synopsis).
+        let invoked = command.get_bin_name().unwrap_or(command.get_name());
         let full = sub
             .clone()
-            .name(format!("{}-{}", command.get_name(), sub.get_name()));
+            .name(format!("{}-{}", command.get_name(), sub.get_name()))
+            .bin_name(format!("{invoked} {}", sub.get_name()));
         write_man_pages(&full, section, dir)?;
     }
     Ok(())
