@@ -11,6 +11,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The workspace's root directory (where `examples/`, `contrib/` and `target/tools/` are).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is in the workspace")
+        .to_owned()
+}
+
+/// `examples/NAME` of this repository.
+pub fn example(name: &str) -> PathBuf {
+    workspace_root().join("examples").join(name)
+}
+
 /// Path of a binary of this workspace, built next to the running test executable
 /// (`target/<profile>/NAME`). `cargo xtask test` builds all binaries before the tests.
 ///

@@ -13,17 +13,9 @@ use serde_json::Value;
 
 use crate::{
     apps::wait_until,
-    process::TempDir,
+    process::{TempDir, workspace_root},
     topology::{ChildGuard, Netns},
 };
-
-/// The workspace's root directory (where `contrib/` and `target/tools/` are).
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate is in the workspace")
-        .to_owned()
-}
 
 /// The path of `name` (`promtool` or `prometheus`) from Debian's prometheus package.
 ///

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use miren_agent::{api::types::ServiceEndpoints, cli::Client};
-use miren_tests::process::{AgentProcess, TempDir, agent_in_dir};
+use miren_tests::process::{AgentProcess, TempDir, agent_in_dir, example};
 
 fn start_agent(dir: &Path) -> AgentProcess {
     let (command, socket) = agent_in_dir(dir);
@@ -14,10 +14,6 @@ fn start_agent(dir: &Path) -> AgentProcess {
         &socket,
         &dir.join(format!("agent-{}.log", std::process::id())),
     )
-}
-
-fn examples() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
 /// Splits a command line of the tests (no quoting needed) into arguments.
@@ -74,7 +70,7 @@ fn deploy_reject_edit_and_survive_kill_9() {
     let agent = start_agent(dir.path());
 
     for app in ["irc", "dns", "game", "tcp-echo"] {
-        let path = examples().join(app);
+        let path = example(app);
         let out = ok(&agent, &["deploy", path.to_str().unwrap()]);
         assert!(
             out.contains(&format!("deployed app {app} version 1")),

@@ -6,14 +6,13 @@
 use std::{
     io::{BufRead as _, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
     time::Duration,
 };
 
 use miren_tests::{
     apps::{HttpClient, app_detail, endpoints, udp_exchange, wait_until_logging},
     ingress::ok,
-    process::AgentProcess,
+    process::{AgentProcess, example, workspace_root},
     tls,
     world::{CLIENT_IP, NODE_IP, Plane, World, wait_for_status_ok},
 };
@@ -42,14 +41,10 @@ fn check_of(example: &str) -> Option<Check> {
     })
 }
 
-fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
-
 miren_tests::on_both_planes!(every_example_deploys_as_it_is_and_serves_its_users);
 
 fn every_example_deploys_as_it_is_and_serves_its_users(plane: Plane) {
-    let mut names: Vec<String> = std::fs::read_dir(examples_dir())
+    let mut names: Vec<String> = std::fs::read_dir(workspace_root().join("examples"))
         .expect("examples/")
         .map(|entry| entry.unwrap())
         .filter(|entry| entry.path().join(".miren/app.toml").is_file())
@@ -71,7 +66,7 @@ fn every_example_deploys_as_it_is_and_serves_its_users(plane: Plane) {
     let agent = world.start_agent_running_sandboxes(plane, &[]);
     // All at once: the agent starts their instances side by side.
     for name in &names {
-        let dir = examples_dir().join(name);
+        let dir = example(name);
         let out = ok(&agent, &["deploy", dir.to_str().unwrap()]);
         assert!(out.contains(&format!("deployed app {name}")), "{out}");
     }

@@ -16,8 +16,8 @@ use miren_tests::{
         wait_until_logging, web_app_toml,
     },
     ingress::ok,
-    process::AgentProcess,
-    prometheus::{Prometheus, promtool, workspace_root},
+    process::{AgentProcess, example, workspace_root},
+    prometheus::{Prometheus, promtool},
     tls,
     world::{NODE_IP, Plane, World, wait_for_status_ok},
 };
@@ -197,12 +197,8 @@ const WAIT: Duration = Duration::from_secs(60);
 /// node port has no endpoint; UDP through the node ports, HTTP requests (answered, unrouted,
 /// timed out), a certificate, and an instance killed.
 fn scripted_load(world: &World, agent: &AgentProcess) {
-    let examples = workspace_root().join("examples");
-    for example in ["udp-echo", "hello-web"] {
-        ok(
-            agent,
-            &["deploy", &examples.join(example).to_string_lossy()],
-        );
+    for name in ["udp-echo", "hello-web"] {
+        ok(agent, &["deploy", &example(name).to_string_lossy()]);
     }
     ok(agent, &["route", "set", "hello.example.com", "hello-web"]);
     let flaky = web_app_toml("flaky", "exec python3 web.py");

@@ -52,7 +52,8 @@ pub fn run(root: &Path, profile: Profile, build: bool, out_dir: &Path) -> Result
         }
         cmd::cargo(root, &args)?;
     }
-    let version = workspace_version(root)?;
+    // xtask's own version is the workspace's (`version.workspace = true`).
+    let version = env!("CARGO_PKG_VERSION");
     let arch = cmd::output(Command::new("dpkg").arg("--print-architecture"))
         .context("dpkg --print-architecture failed: is this a Debian system?")?;
     let stage = root
@@ -86,10 +87,10 @@ pub fn run(root: &Path, profile: Profile, build: bool, out_dir: &Path) -> Result
     copy(&root.join("packaging/copyright"), &doc.join("copyright"))?;
     write(
         &doc.join("changelog.gz"),
-        &gzip(debian_changelog(&version).as_bytes())?,
+        &gzip(debian_changelog(version).as_bytes())?,
     )?;
     let depends = library_depends(&stage)?;
-    write_control(&stage, &version, &arch, &depends)?;
+    write_control(&stage, version, &arch, &depends)?;
     fs::create_dir_all(out_dir)?;
     let deb = out_dir.join(format!("{NAME}_{version}_{arch}.deb"));
     cmd::run(
@@ -216,17 +217,6 @@ fn debian_changelog(version: &str) -> String {
          * Release {version}; see the project's CHANGELOG.md.\n\n \
          -- {MAINTAINER}  {date}\n"
     )
-}
-
-/// `version` of `[workspace.package]` in the root Cargo.toml.
-fn workspace_version(root: &Path) -> Result<String> {
-    let manifest = fs::read_to_string(root.join("Cargo.toml"))?;
-    manifest
-        .lines()
-        .skip_while(|line| line.trim() != "[workspace.package]")
-        .find_map(|line| line.trim().strip_prefix("version = "))
-        .map(|value| value.trim_matches('"').to_owned())
-        .context("no version in [workspace.package] of Cargo.toml")
 }
 
 /// `bytes` compressed with `gzip -9n` (no name or time stamp: reproducible).

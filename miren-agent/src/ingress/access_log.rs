@@ -21,7 +21,7 @@ thread_local! {
 
 /// Whether access lines are logged (the tracing filter's verdict for [`TARGET`] at `info`).
 pub fn enabled() -> bool {
-    tracing::enabled!(target: "miren::access", tracing::Level::INFO)
+    tracing::enabled!(target: TARGET, tracing::Level::INFO)
 }
 
 /// Adds one line: the timestamp, level and target, then what `fields` writes.

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::{SocketAddr, UdpSocket},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -31,9 +31,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// `examples/NAME` of this repository.
 pub fn example(name: &str) -> Result<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
-        .join(name);
+    let path = miren_tests::process::example(name);
     path.canonicalize()
         .with_context(|| format!("example {}", path.display()))
 }
