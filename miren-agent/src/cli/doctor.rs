@@ -250,7 +250,7 @@ fn nftables() -> Check {
     match crate::nft_cli::run(&["list", "tables"], None) {
         Ok(Ok(_)) => Check::ok(
             "nftables",
-            version("nft", &["--version"]).unwrap_or_else(|| "nft works".into()),
+            version("nft").unwrap_or_else(|| "nft works".into()),
         ),
         Ok(Err(refused)) => Check::miss(
             "nftables",
@@ -268,7 +268,7 @@ fn nftables() -> Check {
 }
 
 fn conntrack() -> Check {
-    match version("conntrack", &["--version"]) {
+    match version("conntrack") {
         Some(found) => Check::ok("conntrack", found),
         None => Check::miss(
             "conntrack",
@@ -289,7 +289,7 @@ fn runtime(settings: &AgentSettings) -> Vec<Check> {
     }
     [("runc", "oci-runtime"), ("tini", "init")]
         .into_iter()
-        .map(|(tool, check)| match version(tool, &["--version"]) {
+        .map(|(tool, check)| match version(tool) {
             Some(found) => Check::ok(check, found),
             None => Check::miss(
                 check,
@@ -567,9 +567,12 @@ fn probe(target: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("connecting to {addr}: {e}"))
 }
 
-/// The first line of `tool ARGS`' output, if it runs.
-fn version(tool: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(tool).args(args).output().ok()?;
+/// The first line `tool --version` prints, if it runs and succeeds.
+fn version(tool: &str) -> Option<String> {
+    let out = Command::new(tool).arg("--version").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
     let text = if out.stdout.is_empty() {
         out.stderr
     } else {
@@ -580,7 +583,7 @@ fn version(tool: &str, args: &[&str]) -> Option<String> {
         .next()?
         .trim()
         .to_owned();
-    (out.status.success() || !first.is_empty()).then_some(first)
+    Some(first)
 }
 
 /// The report as aligned text: one line per check, advice indented under a miss, then a
