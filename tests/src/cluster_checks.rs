@@ -399,9 +399,12 @@ pub fn tcp_to(
     assert_eq!(stream.peer_addr().unwrap(), target);
     writeln!(&stream, "{message}").map_err(|e| format!("TCP send to {target}: {e}"))?;
     let mut reply = String::new();
-    let read = BufReader::new(&stream)
-        .read_line(&mut reply)
-        .map_err(|e| format!("no TCP reply through {target} (node{node}): {e}"))?;
+    let read = BufReader::new(&stream).read_line(&mut reply).map_err(|e| {
+        let client = stream
+            .local_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string());
+        format!("no TCP reply through {target} (node{node}) to {client}: {e}")
+    })?;
     if read == 0 {
         return Err(format!(
             "TCP through {target} (node{node}): closed without a reply"
