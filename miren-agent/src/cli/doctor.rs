@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::Client;
 use crate::{
     api::types::{NodeInfo, Status},
-    dataplane::select::DataplaneChoice,
+    dataplane::{PinDirPlan, pin_dir_plan, select::DataplaneChoice},
     settings::{AgentSettings, SettingsLayer, StoreChoice},
 };
 
@@ -200,36 +200,30 @@ fn bpf_programs(settings: &AgentSettings) -> Check {
     }
 }
 
-/// The pin directory is on a bpffs (or the agent can mount one at /sys/fs/bpf).
+/// The pin directory is on a bpffs (or the agent can mount one at /sys/fs/bpf): the agent's
+/// own decision ([`pin_dir_plan`]).
 fn bpffs(pin_dir: &Path) -> Check {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let on_bpffs = mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
-            (kind == "bpf").then_some(point)
-        })
-        .any(|point| pin_dir.starts_with(point));
-    if on_bpffs {
-        Check::ok("bpffs", format!("{} is on a bpffs", pin_dir.display()))
-    } else if pin_dir.starts_with("/sys/fs/bpf") {
-        Check::miss(
+    match pin_dir_plan(pin_dir) {
+        PinDirPlan::Ready => Check::ok("bpffs", format!("{} is on a bpffs", pin_dir.display())),
+        PinDirPlan::MountRoot => Check::miss(
             "bpffs",
             Verdict::Warn,
             "no bpffs at /sys/fs/bpf",
             "the agent mounts one there when it starts; to have it at boot: `mount -t bpf bpf /sys/fs/bpf` (systemd does this by default)",
-        )
-    } else {
-        Check::miss(
+        ),
+        plan @ PinDirPlan::NotBpffs { .. } => Check::miss(
             "bpffs",
             Verdict::Fail,
-            format!("{} (bpf-pin-dir) is not on a bpffs", pin_dir.display()),
+            format!(
+                "{} (bpf-pin-dir): {}",
+                pin_dir.display(),
+                plan.not_bpffs_reason().unwrap_or_default()
+            ),
             format!(
                 "mount one: `mount -t bpf bpf {}`, or leave bpf-pin-dir at its default",
                 pin_dir.display()
             ),
-        )
+        ),
     }
 }
 

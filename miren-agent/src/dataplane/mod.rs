@@ -112,6 +112,7 @@ impl Family {
 
 /// Counters of one node port (summed over CPUs); the kernel's own layout.
 pub use miren_common::nodeport::PortStats as PortCounters;
+pub use pins::{PinDirPlan, pin_dir_plan};
 
 /// Counters of one backend (summed over CPUs); the kernel's own layout.
 pub use miren_common::nodeport::BackendStats as BackendCounters;

@@ -45,7 +45,7 @@ const PINNED_MAPS: &[&str] = &[
 
 /// What must happen before a pin directory can be used.
 #[derive(Debug, PartialEq, Eq)]
-enum PinDirPlan {
+pub enum PinDirPlan {
     /// It is (or will be created) on a bpffs.
     Ready,
     /// It lies under [`BPFFS_ROOT`], which is no bpffs: mount one there.
@@ -79,6 +79,31 @@ fn plan_pin_dir(dir: &Path, fs_type: impl Fn(&Path) -> Option<i64>) -> PinDirPla
             ancestor: None,
             fs_type: 0,
         },
+    }
+}
+
+/// What `dir` needs before it can hold pins, as the agent decides when it starts.
+pub fn pin_dir_plan(dir: &Path) -> PinDirPlan {
+    plan_pin_dir(dir, fs_type)
+}
+
+impl PinDirPlan {
+    /// Why the directory cannot hold pins as it is ([`PinDirPlan::NotBpffs`]), else `None`.
+    pub fn not_bpffs_reason(&self) -> Option<String> {
+        match self {
+            Self::NotBpffs {
+                ancestor: Some(ancestor),
+                fs_type,
+            } => Some(format!(
+                "it is not on a bpf filesystem ({} is on {})",
+                ancestor.display(),
+                fs_name(*fs_type)
+            )),
+            Self::NotBpffs { ancestor: None, .. } => {
+                Some("no part of its path can be inspected".into())
+            }
+            Self::Ready | Self::MountRoot => None,
+        }
     }
 }
 
@@ -129,17 +154,9 @@ pub(super) fn prepare(dir: &Path) -> Result<Option<String>, DataplaneError> {
             })?;
             note = Some(format!("mounted a bpffs at {BPFFS_ROOT}"));
         }
-        PinDirPlan::NotBpffs { ancestor, fs_type } => {
-            let why = match ancestor {
-                Some(ancestor) => format!(
-                    "it is not on a bpf filesystem ({} is on {})",
-                    ancestor.display(),
-                    fs_name(fs_type)
-                ),
-                None => "no part of its path can be inspected".into(),
-            };
+        plan @ PinDirPlan::NotBpffs { .. } => {
             return Err(pin_dir_err(
-                why,
+                plan.not_bpffs_reason().unwrap_or_default(),
                 format!(
                     "mount a bpffs there (`mount -t bpf bpf DIR`) or pass a --bpf-pin-dir under {BPFFS_ROOT}"
                 ),
